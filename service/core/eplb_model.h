@@ -1,0 +1,123 @@
+/* eplb_model.h -- model handles, their unwrapping, and the MoE shape a
+ * registered model is balanced with.
+ *
+ * A handle describes an inference engine's model object: its architecture,
+ * the interfaces it implements, its MoE metadata, and for a multimodal
+ * wrapper the handle its get_language_model() returns.  Unwrapping follows
+ * vLLM (#39805, #42706) and goes further: it applies to speculators too and
+ * recurses through wrappers of wrappers, up to EPLB_HANDLE_MAX_DEPTH.
+ *
+ * Plain C: no gRPC, upb or SQLite here.  Handles are built by the caller
+ * (the RPC layer, from a request) and never owned by these functions. */
+#ifndef EPLB_MODEL_H
+#define EPLB_MODEL_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "eplb_status.h"
+
+/* More .language_model hops than this are refused: real models nest one or two levels
+ * (drafter -> VLM -> language model); anything deeper is a malformed handle. */
+#define EPLB_HANDLE_MAX_DEPTH 8
+
+#define EPLB_MODEL_NAME_MAX 128
+#define EPLB_ARCH_MAX 128
+/* "Arch" + EPLB_HANDLE_MAX_DEPTH * ".language_model" with room to spare. */
+#define EPLB_PATH_MAX (EPLB_ARCH_MAX + 16 * (EPLB_HANDLE_MAX_DEPTH + 1))
+
+enum {
+    EPLB_IFACE_MOE = 1u << 0,        /* implements MixtureOfExperts */
+    EPLB_IFACE_MULTIMODAL = 1u << 1, /* implements SupportsMultiModal */
+};
+
+typedef struct eplb_moe_spec {
+    uint32_t num_moe_layers;
+    uint32_t num_logical_experts;        /* N */
+    uint32_t num_physical_experts;       /* P = N + redundant */
+    uint32_t num_local_physical_experts; /* P / ep_size */
+    uint32_t num_routed_experts;         /* 0 = same as N */
+    uint32_t num_shared_experts;         /* informational */
+    uint32_t num_redundant_experts;
+    uint32_t num_expert_groups;          /* 0 = 1 */
+} eplb_moe_spec;
+
+typedef struct eplb_handle {
+    const char *architecture;                  /* never NULL; "" when unset */
+    unsigned interfaces;                       /* EPLB_IFACE_* bits */
+    bool has_moe;                              /* moe below is meaningful */
+    eplb_moe_spec moe;
+    const struct eplb_handle *language_model; /* NULL when absent */
+} eplb_handle;
+
+/* vLLM's is_mixture_of_experts(): implements MixtureOfExperts and has MoE
+ * layers. */
+bool eplb_handle_is_moe(const eplb_handle *h);
+
+typedef struct eplb_resolved {
+    const eplb_handle *moe;         /* the MoE handle, or NULL when none qualified */
+    char path[EPLB_PATH_MAX];       /* "KimiK25ForConditionalGeneration.language_model" */
+    char field[EPLB_PATH_MAX];      /* request field of moe: "model.language_model" */
+    char reason[EPLB_ERROR_MSG_MAX];/* why no handle qualified (moe == NULL) */
+} eplb_resolved;
+
+/* Resolve h to the MoE model to balance.  field names h in the request
+ * ("model") so errors can name the exact field.
+ *
+ * EPLB_OK with out->moe set: the MoE handle and the path taken.
+ * EPLB_OK with out->moe NULL: no MoE model anywhere; out->reason says why.
+ * EPLB_EINVAL: a malformed handle (missing architecture, a MoE declaration
+ * with zero layers, nesting past EPLB_HANDLE_MAX_DEPTH). */
+eplb_status eplb_handle_resolve(const eplb_handle *h, const char *field,
+                                eplb_resolved *out, eplb_error *err);
+
+typedef struct eplb_parallel {
+    bool enable_eplb;
+    uint32_t ep_size;               /* >= 1 */
+    uint32_t num_nodes;             /* 0 = 1 */
+    uint32_t window_size;           /* 0 = EPLB_DEFAULT_WINDOW_SIZE */
+    uint32_t step_interval;         /* 0 = EPLB_DEFAULT_STEP_INTERVAL */
+    uint32_t num_redundant_experts; /* 0 = take the model's */
+} eplb_parallel;
+
+/* vLLM's EPLBConfig defaults. */
+#define EPLB_DEFAULT_WINDOW_SIZE 1000u
+#define EPLB_DEFAULT_STEP_INTERVAL 3000u
+
+/* Server-side size limits (flags of eplbd). */
+typedef struct eplb_limits {
+    uint32_t max_layers;
+    uint32_t max_physical_experts;
+    uint32_t max_ep_size;
+} eplb_limits;
+
+#define EPLB_LIMITS_DEFAULT ((eplb_limits){ .max_layers = 1024, .max_physical_experts = 8192, .max_ep_size = 4096 })
+
+/* Everything a registered model is balanced with, defaults applied. */
+typedef struct eplb_model_shape {
+    uint32_t num_layers;    /* L */
+    uint32_t num_logical;   /* N */
+    uint32_t num_physical;  /* P */
+    uint32_t num_local;     /* P / ep_size */
+    uint32_t num_redundant; /* P - N */
+    uint32_t num_shared;    /* informational */
+    uint32_t num_groups;    /* >= 1, divides N */
+    uint32_t ep_size;       /* >= 1, divides P */
+    uint32_t num_nodes;     /* >= 1, divides ep_size */
+    uint32_t window_size;   /* passes in the load window */
+    uint32_t step_interval; /* passes between automatic rebalances */
+} eplb_model_shape;
+
+/* Check a resolved handle's MoE metadata against the parallel config and the
+ * limits, and fill *out.  field names the handle ("model.language_model") so
+ * a message names the exact field, e.g. "model.moe.num_physical_experts 290
+ * != num_logical_experts 256 + num_redundant_experts 32".  On error *out is
+ * unspecified. */
+eplb_status eplb_model_shape_make(const eplb_moe_spec *moe, const char *field,
+                                  const eplb_parallel *par, const eplb_limits *lim,
+                                  eplb_model_shape *out, eplb_error *err);
+
+/* 1..EPLB_MODEL_NAME_MAX characters of [A-Za-z0-9._:/-]. */
+eplb_status eplb_model_name_check(const char *name, const char *field, eplb_error *err);
+
+#endif

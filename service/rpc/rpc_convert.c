@@ -1,0 +1,124 @@
+/* rpc_convert.c -- eplb.v1 messages <-> core types. */
+#include "rpc_convert.h"
+
+#include <stdio.h>
+#include <string.h>
+
+const char *rpc_string(upb_StringView v, size_t max, const char *field, upb_Arena *arena,
+                       eplb_error *err) {
+    if (v.size > max) {
+        eplb_error_set(err, EPLB_EINVAL, "%s is %zu bytes long (at most %zu)", field, v.size, max);
+        return NULL;
+    }
+    if (v.size && memchr(v.data, '\0', v.size)) {
+        eplb_error_set(err, EPLB_EINVAL, "%s contains a NUL byte", field);
+        return NULL;
+    }
+    char *s = upb_Arena_Malloc(arena, v.size + 1);
+    if (!s) {
+        eplb_error_set(err, EPLB_ENOMEM, "out of memory");
+        return NULL;
+    }
+    if (v.size)
+        memcpy(s, v.data, v.size);
+    s[v.size] = '\0';
+    return s;
+}
+
+static eplb_moe_spec moe_from_upb(const eplb_v1_MoeSpec *m) {
+    eplb_moe_spec s = {
+        .num_moe_layers = eplb_v1_MoeSpec_num_moe_layers(m),
+        .num_logical_experts = eplb_v1_MoeSpec_num_logical_experts(m),
+        .num_physical_experts = eplb_v1_MoeSpec_num_physical_experts(m),
+        .num_local_physical_experts = eplb_v1_MoeSpec_num_local_physical_experts(m),
+        .num_routed_experts = eplb_v1_MoeSpec_num_routed_experts(m),
+        .num_shared_experts = eplb_v1_MoeSpec_num_shared_experts(m),
+        .num_redundant_experts = eplb_v1_MoeSpec_num_redundant_experts(m),
+        .num_expert_groups = eplb_v1_MoeSpec_num_expert_groups(m),
+    };
+    return s;
+}
+
+eplb_status rpc_handle_from_upb(const eplb_v1_ModelHandle *m, const char *field, upb_Arena *arena,
+                                const eplb_handle **out, eplb_error *err) {
+    eplb_handle *first = NULL, *prev = NULL;
+    char name[EPLB_PATH_MAX + 16];
+    size_t base = (size_t)snprintf(name, sizeof name, "%s", field);
+    *out = NULL;
+    /* Iterative, and bounded: a hostile request cannot make this recurse. */
+    for (int depth = 0; m && depth <= EPLB_HANDLE_MAX_DEPTH + 1; depth++) {
+        eplb_handle *h = upb_Arena_Malloc(arena, sizeof *h);
+        if (!h)
+            return eplb_error_set(err, EPLB_ENOMEM, "out of memory");
+        memset(h, 0, sizeof *h);
+        snprintf(name + base, sizeof name - base, ".architecture");
+        h->architecture = rpc_string(eplb_v1_ModelHandle_architecture(m), EPLB_ARCH_MAX, name,
+                                     arena, err);
+        if (!h->architecture)
+            return err ? err->code : EPLB_EINVAL;
+        size_t n = 0;
+        const int32_t *ifaces = eplb_v1_ModelHandle_interfaces(m, &n);
+        for (size_t i = 0; i < n; i++) {
+            /* Unknown interface values are ignored: newer clients may know
+             * more interfaces than this server. */
+            if (ifaces[i] == eplb_v1_MIXTURE_OF_EXPERTS)
+                h->interfaces |= EPLB_IFACE_MOE;
+            else if (ifaces[i] == eplb_v1_SUPPORTS_MULTIMODAL)
+                h->interfaces |= EPLB_IFACE_MULTIMODAL;
+        }
+        if (eplb_v1_ModelHandle_has_moe(m)) {
+            h->has_moe = true;
+            h->moe = moe_from_upb(eplb_v1_ModelHandle_moe(m));
+        }
+        if (prev)
+            prev->language_model = h;
+        else
+            first = h;
+        prev = h;
+        base += (size_t)snprintf(name + base, sizeof name - base, ".language_model");
+        m = eplb_v1_ModelHandle_has_language_model(m) ? eplb_v1_ModelHandle_language_model(m) : NULL;
+    }
+    *out = first;
+    return EPLB_OK;
+}
+
+eplb_parallel rpc_parallel_from_upb(const eplb_v1_ParallelConfig *m) {
+    eplb_parallel p = { 0 };
+    if (!m)
+        return p;
+    p.enable_eplb = eplb_v1_ParallelConfig_enable_eplb(m);
+    p.ep_size = eplb_v1_ParallelConfig_ep_size(m);
+    p.num_nodes = eplb_v1_ParallelConfig_num_nodes(m);
+    p.window_size = eplb_v1_ParallelConfig_window_size(m);
+    p.step_interval = eplb_v1_ParallelConfig_step_interval(m);
+    p.num_redundant_experts = eplb_v1_ParallelConfig_num_redundant_experts(m);
+    return p;
+}
+
+eplb_v1_Placement *rpc_placement_to_upb(const char *model_id, const eplb_placement *p,
+                                        bool needs_weight_reload, upb_Arena *arena) {
+    eplb_v1_Placement *m = eplb_v1_Placement_new(arena);
+    if (!m)
+        return NULL;
+    eplb_v1_Placement_set_model_id(m, upb_StringView_FromString(model_id));
+    eplb_v1_Placement_set_epoch(m, p->epoch);
+    eplb_v1_Placement_set_num_layers(m, p->num_layers);
+    eplb_v1_Placement_set_num_physical_experts(m, p->num_physical);
+    eplb_v1_Placement_set_num_logical_experts(m, p->num_logical);
+    eplb_v1_Placement_set_num_valid_physical_experts(m, p->num_valid_physical);
+    eplb_v1_Placement_set_max_replicas(m, p->max_replicas);
+    eplb_v1_Placement_set_needs_weight_reload(m, needs_weight_reload);
+
+    size_t n_p2l = (size_t)p->num_layers * p->num_physical;
+    size_t n_cnt = (size_t)p->num_layers * p->num_logical;
+    size_t n_l2p = n_cnt * p->max_replicas;
+    int32_t *a = eplb_v1_Placement_resize_physical_to_logical(m, n_p2l, arena);
+    int32_t *b = eplb_v1_Placement_resize_logical_replica_count(m, n_cnt, arena);
+    int32_t *c = eplb_v1_Placement_resize_logical_to_physical(m, n_l2p, arena);
+    if (!a || !b || !c)
+        return NULL;
+    memcpy(a, p->phy2log, n_p2l * sizeof *a);
+    memcpy(b, p->logcnt, n_cnt * sizeof *b);
+    memcpy(c, p->log2phy, n_l2p * sizeof *c);
+    return m;
+}

@@ -1,0 +1,28 @@
+/* rpc_convert.h -- eplb.v1 messages <-> core types.  Everything built here
+ * lives in the call's arena. */
+#ifndef RPC_CONVERT_H
+#define RPC_CONVERT_H
+
+#include "eplb/v1/eplb.upb.h"
+#include "eplb_model.h"
+#include "eplb_placement.h"
+#include "eplb_status.h"
+
+/* A NUL-terminated copy of a string field in the arena ("" when empty), or
+ * NULL with *err set when it is longer than max bytes or holds a NUL. */
+const char *rpc_string(upb_StringView v, size_t max, const char *field, upb_Arena *arena,
+                       eplb_error *err);
+
+/* Convert a (possibly nested) handle.  m may be NULL (then *out is NULL).
+ * Levels past EPLB_HANDLE_MAX_DEPTH + 1 are not converted: the core refuses
+ * such a handle before it would look at them. */
+eplb_status rpc_handle_from_upb(const eplb_v1_ModelHandle *m, const char *field, upb_Arena *arena,
+                                const eplb_handle **out, eplb_error *err);
+
+eplb_parallel rpc_parallel_from_upb(const eplb_v1_ParallelConfig *m);
+
+/* A Placement message of p (with log2phy), or NULL when out of memory. */
+eplb_v1_Placement *rpc_placement_to_upb(const char *model_id, const eplb_placement *p,
+                                        bool needs_weight_reload, upb_Arena *arena);
+
+#endif

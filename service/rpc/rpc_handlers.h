@@ -1,0 +1,44 @@
+/* rpc_handlers.h -- what every RPC handler sees and returns.
+ *
+ * A handler decodes its request with upb into the call's arena, calls the
+ * core, and encodes the response into the same arena (freed once, by the
+ * server, when the call ends).  Core errors become gRPC statuses here and
+ * nowhere else. */
+#ifndef RPC_HANDLERS_H
+#define RPC_HANDLERS_H
+
+#include <stdatomic.h>
+#include <stddef.h>
+
+#include "eplb_registry.h"
+#include "eplb_status.h"
+#include "upb/arena.h"
+
+typedef struct rpc_context {
+    eplb_registry *registry;
+    eplb_limits limits;
+    atomic_bool serving;  /* false while draining: health says NOT_SERVING */
+} rpc_context;
+
+typedef struct rpc_reply {
+    int status;                       /* grpc_status_code */
+    char message[EPLB_ERROR_MSG_MAX]; /* status details when not OK */
+    const char *body;                 /* response bytes (arena) when OK */
+    size_t body_len;
+} rpc_reply;
+
+typedef void (*rpc_handler_fn)(rpc_context *ctx, upb_Arena *arena, const char *req, size_t len,
+                               rpc_reply *out);
+
+/* Fill out with a status and message (status 0 is OK). */
+void rpc_reply_set(rpc_reply *out, int status, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+void rpc_reply_from_error(rpc_reply *out, const eplb_error *err);
+
+/* The request could not be decoded (INVALID_ARGUMENT). */
+void rpc_reply_malformed(rpc_reply *out, const char *message_type);
+
+void rpc_register_model(rpc_context *ctx, upb_Arena *arena, const char *req, size_t len, rpc_reply *out);
+void rpc_get_placement(rpc_context *ctx, upb_Arena *arena, const char *req, size_t len, rpc_reply *out);
+void rpc_health_check(rpc_context *ctx, upb_Arena *arena, const char *req, size_t len, rpc_reply *out);
+
+#endif

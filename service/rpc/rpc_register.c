@@ -1,0 +1,96 @@
+/* rpc_register.c -- RegisterModel and GetPlacement. */
+#include <string.h>
+
+#include "eplb/v1/eplb.upb.h"
+#include "rpc_convert.h"
+#include "rpc_handlers.h"
+
+void rpc_register_model(rpc_context *ctx, upb_Arena *arena, const char *req, size_t len,
+                        rpc_reply *out) {
+    eplb_error err;
+    eplb_error_clear(&err);
+    const eplb_v1_RegisterModelRequest *m = eplb_v1_RegisterModelRequest_parse(req, len, arena);
+    if (!m) {
+        rpc_reply_malformed(out, "eplb.v1.RegisterModelRequest");
+        return;
+    }
+
+    eplb_register_request r = { 0 };
+    r.model_name = rpc_string(eplb_v1_RegisterModelRequest_model_name(m), 4 * EPLB_MODEL_NAME_MAX,
+                              "model_name", arena, &err);
+    r.main_model_id = rpc_string(eplb_v1_RegisterModelRequest_main_model_id(m), 4 * EPLB_MODEL_NAME_MAX,
+                                 "main_model_id", arena, &err);
+    if (!r.model_name || !r.main_model_id) {
+        rpc_reply_from_error(out, &err);
+        return;
+    }
+    if (eplb_v1_RegisterModelRequest_has_model(m) &&
+        rpc_handle_from_upb(eplb_v1_RegisterModelRequest_model(m), "model", arena, &r.model, &err) != EPLB_OK) {
+        rpc_reply_from_error(out, &err);
+        return;
+    }
+    r.role = (eplb_role)eplb_v1_RegisterModelRequest_role(m);
+    r.parallel = rpc_parallel_from_upb(eplb_v1_RegisterModelRequest_has_parallel(m)
+                                           ? eplb_v1_RegisterModelRequest_parallel(m) : NULL);
+    r.load_dummy_weights = eplb_v1_RegisterModelRequest_load_dummy_weights(m);
+
+    eplb_register_result res;
+    if (eplb_registry_register(ctx->registry, &r, &res, &err) != EPLB_OK) {
+        rpc_reply_from_error(out, &err);
+        return;
+    }
+
+    eplb_v1_RegisterModelResponse *resp = eplb_v1_RegisterModelResponse_new(arena);
+    const char *model_id = rpc_string(upb_StringView_FromString(res.model_id), sizeof res.model_id,
+                                      "model_id", arena, &err);
+    const char *path = rpc_string(upb_StringView_FromString(res.resolved_path), sizeof res.resolved_path,
+                                  "resolved_path", arena, &err);
+    const char *reason = rpc_string(upb_StringView_FromString(res.reason), sizeof res.reason,
+                                    "reason", arena, &err);
+    eplb_v1_Placement *pm = NULL;
+    if (resp && res.registered)
+        pm = rpc_placement_to_upb(res.model_id, &res.placement, res.needs_weight_reload, arena);
+    eplb_placement_free(&res.placement);
+    if (!resp || !model_id || !path || !reason || (res.registered && !pm)) {
+        rpc_reply_set(out, 8, "out of memory building the response");
+        return;
+    }
+    eplb_v1_RegisterModelResponse_set_registered(resp, res.registered);
+    eplb_v1_RegisterModelResponse_set_model_id(resp, upb_StringView_FromString(res.registered ? model_id : ""));
+    eplb_v1_RegisterModelResponse_set_resolved_path(resp, upb_StringView_FromString(path));
+    eplb_v1_RegisterModelResponse_set_reason(resp, upb_StringView_FromString(reason));
+    if (pm)
+        eplb_v1_RegisterModelResponse_set_placement(resp, pm);
+    out->body = eplb_v1_RegisterModelResponse_serialize(resp, arena, &out->body_len);
+    if (!out->body)
+        rpc_reply_set(out, 8, "out of memory encoding the response");
+}
+
+void rpc_get_placement(rpc_context *ctx, upb_Arena *arena, const char *req, size_t len,
+                       rpc_reply *out) {
+    eplb_error err;
+    eplb_error_clear(&err);
+    const eplb_v1_GetPlacementRequest *m = eplb_v1_GetPlacementRequest_parse(req, len, arena);
+    if (!m) {
+        rpc_reply_malformed(out, "eplb.v1.GetPlacementRequest");
+        return;
+    }
+    const char *id = rpc_string(eplb_v1_GetPlacementRequest_model_id(m), 4 * EPLB_MODEL_NAME_MAX,
+                                "model_id", arena, &err);
+    if (!id || eplb_model_name_check(id, "model_id", &err) != EPLB_OK) {
+        rpc_reply_from_error(out, &err);
+        return;
+    }
+    eplb_placement p;
+    bool reload = false;
+    if (eplb_registry_get_placement(ctx->registry, id, &p, &reload, &err) != EPLB_OK) {
+        rpc_reply_from_error(out, &err);
+        return;
+    }
+    eplb_v1_Placement *pm = rpc_placement_to_upb(id, &p, reload, arena);
+    eplb_placement_free(&p);
+    if (pm)
+        out->body = eplb_v1_Placement_serialize(pm, arena, &out->body_len);
+    if (!out->body)
+        rpc_reply_set(out, 8, "out of memory encoding the response");
+}
