@@ -1,0 +1,225 @@
+/* test_registry.c -- RegisterModel's rules on the registry, with a fake
+ * store that can fail on demand. */
+#include <criterion/criterion.h>
+#include <string.h>
+
+#include "eplb_registry.h"
+
+/* ---- a fake store: remembers how many saves happened, fails on request --- */
+typedef struct fake_store {
+    int saves;
+    int fail_next;
+    eplb_model_record last;
+} fake_store;
+
+static eplb_status fake_save(void *ctx, const eplb_model_record *rec, eplb_error *err) {
+    fake_store *s = ctx;
+    if (s->fail_next) {
+        s->fail_next = 0;
+        return eplb_error_set(err, EPLB_EUNAVAILABLE, "store: disk full (injected)");
+    }
+    s->saves++;
+    s->last = *rec;
+    memset(&s->last.placement, 0, sizeof s->last.placement);
+    return EPLB_OK;
+}
+
+static eplb_status fake_load(void *ctx, eplb_status (*each)(void *, eplb_model_record *, eplb_error *),
+                             void *arg, eplb_error *err) {
+    (void)ctx, (void)each, (void)arg, (void)err;
+    return EPLB_OK;
+}
+
+static const eplb_store_ops fake_ops = { .save = fake_save, .load_all = fake_load };
+
+static fake_store store;
+static eplb_registry *reg;
+
+static void setup(void) {
+    memset(&store, 0, sizeof store);
+    eplb_limits lim = EPLB_LIMITS_DEFAULT;
+    cr_assert_eq(eplb_registry_open(&fake_ops, &store, &lim, &reg, NULL), EPLB_OK);
+}
+
+static void teardown(void) { eplb_registry_close(reg); }
+
+static eplb_handle lm = { .architecture = "DeepseekV3ForCausalLM", .interfaces = EPLB_IFACE_MOE, .has_moe = true,
+                          .moe = { .num_moe_layers = 3, .num_logical_experts = 8, .num_physical_experts = 12,
+                                   .num_local_physical_experts = 3, .num_redundant_experts = 4,
+                                   .num_expert_groups = 2 } };
+static eplb_handle vlm = { .architecture = "KimiK25ForConditionalGeneration",
+                           .interfaces = EPLB_IFACE_MULTIMODAL, .language_model = &lm };
+
+static eplb_register_request main_request(const char *name, const eplb_handle *h) {
+    return (eplb_register_request){ .model_name = name, .model = h, .role = EPLB_ROLE_MAIN, .main_model_id = "",
+                                    .parallel = { .enable_eplb = true, .ep_size = 4 } };
+}
+
+TestSuite(registry, .init = setup, .fini = teardown);
+
+Test(registry, registers_wrapped_moe_with_initial_placement) {
+    eplb_register_request req = main_request("kimi", &vlm);
+    eplb_register_result res;
+    cr_assert_eq(eplb_registry_register(reg, &req, &res, NULL), EPLB_OK);
+    cr_assert(res.registered);
+    cr_assert_str_eq(res.model_id, "kimi");
+    cr_assert_str_eq(res.resolved_path, "KimiK25ForConditionalGeneration.language_model");
+    cr_assert_eq(res.placement.epoch, 0);
+    cr_assert_eq(res.placement.num_layers, 3);
+    const int32_t row[] = { 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3 };
+    for (int l = 0; l < 3; l++)
+        cr_assert_arr_eq(res.placement.phy2log + 12 * l, row, sizeof row);
+    eplb_placement_free(&res.placement);
+    cr_assert_eq(store.saves, 1);
+    cr_assert_str_eq(store.last.architecture, "DeepseekV3ForCausalLM");
+    cr_assert_eq(eplb_registry_count(reg), 1);
+}
+
+Test(registry, quiet_refusals_register_nothing) {
+    eplb_handle llama = { .architecture = "LlamaForCausalLM" };
+    eplb_register_request reqs[3] = { main_request("a", &vlm), main_request("b", &vlm), main_request("c", &llama) };
+    reqs[0].parallel.enable_eplb = false;
+    reqs[1].load_dummy_weights = true;
+    const char *why[3] = { "EPLB is disabled", "dummy weights", "not a Mixture-of-Experts" };
+    for (int i = 0; i < 3; i++) {
+        eplb_register_result res;
+        cr_assert_eq(eplb_registry_register(reg, &reqs[i], &res, NULL), EPLB_OK);
+        cr_assert_not(res.registered);
+        cr_assert_not_null(strstr(res.reason, why[i]), "%s", res.reason);
+        cr_assert_null(res.placement.phy2log);
+    }
+    cr_assert_eq(store.saves, 0);
+    cr_assert_eq(eplb_registry_count(reg), 0);
+}
+
+Test(registry, same_registration_twice_is_idempotent) {
+    eplb_register_request req = main_request("kimi", &vlm);
+    eplb_register_result res;
+    cr_assert_eq(eplb_registry_register(reg, &req, &res, NULL), EPLB_OK);
+    eplb_placement_free(&res.placement);
+    cr_assert_eq(eplb_registry_register(reg, &req, &res, NULL), EPLB_OK);
+    cr_assert(res.registered);
+    cr_assert_not_null(strstr(res.reason, "already registered"));
+    cr_assert_eq(res.placement.num_physical, 12);
+    eplb_placement_free(&res.placement);
+    cr_assert_eq(store.saves, 1);
+    cr_assert_eq(eplb_registry_count(reg), 1);
+}
+
+Test(registry, same_name_different_shape_is_already_exists) {
+    eplb_register_request req = main_request("kimi", &vlm);
+    eplb_register_result res;
+    cr_assert_eq(eplb_registry_register(reg, &req, &res, NULL), EPLB_OK);
+    eplb_placement_free(&res.placement);
+    req.parallel.ep_size = 2;
+    eplb_handle lm2 = lm;
+    lm2.moe.num_local_physical_experts = 6;
+    req.model = &lm2;
+    eplb_error err;
+    cr_assert_eq(eplb_registry_register(reg, &req, &res, &err), EPLB_EEXIST);
+    cr_assert_not_null(strstr(err.msg, "num_local_physical_experts 3 (registered) != 6"), "%s", err.msg);
+    cr_assert_not(res.registered);
+    eplb_placement p;
+    cr_assert_eq(eplb_registry_get_placement(reg, "kimi", &p, NULL, NULL), EPLB_OK);
+    cr_assert_eq(p.num_physical, 12);
+    eplb_placement_free(&p);
+}
+
+Test(registry, store_failure_leaves_nothing_registered) {
+    eplb_register_request req = main_request("kimi", &vlm);
+    eplb_register_result res;
+    eplb_error err;
+    store.fail_next = 1;
+    cr_assert_eq(eplb_registry_register(reg, &req, &res, &err), EPLB_EUNAVAILABLE);
+    cr_assert_str_eq(err.msg, "store: disk full (injected)");
+    cr_assert_not(res.registered);
+    cr_assert_eq(eplb_registry_count(reg), 0);
+    cr_assert_eq(eplb_registry_get_placement(reg, "kimi", &res.placement, NULL, &err), EPLB_ENOTFOUND);
+}
+
+Test(registry, speculator_is_unwrapped_like_a_main_model) {
+    eplb_register_request req = main_request("kimi", &vlm);
+    eplb_register_result res;
+    cr_assert_eq(eplb_registry_register(reg, &req, &res, NULL), EPLB_OK);
+    eplb_placement_free(&res.placement);
+
+    /* A drafter that wraps a VLM wrapper: two levels of unwrapping. */
+    eplb_handle drafter_lm = lm;
+    drafter_lm.architecture = "DeepseekV3MTP";
+    drafter_lm.moe.num_moe_layers = 1;
+    eplb_handle drafter_vlm = { .architecture = "KimiK25ForConditionalGeneration",
+                                .interfaces = EPLB_IFACE_MULTIMODAL, .language_model = &drafter_lm };
+    eplb_handle drafter = { .architecture = "EagleKimiK25", .interfaces = EPLB_IFACE_MULTIMODAL,
+                            .language_model = &drafter_vlm };
+    eplb_register_request spec = main_request("kimi-drafter", &drafter);
+    spec.role = EPLB_ROLE_SPECULATOR;
+    spec.main_model_id = "kimi";
+    cr_assert_eq(eplb_registry_register(reg, &spec, &res, NULL), EPLB_OK);
+    cr_assert(res.registered);
+    cr_assert_str_eq(res.resolved_path, "EagleKimiK25.language_model.language_model");
+    cr_assert_eq(res.placement.num_layers, 1);
+    eplb_placement_free(&res.placement);
+    cr_assert_eq(store.last.role, EPLB_ROLE_SPECULATOR);
+    cr_assert_str_eq(store.last.main_model_id, "kimi");
+}
+
+Test(registry, speculator_must_agree_with_main_model) {
+    eplb_register_request req = main_request("kimi", &vlm);
+    eplb_register_result res;
+    eplb_error err;
+    cr_assert_eq(eplb_registry_register(reg, &req, &res, NULL), EPLB_OK);
+    eplb_placement_free(&res.placement);
+
+    eplb_handle d = lm;
+    d.moe.num_redundant_experts = 0;
+    d.moe.num_physical_experts = 8;
+    d.moe.num_local_physical_experts = 2;
+    eplb_register_request spec = main_request("drafter", &d);
+    spec.role = EPLB_ROLE_SPECULATOR;
+    spec.main_model_id = "kimi";
+    cr_assert_eq(eplb_registry_register(reg, &spec, &res, &err), EPLB_EPRECONDITION);
+    cr_assert_str_eq(err.msg, "speculator model.moe.num_redundant_experts 0 differs from main model kimi (4)");
+
+    d = lm;
+    d.moe.num_expert_groups = 4;
+    cr_assert_eq(eplb_registry_register(reg, &spec, &res, &err), EPLB_EPRECONDITION);
+    cr_assert_not_null(strstr(err.msg, "num_expert_groups 4 differs"), "%s", err.msg);
+
+    spec.main_model_id = "nobody";
+    cr_assert_eq(eplb_registry_register(reg, &spec, &res, &err), EPLB_ENOTFOUND);
+    cr_assert_str_eq(err.msg, "main model nobody is not registered");
+
+    spec.main_model_id = "";
+    cr_assert_eq(eplb_registry_register(reg, &spec, &res, &err), EPLB_EINVAL);
+    cr_assert_not_null(strstr(err.msg, "main_model_id"), "%s", err.msg);
+    cr_assert_eq(eplb_registry_count(reg), 1);
+}
+
+Test(registry, main_model_with_main_model_id_is_invalid) {
+    eplb_register_request req = main_request("kimi", &vlm);
+    req.main_model_id = "other";
+    eplb_register_result res;
+    eplb_error err;
+    cr_assert_eq(eplb_registry_register(reg, &req, &res, &err), EPLB_EINVAL);
+    cr_assert_str_eq(err.msg, "main_model_id is only for MODEL_ROLE_SPECULATOR");
+}
+
+Test(registry, bad_requests_name_the_field) {
+    eplb_register_request req = main_request("bad name", &vlm);
+    eplb_register_result res;
+    eplb_error err;
+    cr_assert_eq(eplb_registry_register(reg, &req, &res, &err), EPLB_EINVAL);
+    cr_assert_not_null(strstr(err.msg, "model_name"));
+    req = main_request("x", NULL);
+    cr_assert_eq(eplb_registry_register(reg, &req, &res, &err), EPLB_EINVAL);
+    cr_assert_str_eq(err.msg, "model is required");
+    eplb_handle broken = lm;
+    broken.moe.num_physical_experts = 13;
+    eplb_handle w = vlm;
+    w.language_model = &broken;
+    req = main_request("x", &w);
+    cr_assert_eq(eplb_registry_register(reg, &req, &res, &err), EPLB_EINVAL);
+    cr_assert_str_eq(err.msg, "model.language_model.moe.num_physical_experts 13 != num_logical_experts 8 + num_redundant_experts 4");
+    cr_assert_eq(eplb_registry_count(reg), 0);
+    cr_assert_eq(store.saves, 0);
+}

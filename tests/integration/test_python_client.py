@@ -1,0 +1,170 @@
+"""RegisterModel, GetPlacement and Health from Debian's python3-grpcio, with
+stubs generated from protos/ at test time (system protoc + grpc_python_plugin).
+
+Run: /usr/bin/python3 tests/integration/test_python_client.py BUILD_DIR
+"""
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import unittest
+
+import grpc
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BUILD = os.path.abspath(sys.argv.pop(1) if len(sys.argv) > 1 else os.path.join(ROOT, "build"))
+EPLBD = os.path.join(BUILD, "eplbd")
+
+STUBS = tempfile.mkdtemp(prefix="eplb-pystubs-")
+subprocess.run(["protoc", "-I" + os.path.join(ROOT, "protos"), "--python_out=" + STUBS,
+                "--grpc_python_out=" + STUBS,
+                "--plugin=protoc-gen-grpc_python=/usr/bin/grpc_python_plugin",
+                "eplb/v1/eplb.proto"], check=True)
+sys.path.insert(0, STUBS)
+from eplb.v1 import eplb_pb2, eplb_pb2_grpc  # noqa: E402  (generated above)
+
+
+class Server:
+    """A real eplbd on an ephemeral port with its own database file."""
+
+    def __init__(self):
+        self.dir = tempfile.mkdtemp(prefix="eplbd-py-")
+        self.db = os.path.join(self.dir, "eplbd.db")
+        self.proc = None
+        self.addr = None
+
+    def start(self):
+        ready = os.path.join(self.dir, "ready")
+        if os.path.exists(ready):
+            os.unlink(ready)
+        log = open(os.path.join(self.dir, "eplbd.log"), "ab")
+        self.proc = subprocess.Popen([EPLBD, "--listen", "127.0.0.1:0", "--db", self.db,
+                                      "--ready-file", ready], stdout=subprocess.DEVNULL, stderr=log)
+        log.close()
+        deadline = time.time() + 15
+        while time.time() < deadline:
+            if os.path.exists(ready):
+                with open(ready) as f:
+                    self.addr = f.read().strip()
+                return
+            if self.proc.poll() is not None:
+                raise RuntimeError("eplbd exited with %d" % self.proc.returncode)
+            time.sleep(0.02)
+        raise RuntimeError("eplbd did not become ready")
+
+    def stop(self):
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout=20)
+
+    def cleanup(self):
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def moe(arch, layers=2):
+    return eplb_pb2.ModelHandle(
+        architecture=arch, interfaces=[eplb_pb2.MIXTURE_OF_EXPERTS],
+        moe=eplb_pb2.MoeSpec(num_moe_layers=layers, num_logical_experts=4, num_physical_experts=6,
+                             num_local_physical_experts=3, num_redundant_experts=2))
+
+
+def vlm(arch, inner):
+    return eplb_pb2.ModelHandle(architecture=arch, interfaces=[eplb_pb2.SUPPORTS_MULTIMODAL],
+                                language_model=inner)
+
+
+def register_request(name, handle, **kw):
+    return eplb_pb2.RegisterModelRequest(
+        model_name=name, model=handle,
+        parallel=eplb_pb2.ParallelConfig(enable_eplb=True, ep_size=2), **kw)
+
+
+class PythonClientTest(unittest.TestCase):
+    def setUp(self):
+        self.server = Server()
+        self.server.start()
+        self.channel = grpc.insecure_channel(self.server.addr)
+        self.stub = eplb_pb2_grpc.ExpertBalancerStub(self.channel)
+
+    def tearDown(self):
+        self.channel.close()
+        rc = self.server.stop()
+        self.server.cleanup()
+        self.assertEqual(rc, 0, "eplbd did not exit cleanly on SIGTERM")
+
+    def raw(self, method):
+        return self.channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+
+    def test_health_check(self):
+        # grpc.health.v1 with raw bytes: a HealthCheckResponse{status: SERVING} is 08 01.
+        self.assertEqual(self.raw("/grpc.health.v1.Health/Check")(b"", timeout=10), b"\x08\x01")
+        with self.assertRaises(grpc.RpcError) as cm:
+            self.raw("/grpc.health.v1.Health/Check")(b"\x0a\x03abc", timeout=10)
+        self.assertEqual(cm.exception.code(), grpc.StatusCode.NOT_FOUND)
+
+    def test_register_wrapped_moe(self):
+        resp = self.stub.RegisterModel(register_request(
+            "kimi", vlm("KimiK25ForConditionalGeneration", moe("DeepseekV3ForCausalLM", 3))), timeout=10)
+        self.assertTrue(resp.registered)
+        self.assertEqual(resp.model_id, "kimi")
+        self.assertEqual(resp.resolved_path, "KimiK25ForConditionalGeneration.language_model")
+        self.assertEqual(resp.placement.epoch, 0)
+        self.assertEqual(list(resp.placement.physical_to_logical), [0, 1, 2, 3, 0, 1] * 3)
+        self.assertEqual(list(resp.placement.logical_replica_count), [2, 2, 1, 1] * 3)
+        got = self.stub.GetPlacement(eplb_pb2.GetPlacementRequest(model_id="kimi"), timeout=10)
+        self.assertEqual(got, resp.placement)
+
+    def test_speculator_nested_wrapper(self):
+        self.stub.RegisterModel(register_request(
+            "kimi", vlm("KimiK25ForConditionalGeneration", moe("DeepseekV3ForCausalLM"))), timeout=10)
+        resp = self.stub.RegisterModel(register_request(
+            "kimi-eagle", vlm("EagleKimiK25", vlm("KimiK25ForConditionalGeneration", moe("DeepseekV3MTP", 1))),
+            role=eplb_pb2.MODEL_ROLE_SPECULATOR, main_model_id="kimi"), timeout=10)
+        self.assertTrue(resp.registered)
+        self.assertEqual(resp.resolved_path, "EagleKimiK25.language_model.language_model")
+
+    def test_not_moe_is_not_registered(self):
+        resp = self.stub.RegisterModel(register_request(
+            "llava", vlm("LlavaForConditionalGeneration", eplb_pb2.ModelHandle(architecture="LlamaForCausalLM"))),
+            timeout=10)
+        self.assertFalse(resp.registered)
+        self.assertIn("not a Mixture-of-Experts", resp.reason)
+        with self.assertRaises(grpc.RpcError) as cm:
+            self.stub.GetPlacement(eplb_pb2.GetPlacementRequest(model_id="llava"), timeout=10)
+        self.assertEqual(cm.exception.code(), grpc.StatusCode.NOT_FOUND)
+
+    def test_invalid_metadata(self):
+        handle = moe("DeepseekV3ForCausalLM")
+        handle.moe.num_local_physical_experts = 2
+        with self.assertRaises(grpc.RpcError) as cm:
+            self.stub.RegisterModel(register_request("bad", handle), timeout=10)
+        self.assertEqual(cm.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
+        self.assertIn("model.moe.num_local_physical_experts 2", cm.exception.details())
+
+    def test_malformed_bytes(self):
+        with self.assertRaises(grpc.RpcError) as cm:
+            self.raw("/eplb.v1.ExpertBalancer/RegisterModel")(b"\xff" * 10 + b"\x0f", timeout=10)
+        self.assertEqual(cm.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
+        with self.assertRaises(grpc.RpcError) as cm:
+            self.raw("/eplb.v1.ExpertBalancer/Nope")(b"", timeout=10)
+        self.assertEqual(cm.exception.code(), grpc.StatusCode.UNIMPLEMENTED)
+
+    def test_restart_keeps_the_model(self):
+        self.stub.RegisterModel(register_request("ds", moe("DeepseekV3ForCausalLM", 2)), timeout=10)
+        self.channel.close()
+        self.assertEqual(self.server.stop(), 0)
+        self.server.start()
+        self.channel = grpc.insecure_channel(self.server.addr)
+        self.stub = eplb_pb2_grpc.ExpertBalancerStub(self.channel)
+        got = self.stub.GetPlacement(eplb_pb2.GetPlacementRequest(model_id="ds"), timeout=10)
+        self.assertEqual(got.num_layers, 2)
+        self.assertEqual(list(got.physical_to_logical), [0, 1, 2, 3, 0, 1] * 2)
+
+
+if __name__ == "__main__":
+    try:
+        unittest.main(verbosity=2)
+    finally:
+        shutil.rmtree(STUBS, ignore_errors=True)
