@@ -42,6 +42,7 @@ static void usage(FILE *f) {
             "  --max-layers N         largest num_moe_layers accepted (default 1024)\n"
             "  --max-experts N        largest num_physical_experts accepted (default 8192)\n"
             "  --max-ep-size N        largest ep_size accepted (default 4096)\n"
+            "  --max-window-mib N     largest load window of one model, in MiB (default 256)\n"
             "  --drain-ms N           how long in-flight calls may finish at shutdown (default 10000)\n"
             "  --log-level LEVEL      debug, info, warn or error (default info)\n"
             "  --ready-file PATH      write the bound address there once serving\n"
@@ -61,7 +62,7 @@ static int parse_int(const char *flag, const char *s, long lo, long hi, int *out
 }
 
 static int parse_options(int argc, char **argv, options *o) {
-    enum { O_LISTEN = 256, O_DATA, O_DB, O_WORKERS, O_MAXMSG, O_MAXL, O_MAXE, O_MAXEP, O_DRAIN,
+    enum { O_LISTEN = 256, O_DATA, O_DB, O_WORKERS, O_MAXMSG, O_MAXL, O_MAXE, O_MAXEP, O_MAXWIN, O_DRAIN,
            O_LOG, O_READY, O_VERSION, O_HELP };
     static const struct option longopts[] = {
         { "listen", required_argument, NULL, O_LISTEN },
@@ -72,6 +73,7 @@ static int parse_options(int argc, char **argv, options *o) {
         { "max-layers", required_argument, NULL, O_MAXL },
         { "max-experts", required_argument, NULL, O_MAXE },
         { "max-ep-size", required_argument, NULL, O_MAXEP },
+        { "max-window-mib", required_argument, NULL, O_MAXWIN },
         { "drain-ms", required_argument, NULL, O_DRAIN },
         { "log-level", required_argument, NULL, O_LOG },
         { "ready-file", required_argument, NULL, O_READY },
@@ -96,6 +98,7 @@ static int parse_options(int argc, char **argv, options *o) {
         case O_MAXL: if (parse_int("--max-layers", optarg, 1, 1 << 20, &v)) return -1; o->limits.max_layers = (uint32_t)v; break;
         case O_MAXE: if (parse_int("--max-experts", optarg, 1, 1 << 24, &v)) return -1; o->limits.max_physical_experts = (uint32_t)v; break;
         case O_MAXEP: if (parse_int("--max-ep-size", optarg, 1, 1 << 20, &v)) return -1; o->limits.max_ep_size = (uint32_t)v; break;
+        case O_MAXWIN: if (parse_int("--max-window-mib", optarg, 1, 1 << 20, &v)) return -1; o->limits.max_window_bytes = (uint64_t)v << 20; break;
         case O_LOG:
             if ((v = rpc_log_level_parse(optarg)) < 0) {
                 fprintf(stderr, "eplbd: --log-level wants debug, info, warn or error, got '%s'\n", optarg);
@@ -193,6 +196,11 @@ int main(int argc, char **argv) {
         sigwait(&stop_signals, &sig);
     rpc_log(RPC_LOG_INFO, "signal %d: draining (up to %d ms)", sig, o.drain_ms);
     rpc_server_stop(server, o.drain_ms);
+    /* Load recorded since the last commit is kept across a clean stop. */
+    if (eplb_registry_flush(registry, &err) != EPLB_OK) {
+        rpc_log(RPC_LOG_ERROR, "saving load windows: %s", err.msg);
+        rc = 1;
+    }
     eplb_registry_close(registry);
     eplb_store_close(store);
     grpc_shutdown();

@@ -132,6 +132,16 @@ eplb_status eplb_model_shape_make(const eplb_moe_spec *moe, const char *field,
     out->num_nodes = nodes;
     out->window_size = par->window_size ? par->window_size : EPLB_DEFAULT_WINDOW_SIZE;
     out->step_interval = par->step_interval ? par->step_interval : EPLB_DEFAULT_STEP_INTERVAL;
+    out->auto_rebalance = par->auto_rebalance;
+    /* The window is [window_size][L][N] int64s once full: refuse what the
+     * server could not hold rather than fail at the 900th pass. */
+    uint64_t window = (uint64_t)out->window_size * out->num_layers * out->num_logical * sizeof(int64_t);
+    if (window > lim->max_window_bytes)
+        return eplb_error_set(err, EPLB_EINVAL,
+                              "parallel.window_size %u needs a %llu MiB load window for %u layers x %u experts; "
+                              "the server limit is %llu MiB (--max-window-mib)",
+                              out->window_size, (unsigned long long)(window >> 20), out->num_layers,
+                              out->num_logical, (unsigned long long)(lim->max_window_bytes >> 20));
     return EPLB_OK;
 }
 

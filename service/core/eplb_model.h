@@ -78,6 +78,7 @@ typedef struct eplb_parallel {
     uint32_t window_size;           /* 0 = EPLB_DEFAULT_WINDOW_SIZE */
     uint32_t step_interval;         /* 0 = EPLB_DEFAULT_STEP_INTERVAL */
     uint32_t num_redundant_experts; /* 0 = take the model's */
+    bool auto_rebalance;            /* rebalance every step_interval recorded passes */
 } eplb_parallel;
 
 /* vLLM's EPLBConfig defaults. */
@@ -89,9 +90,12 @@ typedef struct eplb_limits {
     uint32_t max_layers;
     uint32_t max_physical_experts;
     uint32_t max_ep_size;
+    uint64_t max_window_bytes; /* a model's full load window */
 } eplb_limits;
 
-#define EPLB_LIMITS_DEFAULT ((eplb_limits){ .max_layers = 1024, .max_physical_experts = 8192, .max_ep_size = 4096 })
+#define EPLB_LIMITS_DEFAULT                                                                      \
+    ((eplb_limits){ .max_layers = 1024, .max_physical_experts = 8192, .max_ep_size = 4096,      \
+                    .max_window_bytes = 256ull << 20 })
 
 /* Everything a registered model is balanced with, defaults applied. */
 typedef struct eplb_model_shape {
@@ -106,6 +110,7 @@ typedef struct eplb_model_shape {
     uint32_t num_nodes;     /* >= 1, divides ep_size */
     uint32_t window_size;   /* passes in the load window */
     uint32_t step_interval; /* passes between automatic rebalances */
+    bool auto_rebalance;    /* rebalance by itself every step_interval passes */
 } eplb_model_shape;
 
 /* Check a resolved handle's MoE metadata against the parallel config and the

@@ -13,34 +13,84 @@
 #include <stdlib.h>
 #include <string.h>
 
-typedef struct registry_entry {
-    pthread_mutex_t lock;   /* guards rec */
-    eplb_model_record rec;
-} registry_entry;
-
-struct eplb_registry {
-    pthread_rwlock_t lock;        /* guards models and count */
-    registry_entry **models;      /* [count]; a handful per server, so lookups scan */
-    size_t count, cap;
-    const eplb_store_ops *store;  /* NULL: memory only */
-    void *store_ctx;
-    eplb_limits limits;
-};
+#include "eplb_registry_internal.h"
 
 static void entry_free(registry_entry *e) {
     if (!e)
         return;
     eplb_placement_free(&e->rec.placement);
+    eplb_load_window_free(&e->rec.window);
     pthread_mutex_destroy(&e->lock);
     free(e);
 }
 
-/* Caller holds r->lock (either mode). */
-static registry_entry *find_locked(eplb_registry *r, const char *model_id) {
+registry_entry *registry_find_locked(eplb_registry *r, const char *model_id) {
     for (size_t i = 0; i < r->count; i++)
         if (strcmp(r->models[i]->rec.model_id, model_id) == 0)
             return r->models[i];
     return NULL;
+}
+
+eplb_status registry_acquire(eplb_registry *r, const char *model_id, registry_entry **out,
+                             eplb_error *err) {
+    pthread_rwlock_rdlock(&r->lock);
+    registry_entry *e = registry_find_locked(r, model_id);
+    if (!e) {
+        pthread_rwlock_unlock(&r->lock);
+        *out = NULL;
+        return eplb_error_set(err, EPLB_ENOTFOUND, "model %s is not registered", model_id);
+    }
+    pthread_mutex_lock(&e->lock);
+    *out = e;
+    return EPLB_OK;
+}
+
+void registry_release(eplb_registry *r, registry_entry *e) {
+    pthread_mutex_unlock(&e->lock);
+    pthread_rwlock_unlock(&r->lock);
+}
+
+eplb_status registry_commit_locked(eplb_registry *r, registry_entry *e, eplb_placement *next,
+                                   const eplb_model_shape *shape, eplb_error *err) {
+    eplb_model_record staged = e->rec; /* shallow: the window is shared, not copied */
+    staged.shape = *shape;
+    staged.placement = *next;
+    staged.placement.epoch = e->rec.placement.epoch + 1;
+    if (r->store) {
+        eplb_status st = r->store->save(r->store_ctx, &staged, err);
+        if (st != EPLB_OK) {
+            eplb_placement_free(next);
+            return st;
+        }
+    }
+    eplb_placement_free(&e->rec.placement);
+    e->rec.placement = staged.placement;
+    e->rec.shape = *shape;
+    if (r->store)
+        e->rec.window.dirty = false;
+    memset(next, 0, sizeof *next);
+    return EPLB_OK;
+}
+
+eplb_status eplb_registry_flush(eplb_registry *r, eplb_error *err) {
+    eplb_status first = EPLB_OK;
+    if (!r->store)
+        return EPLB_OK;
+    pthread_rwlock_rdlock(&r->lock);
+    for (size_t i = 0; i < r->count; i++) {
+        registry_entry *e = r->models[i];
+        pthread_mutex_lock(&e->lock);
+        if (e->rec.window.dirty) {
+            eplb_status st = r->store->save(r->store_ctx, &e->rec, first == EPLB_OK ? err : NULL);
+            if (st == EPLB_OK)
+                e->rec.window.dirty = false;
+            else if (first == EPLB_OK)
+                first = st;
+        }
+        pthread_mutex_unlock(&e->lock);
+    }
+    pthread_rwlock_unlock(&r->lock);
+    return first;
 }
 
 /* Takes ownership of rec's placement whether it succeeds or not. Caller
@@ -51,6 +101,7 @@ static eplb_status insert_locked(eplb_registry *r, eplb_model_record *rec, eplb_
         registry_entry **m = realloc(r->models, cap * sizeof *m);
         if (!m) {
             eplb_placement_free(&rec->placement);
+            eplb_load_window_free(&rec->window);
             return eplb_error_set(err, EPLB_ENOMEM, "out of memory adding model %s", rec->model_id);
         }
         r->models = m;
@@ -59,19 +110,22 @@ static eplb_status insert_locked(eplb_registry *r, eplb_model_record *rec, eplb_
     registry_entry *e = calloc(1, sizeof *e);
     if (!e) {
         eplb_placement_free(&rec->placement);
+        eplb_load_window_free(&rec->window);
         return eplb_error_set(err, EPLB_ENOMEM, "out of memory adding model %s", rec->model_id);
     }
     pthread_mutex_init(&e->lock, NULL);
     e->rec = *rec;
     memset(&rec->placement, 0, sizeof rec->placement);
+    memset(&rec->window, 0, sizeof rec->window);
     r->models[r->count++] = e;
     return EPLB_OK;
 }
 
 static eplb_status load_one(void *arg, eplb_model_record *rec, eplb_error *err) {
     eplb_registry *r = arg;
-    if (find_locked(r, rec->model_id)) {
+    if (registry_find_locked(r, rec->model_id)) {
         eplb_placement_free(&rec->placement);
+        eplb_load_window_free(&rec->window);
         return eplb_error_set(err, EPLB_EDATALOSS, "store holds model %s twice", rec->model_id);
     }
     return insert_locked(r, rec, err);
@@ -155,6 +209,7 @@ static const char *registration_difference(const eplb_model_record *old, const e
         { "num_nodes", a->num_nodes, b->num_nodes },
         { "window_size", a->window_size, b->window_size },
         { "step_interval", a->step_interval, b->step_interval },
+        { "auto_rebalance", a->auto_rebalance, b->auto_rebalance },
         { "role", (uint32_t)old->role, (uint32_t)new->role },
     };
     for (size_t i = 0; i < sizeof f / sizeof f[0]; i++)
@@ -245,7 +300,7 @@ eplb_status eplb_registry_register(eplb_registry *r, const eplb_register_request
 
     pthread_rwlock_wrlock(&r->lock);
     if (rec.role == EPLB_ROLE_SPECULATOR) {
-        registry_entry *main = find_locked(r, rec.main_model_id);
+        registry_entry *main = registry_find_locked(r, rec.main_model_id);
         if (!main) {
             st = eplb_error_set(err, EPLB_ENOTFOUND, "main model %s is not registered", rec.main_model_id);
             goto unlock;
@@ -260,7 +315,7 @@ eplb_status eplb_registry_register(eplb_registry *r, const eplb_register_request
             goto unlock;
     }
 
-    registry_entry *existing = find_locked(r, rec.model_id);
+    registry_entry *existing = registry_find_locked(r, rec.model_id);
     if (existing) {
         char why[EPLB_ERROR_MSG_MAX - 128];
         pthread_mutex_lock(&existing->lock);
@@ -286,6 +341,7 @@ eplb_status eplb_registry_register(eplb_registry *r, const eplb_register_request
                              rec.shape.num_physical, err);
     if (st != EPLB_OK)
         goto unlock;
+    eplb_load_window_init(&rec.window, rec.shape.num_layers, rec.shape.num_logical, rec.shape.window_size);
     if (r->store) {
         st = r->store->save(r->store_ctx, &rec, err);
         if (st != EPLB_OK)
@@ -313,7 +369,7 @@ eplb_status eplb_registry_get_placement(eplb_registry *r, const char *model_id,
                                         eplb_error *err) {
     memset(out, 0, sizeof *out);
     pthread_rwlock_rdlock(&r->lock);
-    registry_entry *e = find_locked(r, model_id);
+    registry_entry *e = registry_find_locked(r, model_id);
     eplb_status st;
     if (!e) {
         st = eplb_error_set(err, EPLB_ENOTFOUND, "model %s is not registered", model_id);

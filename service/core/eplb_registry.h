@@ -14,6 +14,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 
+#include "eplb_load.h"
 #include "eplb_model.h"
 #include "eplb_placement.h"
 #include "eplb_status.h"
@@ -32,6 +33,7 @@ typedef struct eplb_model_record {
     char resolved_path[EPLB_PATH_MAX];
     eplb_model_shape shape;
     eplb_placement placement;
+    eplb_load_window window;                    /* saved when window.dirty */
     bool needs_weight_reload;
 } eplb_model_record;
 
@@ -40,7 +42,7 @@ typedef struct eplb_model_record {
 typedef struct eplb_store_ops {
     eplb_status (*save)(void *ctx, const eplb_model_record *rec, eplb_error *err);
     /* Calls each() for every stored model; each() takes ownership of
-     * rec->placement's arrays. */
+     * rec->placement's and rec->window's arrays. */
     eplb_status (*load_all)(void *ctx,
                             eplb_status (*each)(void *arg, eplb_model_record *rec, eplb_error *err),
                             void *arg, eplb_error *err);
@@ -88,5 +90,82 @@ eplb_status eplb_registry_register(eplb_registry *r, const eplb_register_request
 eplb_status eplb_registry_get_placement(eplb_registry *r, const char *model_id,
                                         eplb_placement *out, bool *needs_weight_reload,
                                         eplb_error *err);
+
+/* Persist every model whose load window changed since it was last saved
+ * (a clean shutdown keeps the window).  Returns the first error. */
+eplb_status eplb_registry_flush(eplb_registry *r, eplb_error *err);
+
+/* ---- placement engine (eplb_rebalance.c) --------------------------------- */
+
+typedef struct eplb_setup_request {
+    const char *model_id;
+    const eplb_handle *model;         /* NULL: not given; else must resolve to the model's shape */
+    const int32_t *expanded_phy2log;  /* [L][num_physical] */
+    size_t expanded_len;
+    uint32_t num_physical;            /* P_new */
+    uint32_t old_num_physical;        /* must be the current P */
+    uint32_t ep_size;                 /* >= 1, divides P_new */
+    bool has_expected_epoch;
+    uint64_t expected_epoch;
+} eplb_setup_request;
+
+/* SetupFromMapping (elastic EP): adopt the expanded map, rebuild log2phy and
+ * logcnt, count load over the first min(P_old, P_new) slots until the next
+ * rebalance, epoch + 1.  *out is the committed placement.  On any error
+ * nothing changes: EPLB_ENOTFOUND, EPLB_EINVAL (shape, entries, an expert
+ * left without a replica), EPLB_EPRECONDITION (handle not the model's MoE
+ * shape, old_num_physical_experts stale, model needs a weight reload),
+ * EPLB_EABORTED (expected_epoch differs), store errors. */
+eplb_status eplb_registry_setup_from_mapping(eplb_registry *r, const eplb_setup_request *req,
+                                             eplb_placement *out, eplb_error *err);
+
+typedef struct eplb_rebalance_request {
+    const char *model_id;
+    const int64_t *physical_load;     /* [L][P]; NULL: the recorded window */
+    size_t physical_load_len;
+    uint32_t num_groups, num_nodes, num_gpus; /* 0: the registered topology */
+    bool has_expected_epoch;
+    uint64_t expected_epoch;
+    bool dry_run;                     /* compute, change nothing */
+    bool algorithm_order;             /* skip intra-GPU slot preservation */
+} eplb_rebalance_request;
+
+typedef struct eplb_rebalance_result {
+    eplb_placement placement;         /* committed (or proposed, dry run) */
+    double balancedness_before;
+    double balancedness_after;
+    double *layer_before;             /* [L], malloc'd */
+    double *layer_after;              /* [L], malloc'd */
+    uint64_t experts_moved;           /* slots whose expert changes */
+    double compute_ms;                /* policy + preservation + balancedness */
+    bool committed;
+} eplb_rebalance_result;
+
+/* Rebalance: compute a new placement from the request's load (or the
+ * window) with DeepSeek's policy, keep experts in their slots unless asked
+ * not to, and commit it (epoch + 1) unless dry_run.  On error nothing
+ * changes.  Free *out with eplb_rebalance_result_free. */
+eplb_status eplb_registry_rebalance(eplb_registry *r, const eplb_rebalance_request *req,
+                                    eplb_rebalance_result *out, eplb_error *err);
+void eplb_rebalance_result_free(eplb_rebalance_result *res);
+
+typedef struct eplb_record_request {
+    const char *model_id;
+    const int64_t *physical_load;     /* [L][P] of one pass */
+    size_t physical_load_len;
+    bool is_dummy;                    /* not counted */
+} eplb_record_request;
+
+typedef struct eplb_record_result {
+    uint64_t passes_recorded;         /* passes counted so far */
+    bool rebalanced;                  /* this pass triggered an automatic rebalance */
+    uint64_t epoch;                   /* epoch after the call */
+} eplb_record_result;
+
+/* RecordLoad: add one pass to the model's window.  Every step_interval
+ * passes, a model registered with auto_rebalance is rebalanced from its
+ * window and committed.  A bad request changes nothing. */
+eplb_status eplb_registry_record_load(eplb_registry *r, const eplb_record_request *req,
+                                      eplb_record_result *out, eplb_error *err);
 
 #endif

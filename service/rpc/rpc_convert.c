@@ -92,6 +92,7 @@ eplb_parallel rpc_parallel_from_upb(const eplb_v1_ParallelConfig *m) {
     p.window_size = eplb_v1_ParallelConfig_window_size(m);
     p.step_interval = eplb_v1_ParallelConfig_step_interval(m);
     p.num_redundant_experts = eplb_v1_ParallelConfig_num_redundant_experts(m);
+    p.auto_rebalance = eplb_v1_ParallelConfig_auto_rebalance(m);
     return p;
 }
 

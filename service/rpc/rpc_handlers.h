@@ -39,6 +39,9 @@ void rpc_reply_malformed(rpc_reply *out, const char *message_type);
 
 void rpc_register_model(rpc_context *ctx, upb_Arena *arena, const char *req, size_t len, rpc_reply *out);
 void rpc_get_placement(rpc_context *ctx, upb_Arena *arena, const char *req, size_t len, rpc_reply *out);
+void rpc_setup_from_mapping(rpc_context *ctx, upb_Arena *arena, const char *req, size_t len, rpc_reply *out);
+void rpc_rebalance(rpc_context *ctx, upb_Arena *arena, const char *req, size_t len, rpc_reply *out);
+void rpc_record_load(rpc_context *ctx, upb_Arena *arena, const char *req, size_t len, rpc_reply *out);
 void rpc_health_check(rpc_context *ctx, upb_Arena *arena, const char *req, size_t len, rpc_reply *out);
 
 #endif

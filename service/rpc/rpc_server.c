@@ -28,15 +28,12 @@ typedef struct rpc_method {
     rpc_handler_fn handler;
 } rpc_method;
 
-static void rpc_unimplemented(rpc_context *ctx, upb_Arena *arena, const char *req, size_t len,
-                              rpc_reply *out);
-
 static const rpc_method methods[] = {
     { "/eplb.v1.ExpertBalancer/RegisterModel", "RegisterModel", rpc_register_model },
     { "/eplb.v1.ExpertBalancer/GetPlacement", "GetPlacement", rpc_get_placement },
-    { "/eplb.v1.ExpertBalancer/SetupFromMapping", "SetupFromMapping", rpc_unimplemented },
-    { "/eplb.v1.ExpertBalancer/Rebalance", "Rebalance", rpc_unimplemented },
-    { "/eplb.v1.ExpertBalancer/RecordLoad", "RecordLoad", rpc_unimplemented },
+    { "/eplb.v1.ExpertBalancer/SetupFromMapping", "SetupFromMapping", rpc_setup_from_mapping },
+    { "/eplb.v1.ExpertBalancer/Rebalance", "Rebalance", rpc_rebalance },
+    { "/eplb.v1.ExpertBalancer/RecordLoad", "RecordLoad", rpc_record_load },
     { "/grpc.health.v1.Health/Check", "Health/Check", rpc_health_check },
 };
 
@@ -92,12 +89,6 @@ void rpc_reply_from_error(rpc_reply *out, const eplb_error *err) {
 
 void rpc_reply_malformed(rpc_reply *out, const char *message_type) {
     rpc_reply_set(out, GRPC_STATUS_INVALID_ARGUMENT, "request is not a valid %s message", message_type);
-}
-
-static void rpc_unimplemented(rpc_context *ctx, upb_Arena *arena, const char *req, size_t len,
-                              rpc_reply *out) {
-    (void)ctx, (void)arena, (void)req, (void)len;
-    rpc_reply_set(out, GRPC_STATUS_UNIMPLEMENTED, "not implemented by this eplbd");
 }
 
 /* ---- calls ------------------------------------------------------------- */

@@ -31,11 +31,20 @@ static const char *const schema_sql =
     "  num_groups INTEGER NOT NULL, ep_size INTEGER NOT NULL,"
     "  num_nodes INTEGER NOT NULL, window_size INTEGER NOT NULL,"
     "  step_interval INTEGER NOT NULL,"
+    "  auto_rebalance INTEGER NOT NULL DEFAULT 0,"
     "  epoch INTEGER NOT NULL,"
     "  placement_physical INTEGER NOT NULL,"
     "  num_valid_physical INTEGER NOT NULL,"
     "  phy2log BLOB NOT NULL,"
     "  needs_weight_reload INTEGER NOT NULL DEFAULT 0"
+    ");"
+    /* The load window, oldest record first: [count][num_layers][num_logical]
+     * little-endian int64s, and the number of passes ever counted. */
+    "CREATE TABLE IF NOT EXISTS windows ("
+    "  model_id TEXT PRIMARY KEY REFERENCES models(model_id),"
+    "  passes INTEGER NOT NULL,"
+    "  count INTEGER NOT NULL,"
+    "  records BLOB NOT NULL"
     ");";
 
 static eplb_status db_error(sqlite3 *db, eplb_error *err, const char *what) {
@@ -121,10 +130,93 @@ static unsigned char *pack_i32(const int32_t *v, size_t n) {
     return b;
 }
 
+static unsigned char *pack_i64(const int64_t *v, size_t n) {
+    unsigned char *b = malloc(n ? n * 8 : 1);
+    if (!b)
+        return NULL;
+    for (size_t i = 0; i < n; i++)
+        for (int k = 0; k < 8; k++)
+            b[8 * i + (size_t)k] = (unsigned char)((uint64_t)v[i] >> (8 * k));
+    return b;
+}
+
+static void unpack_i64(const unsigned char *b, int64_t *v, size_t n) {
+    for (size_t i = 0; i < n; i++) {
+        uint64_t x = 0;
+        for (int k = 0; k < 8; k++)
+            x |= (uint64_t)b[8 * i + (size_t)k] << (8 * k);
+        v[i] = (int64_t)x;
+    }
+}
+
 static void unpack_i32(const unsigned char *b, int32_t *v, size_t n) {
     for (size_t i = 0; i < n; i++)
         v[i] = (int32_t)((uint32_t)b[4 * i] | (uint32_t)b[4 * i + 1] << 8 |
                          (uint32_t)b[4 * i + 2] << 16 | (uint32_t)b[4 * i + 3] << 24);
+}
+
+static uint32_t col_u32(sqlite3_stmt *q, int i) {
+    sqlite3_int64 v = sqlite3_column_int64(q, i);
+    return v < 0 || v > UINT32_MAX ? 0 : (uint32_t)v;
+}
+
+/* Inside store_save's transaction. */
+static eplb_status save_window(eplb_store *s, const eplb_model_record *rec, eplb_error *err) {
+    const eplb_load_window *w = &rec->window;
+    size_t cells = (size_t)w->count * w->num_layers * w->num_logical;
+    int64_t *flat = malloc(cells ? cells * sizeof *flat : 1);
+    unsigned char *blob = flat ? (eplb_load_window_export(w, flat), pack_i64(flat, cells)) : NULL;
+    free(flat);
+    if (!blob)
+        return eplb_error_set(err, EPLB_ENOMEM, "out of memory saving the load window");
+    sqlite3_stmt *q = NULL;
+    eplb_status st = EPLB_OK;
+    if (sqlite3_prepare_v2(s->db, "INSERT OR REPLACE INTO windows (model_id, passes, count, records) VALUES (?,?,?,?)",
+                           -1, &q, NULL) != SQLITE_OK) {
+        st = db_error(s->db, err, "prepare window");
+    } else {
+        sqlite3_bind_text(q, 1, rec->model_id, -1, SQLITE_STATIC);
+        sqlite3_bind_int64(q, 2, (sqlite3_int64)w->passes);
+        sqlite3_bind_int64(q, 3, w->count);
+        sqlite3_bind_blob64(q, 4, blob, (sqlite3_uint64)cells * 8, SQLITE_STATIC);
+        if (sqlite3_step(q) != SQLITE_DONE)
+            st = db_error(s->db, err, "save window");
+    }
+    sqlite3_finalize(q);
+    free(blob);
+    return st;
+}
+
+/* Read a model's window, if any, into rec->window (already initialised). */
+static eplb_status load_window(eplb_store *s, eplb_model_record *rec, eplb_error *err) {
+    sqlite3_stmt *q = NULL;
+    eplb_status st = EPLB_OK;
+    if (sqlite3_prepare_v2(s->db, "SELECT passes, count, records FROM windows WHERE model_id = ?", -1, &q,
+                           NULL) != SQLITE_OK)
+        return db_error(s->db, err, "prepare window load");
+    sqlite3_bind_text(q, 1, rec->model_id, -1, SQLITE_STATIC);
+    if (sqlite3_step(q) == SQLITE_ROW) {
+        uint64_t passes = (uint64_t)sqlite3_column_int64(q, 0);
+        uint32_t count = col_u32(q, 1);
+        const void *blob = sqlite3_column_blob(q, 2);
+        size_t bytes = (size_t)sqlite3_column_bytes(q, 2);
+        size_t cells = (size_t)count * rec->window.num_layers * rec->window.num_logical;
+        if (bytes != cells * 8) {
+            st = eplb_error_set(err, EPLB_EDATALOSS, "store: model %s has a %zu-byte window for %u records",
+                                rec->model_id, bytes, count);
+        } else {
+            int64_t *flat = malloc(cells ? cells * sizeof *flat : 1);
+            if (!flat) {
+                st = eplb_error_set(err, EPLB_ENOMEM, "out of memory loading the load window");
+            } else {
+                unpack_i64(blob, flat, cells);
+                st = eplb_load_window_import(&rec->window, flat, count, passes, err);
+                free(flat);
+            }
+        }
+    }
+    sqlite3_finalize(q);
+    return st;
 }
 
 static eplb_status store_save(void *ctx, const eplb_model_record *rec, eplb_error *err) {
@@ -139,8 +231,8 @@ static eplb_status store_save(void *ctx, const eplb_model_record *rec, eplb_erro
         "INSERT OR REPLACE INTO models (model_id, role, main_model_id, architecture, resolved_path,"
         " num_layers, num_logical, num_physical, num_local, num_redundant, num_shared, num_groups,"
         " ep_size, num_nodes, window_size, step_interval, epoch, placement_physical,"
-        " num_valid_physical, phy2log, needs_weight_reload)"
-        " VALUES (?,?,?,?,?, ?,?,?,?,?,?,?, ?,?,?,?,?,?, ?,?,?)";
+        " num_valid_physical, phy2log, needs_weight_reload, auto_rebalance)"
+        " VALUES (?,?,?,?,?, ?,?,?,?,?,?,?, ?,?,?,?,?,?, ?,?,?,?)";
     eplb_status st = EPLB_OK;
     sqlite3_stmt *q = NULL;
     pthread_mutex_lock(&s->lock);
@@ -169,10 +261,13 @@ static eplb_status store_save(void *ctx, const eplb_model_record *rec, eplb_erro
     sqlite3_bind_int64(q, i++, p->num_valid_physical);
     sqlite3_bind_blob(q, i++, blob, (int)(cells * 4), SQLITE_STATIC);
     sqlite3_bind_int(q, i++, rec->needs_weight_reload);
+    sqlite3_bind_int(q, i++, rec->shape.auto_rebalance);
     if (sqlite3_step(q) != SQLITE_DONE) {
         st = db_error(s->db, err, "save model");
         goto rollback;
     }
+    if (rec->window.dirty && (st = save_window(s, rec, err)) != EPLB_OK)
+        goto rollback;
     if (sqlite3_exec(s->db, "COMMIT", NULL, NULL, NULL) != SQLITE_OK) {
         st = db_error(s->db, err, "commit");
         goto rollback;
@@ -187,10 +282,6 @@ out:
     return st;
 }
 
-static uint32_t col_u32(sqlite3_stmt *q, int i) {
-    sqlite3_int64 v = sqlite3_column_int64(q, i);
-    return v < 0 || v > UINT32_MAX ? 0 : (uint32_t)v;
-}
 
 static void col_text(sqlite3_stmt *q, int i, char *dst, size_t len) {
     const unsigned char *t = sqlite3_column_text(q, i);
@@ -219,6 +310,7 @@ static eplb_status row_to_record(sqlite3_stmt *q, eplb_model_record *rec, eplb_e
     const void *blob = sqlite3_column_blob(q, i);
     size_t bytes = (size_t)sqlite3_column_bytes(q, i++);
     rec->needs_weight_reload = sqlite3_column_int(q, i++) != 0;
+    sh->auto_rebalance = sqlite3_column_int(q, i++) != 0;
 
     size_t cells = (size_t)sh->num_layers * num_physical;
     if (cells == 0 || bytes != cells * 4)
@@ -241,6 +333,7 @@ static eplb_status row_to_record(sqlite3_stmt *q, eplb_model_record *rec, eplb_e
         return eplb_error_set(err, EPLB_EDATALOSS, "store: model %s: %s", rec->model_id, why);
     }
     rec->placement.epoch = epoch;
+    eplb_load_window_init(&rec->window, sh->num_layers, sh->num_logical, sh->window_size);
     return EPLB_OK;
 }
 
@@ -255,7 +348,7 @@ static eplb_status store_load_all(void *ctx,
                            "SELECT model_id, role, main_model_id, architecture, resolved_path,"
                            " num_layers, num_logical, num_physical, num_local, num_redundant, num_shared,"
                            " num_groups, ep_size, num_nodes, window_size, step_interval, epoch,"
-                           " placement_physical, num_valid_physical, phy2log, needs_weight_reload"
+                           " placement_physical, num_valid_physical, phy2log, needs_weight_reload, auto_rebalance"
                            " FROM models ORDER BY model_id",
                            -1, &q, NULL) != SQLITE_OK) {
         st = db_error(s->db, err, "prepare load");
@@ -267,6 +360,11 @@ static eplb_status store_load_all(void *ctx,
         st = row_to_record(q, &rec, err);
         if (st != EPLB_OK)
             goto out;
+        if ((st = load_window(s, &rec, err)) != EPLB_OK) {
+            eplb_placement_free(&rec.placement);
+            eplb_load_window_free(&rec.window);
+            goto out;
+        }
         st = each(arg, &rec, err);
         if (st != EPLB_OK)
             goto out;

@@ -1,0 +1,927 @@
+/* eplb_policy.c -- DeepSeek's EPLB rebalance, vLLM's intra-GPU slot
+ * preservation and balancedness, on plain arrays.
+ *
+ * This is the algorithm only: it knows nothing of models, RPCs, stored state
+ * or weight transfer.  It keeps no global state; everything a call needs lives
+ * on its stack or in one scratch block, so calls are thread-safe.
+ *
+ * NOTES ON THE ALGORITHM (deepseek-ai/EPLB eplb.py, per layer)
+ *
+ *   1. Pack the G group loads onto the nodes (balanced_packing, m = nodes).
+ *      A group's pack and rank relabel its experts into node-major order:
+ *      mlog = (pack * groups_per_node + rank) * group_size + j.
+ *   2. For each node, replicate its N/nodes experts into P/nodes slots
+ *      (replicate_experts): slot k < N/nodes holds expert k; each further
+ *      slot goes to the expert with the largest load / count.
+ *   3. For each node, pack its P/nodes replicas (weight load / final count)
+ *      onto its num_gpus/nodes GPUs, P/num_gpus each (balanced_packing);
+ *      replica p lands in slot node * P/nodes + pack * P/num_gpus + rank.
+ *   4. Map mlog back to logical ids; logcnt[log] = the node's count of mlog.
+ *   When G % nodes != 0 all of it runs with G = 1 and one node (global).
+ *
+ *   balanced_packing(w[n], m packs of n/m): if n/m == 1 item i goes to pack i
+ *   with rank 0; otherwise items are visited in descending weight and each
+ *   goes to the lightest pack with room, its rank being that pack's count.
+ *
+ * CANONICAL TIES (the references leave them to an unstable sort): equal
+ * weights are visited lower index first, equally light packs pick the lowest
+ * pack, equal load/count picks the lowest expert.  Every comparison below is a
+ * total order on (value, index), so the data structures that find the
+ * extreme cannot change the answer, only its cost.  Doubles are computed as
+ * the reference computes them (same conversions, same division, same order of
+ * additions), so results are bit-exact, not merely close.
+ *
+ * HOW IT IS MADE FAST (the reference re-sorts P/nodes replicas per node and
+ * scans every expert per redundant slot; branch mispredictions dominate a
+ * naive C port):
+ *   - the N expert loads of a layer are sorted once, by an LSD radix sort on
+ *     the doubles' bit patterns (stable, so equal loads keep index order;
+ *     bytes that are equal in every key are skipped), then split by node;
+ *   - replicate: the experts not yet replicated are consumed from that sorted
+ *     list in order (the best of them is always the next one); the replicated
+ *     ones sit in a branch-free winner tree keyed by load / count;
+ *   - step 3 needs the replicas in descending weight: the unreplicated
+ *     experts are already in order, and only the replicas of replicated
+ *     experts (at most 2 * redundant) are sorted and merged in;
+ *   - the packs with room sit in a branch-free winner tree.
+ *   Per layer: O(N + P + R log R) with R = redundant slots.
+ *
+ * Loads are int64 >= 0 converted to double (exact below 2^53), so every
+ * weight is +0 or positive and its IEEE bit pattern orders like the value. */
+#include "eplb_policy.h"
+
+#include <math.h>
+#include <stdalign.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* ---------------------------------------------------------------------------
+ * Shapes
+ * ------------------------------------------------------------------------- */
+
+eplb_status eplb_policy_check(const eplb_policy_shape *s, eplb_error *err) {
+    if (!s)
+        return eplb_error_set(err, EPLB_EINVAL, "policy shape is NULL");
+    if (s->num_layers == 0)
+        return eplb_error_set(err, EPLB_EINVAL, "num_layers is 0; must be >= 1");
+    if (s->num_logical == 0)
+        return eplb_error_set(err, EPLB_EINVAL, "num_logical_experts is 0; must be >= 1");
+    if (s->num_physical == 0)
+        return eplb_error_set(err, EPLB_EINVAL, "num_physical_experts is 0; must be >= 1");
+    if (s->num_groups == 0)
+        return eplb_error_set(err, EPLB_EINVAL, "num_groups is 0; must be >= 1");
+    if (s->num_nodes == 0)
+        return eplb_error_set(err, EPLB_EINVAL, "num_nodes is 0; must be >= 1");
+    if (s->num_gpus == 0)
+        return eplb_error_set(err, EPLB_EINVAL, "num_gpus is 0; must be >= 1");
+    if (s->num_logical > EPLB_POLICY_MAX_EXPERTS)
+        return eplb_error_set(err, EPLB_EINVAL, "num_logical_experts %u exceeds the limit %u",
+                              s->num_logical, EPLB_POLICY_MAX_EXPERTS);
+    if (s->num_physical > EPLB_POLICY_MAX_EXPERTS)
+        return eplb_error_set(err, EPLB_EINVAL, "num_physical_experts %u exceeds the limit %u",
+                              s->num_physical, EPLB_POLICY_MAX_EXPERTS);
+    if (s->num_physical < s->num_logical)
+        return eplb_error_set(err, EPLB_EINVAL,
+                              "num_physical_experts %u is less than num_logical_experts %u",
+                              s->num_physical, s->num_logical);
+    if (s->num_physical % s->num_gpus != 0)
+        return eplb_error_set(err, EPLB_EINVAL,
+                              "num_physical_experts %u is not a multiple of num_gpus %u",
+                              s->num_physical, s->num_gpus);
+    if (s->num_logical % s->num_groups != 0)
+        return eplb_error_set(err, EPLB_EINVAL,
+                              "num_logical_experts %u is not a multiple of num_groups %u",
+                              s->num_logical, s->num_groups);
+    if (s->num_gpus % s->num_nodes != 0)
+        return eplb_error_set(err, EPLB_EINVAL, "num_gpus %u is not a multiple of num_nodes %u",
+                              s->num_gpus, s->num_nodes);
+    if ((size_t)s->num_layers > SIZE_MAX / sizeof(int64_t) / s->num_physical)
+        return eplb_error_set(err, EPLB_EINVAL,
+                              "num_layers %u x num_physical_experts %u is too large",
+                              s->num_layers, s->num_physical);
+    return EPLB_OK;
+}
+
+bool eplb_policy_is_hierarchical(const eplb_policy_shape *s) {
+    return s && s->num_nodes != 0 && s->num_groups % s->num_nodes == 0;
+}
+
+/* The sizes one layer works with, after choosing the path. */
+typedef struct policy_dims {
+    uint32_t n_log;           /* N */
+    uint32_t n_phy;           /* P */
+    uint32_t groups;          /* G, or 1 on the global path */
+    uint32_t nodes;           /* num_nodes, or 1 on the global path */
+    uint32_t group_size;      /* N / groups */
+    uint32_t groups_per_node; /* groups / nodes */
+    uint32_t log_per_node;    /* N / nodes */
+    uint32_t phy_per_node;    /* P / nodes */
+    uint32_t gpus_per_node;   /* num_gpus / nodes */
+    uint32_t phy_per_gpu;     /* P / num_gpus */
+} policy_dims;
+
+static policy_dims policy_dims_of(const eplb_policy_shape *s) {
+    policy_dims d;
+    bool hier = eplb_policy_is_hierarchical(s);
+    d.n_log = s->num_logical;
+    d.n_phy = s->num_physical;
+    d.groups = hier ? s->num_groups : 1;
+    d.nodes = hier ? s->num_nodes : 1;
+    d.group_size = d.n_log / d.groups;
+    d.groups_per_node = d.groups / d.nodes;
+    d.log_per_node = d.n_log / d.nodes;
+    d.phy_per_node = d.n_phy / d.nodes;
+    d.gpus_per_node = s->num_gpus / d.nodes;
+    d.phy_per_gpu = d.n_phy / s->num_gpus;
+    return d;
+}
+
+static size_t pow2_at_least(size_t n) {
+    size_t m = 1;
+    while (m < n) m *= 2;
+    return m;
+}
+
+static size_t max_sz(size_t a, size_t b) { return a > b ? a : b; }
+
+/* ---------------------------------------------------------------------------
+ * Scratch: one layer's worth, carved from one block, each array aligned for
+ * 8-byte elements.
+ * ------------------------------------------------------------------------- */
+
+/* An item to order: its weight and its index in its row. */
+typedef struct policy_item {
+    double w;
+    int32_t idx;
+} policy_item;
+
+#define RADIX_BYTES 8
+#define RADIX_BUCKETS 256
+
+typedef struct policy_scratch {
+    policy_item *items;     /* [max(G, P/nodes)] items being sorted */
+    policy_item *tmp;       /* [max(G, P/nodes)] merge sort buffer */
+    double *group_w;        /* [G] load of each group */
+    double *tok;            /* [N] load of each expert, node-major (mlog) order */
+    double *order_w;        /* [max(G, P/nodes)] weight of each item in visiting order */
+    double *pack_w;         /* [max(nodes, gpus/node)] load of each pack */
+    uint64_t *pack_key;     /* [2 * pow2(max(nodes, gpus/node))] pack winner tree */
+    uint64_t *rep_key;      /* [2 * pow2(min(N, P - N)/nodes)] replicated-expert tree */
+    uint64_t *rkey;         /* [N] radix keys: ascending = heaviest expert first */
+    uint64_t *rkey2;        /* [N] radix keys, other buffer */
+    uint32_t *hist;         /* [8][256] radix histograms */
+    int32_t *ridx;          /* [N] radix payload */
+    int32_t *ridx2;         /* [N] radix payload, other buffer */
+    int32_t *sorted;        /* [N] per node: its experts (node-local ids), heaviest first */
+    int32_t *node_fill;     /* [nodes] fill position per node while splitting */
+    int32_t *node_of;       /* [N] node of each node-major id (set once per call) */
+    int32_t *mlog2log;      /* [N] logical id of each node-major id */
+    int32_t *gpack;         /* [G] node of each group */
+    int32_t *grank;         /* [G] rank of each group in its node */
+    int32_t *cnt;           /* [N/nodes] replicas of each node-local expert */
+    int32_t *phy2mlog;      /* [P/nodes] node-local expert of each replica */
+    int32_t *order;         /* [max(G, P/nodes)] items in visiting order */
+    int32_t *pack;          /* [max(G, P/nodes)] pack of each item */
+    int32_t *rank;          /* [max(G, P/nodes)] rank of each item in its pack */
+    int32_t *pack_id;       /* [2 * pow2(...)] pack winner tree ids */
+    int32_t *pack_n;        /* [max(nodes, gpus/node)] items in each pack */
+    int32_t *rep_id;        /* [2 * pow2(min(N, P - N)/nodes)] replicated-expert tree ids */
+    int32_t *leaf_of;       /* [N/nodes] tree leaf, later slot list head, of each expert */
+    int32_t *next_slot;     /* [P/nodes] next redundant slot of the same expert */
+} policy_scratch;
+
+/* Lays the arrays out from base (NULL: just measure); returns the bytes. */
+static size_t policy_scratch_layout(const policy_dims *d, void *base, policy_scratch *sc) {
+    size_t n_items = max_sz(d->groups, d->phy_per_node);
+    size_t n_packs = max_sz(d->nodes, d->gpus_per_node);
+    size_t pack_leaves = pow2_at_least(n_packs);
+    size_t redundant = d->phy_per_node - d->log_per_node;
+    size_t rep_leaves = pow2_at_least(redundant < d->log_per_node ? redundant : d->log_per_node);
+    char *p = base;
+    size_t off = 0;
+#define PLACE(field, type, count)                                   \
+    do {                                                            \
+        if (sc) sc->field = (type *)(void *)(p + off);              \
+        off += sizeof(type) * (size_t)(count);                      \
+        off = (off + alignof(double) - 1) & ~(alignof(double) - 1); \
+    } while (0)
+    PLACE(items, policy_item, n_items);
+    PLACE(tmp, policy_item, n_items);
+    PLACE(group_w, double, d->groups);
+    PLACE(tok, double, d->n_log);
+    PLACE(order_w, double, n_items);
+    PLACE(pack_w, double, n_packs);
+    PLACE(pack_key, uint64_t, 2 * pack_leaves);
+    PLACE(rep_key, uint64_t, 2 * rep_leaves);
+    PLACE(rkey, uint64_t, d->n_log);
+    PLACE(rkey2, uint64_t, d->n_log);
+    PLACE(hist, uint32_t, RADIX_BYTES * RADIX_BUCKETS);
+    PLACE(ridx, int32_t, d->n_log);
+    PLACE(ridx2, int32_t, d->n_log);
+    PLACE(sorted, int32_t, d->n_log);
+    PLACE(node_fill, int32_t, d->nodes);
+    PLACE(node_of, int32_t, d->n_log);
+    PLACE(mlog2log, int32_t, d->n_log);
+    PLACE(gpack, int32_t, d->groups);
+    PLACE(grank, int32_t, d->groups);
+    PLACE(cnt, int32_t, d->log_per_node);
+    PLACE(phy2mlog, int32_t, d->phy_per_node);
+    PLACE(order, int32_t, n_items);
+    PLACE(pack, int32_t, n_items);
+    PLACE(rank, int32_t, n_items);
+    PLACE(pack_id, int32_t, 2 * pack_leaves);
+    PLACE(pack_n, int32_t, n_packs);
+    PLACE(rep_id, int32_t, 2 * rep_leaves);
+    PLACE(leaf_of, int32_t, d->log_per_node);
+    PLACE(next_slot, int32_t, d->phy_per_node);
+#undef PLACE
+    return off;
+}
+
+size_t eplb_policy_scratch_size(const eplb_policy_shape *s) {
+    if (eplb_policy_check(s, NULL) != EPLB_OK)
+        return 0;
+    policy_dims d = policy_dims_of(s);
+    return policy_scratch_layout(&d, NULL, NULL);
+}
+
+/* ---------------------------------------------------------------------------
+ * Ordering: descending weight, ties by ascending index.
+ * ------------------------------------------------------------------------- */
+
+static inline bool item_before(const policy_item *a, const policy_item *b) {
+    return a->w > b->w || (a->w == b->w && a->idx < b->idx);
+}
+
+#define SORT_RUN 16
+
+/* Sorts a[0..n) by item_before (a total order) using tmp[0..n): insertion
+ * sorted runs, then bottom-up merges.  For the few items that need it (the
+ * groups, the replicas of replicated experts). */
+static void sort_items(policy_item *a, policy_item *tmp, size_t n) {
+    for (size_t lo = 0; lo < n; lo += SORT_RUN) {
+        size_t hi = lo + SORT_RUN < n ? lo + SORT_RUN : n;
+        for (size_t i = lo + 1; i < hi; i++) {
+            policy_item x = a[i];
+            size_t j = i;
+            while (j > lo && item_before(&x, &a[j - 1])) {
+                a[j] = a[j - 1];
+                j--;
+            }
+            a[j] = x;
+        }
+    }
+    policy_item *src = a, *dst = tmp;
+    for (size_t width = SORT_RUN; width < n; width *= 2) {
+        for (size_t lo = 0; lo < n; lo += 2 * width) {
+            size_t mid = lo + width < n ? lo + width : n;
+            size_t hi = lo + 2 * width < n ? lo + 2 * width : n;
+            size_t i = lo, j = mid, k = lo;
+            while (i < mid && j < hi)
+                dst[k++] = item_before(&src[j], &src[i]) ? src[j++] : src[i++];
+            while (i < mid) dst[k++] = src[i++];
+            while (j < hi) dst[k++] = src[j++];
+        }
+        policy_item *t = src;
+        src = dst;
+        dst = t;
+    }
+    if (src != a)
+        memcpy(a, src, n * sizeof *a);
+}
+
+static inline unsigned ctz64(uint64_t x) {
+#if defined(__GNUC__) || defined(__clang__)
+    return (unsigned)__builtin_ctzll(x);
+#else
+    unsigned n = 0;
+    while (!(x & 1)) {
+        x >>= 1;
+        n++;
+    }
+    return n;
+#endif
+}
+
+static inline unsigned bit_width64(uint64_t x) {
+#if defined(__GNUC__) || defined(__clang__)
+    return x ? 64u - (unsigned)__builtin_clzll(x) : 0u;
+#else
+    unsigned n = 0;
+    while (x) {
+        x >>= 1;
+        n++;
+    }
+    return n;
+#endif
+}
+
+/* Writes to out[0..n) the positions of sc->rkey[0..n) in ascending key
+ * order, equal keys in ascending position: a stable LSD radix sort over only
+ * the bits that differ between keys, in digits of at most 8 bits.  When those
+ * bits and the position fit one uint64 they travel as one word; otherwise
+ * key and position move side by side.  Clobbers sc->rkey. */
+static void radix_sort_keys(uint32_t n, int32_t *out, policy_scratch *sc) {
+    uint64_t *key = sc->rkey, *key2 = sc->rkey2;
+    uint64_t all_or = 0, all_and = ~(uint64_t)0;
+    for (uint32_t i = 0; i < n; i++) {
+        all_or |= key[i];
+        all_and &= key[i];
+    }
+    uint64_t differ = all_or ^ all_and;
+    if (differ == 0) {
+        for (uint32_t i = 0; i < n; i++)
+            out[i] = (int32_t)i;
+        return;
+    }
+    unsigned lo = ctz64(differ), span = bit_width64(differ) - lo;
+    unsigned pos_bits = bit_width64(n > 1 ? n - 1 : 1);
+    bool packed = span + pos_bits <= 64;
+    unsigned base = packed ? pos_bits : 0; /* where the key bits start */
+    if (packed) {
+        uint64_t mask = span == 64 ? ~(uint64_t)0 : (((uint64_t)1 << span) - 1);
+        for (uint32_t i = 0; i < n; i++)
+            key[i] = (((key[i] >> lo) & mask) << pos_bits) | i;
+    } else {
+        base = lo;
+        for (uint32_t i = 0; i < n; i++)
+            sc->ridx[i] = (int32_t)i;
+    }
+    unsigned passes = (span + 7) / 8, digit = (span + passes - 1) / passes;
+    uint32_t buckets = (uint32_t)1 << digit, dmask = buckets - 1;
+    uint32_t *hist = sc->hist;
+    memset(hist, 0, (size_t)passes * buckets * sizeof *hist);
+    for (uint32_t i = 0; i < n; i++)
+        for (unsigned p = 0; p < passes; p++)
+            hist[p * buckets + ((key[i] >> (base + p * digit)) & dmask)]++;
+    int32_t *idx = sc->ridx, *idx2 = sc->ridx2;
+    for (unsigned p = 0; p < passes; p++) {
+        uint32_t *h = hist + p * buckets, sum = 0;
+        unsigned shift = base + p * digit;
+        for (uint32_t b = 0; b < buckets; b++) {
+            uint32_t c = h[b];
+            h[b] = sum;
+            sum += c;
+        }
+        if (packed) {
+            for (uint32_t i = 0; i < n; i++) {
+                uint64_t k = key[i];
+                key2[h[(k >> shift) & dmask]++] = k;
+            }
+        } else {
+            for (uint32_t i = 0; i < n; i++) {
+                uint32_t at = h[(key[i] >> shift) & dmask]++;
+                key2[at] = key[i];
+                idx2[at] = idx[i];
+            }
+            int32_t *ti = idx;
+            idx = idx2;
+            idx2 = ti;
+        }
+        uint64_t *tk = key;
+        key = key2;
+        key2 = tk;
+    }
+    if (packed) {
+        uint64_t pmask = ((uint64_t)1 << pos_bits) - 1;
+        for (uint32_t i = 0; i < n; i++)
+            out[i] = (int32_t)(key[i] & pmask);
+    } else {
+        memcpy(out, idx, (size_t)n * sizeof *out);
+    }
+}
+
+/* ---------------------------------------------------------------------------
+ * Winner tree: the least (key, id) of M leaves (M a power of two) is found at
+ * the root; updating a leaf replays its path in log2(M) steps.  Keys are
+ * uint64 images of doubles (below) so that every step is integer compares and
+ * conditional moves, with no branch to mispredict.  TREE_ABSENT marks an
+ * absent leaf (above every image, below UINT64_MAX).
+ * ------------------------------------------------------------------------- */
+
+#define TREE_ABSENT (UINT64_MAX - 1)
+
+static inline uint64_t double_bits(double w) {
+    uint64_t bits;
+    memcpy(&bits, &w, sizeof bits);
+    return bits;
+}
+
+/* Tree key ordering like w >= 0 (lighter first); +inf maps below TREE_ABSENT. */
+static inline uint64_t key_ascending(double w) { return double_bits(w); }
+
+/* Tree key ordering like -w for w >= 0 (heavier first). */
+static inline uint64_t key_descending(double w) {
+    return (uint64_t)0x7FFFFFFFFFFFFFFF - double_bits(w);
+}
+
+typedef struct winner_tree {
+    uint64_t *key; /* [2M] key of the winner at each node; leaves at M..2M */
+    int32_t *id;   /* [2M] id of the winner at each node */
+    size_t leaves; /* M */
+} winner_tree;
+
+/* Leaves 0..n get key live and id = leaf index, the others are absent.  The
+ * live leaves are a prefix with equal keys and rising ids, so the left child
+ * wins at every inner node. */
+static void tree_init(winner_tree *t, size_t n, uint64_t live) {
+    size_t M = t->leaves;
+    for (size_t i = 0; i < M; i++) {
+        t->key[M + i] = i < n ? live : TREE_ABSENT;
+        t->id[M + i] = (int32_t)i;
+    }
+    for (size_t i = M - 1; i >= 1; i--) {
+        t->key[i] = t->key[2 * i];
+        t->id[i] = t->id[2 * i];
+    }
+}
+
+/* Sets leaf's key to k and replays its path to the root, for a tree whose ids
+ * are the leaf indices (the lower leaf wins a tie).  A left sibling (i odd)
+ * wins ties, so it wins when ks < k + 1; keys stay below UINT64_MAX, so k + 1
+ * cannot wrap.  About three dependent instructions per level. */
+static inline void tree_update_leaf(winner_tree *t, size_t leaf, uint64_t k) {
+    size_t i = t->leaves + leaf;
+    int32_t id = (int32_t)leaf;
+    t->key[i] = k;
+    while (i > 1) {
+        size_t sib = i ^ 1;
+        uint64_t ks = t->key[sib];
+        int32_t is = t->id[sib];
+        bool win = ks < k + (i & 1);
+        k = win ? ks : k;
+        id = win ? is : id;
+        i >>= 1;
+        t->key[i] = k;
+        t->id[i] = id;
+    }
+}
+
+/* Sets leaf's (key, id) to (k, id) and replays its path to the root, for a
+ * tree whose ids are not in leaf order: the least (key, id) wins. */
+static inline void tree_update_lex(winner_tree *t, size_t leaf, uint64_t k, int32_t id) {
+    size_t i = t->leaves + leaf;
+    t->key[i] = k;
+    t->id[i] = id;
+    while (i > 1) {
+        size_t sib = i ^ 1;
+        uint64_t ks = t->key[sib];
+        int32_t is = t->id[sib];
+        bool win = (ks < k) | ((ks == k) & (is < id));
+        k = win ? ks : k;
+        id = win ? is : id;
+        i >>= 1;
+        t->key[i] = k;
+        t->id[i] = id;
+    }
+}
+
+/* ---------------------------------------------------------------------------
+ * balanced_packing
+ * ------------------------------------------------------------------------- */
+
+/* The greedy on items already in visiting order: order[k] is the k-th item
+ * visited, w[k] its weight.  m packs of n/m items, n/m > 1.  Writes pack[]
+ * and rank[] indexed by item. */
+static void pack_in_order(const int32_t *order, const double *w, uint32_t n, uint32_t m,
+                          int32_t *pack, int32_t *rank, policy_scratch *sc) {
+    uint32_t per_pack = n / m;
+    double *pw = sc->pack_w;
+    int32_t *cnt = sc->pack_n;
+    winner_tree t = {sc->pack_key, sc->pack_id, pow2_at_least(m)};
+    for (uint32_t p = 0; p < m; p++) {
+        pw[p] = 0.0;
+        cnt[p] = 0;
+    }
+    tree_init(&t, m, key_ascending(0.0));
+    for (uint32_t k = 0; k < n; k++) {
+        int32_t item = order[k];
+        int32_t p = t.id[1];
+        pack[item] = p;
+        rank[item] = cnt[p];
+        pw[p] += w[k];
+        uint64_t full = (uint64_t)0 - (uint64_t)((uint32_t)++cnt[p] == per_pack);
+        tree_update_leaf(&t, (size_t)p, (TREE_ABSENT & full) | (key_ascending(pw[p]) & ~full));
+    }
+}
+
+/* balanced_packing of w[0..n) into m packs (m divides n), for the groups. */
+static void balanced_packing(const double *w, uint32_t n, uint32_t m, int32_t *pack,
+                             int32_t *rank, policy_scratch *sc) {
+    if (n / m == 1) {
+        for (uint32_t i = 0; i < n; i++) {
+            pack[i] = (int32_t)i;
+            rank[i] = 0;
+        }
+        return;
+    }
+    for (uint32_t i = 0; i < n; i++) {
+        sc->items[i].w = w[i];
+        sc->items[i].idx = (int32_t)i;
+    }
+    sort_items(sc->items, sc->tmp, n);
+    for (uint32_t k = 0; k < n; k++) {
+        sc->order[k] = sc->items[k].idx;
+        sc->order_w[k] = sc->items[k].w;
+    }
+    pack_in_order(sc->order, sc->order_w, n, m, pack, rank, sc);
+}
+
+/* ---------------------------------------------------------------------------
+ * replicate_experts and the replicas' visiting order, one node
+ * ------------------------------------------------------------------------- */
+
+/* Replicates n_log experts with loads tok[] into n_phy slots.  sorted[] holds
+ * the experts heaviest first (ties: lower id first).  Writes phy2mlog[n_phy]
+ * and cnt[n_log]; returns how many experts were replicated, which are exactly
+ * sorted[0..returned).
+ *
+ * The best expert not yet replicated is always the next one in sorted[]; the
+ * replicated ones (tree leaf j = sorted[j]) sit in a winner tree keyed by
+ * (heavier load / count first, lower id first).  Each redundant slot takes the
+ * better of the two. */
+static uint32_t replicate_experts(const double *tok, const int32_t *sorted, uint32_t n_log,
+                                  uint32_t n_phy, int32_t *phy2mlog, int32_t *cnt,
+                                  policy_scratch *sc) {
+    for (uint32_t e = 0; e < n_log; e++) {
+        phy2mlog[e] = (int32_t)e;
+        cnt[e] = 1;
+    }
+    if (n_phy == n_log)
+        return 0;
+    uint32_t redundant = n_phy - n_log;
+    winner_tree t = {sc->rep_key, sc->rep_id,
+                     pow2_at_least(redundant < n_log ? redundant : n_log)};
+    tree_init(&t, 0, TREE_ABSENT);
+    int32_t *leaf_of = sc->leaf_of; /* [n_log], valid for replicated experts */
+    uint32_t next = 0;
+    for (uint32_t i = n_log; i < n_phy; i++) {
+        int32_t e;
+        uint64_t best_r = t.key[1];
+        int32_t r = t.id[1];
+        if (next == n_log) {
+            e = r;
+        } else {
+            int32_t u = sorted[next];
+            uint64_t best_u = key_descending(tok[u]);
+            if (best_r < best_u || (best_r == best_u && r < u)) {
+                e = r;
+            } else {
+                e = u;
+                leaf_of[e] = (int32_t)next++;
+            }
+        }
+        phy2mlog[i] = e;
+        cnt[e]++;
+        tree_update_lex(&t, (size_t)leaf_of[e], key_descending(tok[e] / (double)cnt[e]), e);
+    }
+    return next;
+}
+
+/* Fills order[0..n_phy) with the node's replicas in descending weight
+ * tok[e] / cnt[e] (ties: lower replica index first) and order_w[] with their
+ * weights.
+ *
+ * The unreplicated experts sorted[n_rep..n_log) are already in that order
+ * (an expert's only replica has index e).  The replicated experts are sorted
+ * by their new weight and each expands into its replicas: index e first, then
+ * its redundant slots ascending.  That is their order unless two replicated
+ * experts tie on weight (their replicas then interleave by index), in which
+ * case all their replicas are sorted one by one.  Both lists then merge. */
+static void order_replicas(const double *tok, const int32_t *sorted, uint32_t n_rep,
+                           uint32_t n_log, uint32_t n_phy, const int32_t *phy2mlog,
+                           const int32_t *cnt, policy_scratch *sc) {
+    policy_item *b = sc->items; /* [n_rep + redundant] replicas of replicated experts */
+    uint32_t nb = 0;
+    policy_item *ex = sc->tmp; /* [n_rep] replicated experts */
+    for (uint32_t k = 0; k < n_rep; k++) {
+        int32_t e = sorted[k];
+        ex[k].w = tok[e] / (double)cnt[e];
+        ex[k].idx = e;
+    }
+    /* Insertion sort: n_rep is small and sorted[] already leans that way. */
+    bool tie = false;
+    for (uint32_t k = 1; k < n_rep; k++) {
+        policy_item x = ex[k];
+        uint32_t j = k;
+        while (j > 0 && item_before(&x, &ex[j - 1])) {
+            ex[j] = ex[j - 1];
+            j--;
+        }
+        ex[j] = x;
+    }
+    for (uint32_t k = 1; k < n_rep; k++)
+        tie |= ex[k].w == ex[k - 1].w;
+
+    if (!tie) {
+        int32_t *head = sc->leaf_of, *next = sc->next_slot; /* slot lists per expert */
+        for (uint32_t k = 0; k < n_rep; k++)
+            head[ex[k].idx] = -1;
+        for (uint32_t i = n_phy; i-- > n_log;) {
+            int32_t e = phy2mlog[i];
+            next[i] = head[e];
+            head[e] = (int32_t)i;
+        }
+        for (uint32_t k = 0; k < n_rep; k++) {
+            b[nb++] = ex[k];
+            for (int32_t i = head[ex[k].idx]; i >= 0; i = next[i]) {
+                b[nb].w = ex[k].w;
+                b[nb++].idx = i;
+            }
+        }
+    } else {
+        for (uint32_t k = 0; k < n_rep; k++)
+            b[nb++] = ex[k];
+        for (uint32_t i = n_log; i < n_phy; i++) {
+            int32_t e = phy2mlog[i];
+            b[nb].w = tok[e] / (double)cnt[e];
+            b[nb++].idx = (int32_t)i;
+        }
+        sort_items(b, sc->tmp, nb);
+    }
+
+    int32_t *order = sc->order;
+    double *order_w = sc->order_w;
+    uint32_t ia = n_rep, ib = 0, k = 0;
+    while (ia < n_log && ib < nb) {
+        policy_item a = {tok[sorted[ia]], sorted[ia]};
+        if (item_before(&b[ib], &a)) {
+            order[k] = b[ib].idx;
+            order_w[k++] = b[ib++].w;
+        } else {
+            order[k] = a.idx;
+            order_w[k++] = a.w;
+            ia++;
+        }
+    }
+    for (; ia < n_log; ia++, k++) {
+        order[k] = sorted[ia];
+        order_w[k] = tok[sorted[ia]];
+    }
+    for (; ib < nb; ib++, k++) {
+        order[k] = b[ib].idx;
+        order_w[k] = b[ib].w;
+    }
+}
+
+/* ---------------------------------------------------------------------------
+ * rebalance
+ * ------------------------------------------------------------------------- */
+
+/* One layer: load [N] -> out [P], logcnt [N]. */
+static void rebalance_layer(const policy_dims *d, const int64_t *load, int32_t *out,
+                            int32_t *logcnt, policy_scratch *sc) {
+    /* Step 1: groups onto nodes; node-major relabelling. */
+    for (uint32_t g = 0; g < d->groups; g++) {
+        const int64_t *gl = load + (size_t)g * d->group_size;
+        double sum = 0.0;
+        for (uint32_t j = 0; j < d->group_size; j++)
+            sum += (double)gl[j];
+        sc->group_w[g] = sum;
+    }
+    balanced_packing(sc->group_w, d->groups, d->nodes, sc->gpack, sc->grank, sc);
+    for (uint32_t g = 0; g < d->groups; g++) {
+        size_t base = ((size_t)sc->gpack[g] * d->groups_per_node + (size_t)sc->grank[g]) *
+                      d->group_size;
+        for (uint32_t j = 0; j < d->group_size; j++)
+            sc->mlog2log[base + j] = (int32_t)(g * d->group_size + j);
+    }
+
+    /* All experts heaviest first (ties: lower mlog first), split by node
+     * keeping that order, as node-local ids. */
+    int64_t max_load = 0;
+    for (uint32_t m = 0; m < d->n_log; m++) {
+        int64_t v = load[sc->mlog2log[m]];
+        sc->tok[m] = (double)v;
+        sc->rkey[m] = ~(uint64_t)v;
+        max_load = v > max_load ? v : max_load;
+    }
+    if (max_load > ((int64_t)1 << 53)) {
+        /* Not every load is exact as a double: order by the doubles' bits. */
+        for (uint32_t m = 0; m < d->n_log; m++)
+            sc->rkey[m] = key_descending(sc->tok[m]);
+    }
+    radix_sort_keys(d->n_log, sc->sorted, sc);
+    if (d->nodes > 1) {
+        /* sorted[] -> per node, stable; ridx2 as the staging copy. */
+        int32_t *all = sc->ridx2;
+        memcpy(all, sc->sorted, (size_t)d->n_log * sizeof *all);
+        for (uint32_t node = 0; node < d->nodes; node++)
+            sc->node_fill[node] = (int32_t)(node * d->log_per_node);
+        for (uint32_t k = 0; k < d->n_log; k++) {
+            int32_t m = all[k], node = sc->node_of[m];
+            sc->sorted[sc->node_fill[node]++] = m - node * (int32_t)d->log_per_node;
+        }
+    }
+
+    for (uint32_t node = 0; node < d->nodes; node++) {
+        const int32_t *m2l = sc->mlog2log + (size_t)node * d->log_per_node;
+        const double *tok = sc->tok + (size_t)node * d->log_per_node;
+        const int32_t *sorted = sc->sorted + (size_t)node * d->log_per_node;
+        int32_t *node_out = out + (size_t)node * d->phy_per_node;
+
+        /* Step 2: replicas within the node. */
+        uint32_t n_rep = replicate_experts(tok, sorted, d->log_per_node, d->phy_per_node,
+                                           sc->phy2mlog, sc->cnt, sc);
+
+        /* Step 3: replicas onto the node's GPUs. */
+        if (d->phy_per_gpu == 1) {
+            for (uint32_t p = 0; p < d->phy_per_node; p++) {
+                sc->pack[p] = (int32_t)p;
+                sc->rank[p] = 0;
+            }
+        } else {
+            order_replicas(tok, sorted, n_rep, d->log_per_node, d->phy_per_node, sc->phy2mlog,
+                           sc->cnt, sc);
+            pack_in_order(sc->order, sc->order_w, d->phy_per_node, d->gpus_per_node, sc->pack,
+                          sc->rank, sc);
+        }
+
+        /* Step 4: back to logical ids. */
+        for (uint32_t p = 0; p < d->phy_per_node; p++) {
+            size_t slot = (size_t)sc->pack[p] * d->phy_per_gpu + (size_t)sc->rank[p];
+            node_out[slot] = m2l[sc->phy2mlog[p]];
+        }
+        for (uint32_t k = 0; k < d->log_per_node; k++)
+            logcnt[m2l[k]] = sc->cnt[k];
+    }
+}
+
+eplb_status eplb_policy_rebalance_scratch(const eplb_policy_shape *s, const int64_t *logical_load,
+                                          int32_t *phy2log, int32_t *logcnt, void *scratch,
+                                          size_t scratch_size, eplb_error *err) {
+    eplb_status st = eplb_policy_check(s, err);
+    if (st != EPLB_OK)
+        return st;
+    if (!logical_load || !phy2log || !logcnt)
+        return eplb_error_set(err, EPLB_EINVAL, "rebalance: %s is NULL",
+                              !logical_load ? "logical_load" : !phy2log ? "phy2log" : "logcnt");
+    policy_dims d = policy_dims_of(s);
+    size_t need = policy_scratch_layout(&d, NULL, NULL);
+    if (!scratch || scratch_size < need)
+        return eplb_error_set(err, EPLB_EINVAL, "rebalance: scratch is %zu bytes; needs %zu",
+                              scratch ? scratch_size : (size_t)0, need);
+    if (((uintptr_t)scratch & (alignof(double) - 1)) != 0)
+        return eplb_error_set(err, EPLB_EINVAL, "rebalance: scratch is not aligned for double");
+    policy_scratch sc;
+    policy_scratch_layout(&d, scratch, &sc);
+    for (uint32_t node = 0; node < d.nodes; node++)
+        for (uint32_t k = 0; k < d.log_per_node; k++)
+            sc.node_of[node * d.log_per_node + k] = (int32_t)node;
+
+    for (uint32_t l = 0; l < s->num_layers; l++) {
+        const int64_t *load = logical_load + (size_t)l * d.n_log;
+        for (uint32_t e = 0; e < d.n_log; e++)
+            if (load[e] < 0)
+                return eplb_error_set(err, EPLB_EINVAL,
+                                      "logical_load[%u][%u] is %lld; loads must be >= 0", l, e,
+                                      (long long)load[e]);
+        rebalance_layer(&d, load, phy2log + (size_t)l * d.n_phy, logcnt + (size_t)l * d.n_log,
+                        &sc);
+    }
+    return EPLB_OK;
+}
+
+eplb_status eplb_policy_rebalance(const eplb_policy_shape *s, const int64_t *logical_load,
+                                  int32_t *phy2log, int32_t *logcnt, eplb_error *err) {
+    eplb_status st = eplb_policy_check(s, err);
+    if (st != EPLB_OK)
+        return st;
+    size_t need = eplb_policy_scratch_size(s);
+    void *scratch = malloc(need);
+    if (!scratch)
+        return eplb_error_set(err, EPLB_ENOMEM, "rebalance: cannot allocate %zu bytes of scratch",
+                              need);
+    st = eplb_policy_rebalance_scratch(s, logical_load, phy2log, logcnt, scratch, need, err);
+    free(scratch);
+    return st;
+}
+
+/* ---------------------------------------------------------------------------
+ * preserve_intragpu_slots
+ * ------------------------------------------------------------------------- */
+
+/* One GPU of one layer with k <= 64 slots: old [k], cur [k] in/out.  Used
+ * and kept slots are bit masks. */
+static void preserve_gpu_small(size_t k, const int32_t *old, int32_t *cur) {
+    int32_t orig[64];
+    bool same = true;
+    for (size_t j = 0; j < k; j++) {
+        orig[j] = cur[j];
+        same &= cur[j] == old[j];
+    }
+    if (same)
+        return; /* every slot already keeps its expert */
+    uint64_t all = k == 64 ? ~(uint64_t)0 : (((uint64_t)1 << k) - 1);
+    uint64_t used = 0, kept = 0;
+    for (size_t s = 0; s < k; s++) {
+        int32_t v = old[s];
+        uint64_t match = 0;
+        for (size_t j = 0; j < k; j++)
+            match |= (uint64_t)(orig[j] == v) << j;
+        match &= ~used;
+        if (match) {
+            used |= match & (~match + 1);
+            kept |= (uint64_t)1 << s;
+            cur[s] = v;
+        }
+    }
+    uint64_t free_slots = ~kept & all, rest = ~used & all;
+    while (free_slots) {
+        cur[ctz64(free_slots)] = orig[ctz64(rest)];
+        free_slots &= free_slots - 1;
+        rest &= rest - 1;
+    }
+}
+
+/* One GPU of one layer with any k: orig [k], used [k], kept [k] are scratch. */
+static void preserve_gpu(size_t k, const int32_t *old, int32_t *cur, int32_t *orig,
+                         unsigned char *used, unsigned char *kept) {
+    memcpy(orig, cur, k * sizeof *orig);
+    memset(used, 0, k);
+    memset(kept, 0, k);
+    for (size_t s = 0; s < k; s++) {
+        int32_t v = old[s];
+        for (size_t j = 0; j < k; j++) {
+            if (!used[j] && orig[j] == v) {
+                cur[s] = v;
+                used[j] = 1;
+                kept[s] = 1;
+                break;
+            }
+        }
+    }
+    size_t j = 0;
+    for (size_t s = 0; s < k; s++) {
+        if (kept[s]) continue;
+        while (used[j]) j++;
+        cur[s] = orig[j++];
+    }
+}
+
+#define PRESERVE_STACK_SLOTS 1024
+
+void eplb_policy_preserve_slots(uint32_t num_layers, uint32_t num_physical, uint32_t num_gpus,
+                                const int32_t *old_phy2log, int32_t *new_phy2log) {
+    if (num_gpus == 0 || num_physical % num_gpus != 0 || !old_phy2log || !new_phy2log)
+        return;
+    size_t k = num_physical / num_gpus;
+    if (k > EPLB_POLICY_MAX_EXPERTS)
+        return;
+    if (k <= 64) {
+        for (size_t off = 0; off < (size_t)num_layers * num_physical; off += k)
+            preserve_gpu_small(k, old_phy2log + off, new_phy2log + off);
+        return;
+    }
+    int32_t orig_stack[PRESERVE_STACK_SLOTS];
+    unsigned char flags_stack[2 * PRESERVE_STACK_SLOTS];
+    int32_t *orig = orig_stack;
+    unsigned char *flags = flags_stack;
+    void *heap = NULL;
+    if (k > PRESERVE_STACK_SLOTS) {
+        heap = malloc(k * (sizeof *orig + 2));
+        if (!heap)
+            return;
+        orig = heap;
+        flags = (unsigned char *)(orig + k);
+    }
+    for (size_t off = 0; off < (size_t)num_layers * num_physical; off += k)
+        preserve_gpu(k, old_phy2log + off, new_phy2log + off, orig, flags, flags + k);
+    free(heap);
+}
+
+/* ---------------------------------------------------------------------------
+ * Balancedness
+ * ------------------------------------------------------------------------- */
+
+double eplb_policy_balancedness(uint32_t num_layers, uint32_t num_logical, uint32_t num_physical,
+                                uint32_t num_gpus, const int64_t *logical_load,
+                                const int32_t *phy2log, const int32_t *logcnt, double *layer_out) {
+    if (num_gpus == 0 || num_physical % num_gpus != 0 || !logical_load || !phy2log || !logcnt)
+        return NAN;
+    size_t k = num_physical / num_gpus;
+    double sum_mean = 0.0, sum_max = 0.0;
+    for (uint32_t l = 0; l < num_layers; l++) {
+        const int64_t *load = logical_load + (size_t)l * num_logical;
+        const int32_t *map = phy2log + (size_t)l * num_physical;
+        const int32_t *cnt = logcnt + (size_t)l * num_logical;
+        double total = 0.0, max = 0.0;
+        for (uint32_t g = 0; g < num_gpus; g++) {
+            double gpu = 0.0;
+            for (size_t s = g * k; s < (g + 1) * k; s++) {
+                int32_t e = map[s];
+                if (e < 0 || (uint32_t)e >= num_logical || cnt[e] <= 0)
+                    continue;
+                gpu += (double)load[e] / (double)cnt[e];
+            }
+            total += gpu;
+            if (gpu > max) max = gpu;
+        }
+        double mean = total / (double)num_gpus;
+        if (layer_out)
+            layer_out[l] = max > 0.0 ? mean / max : 1.0;
+        sum_mean += mean;
+        sum_max += max;
+    }
+    return sum_max > 0.0 ? sum_mean / sum_max : 1.0;
+}

@@ -1,0 +1,310 @@
+/* eplb_rebalance.c -- the placement engine's operations on a registered
+ * model: SetupFromMapping, Rebalance and RecordLoad.
+ *
+ * Each runs under the model's mutex (so operations on one model serialise
+ * and epochs strictly increase) and follows the same order:
+ *   1. validate everything against the current state  -- errors change nothing
+ *   2. compute the next placement into fresh arrays
+ *   3. commit: store first, then memory (registry_commit_locked)
+ * A dry run stops after 2. */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "eplb_policy.h"
+#include "eplb_registry_internal.h"
+
+static eplb_status check_epoch(const registry_entry *e, bool has_expected, uint64_t expected,
+                               eplb_error *err) {
+    if (has_expected && expected != e->rec.placement.epoch)
+        return eplb_error_set(err, EPLB_EABORTED,
+                              "model %s is at epoch %llu, the request expected epoch %llu",
+                              e->rec.model_id, (unsigned long long)e->rec.placement.epoch,
+                              (unsigned long long)expected);
+    return EPLB_OK;
+}
+
+static eplb_status check_loaded(const registry_entry *e, eplb_error *err) {
+    if (e->rec.needs_weight_reload)
+        return eplb_error_set(err, EPLB_EPRECONDITION,
+                              "model %s needs a weight reload after a failed weight move; re-register it",
+                              e->rec.model_id);
+    return EPLB_OK;
+}
+
+/* ---- SetupFromMapping ---------------------------------------------------- */
+
+eplb_status eplb_registry_setup_from_mapping(eplb_registry *r, const eplb_setup_request *req,
+                                             eplb_placement *out, eplb_error *err) {
+    memset(out, 0, sizeof *out);
+    /* The handle first: it needs no lock (the seed's second call site). */
+    const eplb_moe_spec *spec = NULL;
+    if (req->model) {
+        eplb_resolved res;
+        eplb_status st = eplb_handle_resolve(req->model, "model", &res, err);
+        if (st != EPLB_OK)
+            return st;
+        if (!res.moe)
+            return eplb_error_set(err, EPLB_EPRECONDITION, "model handle has no MoE model to set up: %s",
+                                  res.reason);
+        spec = &res.moe->moe;
+    }
+
+    registry_entry *e;
+    eplb_status st = registry_acquire(r, req->model_id, &e, err);
+    if (st != EPLB_OK)
+        return st;
+    const eplb_model_shape *shape = &e->rec.shape;
+    const eplb_placement *cur = &e->rec.placement;
+    eplb_placement next = { 0 };
+    eplb_model_shape next_shape = *shape;
+
+    if (spec && (spec->num_moe_layers != shape->num_layers || spec->num_logical_experts != shape->num_logical)) {
+        st = eplb_error_set(err, EPLB_EPRECONDITION,
+                            "model handle resolves to %u layers x %u logical experts; model %s has %u x %u",
+                            spec->num_moe_layers, spec->num_logical_experts, e->rec.model_id,
+                            shape->num_layers, shape->num_logical);
+        goto out;
+    }
+    if ((st = check_loaded(e, err)) != EPLB_OK || (st = check_epoch(e, req->has_expected_epoch, req->expected_epoch, err)) != EPLB_OK)
+        goto out;
+    if (req->num_physical < shape->num_logical || req->num_physical > r->limits.max_physical_experts) {
+        st = eplb_error_set(err, EPLB_EINVAL,
+                            "num_physical_experts %u must be in [num_logical_experts %u, server limit %u]",
+                            req->num_physical, shape->num_logical, r->limits.max_physical_experts);
+        goto out;
+    }
+    if (req->old_num_physical != cur->num_physical) {
+        st = eplb_error_set(err, EPLB_EPRECONDITION,
+                            "old_num_physical_experts %u does not match model %s's %u physical experts",
+                            req->old_num_physical, e->rec.model_id, cur->num_physical);
+        goto out;
+    }
+    if ((uint64_t)req->expanded_len != (uint64_t)shape->num_layers * req->num_physical) {
+        st = eplb_error_set(err, EPLB_EINVAL,
+                            "expanded_physical_to_logical has %zu entries, want num_layers %u x num_physical_experts %u",
+                            req->expanded_len, shape->num_layers, req->num_physical);
+        goto out;
+    }
+    if (req->ep_size == 0 || req->ep_size > r->limits.max_ep_size || req->num_physical % req->ep_size != 0 ||
+        req->ep_size % shape->num_nodes != 0) {
+        st = eplb_error_set(err, EPLB_EINVAL,
+                            "ep_size %u must be >= 1, at most %u, divide num_physical_experts %u and be a multiple "
+                            "of num_nodes %u",
+                            req->ep_size, r->limits.max_ep_size, req->num_physical, shape->num_nodes);
+        goto out;
+    }
+    if ((st = eplb_placement_copy(&next, cur, err)) != EPLB_OK)
+        goto out;
+    uint32_t valid = req->old_num_physical < req->num_physical ? req->old_num_physical : req->num_physical;
+    st = eplb_placement_assign(&next, req->num_physical, valid, req->expanded_phy2log, err);
+    if (st != EPLB_OK) {
+        /* Name the request field: the placement's message names the entry. */
+        if (st == EPLB_EINVAL && err && strncmp(err->msg, "physical_to_logical", 19) == 0) {
+            char msg[EPLB_ERROR_MSG_MAX];
+            snprintf(msg, sizeof msg, "expanded_%s", err->msg);
+            eplb_error_set(err, st, "%s", msg);
+        }
+        goto out;
+    }
+    next_shape.num_physical = req->num_physical;
+    next_shape.ep_size = req->ep_size;
+    next_shape.num_local = req->num_physical / req->ep_size;
+    next_shape.num_redundant = req->num_physical - shape->num_logical;
+    if ((st = registry_commit_locked(r, e, &next, &next_shape, err)) == EPLB_OK)
+        st = eplb_placement_copy(out, &e->rec.placement, err);
+out:
+    eplb_placement_free(&next);
+    registry_release(r, e);
+    return st;
+}
+
+/* ---- Rebalance ------------------------------------------------------------ */
+
+void eplb_rebalance_result_free(eplb_rebalance_result *res) {
+    eplb_placement_free(&res->placement);
+    free(res->layer_before);
+    free(res->layer_after);
+    memset(res, 0, sizeof *res);
+}
+
+static double elapsed_ms(const struct timespec *t0) {
+    struct timespec t1;
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    return (double)(t1.tv_sec - t0->tv_sec) * 1e3 + (double)(t1.tv_nsec - t0->tv_nsec) / 1e6;
+}
+
+/* Compute (and unless dry_run, commit) a rebalance of e from logical_load
+ * ([L][N]).  Caller holds e's lock and has checked epoch and reload. */
+static eplb_status rebalance_locked(eplb_registry *r, registry_entry *e, const int64_t *logical_load,
+                                    const eplb_policy_shape *ps, bool algorithm_order, bool dry_run,
+                                    eplb_rebalance_result *out, eplb_error *err) {
+    const eplb_placement *cur = &e->rec.placement;
+    uint32_t L = cur->num_layers, N = cur->num_logical, P = cur->num_physical;
+    struct timespec t0;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+
+    int32_t *phy2log = malloc((size_t)L * P * sizeof *phy2log);
+    int32_t *logcnt = malloc((size_t)L * N * sizeof *logcnt);
+    out->layer_before = malloc(L * sizeof(double));
+    out->layer_after = malloc(L * sizeof(double));
+    eplb_status st = EPLB_OK;
+    if (!phy2log || !logcnt || !out->layer_before || !out->layer_after) {
+        st = eplb_error_set(err, EPLB_ENOMEM, "out of memory for a %ux%u rebalance", L, P);
+        goto out;
+    }
+    if ((st = eplb_policy_rebalance(ps, logical_load, phy2log, logcnt, err)) != EPLB_OK)
+        goto out;
+    if (!algorithm_order)
+        eplb_policy_preserve_slots(L, P, ps->num_gpus, cur->phy2log, phy2log);
+    out->balancedness_before = eplb_policy_balancedness(L, N, P, ps->num_gpus, logical_load, cur->phy2log,
+                                                        cur->logcnt, out->layer_before);
+    out->balancedness_after = eplb_policy_balancedness(L, N, P, ps->num_gpus, logical_load, phy2log, logcnt,
+                                                       out->layer_after);
+    uint64_t moved = 0;
+    for (size_t i = 0; i < (size_t)L * P; i++)
+        moved += phy2log[i] != cur->phy2log[i];
+    out->experts_moved = moved;
+
+    eplb_placement next;
+    if ((st = eplb_placement_copy(&next, cur, err)) != EPLB_OK)
+        goto out;
+    /* Every slot is filled now, so load counts over all of them again. */
+    st = eplb_placement_assign(&next, P, P, phy2log, err);
+    out->compute_ms = elapsed_ms(&t0);
+    if (st != EPLB_OK) {
+        eplb_placement_free(&next);
+        goto out;
+    }
+    if (dry_run) {
+        out->placement = next;
+        goto out;
+    }
+    if ((st = registry_commit_locked(r, e, &next, &e->rec.shape, err)) != EPLB_OK)
+        goto out;
+    out->committed = true;
+    st = eplb_placement_copy(&out->placement, &e->rec.placement, err);
+out:
+    free(phy2log);
+    free(logcnt);
+    return st;
+}
+
+static eplb_policy_shape policy_shape(const registry_entry *e, uint32_t groups, uint32_t nodes, uint32_t gpus) {
+    const eplb_model_shape *s = &e->rec.shape;
+    return (eplb_policy_shape){
+        .num_layers = e->rec.placement.num_layers,
+        .num_logical = e->rec.placement.num_logical,
+        .num_physical = e->rec.placement.num_physical,
+        .num_groups = groups ? groups : s->num_groups,
+        .num_nodes = nodes ? nodes : s->num_nodes,
+        .num_gpus = gpus ? gpus : s->ep_size,
+    };
+}
+
+eplb_status eplb_registry_rebalance(eplb_registry *r, const eplb_rebalance_request *req,
+                                    eplb_rebalance_result *out, eplb_error *err) {
+    memset(out, 0, sizeof *out);
+    registry_entry *e;
+    eplb_status st = registry_acquire(r, req->model_id, &e, err);
+    if (st != EPLB_OK)
+        return st;
+    const eplb_placement *cur = &e->rec.placement;
+    size_t cells = (size_t)cur->num_layers * cur->num_logical;
+    int64_t *logical = NULL;
+    eplb_policy_shape ps = policy_shape(e, req->num_groups, req->num_nodes, req->num_gpus);
+
+    if ((st = check_loaded(e, err)) != EPLB_OK ||
+        (st = check_epoch(e, req->has_expected_epoch, req->expected_epoch, err)) != EPLB_OK ||
+        (st = eplb_policy_check(&ps, err)) != EPLB_OK)
+        goto out;
+    logical = malloc(cells * sizeof *logical);
+    if (!logical) {
+        st = eplb_error_set(err, EPLB_ENOMEM, "out of memory");
+        goto out;
+    }
+    if (req->physical_load_len) {
+        if (req->physical_load_len != (size_t)cur->num_layers * cur->num_physical) {
+            st = eplb_error_set(err, EPLB_EINVAL,
+                                "physical_load has %zu entries, want num_layers %u x num_physical_experts %u",
+                                req->physical_load_len, cur->num_layers, cur->num_physical);
+            goto out;
+        }
+        st = eplb_load_to_logical(cur->num_layers, cur->num_logical, cur->num_physical,
+                                  cur->num_valid_physical, cur->phy2log, req->physical_load, logical, err);
+        if (st != EPLB_OK)
+            goto out;
+    } else {
+        if (e->rec.window.count == 0) {
+            st = eplb_error_set(err, EPLB_EPRECONDITION,
+                                "model %s has no recorded load: send physical_load or RecordLoad first",
+                                e->rec.model_id);
+            goto out;
+        }
+        memcpy(logical, e->rec.window.sum, cells * sizeof *logical);
+    }
+    st = rebalance_locked(r, e, logical, &ps, req->algorithm_order, req->dry_run, out, err);
+out:
+    free(logical);
+    registry_release(r, e);
+    if (st != EPLB_OK)
+        eplb_rebalance_result_free(out);
+    return st;
+}
+
+/* ---- RecordLoad ----------------------------------------------------------- */
+
+eplb_status eplb_registry_record_load(eplb_registry *r, const eplb_record_request *req,
+                                      eplb_record_result *out, eplb_error *err) {
+    memset(out, 0, sizeof *out);
+    registry_entry *e;
+    eplb_status st = registry_acquire(r, req->model_id, &e, err);
+    if (st != EPLB_OK)
+        return st;
+    const eplb_placement *cur = &e->rec.placement;
+    size_t cells = (size_t)cur->num_layers * cur->num_logical;
+    int64_t *logical = NULL;
+    if (req->physical_load_len != (size_t)cur->num_layers * cur->num_physical) {
+        st = eplb_error_set(err, EPLB_EINVAL,
+                            "physical_load has %zu entries, want num_layers %u x num_physical_experts %u",
+                            req->physical_load_len, cur->num_layers, cur->num_physical);
+        goto out;
+    }
+    logical = malloc(cells * sizeof *logical);
+    if (!logical) {
+        st = eplb_error_set(err, EPLB_ENOMEM, "out of memory");
+        goto out;
+    }
+    /* Validated even for a dummy pass: a bad request is refused either way. */
+    if ((st = eplb_load_to_logical(cur->num_layers, cur->num_logical, cur->num_physical, cur->num_valid_physical,
+                                   cur->phy2log, req->physical_load, logical, err)) != EPLB_OK)
+        goto out;
+    if (!req->is_dummy && (st = eplb_load_window_push(&e->rec.window, logical, err)) != EPLB_OK)
+        goto out;
+
+    const eplb_model_shape *s = &e->rec.shape;
+    if (!req->is_dummy && s->auto_rebalance && e->rec.window.passes % s->step_interval == 0 &&
+        !e->rec.needs_weight_reload) {
+        /* vLLM's step(): every step_interval passes, rebalance from the window. */
+        eplb_rebalance_result res;
+        memset(&res, 0, sizeof res);
+        eplb_policy_shape ps = policy_shape(e, 0, 0, 0);
+        memcpy(logical, e->rec.window.sum, cells * sizeof *logical);
+        st = rebalance_locked(r, e, logical, &ps, false, false, &res, err);
+        out->rebalanced = st == EPLB_OK;
+        eplb_rebalance_result_free(&res);
+        if (st != EPLB_OK) {
+            char msg[EPLB_ERROR_MSG_MAX];
+            snprintf(msg, sizeof msg, "pass recorded, but the automatic rebalance failed: %s", err ? err->msg : "");
+            eplb_error_set(err, st, "%s", msg);
+        }
+    }
+    out->passes_recorded = e->rec.window.passes;
+    out->epoch = e->rec.placement.epoch;
+out:
+    free(logical);
+    registry_release(r, e);
+    return st;
+}

@@ -1,0 +1,139 @@
+/* rpc_placement.c -- SetupFromMapping, Rebalance and RecordLoad: decode,
+ * call the placement engine, encode. */
+#include <string.h>
+
+#include "eplb/v1/eplb.upb.h"
+#include "rpc_convert.h"
+#include "rpc_handlers.h"
+
+/* model_id of a request: present and a valid name, else *out set. */
+static const char *model_id_of(upb_StringView v, upb_Arena *arena, rpc_reply *out) {
+    eplb_error err;
+    eplb_error_clear(&err);
+    const char *id = rpc_string(v, 4 * EPLB_MODEL_NAME_MAX, "model_id", arena, &err);
+    if (!id || eplb_model_name_check(id, "model_id", &err) != EPLB_OK) {
+        rpc_reply_from_error(out, &err);
+        return NULL;
+    }
+    return id;
+}
+
+static void reply_placement(const char *id, const eplb_placement *p, upb_Arena *arena, rpc_reply *out) {
+    eplb_v1_Placement *pm = rpc_placement_to_upb(id, p, false, arena);
+    if (pm)
+        out->body = eplb_v1_Placement_serialize(pm, arena, &out->body_len);
+    if (!out->body)
+        rpc_reply_set(out, 8, "out of memory encoding the response");
+}
+
+void rpc_setup_from_mapping(rpc_context *ctx, upb_Arena *arena, const char *req, size_t len, rpc_reply *out) {
+    eplb_error err;
+    eplb_error_clear(&err);
+    const eplb_v1_SetupFromMappingRequest *m = eplb_v1_SetupFromMappingRequest_parse(req, len, arena);
+    if (!m) {
+        rpc_reply_malformed(out, "eplb.v1.SetupFromMappingRequest");
+        return;
+    }
+    eplb_setup_request r = { 0 };
+    if (!(r.model_id = model_id_of(eplb_v1_SetupFromMappingRequest_model_id(m), arena, out)))
+        return;
+    if (eplb_v1_SetupFromMappingRequest_has_model(m) &&
+        rpc_handle_from_upb(eplb_v1_SetupFromMappingRequest_model(m), "model", arena, &r.model, &err) != EPLB_OK) {
+        rpc_reply_from_error(out, &err);
+        return;
+    }
+    r.expanded_phy2log = eplb_v1_SetupFromMappingRequest_expanded_physical_to_logical(m, &r.expanded_len);
+    r.num_physical = eplb_v1_SetupFromMappingRequest_num_physical_experts(m);
+    r.old_num_physical = eplb_v1_SetupFromMappingRequest_old_num_physical_experts(m);
+    r.ep_size = eplb_v1_SetupFromMappingRequest_ep_size(m);
+    r.has_expected_epoch = eplb_v1_SetupFromMappingRequest_has_expected_epoch(m);
+    r.expected_epoch = eplb_v1_SetupFromMappingRequest_expected_epoch(m);
+
+    eplb_placement p;
+    if (eplb_registry_setup_from_mapping(ctx->registry, &r, &p, &err) != EPLB_OK) {
+        rpc_reply_from_error(out, &err);
+        return;
+    }
+    reply_placement(r.model_id, &p, arena, out);
+    eplb_placement_free(&p);
+}
+
+void rpc_rebalance(rpc_context *ctx, upb_Arena *arena, const char *req, size_t len, rpc_reply *out) {
+    eplb_error err;
+    eplb_error_clear(&err);
+    const eplb_v1_RebalanceRequest *m = eplb_v1_RebalanceRequest_parse(req, len, arena);
+    if (!m) {
+        rpc_reply_malformed(out, "eplb.v1.RebalanceRequest");
+        return;
+    }
+    eplb_rebalance_request r = { 0 };
+    if (!(r.model_id = model_id_of(eplb_v1_RebalanceRequest_model_id(m), arena, out)))
+        return;
+    r.physical_load = eplb_v1_RebalanceRequest_physical_load(m, &r.physical_load_len);
+    r.num_groups = eplb_v1_RebalanceRequest_num_groups(m);
+    r.num_nodes = eplb_v1_RebalanceRequest_num_nodes(m);
+    r.num_gpus = eplb_v1_RebalanceRequest_num_gpus(m);
+    r.has_expected_epoch = eplb_v1_RebalanceRequest_has_expected_epoch(m);
+    r.expected_epoch = eplb_v1_RebalanceRequest_expected_epoch(m);
+    r.dry_run = eplb_v1_RebalanceRequest_dry_run(m);
+    int32_t order = eplb_v1_RebalanceRequest_slot_order(m);
+    if (order != eplb_v1_SLOT_ORDER_PRESERVE && order != eplb_v1_SLOT_ORDER_ALGORITHM) {
+        rpc_reply_set(out, 3, "slot_order %d is not a SlotOrder", order);
+        return;
+    }
+    r.algorithm_order = order == eplb_v1_SLOT_ORDER_ALGORITHM;
+
+    eplb_rebalance_result res;
+    if (eplb_registry_rebalance(ctx->registry, &r, &res, &err) != EPLB_OK) {
+        rpc_reply_from_error(out, &err);
+        return;
+    }
+    eplb_v1_RebalanceResponse *resp = eplb_v1_RebalanceResponse_new(arena);
+    eplb_v1_Placement *pm = resp ? rpc_placement_to_upb(r.model_id, &res.placement, false, arena) : NULL;
+    uint32_t L = res.placement.num_layers;
+    double *before = resp ? eplb_v1_RebalanceResponse_resize_layer_balancedness_before(resp, L, arena) : NULL;
+    double *after = resp ? eplb_v1_RebalanceResponse_resize_layer_balancedness_after(resp, L, arena) : NULL;
+    if (pm && before && after) {
+        memcpy(before, res.layer_before, L * sizeof *before);
+        memcpy(after, res.layer_after, L * sizeof *after);
+        eplb_v1_RebalanceResponse_set_placement(resp, pm);
+        eplb_v1_RebalanceResponse_set_balancedness_before(resp, res.balancedness_before);
+        eplb_v1_RebalanceResponse_set_balancedness_after(resp, res.balancedness_after);
+        eplb_v1_RebalanceResponse_set_experts_moved(resp, res.experts_moved);
+        eplb_v1_RebalanceResponse_set_compute_ms(resp, res.compute_ms);
+        eplb_v1_RebalanceResponse_set_committed(resp, res.committed);
+        out->body = eplb_v1_RebalanceResponse_serialize(resp, arena, &out->body_len);
+    }
+    eplb_rebalance_result_free(&res);
+    if (!out->body)
+        rpc_reply_set(out, 8, "out of memory encoding the response");
+}
+
+void rpc_record_load(rpc_context *ctx, upb_Arena *arena, const char *req, size_t len, rpc_reply *out) {
+    eplb_error err;
+    eplb_error_clear(&err);
+    const eplb_v1_RecordLoadRequest *m = eplb_v1_RecordLoadRequest_parse(req, len, arena);
+    if (!m) {
+        rpc_reply_malformed(out, "eplb.v1.RecordLoadRequest");
+        return;
+    }
+    eplb_record_request r = { 0 };
+    if (!(r.model_id = model_id_of(eplb_v1_RecordLoadRequest_model_id(m), arena, out)))
+        return;
+    r.physical_load = eplb_v1_RecordLoadRequest_physical_load(m, &r.physical_load_len);
+    r.is_dummy = eplb_v1_RecordLoadRequest_is_dummy(m);
+    eplb_record_result res;
+    if (eplb_registry_record_load(ctx->registry, &r, &res, &err) != EPLB_OK) {
+        rpc_reply_from_error(out, &err);
+        return;
+    }
+    eplb_v1_RecordLoadResponse *resp = eplb_v1_RecordLoadResponse_new(arena);
+    if (resp) {
+        eplb_v1_RecordLoadResponse_set_passes_recorded(resp, res.passes_recorded);
+        eplb_v1_RecordLoadResponse_set_rebalanced(resp, res.rebalanced);
+        eplb_v1_RecordLoadResponse_set_epoch(resp, res.epoch);
+        out->body = eplb_v1_RecordLoadResponse_serialize(resp, arena, &out->body_len);
+    }
+    if (!out->body)
+        rpc_reply_set(out, 8, "out of memory encoding the response");
+}
