@@ -103,8 +103,10 @@ python_unittest "python grpcio client" /usr/bin/python3 "$root/tests/integration
 # definite/indirect leak makes eplbd exit 99 at SIGTERM, which the harness
 # reports as a failed test.
 if command -v valgrind >/dev/null; then
-    EPLBD_WRAPPER="valgrind --quiet --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite,indirect --show-leak-kinds=definite,indirect" \
-        criterion "test_server (eplbd under valgrind)" "$build/tests/test_server" --jobs 2
+    for t in test_server test_engine_rpc; do
+        EPLBD_WRAPPER="valgrind --quiet --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite,indirect --show-leak-kinds=definite,indirect" \
+            criterion "$t (eplbd under valgrind)" "$build/tests/$t" --jobs 2
+    done
 else
     echo "valgrind not installed: skipping the valgrind pass"
     skipped=$((skipped + 1))

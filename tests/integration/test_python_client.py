@@ -162,6 +162,65 @@ class PythonClientTest(unittest.TestCase):
         self.assertEqual(got.num_layers, 2)
         self.assertEqual(list(got.physical_to_logical), [0, 1, 2, 3, 0, 1] * 2)
 
+    # ---- the placement engine -------------------------------------------
+
+    README_LOAD = [[90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],
+                   [20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27]]
+    README_MAP = [5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1,
+                  7, 10, 6, 8, 6, 11, 8, 9, 2, 4, 5, 1, 5, 0, 3, 1]
+
+    def register_readme(self):
+        handle = eplb_pb2.ModelHandle(
+            architecture="ReadmeMoE", interfaces=[eplb_pb2.MIXTURE_OF_EXPERTS],
+            moe=eplb_pb2.MoeSpec(num_moe_layers=2, num_logical_experts=12, num_physical_experts=16,
+                                 num_local_physical_experts=2, num_redundant_experts=4,
+                                 num_expert_groups=4))
+        self.stub.RegisterModel(eplb_pb2.RegisterModelRequest(
+            model_name="m", model=handle,
+            parallel=eplb_pb2.ParallelConfig(enable_eplb=True, ep_size=8, num_nodes=2)), timeout=10)
+
+    def physical(self, slots):
+        return [row[s] if s < 12 else 0 for row in self.README_LOAD for s in range(slots)]
+
+    def test_record_rebalance_get(self):
+        self.register_readme()
+        rec = self.stub.RecordLoad(eplb_pb2.RecordLoadRequest(model_id="m", physical_load=self.physical(16)),
+                                   timeout=10)
+        self.assertEqual(rec.passes_recorded, 1)
+        resp = self.stub.Rebalance(eplb_pb2.RebalanceRequest(
+            model_id="m", expected_epoch=0, slot_order=eplb_pb2.SLOT_ORDER_ALGORITHM), timeout=10)
+        self.assertTrue(resp.committed)
+        self.assertEqual(list(resp.placement.physical_to_logical), self.README_MAP)
+        self.assertGreater(resp.balancedness_after, resp.balancedness_before)
+        got = self.stub.GetPlacement(eplb_pb2.GetPlacementRequest(model_id="m"), timeout=10)
+        self.assertEqual(got.epoch, 1)
+        self.assertEqual(list(got.physical_to_logical), self.README_MAP)
+        with self.assertRaises(grpc.RpcError) as cm:
+            self.stub.Rebalance(eplb_pb2.RebalanceRequest(model_id="m", expected_epoch=0), timeout=10)
+        self.assertEqual(cm.exception.code(), grpc.StatusCode.ABORTED)
+        self.assertEqual(self.stub.GetPlacement(eplb_pb2.GetPlacementRequest(model_id="m"), timeout=10).epoch, 1)
+
+    def test_scale_up_then_rebalance(self):
+        self.register_readme()
+        old = list(self.stub.GetPlacement(eplb_pb2.GetPlacementRequest(model_id="m"),
+                                          timeout=10).physical_to_logical)
+        expanded = old[:16] + [-1] * 8 + old[16:] + [-1] * 8
+        p = self.stub.SetupFromMapping(eplb_pb2.SetupFromMappingRequest(
+            model_id="m", expanded_physical_to_logical=expanded, num_physical_experts=24,
+            old_num_physical_experts=16, ep_size=12), timeout=10)
+        self.assertEqual((p.epoch, p.num_physical_experts, p.num_valid_physical_experts), (1, 24, 16))
+        resp = self.stub.Rebalance(eplb_pb2.RebalanceRequest(model_id="m", physical_load=self.physical(24)),
+                                   timeout=10)
+        self.assertNotIn(-1, list(resp.placement.physical_to_logical))
+        self.assertEqual(resp.placement.epoch, 2)
+        with self.assertRaises(grpc.RpcError) as cm:
+            self.stub.SetupFromMapping(eplb_pb2.SetupFromMappingRequest(
+                model_id="m", expanded_physical_to_logical=[0] * 48, num_physical_experts=24,
+                old_num_physical_experts=24, ep_size=12), timeout=10)
+        self.assertEqual(cm.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
+        self.assertIn("has no replica", cm.exception.details())
+        self.assertEqual(self.stub.GetPlacement(eplb_pb2.GetPlacementRequest(model_id="m"), timeout=10).epoch, 2)
+
 
 if __name__ == "__main__":
     try:
