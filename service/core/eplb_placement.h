@@ -32,7 +32,8 @@ eplb_status eplb_placement_init(eplb_placement *p, uint32_t num_layers, uint32_t
                                 uint32_t num_physical, eplb_error *err);
 
 /* Replace the map with phy2log ([L][num_physical], entries -1 or < N) and
- * rebuild logcnt and log2phy.  Checks every entry and that every logical
+ * rebuild logcnt and log2phy.  p may be an empty shell that only has
+ * num_layers and num_logical set (the arrays NULL).  Checks every entry and that every logical
  * expert keeps a replica in every layer; on error *p is unchanged.
  * num_valid_physical is recorded as given (<= num_physical).  The epoch is
  * not touched. */

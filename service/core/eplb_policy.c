@@ -88,11 +88,13 @@ eplb_status eplb_policy_check(const eplb_policy_shape *s, eplb_error *err) {
         return eplb_error_set(err, EPLB_EINVAL,
                               "num_physical_experts %u is not a multiple of num_gpus %u",
                               s->num_physical, s->num_gpus);
-    if (s->num_logical % s->num_groups != 0)
+    /* The global path runs with one group on one node, so these two only
+     * bind the hierarchical one (DeepSeek asserts them there alone). */
+    if (s->num_groups % s->num_nodes == 0 && s->num_logical % s->num_groups != 0)
         return eplb_error_set(err, EPLB_EINVAL,
                               "num_logical_experts %u is not a multiple of num_groups %u",
                               s->num_logical, s->num_groups);
-    if (s->num_gpus % s->num_nodes != 0)
+    if (s->num_groups % s->num_nodes == 0 && s->num_gpus % s->num_nodes != 0)
         return eplb_error_set(err, EPLB_EINVAL, "num_gpus %u is not a multiple of num_nodes %u",
                               s->num_gpus, s->num_nodes);
     if ((size_t)s->num_layers > SIZE_MAX / sizeof(int64_t) / s->num_physical)
@@ -155,7 +157,6 @@ typedef struct policy_item {
     int32_t idx;
 } policy_item;
 
-#define RADIX_BYTES 8
 #define RADIX_BUCKETS 256
 
 typedef struct policy_scratch {
@@ -164,25 +165,23 @@ typedef struct policy_scratch {
     double *group_w;        /* [G] load of each group */
     double *tok;            /* [N] load of each expert, node-major (mlog) order */
     double *order_w;        /* [max(G, P/nodes)] weight of each item in visiting order */
-    double *pack_w;         /* [max(nodes, gpus/node)] load of each pack */
     uint64_t *pack_key;     /* [2 * pow2(max(nodes, gpus/node))] pack winner tree */
     uint64_t *rep_key;      /* [2 * pow2(min(N, P - N)/nodes)] replicated-expert tree */
     uint64_t *rkey;         /* [N] radix keys: ascending = heaviest expert first */
+    uint32_t *fbits;        /* [N] float image of each expert's load */
     uint64_t *rkey2;        /* [N] radix keys, other buffer */
-    uint32_t *hist;         /* [8][256] radix histograms */
+    uint32_t *hist;         /* [2][256] radix bucket counts / cursors, per half */
     int32_t *ridx;          /* [N] radix payload */
     int32_t *ridx2;         /* [N] radix payload, other buffer */
     int32_t *sorted;        /* [N] per node: its experts (node-local ids), heaviest first */
     int32_t *node_fill;     /* [nodes] fill position per node while splitting */
     int32_t *node_of;       /* [N] node of each node-major id (set once per call) */
     int32_t *mlog2log;      /* [N] logical id of each node-major id */
-    int32_t *gpack;         /* [G] node of each group */
-    int32_t *grank;         /* [G] rank of each group in its node */
+    int32_t *gslot;         /* [G] node * groups_per_node + rank of each group */
     int32_t *cnt;           /* [N/nodes] replicas of each node-local expert */
     int32_t *phy2mlog;      /* [P/nodes] node-local expert of each replica */
     int32_t *order;         /* [max(G, P/nodes)] items in visiting order */
-    int32_t *pack;          /* [max(G, P/nodes)] pack of each item */
-    int32_t *rank;          /* [max(G, P/nodes)] rank of each item in its pack */
+    int32_t *slot;          /* [P/nodes] GPU * P/num_gpus + rank of each replica */
     int32_t *pack_id;       /* [2 * pow2(...)] pack winner tree ids */
     int32_t *pack_n;        /* [max(nodes, gpus/node)] items in each pack */
     int32_t *rep_id;        /* [2 * pow2(min(N, P - N)/nodes)] replicated-expert tree ids */
@@ -210,25 +209,23 @@ static size_t policy_scratch_layout(const policy_dims *d, void *base, policy_scr
     PLACE(group_w, double, d->groups);
     PLACE(tok, double, d->n_log);
     PLACE(order_w, double, n_items);
-    PLACE(pack_w, double, n_packs);
     PLACE(pack_key, uint64_t, 2 * pack_leaves);
     PLACE(rep_key, uint64_t, 2 * rep_leaves);
     PLACE(rkey, uint64_t, d->n_log);
     PLACE(rkey2, uint64_t, d->n_log);
-    PLACE(hist, uint32_t, RADIX_BYTES * RADIX_BUCKETS);
+    PLACE(fbits, uint32_t, d->n_log);
+    PLACE(hist, uint32_t, 2 * RADIX_BUCKETS);
     PLACE(ridx, int32_t, d->n_log);
     PLACE(ridx2, int32_t, d->n_log);
     PLACE(sorted, int32_t, d->n_log);
     PLACE(node_fill, int32_t, d->nodes);
     PLACE(node_of, int32_t, d->n_log);
     PLACE(mlog2log, int32_t, d->n_log);
-    PLACE(gpack, int32_t, d->groups);
-    PLACE(grank, int32_t, d->groups);
+    PLACE(gslot, int32_t, d->groups);
     PLACE(cnt, int32_t, d->log_per_node);
     PLACE(phy2mlog, int32_t, d->phy_per_node);
     PLACE(order, int32_t, n_items);
-    PLACE(pack, int32_t, n_items);
-    PLACE(rank, int32_t, n_items);
+    PLACE(slot, int32_t, d->phy_per_node);
     PLACE(pack_id, int32_t, 2 * pack_leaves);
     PLACE(pack_n, int32_t, n_packs);
     PLACE(rep_id, int32_t, 2 * rep_leaves);
@@ -320,7 +317,11 @@ static inline unsigned bit_width64(uint64_t x) {
  * order, equal keys in ascending position: a stable LSD radix sort over only
  * the bits that differ between keys, in digits of at most 8 bits.  When those
  * bits and the position fit one uint64 they travel as one word; otherwise
- * key and position move side by side.  Clobbers sc->rkey. */
+ * key and position move side by side.  Clobbers sc->rkey.
+ *
+ * Each pass counts and scatters the two halves of the array with their own
+ * bucket cursors (the second half's start where the first half's end), so
+ * the two chains of cursor increments overlap instead of queueing. */
 static void radix_sort_keys(uint32_t n, int32_t *out, policy_scratch *sc) {
     uint64_t *key = sc->rkey, *key2 = sc->rkey2;
     uint64_t all_or = 0, all_and = ~(uint64_t)0;
@@ -335,44 +336,59 @@ static void radix_sort_keys(uint32_t n, int32_t *out, policy_scratch *sc) {
         return;
     }
     unsigned lo = ctz64(differ), span = bit_width64(differ) - lo;
-    unsigned pos_bits = bit_width64(n > 1 ? n - 1 : 1);
+    unsigned pos_bits = bit_width64(n - 1);
     bool packed = span + pos_bits <= 64;
-    unsigned base = packed ? pos_bits : 0; /* where the key bits start */
+    unsigned base = packed ? pos_bits : lo; /* where the digits start */
+    int32_t *idx = sc->ridx, *idx2 = sc->ridx2;
     if (packed) {
         uint64_t mask = span == 64 ? ~(uint64_t)0 : (((uint64_t)1 << span) - 1);
         for (uint32_t i = 0; i < n; i++)
             key[i] = (((key[i] >> lo) & mask) << pos_bits) | i;
     } else {
-        base = lo;
         for (uint32_t i = 0; i < n; i++)
-            sc->ridx[i] = (int32_t)i;
+            idx[i] = (int32_t)i;
     }
     unsigned passes = (span + 7) / 8, digit = (span + passes - 1) / passes;
     uint32_t buckets = (uint32_t)1 << digit, dmask = buckets - 1;
-    uint32_t *hist = sc->hist;
-    memset(hist, 0, (size_t)passes * buckets * sizeof *hist);
-    for (uint32_t i = 0; i < n; i++)
-        for (unsigned p = 0; p < passes; p++)
-            hist[p * buckets + ((key[i] >> (base + p * digit)) & dmask)]++;
-    int32_t *idx = sc->ridx, *idx2 = sc->ridx2;
+    uint32_t half = n / 2;
+    uint32_t *h0 = sc->hist, *h1 = h0 + buckets; /* first half's, second half's counts */
     for (unsigned p = 0; p < passes; p++) {
-        uint32_t *h = hist + p * buckets, sum = 0;
         unsigned shift = base + p * digit;
+        memset(h0, 0, 2 * (size_t)buckets * sizeof *h0);
+        for (uint32_t i = 0; i < half; i++) {
+            h0[(key[i] >> shift) & dmask]++;
+            h1[(key[half + i] >> shift) & dmask]++;
+        }
+        for (uint32_t i = 2 * half; i < n; i++)
+            h1[(key[i] >> shift) & dmask]++;
+        uint32_t sum = 0;
         for (uint32_t b = 0; b < buckets; b++) {
-            uint32_t c = h[b];
-            h[b] = sum;
-            sum += c;
+            uint32_t c0 = h0[b], c1 = h1[b];
+            h0[b] = sum;
+            h1[b] = sum + c0;
+            sum += c0 + c1;
         }
         if (packed) {
-            for (uint32_t i = 0; i < n; i++) {
-                uint64_t k = key[i];
-                key2[h[(k >> shift) & dmask]++] = k;
+            for (uint32_t i = 0; i < half; i++) {
+                uint64_t k0 = key[i], k1 = key[half + i];
+                key2[h0[(k0 >> shift) & dmask]++] = k0;
+                key2[h1[(k1 >> shift) & dmask]++] = k1;
             }
+            for (uint32_t i = 2 * half; i < n; i++)
+                key2[h1[(key[i] >> shift) & dmask]++] = key[i];
         } else {
-            for (uint32_t i = 0; i < n; i++) {
-                uint32_t at = h[(key[i] >> shift) & dmask]++;
-                key2[at] = key[i];
-                idx2[at] = idx[i];
+            for (uint32_t i = 0; i < half; i++) {
+                uint32_t a0 = h0[(key[i] >> shift) & dmask]++;
+                uint32_t a1 = h1[(key[half + i] >> shift) & dmask]++;
+                key2[a0] = key[i];
+                idx2[a0] = idx[i];
+                key2[a1] = key[half + i];
+                idx2[a1] = idx[half + i];
+            }
+            for (uint32_t i = 2 * half; i < n; i++) {
+                uint32_t a = h1[(key[i] >> shift) & dmask]++;
+                key2[a] = key[i];
+                idx2[a] = idx[i];
             }
             int32_t *ti = idx;
             idx = idx2;
@@ -396,10 +412,10 @@ static void radix_sort_keys(uint32_t n, int32_t *out, policy_scratch *sc) {
  * the root; updating a leaf replays its path in log2(M) steps.  Keys are
  * uint64 images of doubles (below) so that every step is integer compares and
  * conditional moves, with no branch to mispredict.  TREE_ABSENT marks an
- * absent leaf (above every image, below UINT64_MAX).
+ * absent leaf (above every image).
  * ------------------------------------------------------------------------- */
 
-#define TREE_ABSENT (UINT64_MAX - 1)
+#define TREE_ABSENT UINT64_MAX
 
 static inline uint64_t double_bits(double w) {
     uint64_t bits;
@@ -407,8 +423,16 @@ static inline uint64_t double_bits(double w) {
     return bits;
 }
 
-/* Tree key ordering like w >= 0 (lighter first); +inf maps below TREE_ABSENT. */
-static inline uint64_t key_ascending(double w) { return double_bits(w); }
+/* Tree key ordering like w >= 0 (lighter first), never 0 (see
+ * tree_update_leaf); key_ascending_inverse() gives w back. */
+static inline uint64_t key_ascending(double w) { return double_bits(w) + 1; }
+
+static inline double key_ascending_inverse(uint64_t k) {
+    double w;
+    k -= 1;
+    memcpy(&w, &k, sizeof w);
+    return w;
+}
 
 /* Tree key ordering like -w for w >= 0 (heavier first). */
 static inline uint64_t key_descending(double w) {
@@ -437,10 +461,13 @@ static void tree_init(winner_tree *t, size_t n, uint64_t live) {
 }
 
 /* Sets leaf's key to k and replays its path to the root, for a tree whose ids
- * are the leaf indices (the lower leaf wins a tie).  A left sibling (i odd)
- * wins ties, so it wins when ks < k + 1; keys stay below UINT64_MAX, so k + 1
- * cannot wrap.  About three dependent instructions per level. */
-static inline void tree_update_leaf(winner_tree *t, size_t leaf, uint64_t k) {
+ * are the leaf indices (the lower leaf wins a tie); returns the new winner
+ * and stores its key in *root_key.  A left sibling (i odd) wins ties, so it
+ * wins when ks - 1 < k, a right one when ks < k: ks - (i & 1) is ready before
+ * k is (keys are never 0, so it cannot wrap), leaving one compare and the
+ * moves per level on the chain. */
+static inline int32_t tree_update_leaf(winner_tree *t, size_t leaf, uint64_t k,
+                                       uint64_t *root_key) {
     size_t i = t->leaves + leaf;
     int32_t id = (int32_t)leaf;
     t->key[i] = k;
@@ -448,13 +475,15 @@ static inline void tree_update_leaf(winner_tree *t, size_t leaf, uint64_t k) {
         size_t sib = i ^ 1;
         uint64_t ks = t->key[sib];
         int32_t is = t->id[sib];
-        bool win = ks < k + (i & 1);
+        bool win = ks - (i & 1) < k;
         k = win ? ks : k;
         id = win ? is : id;
         i >>= 1;
         t->key[i] = k;
         t->id[i] = id;
     }
+    *root_key = k;
+    return id;
 }
 
 /* Sets leaf's (key, id) to (k, id) and replays its path to the root, for a
@@ -477,42 +506,103 @@ static inline void tree_update_lex(winner_tree *t, size_t leaf, uint64_t k, int3
 }
 
 /* ---------------------------------------------------------------------------
+ * The experts of a layer, heaviest first
+ * ------------------------------------------------------------------------- */
+
+#define FIXUP_RUN_MAX 64
+
+/* Writes to out[0..n) the indices of tok[0..n) (>= 0) in descending order,
+ * equal values in ascending index.
+ *
+ * First a radix sort (two 8-bit passes) on a 16-bit coarse key: the float
+ * image of each value, measured down from the largest and scaled to 16 bits,
+ * so it keeps about 11 bits of relative precision across the whole range
+ * (DeepSeek-like loads spread over several octaves).  The coarse key never
+ * orders two values against their exact order, so only runs of equal coarse
+ * keys can be out of order; those are checked and insertion-sorted on the
+ * exact doubles.  A long unsorted run (values packed within about 1/2048 of
+ * each other) falls back to an exact radix sort on the doubles' bits. */
+static void sort_experts(const double *tok, uint32_t n, int32_t *out, policy_scratch *sc) {
+    uint32_t *fb = sc->fbits, fmin = UINT32_MAX, fmax = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        float f = (float)tok[i]; /* rounding is monotone, so is the bit image of f >= 0 */
+        uint32_t b;
+        memcpy(&b, &f, sizeof b);
+        fb[i] = b;
+        fmin = b < fmin ? b : fmin;
+        fmax = b > fmax ? b : fmax;
+    }
+    unsigned width = bit_width64(fmax - fmin);
+    unsigned shift = width > 16 ? width - 16 : 0;
+    for (uint32_t i = 0; i < n; i++)
+        sc->rkey[i] = (fmax - fb[i]) >> shift; /* smaller = heavier */
+    radix_sort_keys(n, out, sc);
+
+    /* An inversion can only sit inside a run of equal coarse keys: find each
+     * one, widen it to its run, sort the run. */
+    for (uint32_t j = 1; j < n; j++) {
+        if (!(tok[out[j]] > tok[out[j - 1]]))
+            continue;
+        uint32_t coarse = (fmax - fb[out[j]]) >> shift, lo = j - 1, hi = j + 1;
+        while (lo > 0 && ((fmax - fb[out[lo - 1]]) >> shift) == coarse)
+            lo--;
+        while (hi < n && ((fmax - fb[out[hi]]) >> shift) == coarse)
+            hi++;
+        if (hi - lo > FIXUP_RUN_MAX) {
+            for (uint32_t k = 0; k < n; k++)
+                sc->rkey[k] = key_descending(tok[k]);
+            radix_sort_keys(n, out, sc);
+            return;
+        }
+        for (uint32_t k = lo + 1; k < hi; k++) { /* stable: equal values keep index order */
+            int32_t x = out[k];
+            uint32_t m = k;
+            while (m > lo && tok[x] > tok[out[m - 1]]) {
+                out[m] = out[m - 1];
+                m--;
+            }
+            out[m] = x;
+        }
+        j = hi; /* the next run starts strictly lighter */
+    }
+}
+
+/* ---------------------------------------------------------------------------
  * balanced_packing
  * ------------------------------------------------------------------------- */
 
 /* The greedy on items already in visiting order: order[k] is the k-th item
- * visited, w[k] its weight.  m packs of n/m items, n/m > 1.  Writes pack[]
- * and rank[] indexed by item. */
+ * visited, w[k] its weight.  m packs of n/m items, n/m > 1.  Writes
+ * slot[item] = pack * (n/m) + rank in pack.  A pack's load lives in its tree
+ * leaf (key_ascending is invertible), so the loop carries the lightest pack
+ * and its load in registers. */
 static void pack_in_order(const int32_t *order, const double *w, uint32_t n, uint32_t m,
-                          int32_t *pack, int32_t *rank, policy_scratch *sc) {
-    uint32_t per_pack = n / m;
-    double *pw = sc->pack_w;
+                          int32_t *slot, policy_scratch *sc) {
+    int32_t per_pack = (int32_t)(n / m);
     int32_t *cnt = sc->pack_n;
     winner_tree t = {sc->pack_key, sc->pack_id, pow2_at_least(m)};
-    for (uint32_t p = 0; p < m; p++) {
-        pw[p] = 0.0;
+    for (uint32_t p = 0; p < m; p++)
         cnt[p] = 0;
-    }
     tree_init(&t, m, key_ascending(0.0));
+    int32_t p = 0;                      /* the lightest pack with room, lowest first */
+    uint64_t pk = key_ascending(0.0);   /* its load */
     for (uint32_t k = 0; k < n; k++) {
-        int32_t item = order[k];
-        int32_t p = t.id[1];
-        pack[item] = p;
-        rank[item] = cnt[p];
-        pw[p] += w[k];
-        uint64_t full = (uint64_t)0 - (uint64_t)((uint32_t)++cnt[p] == per_pack);
-        tree_update_leaf(&t, (size_t)p, (TREE_ABSENT & full) | (key_ascending(pw[p]) & ~full));
+        int32_t c = cnt[p];
+        slot[order[k]] = p * per_pack + c;
+        cnt[p] = c + 1;
+        uint64_t full = (uint64_t)0 - (uint64_t)(c + 1 == per_pack);
+        uint64_t key = (TREE_ABSENT & full) | (key_ascending(key_ascending_inverse(pk) + w[k]) & ~full);
+        p = tree_update_leaf(&t, (size_t)p, key, &pk);
     }
 }
 
-/* balanced_packing of w[0..n) into m packs (m divides n), for the groups. */
-static void balanced_packing(const double *w, uint32_t n, uint32_t m, int32_t *pack,
-                             int32_t *rank, policy_scratch *sc) {
+/* balanced_packing of w[0..n) into m packs (m divides n), for the groups:
+ * slot[i] = pack * (n/m) + rank in pack. */
+static void balanced_packing(const double *w, uint32_t n, uint32_t m, int32_t *slot,
+                             policy_scratch *sc) {
     if (n / m == 1) {
-        for (uint32_t i = 0; i < n; i++) {
-            pack[i] = (int32_t)i;
-            rank[i] = 0;
-        }
+        for (uint32_t i = 0; i < n; i++)
+            slot[i] = (int32_t)i;
         return;
     }
     for (uint32_t i = 0; i < n; i++) {
@@ -524,7 +614,7 @@ static void balanced_packing(const double *w, uint32_t n, uint32_t m, int32_t *p
         sc->order[k] = sc->items[k].idx;
         sc->order_w[k] = sc->items[k].w;
     }
-    pack_in_order(sc->order, sc->order_w, n, m, pack, rank, sc);
+    pack_in_order(sc->order, sc->order_w, n, m, slot, sc);
 }
 
 /* ---------------------------------------------------------------------------
@@ -668,40 +758,52 @@ static void order_replicas(const double *tok, const int32_t *sorted, uint32_t n_
  * rebalance
  * ------------------------------------------------------------------------- */
 
-/* One layer: load [N] -> out [P], logcnt [N]. */
-static void rebalance_layer(const policy_dims *d, const int64_t *load, int32_t *out,
+/* While every load is below 2^33, a group of at most 2^20 of them sums below
+ * 2^53, so every running sum is an exact double and an integer sum equals the
+ * reference's sequential double sum. */
+#define GROUP_SUM_MASK (((int64_t)1 << 33) - 1)
+
+/* One layer: load [N] -> out [P], logcnt [N].  Returns false, having
+ * written nothing, when a load is negative. */
+static bool rebalance_layer(const policy_dims *d, const int64_t *load, int32_t *out,
                             int32_t *logcnt, policy_scratch *sc) {
-    /* Step 1: groups onto nodes; node-major relabelling. */
+    /* Step 1: groups onto nodes; node-major relabelling.  (The group sums
+     * also catch a negative load.) */
+    int64_t any = 0;
     for (uint32_t g = 0; g < d->groups; g++) {
         const int64_t *gl = load + (size_t)g * d->group_size;
-        double sum = 0.0;
-        for (uint32_t j = 0; j < d->group_size; j++)
-            sum += (double)gl[j];
-        sc->group_w[g] = sum;
+        int64_t sum = 0;
+        for (uint32_t j = 0; j < d->group_size; j++) {
+            sum += gl[j] & GROUP_SUM_MASK; /* masked: cannot overflow */
+            any |= gl[j];
+        }
+        sc->group_w[g] = (double)sum;
     }
-    balanced_packing(sc->group_w, d->groups, d->nodes, sc->gpack, sc->grank, sc);
+    if (any < 0)
+        return false;
+    if (any > GROUP_SUM_MASK) {
+        /* Some load is 2^33 or more, so a group's running sum may pass 2^53
+         * and round: add as the reference does, in double, in order. */
+        for (uint32_t g = 0; g < d->groups; g++) {
+            const int64_t *gl = load + (size_t)g * d->group_size;
+            double sum = 0.0;
+            for (uint32_t j = 0; j < d->group_size; j++)
+                sum += (double)gl[j];
+            sc->group_w[g] = sum;
+        }
+    }
+    balanced_packing(sc->group_w, d->groups, d->nodes, sc->gslot, sc);
     for (uint32_t g = 0; g < d->groups; g++) {
-        size_t base = ((size_t)sc->gpack[g] * d->groups_per_node + (size_t)sc->grank[g]) *
-                      d->group_size;
+        size_t base = (size_t)sc->gslot[g] * d->group_size;
         for (uint32_t j = 0; j < d->group_size; j++)
             sc->mlog2log[base + j] = (int32_t)(g * d->group_size + j);
     }
 
     /* All experts heaviest first (ties: lower mlog first), split by node
      * keeping that order, as node-local ids. */
-    int64_t max_load = 0;
-    for (uint32_t m = 0; m < d->n_log; m++) {
-        int64_t v = load[sc->mlog2log[m]];
-        sc->tok[m] = (double)v;
-        sc->rkey[m] = ~(uint64_t)v;
-        max_load = v > max_load ? v : max_load;
-    }
-    if (max_load > ((int64_t)1 << 53)) {
-        /* Not every load is exact as a double: order by the doubles' bits. */
-        for (uint32_t m = 0; m < d->n_log; m++)
-            sc->rkey[m] = key_descending(sc->tok[m]);
-    }
-    radix_sort_keys(d->n_log, sc->sorted, sc);
+    for (uint32_t m = 0; m < d->n_log; m++)
+        sc->tok[m] = (double)load[sc->mlog2log[m]];
+    sort_experts(sc->tok, d->n_log, sc->sorted, sc);
     if (d->nodes > 1) {
         /* sorted[] -> per node, stable; ridx2 as the staging copy. */
         int32_t *all = sc->ridx2;
@@ -726,25 +828,21 @@ static void rebalance_layer(const policy_dims *d, const int64_t *load, int32_t *
 
         /* Step 3: replicas onto the node's GPUs. */
         if (d->phy_per_gpu == 1) {
-            for (uint32_t p = 0; p < d->phy_per_node; p++) {
-                sc->pack[p] = (int32_t)p;
-                sc->rank[p] = 0;
-            }
+            for (uint32_t p = 0; p < d->phy_per_node; p++)
+                node_out[p] = m2l[sc->phy2mlog[p]];
         } else {
             order_replicas(tok, sorted, n_rep, d->log_per_node, d->phy_per_node, sc->phy2mlog,
                            sc->cnt, sc);
-            pack_in_order(sc->order, sc->order_w, d->phy_per_node, d->gpus_per_node, sc->pack,
-                          sc->rank, sc);
-        }
-
-        /* Step 4: back to logical ids. */
-        for (uint32_t p = 0; p < d->phy_per_node; p++) {
-            size_t slot = (size_t)sc->pack[p] * d->phy_per_gpu + (size_t)sc->rank[p];
-            node_out[slot] = m2l[sc->phy2mlog[p]];
+            pack_in_order(sc->order, sc->order_w, d->phy_per_node, d->gpus_per_node, sc->slot,
+                          sc);
+            /* Step 4: back to logical ids. */
+            for (uint32_t p = 0; p < d->phy_per_node; p++)
+                node_out[sc->slot[p]] = m2l[sc->phy2mlog[p]];
         }
         for (uint32_t k = 0; k < d->log_per_node; k++)
             logcnt[m2l[k]] = sc->cnt[k];
     }
+    return true;
 }
 
 eplb_status eplb_policy_rebalance_scratch(const eplb_policy_shape *s, const int64_t *logical_load,
@@ -771,13 +869,14 @@ eplb_status eplb_policy_rebalance_scratch(const eplb_policy_shape *s, const int6
 
     for (uint32_t l = 0; l < s->num_layers; l++) {
         const int64_t *load = logical_load + (size_t)l * d.n_log;
-        for (uint32_t e = 0; e < d.n_log; e++)
-            if (load[e] < 0)
-                return eplb_error_set(err, EPLB_EINVAL,
-                                      "logical_load[%u][%u] is %lld; loads must be >= 0", l, e,
-                                      (long long)load[e]);
-        rebalance_layer(&d, load, phy2log + (size_t)l * d.n_phy, logcnt + (size_t)l * d.n_log,
-                        &sc);
+        if (!rebalance_layer(&d, load, phy2log + (size_t)l * d.n_phy,
+                             logcnt + (size_t)l * d.n_log, &sc)) {
+            uint32_t e = 0;
+            while (load[e] >= 0) e++;
+            return eplb_error_set(err, EPLB_EINVAL,
+                                  "logical_load[%u][%u] is %lld; loads must be >= 0", l, e,
+                                  (long long)load[e]);
+        }
     }
     return EPLB_OK;
 }

@@ -38,21 +38,25 @@
 
 typedef struct eplb_policy_shape {
     uint32_t num_layers;    /* L, >= 1 */
-    uint32_t num_logical;   /* N, >= 1, multiple of num_groups */
+    uint32_t num_logical;   /* N, >= 1, multiple of num_groups (hierarchical path) */
     uint32_t num_physical;  /* P, >= N, multiple of num_gpus */
     uint32_t num_groups;    /* G, >= 1 (DeepSeek-V3: 8 groups of 32 experts) */
-    uint32_t num_nodes;     /* >= 1; num_gpus is a multiple of it */
+    uint32_t num_nodes;     /* >= 1; divides num_gpus (hierarchical path) */
     uint32_t num_gpus;      /* >= 1, the EP size */
 } eplb_policy_shape;
 
 /* Check the shape's preconditions:
  *   every count >= 1, N and P <= EPLB_POLICY_MAX_EXPERTS, P >= N,
- *   P % num_gpus == 0, N % G == 0, num_gpus % num_nodes == 0.
- * G % num_nodes is not a precondition: when it is 0 the rebalance is
- * hierarchical (groups packed onto nodes first), otherwise it falls back to
- * the global policy (hierarchical with G = 1 and one node), as DeepSeek does.
+ *   P % num_gpus == 0, and on the hierarchical path N % G == 0 and
+ *   num_gpus % num_nodes == 0.
+ * The path: when G % num_nodes == 0 the rebalance is hierarchical (groups
+ * packed onto nodes first); otherwise it falls back to the global policy,
+ * the hierarchical one run with G = 1 and one node, which needs neither
+ * N % G nor num_gpus % num_nodes (as in DeepSeek's eplb.py and vLLM, whose
+ * test_parameter_validation rebalances N=4, G=3, 2 nodes).
  * Returns EPLB_OK, or EPLB_EINVAL with a message naming the numbers, e.g.
- * "num_physical_experts 290 is not a multiple of num_gpus 32".  Never asserts. */
+ * "num_physical_experts 290 is not a multiple of num_gpus 32".  Never asserts;
+ * err is left untouched on success. */
 eplb_status eplb_policy_check(const eplb_policy_shape *s, eplb_error *err);
 
 /* True when a valid shape takes the hierarchical path (G % num_nodes == 0). */

@@ -96,8 +96,7 @@ eplb_status eplb_registry_setup_from_mapping(eplb_registry *r, const eplb_setup_
                             req->ep_size, r->limits.max_ep_size, req->num_physical, shape->num_nodes);
         goto out;
     }
-    if ((st = eplb_placement_copy(&next, cur, err)) != EPLB_OK)
-        goto out;
+    next = (eplb_placement){ .num_layers = cur->num_layers, .num_logical = cur->num_logical, .epoch = cur->epoch };
     uint32_t valid = req->old_num_physical < req->num_physical ? req->old_num_physical : req->num_physical;
     st = eplb_placement_assign(&next, req->num_physical, valid, req->expanded_phy2log, err);
     if (st != EPLB_OK) {
@@ -168,10 +167,9 @@ static eplb_status rebalance_locked(eplb_registry *r, registry_entry *e, const i
         moved += phy2log[i] != cur->phy2log[i];
     out->experts_moved = moved;
 
-    eplb_placement next;
-    if ((st = eplb_placement_copy(&next, cur, err)) != EPLB_OK)
-        goto out;
-    /* Every slot is filled now, so load counts over all of them again. */
+    /* An empty shell of the model's shape: assign allocates and fills it.
+     * Every slot is filled now, so load counts over all of them again. */
+    eplb_placement next = { .num_layers = L, .num_logical = N, .epoch = cur->epoch };
     st = eplb_placement_assign(&next, P, P, phy2log, err);
     out->compute_ms = elapsed_ms(&t0);
     if (st != EPLB_OK) {

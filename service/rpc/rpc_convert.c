@@ -97,7 +97,7 @@ eplb_parallel rpc_parallel_from_upb(const eplb_v1_ParallelConfig *m) {
 }
 
 eplb_v1_Placement *rpc_placement_to_upb(const char *model_id, const eplb_placement *p,
-                                        bool needs_weight_reload, upb_Arena *arena) {
+                                        bool needs_weight_reload, bool with_log2phy, upb_Arena *arena) {
     eplb_v1_Placement *m = eplb_v1_Placement_new(arena);
     if (!m)
         return NULL;
@@ -112,14 +112,18 @@ eplb_v1_Placement *rpc_placement_to_upb(const char *model_id, const eplb_placeme
 
     size_t n_p2l = (size_t)p->num_layers * p->num_physical;
     size_t n_cnt = (size_t)p->num_layers * p->num_logical;
-    size_t n_l2p = n_cnt * p->max_replicas;
     int32_t *a = eplb_v1_Placement_resize_physical_to_logical(m, n_p2l, arena);
     int32_t *b = eplb_v1_Placement_resize_logical_replica_count(m, n_cnt, arena);
-    int32_t *c = eplb_v1_Placement_resize_logical_to_physical(m, n_l2p, arena);
-    if (!a || !b || !c)
+    if (!a || !b)
         return NULL;
     memcpy(a, p->phy2log, n_p2l * sizeof *a);
     memcpy(b, p->logcnt, n_cnt * sizeof *b);
-    memcpy(c, p->log2phy, n_l2p * sizeof *c);
+    if (with_log2phy) {
+        size_t n_l2p = n_cnt * p->max_replicas;
+        int32_t *c = eplb_v1_Placement_resize_logical_to_physical(m, n_l2p, arena);
+        if (!c)
+            return NULL;
+        memcpy(c, p->log2phy, n_l2p * sizeof *c);
+    }
     return m;
 }

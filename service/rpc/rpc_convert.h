@@ -21,8 +21,9 @@ eplb_status rpc_handle_from_upb(const eplb_v1_ModelHandle *m, const char *field,
 
 eplb_parallel rpc_parallel_from_upb(const eplb_v1_ParallelConfig *m);
 
-/* A Placement message of p (with log2phy), or NULL when out of memory. */
+/* A Placement message of p (log2phy only when with_log2phy), or NULL when
+ * out of memory. */
 eplb_v1_Placement *rpc_placement_to_upb(const char *model_id, const eplb_placement *p,
-                                        bool needs_weight_reload, upb_Arena *arena);
+                                        bool needs_weight_reload, bool with_log2phy, upb_Arena *arena);
 
 #endif

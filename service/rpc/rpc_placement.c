@@ -19,7 +19,7 @@ static const char *model_id_of(upb_StringView v, upb_Arena *arena, rpc_reply *ou
 }
 
 static void reply_placement(const char *id, const eplb_placement *p, upb_Arena *arena, rpc_reply *out) {
-    eplb_v1_Placement *pm = rpc_placement_to_upb(id, p, false, arena);
+    eplb_v1_Placement *pm = rpc_placement_to_upb(id, p, false, true, arena);
     if (pm)
         out->body = eplb_v1_Placement_serialize(pm, arena, &out->body_len);
     if (!out->body)
@@ -89,7 +89,10 @@ void rpc_rebalance(rpc_context *ctx, upb_Arena *arena, const char *req, size_t l
         return;
     }
     eplb_v1_RebalanceResponse *resp = eplb_v1_RebalanceResponse_new(arena);
-    eplb_v1_Placement *pm = resp ? rpc_placement_to_upb(r.model_id, &res.placement, false, arena) : NULL;
+    eplb_v1_Placement *pm =
+        resp ? rpc_placement_to_upb(r.model_id, &res.placement, false,
+                                    eplb_v1_RebalanceRequest_include_logical_to_physical(m), arena)
+             : NULL;
     uint32_t L = res.placement.num_layers;
     double *before = resp ? eplb_v1_RebalanceResponse_resize_layer_balancedness_before(resp, L, arena) : NULL;
     double *after = resp ? eplb_v1_RebalanceResponse_resize_layer_balancedness_after(resp, L, arena) : NULL;

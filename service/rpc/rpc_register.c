@@ -49,7 +49,7 @@ void rpc_register_model(rpc_context *ctx, upb_Arena *arena, const char *req, siz
                                     "reason", arena, &err);
     eplb_v1_Placement *pm = NULL;
     if (resp && res.registered)
-        pm = rpc_placement_to_upb(res.model_id, &res.placement, res.needs_weight_reload, arena);
+        pm = rpc_placement_to_upb(res.model_id, &res.placement, res.needs_weight_reload, true, arena);
     eplb_placement_free(&res.placement);
     if (!resp || !model_id || !path || !reason || (res.registered && !pm)) {
         rpc_reply_set(out, 8, "out of memory building the response");
@@ -87,7 +87,8 @@ void rpc_get_placement(rpc_context *ctx, upb_Arena *arena, const char *req, size
         rpc_reply_from_error(out, &err);
         return;
     }
-    eplb_v1_Placement *pm = rpc_placement_to_upb(id, &p, reload, arena);
+    eplb_v1_Placement *pm = rpc_placement_to_upb(
+        id, &p, reload, eplb_v1_GetPlacementRequest_include_logical_to_physical(m), arena);
     eplb_placement_free(&p);
     if (pm)
         out->body = eplb_v1_Placement_serialize(pm, arena, &out->body_len);

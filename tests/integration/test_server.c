@@ -154,6 +154,23 @@ Test(server, register_wrapped_moe_then_get_placement) {
     eplb_v1_Placement *p = get_placement(a, "kimi", 0, &r);
     check_initial_placement(p, 3);
     cr_assert(sv_eq(eplb_v1_Placement_model_id(p), "kimi"));
+    size_t n;
+    eplb_v1_Placement_logical_to_physical(p, &n);
+    cr_assert_eq(n, 0, "log2phy is sent only when asked for");
+    eplb_call_result_free(&r);
+
+    eplb_v1_GetPlacementRequest *req2 = eplb_v1_GetPlacementRequest_new(a);
+    eplb_v1_GetPlacementRequest_set_model_id(req2, upb_StringView_FromString("kimi"));
+    eplb_v1_GetPlacementRequest_set_include_logical_to_physical(req2, true);
+    size_t len;
+    char *bytes = eplb_v1_GetPlacementRequest_serialize(req2, a, &len);
+    cr_assert_eq(call("GetPlacement", bytes, len, &r), 0);
+    p = eplb_v1_Placement_parse(r.body, r.body_len, a);
+    const int32_t *l2p = eplb_v1_Placement_logical_to_physical(p, &n);
+    cr_assert_eq(eplb_v1_Placement_max_replicas(p), 2);
+    cr_assert_eq(n, 3 * 4 * 2);
+    const int32_t want[] = { 0, 4, 1, 5, 2, -1, 3, -1 };
+    cr_assert_arr_eq(l2p, want, sizeof want);
     eplb_call_result_free(&r);
     upb_Arena_Free(a);
 }
