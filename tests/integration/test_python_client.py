@@ -113,8 +113,12 @@ class PythonClientTest(unittest.TestCase):
         self.assertEqual(resp.placement.epoch, 0)
         self.assertEqual(list(resp.placement.physical_to_logical), [0, 1, 2, 3, 0, 1] * 3)
         self.assertEqual(list(resp.placement.logical_replica_count), [2, 2, 1, 1] * 3)
-        got = self.stub.GetPlacement(eplb_pb2.GetPlacementRequest(model_id="kimi"), timeout=10)
+        got = self.stub.GetPlacement(eplb_pb2.GetPlacementRequest(model_id="kimi",
+                                                                  include_logical_to_physical=True), timeout=10)
         self.assertEqual(got, resp.placement)
+        self.assertEqual(list(got.logical_to_physical[:8]), [0, 4, 1, 5, 2, -1, 3, -1])
+        short = self.stub.GetPlacement(eplb_pb2.GetPlacementRequest(model_id="kimi"), timeout=10)
+        self.assertEqual(len(short.logical_to_physical), 0)
 
     def test_speculator_nested_wrapper(self):
         self.stub.RegisterModel(register_request(
