@@ -31,20 +31,25 @@
  * the reference computes them (same conversions, same division, same order of
  * additions), so results are bit-exact, not merely close.
  *
- * HOW IT IS MADE FAST (the reference re-sorts P/nodes replicas per node and
- * scans every expert per redundant slot; branch mispredictions dominate a
- * naive C port):
- *   - the N expert loads of a layer are sorted once, by an LSD radix sort on
- *     the doubles' bit patterns (stable, so equal loads keep index order;
- *     bytes that are equal in every key are skipped), then split by node;
- *   - replicate: the experts not yet replicated are consumed from that sorted
- *     list in order (the best of them is always the next one); the replicated
- *     ones sit in a branch-free winner tree keyed by load / count;
+ * HOW IT IS MADE FAST (a literal port re-sorts the P/nodes replicas of every
+ * node and scans every expert for each redundant slot; on this kind of data a
+ * C port is then dominated by branch mispredictions):
+ *   - a layer's N expert loads are ordered once (sort_experts: a two-pass
+ *     radix sort on a 16-bit coarse key, then exact fix-up of the rare runs
+ *     of equal coarse keys) and split by node, keeping that order;
+ *   - replicate: the best expert not yet replicated is always the next one
+ *     in that order; the replicated ones sit in a branch-free winner tree
+ *     keyed by load / count;
  *   - step 3 needs the replicas in descending weight: the unreplicated
- *     experts are already in order, and only the replicas of replicated
- *     experts (at most 2 * redundant) are sorted and merged in;
- *   - the packs with room sit in a branch-free winner tree.
- *   Per layer: O(N + P + R log R) with R = redundant slots.
+ *     experts are already in order, so only the replicated experts (at most
+ *     the redundant count) are sorted, expanded into their replicas and
+ *     merged in;
+ *   - the packs with room sit in a branch-free winner tree whose leaves hold
+ *     the pack loads;
+ *   - a group's load is an integer sum when that is provably the same double
+ *     as the reference's running double sum (every load below 2^33).
+ *   Per layer: O(N + P + R log R) with R = redundant slots, typically; see
+ *   sort_experts for the worst case.
  *
  * Loads are int64 >= 0 converted to double (exact below 2^53), so every
  * weight is +0 or positive and its IEEE bit pattern orders like the value. */
@@ -166,10 +171,10 @@ typedef struct policy_scratch {
     double *tok;            /* [N] load of each expert, node-major (mlog) order */
     double *order_w;        /* [max(G, P/nodes)] weight of each item in visiting order */
     uint64_t *pack_key;     /* [2 * pow2(max(nodes, gpus/node))] pack winner tree */
-    uint64_t *rep_key;      /* [2 * pow2(min(N, P - N)/nodes)] replicated-expert tree */
+    uint64_t *rep_key;      /* [2 * pow2(min(N, P - N) / nodes)] replicated-expert tree */
     uint64_t *rkey;         /* [N] radix keys: ascending = heaviest expert first */
-    uint32_t *fbits;        /* [N] float image of each expert's load */
     uint64_t *rkey2;        /* [N] radix keys, other buffer */
+    uint32_t *fbits;        /* [N] float image of each expert's load */
     uint32_t *hist;         /* [2][256] radix bucket counts / cursors, per half */
     int32_t *ridx;          /* [N] radix payload */
     int32_t *ridx2;         /* [N] radix payload, other buffer */
@@ -182,9 +187,9 @@ typedef struct policy_scratch {
     int32_t *phy2mlog;      /* [P/nodes] node-local expert of each replica */
     int32_t *order;         /* [max(G, P/nodes)] items in visiting order */
     int32_t *slot;          /* [P/nodes] GPU * P/num_gpus + rank of each replica */
-    int32_t *pack_id;       /* [2 * pow2(...)] pack winner tree ids */
+    int32_t *pack_id;       /* [2 * pow2(max(nodes, gpus/node))] its ids */
     int32_t *pack_n;        /* [max(nodes, gpus/node)] items in each pack */
-    int32_t *rep_id;        /* [2 * pow2(min(N, P - N)/nodes)] replicated-expert tree ids */
+    int32_t *rep_id;        /* [2 * pow2(min(N, P - N) / nodes)] its ids */
     int32_t *leaf_of;       /* [N/nodes] tree leaf, later slot list head, of each expert */
     int32_t *next_slot;     /* [P/nodes] next redundant slot of the same expert */
 } policy_scratch;
@@ -253,8 +258,8 @@ static inline bool item_before(const policy_item *a, const policy_item *b) {
 #define SORT_RUN 16
 
 /* Sorts a[0..n) by item_before (a total order) using tmp[0..n): insertion
- * sorted runs, then bottom-up merges.  For the few items that need it (the
- * groups, the replicas of replicated experts). */
+ * sorted runs, then bottom-up merges.  For the few items that need it: the
+ * groups, and the replicated experts or their replicas. */
 static void sort_items(policy_item *a, policy_item *tmp, size_t n) {
     for (size_t lo = 0; lo < n; lo += SORT_RUN) {
         size_t hi = lo + SORT_RUN < n ? lo + SORT_RUN : n;
@@ -313,41 +318,19 @@ static inline unsigned bit_width64(uint64_t x) {
 #endif
 }
 
-/* Writes to out[0..n) the positions of sc->rkey[0..n) in ascending key
- * order, equal keys in ascending position: a stable LSD radix sort over only
- * the bits that differ between keys, in digits of at most 8 bits.  When those
- * bits and the position fit one uint64 they travel as one word; otherwise
- * key and position move side by side.  Clobbers sc->rkey.
+/* The passes of a stable LSD radix sort of key[0..n) on bits
+ * [base, base + span) (span >= 1), in digits of at most 8 bits.  With idx
+ * NULL the keys carry their own payload (packed); otherwise idx[] moves along
+ * with them.  Returns the array (sc->rkey or sc->rkey2) that holds the sorted
+ * keys, and sets *idx_out likewise.
  *
  * Each pass counts and scatters the two halves of the array with their own
  * bucket cursors (the second half's start where the first half's end), so
  * the two chains of cursor increments overlap instead of queueing. */
-static void radix_sort_keys(uint32_t n, int32_t *out, policy_scratch *sc) {
+static uint64_t *radix_passes(uint32_t n, unsigned base, unsigned span, int32_t *idx,
+                              int32_t **idx_out, policy_scratch *sc) {
     uint64_t *key = sc->rkey, *key2 = sc->rkey2;
-    uint64_t all_or = 0, all_and = ~(uint64_t)0;
-    for (uint32_t i = 0; i < n; i++) {
-        all_or |= key[i];
-        all_and &= key[i];
-    }
-    uint64_t differ = all_or ^ all_and;
-    if (differ == 0) {
-        for (uint32_t i = 0; i < n; i++)
-            out[i] = (int32_t)i;
-        return;
-    }
-    unsigned lo = ctz64(differ), span = bit_width64(differ) - lo;
-    unsigned pos_bits = bit_width64(n - 1);
-    bool packed = span + pos_bits <= 64;
-    unsigned base = packed ? pos_bits : lo; /* where the digits start */
-    int32_t *idx = sc->ridx, *idx2 = sc->ridx2;
-    if (packed) {
-        uint64_t mask = span == 64 ? ~(uint64_t)0 : (((uint64_t)1 << span) - 1);
-        for (uint32_t i = 0; i < n; i++)
-            key[i] = (((key[i] >> lo) & mask) << pos_bits) | i;
-    } else {
-        for (uint32_t i = 0; i < n; i++)
-            idx[i] = (int32_t)i;
-    }
+    int32_t *idx2 = idx == sc->ridx ? sc->ridx2 : sc->ridx;
     unsigned passes = (span + 7) / 8, digit = (span + passes - 1) / passes;
     uint32_t buckets = (uint32_t)1 << digit, dmask = buckets - 1;
     uint32_t half = n / 2;
@@ -368,7 +351,7 @@ static void radix_sort_keys(uint32_t n, int32_t *out, policy_scratch *sc) {
             h1[b] = sum + c0;
             sum += c0 + c1;
         }
-        if (packed) {
+        if (!idx) {
             for (uint32_t i = 0; i < half; i++) {
                 uint64_t k0 = key[i], k1 = key[half + i];
                 key2[h0[(k0 >> shift) & dmask]++] = k0;
@@ -398,11 +381,44 @@ static void radix_sort_keys(uint32_t n, int32_t *out, policy_scratch *sc) {
         key = key2;
         key2 = tk;
     }
-    if (packed) {
+    if (idx_out)
+        *idx_out = idx;
+    return key;
+}
+
+/* Writes to out[0..n) the positions of sc->rkey[0..n) in ascending key
+ * order, equal keys in ascending position: a radix sort over only the bits
+ * that differ between keys.  When those bits and the position fit one uint64
+ * they travel as one word; otherwise key and position move side by side.
+ * Clobbers sc->rkey. */
+static void radix_sort_keys(uint32_t n, int32_t *out, policy_scratch *sc) {
+    uint64_t *key = sc->rkey;
+    uint64_t all_or = 0, all_and = ~(uint64_t)0;
+    for (uint32_t i = 0; i < n; i++) {
+        all_or |= key[i];
+        all_and &= key[i];
+    }
+    uint64_t differ = all_or ^ all_and;
+    if (differ == 0) {
+        for (uint32_t i = 0; i < n; i++)
+            out[i] = (int32_t)i;
+        return;
+    }
+    unsigned lo = ctz64(differ), span = bit_width64(differ) - lo;
+    unsigned pos_bits = bit_width64(n - 1);
+    if (span + pos_bits <= 64) {
+        uint64_t mask = span == 64 ? ~(uint64_t)0 : (((uint64_t)1 << span) - 1);
+        for (uint32_t i = 0; i < n; i++)
+            key[i] = (((key[i] >> lo) & mask) << pos_bits) | i;
+        uint64_t *sorted = radix_passes(n, pos_bits, span, NULL, NULL, sc);
         uint64_t pmask = ((uint64_t)1 << pos_bits) - 1;
         for (uint32_t i = 0; i < n; i++)
-            out[i] = (int32_t)(key[i] & pmask);
+            out[i] = (int32_t)(sorted[i] & pmask);
     } else {
+        int32_t *idx;
+        for (uint32_t i = 0; i < n; i++)
+            sc->ridx[i] = (int32_t)i;
+        radix_passes(n, lo, span, sc->ridx, &idx, sc);
         memcpy(out, idx, (size_t)n * sizeof *out);
     }
 }
@@ -412,10 +428,10 @@ static void radix_sort_keys(uint32_t n, int32_t *out, policy_scratch *sc) {
  * the root; updating a leaf replays its path in log2(M) steps.  Keys are
  * uint64 images of doubles (below) so that every step is integer compares and
  * conditional moves, with no branch to mispredict.  TREE_ABSENT marks an
- * absent leaf (above every image).
+ * absent leaf (above every image, below UINT64_MAX).
  * ------------------------------------------------------------------------- */
 
-#define TREE_ABSENT UINT64_MAX
+#define TREE_ABSENT (UINT64_MAX - 1)
 
 static inline uint64_t double_bits(double w) {
     uint64_t bits;
@@ -423,16 +439,8 @@ static inline uint64_t double_bits(double w) {
     return bits;
 }
 
-/* Tree key ordering like w >= 0 (lighter first), never 0 (see
- * tree_update_leaf); key_ascending_inverse() gives w back. */
-static inline uint64_t key_ascending(double w) { return double_bits(w) + 1; }
-
-static inline double key_ascending_inverse(uint64_t k) {
-    double w;
-    k -= 1;
-    memcpy(&w, &k, sizeof w);
-    return w;
-}
+/* Tree key ordering like w >= 0 (lighter first); +inf maps below TREE_ABSENT. */
+static inline uint64_t key_ascending(double w) { return double_bits(w); }
 
 /* Tree key ordering like -w for w >= 0 (heavier first). */
 static inline uint64_t key_descending(double w) {
@@ -463,9 +471,8 @@ static void tree_init(winner_tree *t, size_t n, uint64_t live) {
 /* Sets leaf's key to k and replays its path to the root, for a tree whose ids
  * are the leaf indices (the lower leaf wins a tie); returns the new winner
  * and stores its key in *root_key.  A left sibling (i odd) wins ties, so it
- * wins when ks - 1 < k, a right one when ks < k: ks - (i & 1) is ready before
- * k is (keys are never 0, so it cannot wrap), leaving one compare and the
- * moves per level on the chain. */
+ * wins when ks < k + 1; keys stay below UINT64_MAX, so k + 1 cannot wrap.
+ * About three dependent instructions per level. */
 static inline int32_t tree_update_leaf(winner_tree *t, size_t leaf, uint64_t k,
                                        uint64_t *root_key) {
     size_t i = t->leaves + leaf;
@@ -475,7 +482,7 @@ static inline int32_t tree_update_leaf(winner_tree *t, size_t leaf, uint64_t k,
         size_t sib = i ^ 1;
         uint64_t ks = t->key[sib];
         int32_t is = t->id[sib];
-        bool win = ks - (i & 1) < k;
+        bool win = ks < k + (i & 1);
         k = win ? ks : k;
         id = win ? is : id;
         i >>= 1;
@@ -511,32 +518,53 @@ static inline void tree_update_lex(winner_tree *t, size_t leaf, uint64_t k, int3
 
 #define FIXUP_RUN_MAX 64
 
+/* The bit image of (float)w for w >= 0: rounding to float is monotone, and
+ * so is the bit pattern of a non-negative float. */
+static inline uint32_t float_image(double w) {
+    float f = (float)w;
+    uint32_t b;
+    memcpy(&b, &f, sizeof b);
+    return b;
+}
+
 /* Writes to out[0..n) the indices of tok[0..n) (>= 0) in descending order,
- * equal values in ascending index.
+ * equal values in ascending index.  fb[i] = float_image(tok[i]); fmin and fmax
+ * are their least and greatest (the caller computes them as it fills tok).
  *
  * First a radix sort (two 8-bit passes) on a 16-bit coarse key: the float
- * image of each value, measured down from the largest and scaled to 16 bits,
- * so it keeps about 11 bits of relative precision across the whole range
- * (DeepSeek-like loads spread over several octaves).  The coarse key never
- * orders two values against their exact order, so only runs of equal coarse
- * keys can be out of order; those are checked and insertion-sorted on the
- * exact doubles.  A long unsorted run (values packed within about 1/2048 of
- * each other) falls back to an exact radix sort on the doubles' bits. */
-static void sort_experts(const double *tok, uint32_t n, int32_t *out, policy_scratch *sc) {
-    uint32_t *fb = sc->fbits, fmin = UINT32_MAX, fmax = 0;
-    for (uint32_t i = 0; i < n; i++) {
-        float f = (float)tok[i]; /* rounding is monotone, so is the bit image of f >= 0 */
-        uint32_t b;
-        memcpy(&b, &f, sizeof b);
-        fb[i] = b;
-        fmin = b < fmin ? b : fmin;
-        fmax = b > fmax ? b : fmax;
-    }
+ * image measured down from the largest and scaled to 16 bits, which keeps
+ * about 11 bits of relative precision across the range (loads spread over
+ * several octaves).  The coarse key never orders two values against their
+ * exact order, so only a run of equal coarse keys can be out of order; the
+ * runs that are get insertion-sorted on the exact doubles.  A long unsorted
+ * run (many values within about 1/2048 of each other) falls back to an exact
+ * radix sort on the doubles' bits, so the worst case stays O(n). */
+static void sort_experts(const double *tok, const uint32_t *fb, uint32_t fmin, uint32_t fmax,
+                         uint32_t n, int32_t *out, policy_scratch *sc) {
+    bool inversion = false;
     unsigned width = bit_width64(fmax - fmin);
     unsigned shift = width > 16 ? width - 16 : 0;
-    for (uint32_t i = 0; i < n; i++)
-        sc->rkey[i] = (fmax - fb[i]) >> shift; /* smaller = heavier */
-    radix_sort_keys(n, out, sc);
+    if (width == 0) { /* every value has the same float image */
+        for (uint32_t i = 0; i < n; i++)
+            out[i] = (int32_t)i;
+        inversion = true; /* check them all */
+    } else {
+        /* (coarse key, smaller = heavier) above the position */
+        unsigned pos_bits = bit_width64(n - 1);
+        for (uint32_t i = 0; i < n; i++)
+            sc->rkey[i] = ((uint64_t)((fmax - fb[i]) >> shift) << pos_bits) | i;
+        uint64_t *sorted = radix_passes(n, pos_bits, width - shift, NULL, NULL, sc);
+        uint64_t pmask = ((uint64_t)1 << pos_bits) - 1;
+        double prev = INFINITY;
+        for (uint32_t i = 0; i < n; i++) {
+            int32_t e = (int32_t)(sorted[i] & pmask);
+            out[i] = e;
+            inversion |= tok[e] > prev;
+            prev = tok[e];
+        }
+    }
+    if (!inversion)
+        return;
 
     /* An inversion can only sit inside a run of equal coarse keys: find each
      * one, widen it to its run, sort the run. */
@@ -574,8 +602,8 @@ static void sort_experts(const double *tok, uint32_t n, int32_t *out, policy_scr
 /* The greedy on items already in visiting order: order[k] is the k-th item
  * visited, w[k] its weight.  m packs of n/m items, n/m > 1.  Writes
  * slot[item] = pack * (n/m) + rank in pack.  A pack's load lives in its tree
- * leaf (key_ascending is invertible), so the loop carries the lightest pack
- * and its load in registers. */
+ * leaf (key_ascending is the double's bit pattern), so the loop carries the
+ * lightest pack and its load in registers. */
 static void pack_in_order(const int32_t *order, const double *w, uint32_t n, uint32_t m,
                           int32_t *slot, policy_scratch *sc) {
     int32_t per_pack = (int32_t)(n / m);
@@ -590,8 +618,10 @@ static void pack_in_order(const int32_t *order, const double *w, uint32_t n, uin
         int32_t c = cnt[p];
         slot[order[k]] = p * per_pack + c;
         cnt[p] = c + 1;
+        double load;
+        memcpy(&load, &pk, sizeof load);
         uint64_t full = (uint64_t)0 - (uint64_t)(c + 1 == per_pack);
-        uint64_t key = (TREE_ABSENT & full) | (key_ascending(key_ascending_inverse(pk) + w[k]) & ~full);
+        uint64_t key = (TREE_ABSENT & full) | (key_ascending(load + w[k]) & ~full);
         p = tree_update_leaf(&t, (size_t)p, key, &pk);
     }
 }
@@ -689,16 +719,20 @@ static void order_replicas(const double *tok, const int32_t *sorted, uint32_t n_
         ex[k].w = tok[e] / (double)cnt[e];
         ex[k].idx = e;
     }
-    /* Insertion sort: n_rep is small and sorted[] already leans that way. */
+    /* Usually few, and sorted[] already leans that way: insertion sort. */
     bool tie = false;
-    for (uint32_t k = 1; k < n_rep; k++) {
-        policy_item x = ex[k];
-        uint32_t j = k;
-        while (j > 0 && item_before(&x, &ex[j - 1])) {
-            ex[j] = ex[j - 1];
-            j--;
+    if (n_rep > 32) {
+        sort_items(ex, b, n_rep);
+    } else {
+        for (uint32_t k = 1; k < n_rep; k++) {
+            policy_item x = ex[k];
+            uint32_t j = k;
+            while (j > 0 && item_before(&x, &ex[j - 1])) {
+                ex[j] = ex[j - 1];
+                j--;
+            }
+            ex[j] = x;
         }
-        ex[j] = x;
     }
     for (uint32_t k = 1; k < n_rep; k++)
         tie |= ex[k].w == ex[k - 1].w;
@@ -801,9 +835,16 @@ static bool rebalance_layer(const policy_dims *d, const int64_t *load, int32_t *
 
     /* All experts heaviest first (ties: lower mlog first), split by node
      * keeping that order, as node-local ids. */
-    for (uint32_t m = 0; m < d->n_log; m++)
-        sc->tok[m] = (double)load[sc->mlog2log[m]];
-    sort_experts(sc->tok, d->n_log, sc->sorted, sc);
+    uint32_t fmin = UINT32_MAX, fmax = 0;
+    for (uint32_t m = 0; m < d->n_log; m++) {
+        double t = (double)load[sc->mlog2log[m]];
+        uint32_t b = float_image(t);
+        sc->tok[m] = t;
+        sc->fbits[m] = b;
+        fmin = b < fmin ? b : fmin;
+        fmax = b > fmax ? b : fmax;
+    }
+    sort_experts(sc->tok, sc->fbits, fmin, fmax, d->n_log, sc->sorted, sc);
     if (d->nodes > 1) {
         /* sorted[] -> per node, stable; ridx2 as the staging copy. */
         int32_t *all = sc->ridx2;
