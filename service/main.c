@@ -14,6 +14,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "eplb_backend.h"
 #include "eplb_registry.h"
 #include "eplb_store.h"
 #include "rpc_log.h"
@@ -26,6 +27,7 @@ typedef struct options {
     const char *data_dir;
     const char *db;             /* NULL: <data_dir>/eplbd.db */
     const char *ready_file;
+    const char *backend;        /* weight-move backend: auto, cpu, hip */
     int workers;
     int max_message_bytes;
     int drain_ms;
@@ -47,6 +49,7 @@ static void usage(FILE *f) {
             "  --drain-ms N           how long in-flight calls may finish at shutdown (default 10000)\n"
             "  --log-level LEVEL      debug, info, warn or error (default info)\n"
             "  --ready-file PATH      write the bound address there once serving\n"
+            "  --backend NAME         how attached weights move: auto (hip when a GPU is there), cpu, hip\n"
             "  --version, --help\n");
 }
 
@@ -64,7 +67,7 @@ static int parse_int(const char *flag, const char *s, long lo, long hi, int *out
 
 static int parse_options(int argc, char **argv, options *o) {
     enum { O_LISTEN = 256, O_DATA, O_DB, O_WORKERS, O_MAXMSG, O_MAXL, O_MAXE, O_MAXEP, O_MAXWIN, O_DRAIN,
-           O_LOG, O_READY, O_VERSION, O_HELP };
+           O_LOG, O_READY, O_BACKEND, O_VERSION, O_HELP };
     static const struct option longopts[] = {
         { "listen", required_argument, NULL, O_LISTEN },
         { "data-dir", required_argument, NULL, O_DATA },
@@ -78,6 +81,7 @@ static int parse_options(int argc, char **argv, options *o) {
         { "drain-ms", required_argument, NULL, O_DRAIN },
         { "log-level", required_argument, NULL, O_LOG },
         { "ready-file", required_argument, NULL, O_READY },
+        { "backend", required_argument, NULL, O_BACKEND },
         { "version", no_argument, NULL, O_VERSION },
         { "help", no_argument, NULL, O_HELP },
         { NULL, 0, NULL, 0 },
@@ -85,7 +89,7 @@ static int parse_options(int argc, char **argv, options *o) {
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
     *o = (options){ .listen = "127.0.0.1:50051", .data_dir = "eplbd-data",
                     .workers = ncpu > 2 ? (int)ncpu : 2, .max_message_bytes = 64 << 20,
-                    .drain_ms = 10000, .limits = EPLB_LIMITS_DEFAULT };
+                    .drain_ms = 10000, .limits = EPLB_LIMITS_DEFAULT, .backend = "auto" };
     int c, v;
     while ((c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
         switch (c) {
@@ -93,6 +97,13 @@ static int parse_options(int argc, char **argv, options *o) {
         case O_DATA: o->data_dir = optarg; break;
         case O_DB: o->db = optarg; break;
         case O_READY: o->ready_file = optarg; break;
+        case O_BACKEND:
+            if (strcmp(optarg, "auto") && strcmp(optarg, "cpu") && strcmp(optarg, "hip")) {
+                fprintf(stderr, "eplbd: --backend wants auto, cpu or hip, got '%s'\n", optarg);
+                return -1;
+            }
+            o->backend = optarg;
+            break;
         case O_WORKERS: if (parse_int("--workers", optarg, 1, 1024, &o->workers)) return -1; break;
         case O_MAXMSG: if (parse_int("--max-message-bytes", optarg, 1024, 1 << 30, &o->max_message_bytes)) return -1; break;
         case O_DRAIN: if (parse_int("--drain-ms", optarg, 0, 3600000, &o->drain_ms)) return -1; break;
@@ -181,7 +192,7 @@ int main(int argc, char **argv) {
     }
 
     grpc_init();
-    rpc_context ctx = { .registry = registry, .limits = o.limits };
+    rpc_context ctx = { .registry = registry, .limits = o.limits, .default_backend = o.backend };
     atomic_init(&ctx.serving, true);
     rpc_server_config cfg = { .listen = o.listen, .workers = o.workers,
                               .max_message_bytes = o.max_message_bytes };
@@ -194,8 +205,11 @@ int main(int argc, char **argv) {
         grpc_shutdown();
         return 1;
     }
-    rpc_log(RPC_LOG_INFO, "eplbd %s serving on %s (port %d), database %s, %zu model(s), %d workers",
-            EPLBD_VERSION, o.listen, port, db_path, eplb_registry_count(registry), o.workers);
+    char why[256] = "";
+    const char *backend = strcmp(o.backend, "auto") == 0 ? eplb_backend_auto_name(why, sizeof why) : o.backend;
+    rpc_log(RPC_LOG_INFO, "eplbd %s serving on %s (port %d), database %s, %zu model(s), %d workers, "
+            "weight backend %s%s%s", EPLBD_VERSION, o.listen, port, db_path, eplb_registry_count(registry),
+            o.workers, backend, why[0] ? ": " : "", why);
     int rc = 0;
     if (o.ready_file && write_ready_file(o.ready_file, o.listen, port) != 0)
         rc = 1;

@@ -13,6 +13,7 @@
 #include <string.h>
 #include <time.h>
 
+#include "eplb_plan.h"
 #include "eplb_policy.h"
 #include "eplb_registry_internal.h"
 
@@ -135,10 +136,86 @@ static double elapsed_ms(const struct timespec *t0) {
     return (double)(t1.tv_sec - t0->tv_sec) * 1e3 + (double)(t1.tv_nsec - t0->tv_nsec) / 1e6;
 }
 
+/* A placement whose layers [0, moved) come from next and the rest from cur:
+ * what the bytes hold after a weight move stopped at layer `moved`. */
+static eplb_status mixed_placement(const eplb_placement *cur, const eplb_placement *next, uint32_t moved,
+                                   eplb_placement *out, eplb_error *err) {
+    uint32_t L = cur->num_layers, P = cur->num_physical;
+    int32_t *map = malloc((size_t)L * P * sizeof *map);
+    if (!map)
+        return eplb_error_set(err, EPLB_ENOMEM, "out of memory");
+    memcpy(map, next->phy2log, (size_t)moved * P * sizeof *map);
+    memcpy(map + (size_t)moved * P, cur->phy2log + (size_t)moved * P, (size_t)(L - moved) * P * sizeof *map);
+    *out = (eplb_placement){ .num_layers = L, .num_logical = cur->num_logical, .epoch = cur->epoch };
+    /* Layers still on the old map keep its valid-slot count. */
+    eplb_status st = eplb_placement_assign(out, P, moved == L ? P : cur->num_valid_physical, map, err);
+    free(map);
+    return st;
+}
+
+/* Move the attached weights from cur to *next, layer by layer, then commit.
+ * Takes ownership of *next.  See eplb_registry.h for what each failure
+ * leaves: nothing moved -> nothing changes; a gather failure at layer k ->
+ * layers < k are committed (bytes and map agree); a scatter failure that
+ * the retry could not repair -> the model is marked needs_weight_reload. */
+static eplb_status move_and_commit(eplb_registry *r, registry_entry *e, eplb_placement *next,
+                                   eplb_rebalance_result *out, eplb_error *err) {
+    const eplb_placement *cur = &e->rec.placement;
+    uint32_t L = cur->num_layers, P = cur->num_physical;
+    struct timespec t0;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    eplb_status st = e->weights->check(e->weights_ctx, L, P, cur->phy2log, next->phy2log, err);
+    if (st != EPLB_OK) {
+        eplb_placement_free(next);
+        return st;
+    }
+    uint32_t layer = 0;
+    for (; layer < L; layer++) {
+        uint64_t bytes = 0;
+        st = e->weights->move_layer(e->weights_ctx, layer, P, cur->phy2log + (size_t)layer * P,
+                                    next->phy2log + (size_t)layer * P, &bytes, err);
+        out->bytes_moved += bytes;
+        if (st != EPLB_OK)
+            break;
+    }
+    out->move_ms = elapsed_ms(&t0);
+    if (st == EPLB_OK)
+        return registry_commit_locked(r, e, next, &e->rec.shape, err);
+
+    char why[EPLB_ERROR_MSG_MAX];
+    snprintf(why, sizeof why, "%s", err ? err->msg : "");
+    eplb_status failure = st;
+    /* What the bytes hold now: layers before `layer` moved; `layer` itself
+     * as it was after a gather failure, unknown after a scatter failure. */
+    eplb_placement partial;
+    eplb_status pst = mixed_placement(cur, next, layer, &partial, NULL);
+    eplb_placement_free(next);
+    if (failure == EPLB_EDATALOSS)
+        e->rec.needs_weight_reload = true;
+    if (pst == EPLB_OK && (layer > 0 || failure == EPLB_EDATALOSS))
+        pst = registry_commit_locked(r, e, &partial, &e->rec.shape, NULL);
+    else
+        eplb_placement_free(&partial);
+    if (failure == EPLB_EDATALOSS)
+        return eplb_error_set(err, EPLB_EDATALOSS,
+                              "moving layer %u failed while writing slots and its retry failed too (%s): "
+                              "model %s needs a weight reload; layers 0..%u were moved and committed at epoch %llu%s",
+                              layer, why, e->rec.model_id, layer ? layer - 1 : 0,
+                              (unsigned long long)e->rec.placement.epoch,
+                              pst == EPLB_OK ? "" : " (the store did not take it)");
+    if (layer == 0)
+        return eplb_error_set(err, failure, "moving layer 0 failed before any slot was written (%s): nothing changed",
+                              why);
+    return eplb_error_set(err, failure,
+                          "moving layer %u failed before any of its slots was written (%s): layers 0..%u were "
+                          "moved and committed at epoch %llu, the rest keep their placement",
+                          layer, why, layer - 1, (unsigned long long)e->rec.placement.epoch);
+}
+
 /* Compute (and unless dry_run, commit) a rebalance of e from logical_load
  * ([L][N]).  Caller holds e's lock and has checked epoch and reload. */
 static eplb_status rebalance_locked(eplb_registry *r, registry_entry *e, const int64_t *logical_load,
-                                    const eplb_policy_shape *ps, bool algorithm_order, bool dry_run,
+                                    const eplb_policy_shape *ps, eplb_slot_order order, bool dry_run,
                                     eplb_rebalance_result *out, eplb_error *err) {
     const eplb_placement *cur = &e->rec.placement;
     uint32_t L = cur->num_layers, N = cur->num_logical, P = cur->num_physical;
@@ -156,7 +233,11 @@ static eplb_status rebalance_locked(eplb_registry *r, registry_entry *e, const i
     }
     if ((st = eplb_policy_rebalance(ps, logical_load, phy2log, logcnt, err)) != EPLB_OK)
         goto out;
-    if (!algorithm_order)
+    if (order == EPLB_SLOT_PRESERVE)
+        /* The policy's nodes are interchangeable only on its hierarchical path. */
+        eplb_plan_reassign_gpus(L, P, ps->num_gpus, eplb_policy_is_hierarchical(ps) ? ps->num_nodes : 1,
+                                cur->phy2log, phy2log);
+    if (order != EPLB_SLOT_ALGORITHM)
         eplb_policy_preserve_slots(L, P, ps->num_gpus, cur->phy2log, phy2log);
     out->balancedness_before = eplb_policy_balancedness(L, N, P, ps->num_gpus, logical_load, cur->phy2log,
                                                         cur->logcnt, out->layer_before);
@@ -180,7 +261,9 @@ static eplb_status rebalance_locked(eplb_registry *r, registry_entry *e, const i
         out->placement = next;
         goto out;
     }
-    if ((st = registry_commit_locked(r, e, &next, &e->rec.shape, err)) != EPLB_OK)
+    st = e->weights ? move_and_commit(r, e, &next, out, err)
+                    : registry_commit_locked(r, e, &next, &e->rec.shape, err);
+    if (st != EPLB_OK)
         goto out;
     out->committed = true;
     st = eplb_placement_copy(&out->placement, &e->rec.placement, err);
@@ -243,7 +326,7 @@ eplb_status eplb_registry_rebalance(eplb_registry *r, const eplb_rebalance_reque
         }
         memcpy(logical, e->rec.window.sum, cells * sizeof *logical);
     }
-    st = rebalance_locked(r, e, logical, &ps, req->algorithm_order, req->dry_run, out, err);
+    st = rebalance_locked(r, e, logical, &ps, req->slot_order, req->dry_run, out, err);
 out:
     free(logical);
     registry_release(r, e);
@@ -290,7 +373,7 @@ eplb_status eplb_registry_record_load(eplb_registry *r, const eplb_record_reques
         memset(&res, 0, sizeof res);
         eplb_policy_shape ps = policy_shape(e, 0, 0, 0);
         memcpy(logical, e->rec.window.sum, cells * sizeof *logical);
-        st = rebalance_locked(r, e, logical, &ps, false, false, &res, err);
+        st = rebalance_locked(r, e, logical, &ps, EPLB_SLOT_PRESERVE, false, &res, err);
         out->rebalanced = st == EPLB_OK;
         eplb_rebalance_result_free(&res);
         if (st != EPLB_OK) {

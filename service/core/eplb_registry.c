@@ -18,6 +18,8 @@
 static void entry_free(registry_entry *e) {
     if (!e)
         return;
+    if (e->weights)
+        e->weights->close(e->weights_ctx);
     eplb_placement_free(&e->rec.placement);
     eplb_load_window_free(&e->rec.window);
     pthread_mutex_destroy(&e->lock);
@@ -69,6 +71,48 @@ eplb_status registry_commit_locked(eplb_registry *r, registry_entry *e, eplb_pla
     if (r->store)
         e->rec.window.dirty = false;
     memset(next, 0, sizeof *next);
+    return EPLB_OK;
+}
+
+eplb_status eplb_registry_get_shape(eplb_registry *r, const char *model_id, eplb_model_shape *out,
+                                    eplb_error *err) {
+    registry_entry *e;
+    eplb_status st = registry_acquire(r, model_id, &e, err);
+    if (st != EPLB_OK)
+        return st;
+    *out = e->rec.shape;
+    registry_release(r, e);
+    return EPLB_OK;
+}
+
+eplb_status eplb_registry_attach_weights(eplb_registry *r, const char *model_id,
+                                         const eplb_weights_ops *ops, void *ctx, eplb_error *err) {
+    registry_entry *e;
+    eplb_status st = registry_acquire(r, model_id, &e, err);
+    if (st != EPLB_OK) {
+        ops->close(ctx);
+        return st;
+    }
+    if (e->weights)
+        e->weights->close(e->weights_ctx);
+    e->weights = ops;
+    e->weights_ctx = ctx;
+    registry_release(r, e);
+    return EPLB_OK;
+}
+
+eplb_status eplb_registry_detach_weights(eplb_registry *r, const char *model_id, bool *detached,
+                                         eplb_error *err) {
+    registry_entry *e;
+    eplb_status st = registry_acquire(r, model_id, &e, err);
+    if (st != EPLB_OK)
+        return st;
+    *detached = e->weights != NULL;
+    if (e->weights)
+        e->weights->close(e->weights_ctx);
+    e->weights = NULL;
+    e->weights_ctx = NULL;
+    registry_release(r, e);
     return EPLB_OK;
 }
 
@@ -324,7 +368,18 @@ eplb_status eplb_registry_register(eplb_registry *r, const eplb_register_request
             st = eplb_error_set(err, EPLB_EEXIST,
                                 "model %s is already registered differently: %s", rec.model_id, diff);
         } else {
-            st = eplb_placement_copy(&out->placement, &existing->rec.placement, err);
+            if (existing->rec.needs_weight_reload) {
+                /* Registering again is how an engine says it reloaded its
+                 * weights (for the placement it is told here). */
+                eplb_model_record cleared = existing->rec;
+                cleared.needs_weight_reload = false;
+                cleared.window.dirty = false;
+                st = r->store ? r->store->save(r->store_ctx, &cleared, err) : EPLB_OK;
+                if (st == EPLB_OK)
+                    existing->rec.needs_weight_reload = false;
+            }
+            if (st == EPLB_OK)
+                st = eplb_placement_copy(&out->placement, &existing->rec.placement, err);
             if (st == EPLB_OK) {
                 out->registered = true;
                 out->needs_weight_reload = existing->rec.needs_weight_reload;

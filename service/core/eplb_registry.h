@@ -91,9 +91,42 @@ eplb_status eplb_registry_get_placement(eplb_registry *r, const char *model_id,
                                         eplb_placement *out, bool *needs_weight_reload,
                                         eplb_error *err);
 
+/* A copy of a model's current shape (EPLB_ENOTFOUND if unknown). */
+eplb_status eplb_registry_get_shape(eplb_registry *r, const char *model_id, eplb_model_shape *out,
+                                    eplb_error *err);
+
 /* Persist every model whose load window changed since it was last saved
  * (a clean shutdown keeps the window).  Returns the first error. */
 eplb_status eplb_registry_flush(eplb_registry *r, eplb_error *err);
+
+/* ---- expert weights --------------------------------------------------------
+ * A model may have its expert weight buffers attached; a committing
+ * Rebalance then moves the bytes in place, layer by layer, before the new
+ * placement is committed.  The mover (plans + a CPU or HIP backend) sits
+ * behind this interface, so the core knows no backend. */
+typedef struct eplb_weights_ops {
+    /* Before anything moves: EPLB_EPRECONDITION when old -> new ([L][P])
+     * needs a rank this server does not hold or an expert no slot holds. */
+    eplb_status (*check)(void *ctx, uint32_t num_layers, uint32_t num_physical,
+                         const int32_t *old_phy2log, const int32_t *new_phy2log, eplb_error *err);
+    /* Move one layer ([P] rows) in place.  EPLB_OK (*bytes moved);
+     * EPLB_EINTERNAL: phase 1 (gather) failed, the layer is as it was;
+     * EPLB_EDATALOSS: phase 2 (scatter) failed and so did its retry from
+     * staging: the layer's bytes match neither map. */
+    eplb_status (*move_layer)(void *ctx, uint32_t layer, uint32_t num_physical, const int32_t *old_row,
+                              const int32_t *new_row, uint64_t *bytes, eplb_error *err);
+    void (*close)(void *ctx);
+} eplb_weights_ops;
+
+/* Attach (or replace) a model's weights; the registry owns ctx from now on,
+ * whatever the result (closed on error, on detach, on replace and at
+ * eplb_registry_close).  EPLB_ENOTFOUND for an unknown model. */
+eplb_status eplb_registry_attach_weights(eplb_registry *r, const char *model_id,
+                                         const eplb_weights_ops *ops, void *ctx, eplb_error *err);
+
+/* Close a model's weights; *detached says whether any were attached. */
+eplb_status eplb_registry_detach_weights(eplb_registry *r, const char *model_id, bool *detached,
+                                         eplb_error *err);
 
 /* ---- placement engine (eplb_rebalance.c) --------------------------------- */
 
@@ -119,6 +152,12 @@ typedef struct eplb_setup_request {
 eplb_status eplb_registry_setup_from_mapping(eplb_registry *r, const eplb_setup_request *req,
                                              eplb_placement *out, eplb_error *err);
 
+typedef enum eplb_slot_order {
+    EPLB_SLOT_PRESERVE = 0,       /* reassign GPUs/nodes to old holders, then keep slots */
+    EPLB_SLOT_ALGORITHM = 1,      /* the policy's own order */
+    EPLB_SLOT_PRESERVE_ONLY = 2,  /* vLLM #29499: keep slots within each GPU only */
+} eplb_slot_order;
+
 typedef struct eplb_rebalance_request {
     const char *model_id;
     const int64_t *physical_load;     /* [L][P]; NULL: the recorded window */
@@ -127,7 +166,7 @@ typedef struct eplb_rebalance_request {
     bool has_expected_epoch;
     uint64_t expected_epoch;
     bool dry_run;                     /* compute, change nothing */
-    bool algorithm_order;             /* skip intra-GPU slot preservation */
+    eplb_slot_order slot_order;
 } eplb_rebalance_request;
 
 typedef struct eplb_rebalance_result {
@@ -139,6 +178,8 @@ typedef struct eplb_rebalance_result {
     uint64_t experts_moved;           /* slots whose expert changes */
     double compute_ms;                /* policy + preservation + balancedness */
     bool committed;
+    uint64_t bytes_moved;             /* weight bytes copied (attached weights only) */
+    double move_ms;
 } eplb_rebalance_result;
 
 /* Rebalance: compute a new placement from the request's load (or the

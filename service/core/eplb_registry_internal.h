@@ -8,8 +8,10 @@
 #include "eplb_registry.h"
 
 typedef struct registry_entry {
-    pthread_mutex_t lock;   /* guards rec */
+    pthread_mutex_t lock;   /* guards rec and the weights */
     eplb_model_record rec;
+    const eplb_weights_ops *weights; /* NULL: placement only */
+    void *weights_ctx;
 } registry_entry;
 
 struct eplb_registry {

@@ -18,6 +18,7 @@ typedef struct rpc_context {
     eplb_registry *registry;
     eplb_limits limits;
     atomic_bool serving;  /* false while draining: health says NOT_SERVING */
+    const char *default_backend; /* AttachWeights without a backend: "auto", "cpu", "hip" */
 } rpc_context;
 
 typedef struct rpc_reply {
@@ -42,6 +43,8 @@ void rpc_get_placement(rpc_context *ctx, upb_Arena *arena, const char *req, size
 void rpc_setup_from_mapping(rpc_context *ctx, upb_Arena *arena, const char *req, size_t len, rpc_reply *out);
 void rpc_rebalance(rpc_context *ctx, upb_Arena *arena, const char *req, size_t len, rpc_reply *out);
 void rpc_record_load(rpc_context *ctx, upb_Arena *arena, const char *req, size_t len, rpc_reply *out);
+void rpc_attach_weights(rpc_context *ctx, upb_Arena *arena, const char *req, size_t len, rpc_reply *out);
+void rpc_detach_weights(rpc_context *ctx, upb_Arena *arena, const char *req, size_t len, rpc_reply *out);
 void rpc_health_check(rpc_context *ctx, upb_Arena *arena, const char *req, size_t len, rpc_reply *out);
 
 #endif

@@ -77,11 +77,16 @@ void rpc_rebalance(rpc_context *ctx, upb_Arena *arena, const char *req, size_t l
     r.expected_epoch = eplb_v1_RebalanceRequest_expected_epoch(m);
     r.dry_run = eplb_v1_RebalanceRequest_dry_run(m);
     int32_t order = eplb_v1_RebalanceRequest_slot_order(m);
-    if (order != eplb_v1_SLOT_ORDER_PRESERVE && order != eplb_v1_SLOT_ORDER_ALGORITHM) {
+    if (order == eplb_v1_SLOT_ORDER_PRESERVE)
+        r.slot_order = EPLB_SLOT_PRESERVE;
+    else if (order == eplb_v1_SLOT_ORDER_ALGORITHM)
+        r.slot_order = EPLB_SLOT_ALGORITHM;
+    else if (order == eplb_v1_SLOT_ORDER_PRESERVE_ONLY)
+        r.slot_order = EPLB_SLOT_PRESERVE_ONLY;
+    else {
         rpc_reply_set(out, 3, "slot_order %d is not a SlotOrder", order);
         return;
     }
-    r.algorithm_order = order == eplb_v1_SLOT_ORDER_ALGORITHM;
 
     eplb_rebalance_result res;
     if (eplb_registry_rebalance(ctx->registry, &r, &res, &err) != EPLB_OK) {
@@ -105,6 +110,8 @@ void rpc_rebalance(rpc_context *ctx, upb_Arena *arena, const char *req, size_t l
         eplb_v1_RebalanceResponse_set_experts_moved(resp, res.experts_moved);
         eplb_v1_RebalanceResponse_set_compute_ms(resp, res.compute_ms);
         eplb_v1_RebalanceResponse_set_committed(resp, res.committed);
+        eplb_v1_RebalanceResponse_set_bytes_moved(resp, res.bytes_moved);
+        eplb_v1_RebalanceResponse_set_move_ms(resp, res.move_ms);
         out->body = eplb_v1_RebalanceResponse_serialize(resp, arena, &out->body_len);
     }
     eplb_rebalance_result_free(&res);

@@ -34,6 +34,8 @@ static const rpc_method methods[] = {
     { "/eplb.v1.ExpertBalancer/SetupFromMapping", "SetupFromMapping", rpc_setup_from_mapping },
     { "/eplb.v1.ExpertBalancer/Rebalance", "Rebalance", rpc_rebalance },
     { "/eplb.v1.ExpertBalancer/RecordLoad", "RecordLoad", rpc_record_load },
+    { "/eplb.v1.ExpertBalancer/AttachWeights", "AttachWeights", rpc_attach_weights },
+    { "/eplb.v1.ExpertBalancer/DetachWeights", "DetachWeights", rpc_detach_weights },
     { "/grpc.health.v1.Health/Check", "Health/Check", rpc_health_check },
 };
 

@@ -86,7 +86,7 @@ static void assert_unchanged(uint64_t epoch, const int32_t *phy2log, uint32_t P)
 
 Test(engine, rebalance_reproduces_the_readme_example_and_commits) {
     eplb_rebalance_request req = { .model_id = "m", .physical_load = phys_load, .physical_load_len = 32,
-                                   .algorithm_order = true };
+                                   .slot_order = EPLB_SLOT_ALGORITHM };
     eplb_rebalance_result res;
     cr_assert_eq(eplb_registry_rebalance(reg, &req, &res, NULL), EPLB_OK);
     const int32_t want[] = { 5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1,
@@ -106,10 +106,10 @@ Test(engine, rebalance_reproduces_the_readme_example_and_commits) {
 
 Test(engine, preserve_keeps_each_gpu_multiset_and_moves_no_more) {
     eplb_rebalance_request req = { .model_id = "m", .physical_load = phys_load, .physical_load_len = 32,
-                                   .dry_run = true, .algorithm_order = true };
+                                   .dry_run = true, .slot_order = EPLB_SLOT_ALGORITHM };
     eplb_rebalance_result algo, kept;
     cr_assert_eq(eplb_registry_rebalance(reg, &req, &algo, NULL), EPLB_OK);
-    req.algorithm_order = false;
+    req.slot_order = EPLB_SLOT_PRESERVE_ONLY;
     cr_assert_eq(eplb_registry_rebalance(reg, &req, &kept, NULL), EPLB_OK);
     cr_assert_leq(kept.experts_moved, algo.experts_moved);
     cr_assert_float_eq(kept.balancedness_after, algo.balancedness_after, 1e-12);
@@ -125,6 +125,21 @@ Test(engine, preserve_keeps_each_gpu_multiset_and_moves_no_more) {
     cr_assert_eq(p.epoch, 0);
     eplb_placement_free(&p);
     cr_assert_eq(store.saves, 1);
+}
+
+Test(engine, gpu_reassignment_moves_no_more_than_slot_preservation) {
+    eplb_rebalance_request req = { .model_id = "m", .physical_load = phys_load, .physical_load_len = 32,
+                                   .dry_run = true, .slot_order = EPLB_SLOT_PRESERVE_ONLY };
+    eplb_rebalance_result kept, best;
+    cr_assert_eq(eplb_registry_rebalance(reg, &req, &kept, NULL), EPLB_OK);
+    req.slot_order = EPLB_SLOT_PRESERVE;
+    cr_assert_eq(eplb_registry_rebalance(reg, &req, &best, NULL), EPLB_OK);
+    cr_assert_leq(best.experts_moved, kept.experts_moved);
+    cr_assert_float_eq(best.balancedness_after, kept.balancedness_after, 1e-12);
+    for (int l = 0; l < 2; l++)
+        cr_assert_float_eq(best.layer_after[l], kept.layer_after[l], 1e-12);
+    eplb_rebalance_result_free(&kept);
+    eplb_rebalance_result_free(&best);
 }
 
 Test(engine, refused_rebalances_change_nothing) {
@@ -268,7 +283,7 @@ Test(engine, record_load_feeds_the_window_and_auto_rebalance_is_opt_in) {
     cr_assert_eq(eplb_registry_record_load(reg, &rec, &rr, &err), EPLB_EINVAL);
 
     /* The window's sum (3 x the README load) gives the README placement. */
-    eplb_rebalance_request req = { .model_id = "m", .algorithm_order = true, .dry_run = true };
+    eplb_rebalance_request req = { .model_id = "m", .slot_order = EPLB_SLOT_ALGORITHM, .dry_run = true };
     eplb_rebalance_result res;
     cr_assert_eq(eplb_registry_rebalance(reg, &req, &res, NULL), EPLB_OK);
     cr_assert_eq(res.placement.phy2log[0], 5);

@@ -1,0 +1,257 @@
+/* eplb_backend.c -- the backend loader ("cpu" | "hip" | "auto"), the public
+ * wrappers that validate arguments before a backend runs, and the fault
+ * hook.
+ *
+ * The choice of backend is made here, in one place:
+ *   1. hip when the buffers live in device memory: GPU weights can only be
+ *      moved by the GPU runtime (HIP, or HIP-on-CUDA);
+ *   2. cpu when they live in POSIX shared memory (and for every machine
+ *      without a GPU runtime: it is always built and is the reference the
+ *      GPU results are checked against).
+ * The HIP backend is a shared object opened with dlopen, so one eplbd binary
+ * runs where libamdhip64 is not installed at all. */
+#include <dlfcn.h>
+#include <limits.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "eplb_backend.h"
+
+struct eplb_backend {
+    const eplb_backend_ops *ops;
+    void *state;         /* the implementation's */
+    uint32_t num_layers; /* L */
+    uint32_t num_physical; /* P */
+    uint32_t num_ranks;  /* G */
+};
+
+/* ======================================================================= */
+/* Fault hook                                                               */
+/* ======================================================================= */
+
+static _Atomic int fault_phase;     /* eplb_fault_phase armed, 0 = inert */
+static _Atomic int fault_countdown; /* ops of that phase left until the failing one */
+
+void eplb_backend_set_fault(eplb_fault_phase phase, int countdown) {
+    atomic_store(&fault_phase, 0);
+    if (phase == EPLB_FAULT_NONE || countdown <= 0)
+        return;
+    atomic_store(&fault_countdown, countdown);
+    atomic_store(&fault_phase, (int)phase);
+}
+
+static int fault_check(eplb_fault_phase phase) {
+    if (atomic_load_explicit(&fault_phase, memory_order_relaxed) != (int)phase)
+        return 0;
+    if (atomic_fetch_sub(&fault_countdown, 1) != 1)
+        return 0;
+    atomic_store(&fault_phase, 0);
+    return 1;
+}
+
+static const eplb_backend_env backend_env = {fault_check};
+
+/* ======================================================================= */
+/* Loading the HIP shared object                                            */
+/* ======================================================================= */
+
+static pthread_once_t hip_once = PTHREAD_ONCE_INIT;
+static const eplb_backend_ops *hip_ops; /* NULL when it did not load */
+static char hip_why[EPLB_ERROR_MSG_MAX]; /* why not, when it did not */
+
+static void *try_dlopen(const char *path, char *why, size_t n) {
+    void *h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+    if (!h) {
+        const char *e = dlerror();
+        snprintf(why, n, "dlopen %s: %s", path, e ? e : "failed");
+    }
+    return h;
+}
+
+static void hip_load(void) {
+    char path[PATH_MAX + 64];
+    void *h = NULL;
+    const char *env = getenv("EPLB_HIP_BACKEND");
+    if (env && *env) {
+        h = try_dlopen(env, hip_why, sizeof hip_why);
+    } else {
+        /* Next to the executable first; then the dynamic linker's path. */
+        bool beside = false;
+        ssize_t n = readlink("/proc/self/exe", path, PATH_MAX);
+        if (n > 0) {
+            path[n] = '\0';
+            char *slash = strrchr(path, '/');
+            if (slash) {
+                snprintf(slash + 1, sizeof path - (size_t)(slash + 1 - path), "%s",
+                         EPLB_BACKEND_HIP_LIBRARY);
+                beside = access(path, F_OK) == 0;
+            }
+        }
+        h = try_dlopen(beside ? path : EPLB_BACKEND_HIP_LIBRARY, hip_why, sizeof hip_why);
+    }
+    if (!h)
+        return;
+    eplb_backend_get_ops_fn get = (eplb_backend_get_ops_fn)dlsym(h, EPLB_BACKEND_HIP_SYMBOL);
+    if (!get) {
+        snprintf(hip_why, sizeof hip_why, "%s has no symbol %s", EPLB_BACKEND_HIP_LIBRARY,
+                 EPLB_BACKEND_HIP_SYMBOL);
+        return; /* never dlclose: see eplb_backend_auto_name */
+    }
+    const eplb_backend_ops *ops = get();
+    if (!ops || ops->abi != EPLB_BACKEND_ABI) {
+        snprintf(hip_why, sizeof hip_why, "%s speaks backend ABI %u, eplbd speaks %u",
+                 EPLB_BACKEND_HIP_LIBRARY, ops ? ops->abi : 0u, (unsigned)EPLB_BACKEND_ABI);
+        return;
+    }
+    hip_ops = ops;
+}
+
+static const eplb_backend_ops *hip_get(eplb_error *err) {
+    pthread_once(&hip_once, hip_load);
+    if (!hip_ops)
+        eplb_error_set(err, EPLB_EUNAVAILABLE, "hip backend unavailable: %s", hip_why);
+    return hip_ops;
+}
+
+const char *eplb_backend_auto_name(char *why, size_t why_size) {
+    eplb_error e;
+    eplb_error_clear(&e);
+    const eplb_backend_ops *ops = hip_get(&e);
+    uint32_t devices = 0;
+    if (ops && ops->probe(&devices, &e) == EPLB_OK && devices > 0) {
+        if (why)
+            snprintf(why, why_size, "hip: %u device%s", devices, devices == 1 ? "" : "s");
+        return "hip";
+    }
+    if (why) {
+        if (ops && e.msg[0] == '\0')
+            snprintf(e.msg, sizeof e.msg, "no device");
+        snprintf(why, why_size, "cpu: %s", e.msg);
+    }
+    return "cpu";
+}
+
+/* ======================================================================= */
+/* Public wrappers                                                          */
+/* ======================================================================= */
+
+eplb_status eplb_backend_open_by_name(const char *name, const eplb_buffers_desc *desc,
+                                      uint32_t num_physical, eplb_backend **out,
+                                      eplb_error *err) {
+    if (!out)
+        return eplb_error_set(err, EPLB_EINVAL, "backend output is NULL");
+    *out = NULL;
+    if (!name || !desc)
+        return eplb_error_set(err, EPLB_EINVAL, "backend name or buffer description is NULL");
+    eplb_status st = eplb_buffers_validate(desc, desc->num_layers, num_physical, desc->num_ranks,
+                                           err);
+    if (st != EPLB_OK)
+        return st;
+    bool device = desc->kind != EPLB_BUFFERS_SHM;
+    const eplb_backend_ops *ops;
+    if (strcmp(name, "cpu") == 0 || (strcmp(name, "auto") == 0 && !device)) {
+        ops = &eplb_backend_cpu_ops;
+    } else if (strcmp(name, "hip") == 0 || strcmp(name, "auto") == 0) {
+        ops = hip_get(err);
+        if (!ops)
+            return EPLB_EUNAVAILABLE;
+    } else {
+        return eplb_error_set(err, EPLB_EINVAL, "backend \"%s\" is not cpu, hip or auto", name);
+    }
+    if (ops == &eplb_backend_cpu_ops && device)
+        return eplb_error_set(err, EPLB_EINVAL,
+                              "the cpu backend maps shm buffers; these are device buffers");
+    if (ops != &eplb_backend_cpu_ops && !device)
+        return eplb_error_set(err, EPLB_EINVAL,
+                              "the %s backend moves device buffers; these are shm buffers",
+                              ops->name);
+    eplb_backend *b = calloc(1, sizeof *b);
+    if (!b)
+        return eplb_error_set(err, EPLB_ENOMEM, "out of memory opening a backend");
+    st = ops->open(desc, num_physical, &backend_env, &b->state, err);
+    if (st != EPLB_OK) {
+        free(b);
+        return st;
+    }
+    b->ops = ops;
+    b->num_layers = desc->num_layers;
+    b->num_physical = num_physical;
+    b->num_ranks = desc->num_ranks;
+    *out = b;
+    return EPLB_OK;
+}
+
+const char *eplb_backend_name(const eplb_backend *b) { return b ? b->ops->name : "none"; }
+
+/* Every index a backend will dereference, checked against P, G and the
+ * plan's own staging table.  O(ops + staging). */
+static eplb_status check_plan(const eplb_backend *b, uint32_t layer, const eplb_plan *p,
+                              eplb_error *err) {
+    const uint32_t P = b->num_physical, G = b->num_ranks, S = P / G;
+    if (layer >= b->num_layers)
+        return eplb_error_set(err, EPLB_EINVAL, "layer %u out of range (%u layers)", layer,
+                              b->num_layers);
+    if (!p)
+        return eplb_error_set(err, EPLB_EINVAL, "layer %u: plan is NULL", layer);
+    if (p->num_physical != P || p->num_gpus != G)
+        return eplb_error_set(err, EPLB_EINVAL,
+                              "layer %u: plan built for %u slots on %u GPUs, buffers have %u on %u",
+                              layer, p->num_physical, p->num_gpus, P, G);
+    if ((p->num_gather && !p->gather) || (p->num_scatter && !p->scatter) ||
+        (p->num_staging && !p->staging) || p->num_scatter_wave0 > p->num_scatter)
+        return eplb_error_set(err, EPLB_EINVAL, "layer %u: plan arrays inconsistent", layer);
+    for (uint32_t k = 0; k < p->num_staging; k++)
+        if (p->staging[k].gpu >= G)
+            return eplb_error_set(err, EPLB_EINVAL, "layer %u: staging[%u].gpu %u >= %u", layer,
+                                  k, p->staging[k].gpu, G);
+    for (uint32_t i = 0; i < p->num_gather; i++) {
+        const eplb_plan_op *op = &p->gather[i];
+        if (op->kind != EPLB_OP_STAGE || op->src >= P || op->src_gpu != op->src / S ||
+            op->dst >= p->num_staging || op->dst_gpu != p->staging[op->dst].gpu)
+            return eplb_error_set(err, EPLB_EINVAL, "layer %u: gather op %u is malformed", layer,
+                                  i);
+    }
+    for (uint32_t i = 0; i < p->num_scatter; i++) {
+        const eplb_plan_op *op = &p->scatter[i];
+        bool ok = op->dst < P && op->dst_gpu == op->dst / S;
+        if (op->kind == EPLB_OP_UNSTAGE)
+            ok = ok && op->src < p->num_staging && p->staging[op->src].gpu == op->dst_gpu &&
+                 op->src_gpu == op->dst_gpu;
+        else if (op->kind == EPLB_OP_COPY)
+            ok = ok && op->src < P && op->src_gpu == op->src / S && op->src != op->dst;
+        else
+            ok = false;
+        if (!ok)
+            return eplb_error_set(err, EPLB_EINVAL, "layer %u: scatter op %u is malformed", layer,
+                                  i);
+    }
+    return EPLB_OK;
+}
+
+eplb_status eplb_backend_execute_layer(eplb_backend *b, uint32_t layer, const eplb_plan *plan,
+                                       eplb_error *err) {
+    if (!b)
+        return eplb_error_set(err, EPLB_EINVAL, "backend is NULL");
+    eplb_status st = check_plan(b, layer, plan, err);
+    if (st != EPLB_OK)
+        return st;
+    return b->ops->execute_layer(b->state, layer, plan, err);
+}
+
+eplb_status eplb_backend_synchronize(eplb_backend *b, eplb_error *err) {
+    if (!b)
+        return eplb_error_set(err, EPLB_EINVAL, "backend is NULL");
+    return b->ops->synchronize(b->state, err);
+}
+
+void eplb_backend_close(eplb_backend *b) {
+    if (!b)
+        return;
+    b->ops->close(b->state);
+    free(b);
+}

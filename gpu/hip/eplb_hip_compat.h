@@ -1,0 +1,219 @@
+/* eplb_hip_compat.h -- every HIP/CUDA difference of the hip backend, in one
+ * place.
+ *
+ * Built by hipcc (ROCm or Debian's hipcc 5.2): the real HIP API.
+ * Built by nvcc -x cu -DEPLB_HIP_ON_CUDA: the few hip* names the backend
+ * uses are mapped to the CUDA runtime here.  HIP's own hip/nvidia_detail
+ * headers are not used: those of HIP 5.2 do not compile with CUDA 13
+ * (removed texture references, changed APIs).  That is how the same kernels
+ * run on an NVIDIA machine that has CUDA but no HIP packages.
+ *
+ * Built by a C++ compiler with -DEPLB_HIP_ON_HOST (tests only, machines
+ * without a GPU): "device" memory is host memory, copies are memcpy, a
+ * kernel launch runs every block and thread one after another on the CPU,
+ * and $EPLB_HOST_DEVICES (default 2) pretend devices exist, of which only
+ * the pairs (0,1), (2,3), ... have peer access (so both the kernel path and
+ * the hipMemcpyPeerAsync fallback run).  An IPC handle holds a pointer.
+ * gpu/tests/host-emulation-check.sh uses it to run device_check here.
+ *
+ * Also here: EPLB_LAUNCH (kernel launch syntax) and eplb_mem_range (the
+ * allocation a device pointer lies in; CUDA's runtime has no such call, so
+ * on CUDA the driver's cuMemGetAddressRange_v2 is looked up in libcuda.so.1
+ * at run time: nothing links against the driver library). */
+#ifndef EPLB_HIP_COMPAT_H
+#define EPLB_HIP_COMPAT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef EPLB_HIP_ON_CUDA
+
+#include <cuda_runtime.h>
+#include <dlfcn.h>
+
+typedef cudaError_t hipError_t;
+typedef cudaStream_t hipStream_t;
+typedef cudaIpcMemHandle_t hipIpcMemHandle_t;
+
+#define hipSuccess cudaSuccess
+#define hipErrorNoDevice cudaErrorNoDevice
+#define hipErrorNotSupported cudaErrorNotSupported
+#define hipErrorPeerAccessAlreadyEnabled cudaErrorPeerAccessAlreadyEnabled
+#define hipGetErrorString cudaGetErrorString
+#define hipGetErrorName cudaGetErrorName
+#define hipGetLastError cudaGetLastError
+#define hipGetDeviceCount cudaGetDeviceCount
+#define hipGetDevice cudaGetDevice
+#define hipSetDevice cudaSetDevice
+#define hipMalloc cudaMalloc
+#define hipFree cudaFree
+#define hipMemcpyAsync cudaMemcpyAsync
+#define hipMemcpyHostToDevice cudaMemcpyHostToDevice
+#define hipMemcpyPeerAsync cudaMemcpyPeerAsync
+#define hipStreamCreateWithFlags cudaStreamCreateWithFlags
+#define hipStreamNonBlocking cudaStreamNonBlocking
+#define hipStreamSynchronize cudaStreamSynchronize
+#define hipStreamDestroy cudaStreamDestroy
+#define hipIpcOpenMemHandle cudaIpcOpenMemHandle
+#define hipIpcCloseMemHandle cudaIpcCloseMemHandle
+#define hipIpcMemLazyEnablePeerAccess cudaIpcMemLazyEnablePeerAccess
+#define hipDeviceCanAccessPeer cudaDeviceCanAccessPeer
+#define hipDeviceEnablePeerAccess cudaDeviceEnablePeerAccess
+
+#define EPLB_LAUNCH(kernel, grid, block, shmem, stream, ...)                                      \
+    kernel<<<(grid), (block), (shmem), (stream)>>>(__VA_ARGS__)
+
+/* The allocation containing ptr: base and size.  hipErrorNotSupported when
+ * the driver entry point cannot be found (then callers trust the declared
+ * size).  Needs the device's primary context current (any runtime call on
+ * the device after cudaSetDevice makes it so). */
+static inline hipError_t eplb_mem_range(void *ptr, void **base, size_t *size) {
+    typedef int (*range_fn)(unsigned long long *, size_t *, unsigned long long);
+    static range_fn fn;
+    static int looked;
+    if (!looked) {
+        void *h = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL | RTLD_NOLOAD);
+        if (!h)
+            h = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+        if (h)
+            fn = (range_fn)dlsym(h, "cuMemGetAddressRange_v2");
+        looked = 1;
+    }
+    if (!fn)
+        return hipErrorNotSupported;
+    unsigned long long b = 0;
+    int rc = fn(&b, size, (unsigned long long)(uintptr_t)ptr);
+    if (rc != 0) /* CUDA_SUCCESS */
+        return cudaErrorInvalidValue;
+    *base = (void *)(uintptr_t)b;
+    return hipSuccess;
+}
+
+#elif defined(EPLB_HIP_ON_HOST)
+
+#include <cstdlib>
+#include <cstring>
+
+typedef int hipError_t;
+typedef struct eplb_host_stream *hipStream_t;
+typedef struct {
+    char reserved[64];
+} hipIpcMemHandle_t;
+enum {
+    hipSuccess = 0,
+    hipErrorInvalidValue = 1,
+    hipErrorNoDevice = 100,
+    hipErrorInvalidDevice = 101,
+    hipErrorPeerAccessAlreadyEnabled = 704,
+    hipErrorNotSupported = 801
+};
+enum { hipMemcpyHostToDevice = 1, hipStreamNonBlocking = 1, hipIpcMemLazyEnablePeerAccess = 1 };
+
+struct dim3 {
+    unsigned x, y, z;
+    dim3(unsigned a = 1, unsigned b = 1, unsigned c = 1) : x(a), y(b), z(c) {}
+};
+struct uint4 {
+    unsigned x, y, z, w;
+};
+static dim3 blockIdx, threadIdx, blockDim, gridDim;
+#define __global__
+#define __launch_bounds__(n)
+
+static int eplb_host_device;
+static inline int eplb_host_devices(void) {
+    const char *e = getenv("EPLB_HOST_DEVICES");
+    int n = e ? atoi(e) : 2;
+    return n < 0 ? 0 : n;
+}
+static inline const char *hipGetErrorString(hipError_t e) {
+    return e == hipErrorNoDevice ? "no device (host emulation)" : "error (host emulation)";
+}
+static inline hipError_t hipGetLastError(void) { return hipSuccess; }
+static inline hipError_t hipGetDeviceCount(int *n) {
+    *n = eplb_host_devices();
+    return *n > 0 ? hipSuccess : hipErrorNoDevice;
+}
+static inline hipError_t hipGetDevice(int *d) {
+    *d = eplb_host_device;
+    return hipSuccess;
+}
+static inline hipError_t hipSetDevice(int d) {
+    if (d < 0 || d >= eplb_host_devices())
+        return hipErrorInvalidDevice;
+    eplb_host_device = d;
+    return hipSuccess;
+}
+static inline hipError_t hipMalloc(void **p, size_t n) {
+    *p = aligned_alloc(256, (n + 255) & ~(size_t)255);
+    return *p ? hipSuccess : hipErrorInvalidValue;
+}
+static inline hipError_t hipFree(void *p) {
+    free(p);
+    return hipSuccess;
+}
+static inline hipError_t hipMemcpyAsync(void *d, const void *s, size_t n, int, hipStream_t) {
+    memcpy(d, s, n);
+    return hipSuccess;
+}
+static inline hipError_t hipMemcpyPeerAsync(void *d, int, const void *s, int, size_t n,
+                                            hipStream_t) {
+    memcpy(d, s, n);
+    return hipSuccess;
+}
+static inline hipError_t hipStreamCreateWithFlags(hipStream_t *s, unsigned) {
+    *s = reinterpret_cast<hipStream_t>(malloc(1));
+    return *s ? hipSuccess : hipErrorInvalidValue;
+}
+static inline hipError_t hipStreamSynchronize(hipStream_t) { return hipSuccess; }
+static inline hipError_t hipStreamDestroy(hipStream_t s) {
+    free(s);
+    return hipSuccess;
+}
+static inline hipError_t hipIpcOpenMemHandle(void **p, hipIpcMemHandle_t h, unsigned) {
+    memcpy(p, h.reserved, sizeof *p);
+    return *p ? hipSuccess : hipErrorInvalidValue;
+}
+static inline hipError_t hipIpcCloseMemHandle(void *) { return hipSuccess; }
+static inline hipError_t hipDeviceCanAccessPeer(int *can, int a, int b) {
+    *can = (a ^ b) == 1;
+    return hipSuccess;
+}
+static inline hipError_t hipDeviceEnablePeerAccess(int, unsigned) { return hipSuccess; }
+
+#define EPLB_LAUNCH(kernel, grid, block, shmem, stream, ...)                                      \
+    do {                                                                                          \
+        (void)(shmem);                                                                            \
+        (void)(stream);                                                                           \
+        gridDim = (grid);                                                                         \
+        blockDim = (block);                                                                       \
+        for (unsigned b_ = 0; b_ < gridDim.x; b_++)                                               \
+            for (unsigned t_ = 0; t_ < blockDim.x; t_++) {                                        \
+                blockIdx = dim3(b_);                                                              \
+                threadIdx = dim3(t_);                                                             \
+                kernel(__VA_ARGS__);                                                              \
+            }                                                                                     \
+    } while (0)
+
+static inline hipError_t eplb_mem_range(void *, void **, size_t *) {
+    return hipErrorNotSupported;
+}
+
+#else /* HIP */
+
+#include <hip/hip_runtime.h>
+
+#define EPLB_LAUNCH(kernel, grid, block, shmem, stream, ...)                                      \
+    hipLaunchKernelGGL(kernel, (grid), (block), (shmem), (stream), __VA_ARGS__)
+
+static inline hipError_t eplb_mem_range(void *ptr, void **base, size_t *size) {
+    hipDeviceptr_t b = 0;
+    hipError_t e = hipMemGetAddressRange(&b, size, (hipDeviceptr_t)ptr);
+    if (e == hipSuccess)
+        *base = (void *)b;
+    return e;
+}
+
+#endif
+
+#endif

@@ -1,0 +1,572 @@
+/* test_cpu_backend.c -- the cpu backend, buffer validation and the loader
+ * (gpu/eplb_backend.c, gpu/eplb_buffers.c, gpu/cpu/eplb_backend_cpu.c).
+ *
+ * Fixture: one POSIX shm object per EP rank holding, for every layer, three
+ * tensors of odd sizes with padded strides, laid out interleaved; every
+ * slot's bytes encode (layer, tensor, logical expert) and every byte outside
+ * a slot is a sentinel.  Plans from eplb_plan_build run through the backend;
+ * afterwards every slot must hold its new expert's bytes, every -1 or
+ * unchanged slot its old bytes, and every sentinel must be intact.  Fault
+ * injection: a failure at any gather op leaves the buffers byte-identical;
+ * a failure at any scatter op is completed by a retry from staging. */
+#include <criterion/criterion.h>
+
+#include <fcntl.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "eplb_backend.h"
+#include "eplb_plan.h"
+
+#define MAX_RANKS 8
+#define MAX_LAYERS 4
+#define NT 3
+
+/* w13, w2, w13_scale; a test may change them before fixture_init (each
+ * Criterion test runs in its own process). */
+static uint64_t tensor_bytes[NT] = {1000, 517, 24};
+static const char *tensor_names[NT] = {"w13", "w2", "w13_scale"};
+
+typedef struct fixture {
+    uint32_t L, P, G, S;
+    char names[MAX_RANKS][64];
+    uint8_t *map[MAX_RANKS]; /* our own view of each shm object */
+    size_t size;             /* bytes per rank */
+    eplb_rank_location ranks[MAX_RANKS];
+    eplb_tensor_layout place[MAX_LAYERS][NT][MAX_RANKS];
+    eplb_tensor_desc tensors[MAX_LAYERS][NT];
+    eplb_layer_desc layers[MAX_LAYERS];
+    eplb_buffers_desc desc;
+} fixture;
+
+static uint8_t pattern(uint32_t l, uint32_t t, int32_t e, uint64_t i) {
+    uint64_t z = ((uint64_t)l << 48) ^ ((uint64_t)t << 40) ^ ((uint64_t)(uint32_t)e << 8) ^
+                 (i * 0x9E3779B97F4A7C15ull);
+    z ^= z >> 29;
+    z *= 0xBF58476D1CE4E5B9ull;
+    return (uint8_t)(z >> 32);
+}
+
+#define SENTINEL 0xA5
+
+/* Layout: slots of all tensors of all layers interleaved per slot index:
+ * for slot s: [l0 w13][pad][l0 w2][pad][l0 scale][pad][l1 w13]...; so the
+ * stride of every tensor is the size of one such row. */
+static void fixture_init(fixture *f, uint32_t L, uint32_t P, uint32_t G) {
+    memset(f, 0, sizeof *f);
+    f->L = L;
+    f->P = P;
+    f->G = G;
+    f->S = P / G;
+    uint64_t row = 0, off[MAX_LAYERS][NT];
+    for (uint32_t l = 0; l < L; l++)
+        for (uint32_t t = 0; t < NT; t++) {
+            off[l][t] = row + 8;
+            row += 8 + tensor_bytes[t] + 5;
+        }
+    f->size = (size_t)(row * f->S + 64);
+    for (uint32_t g = 0; g < G; g++) {
+        snprintf(f->names[g], sizeof f->names[g], "/eplb-test-%d-%u", (int)getpid(), g);
+        shm_unlink(f->names[g]);
+        int fd = shm_open(f->names[g], O_RDWR | O_CREAT | O_EXCL, 0600);
+        cr_assert(fd >= 0, "shm_open %s", f->names[g]);
+        cr_assert_eq(ftruncate(fd, (off_t)f->size), 0);
+        f->map[g] = mmap(NULL, f->size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        cr_assert(f->map[g] != MAP_FAILED);
+        close(fd);
+        memset(f->map[g], SENTINEL, f->size);
+        snprintf(f->ranks[g].shm_name, sizeof f->ranks[g].shm_name, "%s", f->names[g]);
+    }
+    for (uint32_t l = 0; l < L; l++) {
+        for (uint32_t t = 0; t < NT; t++) {
+            eplb_tensor_desc *td = &f->tensors[l][t];
+            snprintf(td->name, sizeof td->name, "%s", tensor_names[t]);
+            td->bytes_per_expert = tensor_bytes[t];
+            for (uint32_t g = 0; g < G; g++) {
+                f->place[l][t][g].offset = off[l][t];
+                f->place[l][t][g].stride = row;
+            }
+            td->ranks = f->place[l][t];
+        }
+        f->layers[l].num_tensors = NT;
+        f->layers[l].tensors = f->tensors[l];
+    }
+    f->desc.kind = EPLB_BUFFERS_SHM;
+    f->desc.num_layers = L;
+    f->desc.num_ranks = G;
+    f->desc.ranks = f->ranks;
+    f->desc.layers = f->layers;
+}
+
+static uint8_t *slot_ptr(fixture *f, uint32_t l, uint32_t t, uint32_t s) {
+    uint32_t g = s / f->S;
+    const eplb_tensor_layout *pl = &f->place[l][t][g];
+    return f->map[g] + pl->offset + (uint64_t)(s % f->S) * pl->stride;
+}
+
+static void fill_layer(fixture *f, uint32_t l, const int32_t *row) {
+    for (uint32_t s = 0; s < f->P; s++)
+        for (uint32_t t = 0; t < NT; t++) {
+            uint8_t *p = slot_ptr(f, l, t, s);
+            for (uint64_t i = 0; i < tensor_bytes[t]; i++)
+                p[i] = pattern(l, t, row[s], i);
+        }
+}
+
+/* Every slot of layer l holds want[s]'s bytes. */
+static void check_layer(fixture *f, uint32_t l, const int32_t *want) {
+    for (uint32_t s = 0; s < f->P; s++)
+        for (uint32_t t = 0; t < NT; t++) {
+            const uint8_t *p = slot_ptr(f, l, t, s);
+            for (uint64_t i = 0; i < tensor_bytes[t]; i++)
+                cr_assert_eq(p[i], pattern(l, t, want[s], i),
+                             "layer %u tensor %s slot %u byte %llu: not expert %d's", l,
+                             tensor_names[t], s, (unsigned long long)i, want[s]);
+        }
+}
+
+/* Bytes outside every slot still hold the sentinel. */
+static void check_sentinels(fixture *f) {
+    uint8_t *mask = calloc(f->size, 1);
+    for (uint32_t g = 0; g < f->G; g++) {
+        memset(mask, 0, f->size);
+        for (uint32_t l = 0; l < f->L; l++)
+            for (uint32_t t = 0; t < NT; t++)
+                for (uint32_t s = g * f->S; s < (g + 1) * f->S; s++)
+                    memset(mask + (slot_ptr(f, l, t, s) - f->map[g]), 1, tensor_bytes[t]);
+        for (size_t i = 0; i < f->size; i++)
+            if (!mask[i])
+                cr_assert_eq(f->map[g][i], SENTINEL, "rank %u byte %zu outside slots written", g,
+                             i);
+    }
+    free(mask);
+}
+
+static void fixture_fini(fixture *f) {
+    for (uint32_t g = 0; g < f->G; g++) {
+        munmap(f->map[g], f->size);
+        shm_unlink(f->names[g]);
+    }
+}
+
+/* A snapshot of every rank's bytes. */
+static uint8_t *snapshot(fixture *f) {
+    uint8_t *s = malloc(f->size * f->G);
+    for (uint32_t g = 0; g < f->G; g++)
+        memcpy(s + f->size * g, f->map[g], f->size);
+    return s;
+}
+
+static bool same_as(fixture *f, const uint8_t *snap) {
+    for (uint32_t g = 0; g < f->G; g++)
+        if (memcmp(snap + f->size * g, f->map[g], f->size) != 0)
+            return false;
+    return true;
+}
+
+static eplb_backend *open_cpu(fixture *f) {
+    eplb_backend *b = NULL;
+    eplb_error err;
+    eplb_error_clear(&err);
+    eplb_status st = eplb_backend_open_by_name("cpu", &f->desc, f->P, &b, &err);
+    cr_assert_eq(st, EPLB_OK, "open: %s", err.msg);
+    cr_assert_str_eq(eplb_backend_name(b), "cpu");
+    return b;
+}
+
+static void plan_ok(fixture *f, const int32_t *old_row, const int32_t *new_row, uint32_t gpn,
+                    eplb_plan *p) {
+    eplb_error err;
+    eplb_error_clear(&err);
+    cr_assert_eq(eplb_plan_build(f->P, f->G, gpn, old_row, new_row, 0, f->G, p, &err), EPLB_OK,
+                 "%s", err.msg);
+}
+
+static uint64_t rng_next(uint64_t *state) {
+    uint64_t z = (*state += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+static void random_rows(uint64_t *st, uint32_t P, uint32_t N, int32_t *old_row,
+                        int32_t *new_row) {
+    for (uint32_t s = 0; s < P; s++)
+        old_row[s] = rng_next(st) % 9 == 0 ? -1 : (int32_t)(rng_next(st) % N);
+    if (old_row[0] < 0)
+        old_row[0] = 0;
+    for (uint32_t s = 0; s < P; s++) {
+        uint32_t r = (uint32_t)(rng_next(st) % 10);
+        if (r < 3)
+            new_row[s] = old_row[s];
+        else if (r == 9)
+            new_row[s] = -1;
+        else {
+            int32_t v;
+            do
+                v = old_row[rng_next(st) % P];
+            while (v < 0);
+            new_row[s] = v;
+        }
+    }
+}
+
+/* The row each slot ends with: new, or old where new is -1. */
+static void expected_row(uint32_t P, const int32_t *old_row, const int32_t *new_row,
+                         int32_t *out) {
+    for (uint32_t s = 0; s < P; s++)
+        out[s] = new_row[s] == -1 ? old_row[s] : new_row[s];
+}
+
+/* ---------------------------------------------------------------------------
+ * Moving the weights
+ * ------------------------------------------------------------------------- */
+
+Test(cpu_backend, worked_examples) {
+    fixture f;
+    fixture_init(&f, 2, 6, 2);
+    const int32_t old0[] = {0, 1, 2, 3, 0, 1}, new0[] = {0, 2, 0, 1, 0, 3};
+    const int32_t old1[] = {5, 4, 3, 2, 1, 0}, new1[] = {5, 4, 3, 2, 1, 0}; /* unchanged */
+    fill_layer(&f, 0, old0);
+    fill_layer(&f, 1, old1);
+    eplb_backend *b = open_cpu(&f);
+    eplb_plan p;
+    plan_ok(&f, old0, new0, 2, &p);
+    eplb_error err;
+    cr_assert_eq(eplb_backend_execute_layer(b, 0, &p, &err), EPLB_OK, "%s", err.msg);
+    eplb_plan_free(&p);
+    plan_ok(&f, old1, new1, 2, &p);
+    cr_assert_eq(eplb_backend_execute_layer(b, 1, &p, &err), EPLB_OK, "%s", err.msg);
+    eplb_plan_free(&p);
+    cr_assert_eq(eplb_backend_synchronize(b, &err), EPLB_OK);
+    check_layer(&f, 0, new0);
+    check_layer(&f, 1, new1);
+    check_sentinels(&f);
+    eplb_backend_close(b);
+    fixture_fini(&f);
+
+    /* 2 slots per GPU, 2 GPUs: old [0,1,2,3] -> new [2,0,1,3]. */
+    fixture_init(&f, 1, 4, 2);
+    const int32_t old2[] = {0, 1, 2, 3}, new2[] = {2, 0, 1, 3};
+    fill_layer(&f, 0, old2);
+    b = open_cpu(&f);
+    plan_ok(&f, old2, new2, 2, &p);
+    cr_assert_eq(eplb_backend_execute_layer(b, 0, &p, &err), EPLB_OK, "%s", err.msg);
+    check_layer(&f, 0, new2);
+    /* Executing the same plan again (e.g. a retry after a lost reply) must
+     * not undo the exchange. */
+    cr_assert_eq(eplb_backend_execute_layer(b, 0, &p, &err), EPLB_OK, "%s", err.msg);
+    check_layer(&f, 0, new2);
+    eplb_plan_free(&p);
+    check_sentinels(&f);
+    eplb_backend_close(b);
+    fixture_fini(&f);
+}
+
+Test(cpu_backend, random_plans_all_layers) {
+    uint64_t st = 5;
+    for (int iter = 0; iter < 40; iter++) {
+        uint32_t G = 1 + (uint32_t)(rng_next(&st) % MAX_RANKS);
+        uint32_t S = 1 + (uint32_t)(rng_next(&st) % 5);
+        uint32_t L = 1 + (uint32_t)(rng_next(&st) % MAX_LAYERS);
+        uint32_t P = G * S, N = 1 + (uint32_t)(rng_next(&st) % P);
+        uint32_t gpn = 1 + (uint32_t)(rng_next(&st) % G);
+        fixture f;
+        fixture_init(&f, L, P, G);
+        int32_t old_rows[MAX_LAYERS][40], new_rows[MAX_LAYERS][40], want[40];
+        for (uint32_t l = 0; l < L; l++) {
+            random_rows(&st, P, N, old_rows[l], new_rows[l]);
+            fill_layer(&f, l, old_rows[l]);
+        }
+        eplb_backend *b = open_cpu(&f);
+        for (uint32_t l = 0; l < L; l++) {
+            eplb_plan p;
+            plan_ok(&f, old_rows[l], new_rows[l], gpn, &p);
+            eplb_error err;
+            cr_assert_eq(eplb_backend_execute_layer(b, l, &p, &err), EPLB_OK, "%s", err.msg);
+            eplb_plan_free(&p);
+        }
+        cr_assert_eq(eplb_backend_synchronize(b, NULL), EPLB_OK);
+        eplb_backend_close(b);
+        for (uint32_t l = 0; l < L; l++) {
+            expected_row(P, old_rows[l], new_rows[l], want);
+            check_layer(&f, l, want);
+        }
+        check_sentinels(&f);
+        fixture_fini(&f);
+    }
+}
+
+Test(cpu_backend, large_unaligned_slices) {
+    /* Slices >= 256 KiB take the streaming-store path; odd sizes and offsets
+     * exercise its unaligned head, body and tail. */
+    tensor_bytes[0] = 300007;
+    tensor_bytes[1] = 262144 + 5;
+    uint64_t st = 11;
+    for (int iter = 0; iter < 4; iter++) {
+        uint32_t G = 2 + iter, S = 3, P = G * S;
+        fixture f;
+        fixture_init(&f, 2, P, G);
+        int32_t old_rows[2][16], new_rows[2][16], want[16];
+        for (uint32_t l = 0; l < 2; l++) {
+            random_rows(&st, P, P, old_rows[l], new_rows[l]);
+            fill_layer(&f, l, old_rows[l]);
+        }
+        eplb_backend *b = open_cpu(&f);
+        for (uint32_t l = 0; l < 2; l++) {
+            eplb_plan p;
+            plan_ok(&f, old_rows[l], new_rows[l], 2, &p);
+            cr_assert_eq(eplb_backend_execute_layer(b, l, &p, NULL), EPLB_OK);
+            eplb_plan_free(&p);
+            expected_row(P, old_rows[l], new_rows[l], want);
+            check_layer(&f, l, want);
+        }
+        check_sentinels(&f);
+        eplb_backend_close(b);
+        fixture_fini(&f);
+    }
+}
+
+/* ---------------------------------------------------------------------------
+ * Fault injection
+ * ------------------------------------------------------------------------- */
+
+Test(cpu_backend, fault_at_every_gather_op_changes_nothing) {
+    fixture f;
+    fixture_init(&f, 1, 12, 4);
+    const int32_t old_row[] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 1, 2};
+    const int32_t new_row[] = {3, 4, 5, 0, 1, 2, 8, 6, 7, 1, 2, 0};
+    fill_layer(&f, 0, old_row);
+    eplb_backend *b = open_cpu(&f);
+    eplb_plan p;
+    plan_ok(&f, old_row, new_row, 2, &p);
+    cr_assert_gt(p.num_gather, 3);
+    uint8_t *snap = snapshot(&f);
+    for (uint32_t k = 1; k <= p.num_gather; k++) {
+        eplb_backend_set_fault(EPLB_FAULT_GATHER, (int)k);
+        eplb_error err;
+        eplb_error_clear(&err);
+        cr_assert_eq(eplb_backend_execute_layer(b, 0, &p, &err), EPLB_EINTERNAL, "k=%u", k);
+        cr_assert(strstr(err.msg, "gather op") && strstr(err.msg, "no slot was written"), "%s",
+                  err.msg);
+        cr_assert(same_as(&f, snap), "gather fault at op %u changed the buffers", k);
+    }
+    /* A fault armed for a later op than exists never fires; disarm anyway. */
+    eplb_backend_set_fault(EPLB_FAULT_NONE, 0);
+    eplb_error err;
+    cr_assert_eq(eplb_backend_execute_layer(b, 0, &p, &err), EPLB_OK, "%s", err.msg);
+    check_layer(&f, 0, new_row);
+    check_sentinels(&f);
+    free(snap);
+    eplb_plan_free(&p);
+    eplb_backend_close(b);
+    fixture_fini(&f);
+}
+
+Test(cpu_backend, fault_at_every_scatter_op_then_retry_completes) {
+    fixture f;
+    fixture_init(&f, 2, 12, 4);
+    const int32_t old_row[] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 1, 2};
+    const int32_t new_row[] = {3, 4, 5, 0, 1, 2, 8, 6, 7, 1, 1, 0};
+    eplb_plan p;
+    plan_ok(&f, old_row, new_row, 2, &p);
+    cr_assert_gt(p.num_scatter, 3);
+    for (uint32_t k = 1; k <= p.num_scatter; k++) {
+        fill_layer(&f, 1, old_row);
+        eplb_backend *b = open_cpu(&f);
+        eplb_backend_set_fault(EPLB_FAULT_SCATTER, (int)k);
+        eplb_error err;
+        eplb_error_clear(&err);
+        cr_assert_eq(eplb_backend_execute_layer(b, 1, &p, &err), EPLB_EDATALOSS, "k=%u", k);
+        cr_assert(strstr(err.msg, "again"), "%s", err.msg);
+        /* Retry: phase 2 only, from staging, completes the layer. */
+        cr_assert_eq(eplb_backend_execute_layer(b, 1, &p, &err), EPLB_OK, "%s", err.msg);
+        check_layer(&f, 1, new_row);
+        check_sentinels(&f);
+        eplb_backend_close(b);
+    }
+    /* Faults twice in a row, then success. */
+    fill_layer(&f, 1, old_row);
+    eplb_backend *b = open_cpu(&f);
+    eplb_backend_set_fault(EPLB_FAULT_SCATTER, 2);
+    cr_assert_eq(eplb_backend_execute_layer(b, 1, &p, NULL), EPLB_EDATALOSS);
+    eplb_backend_set_fault(EPLB_FAULT_SCATTER, p.num_scatter);
+    cr_assert_eq(eplb_backend_execute_layer(b, 1, &p, NULL), EPLB_EDATALOSS);
+    cr_assert_eq(eplb_backend_execute_layer(b, 1, &p, NULL), EPLB_OK);
+    check_layer(&f, 1, new_row);
+    eplb_backend_close(b);
+    eplb_plan_free(&p);
+    fixture_fini(&f);
+}
+
+/* ---------------------------------------------------------------------------
+ * Validation, loader, plan checks
+ * ------------------------------------------------------------------------- */
+
+static void expect_invalid(fixture *f, const char *needle) {
+    eplb_error err;
+    eplb_error_clear(&err);
+    eplb_backend *b = (eplb_backend *)1;
+    cr_assert_eq(eplb_backend_open_by_name("cpu", &f->desc, f->P, &b, &err), EPLB_EINVAL,
+                 "wanted EINVAL for %s", needle);
+    cr_assert_null(b);
+    cr_assert(strstr(err.msg, needle), "message \"%s\" lacks \"%s\"", err.msg, needle);
+}
+
+Test(buffers, validation_names_the_field) {
+    fixture f;
+    fixture_init(&f, 2, 8, 2);
+    eplb_error err;
+    cr_assert_eq(eplb_buffers_validate(&f.desc, 2, 8, 2, &err), EPLB_OK, "%s", err.msg);
+    cr_assert_eq(eplb_buffers_validate(&f.desc, 3, 8, 2, &err), EPLB_EINVAL);
+    cr_assert_eq(eplb_buffers_validate(&f.desc, 2, 8, 4, &err), EPLB_EINVAL);
+    cr_assert_eq(eplb_buffers_validate(&f.desc, 2, 9, 2, &err), EPLB_EINVAL);
+
+    char saved[64];
+    strcpy(saved, f.ranks[1].shm_name);
+    strcpy(f.ranks[1].shm_name, "no-slash");
+    expect_invalid(&f, "ranks[1].shm_name");
+    strcpy(f.ranks[1].shm_name, "/eplb-test-does-not-exist");
+    expect_invalid(&f, "shm_open");
+    strcpy(f.ranks[1].shm_name, f.ranks[0].shm_name);
+    expect_invalid(&f, "same memory");
+    strcpy(f.ranks[1].shm_name, saved);
+
+    f.ranks[0].size = f.size + 1;
+    expect_invalid(&f, "exceeds shm object");
+    f.ranks[0].size = f.size / 2; /* declared smaller than the layout needs */
+    expect_invalid(&f, "tensors[0] (w13).ranks[0]: offset 8");
+    f.ranks[0].size = 0;
+
+    f.place[1][1][1].stride = tensor_bytes[1] - 1;
+    expect_invalid(&f, "layers[1].tensors[1] (w2).ranks[1].stride");
+    f.place[1][1][1].stride = f.place[1][0][1].stride;
+
+    uint64_t o = f.place[1][2][0].offset;
+    f.place[1][2][0].offset = f.place[1][1][0].offset + 3; /* overlaps w2 */
+    expect_invalid(&f, "overlaps");
+    f.place[1][2][0].offset = UINT64_MAX - 10; /* overflow */
+    expect_invalid(&f, "does not fit");
+    f.place[1][2][0].offset = o;
+
+    strcpy(f.tensors[0][2].name, "w2");
+    expect_invalid(&f, "repeats");
+    strcpy(f.tensors[0][2].name, "");
+    expect_invalid(&f, "layers[0].tensors[2].name");
+    strcpy(f.tensors[0][2].name, tensor_names[2]);
+
+    f.tensors[1][0].bytes_per_expert = 0;
+    expect_invalid(&f, "bytes_per_expert");
+    f.tensors[1][0].bytes_per_expert = tensor_bytes[0];
+
+    f.layers[0].num_tensors = 0;
+    expect_invalid(&f, "layers[0].num_tensors");
+    f.layers[0].num_tensors = NT;
+
+    /* Device descriptions: structural checks, and the cpu refuses them. */
+    f.desc.kind = EPLB_BUFFERS_HIP_IPC;
+    for (uint32_t g = 0; g < 2; g++) {
+        f.ranks[g].size = f.size;
+        f.ranks[g].device = 0;
+        memset(f.ranks[g].ipc_handle, (int)(g + 1), EPLB_IPC_HANDLE_SIZE);
+    }
+    cr_assert_eq(eplb_buffers_validate(&f.desc, 2, 8, 2, &err), EPLB_OK, "%s", err.msg);
+    expect_invalid(&f, "device buffers");
+    memset(f.ranks[1].ipc_handle, 0, EPLB_IPC_HANDLE_SIZE);
+    expect_invalid(&f, "ranks[1].ipc_handle");
+    memset(f.ranks[1].ipc_handle, 2, EPLB_IPC_HANDLE_SIZE);
+    f.ranks[1].device = -1;
+    expect_invalid(&f, "ranks[1].device");
+    f.ranks[1].device = 0;
+    memset(f.ranks[1].ipc_handle, 1, EPLB_IPC_HANDLE_SIZE);
+    expect_invalid(&f, "same memory");
+    f.desc.kind = EPLB_BUFFERS_DEVICE_PTR;
+    f.ranks[0].device_ptr = 0x10000;
+    f.ranks[1].device_ptr = 0x10000 + f.size / 2;
+    expect_invalid(&f, "same memory");
+    f.ranks[1].device_ptr = 0;
+    expect_invalid(&f, "ranks[1].device_ptr");
+    f.desc.kind = (eplb_buffers_kind)9;
+    expect_invalid(&f, "kind");
+    fixture_fini(&f);
+}
+
+Test(loader, names_and_auto) {
+    fixture f;
+    fixture_init(&f, 1, 4, 2);
+    eplb_backend *b = NULL;
+    eplb_error err;
+    cr_assert_eq(eplb_backend_open_by_name("gpu", &f.desc, 4, &b, &err), EPLB_EINVAL);
+    cr_assert(strstr(err.msg, "cpu, hip or auto"), "%s", err.msg);
+    cr_assert_null(b);
+    /* shm buffers: auto is the cpu backend; hip refuses them or is absent. */
+    cr_assert_eq(eplb_backend_open_by_name("auto", &f.desc, 4, &b, &err), EPLB_OK, "%s", err.msg);
+    cr_assert_str_eq(eplb_backend_name(b), "cpu");
+    eplb_backend_close(b);
+    eplb_status st = eplb_backend_open_by_name("hip", &f.desc, 4, &b, &err);
+    cr_assert(st == EPLB_EUNAVAILABLE || st == EPLB_EINVAL, "hip on shm: %s", err.msg);
+    cr_assert_null(b);
+    char why[512];
+    const char *name = eplb_backend_auto_name(why, sizeof why);
+    cr_assert(strcmp(name, "cpu") == 0 || strcmp(name, "hip") == 0);
+    cr_assert_eq(strncmp(why, name, strlen(name)), 0, "%s", why);
+    cr_log_info("auto backend here: %s", why);
+    eplb_backend_close(NULL);
+    fixture_fini(&f);
+}
+
+Test(loader, plan_checked_before_anything) {
+    fixture f;
+    fixture_init(&f, 1, 6, 2);
+    const int32_t old_row[] = {0, 1, 2, 3, 0, 1}, new_row[] = {0, 2, 0, 1, 0, 3};
+    fill_layer(&f, 0, old_row);
+    eplb_backend *b = open_cpu(&f);
+    eplb_plan p;
+    plan_ok(&f, old_row, new_row, 2, &p);
+    uint8_t *snap = snapshot(&f);
+    eplb_error err;
+    cr_assert_eq(eplb_backend_execute_layer(b, 1, &p, &err), EPLB_EINVAL);
+    cr_assert(strstr(err.msg, "layer 1 out of range"), "%s", err.msg);
+    cr_assert_eq(eplb_backend_execute_layer(b, 0, NULL, &err), EPLB_EINVAL);
+    p.scatter[p.num_scatter - 1].dst = 6;
+    cr_assert_eq(eplb_backend_execute_layer(b, 0, &p, &err), EPLB_EINVAL);
+    cr_assert(strstr(err.msg, "scatter op"), "%s", err.msg);
+    eplb_plan_free(&p);
+    cr_assert(same_as(&f, snap));
+    /* A plan for another shape. */
+    const int32_t o4[] = {0, 1, 2, 3}, n4[] = {1, 0, 2, 3};
+    cr_assert_eq(eplb_plan_build(4, 2, 2, o4, n4, 0, 2, &p, NULL), EPLB_OK);
+    cr_assert_eq(eplb_backend_execute_layer(b, 0, &p, &err), EPLB_EINVAL);
+    cr_assert(strstr(err.msg, "built for 4 slots"), "%s", err.msg);
+    eplb_plan_free(&p);
+    cr_assert(same_as(&f, snap));
+    cr_assert_eq(eplb_backend_execute_layer(NULL, 0, &p, &err), EPLB_EINVAL);
+    free(snap);
+    eplb_backend_close(b);
+    fixture_fini(&f);
+}
+
+Test(cpu_backend, close_unmaps_everything) {
+    fixture f;
+    fixture_init(&f, 1, 4, 2);
+    eplb_backend *b = open_cpu(&f);
+    eplb_backend_close(b);
+    /* Only our own fixture mappings remain: one per rank. */
+    FILE *maps = fopen("/proc/self/maps", "r");
+    cr_assert(maps);
+    char line[1024];
+    int count = 0;
+    while (fgets(line, sizeof line, maps))
+        for (uint32_t g = 0; g < f.G; g++)
+            if (strstr(line, f.names[g] + 1))
+                count++;
+    fclose(maps);
+    cr_assert_eq(count, (int)f.G, "backend left %d mappings", count - (int)f.G);
+    fixture_fini(&f);
+}
