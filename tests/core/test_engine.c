@@ -315,3 +315,150 @@ Test(engine, flush_saves_dirty_windows_once) {
     cr_assert_eq(eplb_registry_flush(reg, NULL), EPLB_OK);
     cr_assert_eq(store.window_saves, 1);
 }
+
+/* ---- weights: a fake mover that fails on demand ----------------------------- */
+
+typedef struct fake_mover {
+    eplb_status check_status;
+    int fail_layer;          /* -1: never */
+    eplb_status fail_status; /* EPLB_EINTERNAL (gather) or EPLB_EDATALOSS (scatter) */
+    int moves;
+    int *closed;
+} fake_mover;
+
+static eplb_status fm_check(void *ctx, uint32_t L, uint32_t P, const int32_t *o, const int32_t *n, eplb_error *err) {
+    (void)L, (void)P, (void)o, (void)n;
+    fake_mover *m = ctx;
+    if (m->check_status != EPLB_OK)
+        return eplb_error_set(err, m->check_status, "layer 0: slot 3 (GPU 1) needs a GPU this server does not hold");
+    return EPLB_OK;
+}
+
+static eplb_status fm_move(void *ctx, uint32_t layer, uint32_t P, const int32_t *o, const int32_t *n, uint64_t *bytes,
+                           eplb_error *err) {
+    fake_mover *m = ctx;
+    *bytes = 0;
+    if ((int)layer == m->fail_layer)
+        return eplb_error_set(err, m->fail_status, "injected");
+    for (uint32_t s = 0; s < P; s++)
+        *bytes += o[s] != n[s] ? 100 : 0;
+    m->moves++;
+    return EPLB_OK;
+}
+
+static void fm_close(void *ctx) {
+    fake_mover *m = ctx;
+    (*m->closed)++;
+}
+
+static const eplb_weights_ops fm_ops = { .check = fm_check, .move_layer = fm_move, .close = fm_close };
+static fake_mover mover;
+static int mover_closed;
+
+static void attach(eplb_status check, int fail_layer, eplb_status fail) {
+    mover = (fake_mover){ .check_status = check, .fail_layer = fail_layer, .fail_status = fail, .closed = &mover_closed };
+    cr_assert_eq(eplb_registry_attach_weights(reg, "m", &fm_ops, &mover, NULL), EPLB_OK);
+}
+
+static eplb_rebalance_request move_request(void) {
+    return (eplb_rebalance_request){ .model_id = "m", .physical_load = phys_load, .physical_load_len = 32,
+                                     .slot_order = EPLB_SLOT_ALGORITHM };
+}
+
+Test(engine, weights_move_before_the_commit) {
+    attach(EPLB_OK, -1, EPLB_OK);
+    eplb_rebalance_request req = move_request();
+    eplb_rebalance_result res;
+    cr_assert_eq(eplb_registry_rebalance(reg, &req, &res, NULL), EPLB_OK);
+    cr_assert(res.committed);
+    cr_assert_eq(mover.moves, 2);
+    cr_assert_eq(res.bytes_moved, res.experts_moved * 100);
+    cr_assert_eq(res.placement.epoch, 1);
+    eplb_rebalance_result_free(&res);
+    /* Dry runs never move. */
+    req.dry_run = true;
+    cr_assert_eq(eplb_registry_rebalance(reg, &req, &res, NULL), EPLB_OK);
+    cr_assert_eq(mover.moves, 2);
+    eplb_rebalance_result_free(&res);
+    bool detached;
+    cr_assert_eq(eplb_registry_detach_weights(reg, "m", &detached, NULL), EPLB_OK);
+    cr_assert(detached);
+    cr_assert_eq(mover_closed, 1);
+}
+
+Test(engine, weights_precondition_moves_nothing) {
+    eplb_placement before = current();
+    attach(EPLB_EPRECONDITION, -1, EPLB_OK);
+    eplb_rebalance_request req = move_request();
+    eplb_rebalance_result res;
+    eplb_error err;
+    cr_assert_eq(eplb_registry_rebalance(reg, &req, &res, &err), EPLB_EPRECONDITION);
+    cr_assert_eq(mover.moves, 0);
+    assert_unchanged(0, before.phy2log, 16);
+    eplb_placement_free(&before);
+}
+
+Test(engine, gather_failure_on_the_first_layer_changes_nothing) {
+    eplb_placement before = current();
+    attach(EPLB_OK, 0, EPLB_EINTERNAL);
+    eplb_rebalance_request req = move_request();
+    eplb_rebalance_result res;
+    eplb_error err;
+    cr_assert_eq(eplb_registry_rebalance(reg, &req, &res, &err), EPLB_EINTERNAL);
+    cr_assert_not_null(strstr(err.msg, "nothing changed"), "%s", err.msg);
+    assert_unchanged(0, before.phy2log, 16);
+    eplb_placement_free(&before);
+    cr_assert_eq(store.saves, 1);
+}
+
+Test(engine, gather_failure_later_commits_the_layers_that_moved) {
+    eplb_placement before = current();
+    attach(EPLB_OK, 1, EPLB_EINTERNAL);
+    eplb_rebalance_request req = move_request();
+    eplb_rebalance_result res;
+    eplb_error err;
+    cr_assert_eq(eplb_registry_rebalance(reg, &req, &res, &err), EPLB_EINTERNAL);
+    cr_assert_not_null(strstr(err.msg, "layers 0..0 were moved and committed at epoch 1"), "%s", err.msg);
+    eplb_placement p = current();
+    cr_assert_eq(p.epoch, 1);
+    const int32_t readme_l0[] = { 5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1 };
+    cr_assert_arr_eq(p.phy2log, readme_l0, sizeof readme_l0);
+    cr_assert_arr_eq(p.phy2log + 16, before.phy2log + 16, 16 * sizeof(int32_t));
+    bool reload = true;
+    eplb_placement_free(&p);
+    cr_assert_eq(eplb_registry_get_placement(reg, "m", &p, &reload, NULL), EPLB_OK);
+    cr_assert_not(reload);
+    eplb_placement_free(&p);
+    eplb_placement_free(&before);
+}
+
+Test(engine, scatter_failure_marks_the_model_for_reload_until_registered_again) {
+    attach(EPLB_OK, 1, EPLB_EDATALOSS);
+    eplb_rebalance_request req = move_request();
+    eplb_rebalance_result res;
+    eplb_error err;
+    cr_assert_eq(eplb_registry_rebalance(reg, &req, &res, &err), EPLB_EDATALOSS);
+    cr_assert_not_null(strstr(err.msg, "needs a weight reload"), "%s", err.msg);
+    eplb_placement p;
+    bool reload = false;
+    cr_assert_eq(eplb_registry_get_placement(reg, "m", &p, &reload, NULL), EPLB_OK);
+    cr_assert(reload);
+    eplb_placement_free(&p);
+
+    /* Refused until the engine registers again (after reloading weights). */
+    mover.fail_layer = -1;
+    cr_assert_eq(eplb_registry_rebalance(reg, &req, &res, &err), EPLB_EPRECONDITION);
+    cr_assert_not_null(strstr(err.msg, "re-register"), "%s", err.msg);
+    eplb_setup_request sreq = { .model_id = "m" };
+    cr_assert_eq(eplb_registry_setup_from_mapping(reg, &sreq, &p, &err), EPLB_EPRECONDITION);
+
+    eplb_register_request rreq = { .model_name = "m", .model = &readme, .main_model_id = "",
+                                   .parallel = { .enable_eplb = true, .ep_size = 8, .num_nodes = 2, .window_size = 4,
+                                                 .step_interval = 3 } };
+    eplb_register_result rres;
+    cr_assert_eq(eplb_registry_register(reg, &rreq, &rres, NULL), EPLB_OK);
+    cr_assert_not(rres.needs_weight_reload);
+    eplb_placement_free(&rres.placement);
+    cr_assert_eq(eplb_registry_rebalance(reg, &req, &res, &err), EPLB_OK, "%s", err.msg);
+    eplb_rebalance_result_free(&res);
+}
