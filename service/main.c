@@ -67,7 +67,7 @@ static int parse_int(const char *flag, const char *s, long lo, long hi, int *out
 
 static int parse_options(int argc, char **argv, options *o) {
     enum { O_LISTEN = 256, O_DATA, O_DB, O_WORKERS, O_MAXMSG, O_MAXL, O_MAXE, O_MAXEP, O_MAXWIN, O_DRAIN,
-           O_LOG, O_READY, O_BACKEND, O_VERSION, O_HELP };
+           O_LOG, O_READY, O_BACKEND, O_FAULT, O_VERSION, O_HELP };
     static const struct option longopts[] = {
         { "listen", required_argument, NULL, O_LISTEN },
         { "data-dir", required_argument, NULL, O_DATA },
@@ -82,6 +82,7 @@ static int parse_options(int argc, char **argv, options *o) {
         { "log-level", required_argument, NULL, O_LOG },
         { "ready-file", required_argument, NULL, O_READY },
         { "backend", required_argument, NULL, O_BACKEND },
+        { "fault-inject", required_argument, NULL, O_FAULT },
         { "version", no_argument, NULL, O_VERSION },
         { "help", no_argument, NULL, O_HELP },
         { NULL, 0, NULL, 0 },
@@ -97,6 +98,21 @@ static int parse_options(int argc, char **argv, options *o) {
         case O_DATA: o->data_dir = optarg; break;
         case O_DB: o->db = optarg; break;
         case O_READY: o->ready_file = optarg; break;
+        case O_FAULT: {
+            /* Tests only (not in --help): fail the Nth weight-copy op of a
+             * phase once, e.g. "gather:1" or "scatter:3". */
+            int n = 0;
+            eplb_fault_phase phase = strncmp(optarg, "gather:", 7) == 0    ? EPLB_FAULT_GATHER
+                                     : strncmp(optarg, "scatter:", 8) == 0 ? EPLB_FAULT_SCATTER
+                                                                           : EPLB_FAULT_NONE;
+            if (phase == EPLB_FAULT_NONE ||
+                parse_int("--fault-inject", strchr(optarg, ':') + 1, 1, 1 << 30, &n) != 0) {
+                fprintf(stderr, "eplbd: --fault-inject wants gather:N or scatter:N\n");
+                return -1;
+            }
+            eplb_backend_set_fault(phase, n);
+            break;
+        }
         case O_BACKEND:
             if (strcmp(optarg, "auto") && strcmp(optarg, "cpu") && strcmp(optarg, "hip")) {
                 fprintf(stderr, "eplbd: --backend wants auto, cpu or hip, got '%s'\n", optarg);

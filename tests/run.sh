@@ -103,13 +103,21 @@ python_unittest "python grpcio client" /usr/bin/python3 "$root/tests/integration
 # definite/indirect leak makes eplbd exit 99 at SIGTERM, which the harness
 # reports as a failed test.
 if command -v valgrind >/dev/null; then
-    for t in test_server test_engine_rpc; do
+    for t in test_server test_engine_rpc test_weights_rpc; do
         EPLBD_WRAPPER="valgrind --quiet --error-exitcode=99 --leak-check=full --errors-for-leak-kinds=definite,indirect --show-leak-kinds=definite,indirect" \
             criterion "$t (eplbd under valgrind)" "$build/tests/$t" --jobs 2
     done
 else
     echo "valgrind not installed: skipping the valgrind pass"
     skipped=$((skipped + 1))
+fi
+
+# The HIP backend's host code with its kernels emulated on the CPU, compared
+# byte for byte with the CPU backend; on a machine with an NVIDIA GPU, the
+# same kernels for real (HIP-on-CUDA).
+counted "hip backend (host emulation)" bash "$root/gpu/tests/host-emulation-check.sh"
+if command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then
+    counted "hip backend (GPU)" bash "$root/gpu/tests/device-check.sh"
 fi
 
 [ -f "$root/tests/deploy/check.sh" ] && counted "deployment manifests" bash "$root/tests/deploy/check.sh"

@@ -26,6 +26,7 @@ typedef struct eplbd_proc {
     char dir[128];       /* temporary directory: database, ready file, log */
     char addr[128];      /* 127.0.0.1:PORT */
     char db[192];
+    const char *extra[8]; /* more eplbd arguments, NULL-terminated */
 } eplbd_proc;
 
 static inline int harness_slow(void) {
@@ -69,6 +70,8 @@ static inline void eplbd_start(eplbd_proc *p) {
         argv[n++] = "4";
         argv[n++] = "--drain-ms";
         argv[n++] = "5000";
+        for (int k = 0; k < 8 && p->extra[k]; k++)
+            argv[n++] = (char *)p->extra[k];
         argv[n] = NULL;
         /* The server's output goes to its log, never to the test's pipes. */
         if (!freopen(log, "a", stderr) || !freopen("/dev/null", "w", stdout))

@@ -1,0 +1,378 @@
+/* test_weights_rpc.c -- moving expert weights over real gRPC with the CPU
+ * backend: this test process owns POSIX shm buffers whose bytes encode
+ * (layer, tensor, logical expert) per slot, attaches them, rebalances, and
+ * checks every slot's bytes; elastic scale-up; injected copy failures. */
+#include "eplbd_harness.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+
+#include "eplb/v1/eplb.upb.h"
+
+enum { L = 2, N = 12, P = 16, G = 8, T = 3, MAXG = 12 };
+static const uint64_t tensor_bytes[T] = { 4096, 2048, 64 }; /* w13, w2, w13_scale */
+static const char *const tensor_names[T] = { "w13", "w2", "w13_scale" };
+
+static const int64_t readme_load[2][12] = {
+    { 90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86 },
+    { 20, 107, 104, 64, 19, 197, 187, 157, 172, 86, 16, 27 },
+};
+
+static eplbd_proc srv;
+static eplb_client *client;
+
+/* The engine's buffers: one shm object per rank, layer-major, tensor-major,
+ * slot-major, each slot padded to a 4 KiB-aligned stride. */
+typedef struct buffers {
+    uint32_t ranks, slots_per_rank;
+    char names[MAXG][64];
+    unsigned char *base[MAXG];
+    size_t size;
+} buffers;
+static buffers buf;
+
+static uint64_t stride_of(int t) { return (tensor_bytes[t] + 4095) / 4096 * 4096; }
+
+static uint64_t offset_of(int l, int t, uint32_t slots) {
+    uint64_t off = 0;
+    for (int ll = 0; ll <= l; ll++)
+        for (int tt = 0; tt < T; tt++) {
+            if (ll == l && tt == t)
+                return off;
+            off += stride_of(tt) * slots;
+        }
+    return off;
+}
+
+static unsigned char pattern(int l, int t, int e, uint64_t i) {
+    return (unsigned char)(l * 31 + t * 7 + e * 13 + (int)(i % 251) + 1);
+}
+
+static unsigned char *slot_bytes(int l, int t, uint32_t slot) {
+    uint32_t r = slot / buf.slots_per_rank, i = slot % buf.slots_per_rank;
+    return buf.base[r] + offset_of(l, t, buf.slots_per_rank) + stride_of(t) * i;
+}
+
+static void fill_slot(int l, uint32_t slot, int expert, unsigned char flip) {
+    for (int t = 0; t < T; t++) {
+        unsigned char *p = slot_bytes(l, t, slot);
+        for (uint64_t i = 0; i < tensor_bytes[t]; i++)
+            p[i] = expert < 0 ? 0 : (unsigned char)(pattern(l, t, expert, i) ^ flip);
+    }
+}
+
+/* 0 when slot holds expert (with the given flip) in every tensor. */
+static int slot_check(int l, uint32_t slot, int expert, unsigned char flip) {
+    for (int t = 0; t < T; t++) {
+        const unsigned char *p = slot_bytes(l, t, slot);
+        for (uint64_t i = 0; i < tensor_bytes[t]; i++)
+            if (p[i] != (unsigned char)(pattern(l, t, expert, i) ^ flip))
+                return -1;
+    }
+    return 0;
+}
+
+static void buffers_create(uint32_t ranks, uint32_t slots_per_rank) {
+    buf.ranks = ranks;
+    buf.slots_per_rank = slots_per_rank;
+    buf.size = offset_of(L - 1, T - 1, slots_per_rank) + stride_of(T - 1) * slots_per_rank;
+    for (uint32_t r = 0; r < ranks; r++) {
+        snprintf(buf.names[r], sizeof buf.names[r], "/eplb-test-%d-%u", (int)getpid(), r);
+        shm_unlink(buf.names[r]);
+        int fd = shm_open(buf.names[r], O_RDWR | O_CREAT | O_EXCL, 0600);
+        cr_assert_geq(fd, 0, "shm_open %s", buf.names[r]);
+        cr_assert_eq(ftruncate(fd, (off_t)buf.size), 0);
+        buf.base[r] = mmap(NULL, buf.size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        close(fd);
+        cr_assert_neq(buf.base[r], MAP_FAILED);
+    }
+}
+
+static void buffers_destroy(void) {
+    for (uint32_t r = 0; r < buf.ranks; r++) {
+        munmap(buf.base[r], buf.size);
+        shm_unlink(buf.names[r]);
+    }
+    memset(&buf, 0, sizeof buf);
+}
+
+/* ---- RPC helpers ------------------------------------------------------------ */
+
+static int call(const char *method, const char *bytes, size_t len, eplb_call_result *r) {
+    char path[128];
+    snprintf(path, sizeof path, "/eplb.v1.ExpertBalancer/%s", method);
+    cr_assert_eq(eplb_client_call(client, path, bytes, len, call_timeout_ms(), r), 0);
+    return r->status;
+}
+
+static void start_server(const char *fault) {
+    memset(&srv, 0, sizeof srv);
+    srv.extra[0] = "--backend";
+    srv.extra[1] = "cpu";
+    if (fault) {
+        srv.extra[2] = "--fault-inject";
+        srv.extra[3] = fault;
+    }
+    eplbd_tmpdir(&srv);
+    eplbd_start(&srv);
+    client = eplb_client_open(srv.addr);
+}
+
+static void stop_server(void) {
+    eplb_client_close(client);
+    int rc = eplbd_stop(&srv);
+    eplbd_cleanup(&srv);
+    buffers_destroy();
+    cr_assert_eq(rc, 0, "eplbd exited with %d", rc);
+}
+
+static void register_model(upb_Arena *a) {
+    eplb_v1_RegisterModelRequest *r = eplb_v1_RegisterModelRequest_new(a);
+    eplb_v1_RegisterModelRequest_set_model_name(r, upb_StringView_FromString("m"));
+    eplb_v1_ModelHandle *h = eplb_v1_RegisterModelRequest_mutable_model(r, a);
+    eplb_v1_ModelHandle_set_architecture(h, upb_StringView_FromString("ReadmeMoE"));
+    eplb_v1_ModelHandle_add_interfaces(h, eplb_v1_MIXTURE_OF_EXPERTS, a);
+    eplb_v1_MoeSpec *m = eplb_v1_ModelHandle_mutable_moe(h, a);
+    eplb_v1_MoeSpec_set_num_moe_layers(m, L);
+    eplb_v1_MoeSpec_set_num_logical_experts(m, N);
+    eplb_v1_MoeSpec_set_num_physical_experts(m, P);
+    eplb_v1_MoeSpec_set_num_local_physical_experts(m, P / G);
+    eplb_v1_MoeSpec_set_num_redundant_experts(m, P - N);
+    eplb_v1_MoeSpec_set_num_expert_groups(m, 4);
+    eplb_v1_ParallelConfig *p = eplb_v1_RegisterModelRequest_mutable_parallel(r, a);
+    eplb_v1_ParallelConfig_set_enable_eplb(p, true);
+    eplb_v1_ParallelConfig_set_ep_size(p, G);
+    eplb_v1_ParallelConfig_set_num_nodes(p, 2);
+    size_t len;
+    char *bytes = eplb_v1_RegisterModelRequest_serialize(r, a, &len);
+    eplb_call_result res;
+    cr_assert_eq(call("RegisterModel", bytes, len, &res), 0, "%s", res.message);
+    eplb_call_result_free(&res);
+}
+
+static int attach(upb_Arena *a, uint32_t ranks, const char *bad_name, char *msg, size_t msglen) {
+    eplb_v1_AttachWeightsRequest *r = eplb_v1_AttachWeightsRequest_new(a);
+    eplb_v1_AttachWeightsRequest_set_model_id(r, upb_StringView_FromString("m"));
+    eplb_v1_AttachWeightsRequest_set_kind(r, eplb_v1_BUFFER_KIND_SHM);
+    for (uint32_t g = 0; g < ranks; g++) {
+        eplb_v1_RankBuffer *rb = eplb_v1_AttachWeightsRequest_add_ranks(r, a);
+        eplb_v1_RankBuffer_set_shm_name(rb, upb_StringView_FromString(g == 0 && bad_name ? bad_name : buf.names[g]));
+    }
+    for (int l = 0; l < L; l++) {
+        eplb_v1_LayerWeights *lw = eplb_v1_AttachWeightsRequest_add_layers(r, a);
+        for (int t = 0; t < T; t++) {
+            eplb_v1_ExpertTensor *et = eplb_v1_LayerWeights_add_tensors(lw, a);
+            eplb_v1_ExpertTensor_set_name(et, upb_StringView_FromString(tensor_names[t]));
+            eplb_v1_ExpertTensor_set_bytes_per_expert(et, tensor_bytes[t]);
+            for (uint32_t g = 0; g < ranks; g++) {
+                eplb_v1_TensorLayout *tl = eplb_v1_ExpertTensor_add_ranks(et, a);
+                eplb_v1_TensorLayout_set_offset(tl, offset_of(l, t, buf.slots_per_rank));
+                eplb_v1_TensorLayout_set_stride(tl, stride_of(t));
+            }
+        }
+    }
+    size_t len;
+    char *bytes = eplb_v1_AttachWeightsRequest_serialize(r, a, &len);
+    eplb_call_result res;
+    int st = call("AttachWeights", bytes, len, &res);
+    if (msg)
+        snprintf(msg, msglen, "%s", res.message);
+    if (st == 0) {
+        eplb_v1_AttachWeightsResponse *resp = eplb_v1_AttachWeightsResponse_parse(res.body, res.body_len, a);
+        cr_assert(eplb_v1_AttachWeightsResponse_backend(resp).size == 3 &&
+                  memcmp(eplb_v1_AttachWeightsResponse_backend(resp).data, "cpu", 3) == 0);
+        cr_assert_eq(eplb_v1_AttachWeightsResponse_bytes_per_slot(resp), L * (4096 + 2048 + 64));
+    }
+    eplb_call_result_free(&res);
+    return st;
+}
+
+/* The current map (copied into the arena). */
+static const int32_t *get_map(upb_Arena *a, uint64_t *epoch, uint32_t *slots, int *reload) {
+    eplb_v1_GetPlacementRequest *req = eplb_v1_GetPlacementRequest_new(a);
+    eplb_v1_GetPlacementRequest_set_model_id(req, upb_StringView_FromString("m"));
+    size_t len, n;
+    char *bytes = eplb_v1_GetPlacementRequest_serialize(req, a, &len);
+    eplb_call_result r;
+    cr_assert_eq(call("GetPlacement", bytes, len, &r), 0);
+    char *body = upb_Arena_Malloc(a, r.body_len + 1);
+    memcpy(body, r.body, r.body_len);
+    eplb_v1_Placement *p = eplb_v1_Placement_parse(body, r.body_len, a);
+    eplb_call_result_free(&r);
+    *epoch = eplb_v1_Placement_epoch(p);
+    *slots = eplb_v1_Placement_num_physical_experts(p);
+    if (reload)
+        *reload = eplb_v1_Placement_needs_weight_reload(p);
+    return eplb_v1_Placement_physical_to_logical(p, &n);
+}
+
+/* Every slot of every layer holds the bytes of the expert map names. */
+static void check_bytes_match(const int32_t *map, uint32_t slots) {
+    for (int l = 0; l < L; l++)
+        for (uint32_t s = 0; s < slots; s++) {
+            int e = map[l * (int)slots + (int)s];
+            if (e >= 0)
+                cr_assert_eq(slot_check(l, s, e, 0), 0, "layer %d slot %u does not hold expert %d", l, s, e);
+        }
+}
+
+static int rebalance(upb_Arena *a, uint32_t slots, int dry_run, eplb_v1_RebalanceResponse **out, char *msg,
+                     size_t msglen) {
+    eplb_v1_RebalanceRequest *req = eplb_v1_RebalanceRequest_new(a);
+    eplb_v1_RebalanceRequest_set_model_id(req, upb_StringView_FromString("m"));
+    eplb_v1_RebalanceRequest_set_dry_run(req, dry_run);
+    int64_t *load = eplb_v1_RebalanceRequest_resize_physical_load(req, L * slots, a);
+    for (int l = 0; l < L; l++)
+        for (uint32_t s = 0; s < slots; s++)
+            load[(uint32_t)l * slots + s] = s < N ? readme_load[l][s] : 0;
+    size_t len;
+    char *bytes = eplb_v1_RebalanceRequest_serialize(req, a, &len);
+    eplb_call_result r;
+    int st = call("Rebalance", bytes, len, &r);
+    if (msg)
+        snprintf(msg, msglen, "%s", r.message);
+    if (st == 0 && out) {
+        char *body = upb_Arena_Malloc(a, r.body_len + 1);
+        memcpy(body, r.body, r.body_len);
+        *out = eplb_v1_RebalanceResponse_parse(body, r.body_len, a);
+    }
+    eplb_call_result_free(&r);
+    return st;
+}
+
+/* Register, create and fill the buffers for the initial map, attach. */
+static const int32_t *setup_model(upb_Arena *a) {
+    register_model(a);
+    buffers_create(G, P / G);
+    uint64_t epoch;
+    uint32_t slots;
+    const int32_t *map = get_map(a, &epoch, &slots, NULL);
+    for (int l = 0; l < L; l++)
+        for (uint32_t s = 0; s < P; s++)
+            fill_slot(l, s, map[l * P + (int)s], 0);
+    cr_assert_eq(attach(a, G, NULL, NULL, 0), 0);
+    return map;
+}
+
+Test(weights_rpc, rebalance_moves_every_tensor_and_leaves_unneeded_slots_alone, .timeout = 300) {
+    start_server(NULL);
+    upb_Arena *a = upb_Arena_New();
+    const int32_t *old = setup_model(a);
+
+    /* Learn the new map first, then mark the slots no copy may touch: their
+     * expert stays and no changed slot of the layer needs it. */
+    eplb_v1_RebalanceResponse *dry;
+    cr_assert_eq(rebalance(a, P, 1, &dry, NULL, 0), 0);
+    size_t n;
+    const int32_t *next = eplb_v1_Placement_physical_to_logical(eplb_v1_RebalanceResponse_placement(dry), &n);
+    int canary[L][P] = { { 0 } };
+    int canaries = 0;
+    for (int l = 0; l < L; l++)
+        for (int s = 0; s < P; s++) {
+            int e = old[l * P + s], needed = 0;
+            for (int d = 0; d < P; d++)
+                needed |= next[l * P + d] == e && old[l * P + d] != e;
+            if (next[l * P + s] == e && !needed) {
+                canary[l][s] = 1;
+                canaries++;
+                fill_slot(l, (uint32_t)s, e, 0xA5);
+            }
+        }
+    cr_assert_gt(canaries, 0, "the example should keep some experts in place");
+
+    eplb_v1_RebalanceResponse *resp;
+    cr_assert_eq(rebalance(a, P, 0, &resp, NULL, 0), 0);
+    cr_assert(eplb_v1_RebalanceResponse_committed(resp));
+    cr_assert_gt(eplb_v1_RebalanceResponse_bytes_moved(resp), 0);
+    const int32_t *now = eplb_v1_Placement_physical_to_logical(eplb_v1_RebalanceResponse_placement(resp), &n);
+    cr_assert_arr_eq(now, next, n * sizeof *now, "deterministic: the dry run and the commit agree");
+    for (int l = 0; l < L; l++)
+        for (int s = 0; s < P; s++)
+            cr_assert_eq(slot_check(l, (uint32_t)s, now[l * P + s], canary[l][s] ? 0xA5 : 0), 0,
+                         "layer %d slot %d (expert %d%s)", l, s, now[l * P + s], canary[l][s] ? ", untouched" : "");
+    upb_Arena_Free(a);
+    stop_server();
+}
+
+Test(weights_rpc, bad_buffers_are_refused_before_any_byte, .timeout = 300) {
+    start_server(NULL);
+    upb_Arena *a = upb_Arena_New();
+    register_model(a);
+    buffers_create(G, P / G);
+    char msg[512];
+    cr_assert_eq(attach(a, G - 1, NULL, msg, sizeof msg), 3);
+    cr_assert_not_null(strstr(msg, "ranks has 7 entries"), "%s", msg);
+    cr_assert_eq(attach(a, G, "/eplb-test-does-not-exist", msg, sizeof msg), 3, "%s", msg);
+    /* Without weights attached, a rebalance only changes the map. */
+    eplb_v1_RebalanceResponse *resp;
+    cr_assert_eq(rebalance(a, P, 0, &resp, NULL, 0), 0);
+    cr_assert_eq(eplb_v1_RebalanceResponse_bytes_moved(resp), 0);
+    upb_Arena_Free(a);
+    stop_server();
+}
+
+Test(weights_rpc, scale_up_fills_the_new_ranks_at_the_next_rebalance, .timeout = 300) {
+    start_server(NULL);
+    upb_Arena *a = upb_Arena_New();
+    const int32_t *old = setup_model(a);
+    /* 8 -> 12 ranks: the engine makes 4 more buffers; their slots are -1. */
+    buffers_destroy();
+    buffers_create(MAXG, P / G);
+    eplb_v1_SetupFromMappingRequest *sreq = eplb_v1_SetupFromMappingRequest_new(a);
+    eplb_v1_SetupFromMappingRequest_set_model_id(sreq, upb_StringView_FromString("m"));
+    int32_t *exp = eplb_v1_SetupFromMappingRequest_resize_expanded_physical_to_logical(sreq, L * 24, a);
+    for (int l = 0; l < L; l++)
+        for (int s = 0; s < 24; s++) {
+            exp[l * 24 + s] = s < P ? old[l * P + s] : -1;
+            fill_slot(l, (uint32_t)s, exp[l * 24 + s], 0);
+        }
+    eplb_v1_SetupFromMappingRequest_set_num_physical_experts(sreq, 24);
+    eplb_v1_SetupFromMappingRequest_set_old_num_physical_experts(sreq, P);
+    eplb_v1_SetupFromMappingRequest_set_ep_size(sreq, MAXG);
+    size_t len;
+    char *bytes = eplb_v1_SetupFromMappingRequest_serialize(sreq, a, &len);
+    eplb_call_result r;
+    cr_assert_eq(call("SetupFromMapping", bytes, len, &r), 0, "%s", r.message);
+    eplb_call_result_free(&r);
+    cr_assert_eq(attach(a, MAXG, NULL, NULL, 0), 0);
+
+    eplb_v1_RebalanceResponse *resp;
+    cr_assert_eq(rebalance(a, 24, 0, &resp, NULL, 0), 0);
+    size_t n;
+    const int32_t *now = eplb_v1_Placement_physical_to_logical(eplb_v1_RebalanceResponse_placement(resp), &n);
+    cr_assert_eq(n, L * 24);
+    for (size_t i = 0; i < n; i++)
+        cr_assert_geq(now[i], 0);
+    check_bytes_match(now, 24);
+    upb_Arena_Free(a);
+    stop_server();
+}
+
+/* After any injected failure the served map must match the bytes. */
+static void fault_case(const char *fault, int expect_status, const char *expect_msg) {
+    start_server(fault);
+    upb_Arena *a = upb_Arena_New();
+    setup_model(a);
+    char msg[512];
+    eplb_v1_RebalanceResponse *resp = NULL;
+    int st = rebalance(a, P, 0, &resp, msg, sizeof msg);
+    cr_assert_eq(st, expect_status, "%s: %s", fault, msg);
+    if (expect_msg)
+        cr_assert_not_null(strstr(msg, expect_msg), "%s: %s", fault, msg);
+    uint64_t epoch;
+    uint32_t slots;
+    int reload;
+    const int32_t *map = get_map(a, &epoch, &slots, &reload);
+    cr_assert_not(reload);
+    check_bytes_match(map, slots);
+    upb_Arena_Free(a);
+    stop_server();
+}
+
+Test(weights_rpc, gather_failure_leaves_bytes_and_map_consistent, .timeout = 300) {
+    fault_case("gather:1", 13 /* INTERNAL */, "before any");
+}
+
+Test(weights_rpc, scatter_failure_is_retried_from_staging, .timeout = 300) {
+    fault_case("scatter:2", 0, NULL);
+}
