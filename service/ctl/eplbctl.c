@@ -38,6 +38,10 @@ static const command commands[] = {
       eplb_v1_RebalanceResponse_getmsgdef, "rebalance JSON      RebalanceRequest" },
     { "record-load", "RecordLoad", eplb_v1_RecordLoadRequest_getmsgdef,
       eplb_v1_RecordLoadResponse_getmsgdef, "record-load JSON    RecordLoadRequest" },
+    { "attach", "AttachWeights", eplb_v1_AttachWeightsRequest_getmsgdef,
+      eplb_v1_AttachWeightsResponse_getmsgdef, "attach JSON         AttachWeightsRequest" },
+    { "detach", "DetachWeights", eplb_v1_DetachWeightsRequest_getmsgdef,
+      eplb_v1_DetachWeightsResponse_getmsgdef, "detach JSON         DetachWeightsRequest" },
 };
 
 static void usage(FILE *f) {

@@ -387,6 +387,14 @@ Test(server, eplbctl_json_in_json_out) {
     cr_assert_not_null(strstr(out, "\"physical_to_logical\":[0,1,2,3,0,1]"), "%s", out);
     cr_assert_not_null(strstr(out, "{\"status\": \"SERVING\"}"), "%s", out);
 
+    /* Every RPC is reachable from eplbctl (here: the error paths). */
+    snprintf(cmd, sizeof cmd, "%s --addr %s detach '{\"model_id\":\"nosuch\"}' 2>&1", EPLBCTL_PATH, srv.addr);
+    f = popen(cmd, "r");
+    n = fread(out, 1, sizeof out - 1, f);
+    out[n] = '\0';
+    pclose(f);
+    cr_assert_not_null(strstr(out, "DetachWeights: NOT_FOUND"), "%s", out);
+
     snprintf(cmd, sizeof cmd, "%s --addr %s get nosuch 2>&1", EPLBCTL_PATH, srv.addr);
     f = popen(cmd, "r");
     n = fread(out, 1, sizeof out - 1, f);
