@@ -225,6 +225,46 @@ class PythonClientTest(unittest.TestCase):
         self.assertIn("has no replica", cm.exception.details())
         self.assertEqual(self.stub.GetPlacement(eplb_pb2.GetPlacementRequest(model_id="m"), timeout=10).epoch, 2)
 
+    def test_attach_weights_and_move(self):
+        """Buffers in POSIX shm: each slot's bytes say which expert it holds."""
+        from multiprocessing import shared_memory
+        self.register_readme()
+        slot_bytes, slots_per_rank, ranks = 256, 2, 8
+        shms = [shared_memory.SharedMemory(create=True, size=2 * slots_per_rank * slot_bytes)
+                for _ in range(ranks)]
+        try:
+            def slot_view(layer, slot):
+                r, i = divmod(slot, slots_per_rank)
+                off = (layer * slots_per_rank + i) * slot_bytes
+                return shms[r].buf[off:off + slot_bytes]
+
+            old = list(self.stub.GetPlacement(eplb_pb2.GetPlacementRequest(model_id="m"),
+                                              timeout=10).physical_to_logical)
+            for layer in range(2):
+                for slot in range(16):
+                    slot_view(layer, slot)[:] = bytes([old[layer * 16 + slot] + 1 + layer * 16]) * slot_bytes
+            req = eplb_pb2.AttachWeightsRequest(
+                model_id="m", kind=eplb_pb2.BUFFER_KIND_SHM, backend="cpu",
+                ranks=[eplb_pb2.RankBuffer(shm_name="/" + s.name) for s in shms],
+                layers=[eplb_pb2.LayerWeights(tensors=[eplb_pb2.ExpertTensor(
+                    name="w", bytes_per_expert=slot_bytes,
+                    ranks=[eplb_pb2.TensorLayout(offset=layer * slots_per_rank * slot_bytes, stride=slot_bytes)
+                           for _ in range(ranks)])]) for layer in range(2)])
+            self.assertEqual(self.stub.AttachWeights(req, timeout=10).backend, "cpu")
+            resp = self.stub.Rebalance(eplb_pb2.RebalanceRequest(model_id="m", physical_load=self.physical(16)),
+                                       timeout=10)
+            self.assertGreater(resp.bytes_moved, 0)
+            new = list(resp.placement.physical_to_logical)
+            for layer in range(2):
+                for slot in range(16):
+                    self.assertEqual(bytes(slot_view(layer, slot)),
+                                     bytes([new[layer * 16 + slot] + 1 + layer * 16]) * slot_bytes)
+            self.assertTrue(self.stub.DetachWeights(eplb_pb2.DetachWeightsRequest(model_id="m"), timeout=10).detached)
+        finally:
+            for s in shms:
+                s.close()
+                s.unlink()
+
 
 if __name__ == "__main__":
     try:
