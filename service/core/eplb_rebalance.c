@@ -35,6 +35,19 @@ static eplb_status check_loaded(const registry_entry *e, eplb_error *err) {
     return EPLB_OK;
 }
 
+/* The logical load ([L][N], out) of a request's physical load ([L][P]) under
+ * e's current map, refusing a wrong length or a bad entry. */
+static eplb_status request_logical_load(const registry_entry *e, const int64_t *physical_load, size_t len,
+                                        int64_t *logical, eplb_error *err) {
+    const eplb_placement *cur = &e->rec.placement;
+    if (len != (size_t)cur->num_layers * cur->num_physical)
+        return eplb_error_set(err, EPLB_EINVAL,
+                              "physical_load has %zu entries, want num_layers %u x num_physical_experts %u", len,
+                              cur->num_layers, cur->num_physical);
+    return eplb_load_to_logical(cur->num_layers, cur->num_logical, cur->num_physical, cur->num_valid_physical,
+                                cur->phy2log, physical_load, logical, err);
+}
+
 /* ---- SetupFromMapping ---------------------------------------------------- */
 
 eplb_status eplb_registry_setup_from_mapping(eplb_registry *r, const eplb_setup_request *req,
@@ -307,15 +320,7 @@ eplb_status eplb_registry_rebalance(eplb_registry *r, const eplb_rebalance_reque
         goto out;
     }
     if (req->physical_load_len) {
-        if (req->physical_load_len != (size_t)cur->num_layers * cur->num_physical) {
-            st = eplb_error_set(err, EPLB_EINVAL,
-                                "physical_load has %zu entries, want num_layers %u x num_physical_experts %u",
-                                req->physical_load_len, cur->num_layers, cur->num_physical);
-            goto out;
-        }
-        st = eplb_load_to_logical(cur->num_layers, cur->num_logical, cur->num_physical,
-                                  cur->num_valid_physical, cur->phy2log, req->physical_load, logical, err);
-        if (st != EPLB_OK)
+        if ((st = request_logical_load(e, req->physical_load, req->physical_load_len, logical, err)) != EPLB_OK)
             goto out;
     } else {
         if (e->rec.window.count == 0) {
@@ -346,21 +351,13 @@ eplb_status eplb_registry_record_load(eplb_registry *r, const eplb_record_reques
         return st;
     const eplb_placement *cur = &e->rec.placement;
     size_t cells = (size_t)cur->num_layers * cur->num_logical;
-    int64_t *logical = NULL;
-    if (req->physical_load_len != (size_t)cur->num_layers * cur->num_physical) {
-        st = eplb_error_set(err, EPLB_EINVAL,
-                            "physical_load has %zu entries, want num_layers %u x num_physical_experts %u",
-                            req->physical_load_len, cur->num_layers, cur->num_physical);
-        goto out;
-    }
-    logical = malloc(cells * sizeof *logical);
+    int64_t *logical = malloc(cells * sizeof *logical);
     if (!logical) {
         st = eplb_error_set(err, EPLB_ENOMEM, "out of memory");
         goto out;
     }
     /* Validated even for a dummy pass: a bad request is refused either way. */
-    if ((st = eplb_load_to_logical(cur->num_layers, cur->num_logical, cur->num_physical, cur->num_valid_physical,
-                                   cur->phy2log, req->physical_load, logical, err)) != EPLB_OK)
+    if ((st = request_logical_load(e, req->physical_load, req->physical_load_len, logical, err)) != EPLB_OK)
         goto out;
     if (!req->is_dummy && (st = eplb_load_window_push(&e->rec.window, logical, err)) != EPLB_OK)
         goto out;

@@ -7,30 +7,8 @@
 
 #include "eplb_registry.h"
 
-typedef struct fake_store {
-    int saves;
-    int fail_next;
-    int window_saves;
-} fake_store;
+#include "fake_store.h"
 
-static eplb_status fake_save(void *ctx, const eplb_model_record *rec, eplb_error *err) {
-    fake_store *s = ctx;
-    if (s->fail_next) {
-        s->fail_next = 0;
-        return eplb_error_set(err, EPLB_EUNAVAILABLE, "store: injected failure");
-    }
-    s->saves++;
-    s->window_saves += rec->window.dirty;
-    return EPLB_OK;
-}
-
-static eplb_status fake_load(void *ctx, eplb_status (*each)(void *, eplb_model_record *, eplb_error *),
-                             void *arg, eplb_error *err) {
-    (void)ctx, (void)each, (void)arg, (void)err;
-    return EPLB_OK;
-}
-
-static const eplb_store_ops fake_ops = { .save = fake_save, .load_all = fake_load };
 static fake_store store;
 static eplb_registry *reg;
 

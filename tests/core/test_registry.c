@@ -5,32 +5,7 @@
 
 #include "eplb_registry.h"
 
-/* ---- a fake store: remembers how many saves happened, fails on request --- */
-typedef struct fake_store {
-    int saves;
-    int fail_next;
-    eplb_model_record last;
-} fake_store;
-
-static eplb_status fake_save(void *ctx, const eplb_model_record *rec, eplb_error *err) {
-    fake_store *s = ctx;
-    if (s->fail_next) {
-        s->fail_next = 0;
-        return eplb_error_set(err, EPLB_EUNAVAILABLE, "store: disk full (injected)");
-    }
-    s->saves++;
-    s->last = *rec;
-    memset(&s->last.placement, 0, sizeof s->last.placement);
-    return EPLB_OK;
-}
-
-static eplb_status fake_load(void *ctx, eplb_status (*each)(void *, eplb_model_record *, eplb_error *),
-                             void *arg, eplb_error *err) {
-    (void)ctx, (void)each, (void)arg, (void)err;
-    return EPLB_OK;
-}
-
-static const eplb_store_ops fake_ops = { .save = fake_save, .load_all = fake_load };
+#include "fake_store.h"
 
 static fake_store store;
 static eplb_registry *reg;
@@ -131,7 +106,7 @@ Test(registry, store_failure_leaves_nothing_registered) {
     eplb_error err;
     store.fail_next = 1;
     cr_assert_eq(eplb_registry_register(reg, &req, &res, &err), EPLB_EUNAVAILABLE);
-    cr_assert_str_eq(err.msg, "store: disk full (injected)");
+    cr_assert_str_eq(err.msg, "store: injected failure");
     cr_assert_not(res.registered);
     cr_assert_eq(eplb_registry_count(reg), 0);
     cr_assert_eq(eplb_registry_get_placement(reg, "kimi", &res.placement, NULL, &err), EPLB_ENOTFOUND);

@@ -124,4 +124,20 @@ static inline void eplbd_cleanup(eplbd_proc *p) {
 
 static inline int call_timeout_ms(void) { return harness_slow() ? 60000 : 10000; }
 
+/* The usual suite fixture: a fresh server and a client connected to it;
+ * stopping asserts a clean exit at SIGTERM (so valgrind's verdict counts). */
+static inline void eplbd_suite_start(eplbd_proc *p, eplb_client **client) {
+    eplbd_tmpdir(p);
+    eplbd_start(p);
+    *client = eplb_client_open(p->addr);
+    cr_assert_not_null(*client);
+}
+
+static inline void eplbd_suite_stop(eplbd_proc *p, eplb_client *client) {
+    eplb_client_close(client);
+    int rc = eplbd_stop(p);
+    eplbd_cleanup(p);
+    cr_assert_eq(rc, 0, "eplbd exited with %d at SIGTERM", rc);
+}
+
 #endif

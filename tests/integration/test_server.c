@@ -8,19 +8,9 @@
 static eplbd_proc srv;
 static eplb_client *client;
 
-static void start(void) {
-    eplbd_tmpdir(&srv);
-    eplbd_start(&srv);
-    client = eplb_client_open(srv.addr);
-    cr_assert_not_null(client);
-}
+static void start(void) { eplbd_suite_start(&srv, &client); }
 
-static void stop(void) {
-    eplb_client_close(client);
-    int rc = eplbd_stop(&srv);
-    eplbd_cleanup(&srv);
-    cr_assert_eq(rc, 0, "eplbd exited with %d at SIGTERM", rc);
-}
+static void stop(void) { eplbd_suite_stop(&srv, client); }
 
 TestSuite(server, .init = start, .fini = stop, .timeout = 300);
 

@@ -113,17 +113,12 @@ static void start_server(const char *fault) {
         srv.extra[2] = "--fault-inject";
         srv.extra[3] = fault;
     }
-    eplbd_tmpdir(&srv);
-    eplbd_start(&srv);
-    client = eplb_client_open(srv.addr);
+    eplbd_suite_start(&srv, &client);
 }
 
 static void stop_server(void) {
-    eplb_client_close(client);
-    int rc = eplbd_stop(&srv);
-    eplbd_cleanup(&srv);
     buffers_destroy();
-    cr_assert_eq(rc, 0, "eplbd exited with %d", rc);
+    eplbd_suite_stop(&srv, client);
 }
 
 static void register_model(upb_Arena *a) {
