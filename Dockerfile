@@ -36,6 +36,9 @@ COPY . .
 RUN cmake -S . -B /build -DCMAKE_BUILD_TYPE=RelWithDebInfo -DEPLB_BUILD_TESTS=OFF \
           -DEPLB_HIP="$EPLB_HIP" $CMAKE_ARGS \
  && cmake --build /build --parallel "$(nproc)" --target eplbd eplbctl \
+ && if [ "$EPLB_HIP" = ON ]; then cmake --build /build --target eplb_backend_hip; fi \
+ && mkdir -p /build/backends \
+ && { [ ! -f /build/libeplb_backend_hip.so ] || cp /build/libeplb_backend_hip.so /build/backends/; } \
  && /build/eplbd --version
 
 # The Debian packages that own the shared libraries eplbd and eplbctl load.
@@ -62,6 +65,8 @@ RUN extra=""; if [ "$EPLB_HIP" = ON ]; then extra="$HIP_RUNTIME_PACKAGES"; fi; \
  && install -d -o 10001 -g 10001 -m 0750 /var/lib/eplbd
 
 COPY --from=builder /build/eplbd /build/eplbctl /usr/local/bin/
+# The HIP backend (EPLB_HIP=ON): next to eplbd, where --backend auto finds it.
+COPY --from=builder /build/backends/ /usr/local/bin/
 
 LABEL org.opencontainers.image.title="eplbd" \
       org.opencontainers.image.description="Expert-parallel load balancing service for MoE inference (gRPC)"
