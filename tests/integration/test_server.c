@@ -393,3 +393,41 @@ Test(server, eplbctl_json_in_json_out) {
     cr_assert(WIFEXITED(status) && WEXITSTATUS(status) == 1, "%s", out);
     cr_assert_not_null(strstr(out, "GetPlacement: NOT_FOUND: model nosuch is not registered"), "%s", out);
 }
+
+/* ---- flags: unix socket, message size limit ------------------------------ */
+
+Test(server_flags, unix_socket_and_max_message_size, .timeout = 300) {
+    eplbd_proc p;
+    memset(&p, 0, sizeof p);
+    eplbd_tmpdir(&p);
+    char listen[192];
+    snprintf(listen, sizeof listen, "unix:%s/eplbd.sock", p.dir);
+    p.extra[0] = "--max-message-bytes";
+    p.extra[1] = "2048";
+    p.extra[2] = "--listen"; /* the last --listen wins */
+    p.extra[3] = listen;
+    eplbd_start(&p);
+    cr_assert_str_eq(p.addr, listen);
+    eplb_client *c = eplb_client_open(p.addr);
+    upb_Arena *a = upb_Arena_New();
+    size_t len;
+    char *bytes = eplb_v1_RegisterModelRequest_serialize(register_request(a, "ds", moe_handle(a, "M", 2)), a, &len);
+    eplb_call_result r;
+    cr_assert_eq(eplb_client_call(c, "/eplb.v1.ExpertBalancer/RegisterModel", bytes, len, call_timeout_ms(), &r), 0);
+    cr_assert_eq(r.status, 0, "%s", r.message);
+    eplb_call_result_free(&r);
+
+    /* A request past --max-message-bytes is refused by gRPC itself. */
+    eplb_v1_RecordLoadRequest *big = eplb_v1_RecordLoadRequest_new(a);
+    eplb_v1_RecordLoadRequest_set_model_id(big, upb_StringView_FromString("ds"));
+    int64_t *load = eplb_v1_RecordLoadRequest_resize_physical_load(big, 4096, a);
+    for (int i = 0; i < 4096; i++)
+        load[i] = 1000000;
+    bytes = eplb_v1_RecordLoadRequest_serialize(big, a, &len);
+    cr_assert_gt(len, 2048);
+    cr_assert_eq(eplb_client_call(c, "/eplb.v1.ExpertBalancer/RecordLoad", bytes, len, call_timeout_ms(), &r), 0);
+    cr_assert_eq(r.status, 8 /* RESOURCE_EXHAUSTED */, "%s: %s", eplb_grpc_status_name(r.status), r.message);
+    eplb_call_result_free(&r);
+    upb_Arena_Free(a);
+    eplbd_suite_stop(&p, c);
+}
