@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # bench.sh -- build (Release) and run the benchmarks; prints numbers.
 #   policy: bench/bench_policy (DeepSeek-V3 size, 2x, 4x)
+#   plan:   bench/bench_plan (bytes moved per rebalance, 50 drifting rebalances)
+#   copy:   bench/bench_copy (cpu backend vs memcpy; ~450 MB of /dev/shm)
 #   rpc:    eplbd on an ephemeral loopback port with a temporary database,
 #           bench/bench_rpc as a separate client process (4 clients)
 set -euo pipefail
@@ -8,11 +10,17 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 build=${EPLB_BENCH_BUILD_DIR:-$root/build-bench}
 bash "$root/scripts/setup.sh"
 cmake -S "$root" -B "$build" -DCMAKE_BUILD_TYPE=Release -DEPLB_BUILD_TESTS=OFF >/dev/null
-cmake --build "$build" -j "$(nproc)" >/dev/null
+cmake --build "$build" -j "$(nproc)" --target eplbd bench_policy bench_rpc bench_plan bench_copy >/dev/null
 
 echo "machine: $(nproc) CPUs, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), $(free -g | awk '/Mem:/{print $2}') GiB"
 echo "== policy"
 "$build/bench/bench_policy"
+
+echo "== Moving expert weights: bytes per rebalance"
+"$build/bench/bench_plan"
+
+echo "== cpu backend copy throughput"
+"$build/bench/bench_copy"
 
 echo "== Rebalance RPC over loopback"
 tmp=$(mktemp -d)

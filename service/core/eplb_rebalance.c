@@ -246,7 +246,7 @@ static eplb_status rebalance_locked(eplb_registry *r, registry_entry *e, const i
     }
     if ((st = eplb_policy_rebalance(ps, logical_load, phy2log, logcnt, err)) != EPLB_OK)
         goto out;
-    if (order == EPLB_SLOT_PRESERVE)
+    if (order == EPLB_SLOT_MIN_TRAFFIC)
         /* The policy's nodes are interchangeable only on its hierarchical path. */
         eplb_plan_reassign_gpus(L, P, ps->num_gpus, eplb_policy_is_hierarchical(ps) ? ps->num_nodes : 1,
                                 cur->phy2log, phy2log);
@@ -370,7 +370,8 @@ eplb_status eplb_registry_record_load(eplb_registry *r, const eplb_record_reques
         memset(&res, 0, sizeof res);
         eplb_policy_shape ps = policy_shape(e, 0, 0, 0);
         memcpy(logical, e->rec.window.sum, cells * sizeof *logical);
-        st = rebalance_locked(r, e, logical, &ps, EPLB_SLOT_PRESERVE, false, &res, err);
+        st = rebalance_locked(r, e, logical, &ps, e->weights ? EPLB_SLOT_MIN_TRAFFIC : EPLB_SLOT_PRESERVE, false,
+                              &res, err);
         out->rebalanced = st == EPLB_OK;
         eplb_rebalance_result_free(&res);
         if (st != EPLB_OK) {

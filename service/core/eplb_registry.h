@@ -153,9 +153,9 @@ eplb_status eplb_registry_setup_from_mapping(eplb_registry *r, const eplb_setup_
                                              eplb_placement *out, eplb_error *err);
 
 typedef enum eplb_slot_order {
-    EPLB_SLOT_PRESERVE = 0,       /* reassign GPUs/nodes to old holders, then keep slots */
-    EPLB_SLOT_ALGORITHM = 1,      /* the policy's own order */
-    EPLB_SLOT_PRESERVE_ONLY = 2,  /* vLLM #29499: keep slots within each GPU only */
+    EPLB_SLOT_PRESERVE = 0,     /* vLLM #29499: keep slots within each GPU */
+    EPLB_SLOT_ALGORITHM = 1,    /* the policy's own order */
+    EPLB_SLOT_MIN_TRAFFIC = 2,  /* reassign GPUs/nodes to their old holders, then keep slots */
 } eplb_slot_order;
 
 typedef struct eplb_rebalance_request {
@@ -205,7 +205,8 @@ typedef struct eplb_record_result {
 
 /* RecordLoad: add one pass to the model's window.  Every step_interval
  * passes, a model registered with auto_rebalance is rebalanced from its
- * window and committed.  A bad request changes nothing. */
+ * window and committed (EPLB_SLOT_MIN_TRAFFIC when weights are attached,
+ * since then the bytes are ours to move; else EPLB_SLOT_PRESERVE).  A bad request changes nothing. */
 eplb_status eplb_registry_record_load(eplb_registry *r, const eplb_record_request *req,
                                       eplb_record_result *out, eplb_error *err);
 

@@ -81,8 +81,8 @@ void rpc_rebalance(rpc_context *ctx, upb_Arena *arena, const char *req, size_t l
         r.slot_order = EPLB_SLOT_PRESERVE;
     else if (order == eplb_v1_SLOT_ORDER_ALGORITHM)
         r.slot_order = EPLB_SLOT_ALGORITHM;
-    else if (order == eplb_v1_SLOT_ORDER_PRESERVE_ONLY)
-        r.slot_order = EPLB_SLOT_PRESERVE_ONLY;
+    else if (order == eplb_v1_SLOT_ORDER_MIN_TRAFFIC)
+        r.slot_order = EPLB_SLOT_MIN_TRAFFIC;
     else {
         rpc_reply_set(out, 3, "slot_order %d is not a SlotOrder", order);
         return;

@@ -87,7 +87,7 @@ Test(engine, preserve_keeps_each_gpu_multiset_and_moves_no_more) {
                                    .dry_run = true, .slot_order = EPLB_SLOT_ALGORITHM };
     eplb_rebalance_result algo, kept;
     cr_assert_eq(eplb_registry_rebalance(reg, &req, &algo, NULL), EPLB_OK);
-    req.slot_order = EPLB_SLOT_PRESERVE_ONLY;
+    req.slot_order = EPLB_SLOT_PRESERVE;
     cr_assert_eq(eplb_registry_rebalance(reg, &req, &kept, NULL), EPLB_OK);
     cr_assert_leq(kept.experts_moved, algo.experts_moved);
     cr_assert_float_eq(kept.balancedness_after, algo.balancedness_after, 1e-12);
@@ -107,10 +107,10 @@ Test(engine, preserve_keeps_each_gpu_multiset_and_moves_no_more) {
 
 Test(engine, gpu_reassignment_moves_no_more_than_slot_preservation) {
     eplb_rebalance_request req = { .model_id = "m", .physical_load = phys_load, .physical_load_len = 32,
-                                   .dry_run = true, .slot_order = EPLB_SLOT_PRESERVE_ONLY };
+                                   .dry_run = true, .slot_order = EPLB_SLOT_PRESERVE };
     eplb_rebalance_result kept, best;
     cr_assert_eq(eplb_registry_rebalance(reg, &req, &kept, NULL), EPLB_OK);
-    req.slot_order = EPLB_SLOT_PRESERVE;
+    req.slot_order = EPLB_SLOT_MIN_TRAFFIC;
     cr_assert_eq(eplb_registry_rebalance(reg, &req, &best, NULL), EPLB_OK);
     cr_assert_leq(best.experts_moved, kept.experts_moved);
     cr_assert_float_eq(best.balancedness_after, kept.balancedness_after, 1e-12);
