@@ -116,6 +116,13 @@ eplb_status eplb_placement_assign(eplb_placement *p, uint32_t num_physical,
     uint32_t max_replicas = eplb_placement_max_replicas(L, N, num_physical, phy2log);
     if (max_replicas == 0)
         return eplb_error_set(err, EPLB_ENOMEM, "out of memory");
+    /* log2phy is [L][N][max replicas]: one expert copied into thousands of
+     * slots would make it enormous, so such a map is refused. */
+    if ((uint64_t)L * N * max_replicas > EPLB_PLACEMENT_MAX_LOG2PHY)
+        return eplb_error_set(err, EPLB_EINVAL,
+                              "an expert has %u replicas in one layer: logical_to_physical would need %llu entries "
+                              "(at most %llu)", max_replicas, (unsigned long long)L * N * max_replicas,
+                              (unsigned long long)EPLB_PLACEMENT_MAX_LOG2PHY);
     eplb_placement next;
     eplb_status st = placement_alloc(&next, L, N, num_physical, max_replicas, err);
     if (st != EPLB_OK)

@@ -14,6 +14,9 @@
 
 #include "eplb_status.h"
 
+/* Largest log2phy (entries) a placement may have: 256 MiB of int32. */
+#define EPLB_PLACEMENT_MAX_LOG2PHY (64ull << 20)
+
 typedef struct eplb_placement {
     uint32_t num_layers;         /* L */
     uint32_t num_logical;        /* N */
@@ -36,7 +39,8 @@ eplb_status eplb_placement_init(eplb_placement *p, uint32_t num_layers, uint32_t
  * num_layers and num_logical set (the arrays NULL).  Checks every entry and that every logical
  * expert keeps a replica in every layer; on error *p is unchanged.
  * num_valid_physical is recorded as given (<= num_physical).  The epoch is
- * not touched. */
+ * not touched.  A map whose log2phy would exceed EPLB_PLACEMENT_MAX_LOG2PHY
+ * entries is EPLB_EINVAL. */
 eplb_status eplb_placement_assign(eplb_placement *p, uint32_t num_physical,
                                   uint32_t num_valid_physical, const int32_t *phy2log,
                                   eplb_error *err);

@@ -126,8 +126,21 @@ eplb_status eplb_registry_setup_from_mapping(eplb_registry *r, const eplb_setup_
     next_shape.ep_size = req->ep_size;
     next_shape.num_local = req->num_physical / req->ep_size;
     next_shape.num_redundant = req->num_physical - shape->num_logical;
-    if ((st = registry_commit_locked(r, e, &next, &next_shape, err)) == EPLB_OK)
-        st = eplb_placement_copy(out, &e->rec.placement, err);
+    bool relayout = shape->num_physical != req->num_physical || shape->ep_size != req->ep_size;
+    if ((st = eplb_placement_copy(out, &next, err)) != EPLB_OK)
+        goto out;
+    if ((st = registry_commit_locked(r, e, &next, &next_shape, err)) != EPLB_OK) {
+        eplb_placement_free(out);
+        goto out;
+    }
+    out->epoch = e->rec.placement.epoch;
+    /* The engine re-lays its buffers out for the new ranks: weights
+     * attached for the old layout must not be moved; it attaches again. */
+    if (e->weights && relayout) {
+        e->weights->close(e->weights_ctx);
+        e->weights = NULL;
+        e->weights_ctx = NULL;
+    }
 out:
     eplb_placement_free(&next);
     registry_release(r, e);
@@ -192,8 +205,19 @@ static eplb_status move_and_commit(eplb_registry *r, registry_entry *e, eplb_pla
             break;
     }
     out->move_ms = elapsed_ms(&t0);
-    if (st == EPLB_OK)
-        return registry_commit_locked(r, e, next, &e->rec.shape, err);
+    if (st == EPLB_OK) {
+        char why[EPLB_ERROR_MSG_MAX];
+        if ((st = registry_commit_locked(r, e, next, &e->rec.shape, err)) == EPLB_OK)
+            return EPLB_OK;
+        /* The bytes are in the new layout but the store kept the old map:
+         * never serve a map that does not match the bytes. */
+        snprintf(why, sizeof why, "%s", err ? err->msg : "");
+        e->rec.needs_weight_reload = true;
+        return eplb_error_set(err, EPLB_EDATALOSS,
+                              "the weights were moved but the new placement could not be committed (%s): "
+                              "model %s needs a weight reload",
+                              why, e->rec.model_id);
+    }
 
     char why[EPLB_ERROR_MSG_MAX];
     snprintf(why, sizeof why, "%s", err ? err->msg : "");
@@ -209,6 +233,11 @@ static eplb_status move_and_commit(eplb_registry *r, registry_entry *e, eplb_pla
         pst = registry_commit_locked(r, e, &partial, &e->rec.shape, NULL);
     else
         eplb_placement_free(&partial);
+    if (pst != EPLB_OK && layer > 0) {
+        /* Layers moved but the map saying so was not stored. */
+        e->rec.needs_weight_reload = true;
+        failure = EPLB_EDATALOSS;
+    }
     if (failure == EPLB_EDATALOSS)
         return eplb_error_set(err, EPLB_EDATALOSS,
                               "moving layer %u failed while writing slots and its retry failed too (%s): "
@@ -274,12 +303,19 @@ static eplb_status rebalance_locked(eplb_registry *r, registry_entry *e, const i
         out->placement = next;
         goto out;
     }
+    /* The answer is copied first: once committed, the call must not fail. */
+    if ((st = eplb_placement_copy(&out->placement, &next, err)) != EPLB_OK) {
+        eplb_placement_free(&next);
+        goto out;
+    }
     st = e->weights ? move_and_commit(r, e, &next, out, err)
                     : registry_commit_locked(r, e, &next, &e->rec.shape, err);
-    if (st != EPLB_OK)
+    if (st != EPLB_OK) {
+        eplb_placement_free(&out->placement);
         goto out;
+    }
     out->committed = true;
-    st = eplb_placement_copy(&out->placement, &e->rec.placement, err);
+    out->placement.epoch = e->rec.placement.epoch;
 out:
     free(phy2log);
     free(logcnt);
@@ -298,6 +334,24 @@ static eplb_policy_shape policy_shape(const registry_entry *e, uint32_t groups, 
     };
 }
 
+/* The policy's preconditions, plus the server's limits on what a request
+ * may ask for: its cost grows with num_gpus (and, for MIN_TRAFFIC, with the
+ * cube of the GPUs per node), and the model's lock is held meanwhile. */
+#define MIN_TRAFFIC_MAX_GPUS_PER_NODE 256u
+static eplb_status check_topology(const eplb_registry *r, const eplb_policy_shape *ps, eplb_slot_order order,
+                                  eplb_error *err) {
+    if (ps->num_gpus > r->limits.max_ep_size)
+        return eplb_error_set(err, EPLB_EINVAL, "num_gpus %u exceeds the server limit %u (--max-ep-size)",
+                              ps->num_gpus, r->limits.max_ep_size);
+    if (ps->num_nodes > ps->num_gpus)
+        return eplb_error_set(err, EPLB_EINVAL, "num_nodes %u exceeds num_gpus %u", ps->num_nodes, ps->num_gpus);
+    eplb_status st = eplb_policy_check(ps, err);
+    if (st == EPLB_OK && order == EPLB_SLOT_MIN_TRAFFIC && ps->num_gpus / ps->num_nodes > MIN_TRAFFIC_MAX_GPUS_PER_NODE)
+        st = eplb_error_set(err, EPLB_EINVAL, "SLOT_ORDER_MIN_TRAFFIC takes at most %u GPUs per node, not %u",
+                            MIN_TRAFFIC_MAX_GPUS_PER_NODE, ps->num_gpus / ps->num_nodes);
+    return st;
+}
+
 eplb_status eplb_registry_rebalance(eplb_registry *r, const eplb_rebalance_request *req,
                                     eplb_rebalance_result *out, eplb_error *err) {
     memset(out, 0, sizeof *out);
@@ -312,7 +366,7 @@ eplb_status eplb_registry_rebalance(eplb_registry *r, const eplb_rebalance_reque
 
     if ((st = check_loaded(e, err)) != EPLB_OK ||
         (st = check_epoch(e, req->has_expected_epoch, req->expected_epoch, err)) != EPLB_OK ||
-        (st = eplb_policy_check(&ps, err)) != EPLB_OK)
+        (st = check_topology(r, &ps, req->slot_order, err)) != EPLB_OK)
         goto out;
     logical = malloc(cells * sizeof *logical);
     if (!logical) {
@@ -370,15 +424,18 @@ eplb_status eplb_registry_record_load(eplb_registry *r, const eplb_record_reques
         memset(&res, 0, sizeof res);
         eplb_policy_shape ps = policy_shape(e, 0, 0, 0);
         memcpy(logical, e->rec.window.sum, cells * sizeof *logical);
-        st = rebalance_locked(r, e, logical, &ps, e->weights ? EPLB_SLOT_MIN_TRAFFIC : EPLB_SLOT_PRESERVE, false,
-                              &res, err);
-        out->rebalanced = st == EPLB_OK;
+        eplb_error why;
+        eplb_error_clear(&why);
+        eplb_slot_order order = e->weights && ps.num_gpus / ps.num_nodes <= MIN_TRAFFIC_MAX_GPUS_PER_NODE
+                                    ? EPLB_SLOT_MIN_TRAFFIC : EPLB_SLOT_PRESERVE;
+        eplb_status ast = rebalance_locked(r, e, logical, &ps, order, false, &res, &why);
+        out->rebalanced = ast == EPLB_OK;
         eplb_rebalance_result_free(&res);
-        if (st != EPLB_OK) {
-            char msg[EPLB_ERROR_MSG_MAX];
-            snprintf(msg, sizeof msg, "pass recorded, but the automatic rebalance failed: %s", err ? err->msg : "");
-            eplb_error_set(err, st, "%s", msg);
-        }
+        /* The pass is counted either way, so the call succeeds (a retried
+         * RecordLoad would count it twice); the failure is reported. */
+        if (ast != EPLB_OK)
+            snprintf(out->auto_rebalance_error, sizeof out->auto_rebalance_error, "%s: %s",
+                     eplb_status_name(ast), why.msg);
     }
     out->passes_recorded = e->rec.window.passes;
     out->epoch = e->rec.placement.epoch;

@@ -86,12 +86,22 @@ eplb_status eplb_registry_get_shape(eplb_registry *r, const char *model_id, eplb
 }
 
 eplb_status eplb_registry_attach_weights(eplb_registry *r, const char *model_id,
-                                         const eplb_weights_ops *ops, void *ctx, eplb_error *err) {
+                                         const eplb_weights_ops *ops, void *ctx,
+                                         const eplb_model_shape *shape, eplb_error *err) {
     registry_entry *e;
     eplb_status st = registry_acquire(r, model_id, &e, err);
     if (st != EPLB_OK) {
         ops->close(ctx);
         return st;
+    }
+    const eplb_model_shape *now = &e->rec.shape;
+    if (now->num_layers != shape->num_layers || now->num_physical != shape->num_physical ||
+        now->ep_size != shape->ep_size) {
+        registry_release(r, e);
+        ops->close(ctx);
+        return eplb_error_set(err, EPLB_EPRECONDITION,
+                              "model %s changed to %u physical experts on %u ranks while the weights were being "
+                              "attached: attach again", model_id, now->num_physical, now->ep_size);
     }
     if (e->weights)
         e->weights->close(e->weights_ctx);
@@ -137,19 +147,27 @@ eplb_status eplb_registry_flush(eplb_registry *r, eplb_error *err) {
     return first;
 }
 
+/* Room for one more model.  Caller holds r->lock for writing. */
+static eplb_status reserve_locked(eplb_registry *r, eplb_error *err) {
+    if (r->count < r->cap)
+        return EPLB_OK;
+    size_t cap = r->cap ? r->cap * 2 : 8;
+    registry_entry **m = realloc(r->models, cap * sizeof *m);
+    if (!m)
+        return eplb_error_set(err, EPLB_ENOMEM, "out of memory adding a model");
+    r->models = m;
+    r->cap = cap;
+    return EPLB_OK;
+}
+
 /* Takes ownership of rec's placement whether it succeeds or not. Caller
  * holds r->lock for writing (or is the single-threaded loader). */
 static eplb_status insert_locked(eplb_registry *r, eplb_model_record *rec, eplb_error *err) {
-    if (r->count == r->cap) {
-        size_t cap = r->cap ? r->cap * 2 : 8;
-        registry_entry **m = realloc(r->models, cap * sizeof *m);
-        if (!m) {
-            eplb_placement_free(&rec->placement);
-            eplb_load_window_free(&rec->window);
-            return eplb_error_set(err, EPLB_ENOMEM, "out of memory adding model %s", rec->model_id);
-        }
-        r->models = m;
-        r->cap = cap;
+    eplb_status st = reserve_locked(r, err);
+    if (st != EPLB_OK) {
+        eplb_placement_free(&rec->placement);
+        eplb_load_window_free(&rec->window);
+        return st;
     }
     registry_entry *e = calloc(1, sizeof *e);
     if (!e) {
@@ -397,21 +415,20 @@ eplb_status eplb_registry_register(eplb_registry *r, const eplb_register_request
     if (st != EPLB_OK)
         goto unlock;
     eplb_load_window_init(&rec.window, rec.shape.num_layers, rec.shape.num_logical, rec.shape.window_size);
-    if (r->store) {
-        st = r->store->save(r->store_ctx, &rec, err);
-        if (st != EPLB_OK)
-            goto unlock;
-    }
-    st = eplb_placement_copy(&out->placement, &rec.placement, err);
+    /* Everything that can fail in memory happens before the store write:
+     * once the store has the model, memory must follow (invariant 2). */
+    if ((st = eplb_placement_copy(&out->placement, &rec.placement, err)) != EPLB_OK ||
+        (st = reserve_locked(r, err)) != EPLB_OK)
+        goto unlock_free;
+    if (r->store && (st = r->store->save(r->store_ctx, &rec, err)) != EPLB_OK)
+        goto unlock_free;
+    st = insert_locked(r, &rec, err); /* cannot fail on capacity now */
     if (st != EPLB_OK)
-        goto unlock;
-    /* The store has it: from here memory must follow (invariant 2). */
-    st = insert_locked(r, &rec, err);
-    if (st != EPLB_OK) {
-        eplb_placement_free(&out->placement);
-        goto unlock;
-    }
+        goto unlock_free;
     out->registered = true;
+    goto unlock;
+unlock_free:
+    eplb_placement_free(&out->placement);
 
 unlock:
     pthread_rwlock_unlock(&r->lock);

@@ -118,11 +118,15 @@ typedef struct eplb_weights_ops {
     void (*close)(void *ctx);
 } eplb_weights_ops;
 
-/* Attach (or replace) a model's weights; the registry owns ctx from now on,
- * whatever the result (closed on error, on detach, on replace and at
- * eplb_registry_close).  EPLB_ENOTFOUND for an unknown model. */
+/* Attach (or replace) a model's weights, opened for `shape` (layers,
+ * physical experts, ep_size); the registry owns ctx from now on, whatever
+ * the result (closed on error, on detach, on replace, when SetupFromMapping
+ * changes the layout, and at eplb_registry_close).  EPLB_ENOTFOUND for an
+ * unknown model; EPLB_EPRECONDITION when the model's shape changed since
+ * `shape` was read. */
 eplb_status eplb_registry_attach_weights(eplb_registry *r, const char *model_id,
-                                         const eplb_weights_ops *ops, void *ctx, eplb_error *err);
+                                         const eplb_weights_ops *ops, void *ctx,
+                                         const eplb_model_shape *shape, eplb_error *err);
 
 /* Close a model's weights; *detached says whether any were attached. */
 eplb_status eplb_registry_detach_weights(eplb_registry *r, const char *model_id, bool *detached,
@@ -201,9 +205,12 @@ typedef struct eplb_record_result {
     uint64_t passes_recorded;         /* passes counted so far */
     bool rebalanced;                  /* this pass triggered an automatic rebalance */
     uint64_t epoch;                   /* epoch after the call */
+    char auto_rebalance_error[EPLB_ERROR_MSG_MAX]; /* why an automatic rebalance failed ("" if none) */
 } eplb_record_result;
 
-/* RecordLoad: add one pass to the model's window.  Every step_interval
+/* RecordLoad: add one pass to the model's window.  An automatic rebalance
+ * that fails does not fail the call (the pass is counted): it is reported
+ * in out->auto_rebalance_error.  Every step_interval
  * passes, a model registered with auto_rebalance is rebalanced from its
  * window and committed (EPLB_SLOT_MIN_TRAFFIC when weights are attached,
  * since then the bytes are ours to move; else EPLB_SLOT_PRESERVE).  A bad request changes nothing. */

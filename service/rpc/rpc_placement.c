@@ -5,6 +5,7 @@
 #include "eplb/v1/eplb.upb.h"
 #include "rpc_convert.h"
 #include "rpc_handlers.h"
+#include "rpc_log.h"
 
 /* model_id of a request: present and a valid name, else *out set. */
 static const char *model_id_of(upb_StringView v, upb_Arena *arena, rpc_reply *out) {
@@ -137,6 +138,8 @@ void rpc_record_load(rpc_context *ctx, upb_Arena *arena, const char *req, size_t
         rpc_reply_from_error(out, &err);
         return;
     }
+    if (res.auto_rebalance_error[0])
+        rpc_log(RPC_LOG_WARN, "RecordLoad %s: automatic rebalance failed: %s", r.model_id, res.auto_rebalance_error);
     eplb_v1_RecordLoadResponse *resp = eplb_v1_RecordLoadResponse_new(arena);
     if (resp) {
         eplb_v1_RecordLoadResponse_set_passes_recorded(resp, res.passes_recorded);

@@ -15,7 +15,7 @@
 
 typedef struct weights_mover {
     eplb_backend *backend;
-    uint32_t num_layers, num_gpus, gpus_per_node;
+    uint32_t num_layers, num_physical, num_gpus, gpus_per_node; /* the layout it was opened for */
     uint64_t *layer_bytes; /* [L] bytes of one expert in that layer, all tensors */
 } weights_mover;
 
@@ -33,9 +33,10 @@ static eplb_status mover_plan(const weights_mover *m, uint32_t layer, uint32_t P
 static eplb_status mover_check(void *ctx, uint32_t L, uint32_t P, const int32_t *old_phy2log,
                                const int32_t *new_phy2log, eplb_error *err) {
     weights_mover *m = ctx;
-    if (L != m->num_layers)
-        return eplb_error_set(err, EPLB_EPRECONDITION, "the attached weights have %u layers, the model %u",
-                              m->num_layers, L);
+    if (L != m->num_layers || P != m->num_physical)
+        return eplb_error_set(err, EPLB_EPRECONDITION,
+                              "the attached weights are laid out for %u layers x %u slots, the model has %u x %u: "
+                              "attach them again", m->num_layers, m->num_physical, L, P);
     for (uint32_t l = 0; l < L; l++) {
         eplb_plan plan;
         eplb_status st = mover_plan(m, l, P, old_phy2log + (size_t)l * P, new_phy2log + (size_t)l * P, &plan, err);
@@ -57,8 +58,10 @@ static eplb_status mover_move_layer(void *ctx, uint32_t layer, uint32_t P, const
         /* A failed scatter keeps its staging: run phase 2 again once. */
         if (st == EPLB_EDATALOSS)
             st = eplb_backend_execute_layer(m->backend, layer, &plan, err);
-        if (st == EPLB_OK)
-            st = eplb_backend_synchronize(m->backend, err);
+        /* The slots were written: a failure to synchronize now leaves the
+         * layer in an unknown state, not "as it was". */
+        if (st == EPLB_OK && eplb_backend_synchronize(m->backend, err) != EPLB_OK)
+            st = EPLB_EDATALOSS;
         *bytes = (uint64_t)(plan.num_gather + plan.num_scatter) * m->layer_bytes[layer];
     }
     eplb_plan_free(&plan);
@@ -199,6 +202,7 @@ void rpc_attach_weights(rpc_context *ctx, upb_Arena *arena, const char *req, siz
         return;
     }
     mv->num_layers = shape.num_layers;
+    mv->num_physical = shape.num_physical;
     mv->num_gpus = shape.ep_size;
     mv->gpus_per_node = shape.ep_size / shape.num_nodes;
     mv->layer_bytes = layer_bytes;
@@ -207,7 +211,7 @@ void rpc_attach_weights(rpc_context *ctx, upb_Arena *arena, const char *req, siz
     for (uint32_t l = 0; l < shape.num_layers; l++)
         total += layer_bytes[l];
     /* The registry owns mv from here, on success or not. */
-    if (eplb_registry_attach_weights(ctx->registry, id, &mover_ops, mv, &err) != EPLB_OK) {
+    if (eplb_registry_attach_weights(ctx->registry, id, &mover_ops, mv, &shape, &err) != EPLB_OK) {
         rpc_reply_from_error(out, &err);
         return;
     }

@@ -312,6 +312,12 @@ static eplb_status row_to_record(sqlite3_stmt *q, eplb_model_record *rec, eplb_e
     rec->needs_weight_reload = sqlite3_column_int(q, i++) != 0;
     sh->auto_rebalance = sqlite3_column_int(q, i++) != 0;
 
+    /* A row is trusted only as far as it is consistent: a zero divisor or
+     * a shape that disagrees with its map would crash or mislead later. */
+    if (sh->num_layers == 0 || sh->num_logical == 0 || sh->ep_size == 0 || sh->num_groups == 0 ||
+        sh->num_nodes == 0 || sh->window_size == 0 || sh->step_interval == 0 ||
+        sh->num_physical != num_physical || num_physical % sh->ep_size != 0 || num_valid > num_physical)
+        return eplb_error_set(err, EPLB_EDATALOSS, "store: model %s has an inconsistent shape", rec->model_id);
     size_t cells = (size_t)sh->num_layers * num_physical;
     if (cells == 0 || bytes != cells * 4)
         return eplb_error_set(err, EPLB_EDATALOSS,

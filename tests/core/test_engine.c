@@ -335,7 +335,9 @@ static int mover_closed;
 
 static void attach(eplb_status check, int fail_layer, eplb_status fail) {
     mover = (fake_mover){ .check_status = check, .fail_layer = fail_layer, .fail_status = fail, .closed = &mover_closed };
-    cr_assert_eq(eplb_registry_attach_weights(reg, "m", &fm_ops, &mover, NULL), EPLB_OK);
+    eplb_model_shape shape;
+    cr_assert_eq(eplb_registry_get_shape(reg, "m", &shape, NULL), EPLB_OK);
+    cr_assert_eq(eplb_registry_attach_weights(reg, "m", &fm_ops, &mover, &shape, NULL), EPLB_OK);
 }
 
 static eplb_rebalance_request move_request(void) {
@@ -439,4 +441,59 @@ Test(engine, scatter_failure_marks_the_model_for_reload_until_registered_again) 
     eplb_placement_free(&rres.placement);
     cr_assert_eq(eplb_registry_rebalance(reg, &req, &res, &err), EPLB_OK, "%s", err.msg);
     eplb_rebalance_result_free(&res);
+}
+
+Test(engine, store_failure_after_moving_flags_the_model) {
+    attach(EPLB_OK, -1, EPLB_OK);
+    store.fail_next = 1;
+    eplb_rebalance_request req = move_request();
+    eplb_rebalance_result res;
+    eplb_error err;
+    cr_assert_eq(eplb_registry_rebalance(reg, &req, &res, &err), EPLB_EDATALOSS);
+    cr_assert_not_null(strstr(err.msg, "needs a weight reload"), "%s", err.msg);
+    eplb_placement p;
+    bool reload = false;
+    cr_assert_eq(eplb_registry_get_placement(reg, "m", &p, &reload, NULL), EPLB_OK);
+    cr_assert(reload);
+    eplb_placement_free(&p);
+}
+
+Test(engine, request_topology_is_bounded_by_server_limits) {
+    eplb_rebalance_request req = move_request();
+    req.num_gpus = 8192; /* divides nothing here, but the limit is checked first */
+    eplb_rebalance_result res;
+    eplb_error err;
+    cr_assert_eq(eplb_registry_rebalance(reg, &req, &res, &err), EPLB_EINVAL);
+    cr_assert_not_null(strstr(err.msg, "--max-ep-size"), "%s", err.msg);
+    req.num_gpus = 2;
+    req.num_nodes = 4;
+    cr_assert_eq(eplb_registry_rebalance(reg, &req, &res, &err), EPLB_EINVAL);
+    cr_assert_str_eq(err.msg, "num_nodes 4 exceeds num_gpus 2");
+}
+
+Test(engine, attaching_for_a_stale_shape_is_refused_and_scale_up_detaches) {
+    eplb_model_shape stale;
+    cr_assert_eq(eplb_registry_get_shape(reg, "m", &stale, NULL), EPLB_OK);
+    stale.num_physical = 24;
+    mover = (fake_mover){ .fail_layer = -1, .closed = &mover_closed };
+    mover_closed = 0;
+    eplb_error err;
+    cr_assert_eq(eplb_registry_attach_weights(reg, "m", &fm_ops, &mover, &stale, &err), EPLB_EPRECONDITION);
+    cr_assert_eq(mover_closed, 1, "the registry closes what it refuses");
+
+    attach(EPLB_OK, -1, EPLB_OK);
+    eplb_placement cur = current();
+    int32_t expanded[48];
+    for (int i = 0; i < 48; i++)
+        expanded[i] = i % 24 < 16 ? cur.phy2log[(i / 24) * 16 + i % 24] : -1;
+    eplb_placement_free(&cur);
+    eplb_setup_request sreq = { .model_id = "m", .expanded_phy2log = expanded, .expanded_len = 48,
+                                .num_physical = 24, .old_num_physical = 16, .ep_size = 12 };
+    eplb_placement p;
+    cr_assert_eq(eplb_registry_setup_from_mapping(reg, &sreq, &p, NULL), EPLB_OK);
+    eplb_placement_free(&p);
+    cr_assert_eq(mover_closed, 2, "weights laid out for 16 slots are detached at 24");
+    bool detached = true;
+    cr_assert_eq(eplb_registry_detach_weights(reg, "m", &detached, NULL), EPLB_OK);
+    cr_assert_not(detached);
 }

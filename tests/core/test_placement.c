@@ -1,6 +1,7 @@
 /* test_placement.c -- initial placement and the rebuild of log2phy/logcnt
  * (examples from eplb-semantics), and assignment validation. */
 #include <criterion/criterion.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "eplb_placement.h"
@@ -90,4 +91,21 @@ Test(placement, copy_is_deep) {
     cr_assert_eq(b.epoch, 3);
     eplb_placement_free(&a);
     eplb_placement_free(&b);
+}
+
+Test(placement, a_map_whose_log2phy_would_explode_is_refused) {
+    /* 1024 layers x 4096 experts; every layer gives expert 0 the 4096 extra
+     * slots: log2phy would be 1024 x 4096 x 4097 entries (68 GB). */
+    enum { LL = 1024, NN = 4096, PP = 8192 };
+    eplb_placement p = { .num_layers = LL, .num_logical = NN };
+    int32_t *map = malloc((size_t)LL * PP * sizeof *map);
+    cr_assert_not_null(map);
+    for (size_t l = 0; l < LL; l++)
+        for (size_t s = 0; s < PP; s++)
+            map[l * PP + s] = s < NN ? (int32_t)s : 0;
+    eplb_error err;
+    cr_assert_eq(eplb_placement_assign(&p, PP, PP, map, &err), EPLB_EINVAL);
+    cr_assert_not_null(strstr(err.msg, "an expert has 4097 replicas"), "%s", err.msg);
+    cr_assert_null(p.phy2log);
+    free(map);
 }

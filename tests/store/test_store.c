@@ -103,6 +103,30 @@ Test(store, corrupt_map_is_data_loss) {
     eplb_store_close(s);
 }
 
+Test(store, inconsistent_shape_is_data_loss_not_a_crash) {
+    eplb_store *s;
+    eplb_registry *r;
+    open_registry(&s, &r);
+    eplb_register_request req = { .model_name = "ds", .model = &lm, .main_model_id = "",
+                                  .parallel = { .enable_eplb = true, .ep_size = 2 } };
+    eplb_register_result res;
+    cr_assert_eq(eplb_registry_register(r, &req, &res, NULL), EPLB_OK);
+    eplb_placement_free(&res.placement);
+    eplb_registry_close(r);
+    eplb_store_close(s);
+
+    sqlite3 *db;
+    cr_assert_eq(sqlite3_open(path, &db), SQLITE_OK);
+    cr_assert_eq(sqlite3_exec(db, "UPDATE models SET step_interval = 0", NULL, NULL, NULL), SQLITE_OK);
+    sqlite3_close(db);
+    eplb_error err;
+    eplb_limits lim = EPLB_LIMITS_DEFAULT;
+    cr_assert_eq(eplb_store_open(path, &s, &err), EPLB_OK);
+    cr_assert_eq(eplb_registry_open(&eplb_store_sqlite_ops, s, &lim, &r, &err), EPLB_EDATALOSS);
+    cr_assert_str_eq(err.msg, "store: model ds has an inconsistent shape");
+    eplb_store_close(s);
+}
+
 Test(store, unopenable_path_is_unavailable) {
     eplb_store *s;
     eplb_error err;
