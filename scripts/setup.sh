@@ -45,20 +45,8 @@ install_packages() {
         --no-install-recommends "${missing[@]}" >/dev/null
 }
 
-# The archive URI the system already uses (deb822 or one-line format).
-archive_uri() {
-    local f uri=""
-    for f in /etc/apt/sources.list.d/*.sources; do
-        [ -f "$f" ] || continue
-        uri=$(awk '/^URIs:/ { for (i = 2; i <= NF; i++) if ($i !~ /security/) { print $i; exit } }' "$f")
-        [ -n "$uri" ] && break
-    done
-    if [ -z "$uri" ] && [ -f /etc/apt/sources.list ]; then
-        uri=$(awk '$1 == "deb" { for (i = 2; i <= NF; i++) if ($i ~ /:\/\//) { if ($i !~ /security/) { print $i; exit } } }' /etc/apt/sources.list)
-    fi
-    [ -n "$uri" ] || { echo "setup: no Debian archive found in the apt sources" >&2; return 1; }
-    printf '%s\n' "$uri"
-}
+# shellcheck source=scripts/apt-archive.sh
+. "$root/scripts/apt-archive.sh"
 
 fetch_upb() {
     local srcver upstream suite tmp uri opts
@@ -71,7 +59,7 @@ fetch_upb() {
     fi
     say "fetching upb of grpc $srcver (source package, third_party/upb only)"
     suite=$(. /etc/os-release && echo "${VERSION_CODENAME:-bookworm}")
-    uri=$(archive_uri)
+    uri=$(archive_uri) || { echo "setup: no Debian archive found in the apt sources" >&2; return 1; }
     tmp=$(mktemp -d)
     trap 'rm -rf "$tmp"' RETURN
     mkdir -p "$tmp/lists/partial"

@@ -7,7 +7,6 @@
  *   2. compute the next placement into fresh arrays
  *   3. commit: store first, then memory (registry_commit_locked)
  * A dry run stops after 2. */
-#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>

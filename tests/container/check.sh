@@ -60,18 +60,7 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 # The Debian archive this machine uses (no host name is written anywhere).
-archive_uri() {
-    local f uri=""
-    for f in /etc/apt/sources.list.d/*.sources; do
-        [ -f "$f" ] || continue
-        uri=$(awk '/^URIs:/ { for (i = 2; i <= NF; i++) if ($i !~ /security/) { print $i; exit } }' "$f")
-        [ -n "$uri" ] && break
-    done
-    if [ -z "$uri" ] && [ -f /etc/apt/sources.list ]; then
-        uri=$(awk '$1 == "deb" { for (i = 2; i <= NF; i++) if ($i ~ /:\/\//) { if ($i !~ /security/) { print $i; exit } } }' /etc/apt/sources.list)
-    fi
-    printf '%s\n' "$uri"
-}
+. "$root/scripts/apt-archive.sh"
 
 # ---- podman confined to $work ---------------------------------------------
 mkdir -p "$work"/{storage,run,tmp,libpod,networks,base}
@@ -122,7 +111,7 @@ say "podman $(podman --version | awk '{print $3}'), storage $(podman info --form
 # ---- local base image: debootstrap minbase, cached --------------------------
 if ! pm image exists localhost/debian:bookworm; then
     if [ ! -s "$base_tar" ]; then
-        mirror=$(archive_uri)
+        mirror=$(archive_uri) || mirror=""
         [ -n "$mirror" ] || skip "no Debian archive found in the apt sources for debootstrap"
         say "debootstrap --variant=minbase bookworm (cached in $base_tar)"
         rootfs=$work/base/rootfs
