@@ -90,12 +90,19 @@ typedef struct eplb_limits {
     uint32_t max_layers;
     uint32_t max_physical_experts;
     uint32_t max_ep_size;
-    uint64_t max_window_bytes; /* a model's full load window */
+    uint64_t max_window_bytes;   /* a model's full load window (--max-window-mib) */
+    uint32_t max_models;         /* registered models, main and speculators (--max-models) */
+    uint64_t max_state_bytes;    /* all models' placements + full windows, as
+                                  * eplb_model_state_bytes counts them (--max-state-mib) */
+    uint64_t max_response_bytes; /* the largest response a call may produce
+                                  * (--max-message-bytes): a shape whose GetPlacement
+                                  * could not be sent is refused at registration */
 } eplb_limits;
 
 #define EPLB_LIMITS_DEFAULT                                                                      \
     ((eplb_limits){ .max_layers = 1024, .max_physical_experts = 8192, .max_ep_size = 4096,      \
-                    .max_window_bytes = 256ull << 20 })
+                    .max_window_bytes = 256ull << 20, .max_models = 64,                         \
+                    .max_state_bytes = 1024ull << 20, .max_response_bytes = 64ull << 20 })
 
 /* Everything a registered model is balanced with, defaults applied. */
 typedef struct eplb_model_shape {

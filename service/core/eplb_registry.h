@@ -17,6 +17,8 @@
 #include "eplb_load.h"
 #include "eplb_model.h"
 #include "eplb_placement.h"
+#include "eplb_move_state.h"
+#include "eplb_snapshot.h"
 #include "eplb_status.h"
 
 typedef enum eplb_role {
@@ -24,7 +26,7 @@ typedef enum eplb_role {
     EPLB_ROLE_SPECULATOR = 1,
 } eplb_role;
 
-/* What is persisted of a model: identity, shape and placement. */
+/* What is persisted of a model: identity, shape, placement, move state. */
 typedef struct eplb_model_record {
     char model_id[EPLB_MODEL_NAME_MAX + 1];     /* the model name: stable across restarts */
     eplb_role role;
@@ -34,15 +36,23 @@ typedef struct eplb_model_record {
     eplb_model_shape shape;
     eplb_placement placement;
     eplb_load_window window;                    /* saved when window.dirty */
-    bool needs_weight_reload;
+    eplb_move_state state;                      /* IDLE, MOVING or NEEDS_RELOAD when stored */
+    char state_reason[EPLB_ERROR_MSG_MAX];      /* why NEEDS_RELOAD ("" otherwise) */
+    /* Set by the store's load_all only: the row failed verification
+     * (checksum, range); every other field but model_id is then empty and
+     * the registry answers EPLB_EDATALOSS with this text for the model. */
+    char damaged[EPLB_ERROR_MSG_MAX];
 } eplb_model_record;
 
 /* Storage behind the registry.  Each call is one transaction: it either
- * stores everything it was given or nothing. */
+ * stores everything it was given or nothing.  Errors: EPLB_ENOSPACE (disk
+ * or quota full), EPLB_EUNAVAILABLE (busy, read-only, unopenable),
+ * EPLB_EDATALOSS, EPLB_EINTERNAL. */
 typedef struct eplb_store_ops {
     eplb_status (*save)(void *ctx, const eplb_model_record *rec, eplb_error *err);
     /* Calls each() for every stored model; each() takes ownership of
-     * rec->placement's and rec->window's arrays. */
+     * rec->placement's and rec->window's arrays.  A row that fails its
+     * checks is passed with rec->damaged set (the open still succeeds). */
     eplb_status (*load_all)(void *ctx,
                             eplb_status (*each)(void *arg, eplb_model_record *rec, eplb_error *err),
                             void *arg, eplb_error *err);
@@ -72,8 +82,7 @@ typedef struct eplb_register_result {
     char model_id[EPLB_MODEL_NAME_MAX + 1];
     char resolved_path[EPLB_PATH_MAX];
     char reason[EPLB_ERROR_MSG_MAX];
-    eplb_placement placement;     /* a copy when registered; free with eplb_placement_free */
-    bool needs_weight_reload;
+    eplb_model_view view;         /* when registered: the model now; eplb_model_view_release it */
 } eplb_register_result;
 
 /* RegisterModel.  Status OK with registered=false and a reason for EPLB
@@ -86,10 +95,12 @@ typedef struct eplb_register_result {
 eplb_status eplb_registry_register(eplb_registry *r, const eplb_register_request *req,
                                    eplb_register_result *out, eplb_error *err);
 
-/* A consistent copy of a model's placement (EPLB_ENOTFOUND if unknown). */
-eplb_status eplb_registry_get_placement(eplb_registry *r, const char *model_id,
-                                        eplb_placement *out, bool *needs_weight_reload,
-                                        eplb_error *err);
+/* The model's current epoch and move state (EPLB_ENOTFOUND if unknown,
+ * EPLB_EDATALOSS naming the model if its stored row was damaged).  Never
+ * waits for an operation on the model: it is what was last published.
+ * Release with eplb_model_view_release. */
+eplb_status eplb_registry_view(eplb_registry *r, const char *model_id, eplb_model_view *out,
+                               eplb_error *err);
 
 /* A copy of a model's current shape (EPLB_ENOTFOUND if unknown). */
 eplb_status eplb_registry_get_shape(eplb_registry *r, const char *model_id, eplb_model_shape *out,
@@ -105,16 +116,26 @@ eplb_status eplb_registry_flush(eplb_registry *r, eplb_error *err);
  * placement is committed.  The mover (plans + a CPU or HIP backend) sits
  * behind this interface, so the core knows no backend. */
 typedef struct eplb_weights_ops {
-    /* Before anything moves: EPLB_EPRECONDITION when old -> new ([L][P])
-     * needs a rank this server does not hold or an expert no slot holds. */
+    /* Before anything moves, with the plan old -> new ([L][P]):
+     * EPLB_EPRECONDITION when it needs a rank this server does not hold or
+     * an expert no slot holds (refused, nothing touched, state unchanged);
+     * EPLB_EDATALOSS when the buffers no longer hold what was attached (a
+     * shm object shrank or went away): the model needs a reload. */
     eplb_status (*check)(void *ctx, uint32_t num_layers, uint32_t num_physical,
                          const int32_t *old_phy2log, const int32_t *new_phy2log, eplb_error *err);
-    /* Move one layer ([P] rows) in place.  EPLB_OK (*bytes moved);
-     * EPLB_EINTERNAL: phase 1 (gather) failed, the layer is as it was;
-     * EPLB_EDATALOSS: phase 2 (scatter) failed and so did its retry from
-     * staging: the layer's bytes match neither map. */
-    eplb_status (*move_layer)(void *ctx, uint32_t layer, uint32_t num_physical, const int32_t *old_row,
-                              const int32_t *new_row, uint64_t *bytes, eplb_error *err);
+    /* Phase 1 of one layer ([P] rows): copy the old contents the plan
+     * stages into staging; writes no slot.  EPLB_OK; EPLB_EINTERNAL: it
+     * failed and the layer is as it was; EPLB_EDATALOSS: the buffers are
+     * lost (shrunk under us): the model needs a reload. */
+    eplb_status (*gather)(void *ctx, uint32_t layer, uint32_t num_physical, const int32_t *old_row,
+                          const int32_t *new_row, eplb_error *err);
+    /* Phase 2 of the layer gathered last: write its destination slots from
+     * staging and from unchanged slots.  Idempotent, so the caller may call
+     * it again after a failure to complete the layer.  EPLB_OK (*bytes: bytes
+     * written into live slots); EPLB_EDATALOSS: some slots were written,
+     * others not (or the buffers are lost). */
+    eplb_status (*scatter)(void *ctx, uint32_t layer, uint32_t num_physical, const int32_t *old_row,
+                           const int32_t *new_row, uint64_t *bytes, eplb_error *err);
     void (*close)(void *ctx);
 } eplb_weights_ops;
 

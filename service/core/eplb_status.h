@@ -17,6 +17,7 @@
     X(EPLB_ENOTFOUND,        "NOT_FOUND",            5)               \
     X(EPLB_EEXIST,           "ALREADY_EXISTS",       6)               \
     X(EPLB_ENOMEM,           "RESOURCE_EXHAUSTED",   8)               \
+    X(EPLB_ENOSPACE,         "RESOURCE_EXHAUSTED",   8  /* disk, quota, budget */) \
     X(EPLB_EPRECONDITION,    "FAILED_PRECONDITION",  9)               \
     X(EPLB_EABORTED,         "ABORTED",              10)              \
     X(EPLB_EINTERNAL,        "INTERNAL",             13)              \

@@ -8,20 +8,37 @@
 #define RPC_HANDLERS_H
 
 #include <stdatomic.h>
+#include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #include "eplb_registry.h"
 #include "eplb_status.h"
 #include "upb/arena.h"
+
+#define RPC_MAX_SHM_UIDS 16
 
 typedef struct rpc_context {
     eplb_registry *registry;
     eplb_limits limits;
     atomic_bool serving;  /* false while draining: health says NOT_SERVING */
     const char *default_backend; /* AttachWeights without a backend: "auto", "cpu", "hip" */
+    /* Trust boundary of AttachWeights (docs/deploy.md): shm objects only
+     * under shm_prefix (--shm-prefix, default "/eplb-"), owned by the
+     * server's uid or one of shm_uids (--shm-allow-uid, repeatable); weight
+     * attachments only from a unix-socket or loopback peer unless
+     * allow_remote_weights (--allow-remote-weights). */
+    const char *shm_prefix;
+    uint32_t shm_uids[RPC_MAX_SHM_UIDS];
+    size_t num_shm_uids;
+    bool allow_remote_weights;
 } rpc_context;
 
 typedef struct rpc_reply {
+    /* In: the caller's address as gRPC names it ("ipv4:127.0.0.1:51234",
+     * "ipv6:[::1]:5000", "unix:/run/eplbd.sock", "unix-abstract:..."), set
+     * by the server before the handler runs; NULL in fuzzers and tests. */
+    const char *peer;
     int status;                       /* grpc_status_code */
     char message[EPLB_ERROR_MSG_MAX]; /* status details when not OK */
     const char *body;                 /* response bytes (arena) when OK */
