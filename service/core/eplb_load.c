@@ -1,4 +1,5 @@
 /* eplb_load.c -- logical load and the sliding load window. */
+#include "eplb_alloc.h"
 #include "eplb_load.h"
 
 #include <stdlib.h>
@@ -37,8 +38,8 @@ void eplb_load_window_init(eplb_load_window *w, uint32_t num_layers, uint32_t nu
 }
 
 void eplb_load_window_free(eplb_load_window *w) {
-    free(w->records);
-    free(w->sum);
+    eplb_free(w->records);
+    eplb_free(w->sum);
     w->records = NULL;
     w->sum = NULL;
     w->count = w->head = w->allocated = 0;
@@ -52,7 +53,7 @@ uint64_t eplb_load_window_bytes(uint32_t num_layers, uint32_t num_logical, uint3
 static eplb_status window_grow(eplb_load_window *w, eplb_error *err) {
     size_t cells = (size_t)w->num_layers * w->num_logical;
     if (!w->sum) {
-        w->sum = calloc(cells ? cells : 1, sizeof *w->sum);
+        w->sum = eplb_calloc(cells ? cells : 1, sizeof *w->sum);
         if (!w->sum)
             return eplb_error_set(err, EPLB_ENOMEM, "out of memory for the load window");
     }
@@ -61,7 +62,7 @@ static eplb_status window_grow(eplb_load_window *w, eplb_error *err) {
     uint32_t want = w->allocated ? w->allocated * 2 : 8;
     if (want > w->capacity)
         want = w->capacity;
-    int64_t *r = realloc(w->records, (size_t)want * cells * sizeof *r);
+    int64_t *r = eplb_realloc(w->records, (size_t)want * cells * sizeof *r);
     if (!r)
         return eplb_error_set(err, EPLB_ENOMEM, "out of memory growing the load window to %u records", want);
     w->records = r;

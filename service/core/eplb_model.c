@@ -1,6 +1,8 @@
 /* eplb_model.c -- handle unwrapping and MoE shape validation. */
 #include "eplb_model.h"
 
+#include "eplb_load.h"
+
 #include <stdio.h>
 #include <string.h>
 
@@ -142,7 +144,30 @@ eplb_status eplb_model_shape_make(const eplb_moe_spec *moe, const char *field,
                               "the server limit is %llu MiB (--max-window-mib)",
                               out->window_size, (unsigned long long)(window >> 20), out->num_layers,
                               out->num_logical, (unsigned long long)(lim->max_window_bytes >> 20));
+    uint64_t response = eplb_model_response_bytes(out);
+    if (lim->max_response_bytes && response > lim->max_response_bytes)
+        return eplb_error_set(err, EPLB_EINVAL,
+                              "%s.moe: a placement of %u layers x %u slots takes up to %llu bytes on the wire, over "
+                              "the server's largest response of %llu bytes (--max-message-bytes)",
+                              f, out->num_layers, out->num_physical, (unsigned long long)response,
+                              (unsigned long long)lim->max_response_bytes);
     return EPLB_OK;
+}
+
+uint64_t eplb_model_response_bytes(const eplb_model_shape *s) {
+    uint64_t L = s->num_layers, N = s->num_logical, P = s->num_physical;
+    /* Packed varints: an int32 takes at most 5 bytes, -1 takes 10; the
+     * replica counts at most 5; per-layer balancedness 2 x 8 (+ tags). */
+    return 10 * L * P + 5 * L * N + 18 * L + 4096;
+}
+
+uint64_t eplb_model_state_bytes(const eplb_model_shape *s) {
+    uint64_t L = s->num_layers, N = s->num_logical, P = s->num_physical;
+    uint64_t X = P - N + 1; /* most replicas one expert can have */
+    uint64_t placement = 4 * L * P + 4 * L * N + 4 * L * N * (X < 64 ? X : 64);
+    uint64_t window = eplb_load_window_bytes(s->num_layers, s->num_logical, s->window_size) + 8 * L * N;
+    /* In memory and in the database (map blob, window blob). */
+    return 2 * (placement + window);
 }
 
 eplb_status eplb_model_name_check(const char *name, const char *field, eplb_error *err) {

@@ -129,6 +129,16 @@ eplb_status eplb_model_shape_make(const eplb_moe_spec *moe, const char *field,
                                   const eplb_parallel *par, const eplb_limits *lim,
                                   eplb_model_shape *out, eplb_error *err);
 
+/* Upper bound of a placement response of this shape (phy2log and replica
+ * counts, without logical_to_physical, which GetPlacement sizes per call). */
+uint64_t eplb_model_response_bytes(const eplb_model_shape *s);
+
+/* What a registered model of this shape may cost the server at most, in
+ * memory and database together: its placement (map, counts, an estimate of
+ * logical_to_physical) and its full load window.  Counted against
+ * eplb_limits.max_state_bytes. */
+uint64_t eplb_model_state_bytes(const eplb_model_shape *s);
+
 /* 1..EPLB_MODEL_NAME_MAX characters of [A-Za-z0-9._:/-]. */
 eplb_status eplb_model_name_check(const char *name, const char *field, eplb_error *err);
 

@@ -1,20 +1,21 @@
 /* eplb_placement.c -- the placement maps and their rebuild from phy2log. */
+#include "eplb_alloc.h"
 #include "eplb_placement.h"
 
 #include <stdlib.h>
 #include <string.h>
 
 void eplb_placement_free(eplb_placement *p) {
-    free(p->phy2log);
-    free(p->logcnt);
-    free(p->log2phy);
+    eplb_free(p->phy2log);
+    eplb_free(p->logcnt);
+    eplb_free(p->log2phy);
     memset(p, 0, sizeof *p);
 }
 
 uint32_t eplb_placement_max_replicas(uint32_t num_layers, uint32_t num_logical,
                                      uint32_t num_physical, const int32_t *phy2log) {
     uint32_t best = 1;
-    uint32_t *count = calloc(num_logical ? num_logical : 1, sizeof *count);
+    uint32_t *count = eplb_calloc(num_logical ? num_logical : 1, sizeof *count);
     if (!count)
         return 0;
     for (uint32_t l = 0; l < num_layers; l++) {
@@ -25,7 +26,7 @@ uint32_t eplb_placement_max_replicas(uint32_t num_layers, uint32_t num_logical,
                 best = count[row[s]];
         }
     }
-    free(count);
+    eplb_free(count);
     return best;
 }
 
@@ -57,9 +58,9 @@ void eplb_placement_rebuild(uint32_t num_layers, uint32_t num_logical, uint32_t 
 static eplb_status placement_alloc(eplb_placement *p, uint32_t num_layers, uint32_t num_logical,
                                    uint32_t num_physical, uint32_t max_replicas, eplb_error *err) {
     memset(p, 0, sizeof *p);
-    p->phy2log = malloc((size_t)num_layers * num_physical * sizeof *p->phy2log);
-    p->logcnt = malloc((size_t)num_layers * num_logical * sizeof *p->logcnt);
-    p->log2phy = malloc((size_t)num_layers * num_logical * max_replicas * sizeof *p->log2phy);
+    p->phy2log = eplb_malloc((size_t)num_layers * num_physical * sizeof *p->phy2log);
+    p->logcnt = eplb_malloc((size_t)num_layers * num_logical * sizeof *p->logcnt);
+    p->log2phy = eplb_malloc((size_t)num_layers * num_logical * max_replicas * sizeof *p->log2phy);
     if (!p->phy2log || !p->logcnt || !p->log2phy) {
         eplb_placement_free(p);
         return eplb_error_set(err, EPLB_ENOMEM, "out of memory for a %ux%u placement",

@@ -3,6 +3,7 @@
  *
  * Plan API       eplb_plan_build, eplb_plan_free
  * Reassignment   eplb_plan_reassign_gpus, eplb_plan_overlap (+ Kuhn-Munkres) */
+#include "eplb_alloc.h"
 #include "eplb_plan.h"
 
 #include <stdbool.h>
@@ -194,13 +195,13 @@ eplb_status eplb_plan_build(uint32_t num_physical, uint32_t num_gpus, uint32_t g
      * [written]; one block for scratch. */
     size_t ops_bytes = (size_t)written * sizeof(eplb_plan_op);
     size_t plan_bytes = 2 * ops_bytes + (size_t)written * sizeof(eplb_plan_staging);
-    char *block = malloc(plan_bytes);
+    char *block = eplb_malloc(plan_bytes);
     size_t scratch_bytes = (4 * (size_t)E + 1 + P + 2 * (size_t)G) * sizeof(uint32_t) +
                            (size_t)E + (size_t)P * sizeof(eplb_plan_op);
-    char *raw = malloc(scratch_bytes);
+    char *raw = eplb_malloc(scratch_bytes);
     if (!block || !raw) {
-        free(block);
-        free(raw);
+        eplb_free(block);
+        eplb_free(raw);
         memset(out, 0, sizeof *out);
         return eplb_error_set(err, EPLB_ENOMEM, "out of memory building a plan for %u slots", P);
     }
@@ -258,7 +259,7 @@ eplb_status eplb_plan_build(uint32_t num_physical, uint32_t num_gpus, uint32_t g
                 uint32_t src = 0;
                 st = choose_source(&sc, old_row, new_row, S, gpn, lo, hi, g, e, d, &src, err);
                 if (st != EPLB_OK) {
-                    free(raw);
+                    eplb_free(raw);
                     eplb_plan_free(out);
                     return st;
                 }
@@ -314,14 +315,14 @@ eplb_status eplb_plan_build(uint32_t num_physical, uint32_t num_gpus, uint32_t g
     out->num_scatter_wave0 = out->num_scatter;
     memcpy(out->scatter + out->num_scatter, sc.wave1, (size_t)n_wave1 * sizeof(eplb_plan_op));
     out->num_scatter += n_wave1;
-    free(raw);
+    eplb_free(raw);
     return EPLB_OK;
 }
 
 void eplb_plan_free(eplb_plan *plan) {
     if (!plan)
         return;
-    free(plan->gather); /* the base of the plan's single block */
+    eplb_free(plan->gather); /* the base of the plan's single block */
     memset(plan, 0, sizeof *plan);
 }
 
@@ -437,7 +438,7 @@ uint64_t eplb_plan_overlap(uint32_t num_physical, uint32_t num_gpus, const int32
     if (num_gpus == 0 || num_physical % num_gpus != 0 || !old_row || !new_row)
         return 0;
     uint32_t S = num_physical / num_gpus;
-    int32_t *buf = malloc(2 * (size_t)num_physical * sizeof *buf + 1);
+    int32_t *buf = eplb_malloc(2 * (size_t)num_physical * sizeof *buf + 1);
     if (!buf)
         return 0;
     memcpy(buf, old_row, (size_t)num_physical * sizeof *buf);
@@ -448,7 +449,7 @@ uint64_t eplb_plan_overlap(uint32_t num_physical, uint32_t num_gpus, const int32
         qsort(buf + num_physical + (size_t)g * S, S, sizeof *buf, cmp_i32);
         total += sorted_overlap(buf + (size_t)g * S, buf + num_physical + (size_t)g * S, S);
     }
-    free(buf);
+    eplb_free(buf);
     return total;
 }
 
@@ -471,7 +472,7 @@ void eplb_plan_reassign_gpus(uint32_t num_layers, uint32_t num_physical, uint32_
     bytes += 3 * ((size_t)k + 1) * sizeof(int64_t);
     bytes += ((size_t)n * n * m + n + 2 * ((size_t)k + 1)) * sizeof(uint32_t);
     bytes += (size_t)k + 1 + 64;
-    char *raw = malloc(bytes);
+    char *raw = eplb_malloc(bytes);
     if (!raw)
         return;
     char *cur = raw;
@@ -540,5 +541,5 @@ void eplb_plan_reassign_gpus(uint32_t num_layers, uint32_t num_physical, uint32_
         if (moved)
             memcpy(new_row, row, (size_t)P * sizeof *row);
     }
-    free(raw);
+    eplb_free(raw);
 }

@@ -53,6 +53,7 @@
  *
  * Loads are int64 >= 0 converted to double (exact below 2^53), so every
  * weight is +0 or positive and its IEEE bit pattern orders like the value. */
+#include "eplb_alloc.h"
 #include "eplb_policy.h"
 
 #include <math.h>
@@ -928,12 +929,12 @@ eplb_status eplb_policy_rebalance(const eplb_policy_shape *s, const int64_t *log
     if (st != EPLB_OK)
         return st;
     size_t need = eplb_policy_scratch_size(s);
-    void *scratch = malloc(need);
+    void *scratch = eplb_malloc(need);
     if (!scratch)
         return eplb_error_set(err, EPLB_ENOMEM, "rebalance: cannot allocate %zu bytes of scratch",
                               need);
     st = eplb_policy_rebalance_scratch(s, logical_load, phy2log, logcnt, scratch, need, err);
-    free(scratch);
+    eplb_free(scratch);
     return st;
 }
 
@@ -1019,7 +1020,7 @@ void eplb_policy_preserve_slots(uint32_t num_layers, uint32_t num_physical, uint
     unsigned char *flags = flags_stack;
     void *heap = NULL;
     if (k > PRESERVE_STACK_SLOTS) {
-        heap = malloc(k * (sizeof *orig + 2));
+        heap = eplb_malloc(k * (sizeof *orig + 2));
         if (!heap)
             return;
         orig = heap;
@@ -1027,7 +1028,7 @@ void eplb_policy_preserve_slots(uint32_t num_layers, uint32_t num_physical, uint
     }
     for (size_t off = 0; off < (size_t)num_layers * num_physical; off += k)
         preserve_gpu(k, old_phy2log + off, new_phy2log + off, orig, flags, flags + k);
-    free(heap);
+    eplb_free(heap);
 }
 
 /* ---------------------------------------------------------------------------

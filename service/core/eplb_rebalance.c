@@ -12,25 +12,27 @@
 #include <string.h>
 #include <time.h>
 
+#include "eplb_alloc.h"
 #include "eplb_plan.h"
 #include "eplb_policy.h"
+#include "eplb_move.h"
 #include "eplb_registry_internal.h"
 
 static eplb_status check_epoch(const registry_entry *e, bool has_expected, uint64_t expected,
                                eplb_error *err) {
-    if (has_expected && expected != e->rec.placement.epoch)
+    if (has_expected && expected != registry_current(e)->placement.epoch)
         return eplb_error_set(err, EPLB_EABORTED,
                               "model %s is at epoch %llu, the request expected epoch %llu",
-                              e->rec.model_id, (unsigned long long)e->rec.placement.epoch,
+                              e->model_id, (unsigned long long)registry_current(e)->placement.epoch,
                               (unsigned long long)expected);
     return EPLB_OK;
 }
 
 static eplb_status check_loaded(const registry_entry *e, eplb_error *err) {
-    if (e->rec.needs_weight_reload)
+    if (e->rec.state == EPLB_MOVE_NEEDS_RELOAD)
         return eplb_error_set(err, EPLB_EPRECONDITION,
-                              "model %s needs a weight reload after a failed weight move; re-register it",
-                              e->rec.model_id);
+                              "model %s needs a weight reload (%s); reload the weights and register it again",
+                              e->model_id, e->rec.state_reason);
     return EPLB_OK;
 }
 
@@ -38,7 +40,7 @@ static eplb_status check_loaded(const registry_entry *e, eplb_error *err) {
  * e's current map, refusing a wrong length or a bad entry. */
 static eplb_status request_logical_load(const registry_entry *e, const int64_t *physical_load, size_t len,
                                         int64_t *logical, eplb_error *err) {
-    const eplb_placement *cur = &e->rec.placement;
+    const eplb_placement *cur = &registry_current(e)->placement;
     if (len != (size_t)cur->num_layers * cur->num_physical)
         return eplb_error_set(err, EPLB_EINVAL,
                               "physical_load has %zu entries, want num_layers %u x num_physical_experts %u", len,
@@ -69,15 +71,15 @@ eplb_status eplb_registry_setup_from_mapping(eplb_registry *r, const eplb_setup_
     eplb_status st = registry_acquire(r, req->model_id, &e, err);
     if (st != EPLB_OK)
         return st;
-    const eplb_model_shape *shape = &e->rec.shape;
-    const eplb_placement *cur = &e->rec.placement;
+    const eplb_model_shape *shape = &registry_current(e)->shape;
+    const eplb_placement *cur = &registry_current(e)->placement;
     eplb_placement next = { 0 };
     eplb_model_shape next_shape = *shape;
 
     if (spec && (spec->num_moe_layers != shape->num_layers || spec->num_logical_experts != shape->num_logical)) {
         st = eplb_error_set(err, EPLB_EPRECONDITION,
                             "model handle resolves to %u layers x %u logical experts; model %s has %u x %u",
-                            spec->num_moe_layers, spec->num_logical_experts, e->rec.model_id,
+                            spec->num_moe_layers, spec->num_logical_experts, e->model_id,
                             shape->num_layers, shape->num_logical);
         goto out;
     }
@@ -92,7 +94,7 @@ eplb_status eplb_registry_setup_from_mapping(eplb_registry *r, const eplb_setup_
     if (req->old_num_physical != cur->num_physical) {
         st = eplb_error_set(err, EPLB_EPRECONDITION,
                             "old_num_physical_experts %u does not match model %s's %u physical experts",
-                            req->old_num_physical, e->rec.model_id, cur->num_physical);
+                            req->old_num_physical, e->model_id, cur->num_physical);
         goto out;
     }
     if ((uint64_t)req->expanded_len != (uint64_t)shape->num_layers * req->num_physical) {
@@ -132,7 +134,7 @@ eplb_status eplb_registry_setup_from_mapping(eplb_registry *r, const eplb_setup_
         eplb_placement_free(out);
         goto out;
     }
-    out->epoch = e->rec.placement.epoch;
+    out->epoch = registry_current(e)->placement.epoch;
     /* The engine re-lays its buffers out for the new ranks: weights
      * attached for the old layout must not be moved; it attaches again. */
     if (e->weights && relayout) {
@@ -142,7 +144,7 @@ eplb_status eplb_registry_setup_from_mapping(eplb_registry *r, const eplb_setup_
     }
 out:
     eplb_placement_free(&next);
-    registry_release(r, e);
+    registry_release(e);
     return st;
 }
 
@@ -150,8 +152,8 @@ out:
 
 void eplb_rebalance_result_free(eplb_rebalance_result *res) {
     eplb_placement_free(&res->placement);
-    free(res->layer_before);
-    free(res->layer_after);
+    eplb_free(res->layer_before);
+    eplb_free(res->layer_after);
     memset(res, 0, sizeof *res);
 }
 
@@ -161,112 +163,20 @@ static double elapsed_ms(const struct timespec *t0) {
     return (double)(t1.tv_sec - t0->tv_sec) * 1e3 + (double)(t1.tv_nsec - t0->tv_nsec) / 1e6;
 }
 
-/* A placement whose layers [0, moved) come from next and the rest from cur:
- * what the bytes hold after a weight move stopped at layer `moved`. */
-static eplb_status mixed_placement(const eplb_placement *cur, const eplb_placement *next, uint32_t moved,
-                                   eplb_placement *out, eplb_error *err) {
-    uint32_t L = cur->num_layers, P = cur->num_physical;
-    int32_t *map = malloc((size_t)L * P * sizeof *map);
-    if (!map)
-        return eplb_error_set(err, EPLB_ENOMEM, "out of memory");
-    memcpy(map, next->phy2log, (size_t)moved * P * sizeof *map);
-    memcpy(map + (size_t)moved * P, cur->phy2log + (size_t)moved * P, (size_t)(L - moved) * P * sizeof *map);
-    *out = (eplb_placement){ .num_layers = L, .num_logical = cur->num_logical, .epoch = cur->epoch };
-    /* Layers still on the old map keep its valid-slot count. */
-    eplb_status st = eplb_placement_assign(out, P, moved == L ? P : cur->num_valid_physical, map, err);
-    free(map);
-    return st;
-}
-
-/* Move the attached weights from cur to *next, layer by layer, then commit.
- * Takes ownership of *next.  See eplb_registry.h for what each failure
- * leaves: nothing moved -> nothing changes; a gather failure at layer k ->
- * layers < k are committed (bytes and map agree); a scatter failure that
- * the retry could not repair -> the model is marked needs_weight_reload. */
-static eplb_status move_and_commit(eplb_registry *r, registry_entry *e, eplb_placement *next,
-                                   eplb_rebalance_result *out, eplb_error *err) {
-    const eplb_placement *cur = &e->rec.placement;
-    uint32_t L = cur->num_layers, P = cur->num_physical;
-    struct timespec t0;
-    clock_gettime(CLOCK_MONOTONIC, &t0);
-    eplb_status st = e->weights->check(e->weights_ctx, L, P, cur->phy2log, next->phy2log, err);
-    if (st != EPLB_OK) {
-        eplb_placement_free(next);
-        return st;
-    }
-    uint32_t layer = 0;
-    for (; layer < L; layer++) {
-        uint64_t bytes = 0;
-        st = e->weights->move_layer(e->weights_ctx, layer, P, cur->phy2log + (size_t)layer * P,
-                                    next->phy2log + (size_t)layer * P, &bytes, err);
-        out->bytes_moved += bytes;
-        if (st != EPLB_OK)
-            break;
-    }
-    out->move_ms = elapsed_ms(&t0);
-    if (st == EPLB_OK) {
-        char why[EPLB_ERROR_MSG_MAX];
-        if ((st = registry_commit_locked(r, e, next, &e->rec.shape, err)) == EPLB_OK)
-            return EPLB_OK;
-        /* The bytes are in the new layout but the store kept the old map:
-         * never serve a map that does not match the bytes. */
-        snprintf(why, sizeof why, "%s", err ? err->msg : "");
-        e->rec.needs_weight_reload = true;
-        return eplb_error_set(err, EPLB_EDATALOSS,
-                              "the weights were moved but the new placement could not be committed (%s): "
-                              "model %s needs a weight reload",
-                              why, e->rec.model_id);
-    }
-
-    char why[EPLB_ERROR_MSG_MAX];
-    snprintf(why, sizeof why, "%s", err ? err->msg : "");
-    eplb_status failure = st;
-    /* What the bytes hold now: layers before `layer` moved; `layer` itself
-     * as it was after a gather failure, unknown after a scatter failure. */
-    eplb_placement partial;
-    eplb_status pst = mixed_placement(cur, next, layer, &partial, NULL);
-    eplb_placement_free(next);
-    if (failure == EPLB_EDATALOSS)
-        e->rec.needs_weight_reload = true;
-    if (pst == EPLB_OK && (layer > 0 || failure == EPLB_EDATALOSS))
-        pst = registry_commit_locked(r, e, &partial, &e->rec.shape, NULL);
-    else
-        eplb_placement_free(&partial);
-    if (pst != EPLB_OK && layer > 0) {
-        /* Layers moved but the map saying so was not stored. */
-        e->rec.needs_weight_reload = true;
-        failure = EPLB_EDATALOSS;
-    }
-    if (failure == EPLB_EDATALOSS)
-        return eplb_error_set(err, EPLB_EDATALOSS,
-                              "moving layer %u failed while writing slots and its retry failed too (%s): "
-                              "model %s needs a weight reload; layers 0..%u were moved and committed at epoch %llu%s",
-                              layer, why, e->rec.model_id, layer ? layer - 1 : 0,
-                              (unsigned long long)e->rec.placement.epoch,
-                              pst == EPLB_OK ? "" : " (the store did not take it)");
-    if (layer == 0)
-        return eplb_error_set(err, failure, "moving layer 0 failed before any slot was written (%s): nothing changed",
-                              why);
-    return eplb_error_set(err, failure,
-                          "moving layer %u failed before any of its slots was written (%s): layers 0..%u were "
-                          "moved and committed at epoch %llu, the rest keep their placement",
-                          layer, why, layer - 1, (unsigned long long)e->rec.placement.epoch);
-}
-
 /* Compute (and unless dry_run, commit) a rebalance of e from logical_load
  * ([L][N]).  Caller holds e's lock and has checked epoch and reload. */
 static eplb_status rebalance_locked(eplb_registry *r, registry_entry *e, const int64_t *logical_load,
                                     const eplb_policy_shape *ps, eplb_slot_order order, bool dry_run,
                                     eplb_rebalance_result *out, eplb_error *err) {
-    const eplb_placement *cur = &e->rec.placement;
+    const eplb_placement *cur = &registry_current(e)->placement;
     uint32_t L = cur->num_layers, N = cur->num_logical, P = cur->num_physical;
     struct timespec t0;
     clock_gettime(CLOCK_MONOTONIC, &t0);
 
-    int32_t *phy2log = malloc((size_t)L * P * sizeof *phy2log);
-    int32_t *logcnt = malloc((size_t)L * N * sizeof *logcnt);
-    out->layer_before = malloc(L * sizeof(double));
-    out->layer_after = malloc(L * sizeof(double));
+    int32_t *phy2log = eplb_malloc((size_t)L * P * sizeof *phy2log);
+    int32_t *logcnt = eplb_malloc((size_t)L * N * sizeof *logcnt);
+    out->layer_before = eplb_malloc(L * sizeof(double));
+    out->layer_after = eplb_malloc(L * sizeof(double));
     eplb_status st = EPLB_OK;
     if (!phy2log || !logcnt || !out->layer_before || !out->layer_after) {
         st = eplb_error_set(err, EPLB_ENOMEM, "out of memory for a %ux%u rebalance", L, P);
@@ -307,26 +217,32 @@ static eplb_status rebalance_locked(eplb_registry *r, registry_entry *e, const i
         eplb_placement_free(&next);
         goto out;
     }
-    st = e->weights ? move_and_commit(r, e, &next, out, err)
-                    : registry_commit_locked(r, e, &next, &e->rec.shape, err);
+    if (e->weights) {
+        eplb_move m = { .r = r, .e = e, .next = &next };
+        st = eplb_move_run(&m, err);
+        out->bytes_moved = m.bytes_moved;
+        out->move_ms = m.move_ms;
+    } else {
+        st = registry_commit_locked(r, e, &next, &registry_current(e)->shape, err);
+    }
     if (st != EPLB_OK) {
         eplb_placement_free(&out->placement);
         goto out;
     }
     out->committed = true;
-    out->placement.epoch = e->rec.placement.epoch;
+    out->placement.epoch = registry_current(e)->placement.epoch;
 out:
-    free(phy2log);
-    free(logcnt);
+    eplb_free(phy2log);
+    eplb_free(logcnt);
     return st;
 }
 
 static eplb_policy_shape policy_shape(const registry_entry *e, uint32_t groups, uint32_t nodes, uint32_t gpus) {
-    const eplb_model_shape *s = &e->rec.shape;
+    const eplb_model_shape *s = &registry_current(e)->shape;
     return (eplb_policy_shape){
-        .num_layers = e->rec.placement.num_layers,
-        .num_logical = e->rec.placement.num_logical,
-        .num_physical = e->rec.placement.num_physical,
+        .num_layers = registry_current(e)->placement.num_layers,
+        .num_logical = registry_current(e)->placement.num_logical,
+        .num_physical = registry_current(e)->placement.num_physical,
         .num_groups = groups ? groups : s->num_groups,
         .num_nodes = nodes ? nodes : s->num_nodes,
         .num_gpus = gpus ? gpus : s->ep_size,
@@ -358,7 +274,7 @@ eplb_status eplb_registry_rebalance(eplb_registry *r, const eplb_rebalance_reque
     eplb_status st = registry_acquire(r, req->model_id, &e, err);
     if (st != EPLB_OK)
         return st;
-    const eplb_placement *cur = &e->rec.placement;
+    const eplb_placement *cur = &registry_current(e)->placement;
     size_t cells = (size_t)cur->num_layers * cur->num_logical;
     int64_t *logical = NULL;
     eplb_policy_shape ps = policy_shape(e, req->num_groups, req->num_nodes, req->num_gpus);
@@ -367,7 +283,7 @@ eplb_status eplb_registry_rebalance(eplb_registry *r, const eplb_rebalance_reque
         (st = check_epoch(e, req->has_expected_epoch, req->expected_epoch, err)) != EPLB_OK ||
         (st = check_topology(r, &ps, req->slot_order, err)) != EPLB_OK)
         goto out;
-    logical = malloc(cells * sizeof *logical);
+    logical = eplb_malloc(cells * sizeof *logical);
     if (!logical) {
         st = eplb_error_set(err, EPLB_ENOMEM, "out of memory");
         goto out;
@@ -379,15 +295,15 @@ eplb_status eplb_registry_rebalance(eplb_registry *r, const eplb_rebalance_reque
         if (e->rec.window.count == 0) {
             st = eplb_error_set(err, EPLB_EPRECONDITION,
                                 "model %s has no recorded load: send physical_load or RecordLoad first",
-                                e->rec.model_id);
+                                e->model_id);
             goto out;
         }
         memcpy(logical, e->rec.window.sum, cells * sizeof *logical);
     }
     st = rebalance_locked(r, e, logical, &ps, req->slot_order, req->dry_run, out, err);
 out:
-    free(logical);
-    registry_release(r, e);
+    eplb_free(logical);
+    registry_release(e);
     if (st != EPLB_OK)
         eplb_rebalance_result_free(out);
     return st;
@@ -402,9 +318,9 @@ eplb_status eplb_registry_record_load(eplb_registry *r, const eplb_record_reques
     eplb_status st = registry_acquire(r, req->model_id, &e, err);
     if (st != EPLB_OK)
         return st;
-    const eplb_placement *cur = &e->rec.placement;
+    const eplb_placement *cur = &registry_current(e)->placement;
     size_t cells = (size_t)cur->num_layers * cur->num_logical;
-    int64_t *logical = malloc(cells * sizeof *logical);
+    int64_t *logical = eplb_malloc(cells * sizeof *logical);
     if (!logical) {
         st = eplb_error_set(err, EPLB_ENOMEM, "out of memory");
         goto out;
@@ -415,9 +331,9 @@ eplb_status eplb_registry_record_load(eplb_registry *r, const eplb_record_reques
     if (!req->is_dummy && (st = eplb_load_window_push(&e->rec.window, logical, err)) != EPLB_OK)
         goto out;
 
-    const eplb_model_shape *s = &e->rec.shape;
+    const eplb_model_shape *s = &registry_current(e)->shape;
     if (!req->is_dummy && s->auto_rebalance && e->rec.window.passes % s->step_interval == 0 &&
-        !e->rec.needs_weight_reload) {
+        e->rec.state != EPLB_MOVE_NEEDS_RELOAD) {
         /* vLLM's step(): every step_interval passes, rebalance from the window. */
         eplb_rebalance_result res;
         memset(&res, 0, sizeof res);
@@ -437,9 +353,9 @@ eplb_status eplb_registry_record_load(eplb_registry *r, const eplb_record_reques
                      eplb_status_name(ast), why.msg);
     }
     out->passes_recorded = e->rec.window.passes;
-    out->epoch = e->rec.placement.epoch;
+    out->epoch = registry_current(e)->placement.epoch;
 out:
-    free(logical);
-    registry_release(r, e);
+    eplb_free(logical);
+    registry_release(e);
     return st;
 }

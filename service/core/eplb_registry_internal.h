@@ -1,42 +1,100 @@
-/* eplb_registry_internal.h -- private to eplb_registry.c and
- * eplb_rebalance.c: the registry's layout and its locked helpers. */
+/* eplb_registry_internal.h -- private to the registry's files
+ * (eplb_registry.c, eplb_rebalance.c, eplb_move.c): the registry's layout,
+ * its entries and their locks.
+ *
+ * Locks, in the only order they may nest (never the other way):
+ *
+ *   r->lock (rwlock)   guards r->models / r->count / r->state_bytes and each
+ *                      entry's `listed`.  Held only to look a name up, to
+ *                      insert or to remove an entry: never across a store
+ *                      write, a policy run, a weight move or a wait for
+ *                      another lock.  Blocks: other lookups (write mode).
+ *   e->op_lock (mutex) serialises operations on one model (Register of an
+ *                      existing name, SetupFromMapping, Rebalance, RecordLoad,
+ *                      Attach/Detach, flush).  Held across that model's
+ *                      policy, weight move and fsync; guards e->rec,
+ *                      e->weights*, e->published's writers.  Blocks: only
+ *                      operations on the same model.
+ *   e->pub_lock (mutex) guards e->snap, e->state, e->state_reason: what
+ *                      readers see.  Held for pointer and field copies only.
+ *                      Blocks: nothing that does I/O or computes.
+ *
+ * Readers (GetPlacement, the speculator check, Register's answer) take
+ * r->lock (read) then e->pub_lock, never e->op_lock: they never wait for a
+ * slow operation.  An entry is reference counted (r->models holds one, each
+ * operation or view in progress one), so it outlives its removal from the
+ * list while someone still uses it. */
 #ifndef EPLB_REGISTRY_INTERNAL_H
 #define EPLB_REGISTRY_INTERNAL_H
 
 #include <pthread.h>
+#include <stdatomic.h>
 
 #include "eplb_registry.h"
 
 typedef struct registry_entry {
-    pthread_mutex_t lock;   /* guards rec and the weights */
+    atomic_uint refs;
+    pthread_mutex_t op_lock;
+    pthread_mutex_t pub_lock;
+    char model_id[EPLB_MODEL_NAME_MAX + 1]; /* immutable */
+
+    /* Under r->lock.  listed: in r->models.  visible: its first save is
+     * done (a registration in progress is listed but not visible: lookups
+     * answer NOT_FOUND, a second Register of the name waits on op_lock). */
+    bool listed;
+    bool visible;
+    uint64_t state_bytes;        /* its share of r->state_bytes */
+
+    /* Under pub_lock (readers) -- written only by the op_lock holder. */
+    eplb_snapshot *snap;         /* the published epoch: placement and shape */
+    eplb_move_state state;       /* IDLE or NEEDS_RELOAD between operations */
+    char state_reason[EPLB_ERROR_MSG_MAX];
+
+    /* Under op_lock.  rec's placement and shape are unused (snap has them);
+     * it keeps identity, the window and the store's view of the state. */
     eplb_model_record rec;
-    const eplb_weights_ops *weights; /* NULL: placement only */
+    char damaged[EPLB_ERROR_MSG_MAX];  /* non-empty: stored row failed verification */
+    const eplb_weights_ops *weights;   /* NULL: placement only */
     void *weights_ctx;
 } registry_entry;
 
 struct eplb_registry {
-    pthread_rwlock_t lock;        /* guards models and count */
+    pthread_rwlock_t lock;
     registry_entry **models;      /* [count]; a handful per server, so lookups scan */
     size_t count, cap;
+    uint64_t state_bytes;         /* sum of the entries' state_bytes */
     const eplb_store_ops *store;  /* NULL: memory only */
     void *store_ctx;
     eplb_limits limits;
 };
 
-/* Caller holds r->lock (either mode). */
-registry_entry *registry_find_locked(eplb_registry *r, const char *model_id);
-
-/* Look a model up and lock it: r->lock is held for reading and the entry's
- * mutex taken; release both with registry_release.  EPLB_ENOTFOUND (nothing
- * held) when unknown. */
+/* Look a visible model up, take a reference and its op_lock; release with
+ * registry_release.  EPLB_ENOTFOUND (nothing held) when unknown;
+ * EPLB_EDATALOSS (nothing held) when its stored row was damaged. */
 eplb_status registry_acquire(eplb_registry *r, const char *model_id, registry_entry **out,
                              eplb_error *err);
-void registry_release(eplb_registry *r, registry_entry *e);
+void registry_release(registry_entry *e);
 
-/* Commit next as e's placement with the given shape: epoch + 1, written to
- * the store (with the window if dirty) before memory changes.  Takes
- * ownership of next's arrays in every case.  On error e is unchanged. */
+/* The record to save for e with placement p, shape s and state st (shallow:
+ * arrays are borrowed). */
+eplb_model_record registry_record(const registry_entry *e, const eplb_placement *p,
+                                  const eplb_model_shape *s, eplb_move_state st, const char *reason);
+
+/* Store rec (memory-only registries accept everything). */
+eplb_status registry_save(eplb_registry *r, const eplb_model_record *rec, eplb_error *err);
+
+/* Commit next as e's placement with shape: epoch + 1, state IDLE, written to
+ * the store (with the window if dirty) and then published.  Takes ownership
+ * of next's arrays in every case.  On error nothing is published.  Caller
+ * holds e->op_lock. */
 eplb_status registry_commit_locked(eplb_registry *r, registry_entry *e, eplb_placement *next,
                                    const eplb_model_shape *shape, eplb_error *err);
+
+/* Publish a new move state (and reason) for readers.  Caller holds op_lock. */
+void registry_publish_state(registry_entry *e, eplb_move_state st, const char *reason);
+
+/* The current snapshot, for the op_lock holder (no reference taken: only
+ * the op_lock holder replaces it). */
+static inline const eplb_snapshot *registry_current(const registry_entry *e) { return e->snap; }
 
 #endif

@@ -97,7 +97,8 @@ eplb_parallel rpc_parallel_from_upb(const eplb_v1_ParallelConfig *m) {
 }
 
 eplb_v1_Placement *rpc_placement_to_upb(const char *model_id, const eplb_placement *p,
-                                        bool needs_weight_reload, bool with_log2phy, upb_Arena *arena) {
+                                        eplb_move_state state, const char *state_reason, bool with_log2phy,
+                                        upb_Arena *arena) {
     eplb_v1_Placement *m = eplb_v1_Placement_new(arena);
     if (!m)
         return NULL;
@@ -108,7 +109,16 @@ eplb_v1_Placement *rpc_placement_to_upb(const char *model_id, const eplb_placeme
     eplb_v1_Placement_set_num_logical_experts(m, p->num_logical);
     eplb_v1_Placement_set_num_valid_physical_experts(m, p->num_valid_physical);
     eplb_v1_Placement_set_max_replicas(m, p->max_replicas);
-    eplb_v1_Placement_set_needs_weight_reload(m, needs_weight_reload);
+    eplb_v1_Placement_set_needs_weight_reload(m, state == EPLB_MOVE_NEEDS_RELOAD);
+    eplb_v1_Placement_set_state(m, (int32_t)state);
+    if (state_reason && state_reason[0]) {
+        size_t n = strlen(state_reason);
+        char *copy = upb_Arena_Malloc(arena, n);
+        if (!copy)
+            return NULL;
+        memcpy(copy, state_reason, n);
+        eplb_v1_Placement_set_state_reason(m, upb_StringView_FromDataAndSize(copy, n));
+    }
 
     size_t n_p2l = (size_t)p->num_layers * p->num_physical;
     size_t n_cnt = (size_t)p->num_layers * p->num_logical;
@@ -126,4 +136,23 @@ eplb_v1_Placement *rpc_placement_to_upb(const char *model_id, const eplb_placeme
         memcpy(c, p->log2phy, n_l2p * sizeof *c);
     }
     return m;
+}
+
+uint64_t rpc_placement_wire_bound(const eplb_placement *p, bool with_log2phy) {
+    uint64_t L = p->num_layers, N = p->num_logical, P = p->num_physical;
+    /* int32 varints: 10 bytes for a negative, 5 at most otherwise; sint32 5. */
+    return 10 * L * P + 5 * L * N + (with_log2phy ? 5 * L * N * p->max_replicas : 0) + 18 * L + 4096;
+}
+
+bool rpc_placement_fits(const eplb_placement *p, bool with_log2phy, uint64_t max_bytes, rpc_reply *out) {
+    uint64_t bound = rpc_placement_wire_bound(p, with_log2phy);
+    if (!max_bytes || bound <= max_bytes)
+        return true;
+    rpc_reply_set(out, 8 /* RESOURCE_EXHAUSTED */,
+                  "the placement of %u layers x %u slots%s may take %llu bytes, over the server's largest response of "
+                  "%llu bytes (--max-message-bytes)%s",
+                  p->num_layers, p->num_physical, with_log2phy ? " with logical_to_physical" : "",
+                  (unsigned long long)bound, (unsigned long long)max_bytes,
+                  with_log2phy ? ": ask without include_logical_to_physical and derive it from physical_to_logical" : "");
+    return false;
 }

@@ -5,8 +5,10 @@
 
 #include "eplb/v1/eplb.upb.h"
 #include "eplb_model.h"
+#include "eplb_move_state.h"
 #include "eplb_placement.h"
 #include "eplb_status.h"
+#include "rpc_handlers.h"
 
 /* A NUL-terminated copy of a string field in the arena ("" when empty), or
  * NULL with *err set when it is longer than max bytes or holds a NUL. */
@@ -24,6 +26,14 @@ eplb_parallel rpc_parallel_from_upb(const eplb_v1_ParallelConfig *m);
 /* A Placement message of p (log2phy only when with_log2phy), or NULL when
  * out of memory. */
 eplb_v1_Placement *rpc_placement_to_upb(const char *model_id, const eplb_placement *p,
-                                        bool needs_weight_reload, bool with_log2phy, upb_Arena *arena);
+                                        eplb_move_state state, const char *state_reason, bool with_log2phy,
+                                        upb_Arena *arena);
+
+/* An upper bound of the encoded size of p's Placement message. */
+uint64_t rpc_placement_wire_bound(const eplb_placement *p, bool with_log2phy);
+
+/* true when p's message fits in max_bytes (0 = no limit); else *out is
+ * RESOURCE_EXHAUSTED saying so (nothing else happened). */
+bool rpc_placement_fits(const eplb_placement *p, bool with_log2phy, uint64_t max_bytes, rpc_reply *out);
 
 #endif

@@ -19,8 +19,11 @@ static const char *model_id_of(upb_StringView v, upb_Arena *arena, rpc_reply *ou
     return id;
 }
 
-static void reply_placement(const char *id, const eplb_placement *p, upb_Arena *arena, rpc_reply *out) {
-    eplb_v1_Placement *pm = rpc_placement_to_upb(id, p, false, true, arena);
+static void reply_placement(rpc_context *ctx, const char *id, const eplb_placement *p, upb_Arena *arena,
+                            rpc_reply *out) {
+    if (!rpc_placement_fits(p, true, ctx->limits.max_response_bytes, out))
+        return;
+    eplb_v1_Placement *pm = rpc_placement_to_upb(id, p, EPLB_MOVE_IDLE, NULL, true, arena);
     if (pm)
         out->body = eplb_v1_Placement_serialize(pm, arena, &out->body_len);
     if (!out->body)
@@ -55,7 +58,7 @@ void rpc_setup_from_mapping(rpc_context *ctx, upb_Arena *arena, const char *req,
         rpc_reply_from_error(out, &err);
         return;
     }
-    reply_placement(r.model_id, &p, arena, out);
+    reply_placement(ctx, r.model_id, &p, arena, out);
     eplb_placement_free(&p);
 }
 
@@ -94,11 +97,14 @@ void rpc_rebalance(rpc_context *ctx, upb_Arena *arena, const char *req, size_t l
         rpc_reply_from_error(out, &err);
         return;
     }
+    bool with_log2phy = eplb_v1_RebalanceRequest_include_logical_to_physical(m);
+    if (!rpc_placement_fits(&res.placement, with_log2phy, ctx->limits.max_response_bytes, out)) {
+        eplb_rebalance_result_free(&res);
+        return;
+    }
     eplb_v1_RebalanceResponse *resp = eplb_v1_RebalanceResponse_new(arena);
     eplb_v1_Placement *pm =
-        resp ? rpc_placement_to_upb(r.model_id, &res.placement, false,
-                                    eplb_v1_RebalanceRequest_include_logical_to_physical(m), arena)
-             : NULL;
+        resp ? rpc_placement_to_upb(r.model_id, &res.placement, EPLB_MOVE_IDLE, NULL, with_log2phy, arena) : NULL;
     uint32_t L = res.placement.num_layers;
     double *before = resp ? eplb_v1_RebalanceResponse_resize_layer_balancedness_before(resp, L, arena) : NULL;
     double *after = resp ? eplb_v1_RebalanceResponse_resize_layer_balancedness_after(resp, L, arena) : NULL;

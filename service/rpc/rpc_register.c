@@ -47,11 +47,22 @@ void rpc_register_model(rpc_context *ctx, upb_Arena *arena, const char *req, siz
                                   "resolved_path", arena, &err);
     const char *reason = rpc_string(upb_StringView_FromString(res.reason), sizeof res.reason,
                                     "reason", arena, &err);
+    bool with_placement = eplb_v1_RegisterModelRequest_include_placement(m);
+    if (res.registered && with_placement &&
+        !rpc_placement_fits(&res.view.snap->placement, true, ctx->limits.max_response_bytes, out)) {
+        eplb_model_view_release(&res.view);
+        return;
+    }
     eplb_v1_Placement *pm = NULL;
-    if (resp && res.registered)
-        pm = rpc_placement_to_upb(res.model_id, &res.placement, res.needs_weight_reload, true, arena);
-    eplb_placement_free(&res.placement);
-    if (!resp || !model_id || !path || !reason || (res.registered && !pm)) {
+    if (resp && res.registered && with_placement)
+        pm = rpc_placement_to_upb(res.model_id, &res.view.snap->placement, res.view.state, res.view.state_reason,
+                                  true, arena);
+    if (resp && res.registered) {
+        eplb_v1_RegisterModelResponse_set_epoch(resp, res.view.snap->placement.epoch);
+        eplb_v1_RegisterModelResponse_set_state(resp, (int32_t)res.view.state);
+    }
+    eplb_model_view_release(&res.view);
+    if (!resp || !model_id || !path || !reason || (res.registered && with_placement && !pm)) {
         rpc_reply_set(out, 8, "out of memory building the response");
         return;
     }
@@ -81,15 +92,20 @@ void rpc_get_placement(rpc_context *ctx, upb_Arena *arena, const char *req, size
         rpc_reply_from_error(out, &err);
         return;
     }
-    eplb_placement p;
-    bool reload = false;
-    if (eplb_registry_get_placement(ctx->registry, id, &p, &reload, &err) != EPLB_OK) {
+    /* A reference to the published epoch: never waits for an operation on
+     * the model, and encodes without holding any lock. */
+    eplb_model_view v;
+    if (eplb_registry_view(ctx->registry, id, &v, &err) != EPLB_OK) {
         rpc_reply_from_error(out, &err);
         return;
     }
-    eplb_v1_Placement *pm = rpc_placement_to_upb(
-        id, &p, reload, eplb_v1_GetPlacementRequest_include_logical_to_physical(m), arena);
-    eplb_placement_free(&p);
+    bool with_log2phy = eplb_v1_GetPlacementRequest_include_logical_to_physical(m);
+    eplb_v1_Placement *pm = NULL;
+    if (rpc_placement_fits(&v.snap->placement, with_log2phy, ctx->limits.max_response_bytes, out))
+        pm = rpc_placement_to_upb(id, &v.snap->placement, v.state, v.state_reason, with_log2phy, arena);
+    eplb_model_view_release(&v);
+    if (out->status != 0)
+        return;
     if (pm)
         out->body = eplb_v1_Placement_serialize(pm, arena, &out->body_len);
     if (!out->body)

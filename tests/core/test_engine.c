@@ -10,6 +10,7 @@
 #include "fake_store.h"
 
 static fake_store store;
+
 static eplb_registry *reg;
 
 /* The deepseek-ai/EPLB README shape: 2 layers, 12 experts, 16 slots, 4
@@ -29,7 +30,7 @@ static const int64_t readme_load[2][12] = {
 static int64_t phys_load[2 * 16];
 
 static void setup(void) {
-    memset(&store, 0, sizeof store);
+    fake_store_init(&store);
     eplb_limits lim = EPLB_LIMITS_DEFAULT;
     cr_assert_eq(eplb_registry_open(&fake_ops, &store, &lim, &reg, NULL), EPLB_OK);
     eplb_register_request req = { .model_name = "m", .model = &readme, .main_model_id = "",
@@ -37,7 +38,7 @@ static void setup(void) {
                                                 .step_interval = 3 } };
     eplb_register_result res;
     cr_assert_eq(eplb_registry_register(reg, &req, &res, NULL), EPLB_OK);
-    eplb_placement_free(&res.placement);
+    eplb_model_view_release(&res.view);
     memset(phys_load, 0, sizeof phys_load);
     for (int l = 0; l < 2; l++)
         for (int e = 0; e < 12; e++)
@@ -50,7 +51,7 @@ TestSuite(engine, .init = setup, .fini = teardown);
 
 static eplb_placement current(void) {
     eplb_placement p;
-    cr_assert_eq(eplb_registry_get_placement(reg, "m", &p, NULL, NULL), EPLB_OK);
+    cr_assert_eq(get_placement(reg, "m", &p, NULL, NULL), EPLB_OK);
     return p;
 }
 
@@ -274,7 +275,7 @@ Test(engine, record_load_feeds_the_window_and_auto_rebalance_is_opt_in) {
                                                  .step_interval = 3, .auto_rebalance = true } };
     eplb_register_result ares;
     cr_assert_eq(eplb_registry_register(reg, &areq, &ares, NULL), EPLB_OK);
-    eplb_placement_free(&ares.placement);
+    eplb_model_view_release(&ares.view);
     rec.model_id = "auto";
     rec.physical_load_len = 32;
     for (int i = 1; i <= 6; i++) {
@@ -298,26 +299,45 @@ Test(engine, flush_saves_dirty_windows_once) {
 
 typedef struct fake_mover {
     eplb_status check_status;
-    int fail_layer;          /* -1: never */
-    eplb_status fail_status; /* EPLB_EINTERNAL (gather) or EPLB_EDATALOSS (scatter) */
-    int moves;
+    int fail_layer;             /* -1: never */
+    eplb_status fail_status;    /* EPLB_EINTERNAL or EPLB_EDATALOSS (gather) */
+    int scatter_fail_layer;     /* -1: never */
+    int scatter_failures;       /* how many scatter calls of that layer fail */
+    int gathers, scatters, moves;
+    eplb_move_state state_at_first_scatter; /* what the store held then */
     int *closed;
 } fake_mover;
 
 static eplb_status fm_check(void *ctx, uint32_t L, uint32_t P, const int32_t *o, const int32_t *n, eplb_error *err) {
     (void)L, (void)P, (void)o, (void)n;
     fake_mover *m = ctx;
+    if (m->check_status == EPLB_EDATALOSS)
+        return eplb_error_set(err, m->check_status, "ranks[1] shm \"/eplb-x\" shrank to 0 bytes");
     if (m->check_status != EPLB_OK)
         return eplb_error_set(err, m->check_status, "layer 0: slot 3 (GPU 1) needs a GPU this server does not hold");
     return EPLB_OK;
 }
 
-static eplb_status fm_move(void *ctx, uint32_t layer, uint32_t P, const int32_t *o, const int32_t *n, uint64_t *bytes,
-                           eplb_error *err) {
+static eplb_status fm_gather(void *ctx, uint32_t layer, uint32_t P, const int32_t *o, const int32_t *n,
+                             eplb_error *err) {
+    (void)P, (void)o, (void)n;
     fake_mover *m = ctx;
-    *bytes = 0;
+    m->gathers++;
     if ((int)layer == m->fail_layer)
         return eplb_error_set(err, m->fail_status, "injected");
+    return EPLB_OK;
+}
+
+static eplb_status fm_scatter(void *ctx, uint32_t layer, uint32_t P, const int32_t *o, const int32_t *n,
+                              uint64_t *bytes, eplb_error *err) {
+    fake_mover *m = ctx;
+    *bytes = 0;
+    if (m->scatters++ == 0)
+        m->state_at_first_scatter = store.last.state;
+    if ((int)layer == m->scatter_fail_layer && m->scatter_failures > 0) {
+        m->scatter_failures--;
+        return eplb_error_set(err, EPLB_EDATALOSS, "injected scatter failure");
+    }
     for (uint32_t s = 0; s < P; s++)
         *bytes += o[s] != n[s] ? 100 : 0;
     m->moves++;
@@ -329,12 +349,14 @@ static void fm_close(void *ctx) {
     (*m->closed)++;
 }
 
-static const eplb_weights_ops fm_ops = { .check = fm_check, .move_layer = fm_move, .close = fm_close };
+static const eplb_weights_ops fm_ops = { .check = fm_check, .gather = fm_gather, .scatter = fm_scatter,
+                                         .close = fm_close };
 static fake_mover mover;
 static int mover_closed;
 
 static void attach(eplb_status check, int fail_layer, eplb_status fail) {
-    mover = (fake_mover){ .check_status = check, .fail_layer = fail_layer, .fail_status = fail, .closed = &mover_closed };
+    mover = (fake_mover){ .check_status = check, .fail_layer = fail_layer, .fail_status = fail,
+                          .scatter_fail_layer = -1, .closed = &mover_closed };
     eplb_model_shape shape;
     cr_assert_eq(eplb_registry_get_shape(reg, "m", &shape, NULL), EPLB_OK);
     cr_assert_eq(eplb_registry_attach_weights(reg, "m", &fm_ops, &mover, &shape, NULL), EPLB_OK);
@@ -343,6 +365,14 @@ static void attach(eplb_status check, int fail_layer, eplb_status fail) {
 static eplb_rebalance_request move_request(void) {
     return (eplb_rebalance_request){ .model_id = "m", .physical_load = phys_load, .physical_load_len = 32,
                                      .slot_order = EPLB_SLOT_ALGORITHM };
+}
+
+static eplb_move_state state_now(void) {
+    eplb_placement p;
+    eplb_move_state st = EPLB_MOVE_STAGED;
+    cr_assert_eq(get_placement(reg, "m", &p, &st, NULL), EPLB_OK);
+    eplb_placement_free(&p);
+    return st;
 }
 
 Test(engine, weights_move_before_the_commit) {
@@ -355,10 +385,17 @@ Test(engine, weights_move_before_the_commit) {
     cr_assert_eq(res.bytes_moved, res.experts_moved * 100);
     cr_assert_eq(res.placement.epoch, 1);
     eplb_rebalance_result_free(&res);
+    /* MOVING was stored before the first slot write, then IDLE with the map. */
+    cr_assert_eq(mover.state_at_first_scatter, EPLB_MOVE_MOVING);
+    cr_assert_eq(store.saves, 3); /* register, MOVING, commit */
+    cr_assert_eq(store.states[1], EPLB_MOVE_MOVING);
+    cr_assert_eq(store.states[2], EPLB_MOVE_IDLE);
+    cr_assert_eq(state_now(), EPLB_MOVE_IDLE);
     /* Dry runs never move. */
     req.dry_run = true;
     cr_assert_eq(eplb_registry_rebalance(reg, &req, &res, NULL), EPLB_OK);
     cr_assert_eq(mover.moves, 2);
+    cr_assert_eq(mover.gathers, 2);
     eplb_rebalance_result_free(&res);
     bool detached;
     cr_assert_eq(eplb_registry_detach_weights(reg, "m", &detached, NULL), EPLB_OK);
@@ -373,9 +410,23 @@ Test(engine, weights_precondition_moves_nothing) {
     eplb_rebalance_result res;
     eplb_error err;
     cr_assert_eq(eplb_registry_rebalance(reg, &req, &res, &err), EPLB_EPRECONDITION);
-    cr_assert_eq(mover.moves, 0);
+    cr_assert_eq(mover.moves + mover.gathers, 0);
     assert_unchanged(0, before.phy2log, 16);
+    cr_assert_eq(state_now(), EPLB_MOVE_IDLE);
     eplb_placement_free(&before);
+}
+
+Test(engine, buffers_lost_before_the_move_need_a_reload_stored_first) {
+    attach(EPLB_EDATALOSS, -1, EPLB_OK);
+    eplb_rebalance_request req = move_request();
+    eplb_rebalance_result res;
+    eplb_error err;
+    cr_assert_eq(eplb_registry_rebalance(reg, &req, &res, &err), EPLB_EDATALOSS);
+    cr_assert_not_null(strstr(err.msg, "shrank to 0 bytes"), "%s", err.msg);
+    cr_assert_eq(mover.gathers, 0);
+    cr_assert_eq(store.last.state, EPLB_MOVE_NEEDS_RELOAD);
+    cr_assert_not_null(strstr(store.last.state_reason, "shrank"), "%s", store.last.state_reason);
+    cr_assert_eq(state_now(), EPLB_MOVE_NEEDS_RELOAD);
 }
 
 Test(engine, gather_failure_on_the_first_layer_changes_nothing) {
@@ -389,6 +440,22 @@ Test(engine, gather_failure_on_the_first_layer_changes_nothing) {
     assert_unchanged(0, before.phy2log, 16);
     eplb_placement_free(&before);
     cr_assert_eq(store.saves, 1);
+    cr_assert_eq(mover.scatters, 0);
+    cr_assert_eq(state_now(), EPLB_MOVE_IDLE);
+}
+
+Test(engine, store_refusing_moving_writes_nothing) {
+    eplb_placement before = current();
+    attach(EPLB_OK, -1, EPLB_OK);
+    store.fail_next = 1; /* the MOVING save */
+    eplb_rebalance_request req = move_request();
+    eplb_rebalance_result res;
+    eplb_error err;
+    cr_assert_eq(eplb_registry_rebalance(reg, &req, &res, &err), EPLB_EUNAVAILABLE);
+    cr_assert_eq(mover.scatters, 0);
+    assert_unchanged(0, before.phy2log, 16);
+    cr_assert_eq(state_now(), EPLB_MOVE_IDLE);
+    eplb_placement_free(&before);
 }
 
 Test(engine, gather_failure_later_commits_the_layers_that_moved) {
@@ -404,32 +471,45 @@ Test(engine, gather_failure_later_commits_the_layers_that_moved) {
     const int32_t readme_l0[] = { 5, 6, 5, 7, 8, 4, 3, 4, 10, 9, 10, 2, 0, 1, 11, 1 };
     cr_assert_arr_eq(p.phy2log, readme_l0, sizeof readme_l0);
     cr_assert_arr_eq(p.phy2log + 16, before.phy2log + 16, 16 * sizeof(int32_t));
-    bool reload = true;
     eplb_placement_free(&p);
-    cr_assert_eq(eplb_registry_get_placement(reg, "m", &p, &reload, NULL), EPLB_OK);
-    cr_assert_not(reload);
-    eplb_placement_free(&p);
+    cr_assert_eq(state_now(), EPLB_MOVE_IDLE);
+    cr_assert_eq(store.last.state, EPLB_MOVE_IDLE);
     eplb_placement_free(&before);
 }
 
+Test(engine, one_scatter_failure_is_completed_by_the_retry) {
+    attach(EPLB_OK, -1, EPLB_OK);
+    mover.scatter_fail_layer = 1;
+    mover.scatter_failures = 1;
+    eplb_rebalance_request req = move_request();
+    eplb_rebalance_result res;
+    eplb_error err;
+    cr_assert_eq(eplb_registry_rebalance(reg, &req, &res, &err), EPLB_OK, "%s", err.msg);
+    cr_assert_eq(mover.scatters, 3);
+    cr_assert_eq(mover.gathers, 2); /* the retry never gathers again (it would undo swaps) */
+    eplb_rebalance_result_free(&res);
+    cr_assert_eq(state_now(), EPLB_MOVE_IDLE);
+}
+
 Test(engine, scatter_failure_marks_the_model_for_reload_until_registered_again) {
-    attach(EPLB_OK, 1, EPLB_EDATALOSS);
+    attach(EPLB_OK, -1, EPLB_OK);
+    mover.scatter_fail_layer = 1;
+    mover.scatter_failures = 2;
     eplb_rebalance_request req = move_request();
     eplb_rebalance_result res;
     eplb_error err;
     cr_assert_eq(eplb_registry_rebalance(reg, &req, &res, &err), EPLB_EDATALOSS);
     cr_assert_not_null(strstr(err.msg, "needs a weight reload"), "%s", err.msg);
-    eplb_placement p;
-    bool reload = false;
-    cr_assert_eq(eplb_registry_get_placement(reg, "m", &p, &reload, NULL), EPLB_OK);
-    cr_assert(reload);
-    eplb_placement_free(&p);
+    /* Stored before the error was answered. */
+    cr_assert_eq(store.last.state, EPLB_MOVE_NEEDS_RELOAD);
+    cr_assert_not_null(strstr(store.last.state_reason, "layer 1"), "%s", store.last.state_reason);
+    cr_assert_eq(state_now(), EPLB_MOVE_NEEDS_RELOAD);
 
     /* Refused until the engine registers again (after reloading weights). */
-    mover.fail_layer = -1;
     cr_assert_eq(eplb_registry_rebalance(reg, &req, &res, &err), EPLB_EPRECONDITION);
-    cr_assert_not_null(strstr(err.msg, "re-register"), "%s", err.msg);
+    cr_assert_not_null(strstr(err.msg, "register it again"), "%s", err.msg);
     eplb_setup_request sreq = { .model_id = "m" };
+    eplb_placement p;
     cr_assert_eq(eplb_registry_setup_from_mapping(reg, &sreq, &p, &err), EPLB_EPRECONDITION);
 
     eplb_register_request rreq = { .model_name = "m", .model = &readme, .main_model_id = "",
@@ -437,24 +517,27 @@ Test(engine, scatter_failure_marks_the_model_for_reload_until_registered_again) 
                                                  .step_interval = 3 } };
     eplb_register_result rres;
     cr_assert_eq(eplb_registry_register(reg, &rreq, &rres, NULL), EPLB_OK);
-    cr_assert_not(rres.needs_weight_reload);
-    eplb_placement_free(&rres.placement);
+    cr_assert_eq(rres.view.state, EPLB_MOVE_IDLE);
+    eplb_model_view_release(&rres.view);
+    cr_assert_eq(store.last.state, EPLB_MOVE_IDLE);
     cr_assert_eq(eplb_registry_rebalance(reg, &req, &res, &err), EPLB_OK, "%s", err.msg);
     eplb_rebalance_result_free(&res);
 }
 
 Test(engine, store_failure_after_moving_flags_the_model) {
     attach(EPLB_OK, -1, EPLB_OK);
-    store.fail_next = 1;
+    store.fail_after = 1; /* MOVING passes, the commit fails */
     eplb_rebalance_request req = move_request();
     eplb_rebalance_result res;
     eplb_error err;
     cr_assert_eq(eplb_registry_rebalance(reg, &req, &res, &err), EPLB_EDATALOSS);
     cr_assert_not_null(strstr(err.msg, "needs a weight reload"), "%s", err.msg);
-    eplb_placement p;
-    bool reload = false;
-    cr_assert_eq(eplb_registry_get_placement(reg, "m", &p, &reload, NULL), EPLB_OK);
-    cr_assert(reload);
+    cr_assert_eq(mover.moves, 2);
+    cr_assert_eq(state_now(), EPLB_MOVE_NEEDS_RELOAD);
+    /* The NEEDS_RELOAD save after the failed commit went through. */
+    cr_assert_eq(store.last.state, EPLB_MOVE_NEEDS_RELOAD);
+    eplb_placement p = current();
+    cr_assert_eq(p.epoch, 0); /* the map the store kept; the bytes match none */
     eplb_placement_free(&p);
 }
 

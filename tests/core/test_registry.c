@@ -11,7 +11,7 @@ static fake_store store;
 static eplb_registry *reg;
 
 static void setup(void) {
-    memset(&store, 0, sizeof store);
+    fake_store_init(&store);
     eplb_limits lim = EPLB_LIMITS_DEFAULT;
     cr_assert_eq(eplb_registry_open(&fake_ops, &store, &lim, &reg, NULL), EPLB_OK);
 }
@@ -39,12 +39,12 @@ Test(registry, registers_wrapped_moe_with_initial_placement) {
     cr_assert(res.registered);
     cr_assert_str_eq(res.model_id, "kimi");
     cr_assert_str_eq(res.resolved_path, "KimiK25ForConditionalGeneration.language_model");
-    cr_assert_eq(res.placement.epoch, 0);
-    cr_assert_eq(res.placement.num_layers, 3);
+    cr_assert_eq(res.view.snap->placement.epoch, 0);
+    cr_assert_eq(res.view.snap->placement.num_layers, 3);
     const int32_t row[] = { 0, 1, 2, 3, 4, 5, 6, 7, 0, 1, 2, 3 };
     for (int l = 0; l < 3; l++)
-        cr_assert_arr_eq(res.placement.phy2log + 12 * l, row, sizeof row);
-    eplb_placement_free(&res.placement);
+        cr_assert_arr_eq(res.view.snap->placement.phy2log + 12 * l, row, sizeof row);
+    eplb_model_view_release(&res.view);
     cr_assert_eq(store.saves, 1);
     cr_assert_str_eq(store.last.architecture, "DeepseekV3ForCausalLM");
     cr_assert_eq(eplb_registry_count(reg), 1);
@@ -61,7 +61,7 @@ Test(registry, quiet_refusals_register_nothing) {
         cr_assert_eq(eplb_registry_register(reg, &reqs[i], &res, NULL), EPLB_OK);
         cr_assert_not(res.registered);
         cr_assert_not_null(strstr(res.reason, why[i]), "%s", res.reason);
-        cr_assert_null(res.placement.phy2log);
+        cr_assert_null(res.view.snap);
     }
     cr_assert_eq(store.saves, 0);
     cr_assert_eq(eplb_registry_count(reg), 0);
@@ -71,12 +71,12 @@ Test(registry, same_registration_twice_is_idempotent) {
     eplb_register_request req = main_request("kimi", &vlm);
     eplb_register_result res;
     cr_assert_eq(eplb_registry_register(reg, &req, &res, NULL), EPLB_OK);
-    eplb_placement_free(&res.placement);
+    eplb_model_view_release(&res.view);
     cr_assert_eq(eplb_registry_register(reg, &req, &res, NULL), EPLB_OK);
     cr_assert(res.registered);
     cr_assert_not_null(strstr(res.reason, "already registered"));
-    cr_assert_eq(res.placement.num_physical, 12);
-    eplb_placement_free(&res.placement);
+    cr_assert_eq(res.view.snap->placement.num_physical, 12);
+    eplb_model_view_release(&res.view);
     cr_assert_eq(store.saves, 1);
     cr_assert_eq(eplb_registry_count(reg), 1);
 }
@@ -85,7 +85,7 @@ Test(registry, same_name_different_shape_is_already_exists) {
     eplb_register_request req = main_request("kimi", &vlm);
     eplb_register_result res;
     cr_assert_eq(eplb_registry_register(reg, &req, &res, NULL), EPLB_OK);
-    eplb_placement_free(&res.placement);
+    eplb_model_view_release(&res.view);
     req.parallel.ep_size = 2;
     eplb_handle lm2 = lm;
     lm2.moe.num_local_physical_experts = 6;
@@ -95,7 +95,7 @@ Test(registry, same_name_different_shape_is_already_exists) {
     cr_assert_not_null(strstr(err.msg, "num_local_physical_experts 3 (registered) != 6"), "%s", err.msg);
     cr_assert_not(res.registered);
     eplb_placement p;
-    cr_assert_eq(eplb_registry_get_placement(reg, "kimi", &p, NULL, NULL), EPLB_OK);
+    cr_assert_eq(get_placement(reg, "kimi", &p, NULL, NULL), EPLB_OK);
     cr_assert_eq(p.num_physical, 12);
     eplb_placement_free(&p);
 }
@@ -109,14 +109,14 @@ Test(registry, store_failure_leaves_nothing_registered) {
     cr_assert_str_eq(err.msg, "store: injected failure");
     cr_assert_not(res.registered);
     cr_assert_eq(eplb_registry_count(reg), 0);
-    cr_assert_eq(eplb_registry_get_placement(reg, "kimi", &res.placement, NULL, &err), EPLB_ENOTFOUND);
+    cr_assert_eq(get_placement(reg, "kimi", &(eplb_placement){0}, NULL, &err), EPLB_ENOTFOUND);
 }
 
 Test(registry, speculator_is_unwrapped_like_a_main_model) {
     eplb_register_request req = main_request("kimi", &vlm);
     eplb_register_result res;
     cr_assert_eq(eplb_registry_register(reg, &req, &res, NULL), EPLB_OK);
-    eplb_placement_free(&res.placement);
+    eplb_model_view_release(&res.view);
 
     /* A drafter that wraps a VLM wrapper: two levels of unwrapping. */
     eplb_handle drafter_lm = lm;
@@ -132,8 +132,8 @@ Test(registry, speculator_is_unwrapped_like_a_main_model) {
     cr_assert_eq(eplb_registry_register(reg, &spec, &res, NULL), EPLB_OK);
     cr_assert(res.registered);
     cr_assert_str_eq(res.resolved_path, "EagleKimiK25.language_model.language_model");
-    cr_assert_eq(res.placement.num_layers, 1);
-    eplb_placement_free(&res.placement);
+    cr_assert_eq(res.view.snap->placement.num_layers, 1);
+    eplb_model_view_release(&res.view);
     cr_assert_eq(store.last.role, EPLB_ROLE_SPECULATOR);
     cr_assert_str_eq(store.last.main_model_id, "kimi");
 }
@@ -143,7 +143,7 @@ Test(registry, speculator_must_agree_with_main_model) {
     eplb_register_result res;
     eplb_error err;
     cr_assert_eq(eplb_registry_register(reg, &req, &res, NULL), EPLB_OK);
-    eplb_placement_free(&res.placement);
+    eplb_model_view_release(&res.view);
 
     eplb_handle d = lm;
     d.moe.num_redundant_experts = 0;
