@@ -1,6 +1,7 @@
 /* test_registry.c -- RegisterModel's rules on the registry, with a fake
  * store that can fail on demand. */
 #include <criterion/criterion.h>
+#include <stdio.h>
 #include <string.h>
 
 #include "eplb_registry.h"
@@ -196,5 +197,128 @@ Test(registry, bad_requests_name_the_field) {
     cr_assert_eq(eplb_registry_register(reg, &req, &res, &err), EPLB_EINVAL);
     cr_assert_str_eq(err.msg, "model.language_model.moe.num_physical_experts 13 != num_logical_experts 8 + num_redundant_experts 4");
     cr_assert_eq(eplb_registry_count(reg), 0);
+    cr_assert_eq(store.saves, 0);
+}
+
+/* ---- what the store gives back at open ------------------------------------- */
+
+static eplb_model_record stored(const char *name, eplb_move_state state) {
+    eplb_model_record rec;
+    memset(&rec, 0, sizeof rec);
+    snprintf(rec.model_id, sizeof rec.model_id, "%s", name);
+    snprintf(rec.architecture, sizeof rec.architecture, "DeepseekV3ForCausalLM");
+    snprintf(rec.resolved_path, sizeof rec.resolved_path, "DeepseekV3ForCausalLM");
+    rec.shape = (eplb_model_shape){ .num_layers = 3, .num_logical = 8, .num_physical = 12, .num_local = 3,
+                                    .num_redundant = 4, .num_groups = 2, .ep_size = 4, .num_nodes = 1,
+                                    .window_size = 10, .step_interval = 10 };
+    cr_assert_eq(eplb_placement_init(&rec.placement, 3, 8, 12, NULL), EPLB_OK);
+    rec.placement.epoch = 7;
+    eplb_load_window_init(&rec.window, 3, 8, 10);
+    rec.state = state;
+    return rec;
+}
+
+Test(registry, a_model_stored_mid_move_is_served_as_needing_a_reload) {
+    eplb_registry_close(reg);
+    eplb_model_record recs[2] = { stored("moving", EPLB_MOVE_MOVING), stored("idle", EPLB_MOVE_IDLE) };
+    store.replay = recs;
+    store.num_replay = 2;
+    eplb_limits lim = EPLB_LIMITS_DEFAULT;
+    cr_assert_eq(eplb_registry_open(&fake_ops, &store, &lim, &reg, NULL), EPLB_OK);
+    eplb_model_view v;
+    cr_assert_eq(eplb_registry_view(reg, "moving", &v, NULL), EPLB_OK);
+    cr_assert_eq(v.state, EPLB_MOVE_NEEDS_RELOAD);
+    cr_assert_eq(v.snap->placement.epoch, 7);
+    cr_assert_not_null(strstr(v.state_reason, "stopped while moving weights from epoch 7"), "%s", v.state_reason);
+    eplb_model_view_release(&v);
+    cr_assert_eq(eplb_registry_view(reg, "idle", &v, NULL), EPLB_OK);
+    cr_assert_eq(v.state, EPLB_MOVE_IDLE);
+    eplb_model_view_release(&v);
+}
+
+Test(registry, a_damaged_row_refuses_that_model_only) {
+    eplb_registry_close(reg);
+    eplb_model_record recs[2] = { stored("ok", EPLB_MOVE_IDLE) };
+    memset(&recs[1], 0, sizeof recs[1]);
+    snprintf(recs[1].model_id, sizeof recs[1].model_id, "bad");
+    snprintf(recs[1].damaged, sizeof recs[1].damaged, "store: model bad: checksum mismatch");
+    store.replay = recs;
+    store.num_replay = 2;
+    eplb_limits lim = EPLB_LIMITS_DEFAULT;
+    cr_assert_eq(eplb_registry_open(&fake_ops, &store, &lim, &reg, NULL), EPLB_OK);
+    eplb_model_view v;
+    eplb_error err;
+    cr_assert_eq(eplb_registry_view(reg, "bad", &v, &err), EPLB_EDATALOSS);
+    cr_assert_not_null(strstr(err.msg, "model bad cannot be served"), "%s", err.msg);
+    cr_assert_not_null(strstr(err.msg, "checksum mismatch"), "%s", err.msg);
+    eplb_rebalance_request rreq = { .model_id = "bad" };
+    eplb_rebalance_result rres;
+    cr_assert_eq(eplb_registry_rebalance(reg, &rreq, &rres, &err), EPLB_EDATALOSS);
+    /* Re-registering does not paper over it. */
+    eplb_register_request req = main_request("bad", &lm);
+    eplb_register_result res;
+    cr_assert_eq(eplb_registry_register(reg, &req, &res, &err), EPLB_EDATALOSS);
+    cr_assert_eq(eplb_registry_view(reg, "ok", &v, NULL), EPLB_OK);
+    eplb_model_view_release(&v);
+}
+
+/* ---- bounded cost ------------------------------------------------------------ */
+
+Test(registry, max_models_is_enforced) {
+    eplb_registry_close(reg);
+    eplb_limits lim = EPLB_LIMITS_DEFAULT;
+    lim.max_models = 2;
+    cr_assert_eq(eplb_registry_open(&fake_ops, &store, &lim, &reg, NULL), EPLB_OK);
+    const char *names[] = { "a", "b", "c" };
+    for (int i = 0; i < 3; i++) {
+        eplb_register_request req = main_request(names[i], &lm);
+        eplb_register_result res;
+        eplb_error err;
+        eplb_status st = eplb_registry_register(reg, &req, &res, &err);
+        if (i < 2) {
+            cr_assert_eq(st, EPLB_OK);
+            eplb_model_view_release(&res.view);
+        } else {
+            cr_assert_eq(st, EPLB_ENOSPACE);
+            cr_assert_not_null(strstr(err.msg, "--max-models"), "%s", err.msg);
+        }
+    }
+    /* The same registration again is still idempotent at the limit. */
+    eplb_register_request req = main_request("a", &lm);
+    eplb_register_result res;
+    cr_assert_eq(eplb_registry_register(reg, &req, &res, NULL), EPLB_OK);
+    eplb_model_view_release(&res.view);
+    cr_assert_eq(eplb_registry_count(reg), 2);
+    cr_assert_eq(store.saves, 2);
+}
+
+Test(registry, the_state_budget_is_enforced) {
+    eplb_registry_close(reg);
+    eplb_limits lim = EPLB_LIMITS_DEFAULT;
+    eplb_model_shape s = { .num_layers = 3, .num_logical = 8, .num_physical = 12, .window_size = 1000 };
+    lim.max_state_bytes = eplb_model_state_bytes(&s) * 3 / 2; /* room for one */
+    cr_assert_eq(eplb_registry_open(&fake_ops, &store, &lim, &reg, NULL), EPLB_OK);
+    eplb_register_request req = main_request("a", &lm);
+    eplb_register_result res;
+    eplb_error err;
+    cr_assert_eq(eplb_registry_register(reg, &req, &res, &err), EPLB_OK, "%s", err.msg);
+    eplb_model_view_release(&res.view);
+    req = main_request("b", &lm);
+    cr_assert_eq(eplb_registry_register(reg, &req, &res, &err), EPLB_ENOSPACE);
+    cr_assert_not_null(strstr(err.msg, "--max-state-mib"), "%s", err.msg);
+    cr_assert_eq(eplb_registry_count(reg), 1);
+}
+
+Test(registry, a_shape_whose_placement_cannot_be_sent_is_refused) {
+    eplb_registry_close(reg);
+    eplb_limits lim = EPLB_LIMITS_DEFAULT;
+    lim.max_response_bytes = 4096 + 100; /* smaller than any map of lm's shape */
+    cr_assert_eq(eplb_registry_open(&fake_ops, &store, &lim, &reg, NULL), EPLB_OK);
+    eplb_register_request req = main_request("a", &vlm);
+    eplb_register_result res;
+    eplb_error err;
+    cr_assert_eq(eplb_registry_register(reg, &req, &res, &err), EPLB_EINVAL);
+    cr_assert_not_null(strstr(err.msg, "--max-message-bytes"), "%s", err.msg);
+    cr_assert_not_null(strstr(err.msg, "model.language_model.moe"), "%s", err.msg);
     cr_assert_eq(store.saves, 0);
 }
