@@ -8,7 +8,7 @@
  *     memory never runs ahead of it), except NEEDS_RELOAD, which is also
  *     published when the store refuses it (the bytes are what they are).
  *  3. r->lock is never held across a store write or while waiting for an
- *     entry's op_lock; lock order is r->lock, op_lock, pub_lock. */
+ *     entry's op_lock; lock order is op_lock, r->lock, pub_lock. */
 #include "eplb_registry.h"
 
 #include <assert.h>
@@ -639,6 +639,12 @@ eplb_status eplb_registry_register(eplb_registry *r, const eplb_register_request
         return st;
 
     for (;;) {
+        /* The new entry is made and locked before r->lock: the order is
+         * op_lock then r->lock everywhere (eplb_registry_internal.h). */
+        registry_entry *fresh = entry_new(rec.model_id);
+        if (!fresh)
+            return eplb_error_set(err, EPLB_ENOMEM, "out of memory adding model %s", rec.model_id);
+        pthread_mutex_lock(&fresh->op_lock);
         pthread_rwlock_wrlock(&r->lock);
         registry_entry *e = find_listed(r, rec.model_id);
         if (e) {
@@ -646,6 +652,7 @@ eplb_status eplb_registry_register(eplb_registry *r, const eplb_register_request
              * without holding r->lock. */
             entry_ref(e);
             pthread_rwlock_unlock(&r->lock);
+            registry_release(fresh);
             pthread_mutex_lock(&e->op_lock);
             if (!e->listed) { /* its registration failed meanwhile: start over */
                 registry_release(e);
@@ -655,6 +662,7 @@ eplb_status eplb_registry_register(eplb_registry *r, const eplb_register_request
             registry_release(e);
             return st;
         }
+        e = fresh;
         size_t models = r->count;
         uint64_t bytes = eplb_model_state_bytes(&rec.shape);
         if (models >= r->limits.max_models)
@@ -668,13 +676,13 @@ eplb_status eplb_registry_register(eplb_registry *r, const eplb_register_request
                                 rec.model_id, (unsigned long long)((bytes + (1 << 20) - 1) >> 20),
                                 (unsigned long long)((r->limits.max_state_bytes - r->state_bytes) >> 20),
                                 (unsigned long long)(r->limits.max_state_bytes >> 20));
-        else if ((st = reserve_slot(r, err)) == EPLB_OK && !(e = entry_new(rec.model_id)))
-            st = eplb_error_set(err, EPLB_ENOMEM, "out of memory adding model %s", rec.model_id);
+        else
+            st = reserve_slot(r, err);
         if (st != EPLB_OK) {
             pthread_rwlock_unlock(&r->lock);
+            registry_release(e);
             return st;
         }
-        pthread_mutex_lock(&e->op_lock); /* nobody else can have it yet */
         e->state_bytes = bytes;
         list_insert(r, e); /* the list's reference is the one entry_new gave */
         entry_ref(e);      /* ours */

@@ -2,13 +2,16 @@
  * (eplb_registry.c, eplb_rebalance.c, eplb_move.c): the registry's layout,
  * its entries and their locks.
  *
- * Locks, in the only order they may nest (never the other way):
+ * Locks, in the only order they may nest -- op_lock, then r->lock, then
+ * pub_lock; never the other way:
  *
  *   r->lock (rwlock)   guards r->models / r->count / r->state_bytes and each
  *                      entry's `listed`.  Held only to look a name up, to
  *                      insert or to remove an entry: never across a store
- *                      write, a policy run, a weight move or a wait for
- *                      another lock.  Blocks: other lookups (write mode).
+ *                      write, a policy run, a weight move or a wait for an
+ *                      op_lock.  An op_lock holder may take it briefly (to
+ *                      publish visibility or its budget).  Blocks: other
+ *                      lookups (write mode), for a scan of a few entries.
  *   e->op_lock (mutex) serialises operations on one model (Register of an
  *                      existing name, SetupFromMapping, Rebalance, RecordLoad,
  *                      Attach/Detach, flush).  Held across that model's
