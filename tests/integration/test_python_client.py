@@ -106,7 +106,8 @@ class PythonClientTest(unittest.TestCase):
 
     def test_register_wrapped_moe(self):
         resp = self.stub.RegisterModel(register_request(
-            "kimi", vlm("KimiK25ForConditionalGeneration", moe("DeepseekV3ForCausalLM", 3))), timeout=10)
+            "kimi", vlm("KimiK25ForConditionalGeneration", moe("DeepseekV3ForCausalLM", 3)),
+            include_placement=True), timeout=10)
         self.assertTrue(resp.registered)
         self.assertEqual(resp.model_id, "kimi")
         self.assertEqual(resp.resolved_path, "KimiK25ForConditionalGeneration.language_model")
@@ -119,6 +120,28 @@ class PythonClientTest(unittest.TestCase):
         self.assertEqual(list(got.logical_to_physical[:8]), [0, 4, 1, 5, 2, -1, 3, -1])
         short = self.stub.GetPlacement(eplb_pb2.GetPlacementRequest(model_id="kimi"), timeout=10)
         self.assertEqual(len(short.logical_to_physical), 0)
+        self.assertEqual(got.state, eplb_pb2.MOVE_STATE_IDLE)
+
+    def test_register_answers_without_the_placement_unless_asked(self):
+        # 1024 layers x 2048 slots: the placement is ~10 MB, over this client's
+        # default 4 MiB receive limit; registering must still succeed here.
+        big = eplb_pb2.ModelHandle(
+            architecture="Big", interfaces=[eplb_pb2.MIXTURE_OF_EXPERTS],
+            moe=eplb_pb2.MoeSpec(num_moe_layers=1024, num_logical_experts=1024, num_physical_experts=2048,
+                                 num_local_physical_experts=1024, num_redundant_experts=1024))
+        req = eplb_pb2.RegisterModelRequest(
+            model_name="big", model=big,
+            parallel=eplb_pb2.ParallelConfig(enable_eplb=True, ep_size=2, window_size=1))
+        resp = self.stub.RegisterModel(req, timeout=30)
+        self.assertTrue(resp.registered)
+        self.assertFalse(resp.HasField("placement"))
+        self.assertEqual(resp.epoch, 0)
+        self.assertLess(resp.ByteSize(), 1024)
+        # Asked for, it is over this client's receive limit (the registration itself stands).
+        req.include_placement = True
+        with self.assertRaises(grpc.RpcError) as cm:
+            self.stub.RegisterModel(req, timeout=30)
+        self.assertEqual(cm.exception.code(), grpc.StatusCode.RESOURCE_EXHAUSTED)
 
     def test_speculator_nested_wrapper(self):
         self.stub.RegisterModel(register_request(
