@@ -71,6 +71,30 @@ struct eplb_registry {
     eplb_limits limits;
 };
 
+/* ---- entries and the list (eplb_registry.c) ----------------------------- */
+
+/* A new entry with one reference (the caller's), unlisted; NULL when out
+ * of memory. */
+registry_entry *registry_entry_new(const char *model_id);
+registry_entry *registry_entry_ref(registry_entry *e);
+/* Drop a reference; the last one closes the weights and frees. NULL ok. */
+void registry_entry_unref(registry_entry *e);
+
+/* The listed entry of that name (visible or not), or NULL.  Caller holds
+ * r->lock (either mode). */
+registry_entry *registry_find(eplb_registry *r, const char *model_id);
+/* Room for one more entry in the list.  Caller holds r->lock (write). */
+eplb_status registry_reserve_slot(eplb_registry *r, eplb_error *err);
+/* Insert (the list takes over the caller's reference) / remove (the list's
+ * reference becomes the caller's).  Caller holds r->lock (write) and, to
+ * remove, e's op_lock. */
+void registry_list_insert(eplb_registry *r, registry_entry *e);
+void registry_list_remove(eplb_registry *r, registry_entry *e);
+
+/* EPLB_ENOTFOUND / EPLB_EDATALOSS with the message every call gives. */
+eplb_status registry_not_found(const char *model_id, eplb_error *err);
+eplb_status registry_damaged(const registry_entry *e, eplb_error *err);
+
 /* Look a visible model up, take a reference and its op_lock; release with
  * registry_release.  EPLB_ENOTFOUND (nothing held) when unknown;
  * EPLB_EDATALOSS (nothing held) when its stored row was damaged. */
