@@ -1,6 +1,6 @@
 /* eplb_backend.c -- the backend loader ("cpu" | "hip" | "auto"), the public
- * wrappers that validate arguments before a backend runs, and the fault
- * hook.
+ * wrappers that validate arguments and the phase order (a scatter only of
+ * the layer gathered last) before a backend runs, and the fault hooks.
  *
  * The choice of backend is made here, in one place:
  *   1. hip when the buffers live in device memory: GPU weights can only be
@@ -28,6 +28,11 @@ struct eplb_backend {
     uint32_t num_layers; /* L */
     uint32_t num_physical; /* P */
     uint32_t num_ranks;  /* G */
+    /* The phase order, kept here for every backend: a scatter is only of the
+     * layer whose gather succeeded last (its staging holds that layer). */
+    bool gathered;
+    uint32_t gathered_layer;
+    uint32_t gathered_staging; /* that plan's num_staging: a cheap sanity check */
 };
 
 /* ======================================================================= */
@@ -36,6 +41,15 @@ struct eplb_backend {
 
 static _Atomic int fault_phase;     /* eplb_fault_phase armed, 0 = inert */
 static _Atomic int fault_countdown; /* ops of that phase left until the failing one */
+/* The tests' hook and its argument (set while no move runs). */
+static int (*_Atomic fault_hook)(eplb_fault_phase phase, void *arg);
+static void *_Atomic fault_hook_arg;
+
+void eplb_backend_set_fault_hook(int (*hook)(eplb_fault_phase phase, void *arg), void *arg) {
+    atomic_store(&fault_hook, NULL);
+    atomic_store(&fault_hook_arg, arg);
+    atomic_store(&fault_hook, hook);
+}
 
 void eplb_backend_set_fault(eplb_fault_phase phase, int countdown) {
     atomic_store(&fault_phase, 0);
@@ -46,15 +60,15 @@ void eplb_backend_set_fault(eplb_fault_phase phase, int countdown) {
 }
 
 static int fault_check(eplb_fault_phase phase) {
-    if (atomic_load_explicit(&fault_phase, memory_order_relaxed) != (int)phase)
-        return 0;
-    if (atomic_fetch_sub(&fault_countdown, 1) != 1)
-        return 0;
-    atomic_store(&fault_phase, 0);
-    return 1;
+    int (*hook)(eplb_fault_phase, void *) = atomic_load_explicit(&fault_hook, memory_order_acquire);
+    if (atomic_load_explicit(&fault_phase, memory_order_relaxed) == (int)phase &&
+        atomic_fetch_sub(&fault_countdown, 1) == 1) {
+        atomic_store(&fault_phase, 0);
+        return 1;
+    }
+    return hook ? hook(phase, atomic_load(&fault_hook_arg)) : 0;
 }
 
-static const eplb_backend_env backend_env = {fault_check};
 
 /* ======================================================================= */
 /* Loading the HIP shared object                                            */
@@ -143,6 +157,13 @@ const char *eplb_backend_auto_name(char *why, size_t why_size) {
 eplb_status eplb_backend_open_by_name(const char *name, const eplb_buffers_desc *desc,
                                       uint32_t num_physical, eplb_backend **out,
                                       eplb_error *err) {
+    return eplb_backend_open(name, desc, NULL, num_physical, out, err);
+}
+
+eplb_status eplb_backend_open(const char *name, const eplb_buffers_desc *desc,
+                              const eplb_shm_policy *policy, uint32_t num_physical,
+                              eplb_backend **out, eplb_error *err) {
+    static const eplb_shm_policy default_policy = {NULL, NULL, 0};
     if (!out)
         return eplb_error_set(err, EPLB_EINVAL, "backend output is NULL");
     *out = NULL;
@@ -173,7 +194,8 @@ eplb_status eplb_backend_open_by_name(const char *name, const eplb_buffers_desc 
     eplb_backend *b = calloc(1, sizeof *b);
     if (!b)
         return eplb_error_set(err, EPLB_ENOMEM, "out of memory opening a backend");
-    st = ops->open(desc, num_physical, &backend_env, &b->state, err);
+    const eplb_backend_env env = {fault_check, policy ? policy : &default_policy};
+    st = ops->open(desc, num_physical, &env, &b->state, err);
     if (st != EPLB_OK) {
         free(b);
         return st;
@@ -233,14 +255,63 @@ static eplb_status check_plan(const eplb_backend *b, uint32_t layer, const eplb_
     return EPLB_OK;
 }
 
-eplb_status eplb_backend_execute_layer(eplb_backend *b, uint32_t layer, const eplb_plan *plan,
-                                       eplb_error *err) {
+eplb_status eplb_backend_check(eplb_backend *b, eplb_error *err) {
+    if (!b)
+        return eplb_error_set(err, EPLB_EINVAL, "backend is NULL");
+    return b->ops->check ? b->ops->check(b->state, err) : EPLB_OK;
+}
+
+eplb_status eplb_backend_gather(eplb_backend *b, uint32_t layer, const eplb_plan *plan,
+                                eplb_error *err) {
     if (!b)
         return eplb_error_set(err, EPLB_EINVAL, "backend is NULL");
     eplb_status st = check_plan(b, layer, plan, err);
     if (st != EPLB_OK)
         return st;
-    return b->ops->execute_layer(b->state, layer, plan, err);
+    /* From here on the old staging is being overwritten: no scatter of the
+     * previous layer any more, whatever the result. */
+    b->gathered = false;
+    st = b->ops->gather(b->state, layer, plan, err);
+    if (st == EPLB_OK) {
+        b->gathered = true;
+        b->gathered_layer = layer;
+        b->gathered_staging = plan->num_staging;
+    }
+    return st;
+}
+
+eplb_status eplb_backend_scatter(eplb_backend *b, uint32_t layer, const eplb_plan *plan,
+                                 eplb_error *err) {
+    if (!b)
+        return eplb_error_set(err, EPLB_EINVAL, "backend is NULL");
+    eplb_status st = check_plan(b, layer, plan, err);
+    if (st != EPLB_OK)
+        return st;
+    /* Refused below; but lost buffers are the better answer (the caller
+     * must reload, not fix its call order). */
+    if ((!b->gathered || b->gathered_layer != layer) && b->ops->check &&
+        b->ops->check(b->state, err) == EPLB_EDATALOSS)
+        return EPLB_EDATALOSS;
+    if (!b->gathered)
+        return eplb_error_set(err, EPLB_EPRECONDITION,
+                              "layer %u: scatter without a completed gather; nothing written",
+                              layer);
+    if (b->gathered_layer != layer)
+        return eplb_error_set(err, EPLB_EPRECONDITION,
+                              "layer %u: scatter, but the layer gathered last is %u; nothing written",
+                              layer, b->gathered_layer);
+    if (b->gathered_staging != plan->num_staging)
+        return eplb_error_set(err, EPLB_EPRECONDITION,
+                              "layer %u: the scatter's plan has %u staging entries, the gathered "
+                              "one %u: not the same plan; nothing written",
+                              layer, plan->num_staging, b->gathered_staging);
+    return b->ops->scatter(b->state, layer, plan, err);
+}
+
+eplb_status eplb_backend_execute_layer(eplb_backend *b, uint32_t layer, const eplb_plan *plan,
+                                       eplb_error *err) {
+    eplb_status st = eplb_backend_gather(b, layer, plan, err);
+    return st == EPLB_OK ? eplb_backend_scatter(b, layer, plan, err) : st;
 }
 
 eplb_status eplb_backend_synchronize(eplb_backend *b, eplb_error *err) {

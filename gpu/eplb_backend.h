@@ -10,28 +10,51 @@
  * never allocates or frees the engine's buffers (addresses never change), and
  * it does not commit placements (the caller does, after a layer succeeds).
  *
- * Life of one rebalance (per layer, the caller holding the model's lock):
+ * Life of one rebalance (the caller holding the model's lock; eplb_weights_ops
+ * in eplb_registry.h is the same machine one level up):
  *
- *     open(buffers) --> execute_layer(l, plan) --+--> ... --> synchronize --> close
- *                          |          ^          |
- *                          |          +- retry --+  (same layer, same plan)
- *     execute_layer runs   phase 1 GATHER: copy the old bytes a plan stages
- *                          into staging (no slot of the engine is written),
- *                          then phase 2 SCATTER: write the destination slots.
- *   - phase 1 fails (EPLB_EINTERNAL): every slot is as it was; staging is
- *     dropped; the next execute_layer starts from phase 1 again.
- *   - phase 2 fails (EPLB_EDATALOSS): some destination slots are written,
- *     others not.  Staging is kept: calling execute_layer again with the same
- *     layer and an identical plan re-runs phase 2 only (it is idempotent,
- *     eplb_plan.h invariant 4) and completes the layer.  If the caller gives
- *     up instead -- or runs another plan, or another layer, which drops the
- *     staging -- the layer's weights are inconsistent: the model needs a
- *     reload.
- *   - after a success, staging is also kept until synchronize, close or an
- *     execute_layer with another layer or plan: so a repeated execute_layer
- *     of a layer that already succeeded is harmless (it re-runs phase 2,
- *     never phase 1 on already-moved bytes, which would undo a swap).
- * One backend instance must not be used by two threads at once.
+ *     open(buffers)                      (shm: opened, owner-checked, mapped, fds kept)
+ *       check ---------------------------> EPLB_EDATALOSS: a buffer shrank, stop
+ *       for each layer l:
+ *         gather(l, plan_l) ------------> EPLB_EINTERNAL: nothing written, stop
+ *         scatter(l, plan_l) --+--> ok       (EPLB_EDATALOSS: buffers lost, stop)
+ *                    ^ EDATALOSS|
+ *                    +- again --+  (same l, same plan_l: idempotent)
+ *     close                              (unmap, close fds, free staging)
+ *
+ *   - gather (phase 1) copies the old bytes the plan stages into staging; it
+ *     writes no slot of the engine.  EPLB_EINTERNAL: it failed and every slot
+ *     is as it was (staging is dropped).  EPLB_EDATALOSS: the buffers
+ *     themselves are gone (a shm object shrank under us: SIGBUS caught):
+ *     no slot was written by us, but the engine's bytes are lost anyway.
+ *   - scatter (phase 2) writes the destination slots of the layer gathered
+ *     last, from staging and from stable slots.  It is idempotent (eplb_plan.h
+ *     invariant 4): after EPLB_EDATALOSS (some slots written, others not) a
+ *     second scatter with the same layer and plan completes the layer.
+ *     Staging stays valid until the next gather (or close), so repeating a
+ *     scatter that succeeded is harmless too; what is never done is running
+ *     gather again over bytes a scatter already moved (it would undo a swap).
+ *     A scatter whose layer is not the one gathered last, or after a failed
+ *     gather, is refused (EPLB_EPRECONDITION, nothing written; EPLB_EDATALOSS
+ *     when the buffers are lost): the backend does not guess from plans
+ *     which phase a call means.
+ *   - check (before anything moves) fstat()s every kept shm descriptor:
+ *     EPLB_EDATALOSS when one is now smaller than the layout needs.  Once a
+ *     loss is seen (by check or by a SIGBUS during a copy) every later
+ *     check, gather and scatter answers EPLB_EDATALOSS: the bytes stay lost
+ *     even if the object grows back (it grows back zeroed).
+ *   Both phases return when their copies are complete.  One backend instance
+ *   must not be used by two threads at once.
+ *
+ * Trust (SHM): a description names objects; the process that opens them may
+ * hold more rights than the client that named them.  So every object is
+ * opened with O_NOFOLLOW | O_NONBLOCK (no symlinks, no blocking FIFO), and
+ * the descriptor that is mapped is the one checked (no check-then-use
+ * race): a regular file, owned by this process's effective uid or one of
+ * the policy's uids, named under the policy's prefix (eplb_shm_policy).
+ * Copies into and out of the mappings run under a SIGBUS guard
+ * (gpu/eplb_sigbus.h; one sigsetjmp per phase): a truncated object makes
+ * the move fail with EPLB_EDATALOSS, never kills the process.
  *
  * Buffer description: per EP rank (GPU) one mapping -- a POSIX shm object
  * (cpu), a HIP IPC memory handle + device ordinal (hip), or, for engines that
@@ -39,7 +62,7 @@
  * (layer, tensor, rank) where that tensor's local slot 0 starts in the
  * mapping and the stride between slots.  Every tensor of a layer moves with
  * its expert (vLLM #47588 lost accuracy when scales moved without their
- * weights): execute_layer always moves all of them. */
+ * weights): gather and scatter always move all of them. */
 #ifndef EPLB_BACKEND_H
 #define EPLB_BACKEND_H
 
@@ -105,23 +128,51 @@ typedef struct eplb_buffers_desc {
     const eplb_layer_desc *layers;       /* [L] */
 } eplb_buffers_desc;
 
+/* The server's trust policy for SHM descriptions (the description comes from
+ * a client; this does not): checked by the backend on the descriptor it
+ * maps.  NULL where one is taken = the default: any name, owned by this
+ * process's effective uid only. */
+typedef struct eplb_shm_policy {
+    const char *prefix;      /* NULL or "": any name; else every shm_name starts
+                              * with it (eplbd: --shm-prefix, default "/eplb-") */
+    const uint32_t *uids;    /* [num_uids] owners allowed besides geteuid() */
+    uint32_t num_uids;
+} eplb_shm_policy;
+
 /* Check a description against the registered shape (L layers, P slots, G
  * ranks) before any byte is touched: kind; counts; every shm name ("/x",
- * no other '/', NUL-terminated) and, for SHM, the object's size via
- * shm_open(O_RDONLY) + fstat (a missing object is EPLB_EINVAL too); every
- * IPC handle (not all zero), device ordinal (>= 0), device pointer (not 0)
- * and size; every tensor name (non-empty, NUL-terminated, unique in its
- * layer), bytes_per_expert (>= 1), stride (>= bytes_per_expert), that every
- * slot's bytes lie inside the rank's mapping (no overflow), and that no two
- * slots of any tensors of any layers overlap within a rank's mapping (a
- * write to one would corrupt another).
+ * no other '/', NUL-terminated) and, for SHM, the object's type and size
+ * (opened read-only with O_NOFOLLOW | O_NONBLOCK: a missing object, a
+ * symlink or a non-regular file is EPLB_EINVAL; prefix and owner are the
+ * backend's to check, eplb_shm_open_checked); every IPC handle (not all
+ * zero), device ordinal (>= 0), device pointer (not 0) and size; every
+ * tensor name (non-empty, NUL-terminated, unique in its layer),
+ * bytes_per_expert (>= 1), stride (>= bytes_per_expert), that every slot's
+ * bytes lie inside the rank's mapping (no overflow), and that no two slots
+ * of any tensors of any layers overlap within a rank's mapping (a write to
+ * one would corrupt another).
  * Returns EPLB_OK, or EPLB_EINVAL with a message naming the field, e.g.
  * "layers[3].tensors[1] (w2).ranks[5]: slot 8 ends at 4718592 past the
  * mapping's 4194304 bytes"; EPLB_ENOMEM when the overlap check cannot
  * allocate.  Touches nothing; err untouched on success.
- * Cost: O(G * L * T * S log(L * T * S)), S = P / G, T = tensors per layer. */
+ * Cost: O(G * L * T * S log(L * T * S)), S = P / G, T = tensors per layer,
+ * plus one open + fstat per SHM rank. */
 eplb_status eplb_buffers_validate(const eplb_buffers_desc *desc, uint32_t num_layers,
                                   uint32_t num_physical, uint32_t num_ranks, eplb_error *err);
+
+/* Open rank g's shm object of an SHM description and check it, on the
+ * descriptor, against policy (NULL: the default): oflag is O_RDONLY or
+ * O_RDWR (O_NOFOLLOW, O_NONBLOCK and O_CLOEXEC are added).  In order: the
+ * name (as validate; then the prefix: EPLB_EPERM "ranks[1].shm_name \"/x\"
+ * is not under the allowed prefix \"/eplb-\""), the open (missing, or a
+ * symlink: EPLB_EINVAL), a regular file (EPLB_EINVAL), the owner
+ * (st_uid == geteuid() or one of policy->uids, else EPLB_EPERM "... is owned
+ * by uid N; allowed: 0 (this process), 1000").  On success *fd is the open
+ * descriptor (the caller closes it) and *size the object's size; on error
+ * *fd is -1 and nothing stays open.  Cost: one open + one fstat. */
+eplb_status eplb_shm_open_checked(const eplb_buffers_desc *desc, const eplb_shm_policy *policy,
+                                  uint32_t g, int oflag, int *fd, uint64_t *size,
+                                  eplb_error *err);
 
 /* ======================================================================= */
 /* Backend interface                                                        */
@@ -141,12 +192,17 @@ typedef struct eplb_backend_env {
     /* Called once before each plan op of a phase; nonzero = fail this op.
      * Never NULL. */
     int (*fault)(eplb_fault_phase phase);
+    /* The SHM trust policy of this open (never NULL); valid during open
+     * only: a backend copies what it keeps. */
+    const eplb_shm_policy *shm_policy;
 } eplb_backend_env;
 
-#define EPLB_BACKEND_ABI 1
+/* 2: execute_layer split into explicit gather / scatter, check added. */
+#define EPLB_BACKEND_ABI 2
 
 /* One implementation.  The public wrappers below validate arguments
- * (layer range, plan shape and every op's indices) before calling these. */
+ * (layer range, plan shape and every op's indices) and the phase order (a
+ * scatter only of the layer gathered last) before calling these. */
 typedef struct eplb_backend_ops {
     uint32_t abi;     /* EPLB_BACKEND_ABI */
     const char *name; /* "cpu", "hip" */
@@ -157,11 +213,17 @@ typedef struct eplb_backend_ops {
      * stays mapped or allocated and *state is NULL. */
     eplb_status (*open)(const eplb_buffers_desc *desc, uint32_t num_physical,
                         const eplb_backend_env *env, void **state, eplb_error *err);
-    /* Execute one layer's plan on every tensor of that layer; returns when
-     * the copies are complete.  See the life of a rebalance above. */
-    eplb_status (*execute_layer)(void *state, uint32_t layer, const eplb_plan *plan,
-                                 eplb_error *err);
-    /* Wait for outstanding work; drop staging. */
+    /* Do the buffers still hold what was opened?  EPLB_OK or EPLB_EDATALOSS.
+     * NULL: nothing to check (device memory cannot shrink under us). */
+    eplb_status (*check)(void *state, eplb_error *err);
+    /* Phase 1 of one layer, all its tensors: old slots -> staging.  Returns
+     * when the copies are complete.  See the life of a rebalance above. */
+    eplb_status (*gather)(void *state, uint32_t layer, const eplb_plan *plan, eplb_error *err);
+    /* Phase 2 of the layer gathered last (the wrapper guarantees it), with
+     * the plan that gathered it: staging and stable slots -> slots. */
+    eplb_status (*scatter)(void *state, uint32_t layer, const eplb_plan *plan, eplb_error *err);
+    /* Wait for outstanding work (both phases already return complete: a
+     * barrier for embedders).  Staging is kept. */
     eplb_status (*synchronize)(void *state, eplb_error *err);
     /* Unmap everything, free staging.  NULL is fine. */
     void (*close)(void *state);
@@ -191,22 +253,53 @@ const char *eplb_backend_auto_name(char *why, size_t why_size);
  *          device buffers never do (the cpu cannot reach them).
  *   desc   validated here first (eplb_buffers_validate) against
  *          (desc->num_layers, num_physical, desc->num_ranks).
+ *   policy what SHM objects may be mapped (NULL: the default, any name
+ *          owned by this process's effective uid).
  * Returns EPLB_OK; EPLB_EINVAL (bad name or description; a description of
- * the wrong kind for the backend); EPLB_EUNAVAILABLE (the hip .so does not
- * load, lacks the symbol or ABI, or sees no device); EPLB_EINTERNAL (a
+ * the wrong kind for the backend); EPLB_EPERM (an shm object outside the
+ * prefix or of an owner not allowed); EPLB_EUNAVAILABLE (the hip .so does
+ * not load, lacks the symbol or ABI, or sees no device); EPLB_EINTERNAL (a
  * runtime call failed: the message names it); EPLB_ENOMEM.  On error *out is
  * NULL and nothing is mapped. */
+eplb_status eplb_backend_open(const char *name, const eplb_buffers_desc *desc,
+                              const eplb_shm_policy *policy, uint32_t num_physical,
+                              eplb_backend **out, eplb_error *err);
+
+/* eplb_backend_open with the default policy. */
 eplb_status eplb_backend_open_by_name(const char *name, const eplb_buffers_desc *desc,
                                       uint32_t num_physical, eplb_backend **out,
                                       eplb_error *err);
 
 const char *eplb_backend_name(const eplb_backend *b);
 
-/* Execute one layer's plan (all tensors of the layer).  The plan must have
- * been built for this description's P and G; each op is checked against
- * them (EPLB_EINVAL, nothing touched).  Returns EPLB_OK; EPLB_EINTERNAL for a
- * failure in phase 1 (nothing written); EPLB_EDATALOSS for a failure in
- * phase 2 (retry with the same layer and plan to complete it). */
+/* Before a move: EPLB_OK, or EPLB_EDATALOSS naming the buffer that no longer
+ * holds what was attached ("ranks[1] shm \"/eplb-x\" shrank to 0 bytes, the
+ * layout needs 24576: its experts are lost").  Cost: one fstat per rank
+ * (cpu); nothing (hip). */
+eplb_status eplb_backend_check(eplb_backend *b, eplb_error *err);
+
+/* Phase 1 of one layer (all tensors of the layer).  The plan must have been
+ * built for this description's P and G; each op is checked against them
+ * (EPLB_EINVAL, nothing touched).  Returns EPLB_OK; EPLB_EINTERNAL (nothing
+ * written, staging dropped); EPLB_EDATALOSS (the buffers are lost); EPLB_ENOMEM
+ * (staging could not grow; nothing written). */
+eplb_status eplb_backend_gather(eplb_backend *b, uint32_t layer, const eplb_plan *plan,
+                                eplb_error *err);
+
+/* Phase 2 of `layer`, which must be the layer of the last successful
+ * gather, with the same plan (the caller's contract: the backend does not
+ * fingerprint plans; a plan with another staging count is refused).
+ * Returns EPLB_OK; EPLB_EPRECONDITION (no completed gather of this layer:
+ * nothing written; EPLB_EDATALOSS instead when the buffers are lost, which
+ * is what the caller must act on); EPLB_EINVAL (malformed plan: nothing
+ * written);
+ * EPLB_EDATALOSS (some slots written: scatter again to complete the layer;
+ * or the buffers are lost, and a retry says so again). */
+eplb_status eplb_backend_scatter(eplb_backend *b, uint32_t layer, const eplb_plan *plan,
+                                 eplb_error *err);
+
+/* gather then scatter once, no retry: for benchmarks and tools that do not
+ * need the phases apart (the registry's mover does: rpc_weights.c). */
 eplb_status eplb_backend_execute_layer(eplb_backend *b, uint32_t layer, const eplb_plan *plan,
                                        eplb_error *err);
 
@@ -219,5 +312,11 @@ void eplb_backend_close(eplb_backend *b);
  * counted across all backends of the process from now on, fails once; then
  * the hook is inert again.  countdown <= 0 or EPLB_FAULT_NONE disarms it. */
 void eplb_backend_set_fault(eplb_fault_phase phase, int countdown);
+
+/* Tests: hook(phase, arg) is called before each plan op of either phase,
+ * after the countdown above; nonzero fails that op as an armed fault does.
+ * It may do anything else first (the tests shrink a buffer there, so that
+ * the very next copy runs into SIGBUS).  NULL uninstalls it. */
+void eplb_backend_set_fault_hook(int (*hook)(eplb_fault_phase phase, void *arg), void *arg);
 
 #endif

@@ -26,36 +26,6 @@ static inline eplb_status eplb_impl_error(eplb_error *err, eplb_status code, con
     return code;
 }
 
-/* A fingerprint of (layer, plan): a retry of execute_layer is recognised by
- * it (same layer, identical ops).  FNV-1a over the fields, not the padding. */
-static inline uint64_t eplb_impl_fnv(uint64_t h, uint64_t v) {
-    for (int i = 0; i < 8; i++) {
-        h ^= (v >> (8 * i)) & 0xFF;
-        h *= 0x100000001B3ull;
-    }
-    return h;
-}
-
-static inline uint64_t eplb_impl_plan_fingerprint(uint32_t layer, const eplb_plan *p) {
-    uint64_t h = 0xCBF29CE484222325ull;
-    h = eplb_impl_fnv(h, layer);
-    h = eplb_impl_fnv(h, ((uint64_t)p->num_gather << 32) | p->num_scatter);
-    h = eplb_impl_fnv(h, ((uint64_t)p->num_staging << 32) | p->num_scatter_wave0);
-    const eplb_plan_op *arrs[2] = {p->gather, p->scatter};
-    uint32_t counts[2] = {p->num_gather, p->num_scatter};
-    for (int a = 0; a < 2; a++)
-        for (uint32_t i = 0; i < counts[a]; i++) {
-            const eplb_plan_op *op = &arrs[a][i];
-            h = eplb_impl_fnv(h, ((uint64_t)op->src << 32) | op->dst);
-            h = eplb_impl_fnv(h, ((uint64_t)op->src_gpu << 32) | op->dst_gpu);
-            h = eplb_impl_fnv(h, ((uint64_t)(uint32_t)op->expert << 32) |
-                                     ((uint64_t)op->kind << 16) | op->wave);
-        }
-    for (uint32_t k = 0; k < p->num_staging; k++)
-        h = eplb_impl_fnv(h, ((uint64_t)p->staging[k].gpu << 32) | p->staging[k].index);
-    return h;
-}
-
 /* The description flattened: what a backend keeps after open. */
 typedef struct eplb_layout_tensor {
     uint64_t bytes;        /* bytes_per_expert */

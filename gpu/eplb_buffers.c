@@ -1,13 +1,15 @@
 /* eplb_buffers.c -- validation of the engine's buffer description
- * (eplb_buffers_validate).  Reads shm objects' sizes; writes nothing. */
+ * (eplb_buffers_validate) and the checked open of a shm object
+ * (eplb_shm_open_checked).  Reads shm objects' metadata; writes nothing. */
+#include <errno.h>
 #include <fcntl.h>
 #include <stdbool.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
-#include <errno.h>
 
 #include "eplb_backend.h"
 
@@ -38,26 +40,92 @@ static eplb_status check_shm_name(const char *name, uint32_t g, eplb_error *err)
     return EPLB_OK;
 }
 
+static const eplb_shm_policy default_policy = {NULL, NULL, 0};
+
+/* "0 (this process), 1000, 1001" */
+static void allowed_uids(const eplb_shm_policy *p, char *out, size_t cap) {
+    size_t len = (size_t)snprintf(out, cap, "%u (this process)", (unsigned)geteuid());
+    for (uint32_t i = 0; i < p->num_uids && p->uids && len < cap; i++)
+        len += (size_t)snprintf(out + len, cap - len, ", %u", (unsigned)p->uids[i]);
+}
+
+static bool owner_allowed(const eplb_shm_policy *p, uid_t uid) {
+    if (uid == geteuid())
+        return true;
+    for (uint32_t i = 0; i < p->num_uids && p->uids; i++)
+        if ((uid_t)p->uids[i] == uid)
+            return true;
+    return false;
+}
+
+/* Open and fstat rank g's object; type always checked, prefix and owner when
+ * policy is not NULL. */
+static eplb_status open_shm(const eplb_buffers_desc *d, const eplb_shm_policy *policy, uint32_t g,
+                            int oflag, int *fd, uint64_t *size, eplb_error *err) {
+    *fd = -1;
+    const char *name = d->ranks[g].shm_name;
+    eplb_status st = check_shm_name(name, g, err);
+    if (st != EPLB_OK)
+        return st;
+    if (policy && policy->prefix && policy->prefix[0] &&
+        strncmp(name, policy->prefix, strlen(policy->prefix)) != 0)
+        return eplb_error_set(err, EPLB_EPERM,
+                              "ranks[%u].shm_name \"%s\" is not under the allowed prefix \"%s\"", g,
+                              name, policy->prefix);
+    /* O_NOFOLLOW: a symlink planted under the prefix must not lead us to
+     * another object; O_NONBLOCK: opening a FIFO must not hang a worker. */
+    int f = shm_open(name, oflag | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC, 0);
+    if (f < 0) {
+        int e = errno;
+        if (e == ELOOP)
+            return eplb_error_set(err, EPLB_EINVAL,
+                                  "ranks[%u].shm_name \"%s\" is a symbolic link (refused)", g, name);
+        return eplb_error_set(err, EPLB_EINVAL, "ranks[%u].shm_name \"%s\": shm_open: %s", g, name,
+                              strerror(e));
+    }
+    struct stat sb;
+    if (fstat(f, &sb) != 0) {
+        int e = errno;
+        close(f);
+        return eplb_error_set(err, EPLB_EINVAL, "ranks[%u].shm_name \"%s\": fstat: %s", g, name,
+                              strerror(e));
+    }
+    if (!S_ISREG(sb.st_mode)) {
+        close(f);
+        return eplb_error_set(err, EPLB_EINVAL,
+                              "ranks[%u].shm_name \"%s\" is not a regular file (mode 0%o)", g, name,
+                              (unsigned)sb.st_mode);
+    }
+    if (policy && !owner_allowed(policy, sb.st_uid)) {
+        char allowed[256];
+        allowed_uids(policy, allowed, sizeof allowed);
+        close(f);
+        return eplb_error_set(err, EPLB_EPERM,
+                              "ranks[%u].shm_name \"%s\" is owned by uid %u; allowed: %s", g, name,
+                              (unsigned)sb.st_uid, allowed);
+    }
+    *fd = f;
+    *size = (uint64_t)sb.st_size;
+    return EPLB_OK;
+}
+
+eplb_status eplb_shm_open_checked(const eplb_buffers_desc *d, const eplb_shm_policy *policy,
+                                  uint32_t g, int oflag, int *fd, uint64_t *size,
+                                  eplb_error *err) {
+    return open_shm(d, policy ? policy : &default_policy, g, oflag, fd, size, err);
+}
+
 /* The size of rank g's mapping: SHM reads the object's size. */
 static eplb_status rank_size(const eplb_buffers_desc *d, uint32_t g, uint64_t *size,
                              eplb_error *err) {
     const eplb_rank_location *r = &d->ranks[g];
     if (d->kind == EPLB_BUFFERS_SHM) {
-        eplb_status st = check_shm_name(r->shm_name, g, err);
+        int fd;
+        uint64_t real = 0;
+        eplb_status st = open_shm(d, NULL, g, O_RDONLY, &fd, &real, err);
         if (st != EPLB_OK)
             return st;
-        int fd = shm_open(r->shm_name, O_RDONLY, 0);
-        if (fd < 0)
-            return eplb_error_set(err, EPLB_EINVAL, "ranks[%u].shm_name \"%s\": shm_open: %s", g,
-                                  r->shm_name, strerror(errno));
-        struct stat sb;
-        int rc = fstat(fd, &sb);
-        int saved = errno;
         close(fd);
-        if (rc != 0)
-            return eplb_error_set(err, EPLB_EINVAL, "ranks[%u].shm_name \"%s\": fstat: %s", g,
-                                  r->shm_name, strerror(saved));
-        uint64_t real = (uint64_t)sb.st_size;
         if (r->size > real)
             return eplb_error_set(err, EPLB_EINVAL,
                                   "ranks[%u].size %llu exceeds shm object \"%s\"'s %llu bytes", g,

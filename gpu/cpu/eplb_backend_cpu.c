@@ -12,9 +12,17 @@
  * larger than most L3 caches, far above an expert slice (measured: 6 MiB
  * slices 5.4 GB/s with memcpy, 8.7 GB/s streamed, 9.5 GB/s one huge memcpy).
  *
- * State: `staged` is true once phase 1 of (staged_layer, staged_fp) has
- * completed; the staging bytes then hold that plan's old contents until
- * synchronize, close, or an execute_layer of another layer or plan. */
+ * Phases: gather copies slots -> host staging, scatter staging/slots ->
+ * slots; the loader (eplb_backend.c) enforces their order, so staging holds
+ * the layer gathered last until the next gather.  Nothing here remembers or
+ * compares plans.
+ *
+ * Shrinking buffers: each rank's shm descriptor is kept open after mmap.
+ * check fstat()s them all (a shrink before the move); the copy loops run
+ * under the SIGBUS guard (eplb_sigbus.h) over the mappings (a shrink during
+ * the move).  Either way the backend becomes `lost`: every later check,
+ * gather and scatter answers EPLB_EDATALOSS with the first message, since
+ * the bytes past the new end are gone even if the object grows back. */
 #include <errno.h>
 #include <fcntl.h>
 #include <stdbool.h>
@@ -23,6 +31,7 @@
 #include <unistd.h>
 
 #include "eplb_backend_impl.h"
+#include "eplb_sigbus.h"
 
 #if defined(__SSE2__)
 #include <emmintrin.h>
@@ -31,13 +40,13 @@
 typedef struct cpu_state {
     eplb_layout lay;          /* the description, flattened */
     eplb_backend_env env;     /* fault hook */
-    uint8_t **base;           /* [G] each rank's mapping */
-    size_t *map_size;         /* [G] its mapped length */
+    eplb_sigbus_range *map;   /* [G] each rank's mapping: base, mapped length */
+    int *fd;                  /* [G] its shm descriptor, kept for fstat (-1: none) */
+    char (*name)[EPLB_SHM_NAME_MAX + 1]; /* [G] its shm name, for messages */
     uint8_t *staging;         /* host staging, staging_cap bytes */
     size_t staging_cap;
-    bool staged;              /* phase 1 of (staged_layer, staged_fp) done */
-    uint32_t staged_layer;
-    uint64_t staged_fp;
+    bool lost;                /* a buffer shrank: lost_msg says which */
+    char lost_msg[EPLB_ERROR_MSG_MAX];
 } cpu_state;
 
 static eplb_status cpu_probe(uint32_t *num_devices, eplb_error *err) {
@@ -50,11 +59,15 @@ static void cpu_close(void *state) {
     cpu_state *cs = state;
     if (!cs)
         return;
-    for (uint32_t g = 0; cs->base && g < cs->lay.G; g++)
-        if (cs->base[g])
-            munmap(cs->base[g], cs->map_size[g]);
-    free(cs->base);
-    free(cs->map_size);
+    for (uint32_t g = 0; cs->map && g < cs->lay.G; g++)
+        if (cs->map[g].base)
+            munmap((void *)cs->map[g].base, cs->map[g].size);
+    for (uint32_t g = 0; cs->fd && g < cs->lay.G; g++)
+        if (cs->fd[g] >= 0)
+            close(cs->fd[g]);
+    free(cs->map);
+    free(cs->fd);
+    free(cs->name);
     free(cs->staging);
     eplb_layout_free(&cs->lay);
     free(cs);
@@ -63,62 +76,100 @@ static void cpu_close(void *state) {
 static eplb_status cpu_open(const eplb_buffers_desc *desc, uint32_t num_physical,
                             const eplb_backend_env *env, void **state, eplb_error *err) {
     *state = NULL;
+    if (eplb_sigbus_install() != 0)
+        return eplb_impl_error(err, EPLB_EINTERNAL, "cpu backend: installing the SIGBUS guard: %s",
+                               strerror(errno));
     cpu_state *cs = calloc(1, sizeof *cs);
     if (!cs)
         return eplb_impl_error(err, EPLB_ENOMEM, "out of memory opening the cpu backend");
     cs->env = *env;
+    cs->env.shm_policy = NULL; /* valid during open only */
     eplb_status st = eplb_layout_build(&cs->lay, desc, num_physical, err);
     if (st != EPLB_OK) {
         free(cs);
         return st;
     }
-    cs->base = calloc(cs->lay.G, sizeof *cs->base);
-    cs->map_size = calloc(cs->lay.G, sizeof *cs->map_size);
-    if (!cs->base || !cs->map_size) {
+    cs->map = calloc(cs->lay.G, sizeof *cs->map);
+    cs->fd = malloc(cs->lay.G * sizeof *cs->fd);
+    cs->name = calloc(cs->lay.G, sizeof *cs->name);
+    if (!cs->map || !cs->fd || !cs->name) {
+        free(cs->fd);
+        cs->fd = NULL;
         cpu_close(cs);
         return eplb_impl_error(err, EPLB_ENOMEM, "out of memory opening the cpu backend");
     }
+    for (uint32_t g = 0; g < cs->lay.G; g++)
+        cs->fd[g] = -1;
     for (uint32_t g = 0; g < cs->lay.G; g++) {
         const char *name = desc->ranks[g].shm_name;
-        int fd = shm_open(name, O_RDWR, 0);
-        if (fd < 0) {
-            st = eplb_impl_error(err, EPLB_EINVAL, "ranks[%u].shm_name \"%s\": shm_open: %s", g,
-                                 name, strerror(errno));
+        snprintf(cs->name[g], sizeof cs->name[g], "%s", name);
+        /* Name, type, owner and size are checked on the descriptor we map:
+         * the object may have been replaced since validation. */
+        int fd;
+        uint64_t size = 0;
+        st = eplb_shm_open_checked(desc, env->shm_policy, g, O_RDWR, &fd, &size, err);
+        if (st != EPLB_OK) {
             cpu_close(cs);
             return st;
         }
-        /* Re-check the size on the descriptor we map: the object may have
-         * changed since validation. */
-        struct stat sb;
-        if (fstat(fd, &sb) != 0) {
-            st = eplb_impl_error(err, EPLB_EINTERNAL, "ranks[%u].shm_name \"%s\": fstat: %s", g,
-                                 name, strerror(errno));
-            close(fd);
-            cpu_close(cs);
-            return st;
-        }
-        if ((uint64_t)sb.st_size < cs->lay.rank_extent[g] || sb.st_size == 0) {
-            close(fd);
+        cs->fd[g] = fd;
+        if (size < cs->lay.rank_extent[g] || size == 0) {
             st = eplb_impl_error(err, EPLB_EINVAL,
-                                 "ranks[%u].shm_name \"%s\": %lld bytes, the layout needs %llu", g,
-                                 name, (long long)sb.st_size,
+                                 "ranks[%u].shm_name \"%s\": %llu bytes, the layout needs %llu", g,
+                                 name, (unsigned long long)size,
                                  (unsigned long long)cs->lay.rank_extent[g]);
             cpu_close(cs);
             return st;
         }
-        void *p = mmap(NULL, (size_t)sb.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-        int saved = errno;
-        close(fd);
+        void *p = mmap(NULL, (size_t)size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
         if (p == MAP_FAILED) {
             st = eplb_impl_error(err, EPLB_EINTERNAL, "ranks[%u].shm_name \"%s\": mmap: %s", g,
-                                 name, strerror(saved));
+                                 name, strerror(errno));
             cpu_close(cs);
             return st;
         }
-        cs->base[g] = p;
-        cs->map_size[g] = (size_t)sb.st_size;
+        cs->map[g].base = p;
+        cs->map[g].size = (size_t)size;
     }
     *state = cs;
+    return EPLB_OK;
+}
+
+/* Mark the buffers lost (first message wins) and return EPLB_EDATALOSS. */
+static eplb_status cpu_lost(cpu_state *cs, eplb_error *err, const char *msg) {
+    if (!cs->lost) {
+        cs->lost = true;
+        snprintf(cs->lost_msg, sizeof cs->lost_msg, "%s", msg);
+    }
+    return eplb_impl_error(err, EPLB_EDATALOSS, "%s", msg);
+}
+
+/* "ranks[1] shm "/eplb-x" shrank to 0 bytes, the layout needs 24576: its
+ * experts are lost"; false when rank g is (still or again) large enough. */
+static bool rank_shrunk(cpu_state *cs, uint32_t g, char *msg, size_t cap) {
+    struct stat sb;
+    if (fstat(cs->fd[g], &sb) != 0) {
+        snprintf(msg, cap, "ranks[%u] shm \"%s\": fstat: %s: its experts are lost", g,
+                 cs->name[g], strerror(errno));
+        return true;
+    }
+    if ((uint64_t)sb.st_size >= cs->lay.rank_extent[g])
+        return false;
+    snprintf(msg, cap, "ranks[%u] shm \"%s\" shrank to %lld bytes, the layout needs %llu: its "
+             "experts are lost", g, cs->name[g], (long long)sb.st_size,
+             (unsigned long long)cs->lay.rank_extent[g]);
+    return true;
+}
+
+/* One fstat per rank: has any object shrunk below what the layout needs? */
+static eplb_status cpu_check(void *state, eplb_error *err) {
+    cpu_state *cs = state;
+    if (cs->lost)
+        return eplb_impl_error(err, EPLB_EDATALOSS, "%s", cs->lost_msg);
+    char msg[EPLB_ERROR_MSG_MAX];
+    for (uint32_t g = 0; g < cs->lay.G; g++)
+        if (rank_shrunk(cs, g, msg, sizeof msg))
+            return cpu_lost(cs, err, msg);
     return EPLB_OK;
 }
 
@@ -169,7 +220,7 @@ static void copy_slice(void *dst, const void *src, size_t n) {
 }
 
 static void *slot_addr(cpu_state *cs, uint32_t t, uint32_t slot) {
-    return cs->base[slot / cs->lay.S] + eplb_layout_slot_offset(&cs->lay, t, slot);
+    return (uint8_t *)cs->map[slot / cs->lay.S].base + eplb_layout_slot_offset(&cs->lay, t, slot);
 }
 
 static void *staging_addr(cpu_state *cs, uint32_t layer, uint32_t t, uint32_t k) {
@@ -190,59 +241,109 @@ static eplb_status ensure_staging(cpu_state *cs, size_t need, eplb_error *err) {
     return EPLB_OK;
 }
 
-static eplb_status cpu_execute_layer(void *state, uint32_t layer, const eplb_plan *plan,
-                                     eplb_error *err) {
-    cpu_state *cs = state;
-    const uint32_t t0 = cs->lay.first[layer], t1 = cs->lay.first[layer + 1];
-    uint64_t fp = eplb_impl_plan_fingerprint(layer, plan);
+/* One phase's ops, run under the SIGBUS guard (so: no lock, no allocation;
+ * progress is volatile, to be read after a jump out). */
+typedef struct phase_run {
+    cpu_state *cs;
+    uint32_t layer;
+    const eplb_plan_op *ops;
+    uint32_t n;
+    eplb_fault_phase phase;
+    volatile uint32_t done;  /* ops completed */
+    volatile bool faulted;   /* the fault hook failed op `done` */
+} phase_run;
 
-    if (!(cs->staged && cs->staged_layer == layer && cs->staged_fp == fp)) {
-        /* Phase 1: gather.  Writes staging only. */
-        cs->staged = false;
-        eplb_status st = ensure_staging(cs, (size_t)plan->num_staging * cs->lay.entry_bytes[layer],
-                                        err);
-        if (st != EPLB_OK)
-            return st;
-        for (uint32_t i = 0; i < plan->num_gather; i++) {
-            const eplb_plan_op *op = &plan->gather[i];
-            if (cs->env.fault(EPLB_FAULT_GATHER))
-                return eplb_impl_error(err, EPLB_EINTERNAL,
-                                       "layer %u: gather op %u (slot %u -> staging %u) failed "
-                                       "(injected fault); no slot was written",
-                                       layer, i, op->src, op->dst);
-            for (uint32_t t = t0; t < t1; t++)
-                copy_slice(staging_addr(cs, layer, t, op->dst), slot_addr(cs, t, op->src),
-                           cs->lay.tensors[t].bytes);
+static void run_ops(void *arg) {
+    phase_run *r = arg;
+    cpu_state *cs = r->cs;
+    const uint32_t t0 = cs->lay.first[r->layer], t1 = cs->lay.first[r->layer + 1];
+    for (uint32_t i = 0; i < r->n; i++) {
+        const eplb_plan_op *op = &r->ops[i];
+        if (cs->env.fault(r->phase)) {
+            r->faulted = true;
+            return;
         }
-        cs->staged = true;
-        cs->staged_layer = layer;
-        cs->staged_fp = fp;
-    }
-    /* Phase 2: scatter, wave 0 then wave 1 (in array order). */
-    for (uint32_t i = 0; i < plan->num_scatter; i++) {
-        const eplb_plan_op *op = &plan->scatter[i];
-        if (cs->env.fault(EPLB_FAULT_SCATTER))
-            return eplb_impl_error(err, EPLB_EDATALOSS,
-                                   "layer %u: scatter op %u (-> slot %u) failed (injected fault) "
-                                   "after %u of %u destination writes; execute the same plan "
-                                   "again to complete it from staging",
-                                   layer, i, op->dst, i, plan->num_scatter);
         for (uint32_t t = t0; t < t1; t++) {
-            const void *src = op->kind == EPLB_OP_UNSTAGE ? staging_addr(cs, layer, t, op->src)
+            void *dst = op->kind == EPLB_OP_STAGE ? staging_addr(cs, r->layer, t, op->dst)
+                                                  : slot_addr(cs, t, op->dst);
+            const void *src = op->kind == EPLB_OP_UNSTAGE ? staging_addr(cs, r->layer, t, op->src)
                                                           : slot_addr(cs, t, op->src);
-            copy_slice(slot_addr(cs, t, op->dst), src, cs->lay.tensors[t].bytes);
+            copy_slice(dst, src, cs->lay.tensors[t].bytes);
         }
+        r->done = i + 1;
     }
+}
+
+/* Runs r; on SIGBUS names the rank whose mapping faulted and marks the
+ * buffers lost.  what: "gather" or "scatter". */
+static eplb_status run_guarded(phase_run *r, const char *what, eplb_error *err) {
+    cpu_state *cs = r->cs;
+    void *addr = NULL;
+    if (!eplb_sigbus_call(run_ops, r, cs->map, cs->lay.G, &addr))
+        return EPLB_OK;
+    uint32_t g = 0;
+    while (g + 1 < cs->lay.G && !((uintptr_t)addr >= (uintptr_t)cs->map[g].base &&
+                                  (uintptr_t)addr - (uintptr_t)cs->map[g].base < cs->map[g].size))
+        g++;
+    char why[EPLB_ERROR_MSG_MAX - 96], msg[EPLB_ERROR_MSG_MAX];
+    if (!rank_shrunk(cs, g, why, sizeof why))
+        snprintf(why, sizeof why, "ranks[%u] shm \"%s\" was truncated during the copy (SIGBUS at "
+                 "offset %llu): its experts are lost", g, cs->name[g],
+                 (unsigned long long)((uintptr_t)addr - (uintptr_t)cs->map[g].base));
+    snprintf(msg, sizeof msg, "layer %u: %s op %u of %u: %s", r->layer, what, (unsigned)r->done,
+             r->n, why);
+    return cpu_lost(cs, err, msg);
+}
+
+static eplb_status cpu_gather(void *state, uint32_t layer, const eplb_plan *plan,
+                              eplb_error *err) {
+    cpu_state *cs = state;
+    if (cs->lost)
+        return eplb_impl_error(err, EPLB_EDATALOSS, "%s", cs->lost_msg);
+    eplb_status st = ensure_staging(cs, (size_t)plan->num_staging * cs->lay.entry_bytes[layer],
+                                    err);
+    if (st != EPLB_OK)
+        return st;
+    phase_run r = {cs, layer, plan->gather, plan->num_gather, EPLB_FAULT_GATHER, 0, false};
+    st = run_guarded(&r, "gather", err);
+    if (st != EPLB_OK)
+        return st;
+    if (r.faulted) {
+        const eplb_plan_op *op = &plan->gather[r.done];
+        return eplb_impl_error(err, EPLB_EINTERNAL,
+                               "layer %u: gather op %u (slot %u -> staging %u) failed (injected "
+                               "fault); no slot was written", layer, (unsigned)r.done, op->src,
+                               op->dst);
+    }
+    return EPLB_OK;
+}
+
+/* Wave 0 then wave 1: the plan's array order. */
+static eplb_status cpu_scatter(void *state, uint32_t layer, const eplb_plan *plan,
+                               eplb_error *err) {
+    cpu_state *cs = state;
+    if (cs->lost)
+        return eplb_impl_error(err, EPLB_EDATALOSS, "%s", cs->lost_msg);
+    phase_run r = {cs, layer, plan->scatter, plan->num_scatter, EPLB_FAULT_SCATTER, 0, false};
+    eplb_status st = run_guarded(&r, "scatter", err);
+    if (st != EPLB_OK)
+        return st;
+    if (r.faulted)
+        return eplb_impl_error(err, EPLB_EDATALOSS,
+                               "layer %u: scatter op %u (-> slot %u) failed (injected fault) after "
+                               "%u of %u destination writes; scatter again to complete it from "
+                               "staging", layer, (unsigned)r.done, plan->scatter[r.done].dst,
+                               (unsigned)r.done, plan->num_scatter);
     return EPLB_OK;
 }
 
 static eplb_status cpu_synchronize(void *state, eplb_error *err) {
+    (void)state;
     (void)err;
-    cpu_state *cs = state;
-    cs->staged = false; /* copies are synchronous: nothing to wait for */
-    return EPLB_OK;
+    return EPLB_OK; /* copies are synchronous: nothing to wait for */
 }
 
 const eplb_backend_ops eplb_backend_cpu_ops = {
-    EPLB_BACKEND_ABI, "cpu", cpu_probe, cpu_open, cpu_execute_layer, cpu_synchronize, cpu_close,
+    EPLB_BACKEND_ABI, "cpu",       cpu_probe,       cpu_open, cpu_check,
+    cpu_gather,       cpu_scatter, cpu_synchronize, cpu_close,
 };

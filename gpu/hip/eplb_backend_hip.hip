@@ -7,8 +7,10 @@
  * executable.  Every HIP call is checked and turned into an eplb_status with
  * a message naming the call; nothing here exits or aborts.
  *
- * How a phase runs (execute_layer runs phase 1 GATHER, then phase 2 SCATTER
- * wave 0, then wave 1 when the plan has one):
+ * How a phase runs (gather is phase 1; scatter is phase 2, wave 0 then wave
+ * 1 when the plan has one; the loader in gpu/eplb_backend.c only lets a
+ * scatter follow a successful gather of the same layer, so nothing here
+ * remembers plans):
  *   1. every plan op x every tensor of the layer becomes (src, dst, bytes),
  *      split into chunks of kChunkBytes, appended to the list of the device
  *      that holds the source ("push": remote stores over xGMI/NVLink are
@@ -21,7 +23,8 @@
  *   3. every stream used is synchronized and checked before the next phase:
  *      phase 2 may overwrite slots phase 1 read on other devices, and an
  *      error must be attributed to its phase (eplb_backend.h: phase 1
- *      failure = nothing written, phase 2 failure = retry from staging).
+ *      failure = nothing written, phase 2 failure = scatter again from
+ *      staging).
  * Staging lives on the destination rank's device (hipMalloc, grown as
  * needed, kept until close: it is at most slots-per-rank x one expert's
  * bytes of all tensors).  Several ranks may share a device (tests); state
@@ -115,9 +118,6 @@ struct HipState {
     uint32_t ndev;
     Rank *ranks;        /* [G] */
     bool *peer;         /* [ndev][ndev]: a's kernels may touch b's memory */
-    bool staged;
-    uint32_t staged_layer;
-    uint64_t staged_fp;
 };
 
 /* ---- error handling ---------------------------------------------------- */
@@ -501,42 +501,40 @@ eplb_status run_phase(HipState *hs, uint32_t layer, const eplb_plan *p, const ep
     return rst;
 }
 
-eplb_status hip_execute_layer(void *state, uint32_t layer, const eplb_plan *plan,
-                              eplb_error *err) {
+/* Prefixes err's message with "layer L: <what>: " and appends tail. */
+void hip_phase_message(eplb_error *err, eplb_status st, uint32_t layer, const char *what,
+                       const char *tail) {
+    if (!err)
+        return;
+    char m[EPLB_ERROR_MSG_MAX];
+    snprintf(m, sizeof m, "%s", err->msg);
+    eplb_impl_error(err, st, "layer %u: %s: %s%s", layer, what, m, tail);
+}
+
+eplb_status hip_gather(void *state, uint32_t layer, const eplb_plan *plan, eplb_error *err) {
     HipState *hs = static_cast<HipState *>(state);
     DeviceGuard guard;
-    uint64_t fp = eplb_impl_plan_fingerprint(layer, plan);
-    eplb_status st;
-    if (!(hs->staged && hs->staged_layer == layer && hs->staged_fp == fp)) {
-        hs->staged = false;
-        st = ensure_staging(hs, plan, layer, err);
-        if (st != EPLB_OK)
-            return st;
-        st = run_phase(hs, layer, plan, plan->gather, 0, plan->num_gather, EPLB_FAULT_GATHER,
-                       EPLB_EINTERNAL, err);
-        if (st != EPLB_OK) {
-            if (err) {
-                char m[EPLB_ERROR_MSG_MAX];
-                snprintf(m, sizeof m, "%s", err->msg);
-                eplb_impl_error(err, st, "layer %u: gather: %s; no slot was written", layer, m);
-            }
-            return st;
-        }
-        hs->staged = true;
-        hs->staged_layer = layer;
-        hs->staged_fp = fp;
-    }
-    st = run_phase(hs, layer, plan, plan->scatter, 0, plan->num_scatter_wave0,
-                   EPLB_FAULT_SCATTER, EPLB_EDATALOSS, err);
+    eplb_status st = ensure_staging(hs, plan, layer, err);
+    if (st != EPLB_OK)
+        return st;
+    st = run_phase(hs, layer, plan, plan->gather, 0, plan->num_gather, EPLB_FAULT_GATHER,
+                   EPLB_EINTERNAL, err);
+    if (st != EPLB_OK)
+        hip_phase_message(err, st, layer, "gather", "; no slot was written");
+    return st;
+}
+
+eplb_status hip_scatter(void *state, uint32_t layer, const eplb_plan *plan, eplb_error *err) {
+    HipState *hs = static_cast<HipState *>(state);
+    DeviceGuard guard;
+    eplb_status st = run_phase(hs, layer, plan, plan->scatter, 0, plan->num_scatter_wave0,
+                               EPLB_FAULT_SCATTER, EPLB_EDATALOSS, err);
     if (st == EPLB_OK && plan->num_scatter > plan->num_scatter_wave0)
         st = run_phase(hs, layer, plan, plan->scatter, plan->num_scatter_wave0,
                        plan->num_scatter, EPLB_FAULT_SCATTER, EPLB_EDATALOSS, err);
-    if (st != EPLB_OK && err) {
-        char m[EPLB_ERROR_MSG_MAX];
-        snprintf(m, sizeof m, "%s", err->msg);
-        eplb_impl_error(err, st, "layer %u: scatter: %s; execute the same plan again to complete "
-                        "it from staging", layer, m);
-    }
+    if (st != EPLB_OK)
+        hip_phase_message(err, st, layer, "scatter",
+                          "; scatter again to complete it from staging");
     return st;
 }
 
@@ -548,13 +546,14 @@ eplb_status hip_synchronize(void *state, eplb_error *err) {
         HIP_CHECK(hipSetDevice(hs->devs[d].ordinal), EPLB_EINTERNAL, fail);
         HIP_CHECK(hipStreamSynchronize(hs->devs[d].stream), EPLB_EINTERNAL, fail);
     }
-    hs->staged = false;
 fail:
     return st;
 }
 
+/* No check: device memory cannot shrink under an open IPC handle. */
 const eplb_backend_ops hip_ops = {
-    EPLB_BACKEND_ABI, "hip", hip_probe, hip_open, hip_execute_layer, hip_synchronize, hip_close,
+    EPLB_BACKEND_ABI, "hip",      hip_probe,       hip_open, nullptr,
+    hip_gather,       hip_scatter, hip_synchronize, hip_close,
 };
 
 } // namespace

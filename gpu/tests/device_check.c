@@ -13,8 +13,9 @@
  *    with -1 slots and duplicates, a full derangement) is planned with
  *    eplb_plan_build and executed by both backends; after each, every byte
  *    of every rank must equal the cpu backend's and the expected image.
- * 2. faults: a gather fault leaves device memory byte-identical; a scatter
- *    fault is completed by a retry from staging.
+ * 2. faults: a gather fault leaves device memory byte-identical (and a
+ *    scatter after it is refused); a scatter fault is completed by a second
+ *    scatter from staging, and a third (repeated) scatter changes nothing.
  * 3. hip_ipc: a child process (this program re-executed) allocates the
  *    buffers and exports IPC handles; the backend opens them
  *    (hipIpcOpenMemHandle), moves weights, closes; the child checks.
@@ -288,9 +289,11 @@ static bool run_both(world *w, eplb_backend *hip, eplb_backend *cpu, int32_t map
             snprintf(why, n, "plan: %s", err.msg);
             return false;
         }
-        eplb_status a = eplb_backend_execute_layer(hip, (uint32_t)l, &plan, &err);
+        eplb_status a = eplb_backend_gather(hip, (uint32_t)l, &plan, &err);
+        if (a == EPLB_OK)
+            a = eplb_backend_scatter(hip, (uint32_t)l, &plan, &err);
         if (a != EPLB_OK) {
-            snprintf(why, n, "hip execute layer %d: %s", l, err.msg);
+            snprintf(why, n, "hip gather/scatter layer %d: %s", l, err.msg);
             eplb_plan_free(&plan);
             return false;
         }
@@ -398,25 +401,30 @@ static void check_device_ptr(void) {
         CK(cudaMemcpy(snap + rank_bytes * g, w.dptr[g], rank_bytes, cudaMemcpyDeviceToHost));
     }
     eplb_backend_set_fault(EPLB_FAULT_GATHER, 2);
-    eplb_status fs = eplb_backend_execute_layer(hip, 0, &plan, &err);
+    eplb_status fs = eplb_backend_gather(hip, 0, &plan, &err);
+    eplb_status ps = eplb_backend_scatter(hip, 0, &plan, &err); /* no gather: refused */
     for (int g = 0; g < G; g++) {
         CK(cudaSetDevice(g % w.ndev));
         CK(cudaMemcpy(now + rank_bytes * g, w.dptr[g], rank_bytes, cudaMemcpyDeviceToHost));
     }
-    result(fs == EPLB_EINTERNAL && memcmp(snap, now, rank_bytes * G) == 0,
-           "faults: gather fault -> EINTERNAL, device memory unchanged");
+    result(fs == EPLB_EINTERNAL && ps == EPLB_EPRECONDITION &&
+               memcmp(snap, now, rank_bytes * G) == 0,
+           "faults: gather fault -> EINTERNAL, scatter refused, device memory unchanged");
     eplb_backend_set_fault(EPLB_FAULT_SCATTER, plan.num_scatter > 2 ? 3 : 1);
-    fs = eplb_backend_execute_layer(hip, 0, &plan, &err);
-    eplb_status rs = eplb_backend_execute_layer(hip, 0, &plan, &err);
+    eplb_status gs = eplb_backend_gather(hip, 0, &plan, &err);
+    fs = eplb_backend_scatter(hip, 0, &plan, &err);
+    eplb_status rs = eplb_backend_scatter(hip, 0, &plan, &err);
+    eplb_status again = eplb_backend_scatter(hip, 0, &plan, &err); /* harmless */
     eplb_status cs = eplb_backend_execute_layer(cpu, 0, &plan, &err);
     for (int s = 0; s < P; s++) {
         if (next[0][s] != -1)
             content[0][s] = next[0][s];
         map[0][s] = next[0][s];
     }
-    bool ok = fs == EPLB_EDATALOSS && rs == EPLB_OK && cs == EPLB_OK &&
-              world_matches(&w, content, why, sizeof why);
-    result(ok, "faults: scatter fault -> EDATALOSS, retry from staging completes");
+    bool ok = gs == EPLB_OK && fs == EPLB_EDATALOSS && rs == EPLB_OK && again == EPLB_OK &&
+              cs == EPLB_OK && world_matches(&w, content, why, sizeof why);
+    result(ok, "faults: scatter fault -> EDATALOSS, a second scatter from staging completes, a "
+               "third changes nothing");
     eplb_backend_set_fault(EPLB_FAULT_NONE, 0);
     eplb_plan_free(&plan);
     free(snap);
@@ -722,7 +730,7 @@ static void check_bandwidth(void) {
     double sl_gbs = bytes / (sum_slices / runs) / 1e9, bl_gbs = bytes / (sum_block / runs) / 1e9;
     printf("bandwidth (%d device%s, %u x 42 MiB copies = %.1f GB per run, %d runs):\n", ndev,
            ndev == 1 ? "" : "s", n, bytes / 1e9, runs);
-    printf("  hip backend execute_layer       %8.1f GB/s mean  %8.1f GB/s best\n", hip_gbs,
+    printf("  hip backend gather + scatter    %8.1f GB/s mean  %8.1f GB/s best\n", hip_gbs,
            hip_best);
     printf("  cudaMemcpyAsync 42 MiB slices   %8.1f GB/s mean  %8.1f GB/s best\n", sl_gbs,
            bytes / t_slices / 1e9);

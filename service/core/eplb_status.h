@@ -22,7 +22,8 @@
     X(EPLB_EABORTED,         "ABORTED",              10)              \
     X(EPLB_EINTERNAL,        "INTERNAL",             13)              \
     X(EPLB_EUNAVAILABLE,     "UNAVAILABLE",          14)              \
-    X(EPLB_EDATALOSS,        "DATA_LOSS",            15)
+    X(EPLB_EDATALOSS,        "DATA_LOSS",            15)              \
+    X(EPLB_EPERM,            "PERMISSION_DENIED",    7  /* trust boundary: peer, shm owner, prefix */)
 
 typedef enum eplb_status {
 #define EPLB_STATUS_ENUM(code, name, grpc) code,

@@ -1,6 +1,18 @@
 /* rpc_weights.c -- AttachWeights / DetachWeights, and the adapter that lets
  * the registry move weights: eplb_weights_ops implemented with transfer
- * plans (core) executed by a gpu/ backend (cpu over shm, hip over IPC). */
+ * plans (core) executed by a gpu/ backend (cpu over shm, hip over IPC).
+ *
+ * Trust boundary (docs/deploy.md): AttachWeights makes eplbd write into
+ * memory the caller names, with eplbd's rights.  So it is refused unless the
+ * caller is on this host (a unix socket or a loopback address; or
+ * --allow-remote-weights), every shm object is named under --shm-prefix and
+ * owned by eplbd's uid or an --shm-allow-uid, and is a regular file reached
+ * without a symlink.  The prefix is checked here, with the flag's name in
+ * the message; the backend checks all of it again on the descriptor it maps
+ * (gpu/eplb_buffers.c, eplb_shm_open_checked). */
+#include <arpa/inet.h>
+#include <ctype.h>
+#include <netinet/in.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -11,12 +23,22 @@
 #include "rpc_convert.h"
 #include "rpc_handlers.h"
 
+#define RPC_DEFAULT_SHM_PREFIX "/eplb-"
+
 /* ---- the mover: eplb_weights_ops over a backend -------------------------- */
 
+/* The registry calls check once, then per layer gather and scatter (scatter
+ * again once after a failure).  The plan a gather ran is kept, with the rows
+ * it was built from, so that scatter runs exactly that plan: the phases are
+ * explicit, nothing is inferred from a plan's contents. */
 typedef struct weights_mover {
     eplb_backend *backend;
     uint32_t num_layers, num_physical, num_gpus, gpus_per_node; /* the layout it was opened for */
     uint64_t *layer_bytes; /* [L] bytes of one expert in that layer, all tensors */
+    eplb_plan plan;        /* of the layer gathered last, when gathered */
+    bool gathered;
+    uint32_t gathered_layer;
+    int32_t *rows;         /* [2][P]: the old and new row the plan was built from */
 } weights_mover;
 
 static eplb_status mover_plan(const weights_mover *m, uint32_t layer, uint32_t P, const int32_t *old_row,
@@ -30,6 +52,14 @@ static eplb_status mover_plan(const weights_mover *m, uint32_t layer, uint32_t P
     return st;
 }
 
+static void mover_drop_plan(weights_mover *m) {
+    eplb_plan_free(&m->plan);
+    m->gathered = false;
+}
+
+/* Layout, then the buffers themselves (a shrunk shm object is EPLB_EDATALOSS:
+ * it outranks any refusal), then every layer's plan (EPLB_EPRECONDITION when
+ * one needs a rank or expert we do not hold).  Touches nothing. */
 static eplb_status mover_check(void *ctx, uint32_t L, uint32_t P, const int32_t *old_phy2log,
                                const int32_t *new_phy2log, eplb_error *err) {
     weights_mover *m = ctx;
@@ -37,9 +67,12 @@ static eplb_status mover_check(void *ctx, uint32_t L, uint32_t P, const int32_t 
         return eplb_error_set(err, EPLB_EPRECONDITION,
                               "the attached weights are laid out for %u layers x %u slots, the model has %u x %u: "
                               "attach them again", m->num_layers, m->num_physical, L, P);
+    eplb_status st = eplb_backend_check(m->backend, err);
+    if (st != EPLB_OK)
+        return st;
     for (uint32_t l = 0; l < L; l++) {
         eplb_plan plan;
-        eplb_status st = mover_plan(m, l, P, old_phy2log + (size_t)l * P, new_phy2log + (size_t)l * P, &plan, err);
+        st = mover_plan(m, l, P, old_phy2log + (size_t)l * P, new_phy2log + (size_t)l * P, &plan, err);
         eplb_plan_free(&plan);
         if (st != EPLB_OK)
             return st;
@@ -47,24 +80,48 @@ static eplb_status mover_check(void *ctx, uint32_t L, uint32_t P, const int32_t 
     return EPLB_OK;
 }
 
-static eplb_status mover_move_layer(void *ctx, uint32_t layer, uint32_t P, const int32_t *old_row,
-                                    const int32_t *new_row, uint64_t *bytes, eplb_error *err) {
+static eplb_status mover_gather(void *ctx, uint32_t layer, uint32_t P, const int32_t *old_row,
+                                const int32_t *new_row, eplb_error *err) {
     weights_mover *m = ctx;
-    eplb_plan plan;
-    *bytes = 0;
-    eplb_status st = mover_plan(m, layer, P, old_row, new_row, &plan, err);
-    if (st == EPLB_OK && plan.num_gather + plan.num_scatter > 0) {
-        st = eplb_backend_execute_layer(m->backend, layer, &plan, err);
-        /* A failed scatter keeps its staging: run phase 2 again once. */
-        if (st == EPLB_EDATALOSS)
-            st = eplb_backend_execute_layer(m->backend, layer, &plan, err);
-        /* The slots were written: a failure to synchronize now leaves the
-         * layer in an unknown state, not "as it was". */
-        if (st == EPLB_OK && eplb_backend_synchronize(m->backend, err) != EPLB_OK)
-            st = EPLB_EDATALOSS;
-        *bytes = (uint64_t)(plan.num_gather + plan.num_scatter) * m->layer_bytes[layer];
+    mover_drop_plan(m);
+    if (layer >= m->num_layers || P != m->num_physical)
+        return eplb_error_set(err, EPLB_EINTERNAL, "gather of layer %u x %u slots, the weights have %u x %u", layer,
+                              P, m->num_layers, m->num_physical);
+    eplb_status st = mover_plan(m, layer, P, old_row, new_row, &m->plan, err);
+    if (st == EPLB_OK && m->plan.num_gather + m->plan.num_scatter > 0)
+        st = eplb_backend_gather(m->backend, layer, &m->plan, err);
+    if (st != EPLB_OK) {
+        mover_drop_plan(m);
+        return st;
     }
-    eplb_plan_free(&plan);
+    m->gathered = true;
+    m->gathered_layer = layer;
+    memcpy(m->rows, old_row, (size_t)P * sizeof *m->rows);
+    memcpy(m->rows + P, new_row, (size_t)P * sizeof *m->rows);
+    return EPLB_OK;
+}
+
+static eplb_status mover_scatter(void *ctx, uint32_t layer, uint32_t P, const int32_t *old_row,
+                                 const int32_t *new_row, uint64_t *bytes, eplb_error *err) {
+    weights_mover *m = ctx;
+    *bytes = 0;
+    if (!m->gathered || m->gathered_layer != layer || P != m->num_physical ||
+        memcmp(m->rows, old_row, (size_t)P * sizeof *m->rows) != 0 ||
+        memcmp(m->rows + P, new_row, (size_t)P * sizeof *m->rows) != 0)
+        return eplb_error_set(err, EPLB_EPRECONDITION,
+                              "scatter of layer %u does not follow a gather of that layer and plan; nothing written",
+                              layer);
+    if (m->plan.num_scatter == 0)
+        return EPLB_OK;
+    eplb_status st = eplb_backend_scatter(m->backend, layer, &m->plan, err);
+    /* Slots were written: a failure to synchronize leaves the layer unknown,
+     * not "as it was" (scatter again completes it). */
+    if (st == EPLB_OK && eplb_backend_synchronize(m->backend, err) != EPLB_OK)
+        st = EPLB_EDATALOSS;
+    /* Each scatter op writes one slot, every tensor of it; staging is not a
+     * live slot and is not counted. */
+    if (st == EPLB_OK)
+        *bytes = (uint64_t)m->plan.num_scatter * m->layer_bytes[layer];
     return st;
 }
 
@@ -73,15 +130,83 @@ static void mover_close(void *ctx) {
     if (!m)
         return;
     eplb_backend_close(m->backend);
+    eplb_plan_free(&m->plan);
+    free(m->rows);
     free(m->layer_bytes);
     free(m);
 }
 
 static const eplb_weights_ops mover_ops = {
     .check = mover_check,
-    .move_layer = mover_move_layer,
+    .gather = mover_gather,
+    .scatter = mover_scatter,
     .close = mover_close,
 };
+
+/* ---- trust boundary -------------------------------------------------------- */
+
+/* gRPC peer strings are URIs: "ipv6:%5B::1%5D:5000" in recent versions,
+ * "ipv6:[::1]:5000" in older ones.  Decodes %XX into out (NUL-terminated);
+ * false when it does not fit. */
+static bool peer_decode(const char *in, char *out, size_t cap) {
+    size_t n = 0;
+    for (const char *p = in; *p; p++) {
+        int c = (unsigned char)*p;
+        if (c == '%' && isxdigit((unsigned char)p[1]) && isxdigit((unsigned char)p[2])) {
+            char hex[3] = { p[1], p[2], 0 };
+            c = (int)strtol(hex, NULL, 16);
+            p += 2;
+        }
+        if (n + 1 >= cap)
+            return false;
+        out[n++] = (char)c;
+    }
+    out[n] = '\0';
+    return true;
+}
+
+/* Is the caller on this host: a unix socket, 127.0.0.0/8, ::1, or
+ * ::ffff:127.0.0.0/104?  NULL (fuzzers, unit tests) counts as local;
+ * anything unparsable does not. */
+static bool peer_is_local(const char *peer) {
+    if (!peer)
+        return true;
+    if (strncmp(peer, "unix:", 5) == 0 || strncmp(peer, "unix-abstract:", 14) == 0)
+        return true;
+    char buf[256];
+    if (!peer_decode(peer, buf, sizeof buf))
+        return false;
+    if (strncmp(buf, "ipv4:", 5) == 0) {
+        char *host = buf + 5, *colon = strrchr(host, ':');
+        if (colon)
+            *colon = '\0';
+        struct in_addr a;
+        return inet_pton(AF_INET, host, &a) == 1 && (ntohl(a.s_addr) >> 24) == 127;
+    }
+    if (strncmp(buf, "ipv6:", 5) == 0) {
+        char *host = buf + 5;
+        if (*host == '[') {
+            char *close = strchr(++host, ']');
+            if (!close)
+                return false;
+            *close = '\0';
+        } else {
+            char *colon = strrchr(host, ':'); /* "ipv6:::1:5000" */
+            if (colon)
+                *colon = '\0';
+        }
+        char *zone = strchr(host, '%'); /* "fe80::1%eth0" */
+        if (zone)
+            *zone = '\0';
+        struct in6_addr a;
+        if (inet_pton(AF_INET6, host, &a) != 1)
+            return false;
+        if (IN6_IS_ADDR_LOOPBACK(&a))
+            return true;
+        return IN6_IS_ADDR_V4MAPPED(&a) && a.s6_addr[12] == 127;
+    }
+    return false;
+}
 
 /* ---- AttachWeights -------------------------------------------------------- */
 
@@ -89,7 +214,8 @@ static const eplb_weights_ops mover_ops = {
  * checks the description cannot express (counts) are made here; the rest is
  * eplb_buffers_validate's, inside eplb_backend_open_by_name. */
 static eplb_status desc_from_upb(const eplb_v1_AttachWeightsRequest *m, const eplb_model_shape *shape,
-                                 upb_Arena *arena, eplb_buffers_desc *d, uint64_t *layer_bytes, eplb_error *err) {
+                                 const char *shm_prefix, upb_Arena *arena, eplb_buffers_desc *d,
+                                 uint64_t *layer_bytes, eplb_error *err) {
     memset(d, 0, sizeof *d);
     int32_t kind = eplb_v1_AttachWeightsRequest_kind(m);
     if (kind == eplb_v1_BUFFER_KIND_SHM)
@@ -121,7 +247,20 @@ static eplb_status desc_from_upb(const eplb_v1_AttachWeightsRequest *m, const ep
         if (d->kind == EPLB_BUFFERS_HIP_IPC && handle.size != EPLB_IPC_HANDLE_SIZE)
             return eplb_error_set(err, EPLB_EINVAL, "ranks[%zu].hip_ipc_handle is %zu bytes, want %d", g, handle.size,
                                   EPLB_IPC_HANDLE_SIZE);
-        memcpy(loc[g].shm_name, name.data, name.size);
+        /* An absent string is {NULL, 0}: memcpy from NULL is undefined even
+         * for 0 bytes. */
+        if (name.size && memchr(name.data, '\0', name.size))
+            return eplb_error_set(err, EPLB_EINVAL, "ranks[%zu].shm_name contains a NUL byte", g);
+        if (name.size)
+            memcpy(loc[g].shm_name, name.data, name.size);
+        /* A malformed name is the backend's INVALID_ARGUMENT; a well-formed
+         * one outside the prefix is refused here, before anything opens it. */
+        const char *nm = loc[g].shm_name;
+        if (d->kind == EPLB_BUFFERS_SHM && shm_prefix[0] && nm[0] == '/' && nm[1] && !strchr(nm + 1, '/') &&
+            strncmp(nm, shm_prefix, strlen(shm_prefix)) != 0)
+            return eplb_error_set(err, EPLB_EPERM,
+                                  "ranks[%zu].shm_name \"%s\" is not under the allowed prefix \"%s\" "
+                                  "(eplbd --shm-prefix)", g, loc[g].shm_name, shm_prefix);
         if (handle.size == EPLB_IPC_HANDLE_SIZE)
             memcpy(loc[g].ipc_handle, handle.data, handle.size);
         loc[g].device = eplb_v1_RankBuffer_device(ranks[g]);
@@ -173,6 +312,15 @@ static eplb_status desc_from_upb(const eplb_v1_AttachWeightsRequest *m, const ep
 void rpc_attach_weights(rpc_context *ctx, upb_Arena *arena, const char *req, size_t len, rpc_reply *out) {
     eplb_error err;
     eplb_error_clear(&err);
+    /* Shm names and IPC handles only mean something on this host; from
+     * anywhere else an attachment is a request to write this host's memory. */
+    if (!ctx->allow_remote_weights && !peer_is_local(out->peer)) {
+        rpc_reply_set(out, 7 /* PERMISSION_DENIED */,
+                      "AttachWeights from %s: weight buffers may only be attached over a unix socket or from a "
+                      "loopback address (127.0.0.0/8, ::1); eplbd --allow-remote-weights lifts this",
+                      out->peer);
+        return;
+    }
     const eplb_v1_AttachWeightsRequest *m = eplb_v1_AttachWeightsRequest_parse(req, len, arena);
     if (!m) {
         rpc_reply_malformed(out, "eplb.v1.AttachWeightsRequest");
@@ -187,20 +335,29 @@ void rpc_attach_weights(rpc_context *ctx, upb_Arena *arena, const char *req, siz
         rpc_reply_from_error(out, &err);
         return;
     }
+    const char *prefix = ctx->shm_prefix ? ctx->shm_prefix : RPC_DEFAULT_SHM_PREFIX;
+    eplb_shm_policy policy = { .prefix = prefix,
+                               .uids = ctx->shm_uids,
+                               .num_uids = (uint32_t)(ctx->num_shm_uids < RPC_MAX_SHM_UIDS ? ctx->num_shm_uids
+                                                                                           : RPC_MAX_SHM_UIDS) };
     weights_mover *mv = calloc(1, sizeof *mv);
-    uint64_t *layer_bytes = calloc(shape.num_layers, sizeof *layer_bytes);
+    uint64_t *layer_bytes = calloc(shape.num_layers ? shape.num_layers : 1, sizeof *layer_bytes);
+    int32_t *rows = calloc(2 * (size_t)(shape.num_physical ? shape.num_physical : 1), sizeof *rows);
     eplb_buffers_desc desc;
-    eplb_status st = !mv || !layer_bytes ? eplb_error_set(&err, EPLB_ENOMEM, "out of memory")
-                                         : desc_from_upb(m, &shape, arena, &desc, layer_bytes, &err);
+    eplb_status st = !mv || !layer_bytes || !rows
+                         ? eplb_error_set(&err, EPLB_ENOMEM, "out of memory")
+                         : desc_from_upb(m, &shape, prefix, arena, &desc, layer_bytes, &err);
     if (st == EPLB_OK)
-        st = eplb_backend_open_by_name(backend[0] ? backend : ctx->default_backend, &desc, shape.num_physical,
-                                       &mv->backend, &err);
+        st = eplb_backend_open(backend[0] ? backend : ctx->default_backend, &desc, &policy, shape.num_physical,
+                               &mv->backend, &err);
     if (st != EPLB_OK) {
         free(mv);
         free(layer_bytes);
+        free(rows);
         rpc_reply_from_error(out, &err);
         return;
     }
+    mv->rows = rows;
     mv->num_layers = shape.num_layers;
     mv->num_physical = shape.num_physical;
     mv->num_gpus = shape.ep_size;

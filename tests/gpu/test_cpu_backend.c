@@ -8,10 +8,19 @@
  * afterwards every slot must hold its new expert's bytes, every -1 or
  * unchanged slot its old bytes, and every sentinel must be intact.  Fault
  * injection: a failure at any gather op leaves the buffers byte-identical;
- * a failure at any scatter op is completed by a retry from staging. */
+ * a failure at any scatter op is completed by a second scatter from
+ * staging.  Phases: a scatter only follows a gather of its layer.
+ * Shrinking buffers: an shm object truncated before a move (check), or
+ * during one (a fault hook truncates between two copies; another thread
+ * truncates during a long copy), makes the move fail with EPLB_EDATALOSS
+ * naming the rank -- the process survives the SIGBUS; a SIGBUS outside a
+ * copy still kills it.  Trust: prefix, owner, symlink, FIFO. */
 #include <criterion/criterion.h>
 
 #include <fcntl.h>
+#include <pthread.h>
+#include <setjmp.h>
+#include <signal.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -180,6 +189,15 @@ static eplb_backend *open_cpu(fixture *f) {
     return b;
 }
 
+/* Phase 1 then phase 2 of one layer, both expected to succeed. */
+static void move_ok(eplb_backend *b, uint32_t layer, const eplb_plan *p) {
+    eplb_error err;
+    eplb_error_clear(&err);
+    cr_assert_eq(eplb_backend_gather(b, layer, p, &err), EPLB_OK, "gather %u: %s", layer, err.msg);
+    cr_assert_eq(eplb_backend_scatter(b, layer, p, &err), EPLB_OK, "scatter %u: %s", layer,
+                 err.msg);
+}
+
 static void plan_ok(fixture *f, const int32_t *old_row, const int32_t *new_row, uint32_t gpn,
                     eplb_plan *p) {
     eplb_error err;
@@ -239,10 +257,10 @@ Test(cpu_backend, worked_examples) {
     eplb_plan p;
     plan_ok(&f, old0, new0, 2, &p);
     eplb_error err;
-    cr_assert_eq(eplb_backend_execute_layer(b, 0, &p, &err), EPLB_OK, "%s", err.msg);
+    move_ok(b, 0, &p);
     eplb_plan_free(&p);
     plan_ok(&f, old1, new1, 2, &p);
-    cr_assert_eq(eplb_backend_execute_layer(b, 1, &p, &err), EPLB_OK, "%s", err.msg);
+    move_ok(b, 1, &p);
     eplb_plan_free(&p);
     cr_assert_eq(eplb_backend_synchronize(b, &err), EPLB_OK);
     check_layer(&f, 0, new0);
@@ -257,11 +275,12 @@ Test(cpu_backend, worked_examples) {
     fill_layer(&f, 0, old2);
     b = open_cpu(&f);
     plan_ok(&f, old2, new2, 2, &p);
-    cr_assert_eq(eplb_backend_execute_layer(b, 0, &p, &err), EPLB_OK, "%s", err.msg);
+    move_ok(b, 0, &p);
     check_layer(&f, 0, new2);
-    /* Executing the same plan again (e.g. a retry after a lost reply) must
-     * not undo the exchange. */
-    cr_assert_eq(eplb_backend_execute_layer(b, 0, &p, &err), EPLB_OK, "%s", err.msg);
+    /* Scattering again (the caller's retry after a failure it could not
+     * attribute) writes the same bytes from the same staging: the exchange
+     * is not undone. */
+    cr_assert_eq(eplb_backend_scatter(b, 0, &p, &err), EPLB_OK, "%s", err.msg);
     check_layer(&f, 0, new2);
     eplb_plan_free(&p);
     check_sentinels(&f);
@@ -288,8 +307,7 @@ Test(cpu_backend, random_plans_all_layers) {
         for (uint32_t l = 0; l < L; l++) {
             eplb_plan p;
             plan_ok(&f, old_rows[l], new_rows[l], gpn, &p);
-            eplb_error err;
-            cr_assert_eq(eplb_backend_execute_layer(b, l, &p, &err), EPLB_OK, "%s", err.msg);
+            move_ok(b, l, &p);
             eplb_plan_free(&p);
         }
         cr_assert_eq(eplb_backend_synchronize(b, NULL), EPLB_OK);
@@ -322,7 +340,7 @@ Test(cpu_backend, large_unaligned_slices) {
         for (uint32_t l = 0; l < 2; l++) {
             eplb_plan p;
             plan_ok(&f, old_rows[l], new_rows[l], 2, &p);
-            cr_assert_eq(eplb_backend_execute_layer(b, l, &p, NULL), EPLB_OK);
+            move_ok(b, l, &p);
             eplb_plan_free(&p);
             expected_row(P, old_rows[l], new_rows[l], want);
             check_layer(&f, l, want);
@@ -352,15 +370,16 @@ Test(cpu_backend, fault_at_every_gather_op_changes_nothing) {
         eplb_backend_set_fault(EPLB_FAULT_GATHER, (int)k);
         eplb_error err;
         eplb_error_clear(&err);
-        cr_assert_eq(eplb_backend_execute_layer(b, 0, &p, &err), EPLB_EINTERNAL, "k=%u", k);
+        cr_assert_eq(eplb_backend_gather(b, 0, &p, &err), EPLB_EINTERNAL, "k=%u", k);
         cr_assert(strstr(err.msg, "gather op") && strstr(err.msg, "no slot was written"), "%s",
                   err.msg);
+        /* Staging is partial: no scatter may run from it. */
+        cr_assert_eq(eplb_backend_scatter(b, 0, &p, &err), EPLB_EPRECONDITION, "k=%u", k);
         cr_assert(same_as(&f, snap), "gather fault at op %u changed the buffers", k);
     }
     /* A fault armed for a later op than exists never fires; disarm anyway. */
     eplb_backend_set_fault(EPLB_FAULT_NONE, 0);
-    eplb_error err;
-    cr_assert_eq(eplb_backend_execute_layer(b, 0, &p, &err), EPLB_OK, "%s", err.msg);
+    move_ok(b, 0, &p);
     check_layer(&f, 0, new_row);
     check_sentinels(&f);
     free(snap);
@@ -380,13 +399,14 @@ Test(cpu_backend, fault_at_every_scatter_op_then_retry_completes) {
     for (uint32_t k = 1; k <= p.num_scatter; k++) {
         fill_layer(&f, 1, old_row);
         eplb_backend *b = open_cpu(&f);
-        eplb_backend_set_fault(EPLB_FAULT_SCATTER, (int)k);
         eplb_error err;
         eplb_error_clear(&err);
-        cr_assert_eq(eplb_backend_execute_layer(b, 1, &p, &err), EPLB_EDATALOSS, "k=%u", k);
-        cr_assert(strstr(err.msg, "again"), "%s", err.msg);
-        /* Retry: phase 2 only, from staging, completes the layer. */
-        cr_assert_eq(eplb_backend_execute_layer(b, 1, &p, &err), EPLB_OK, "%s", err.msg);
+        cr_assert_eq(eplb_backend_gather(b, 1, &p, &err), EPLB_OK, "%s", err.msg);
+        eplb_backend_set_fault(EPLB_FAULT_SCATTER, (int)k);
+        cr_assert_eq(eplb_backend_scatter(b, 1, &p, &err), EPLB_EDATALOSS, "k=%u", k);
+        cr_assert(strstr(err.msg, "scatter again"), "%s", err.msg);
+        /* Phase 2 again, from the same staging, completes the layer. */
+        cr_assert_eq(eplb_backend_scatter(b, 1, &p, &err), EPLB_OK, "%s", err.msg);
         check_layer(&f, 1, new_row);
         check_sentinels(&f);
         eplb_backend_close(b);
@@ -394,11 +414,12 @@ Test(cpu_backend, fault_at_every_scatter_op_then_retry_completes) {
     /* Faults twice in a row, then success. */
     fill_layer(&f, 1, old_row);
     eplb_backend *b = open_cpu(&f);
+    cr_assert_eq(eplb_backend_gather(b, 1, &p, NULL), EPLB_OK);
     eplb_backend_set_fault(EPLB_FAULT_SCATTER, 2);
-    cr_assert_eq(eplb_backend_execute_layer(b, 1, &p, NULL), EPLB_EDATALOSS);
+    cr_assert_eq(eplb_backend_scatter(b, 1, &p, NULL), EPLB_EDATALOSS);
     eplb_backend_set_fault(EPLB_FAULT_SCATTER, p.num_scatter);
-    cr_assert_eq(eplb_backend_execute_layer(b, 1, &p, NULL), EPLB_EDATALOSS);
-    cr_assert_eq(eplb_backend_execute_layer(b, 1, &p, NULL), EPLB_OK);
+    cr_assert_eq(eplb_backend_scatter(b, 1, &p, NULL), EPLB_EDATALOSS);
+    cr_assert_eq(eplb_backend_scatter(b, 1, &p, NULL), EPLB_OK);
     check_layer(&f, 1, new_row);
     eplb_backend_close(b);
     eplb_plan_free(&p);
@@ -531,22 +552,30 @@ Test(loader, plan_checked_before_anything) {
     plan_ok(&f, old_row, new_row, 2, &p);
     uint8_t *snap = snapshot(&f);
     eplb_error err;
-    cr_assert_eq(eplb_backend_execute_layer(b, 1, &p, &err), EPLB_EINVAL);
+    cr_assert_eq(eplb_backend_gather(b, 1, &p, &err), EPLB_EINVAL);
     cr_assert(strstr(err.msg, "layer 1 out of range"), "%s", err.msg);
-    cr_assert_eq(eplb_backend_execute_layer(b, 0, NULL, &err), EPLB_EINVAL);
+    cr_assert_eq(eplb_backend_scatter(b, 1, &p, &err), EPLB_EINVAL);
+    cr_assert_eq(eplb_backend_gather(b, 0, NULL, &err), EPLB_EINVAL);
+    cr_assert_eq(eplb_backend_gather(b, 0, &p, &err), EPLB_OK, "%s", err.msg);
     p.scatter[p.num_scatter - 1].dst = 6;
-    cr_assert_eq(eplb_backend_execute_layer(b, 0, &p, &err), EPLB_EINVAL);
+    cr_assert_eq(eplb_backend_scatter(b, 0, &p, &err), EPLB_EINVAL);
     cr_assert(strstr(err.msg, "scatter op"), "%s", err.msg);
+    p.gather[0].src = 6;
+    cr_assert_eq(eplb_backend_gather(b, 0, &p, &err), EPLB_EINVAL);
+    cr_assert(strstr(err.msg, "gather op"), "%s", err.msg);
     eplb_plan_free(&p);
     cr_assert(same_as(&f, snap));
     /* A plan for another shape. */
     const int32_t o4[] = {0, 1, 2, 3}, n4[] = {1, 0, 2, 3};
     cr_assert_eq(eplb_plan_build(4, 2, 2, o4, n4, 0, 2, &p, NULL), EPLB_OK);
-    cr_assert_eq(eplb_backend_execute_layer(b, 0, &p, &err), EPLB_EINVAL);
+    cr_assert_eq(eplb_backend_gather(b, 0, &p, &err), EPLB_EINVAL);
     cr_assert(strstr(err.msg, "built for 4 slots"), "%s", err.msg);
+    cr_assert_eq(eplb_backend_scatter(b, 0, &p, &err), EPLB_EINVAL);
     eplb_plan_free(&p);
     cr_assert(same_as(&f, snap));
-    cr_assert_eq(eplb_backend_execute_layer(NULL, 0, &p, &err), EPLB_EINVAL);
+    cr_assert_eq(eplb_backend_gather(NULL, 0, &p, &err), EPLB_EINVAL);
+    cr_assert_eq(eplb_backend_scatter(NULL, 0, &p, &err), EPLB_EINVAL);
+    cr_assert_eq(eplb_backend_check(NULL, &err), EPLB_EINVAL);
     free(snap);
     eplb_backend_close(b);
     fixture_fini(&f);
@@ -568,5 +597,360 @@ Test(cpu_backend, close_unmaps_everything) {
                 count++;
     fclose(maps);
     cr_assert_eq(count, (int)f.G, "backend left %d mappings", count - (int)f.G);
+    fixture_fini(&f);
+}
+
+/* ---------------------------------------------------------------------------
+ * Phases: explicit, never inferred from the plan
+ * ------------------------------------------------------------------------- */
+
+Test(phases, scatter_only_after_a_gather_of_its_layer) {
+    fixture f;
+    fixture_init(&f, 2, 6, 2);
+    const int32_t old_row[] = {0, 1, 2, 3, 0, 1}, new_row[] = {0, 2, 0, 1, 0, 3};
+    fill_layer(&f, 0, old_row);
+    fill_layer(&f, 1, old_row);
+    eplb_backend *b = open_cpu(&f);
+    eplb_plan p;
+    plan_ok(&f, old_row, new_row, 2, &p);
+    uint8_t *snap = snapshot(&f);
+    eplb_error err;
+    eplb_error_clear(&err);
+    cr_assert_eq(eplb_backend_scatter(b, 0, &p, &err), EPLB_EPRECONDITION);
+    cr_assert(strstr(err.msg, "without a completed gather"), "%s", err.msg);
+    cr_assert_eq(eplb_backend_gather(b, 0, &p, &err), EPLB_OK, "%s", err.msg);
+    cr_assert_eq(eplb_backend_scatter(b, 1, &p, &err), EPLB_EPRECONDITION);
+    cr_assert(strstr(err.msg, "the layer gathered last is 0"), "%s", err.msg);
+    /* A plan with another staging table is not the one gathered. */
+    const int32_t same[] = {0, 1, 2, 3, 0, 1}, swap[] = {1, 0, 2, 3, 0, 1};
+    eplb_plan q;
+    plan_ok(&f, same, swap, 2, &q);
+    cr_assert_neq(q.num_staging, p.num_staging);
+    cr_assert_eq(eplb_backend_scatter(b, 0, &q, &err), EPLB_EPRECONDITION);
+    cr_assert(strstr(err.msg, "not the same plan"), "%s", err.msg);
+    cr_assert(same_as(&f, snap), "a refused scatter wrote something");
+    cr_assert_eq(eplb_backend_scatter(b, 0, &p, &err), EPLB_OK, "%s", err.msg);
+    check_layer(&f, 0, new_row);
+    /* Gathering layer 1 replaces layer 0's staging. */
+    cr_assert_eq(eplb_backend_gather(b, 1, &p, &err), EPLB_OK, "%s", err.msg);
+    cr_assert_eq(eplb_backend_scatter(b, 0, &p, &err), EPLB_EPRECONDITION);
+    cr_assert_eq(eplb_backend_scatter(b, 1, &p, &err), EPLB_OK, "%s", err.msg);
+    check_layer(&f, 0, new_row);
+    check_layer(&f, 1, new_row);
+    check_sentinels(&f);
+    free(snap);
+    eplb_plan_free(&p);
+    eplb_plan_free(&q);
+    eplb_backend_close(b);
+    fixture_fini(&f);
+}
+
+/* ---------------------------------------------------------------------------
+ * Shrinking buffers: EPLB_EDATALOSS, never SIGBUS
+ * ------------------------------------------------------------------------- */
+
+static void shrink(fixture *f, uint32_t g, off_t size) {
+    int fd = shm_open(f->names[g], O_RDWR, 0);
+    cr_assert(fd >= 0);
+    cr_assert_eq(ftruncate(fd, size), 0);
+    close(fd);
+}
+
+/* The layout's extent on every rank: what "the layout needs" says. */
+static uint64_t layout_needs(fixture *f) {
+    uint64_t need = 0;
+    for (uint32_t l = 0; l < f->L; l++)
+        for (uint32_t t = 0; t < NT; t++) {
+            uint64_t end = f->place[l][t][0].offset + (uint64_t)(f->S - 1) * f->place[l][t][0].stride +
+                           tensor_bytes[t];
+            if (end > need)
+                need = end;
+        }
+    return need;
+}
+
+static void expect_lost(eplb_status st, const eplb_error *err, fixture *f, uint32_t g,
+                        long long now) {
+    char want[512];
+    snprintf(want, sizeof want,
+             "ranks[%u] shm \"%s\" shrank to %lld bytes, the layout needs %llu: its experts are "
+             "lost", g, f->names[g], now, (unsigned long long)layout_needs(f));
+    cr_assert_eq(st, EPLB_EDATALOSS, "%s", err->msg);
+    cr_assert(strstr(err->msg, want), "message \"%s\" lacks \"%s\"", err->msg, want);
+}
+
+Test(shrink, truncated_before_the_move_is_data_loss) {
+    fixture f;
+    fixture_init(&f, 2, 8, 2);
+    const int32_t old_row[] = {0, 1, 2, 3, 4, 5, 6, 7}, new_row[] = {7, 6, 5, 4, 3, 2, 1, 0};
+    fill_layer(&f, 0, old_row);
+    eplb_backend *b = open_cpu(&f);
+    eplb_error err;
+    eplb_error_clear(&err);
+    cr_assert_eq(eplb_backend_check(b, &err), EPLB_OK, "%s", err.msg);
+    /* Shrinking past nothing the layout uses is harmless. */
+    shrink(&f, 0, (off_t)layout_needs(&f));
+    cr_assert_eq(eplb_backend_check(b, &err), EPLB_OK, "%s", err.msg);
+    shrink(&f, 1, 0);
+    expect_lost(eplb_backend_check(b, &err), &err, &f, 1, 0);
+    /* Lost for good: every phase says so, even once the object grew back
+     * (it grows back zeroed). */
+    shrink(&f, 1, (off_t)f.size);
+    eplb_plan p;
+    plan_ok(&f, old_row, new_row, 2, &p);
+    expect_lost(eplb_backend_gather(b, 0, &p, &err), &err, &f, 1, 0);
+    expect_lost(eplb_backend_scatter(b, 0, &p, &err), &err, &f, 1, 0);
+    expect_lost(eplb_backend_check(b, &err), &err, &f, 1, 0);
+    eplb_plan_free(&p);
+    eplb_backend_close(b);
+    fixture_fini(&f);
+}
+
+/* The fault hook shrinks rank `g` right before op `at` of `phase`. */
+typedef struct shrink_hook {
+    fixture *f;
+    eplb_fault_phase phase;
+    int at, seen;
+    uint32_t g;
+} shrink_hook;
+
+static int shrink_at(eplb_fault_phase phase, void *arg) {
+    shrink_hook *h = arg;
+    if (phase == h->phase && ++h->seen == h->at) {
+        int fd = shm_open(h->f->names[h->g], O_RDWR, 0);
+        if (fd < 0 || ftruncate(fd, 0) != 0)
+            abort();
+        close(fd);
+    }
+    return 0;
+}
+
+/* One case: the k-th op of phase runs into a rank truncated to 0. */
+static void shrink_mid_phase(eplb_fault_phase phase, int k) {
+    fixture f;
+    fixture_init(&f, 1, 12, 4);
+    const int32_t old_row[] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 0, 1, 2};
+    const int32_t new_row[] = {3, 4, 5, 0, 1, 2, 8, 6, 7, 1, 2, 0};
+    fill_layer(&f, 0, old_row);
+    eplb_backend *b = open_cpu(&f);
+    eplb_plan p;
+    plan_ok(&f, old_row, new_row, 2, &p);
+    cr_assert(k <= (int)(phase == EPLB_FAULT_GATHER ? p.num_gather : p.num_scatter));
+    /* The rank the k-th op reads or writes. */
+    const eplb_plan_op *op = phase == EPLB_FAULT_GATHER ? &p.gather[k - 1] : &p.scatter[k - 1];
+    shrink_hook h = {&f, phase, k, 0, phase == EPLB_FAULT_GATHER ? op->src_gpu : op->dst_gpu};
+    eplb_backend_set_fault_hook(shrink_at, &h);
+    eplb_error err;
+    eplb_error_clear(&err);
+    eplb_status st = eplb_backend_gather(b, 0, &p, &err);
+    if (phase == EPLB_FAULT_SCATTER) {
+        cr_assert_eq(st, EPLB_OK, "%s", err.msg);
+        st = eplb_backend_scatter(b, 0, &p, &err);
+    }
+    eplb_backend_set_fault_hook(NULL, NULL);
+    expect_lost(st, &err, &f, h.g, 0);
+    char where[64];
+    snprintf(where, sizeof where, "layer 0: %s op %d of",
+             phase == EPLB_FAULT_GATHER ? "gather" : "scatter", k - 1);
+    cr_assert(strstr(err.msg, where), "message \"%s\" lacks \"%s\"", err.msg, where);
+    /* The retry the registry makes fails the same way; the process lives. */
+    expect_lost(eplb_backend_scatter(b, 0, &p, &err), &err, &f, h.g, 0);
+    expect_lost(eplb_backend_check(b, &err), &err, &f, h.g, 0);
+    eplb_plan_free(&p);
+    eplb_backend_close(b);
+    fixture_fini(&f);
+}
+
+Test(shrink, truncated_during_gather_is_data_loss_not_sigbus) {
+    shrink_mid_phase(EPLB_FAULT_GATHER, 1);
+    shrink_mid_phase(EPLB_FAULT_GATHER, 3);
+}
+
+Test(shrink, truncated_during_scatter_is_data_loss_not_sigbus) {
+    shrink_mid_phase(EPLB_FAULT_SCATTER, 1);
+    shrink_mid_phase(EPLB_FAULT_SCATTER, 4);
+}
+
+/* Another thread truncates while a large copy runs: whichever copy it lands
+ * in (or between), the move fails with EPLB_EDATALOSS and the process lives. */
+typedef struct racer {
+    fixture *f;
+    volatile int go;
+} racer;
+
+static int signal_racer(eplb_fault_phase phase, void *arg) {
+    racer *r = arg;
+    if (phase == EPLB_FAULT_SCATTER)
+        __atomic_store_n(&r->go, 1, __ATOMIC_RELEASE);
+    return 0;
+}
+
+static void *race_truncate(void *arg) {
+    racer *r = arg;
+    while (!__atomic_load_n(&r->go, __ATOMIC_ACQUIRE))
+        ;
+    int fd = shm_open(r->f->names[1], O_RDWR, 0);
+    if (fd >= 0) {
+        if (ftruncate(fd, 4096) != 0)
+            abort();
+        close(fd);
+    }
+    return NULL;
+}
+
+Test(shrink, truncated_by_another_thread_during_a_long_copy, .timeout = 120) {
+    tensor_bytes[0] = 16u << 20; /* 16 MiB slices: milliseconds per copy */
+    tensor_bytes[1] = 1u << 20;
+    fixture f;
+    fixture_init(&f, 1, 8, 2);
+    const int32_t old_row[] = {0, 1, 2, 3, 4, 5, 6, 7}, new_row[] = {4, 5, 6, 7, 0, 1, 2, 3};
+    eplb_backend *b = open_cpu(&f);
+    eplb_plan p;
+    plan_ok(&f, old_row, new_row, 2, &p);
+    racer r = {&f, 0};
+    pthread_t th;
+    cr_assert_eq(pthread_create(&th, NULL, race_truncate, &r), 0);
+    eplb_backend_set_fault_hook(signal_racer, &r);
+    eplb_error err;
+    eplb_error_clear(&err);
+    eplb_status st = eplb_backend_gather(b, 0, &p, &err);
+    cr_assert_eq(st, EPLB_OK, "%s", err.msg);
+    st = eplb_backend_scatter(b, 0, &p, &err);
+    pthread_join(th, NULL);
+    eplb_backend_set_fault_hook(NULL, NULL);
+    /* The truncation may land after the last copy: then check finds it. */
+    if (st == EPLB_OK)
+        st = eplb_backend_check(b, &err);
+    cr_log_info("racing truncate: %s", err.msg);
+    cr_assert_eq(st, EPLB_EDATALOSS, "%s", err.msg);
+    cr_assert(strstr(err.msg, "ranks[1]") && strstr(err.msg, "its experts are lost"), "%s",
+              err.msg);
+    cr_assert_eq(eplb_backend_check(b, &err), EPLB_EDATALOSS);
+    eplb_plan_free(&p);
+    eplb_backend_close(b);
+    fixture_fini(&f);
+}
+
+/* Under AddressSanitizer (EPLB_SANITIZE=ON) its own SIGBUS handler would
+ * turn the crash below into a report and exit(1); let SIGBUS be ours. */
+const char *__asan_default_options(void);
+const char *__asan_default_options(void) { return "handle_sigbus=0"; }
+
+/* Outside a copy, a SIGBUS is still a crash: the guard does not hide bugs. */
+Test(shrink, sigbus_outside_a_copy_still_kills, .signal = SIGBUS) {
+    fixture f;
+    fixture_init(&f, 1, 4, 2);
+    eplb_backend *b = open_cpu(&f); /* installs the handler */
+    shrink(&f, 0, 0);
+    volatile uint8_t *p = f.map[0];
+    p[0] = 1; /* our own mapping, past the end now: SIGBUS, default action */
+    eplb_backend_close(b);
+    fixture_fini(&f);
+}
+
+/* A handler installed before ours still gets the SIGBUS it is owed. */
+static void own_sigbus(int sig) {
+    (void)sig;
+    _exit(42);
+}
+
+Test(shrink, sigbus_outside_a_copy_reaches_the_previous_handler, .exit_code = 42) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = own_sigbus;
+    sigemptyset(&sa.sa_mask);
+    cr_assert_eq(sigaction(SIGBUS, &sa, NULL), 0);
+    fixture f;
+    fixture_init(&f, 1, 4, 2);
+    eplb_backend *b = open_cpu(&f);
+    shrink(&f, 0, 0);
+    volatile uint8_t *p = f.map[0];
+    p[0] = 1;
+    eplb_backend_close(b);
+    fixture_fini(&f);
+}
+
+/* ---------------------------------------------------------------------------
+ * Trust: what may be mapped
+ * ------------------------------------------------------------------------- */
+
+static eplb_status open_with(fixture *f, const eplb_shm_policy *policy, eplb_error *err) {
+    eplb_backend *b = (eplb_backend *)1;
+    eplb_error_clear(err);
+    eplb_status st = eplb_backend_open("cpu", &f->desc, policy, f->P, &b, err);
+    if (st == EPLB_OK)
+        eplb_backend_close(b);
+    else
+        cr_assert_null(b);
+    return st;
+}
+
+Test(trust, prefix_of_the_policy) {
+    fixture f;
+    fixture_init(&f, 1, 4, 2);
+    eplb_error err;
+    eplb_shm_policy pol = {"/eplb-test-", NULL, 0};
+    cr_assert_eq(open_with(&f, &pol, &err), EPLB_OK, "%s", err.msg);
+    pol.prefix = "/eplb-prod-";
+    cr_assert_eq(open_with(&f, &pol, &err), EPLB_EPERM);
+    cr_assert(strstr(err.msg, "ranks[0].shm_name") &&
+                  strstr(err.msg, "is not under the allowed prefix \"/eplb-prod-\""),
+              "%s", err.msg);
+    pol.prefix = "";
+    cr_assert_eq(open_with(&f, &pol, &err), EPLB_OK, "%s", err.msg);
+    fixture_fini(&f);
+}
+
+Test(trust, owner_must_be_us_or_allowed) {
+    if (geteuid() != 0)
+        cr_skip_test("needs root to give an shm object to another uid");
+    fixture f;
+    fixture_init(&f, 1, 4, 2);
+    int fd = shm_open(f.names[1], O_RDWR, 0);
+    cr_assert(fd >= 0);
+    cr_assert_eq(fchown(fd, 65534, 65534), 0);
+    close(fd);
+    eplb_error err;
+    cr_assert_eq(open_with(&f, NULL, &err), EPLB_EPERM);
+    char want[128];
+    snprintf(want, sizeof want, "ranks[1].shm_name \"%s\" is owned by uid 65534; allowed: %u "
+             "(this process)", f.names[1], (unsigned)geteuid());
+    cr_assert(strstr(err.msg, want), "message \"%s\" lacks \"%s\"", err.msg, want);
+    const uint32_t uids[] = {1000, 65534};
+    eplb_shm_policy pol = {NULL, uids, 1};
+    cr_assert_eq(open_with(&f, &pol, &err), EPLB_EPERM);
+    cr_assert(strstr(err.msg, "allowed: 0 (this process), 1000"), "%s", err.msg);
+    pol.num_uids = 2;
+    cr_assert_eq(open_with(&f, &pol, &err), EPLB_OK, "%s", err.msg);
+    fixture_fini(&f);
+}
+
+Test(trust, symlinks_and_fifos_are_refused, .timeout = 20) {
+    fixture f;
+    fixture_init(&f, 1, 4, 2);
+    char path[128], link[128], fifo[128], saved[64];
+    snprintf(path, sizeof path, "/dev/shm%s", f.names[0]);
+    snprintf(link, sizeof link, "/dev/shm/eplb-test-%d-link", (int)getpid());
+    snprintf(fifo, sizeof fifo, "/dev/shm/eplb-test-%d-fifo", (int)getpid());
+    unlink(link);
+    unlink(fifo);
+    if (symlink(path, link) != 0 || mkfifo(fifo, 0600) != 0)
+        cr_skip_test("/dev/shm does not take symlinks or FIFOs here");
+    strcpy(saved, f.ranks[0].shm_name);
+    eplb_error err;
+    /* A symlink to an object we could map is refused all the same: it could
+     * as well lead to a semaphore or another engine's weights. */
+    snprintf(f.ranks[0].shm_name, sizeof f.ranks[0].shm_name, "%s", link + 8);
+    cr_assert_eq(open_with(&f, NULL, &err), EPLB_EINVAL);
+    cr_assert(strstr(err.msg, "ranks[0].shm_name") && strstr(err.msg, "symbolic link"), "%s",
+              err.msg);
+    /* A FIFO must neither hang the open (O_NONBLOCK) nor be mapped. */
+    snprintf(f.ranks[0].shm_name, sizeof f.ranks[0].shm_name, "%s", fifo + 8);
+    cr_assert_eq(open_with(&f, NULL, &err), EPLB_EINVAL);
+    cr_assert(strstr(err.msg, "not a regular file"), "%s", err.msg);
+    strcpy(f.ranks[0].shm_name, saved);
+    cr_assert_eq(open_with(&f, NULL, &err), EPLB_OK, "%s", err.msg);
+    unlink(link);
+    unlink(fifo);
     fixture_fini(&f);
 }

@@ -1,13 +1,20 @@
 /* test_weights_rpc.c -- moving expert weights over real gRPC with the CPU
  * backend: this test process owns POSIX shm buffers whose bytes encode
  * (layer, tensor, logical expert) per slot, attaches them, rebalances, and
- * checks every slot's bytes; elastic scale-up; injected copy failures. */
+ * checks every slot's bytes; elastic scale-up; injected copy failures;
+ * buffers truncated under the server (DATA_LOSS, the server stays up); the
+ * trust boundary of AttachWeights (prefix, owner, symlink, FIFO, peer). */
 #include "eplbd_harness.h"
 
+#include <arpa/inet.h>
 #include <fcntl.h>
+#include <ifaddrs.h>
+#include <netinet/in.h>
 #include <sys/mman.h>
 
 #include "eplb/v1/eplb.upb.h"
+#include "eplb_plan.h"
+#include "grpc/health/v1/health.upb.h"
 
 enum { L = 2, N = 12, P = 16, G = 8, T = 3, MAXG = 12 };
 static const uint64_t tensor_bytes[T] = { 4096, 2048, 64 }; /* w13, w2, w13_scale */
@@ -105,15 +112,19 @@ static int call(const char *method, const char *bytes, size_t len, eplb_call_res
     return r->status;
 }
 
-static void start_server(const char *fault) {
+/* eplbd --backend cpu plus up to 6 more arguments (NULL-terminated). */
+static void start_server_with(const char *const *more) {
     memset(&srv, 0, sizeof srv);
     srv.extra[0] = "--backend";
     srv.extra[1] = "cpu";
-    if (fault) {
-        srv.extra[2] = "--fault-inject";
-        srv.extra[3] = fault;
-    }
+    for (int k = 0; more && more[k] && k < 6; k++)
+        srv.extra[2 + k] = more[k];
     eplbd_suite_start(&srv, &client);
+}
+
+static void start_server(const char *fault) {
+    const char *more[] = { fault ? "--fault-inject" : NULL, fault, NULL };
+    start_server_with(more);
 }
 
 static void stop_server(void) {
@@ -180,6 +191,22 @@ static int attach(upb_Arena *a, uint32_t ranks, const char *bad_name, char *msg,
     }
     eplb_call_result_free(&res);
     return st;
+}
+
+/* The current placement message (parsed in the arena). */
+static const eplb_v1_Placement *get_placement(upb_Arena *a) {
+    eplb_v1_GetPlacementRequest *req = eplb_v1_GetPlacementRequest_new(a);
+    eplb_v1_GetPlacementRequest_set_model_id(req, upb_StringView_FromString("m"));
+    size_t len;
+    char *bytes = eplb_v1_GetPlacementRequest_serialize(req, a, &len);
+    eplb_call_result r;
+    cr_assert_eq(call("GetPlacement", bytes, len, &r), 0, "%s", r.message);
+    char *body = upb_Arena_Malloc(a, r.body_len + 1);
+    memcpy(body, r.body, r.body_len);
+    eplb_v1_Placement *p = eplb_v1_Placement_parse(body, r.body_len, a);
+    eplb_call_result_free(&r);
+    cr_assert_not_null(p);
+    return p;
 }
 
 /* The current map (copied into the arena). */
@@ -275,10 +302,22 @@ Test(weights_rpc, rebalance_moves_every_tensor_and_leaves_unneeded_slots_alone, 
         }
     cr_assert_gt(canaries, 0, "the example should keep some experts in place");
 
+    /* bytes_moved counts what was written into live slots: one expert (all
+     * tensors) per scatter op of each layer's plan; staging is not counted. */
+    uint64_t want_bytes = 0;
+    for (int l = 0; l < L; l++) {
+        eplb_plan plan;
+        eplb_error perr;
+        cr_assert_eq(eplb_plan_build(P, G, G / 2, old + l * P, next + l * P, 0, G, &plan, &perr), EPLB_OK, "%s",
+                     perr.msg);
+        cr_assert_gt(plan.num_gather, 0, "the example should stage something");
+        want_bytes += (uint64_t)plan.num_scatter * (4096 + 2048 + 64);
+        eplb_plan_free(&plan);
+    }
     eplb_v1_RebalanceResponse *resp;
     cr_assert_eq(rebalance(a, P, 0, &resp, NULL, 0), 0);
     cr_assert(eplb_v1_RebalanceResponse_committed(resp));
-    cr_assert_gt(eplb_v1_RebalanceResponse_bytes_moved(resp), 0);
+    cr_assert_eq(eplb_v1_RebalanceResponse_bytes_moved(resp), want_bytes);
     const int32_t *now = eplb_v1_Placement_physical_to_logical(eplb_v1_RebalanceResponse_placement(resp), &n);
     cr_assert_arr_eq(now, next, n * sizeof *now, "deterministic: the dry run and the commit agree");
     for (int l = 0; l < L; l++)
@@ -370,4 +409,247 @@ Test(weights_rpc, gather_failure_leaves_bytes_and_map_consistent, .timeout = 300
 
 Test(weights_rpc, scatter_failure_is_retried_from_staging, .timeout = 300) {
     fault_case("scatter:2", 0, NULL);
+}
+
+/* ---- buffers that shrink under the server ------------------------------------ */
+
+static void truncate_rank(uint32_t r, off_t size) {
+    int fd = shm_open(buf.names[r], O_RDWR, 0);
+    cr_assert_geq(fd, 0);
+    cr_assert_eq(ftruncate(fd, size), 0);
+    close(fd);
+}
+
+static int health_status(upb_Arena *a) {
+    grpc_health_v1_HealthCheckRequest *req = grpc_health_v1_HealthCheckRequest_new(a);
+    size_t len;
+    char *bytes = grpc_health_v1_HealthCheckRequest_serialize(req, a, &len);
+    eplb_call_result r;
+    cr_assert_eq(eplb_client_call(client, "/grpc.health.v1.Health/Check", bytes, len, call_timeout_ms(), &r), 0);
+    cr_assert_eq(r.status, 0, "%s", r.message);
+    grpc_health_v1_HealthCheckResponse *resp = grpc_health_v1_HealthCheckResponse_parse(r.body, r.body_len, a);
+    int st = resp ? grpc_health_v1_HealthCheckResponse_status(resp) : -1;
+    eplb_call_result_free(&r);
+    return st;
+}
+
+/* `truncate -s0` of two ranks' objects, then Rebalance: the server used to
+ * die of SIGBUS.  Now the move fails with DATA_LOSS naming the rank, the
+ * model needs a reload, and the server keeps serving. */
+Test(weights_rpc, shrunk_buffers_are_data_loss_and_the_server_stays_up, .timeout = 300) {
+    start_server(NULL);
+    upb_Arena *a = upb_Arena_New();
+    uint64_t epoch0;
+    uint32_t slots;
+    setup_model(a);
+    get_map(a, &epoch0, &slots, NULL);
+    truncate_rank(1, 0);
+    truncate_rank(2, 0);
+    char msg[512], want[160];
+    cr_assert_eq(rebalance(a, P, 0, NULL, msg, sizeof msg), 15 /* DATA_LOSS */, "%s", msg);
+    snprintf(want, sizeof want, "ranks[1] shm \"%s\" shrank to 0 bytes, the layout needs", buf.names[1]);
+    cr_assert_not_null(strstr(msg, want), "%s", msg);
+    cr_assert_not_null(strstr(msg, "its experts are lost"), "%s", msg);
+
+    cr_assert_eq(health_status(a), grpc_health_v1_HealthCheckResponse_SERVING);
+    const eplb_v1_Placement *p = get_placement(a);
+    cr_assert(eplb_v1_Placement_needs_weight_reload(p));
+    cr_assert_eq(eplb_v1_Placement_state(p), eplb_v1_MOVE_STATE_NEEDS_RELOAD);
+    upb_StringView reason = eplb_v1_Placement_state_reason(p);
+    char why[512];
+    snprintf(why, sizeof why, "%.*s", (int)reason.size, reason.size ? reason.data : "");
+    cr_assert_not_null(strstr(why, "shrank to 0 bytes"), "state_reason: %s", why);
+    cr_assert_eq(eplb_v1_Placement_epoch(p), epoch0, "nothing was committed");
+    /* The model refuses to move until it is reloaded; the server lives on. */
+    cr_assert_neq(rebalance(a, P, 0, NULL, msg, sizeof msg), 0);
+    cr_assert_eq(health_status(a), grpc_health_v1_HealthCheckResponse_SERVING);
+    upb_Arena_Free(a);
+    stop_server(); /* asserts a clean exit at SIGTERM */
+}
+
+/* ---- the trust boundary of AttachWeights --------------------------------------- */
+
+/* Create (or recreate) a shm object of buf.size bytes under `name`. */
+static void make_object(const char *name) {
+    shm_unlink(name);
+    int fd = shm_open(name, O_RDWR | O_CREAT | O_EXCL, 0600);
+    cr_assert_geq(fd, 0, "shm_open %s", name);
+    cr_assert_eq(ftruncate(fd, (off_t)buf.size), 0);
+    close(fd);
+}
+
+Test(weights_rpc, shm_names_outside_the_prefix_are_refused, .timeout = 300) {
+    start_server(NULL);
+    upb_Arena *a = upb_Arena_New();
+    register_model(a);
+    buffers_create(G, P / G);
+    char name[64], msg[512], want[160];
+    /* What the old server happily mapped read-write: any object it could
+     * open, e.g. a POSIX semaphore of another process. */
+    snprintf(name, sizeof name, "/sem.eplbtest-%d", (int)getpid());
+    make_object(name);
+    cr_assert_eq(attach(a, G, name, msg, sizeof msg), 7 /* PERMISSION_DENIED */, "%s", msg);
+    snprintf(want, sizeof want, "ranks[0].shm_name \"%s\" is not under the allowed prefix \"/eplb-\"", name);
+    cr_assert_not_null(strstr(msg, want), "%s", msg);
+    cr_assert_not_null(strstr(msg, "--shm-prefix"), "%s", msg);
+    shm_unlink(name);
+    /* Malformed names are INVALID_ARGUMENT; an empty one (an absent proto
+     * string: a NULL pointer) must not reach memcpy (UBSan builds abort). */
+    cr_assert_eq(attach(a, G, "", msg, sizeof msg), 3, "%s", msg);
+    cr_assert_not_null(strstr(msg, "ranks[0].shm_name"), "%s", msg);
+    cr_assert_eq(attach(a, G, "eplb-no-slash", msg, sizeof msg), 3, "%s", msg);
+    cr_assert_eq(attach(a, G, NULL, msg, sizeof msg), 0, "%s", msg);
+    upb_Arena_Free(a);
+    stop_server();
+
+    /* --shm-prefix moves the boundary. */
+    const char *more[] = { "--shm-prefix", "/eplb-test-", NULL };
+    start_server_with(more);
+    a = upb_Arena_New();
+    register_model(a);
+    buffers_create(G, P / G);
+    snprintf(name, sizeof name, "/eplb-other-%d", (int)getpid());
+    make_object(name);
+    cr_assert_eq(attach(a, G, name, msg, sizeof msg), 7, "%s", msg);
+    cr_assert_not_null(strstr(msg, "allowed prefix \"/eplb-test-\""), "%s", msg);
+    shm_unlink(name);
+    cr_assert_eq(attach(a, G, NULL, msg, sizeof msg), 0, "%s", msg);
+    upb_Arena_Free(a);
+    stop_server();
+}
+
+Test(weights_rpc, shm_objects_of_other_owners_are_refused, .timeout = 300) {
+    if (geteuid() != 0)
+        cr_skip_test("needs root to give an shm object to another uid");
+    start_server(NULL);
+    upb_Arena *a = upb_Arena_New();
+    register_model(a);
+    buffers_create(G, P / G);
+    int fd = shm_open(buf.names[3], O_RDWR, 0);
+    cr_assert_geq(fd, 0);
+    cr_assert_eq(fchown(fd, 65534, 65534), 0);
+    close(fd);
+    char msg[512], want[160];
+    cr_assert_eq(attach(a, G, NULL, msg, sizeof msg), 7 /* PERMISSION_DENIED */, "%s", msg);
+    snprintf(want, sizeof want, "ranks[3].shm_name \"%s\" is owned by uid 65534; allowed: 0 (this process)",
+             buf.names[3]);
+    cr_assert_not_null(strstr(msg, want), "%s", msg);
+    upb_Arena_Free(a);
+    eplbd_suite_stop(&srv, client); /* keep the buffers */
+
+    const char *more[] = { "--shm-allow-uid", "65534", NULL };
+    start_server_with(more);
+    a = upb_Arena_New();
+    register_model(a);
+    cr_assert_eq(attach(a, G, NULL, msg, sizeof msg), 0, "%s", msg);
+    upb_Arena_Free(a);
+    stop_server();
+}
+
+Test(weights_rpc, symlinks_and_fifos_are_refused, .timeout = 300) {
+    start_server(NULL);
+    upb_Arena *a = upb_Arena_New();
+    register_model(a);
+    buffers_create(G, P / G);
+    char target[128], link[128], fifo[128], msg[512];
+    snprintf(target, sizeof target, "/dev/shm%s", buf.names[0]);
+    snprintf(link, sizeof link, "/dev/shm/eplb-test-%d-link", (int)getpid());
+    snprintf(fifo, sizeof fifo, "/dev/shm/eplb-test-%d-fifo", (int)getpid());
+    unlink(link);
+    unlink(fifo);
+    if (symlink(target, link) != 0 || mkfifo(fifo, 0600) != 0)
+        cr_skip_test("/dev/shm takes no symlinks or FIFOs here");
+    cr_assert_eq(attach(a, G, link + 8, msg, sizeof msg), 3, "%s", msg);
+    cr_assert_not_null(strstr(msg, "symbolic link"), "%s", msg);
+    /* A FIFO used to hang the worker in open(2), forever. */
+    cr_assert_eq(attach(a, G, fifo + 8, msg, sizeof msg), 3, "%s", msg);
+    cr_assert_not_null(strstr(msg, "not a regular file"), "%s", msg);
+    unlink(link);
+    unlink(fifo);
+    upb_Arena_Free(a);
+    stop_server();
+}
+
+/* An address of this host in family af that is neither loopback nor
+ * link-local, as a --listen host ("" when none): "192.0.2.2", "[fd00::2]". */
+static void outside_address(int af, char *out, size_t n) {
+    out[0] = '\0';
+    struct ifaddrs *ifs = NULL;
+    if (getifaddrs(&ifs) != 0)
+        return;
+    for (struct ifaddrs *i = ifs; i && !out[0]; i = i->ifa_next) {
+        if (!i->ifa_addr || i->ifa_addr->sa_family != af)
+            continue;
+        char host[INET6_ADDRSTRLEN];
+        if (af == AF_INET) {
+            const struct sockaddr_in *sin = (const struct sockaddr_in *)i->ifa_addr;
+            if ((ntohl(sin->sin_addr.s_addr) >> 24) != 127 && inet_ntop(AF_INET, &sin->sin_addr, host, sizeof host))
+                snprintf(out, n, "%s", host);
+        } else {
+            const struct sockaddr_in6 *sin6 = (const struct sockaddr_in6 *)i->ifa_addr;
+            if (!IN6_IS_ADDR_LOOPBACK(&sin6->sin6_addr) && !IN6_IS_ADDR_LINKLOCAL(&sin6->sin6_addr) &&
+                !IN6_IS_ADDR_V4MAPPED(&sin6->sin6_addr) && inet_ntop(AF_INET6, &sin6->sin6_addr, host, sizeof host))
+                snprintf(out, n, "[%s]", host);
+        }
+    }
+    freeifaddrs(ifs);
+}
+
+/* Start a server listening on `listen` (plus `flag` when not NULL), register,
+ * attach buf, stop the server; the attach's status (msg: its message). */
+static int attach_via(const char *listen, const char *flag, char *msg, size_t n) {
+    eplbd_proc p;
+    memset(&p, 0, sizeof p);
+    eplbd_tmpdir(&p);
+    p.extra[0] = "--backend";
+    p.extra[1] = "cpu";
+    p.extra[2] = "--listen"; /* the last --listen wins */
+    p.extra[3] = listen;
+    p.extra[4] = flag;
+    eplbd_start(&p);
+    srv = p;
+    client = eplb_client_open(p.addr);
+    cr_assert_not_null(client);
+    upb_Arena *a = upb_Arena_New();
+    register_model(a);
+    int st = attach(a, G, NULL, msg, n);
+    upb_Arena_Free(a);
+    eplbd_suite_stop(&srv, client);
+    return st;
+}
+
+Test(weights_rpc, attachments_only_from_this_host, .timeout = 300) {
+    char v4[64], v6[80], listen[128], msg[512];
+    buffers_create(G, P / G);
+    outside_address(AF_INET, v4, sizeof v4);
+    outside_address(AF_INET6, v6, sizeof v6);
+    if (!v4[0] && !v6[0])
+        cr_skip_test("this host has no address other than loopback");
+    /* Reached through a non-loopback address, the server sees a remote
+     * peer: refused, unless --allow-remote-weights. */
+    const char *outside[2] = { v4, v6 };
+    for (int k = 0; k < 2; k++) {
+        if (!outside[k][0])
+            continue;
+        snprintf(listen, sizeof listen, "%s:0", outside[k]);
+        cr_assert_eq(attach_via(listen, NULL, msg, sizeof msg), 7 /* PERMISSION_DENIED */, "%s: %s",
+                     listen, msg);
+        cr_assert_not_null(strstr(msg, "unix socket or from a loopback address"), "%s", msg);
+        cr_assert_not_null(strstr(msg, "--allow-remote-weights"), "%s", msg);
+        char host[80];
+        snprintf(host, sizeof host, "%s", outside[k] + (outside[k][0] == '['));
+        host[strcspn(host, "]")] = '\0';
+        cr_assert_not_null(strstr(msg, host), "the message names the peer: %s", msg);
+        cr_assert_eq(attach_via(listen, "--allow-remote-weights", msg, sizeof msg), 0, "%s: %s", listen,
+                     msg);
+    }
+    /* Loopback, v6 too (gRPC writes it "ipv6:%5B::1%5D:port"), and a unix
+     * socket are this host. */
+    if (v6[0])
+        cr_assert_eq(attach_via("[::1]:0", NULL, msg, sizeof msg), 0, "[::1]: %s", msg);
+    char sock[128];
+    snprintf(sock, sizeof sock, "unix:/tmp/eplbd-weights-%d.sock", (int)getpid());
+    cr_assert_eq(attach_via(sock, NULL, msg, sizeof msg), 0, "%s: %s", sock, msg);
+    unlink(sock + 5);
+    buffers_destroy();
 }
