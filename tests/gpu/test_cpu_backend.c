@@ -842,6 +842,8 @@ Test(shrink, sigbus_outside_a_copy_still_kills, .signal = SIGBUS) {
     fixture_init(&f, 1, 4, 2);
     eplb_backend *b = open_cpu(&f); /* installs the handler */
     shrink(&f, 0, 0);
+    for (uint32_t g = 0; g < f.G; g++)
+        shm_unlink(f.names[g]); /* this process dies below: leave nothing behind */
     volatile uint8_t *p = f.map[0];
     p[0] = 1; /* our own mapping, past the end now: SIGBUS, default action */
     eplb_backend_close(b);
@@ -864,6 +866,8 @@ Test(shrink, sigbus_outside_a_copy_reaches_the_previous_handler, .exit_code = 42
     fixture_init(&f, 1, 4, 2);
     eplb_backend *b = open_cpu(&f);
     shrink(&f, 0, 0);
+    for (uint32_t g = 0; g < f.G; g++)
+        shm_unlink(f.names[g]);
     volatile uint8_t *p = f.map[0];
     p[0] = 1;
     eplb_backend_close(b);
