@@ -253,8 +253,10 @@ class PythonClientTest(unittest.TestCase):
         from multiprocessing import shared_memory
         self.register_readme()
         slot_bytes, slots_per_rank, ranks = 256, 2, 8
-        shms = [shared_memory.SharedMemory(create=True, size=2 * slots_per_rank * slot_bytes)
-                for _ in range(ranks)]
+        # Named under eplbd's --shm-prefix (default /eplb-): anything else is refused.
+        shms = [shared_memory.SharedMemory(name="eplb-py-%d-%d" % (os.getpid(), r), create=True,
+                                           size=2 * slots_per_rank * slot_bytes)
+                for r in range(ranks)]
         try:
             def slot_view(layer, slot):
                 r, i = divmod(slot, slots_per_rank)
