@@ -463,6 +463,23 @@ Test(weights_rpc, shrunk_buffers_are_data_loss_and_the_server_stays_up, .timeout
     /* The model refuses to move until it is reloaded; the server lives on. */
     cr_assert_neq(rebalance(a, P, 0, NULL, msg, sizeof msg), 0);
     cr_assert_eq(health_status(a), grpc_health_v1_HealthCheckResponse_SERVING);
+
+    /* NEEDS_RELOAD was stored before the error was answered: a restart
+     * serves it (the old map no longer describes the bytes). */
+    eplb_client_close(client);
+    cr_assert_eq(eplbd_stop(&srv), 0);
+    eplbd_start(&srv);
+    client = eplb_client_open(srv.addr);
+    cr_assert_not_null(client);
+    p = get_placement(a);
+    cr_assert_eq(eplb_v1_Placement_state(p), eplb_v1_MOVE_STATE_NEEDS_RELOAD);
+    reason = eplb_v1_Placement_state_reason(p);
+    snprintf(why, sizeof why, "%.*s", (int)reason.size, reason.size ? reason.data : "");
+    cr_assert_not_null(strstr(why, "shrank to 0 bytes"), "state_reason after restart: %s", why);
+    cr_assert_neq(rebalance(a, P, 0, NULL, msg, sizeof msg), 0);
+    /* The engine reloaded its weights: registering again clears it. */
+    register_model(a);
+    cr_assert_eq(eplb_v1_Placement_state(get_placement(a)), eplb_v1_MOVE_STATE_IDLE);
     upb_Arena_Free(a);
     stop_server(); /* asserts a clean exit at SIGTERM */
 }
