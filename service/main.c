@@ -1,13 +1,18 @@
 /* main.c -- eplbd: flags, signals, and wiring of store, registry and server.
  *
  * SIGTERM/SIGINT are blocked in every thread and taken by sigwait() here,
- * so shutdown runs on the main thread, in order: drain the server (in-flight
- * calls finish), then close the registry and the database. */
+ * so shutdown runs on the main thread, in order: drain the server (every
+ * accepted call finishes, up to --drain-ms; rpc_server_stop returns only
+ * once no handler runs), then save the load windows and close the registry
+ * and the database.  Those last steps run on every exit path after the
+ * store opened. */
 #include <errno.h>
 #include <getopt.h>
 #include <grpc/grpc.h>
 #include <malloc.h>
 #include <signal.h>
+#include <stdbool.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -32,6 +37,14 @@ typedef struct options {
     int max_message_bytes;
     int drain_ms;
     eplb_limits limits;
+    /* AttachWeights trust boundary (rpc_context) */
+    const char *shm_prefix;
+    uint32_t shm_uids[RPC_MAX_SHM_UIDS];
+    size_t num_shm_uids;
+    bool allow_remote_weights;
+    /* tests only: --test-handler-delay-ms METHOD:MS */
+    char delay_method[64];
+    int delay_ms;
 } options;
 
 static void usage(FILE *f) {
@@ -46,10 +59,17 @@ static void usage(FILE *f) {
             "  --max-experts N        largest num_physical_experts accepted (default 8192)\n"
             "  --max-ep-size N        largest ep_size accepted (default 4096)\n"
             "  --max-window-mib N     largest load window of one model, in MiB (default 256)\n"
+            "  --max-models N         most registered models, main and speculators (default 64)\n"
+            "  --max-state-mib N      all models' placements and full load windows, in MiB (default 1024)\n"
             "  --drain-ms N           how long in-flight calls may finish at shutdown (default 10000)\n"
             "  --log-level LEVEL      debug, info, warn or error (default info)\n"
             "  --ready-file PATH      write the bound address there once serving\n"
             "  --backend NAME         how attached weights move: auto (hip when a GPU is there), cpu, hip\n"
+            "  --shm-prefix P         AttachWeights shm objects must be named P... (default /eplb-;\n"
+            "                         starts with '/', no other '/')\n"
+            "  --shm-allow-uid UID    also accept shm objects owned by UID (repeatable, up to 16;\n"
+            "                         the server's own uid always)\n"
+            "  --allow-remote-weights accept AttachWeights from non-loopback TCP peers too\n"
             "  --version, --help\n");
 }
 
@@ -67,7 +87,8 @@ static int parse_int(const char *flag, const char *s, long lo, long hi, int *out
 
 static int parse_options(int argc, char **argv, options *o) {
     enum { O_LISTEN = 256, O_DATA, O_DB, O_WORKERS, O_MAXMSG, O_MAXL, O_MAXE, O_MAXEP, O_MAXWIN, O_DRAIN,
-           O_LOG, O_READY, O_BACKEND, O_FAULT, O_VERSION, O_HELP };
+           O_LOG, O_READY, O_BACKEND, O_FAULT, O_VERSION, O_HELP, O_MAXMODELS, O_MAXSTATE, O_SHMPREFIX,
+           O_SHMUID, O_REMOTEW, O_DELAY };
     static const struct option longopts[] = {
         { "listen", required_argument, NULL, O_LISTEN },
         { "data-dir", required_argument, NULL, O_DATA },
@@ -82,7 +103,13 @@ static int parse_options(int argc, char **argv, options *o) {
         { "log-level", required_argument, NULL, O_LOG },
         { "ready-file", required_argument, NULL, O_READY },
         { "backend", required_argument, NULL, O_BACKEND },
+        { "max-models", required_argument, NULL, O_MAXMODELS },
+        { "max-state-mib", required_argument, NULL, O_MAXSTATE },
+        { "shm-prefix", required_argument, NULL, O_SHMPREFIX },
+        { "shm-allow-uid", required_argument, NULL, O_SHMUID },
+        { "allow-remote-weights", no_argument, NULL, O_REMOTEW },
         { "fault-inject", required_argument, NULL, O_FAULT },
+        { "test-handler-delay-ms", required_argument, NULL, O_DELAY },
         { "version", no_argument, NULL, O_VERSION },
         { "help", no_argument, NULL, O_HELP },
         { NULL, 0, NULL, 0 },
@@ -90,7 +117,8 @@ static int parse_options(int argc, char **argv, options *o) {
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
     *o = (options){ .listen = "127.0.0.1:50051", .data_dir = "eplbd-data",
                     .workers = ncpu > 2 ? (int)ncpu : 2, .max_message_bytes = 64 << 20,
-                    .drain_ms = 10000, .limits = EPLB_LIMITS_DEFAULT, .backend = "auto" };
+                    .drain_ms = 10000, .limits = EPLB_LIMITS_DEFAULT, .backend = "auto",
+                    .shm_prefix = "/eplb-" };
     int c, v;
     while ((c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
         switch (c) {
@@ -113,6 +141,50 @@ static int parse_options(int argc, char **argv, options *o) {
             eplb_backend_set_fault(phase, n);
             break;
         }
+        case O_DELAY: {
+            /* Tests only (not in --help): sleep MS before every handler of
+             * METHOD (its log name: "Rebalance", "RegisterModel", ...), on
+             * the thread that runs it, to make calls that are slow for a
+             * known time: drain and head-of-line tests. */
+            const char *colon = strrchr(optarg, ':');
+            size_t n = colon ? (size_t)(colon - optarg) : 0;
+            if (colon && n < sizeof o->delay_method) {
+                memcpy(o->delay_method, optarg, n);
+                o->delay_method[n] = '\0';
+            }
+            if (!colon || n >= sizeof o->delay_method || !rpc_server_method_known(o->delay_method) ||
+                parse_int("--test-handler-delay-ms", colon + 1, 0, 3600000, &o->delay_ms) != 0) {
+                fprintf(stderr, "eplbd: --test-handler-delay-ms wants METHOD:MS, e.g. Rebalance:2000\n");
+                return -1;
+            }
+            break;
+        }
+        case O_SHMPREFIX:
+            if (optarg[0] != '/' || strchr(optarg + 1, '/') || strlen(optarg) > 200) {
+                fprintf(stderr, "eplbd: --shm-prefix wants a name that starts with '/' and has no other '/'"
+                                " (at most 200 characters), got '%s'\n", optarg);
+                return -1;
+            }
+            o->shm_prefix = optarg;
+            break;
+        case O_SHMUID: {
+            char *end;
+            errno = 0;
+            unsigned long uid = strtoul(optarg, &end, 10);
+            if (errno || *end || end == optarg || optarg[0] == '-' || uid >= UINT32_MAX) {
+                fprintf(stderr, "eplbd: --shm-allow-uid wants a numeric uid, got '%s'\n", optarg);
+                return -1;
+            }
+            if (o->num_shm_uids == RPC_MAX_SHM_UIDS) {
+                fprintf(stderr, "eplbd: --shm-allow-uid given more than %d times\n", RPC_MAX_SHM_UIDS);
+                return -1;
+            }
+            o->shm_uids[o->num_shm_uids++] = (uint32_t)uid;
+            break;
+        }
+        case O_REMOTEW: o->allow_remote_weights = true; break;
+        case O_MAXMODELS: if (parse_int("--max-models", optarg, 1, 1 << 20, &v)) return -1; o->limits.max_models = (uint32_t)v; break;
+        case O_MAXSTATE: if (parse_int("--max-state-mib", optarg, 1, 1 << 24, &v)) return -1; o->limits.max_state_bytes = (uint64_t)v << 20; break;
         case O_BACKEND:
             if (strcmp(optarg, "auto") && strcmp(optarg, "cpu") && strcmp(optarg, "hip")) {
                 fprintf(stderr, "eplbd: --backend wants auto, cpu or hip, got '%s'\n", optarg);
@@ -143,19 +215,25 @@ static int parse_options(int argc, char **argv, options *o) {
         fprintf(stderr, "eplbd: unexpected argument '%s'\n", argv[optind]);
         return -1;
     }
+    /* No response may be larger than what gRPC will send. */
+    o->limits.max_response_bytes = (uint64_t)o->max_message_bytes;
     return 0;
 }
 
-/* Write the address atomically (rename) so a reader never sees half. */
-static int write_ready_file(const char *path, const char *listen, int port) {
-    char tmp[4096], addr[512];
+/* The address actually served: host:port with the bound port (":0" ->
+ * the real one), or the unix socket as given. */
+static void bound_address(const char *listen, int port, char *addr, size_t n) {
     if (port > 0) {
-        /* Replace the port of host:port with the one bound (":0" -> real). */
         const char *colon = strrchr(listen, ':');
-        snprintf(addr, sizeof addr, "%.*s:%d", colon ? (int)(colon - listen) : (int)strlen(listen), listen, port);
+        snprintf(addr, n, "%.*s:%d", colon ? (int)(colon - listen) : (int)strlen(listen), listen, port);
     } else {
-        snprintf(addr, sizeof addr, "%s", listen);
+        snprintf(addr, n, "%s", listen);
     }
+}
+
+/* Write the address atomically (rename) so a reader never sees half. */
+static int write_ready_file(const char *path, const char *addr) {
+    char tmp[4096];
     snprintf(tmp, sizeof tmp, "%s.tmp", path);
     FILE *f = fopen(tmp, "w");
     if (!f || fprintf(f, "%s\n", addr) < 0 || fclose(f) != 0 || rename(tmp, path) != 0) {
@@ -208,10 +286,15 @@ int main(int argc, char **argv) {
     }
 
     grpc_init();
-    rpc_context ctx = { .registry = registry, .limits = o.limits, .default_backend = o.backend };
+    rpc_context ctx = { .registry = registry, .limits = o.limits, .default_backend = o.backend,
+                        .shm_prefix = o.shm_prefix, .num_shm_uids = o.num_shm_uids,
+                        .allow_remote_weights = o.allow_remote_weights };
+    memcpy(ctx.shm_uids, o.shm_uids, sizeof ctx.shm_uids);
     atomic_init(&ctx.serving, true);
     rpc_server_config cfg = { .listen = o.listen, .workers = o.workers,
-                              .max_message_bytes = o.max_message_bytes };
+                              .max_message_bytes = o.max_message_bytes,
+                              .test_delay_method = o.delay_method[0] ? o.delay_method : NULL,
+                              .test_delay_ms = o.delay_ms };
     rpc_server *server = NULL;
     int port = 0;
     if (rpc_server_start(&cfg, &ctx, &server, &port, &err) != EPLB_OK) {
@@ -221,20 +304,25 @@ int main(int argc, char **argv) {
         grpc_shutdown();
         return 1;
     }
-    char why[256] = "";
+    char addr[512], why[256] = "";
+    bound_address(o.listen, port, addr, sizeof addr);
     const char *backend = strcmp(o.backend, "auto") == 0 ? eplb_backend_auto_name(why, sizeof why) : o.backend;
-    rpc_log(RPC_LOG_INFO, "eplbd %s serving on %s (port %d), database %s, %zu model(s), %d workers, "
-            "weight backend %s%s%s", EPLBD_VERSION, o.listen, port, db_path, eplb_registry_count(registry),
+    rpc_log(RPC_LOG_INFO, "eplbd %s listening on %s, database %s, %zu model(s), %d workers, "
+            "weight backend %s%s%s", EPLBD_VERSION, addr, db_path, eplb_registry_count(registry),
             o.workers, backend, why[0] ? ": " : "", why);
+    if (cfg.test_delay_method)
+        rpc_log(RPC_LOG_WARN, "test hook: every %s handler sleeps %d ms first", cfg.test_delay_method,
+                cfg.test_delay_ms);
     int rc = 0;
-    if (o.ready_file && write_ready_file(o.ready_file, o.listen, port) != 0)
+    if (o.ready_file && write_ready_file(o.ready_file, addr) != 0)
         rc = 1;
 
     int sig = 0;
     if (rc == 0)
         sigwait(&stop_signals, &sig);
-    rpc_log(RPC_LOG_INFO, "signal %d: draining (up to %d ms)", sig, o.drain_ms);
-    rpc_server_stop(server, o.drain_ms);
+    if (sig)
+        rpc_log(RPC_LOG_INFO, "signal %d (%s): stopping", sig, strsignal(sig));
+    rpc_server_stop(server, o.drain_ms); /* returns once no handler runs */
     /* Load recorded since the last commit is kept across a clean stop. */
     if (eplb_registry_flush(registry, &err) != EPLB_OK) {
         rpc_log(RPC_LOG_ERROR, "saving load windows: %s", err.msg);

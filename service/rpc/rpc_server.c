@@ -1,10 +1,61 @@
-/* rpc_server.c -- completion-queue server loop and call state machine.
+/* rpc_server.c -- completion-queue server loop, worker pool and call state
+ * machine.
  *
- * Every event carries a tag: either a call (rpc_call, whose state says which
- * batch completed) or the server's shutdown tag.  A worker that gets a call
- * event advances that call by one step; handlers run on the worker thread,
- * so up to `workers` calls are handled at once.  Each accepted call posts
- * one replacement request_call, so the number of waiting slots is constant. */
+ * Why it is built this way:
+ *  - A handler may run for seconds (a Rebalance of a large model, a weight
+ *    move, a RegisterModel that writes a big placement).  If handlers ran on
+ *    the threads that pump the completion queue, a few long calls would hold
+ *    every CQ thread: Health probes and GetPlacement would wait behind them,
+ *    and accepted calls would not get their replacement request_call slot,
+ *    so new calls would sit unmatched in gRPC (where shutdown cancels them).
+ *    So the CQ threads (RPC_CQ_THREADS) only advance call state machines,
+ *    re-post request_call slots at once, and run the fast methods inline
+ *    (Health/Check, GetPlacement: they never wait on an operation); every
+ *    other handler runs on a pool of `workers` threads fed by a FIFO queue.
+ *  - Every rpc_call object (a posted slot or an accepted call) is counted
+ *    while it exists.  The completion queue is shut down only after the
+ *    server's shutdown tag arrived AND the count is zero, so no batch is
+ *    ever started on a shut-down queue (gRPC asserts on that), whatever the
+ *    order in which handlers finish.
+ *
+ * Call state machine (each arrow is one completion-queue event or one
+ * hand-off; `live` counts the object from allocation to free):
+ *
+ *            call_request (start, or a CQ thread on every accept)
+ *                 |
+ *                 v
+ *            REQUESTED ---- fails (server shutting down) ----------> freed
+ *                 | accepted: post a replacement slot first, then
+ *                 | batch SEND_INITIAL_METADATA + RECV_MESSAGE
+ *                 v
+ *            RECEIVING
+ *                 | message in (or the call died: reply CANCELLED)
+ *                 +---- fast method / error reply: inline on the CQ thread
+ *                 |                                     |
+ *                 v                                     |
+ *             QUEUED (work queue, FIFO)                 |
+ *                 | a pool worker pops it               |
+ *                 v                                     v
+ *             HANDLING: handler runs (or, after the drain time, no
+ *                 |     handler: CANCELLED), reply built
+ *                 | batch [SEND_MESSAGE] + SEND_STATUS + RECV_CLOSE
+ *                 v
+ *             SENDING
+ *                 | batch done: one log line
+ *                 v
+ *               freed  (live - 1; the last one wakes the stopping thread)
+ *
+ * Shutdown (rpc_server_stop): set shutting_down (no new slot is posted),
+ * health NOT_SERVING, grpc_server_shutdown_and_notify (listeners close:
+ * new connections are refused; posted slots fail; connections get GOAWAY,
+ * their accepted calls go on).  Wait, up to drain_ms, until the shutdown
+ * tag arrived and live == 0: every accepted call, queued or running, ran
+ * to completion.  If the time runs out: set cancelling (queued calls are
+ * answered CANCELLED without running), grpc_server_cancel_all_calls, and
+ * wait, without a limit, for live == 0: handlers are bounded, and a handler
+ * still running is waited for, so nothing uses the registry once stop
+ * returns.  Then the CQ is shut down, the CQ threads and the workers are
+ * joined, and the server and queue destroyed. */
 #include "rpc_server.h"
 
 #include <grpc/byte_buffer.h>
@@ -12,6 +63,7 @@
 #include <grpc/grpc.h>
 #include <grpc/grpc_security.h>
 #include <grpc/slice.h>
+#include <grpc/support/alloc.h>
 #include <grpc/support/time.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -22,27 +74,52 @@
 
 #include "rpc_log.h"
 
+/* ThreadSanitizer sees no ordering through libgrpc (built without it, and
+ * its locks are absl's, not pthread's), so each hand-off of a call through
+ * the completion queue is declared: release before a batch or request_call
+ * is started with the call as tag, acquire when its event comes out.  No
+ * code at all in a normal build. */
+#if defined(__SANITIZE_THREAD__)
+#include <sanitizer/tsan_interface.h>
+#define TSAN_RELEASE(p) __tsan_release(p)
+#define TSAN_ACQUIRE(p) __tsan_acquire(p)
+#else
+#define TSAN_RELEASE(p) ((void)(p))
+#define TSAN_ACQUIRE(p) ((void)(p))
+#endif
+
+/* Threads in grpc_completion_queue_next.  They never block on a handler
+ * of the pool, so two are plenty; two keep one slow inline GetPlacement
+ * (a large placement to encode) from holding up the other events. */
+#define RPC_CQ_THREADS 2
+/* request_call slots kept posted: 2 per worker plus a margin, so a burst of
+ * calls arriving together is matched at once (each accept re-posts one). */
+#define RPC_SLOTS_MARGIN 32
+
 typedef struct rpc_method {
     const char *path;      /* ":path" of the call */
     const char *name;      /* for the log */
     rpc_handler_fn handler;
+    bool inline_ok;        /* fast and never waits: runs on the CQ thread */
 } rpc_method;
 
 static const rpc_method methods[] = {
-    { "/eplb.v1.ExpertBalancer/RegisterModel", "RegisterModel", rpc_register_model },
-    { "/eplb.v1.ExpertBalancer/GetPlacement", "GetPlacement", rpc_get_placement },
-    { "/eplb.v1.ExpertBalancer/SetupFromMapping", "SetupFromMapping", rpc_setup_from_mapping },
-    { "/eplb.v1.ExpertBalancer/Rebalance", "Rebalance", rpc_rebalance },
-    { "/eplb.v1.ExpertBalancer/RecordLoad", "RecordLoad", rpc_record_load },
-    { "/eplb.v1.ExpertBalancer/AttachWeights", "AttachWeights", rpc_attach_weights },
-    { "/eplb.v1.ExpertBalancer/DetachWeights", "DetachWeights", rpc_detach_weights },
-    { "/grpc.health.v1.Health/Check", "Health/Check", rpc_health_check },
+    { "/eplb.v1.ExpertBalancer/RegisterModel", "RegisterModel", rpc_register_model, false },
+    { "/eplb.v1.ExpertBalancer/GetPlacement", "GetPlacement", rpc_get_placement, true },
+    { "/eplb.v1.ExpertBalancer/SetupFromMapping", "SetupFromMapping", rpc_setup_from_mapping, false },
+    { "/eplb.v1.ExpertBalancer/Rebalance", "Rebalance", rpc_rebalance, false },
+    { "/eplb.v1.ExpertBalancer/RecordLoad", "RecordLoad", rpc_record_load, false },
+    { "/eplb.v1.ExpertBalancer/AttachWeights", "AttachWeights", rpc_attach_weights, false },
+    { "/eplb.v1.ExpertBalancer/DetachWeights", "DetachWeights", rpc_detach_weights, false },
+    { "/grpc.health.v1.Health/Check", "Health/Check", rpc_health_check, true },
 };
 
 typedef enum call_state {
-    CALL_REQUESTED, /* waiting in grpc_server_request_call */
-    CALL_RECEIVING, /* initial metadata sent, message being received */
-    CALL_SENDING,   /* response and status being sent */
+    CALL_REQUESTED, /* a slot waiting in grpc_server_request_call */
+    CALL_RECEIVING, /* accepted: initial metadata out, message in */
+    CALL_QUEUED,    /* message in, waiting for a pool worker */
+    CALL_HANDLING,  /* the handler runs (CQ thread or worker) */
+    CALL_SENDING,   /* response, status and close in flight */
 } call_state;
 
 typedef struct rpc_call {
@@ -54,22 +131,49 @@ typedef struct rpc_call {
     grpc_byte_buffer *request;   /* received message, NULL if none */
     grpc_byte_buffer *response;  /* sent message, NULL if none */
     grpc_slice status_details;
+    int received;                /* the RECV_MESSAGE batch succeeded */
     int cancelled;               /* RECV_CLOSE_ON_SERVER */
-    const char *method;          /* name for the log */
+    const rpc_method *m;         /* NULL: unknown method */
     int status;                  /* grpc status sent */
     struct timespec started;
+    struct rpc_call *next;       /* work queue link (under queue_lock) */
 } rpc_call;
 
 struct rpc_server {
     grpc_server *server;
     grpc_completion_queue *cq;
     rpc_context *ctx;
-    pthread_t *threads;
-    int workers;
-    atomic_bool shutting_down;   /* no new request_call once set */
+    pthread_t cq_threads[RPC_CQ_THREADS];
+    int num_cq_threads;
+    pthread_t *workers;
+    int num_workers;
+    const char *delay_method;    /* test hook (rpc_server_config) */
+    int delay_ms;
+    int drain_ms;                /* for the CANCELLED message */
+
+    atomic_bool shutting_down;   /* set once by stop: no new request_call */
+    atomic_bool cancelling;      /* drain time over: queued calls are not run */
+
+    /* lock guards slots, calls, shutdown_done and the drain counters; it is
+     * held only to update or test them (never across a gRPC or handler
+     * call), so it blocks nobody for long.  cond (CLOCK_MONOTONIC) wakes
+     * the stopping thread when the shutdown tag arrives or live hits 0. */
     pthread_mutex_t lock;
     pthread_cond_t cond;
-    int shutdown_done;           /* the shutdown tag arrived (under lock) */
+    int slots;                   /* REQUESTED objects */
+    int calls;                   /* accepted, not yet freed */
+    int shutdown_done;           /* the shutdown tag arrived */
+    int drain_completed;         /* calls freed after stop began: finished */
+    int drain_cancelled;         /* ... ended cancelled / client gone */
+
+    /* queue_lock guards the work queue (head, tail, closed); held only to
+     * push or pop, never while a handler runs.  Idle workers wait on
+     * queue_cond; pushers never wait. */
+    pthread_mutex_t queue_lock;
+    pthread_cond_t queue_cond;
+    rpc_call *head, *tail;
+    int closed;                  /* workers exit once the queue is empty */
+
     char shutdown_tag;           /* its address is the tag */
 };
 
@@ -101,7 +205,14 @@ static double ms_since(const struct timespec *t0) {
     return (double)(t1.tv_sec - t0->tv_sec) * 1e3 + (double)(t1.tv_nsec - t0->tv_nsec) / 1e6;
 }
 
+static void sleep_ms(int ms) {
+    struct timespec ts = { .tv_sec = ms / 1000, .tv_nsec = (long)(ms % 1000) * 1000000L };
+    while (nanosleep(&ts, &ts) != 0) {
+    }
+}
+
 static void call_free(rpc_call *c) {
+    rpc_server *s = c->server;
     if (c->call)
         grpc_call_unref(c->call);
     grpc_call_details_destroy(&c->details);
@@ -111,10 +222,22 @@ static void call_free(rpc_call *c) {
     if (c->response)
         grpc_byte_buffer_destroy(c->response);
     grpc_slice_unref(c->status_details);
+    int was_slot = c->state == CALL_REQUESTED;
     free(c);
+    pthread_mutex_lock(&s->lock);
+    if (was_slot)
+        s->slots--;
+    else
+        s->calls--;
+    if (s->slots + s->calls == 0)
+        pthread_cond_broadcast(&s->cond);
+    pthread_mutex_unlock(&s->lock);
 }
 
-/* Post one waiting slot for a new call.  Not after shutdown began. */
+/* Post one waiting slot for a new call.  Not after shutdown began.  Called
+ * by start (before stop can run) or by a CQ thread that holds a live call,
+ * so the count never drops to 0 in between and the CQ is never shut down
+ * under it. */
 static void call_request(rpc_server *s) {
     if (atomic_load(&s->shutting_down))
         return;
@@ -128,6 +251,10 @@ static void call_request(rpc_server *s) {
     c->status_details = grpc_empty_slice();
     grpc_call_details_init(&c->details);
     grpc_metadata_array_init(&c->request_metadata);
+    pthread_mutex_lock(&s->lock);
+    s->slots++;
+    pthread_mutex_unlock(&s->lock);
+    TSAN_RELEASE(c);
     grpc_call_error e = grpc_server_request_call(s->server, &c->call, &c->details, &c->request_metadata,
                                                  s->cq, s->cq, c);
     if (e != GRPC_CALL_OK) {
@@ -143,17 +270,32 @@ static const rpc_method *method_find(grpc_slice path) {
     return NULL;
 }
 
-/* The call was accepted: send initial metadata and receive the message. */
+bool rpc_server_method_known(const char *name) {
+    for (size_t i = 0; i < sizeof methods / sizeof methods[0]; i++)
+        if (strcmp(name, methods[i].name) == 0)
+            return true;
+    return false;
+}
+
+/* The call was accepted: re-post its slot, send initial metadata and
+ * receive the message. */
 static void call_on_accepted(rpc_call *c) {
+    rpc_server *s = c->server;
     clock_gettime(CLOCK_MONOTONIC, &c->started);
-    call_request(c->server); /* keep the number of waiting slots constant */
+    pthread_mutex_lock(&s->lock);
+    s->slots--;
+    s->calls++;
+    pthread_mutex_unlock(&s->lock);
+    c->state = CALL_RECEIVING;
+    call_request(s); /* at once: keep the number of waiting slots constant */
     grpc_op ops[2];
     memset(ops, 0, sizeof ops);
     ops[0].op = GRPC_OP_SEND_INITIAL_METADATA;
     ops[1].op = GRPC_OP_RECV_MESSAGE;
     ops[1].data.recv_message.recv_message = &c->request;
-    c->state = CALL_RECEIVING;
-    grpc_call_error e = grpc_call_start_batch(c->call, ops, 2, c, NULL);
+    grpc_call *call = c->call; /* read before the hand-off */
+    TSAN_RELEASE(c);
+    grpc_call_error e = grpc_call_start_batch(call, ops, 2, c, NULL);
     if (e != GRPC_CALL_OK) {
         rpc_log(RPC_LOG_ERROR, "start receive batch: error %d", (int)e);
         call_free(c);
@@ -178,33 +320,44 @@ static const char *request_bytes(grpc_byte_buffer *bb, upb_Arena *arena, size_t 
     return buf;
 }
 
-/* The message arrived: run the handler and send its reply. */
-static void call_on_received(rpc_call *c, int ok) {
+/* Run the handler (or answer without one) and start sending the reply. */
+static void call_handle(rpc_call *c) {
     rpc_server *s = c->server;
+    const rpc_method *m = c->m;
     rpc_reply reply;
     memset(&reply, 0, sizeof reply);
-    const rpc_method *m = method_find(c->details.method);
-    c->method = m ? m->name : NULL;
-    upb_Arena *arena = upb_Arena_New();
+    upb_Arena *arena = NULL;
+    c->state = CALL_HANDLING;
 
-    if (!ok) {
-        /* The client went away before its message arrived. */
+    if (!c->received) {
+        /* The client went away (or the call was cancelled) before its
+         * message arrived. */
         rpc_reply_set(&reply, GRPC_STATUS_CANCELLED, "call ended before its message arrived");
-    } else if (!arena) {
-        rpc_reply_set(&reply, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
     } else if (!m) {
         rpc_reply_set(&reply, GRPC_STATUS_UNIMPLEMENTED, "unknown method %.*s",
                       (int)(GRPC_SLICE_LENGTH(c->details.method) > 200 ? 200 : GRPC_SLICE_LENGTH(c->details.method)),
                       (const char *)GRPC_SLICE_START_PTR(c->details.method));
+    } else if (!m->inline_ok && atomic_load(&s->cancelling)) {
+        rpc_reply_set(&reply, GRPC_STATUS_CANCELLED,
+                      "server shutting down: drain time (%d ms) ran out before this call started", s->drain_ms);
     } else if (!c->request) {
         rpc_reply_set(&reply, GRPC_STATUS_INVALID_ARGUMENT, "no request message");
+    } else if (!(arena = upb_Arena_New())) {
+        rpc_reply_set(&reply, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory");
     } else {
         size_t len;
         const char *bytes = request_bytes(c->request, arena, &len);
-        if (!bytes)
+        if (!bytes) {
             rpc_reply_set(&reply, GRPC_STATUS_INTERNAL, "cannot read the request message");
-        else
+        } else {
+            char *peer = grpc_call_get_peer(c->call);
+            reply.peer = peer;
+            if (s->delay_method && strcmp(s->delay_method, m->name) == 0)
+                sleep_ms(s->delay_ms); /* test hook: a slow handler */
             m->handler(s->ctx, arena, bytes, len, &reply);
+            reply.peer = NULL;
+            gpr_free(peer);
+        }
     }
 
     grpc_op ops[3];
@@ -229,11 +382,35 @@ static void call_on_received(rpc_call *c, int ok) {
     ops[n].op = GRPC_OP_RECV_CLOSE_ON_SERVER;
     ops[n++].data.recv_close_on_server.cancelled = &c->cancelled;
     c->state = CALL_SENDING;
-    grpc_call_error e = grpc_call_start_batch(c->call, ops, n, c, NULL);
+    grpc_call *call = c->call; /* read before the hand-off */
+    TSAN_RELEASE(c);
+    grpc_call_error e = grpc_call_start_batch(call, ops, n, c, NULL);
     if (e != GRPC_CALL_OK) {
         rpc_log(RPC_LOG_ERROR, "start send batch: error %d", (int)e);
         call_free(c);
     }
+}
+
+/* The message arrived (or the call died): fast methods and error replies
+ * inline, everything else to the pool. */
+static void call_on_received(rpc_call *c, int ok) {
+    rpc_server *s = c->server;
+    c->received = ok;
+    c->m = method_find(c->details.method);
+    if (!ok || !c->m || c->m->inline_ok) {
+        call_handle(c);
+        return;
+    }
+    c->state = CALL_QUEUED;
+    c->next = NULL;
+    pthread_mutex_lock(&s->queue_lock);
+    if (s->tail)
+        s->tail->next = c;
+    else
+        s->head = c;
+    s->tail = c;
+    pthread_cond_signal(&s->queue_cond);
+    pthread_mutex_unlock(&s->queue_lock);
 }
 
 static void call_on_sent(rpc_call *c, int ok) {
@@ -243,20 +420,31 @@ static void call_on_sent(rpc_call *c, int ok) {
         "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
         "UNAUTHENTICATED",
     };
+    rpc_server *s = c->server;
     const char *status = c->status >= 0 && c->status <= 16 ? names[c->status] : "?";
     char method[128];
-    if (c->method)
-        snprintf(method, sizeof method, "%s", c->method);
+    if (c->m)
+        snprintf(method, sizeof method, "%s", c->m->name);
     else
         snprintf(method, sizeof method, "%.*s",
                  (int)(GRPC_SLICE_LENGTH(c->details.method) > 100 ? 100 : GRPC_SLICE_LENGTH(c->details.method)),
                  (const char *)GRPC_SLICE_START_PTR(c->details.method));
+    int gone = !ok || c->cancelled;
     rpc_log(c->status == GRPC_STATUS_OK ? RPC_LOG_INFO : RPC_LOG_WARN, "%s %s %.2fms%s", method,
-            status, ms_since(&c->started), ok && !c->cancelled ? "" : " (client gone)");
+            status, ms_since(&c->started), gone ? " (client gone)" : "");
+    if (atomic_load(&s->shutting_down)) {
+        pthread_mutex_lock(&s->lock);
+        if (gone || c->status == GRPC_STATUS_CANCELLED)
+            s->drain_cancelled++;
+        else
+            s->drain_completed++;
+        pthread_mutex_unlock(&s->lock);
+    }
     call_free(c);
 }
 
-static void *worker_main(void *arg) {
+/* A CQ thread: advance call state machines; runs only inline handlers. */
+static void *cq_main(void *arg) {
     rpc_server *s = arg;
     for (;;) {
         grpc_event ev = grpc_completion_queue_next(s->cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
@@ -272,6 +460,7 @@ static void *worker_main(void *arg) {
             continue;
         }
         rpc_call *c = ev.tag;
+        TSAN_ACQUIRE(c);
         switch (c->state) {
         case CALL_REQUESTED:
             if (ev.success)
@@ -285,12 +474,78 @@ static void *worker_main(void *arg) {
         case CALL_SENDING:
             call_on_sent(c, ev.success);
             break;
+        case CALL_QUEUED:
+        case CALL_HANDLING:
+            /* No batch is in flight in these states. */
+            rpc_log(RPC_LOG_ERROR, "completion for a call in state %d: ignored", (int)c->state);
+            break;
         }
     }
     return NULL;
 }
 
+/* A pool worker: run queued handlers until the queue is closed and empty. */
+static void *worker_main(void *arg) {
+    rpc_server *s = arg;
+    for (;;) {
+        pthread_mutex_lock(&s->queue_lock);
+        while (!s->head && !s->closed)
+            pthread_cond_wait(&s->queue_cond, &s->queue_lock);
+        rpc_call *c = s->head;
+        if (c) {
+            s->head = c->next;
+            if (!s->head)
+                s->tail = NULL;
+        }
+        pthread_mutex_unlock(&s->queue_lock);
+        if (!c)
+            break; /* closed and empty */
+        call_handle(c);
+    }
+    return NULL;
+}
+
 /* ---- lifecycle --------------------------------------------------------- */
+
+static void join_workers(rpc_server *s) {
+    pthread_mutex_lock(&s->queue_lock);
+    s->closed = 1;
+    pthread_cond_broadcast(&s->queue_cond);
+    pthread_mutex_unlock(&s->queue_lock);
+    for (int i = 0; i < s->num_workers; i++)
+        pthread_join(s->workers[i], NULL);
+    s->num_workers = 0;
+}
+
+static void server_free(rpc_server *s) {
+    grpc_server_destroy(s->server);
+    grpc_completion_queue_destroy(s->cq);
+    pthread_mutex_destroy(&s->lock);
+    pthread_cond_destroy(&s->cond);
+    pthread_mutex_destroy(&s->queue_lock);
+    pthread_cond_destroy(&s->queue_cond);
+    free(s->workers);
+    free(s);
+}
+
+/* Start failed with no CQ thread running and no slot posted: the shutdown
+ * tag is the only event; take it here. */
+static void server_abort_start(rpc_server *s) {
+    atomic_store(&s->shutting_down, true);
+    grpc_server_shutdown_and_notify(s->server, s->cq, &s->shutdown_tag);
+    grpc_server_cancel_all_calls(s->server);
+    for (;;) {
+        grpc_event ev = grpc_completion_queue_next(s->cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL);
+        if (ev.type == GRPC_OP_COMPLETE && ev.tag == &s->shutdown_tag)
+            break;
+    }
+    grpc_completion_queue_shutdown(s->cq);
+    while (grpc_completion_queue_next(s->cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL).type !=
+           GRPC_QUEUE_SHUTDOWN) {
+    }
+    join_workers(s);
+    server_free(s);
+}
 
 eplb_status rpc_server_start(const rpc_server_config *cfg, rpc_context *ctx, rpc_server **out,
                              int *bound_port, eplb_error *err) {
@@ -299,11 +554,21 @@ eplb_status rpc_server_start(const rpc_server_config *cfg, rpc_context *ctx, rpc
     if (!s)
         return eplb_error_set(err, EPLB_ENOMEM, "out of memory");
     s->ctx = ctx;
-    s->workers = cfg->workers > 0 ? cfg->workers : 1;
+    int workers = cfg->workers > 0 ? cfg->workers : 1;
+    s->delay_method = cfg->test_delay_method;
+    s->delay_ms = cfg->test_delay_ms;
+    atomic_init(&s->shutting_down, false);
+    atomic_init(&s->cancelling, false);
     pthread_mutex_init(&s->lock, NULL);
-    pthread_cond_init(&s->cond, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&s->cond, &ca);
+    pthread_condattr_destroy(&ca);
+    pthread_mutex_init(&s->queue_lock, NULL);
+    pthread_cond_init(&s->queue_cond, NULL);
 
-    grpc_arg args[2];
+    grpc_arg args[3];
     memset(args, 0, sizeof args);
     args[0].type = GRPC_ARG_INTEGER;
     args[0].key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH;
@@ -311,7 +576,12 @@ eplb_status rpc_server_start(const rpc_server_config *cfg, rpc_context *ctx, rpc
     args[1].type = GRPC_ARG_INTEGER;
     args[1].key = GRPC_ARG_MAX_SEND_MESSAGE_LENGTH;
     args[1].value.integer = cfg->max_message_bytes;
-    grpc_channel_args channel_args = { .num_args = 2, .args = args };
+    /* gRPC sets SO_REUSEPORT by default: a second eplbd on the same port
+     * would bind too and take half the connections.  The port is ours. */
+    args[2].type = GRPC_ARG_INTEGER;
+    args[2].key = GRPC_ARG_ALLOW_REUSEPORT;
+    args[2].value.integer = 0;
+    grpc_channel_args channel_args = { .num_args = 3, .args = args };
 
     s->server = grpc_server_create(&channel_args, NULL);
     s->cq = grpc_completion_queue_create_for_next(NULL);
@@ -325,76 +595,105 @@ eplb_status rpc_server_start(const rpc_server_config *cfg, rpc_context *ctx, rpc
         while (grpc_completion_queue_next(s->cq, gpr_inf_future(GPR_CLOCK_MONOTONIC), NULL).type !=
                GRPC_QUEUE_SHUTDOWN) {
         }
+        s->server = NULL;
         grpc_completion_queue_destroy(s->cq);
+        pthread_mutex_destroy(&s->lock);
+        pthread_cond_destroy(&s->cond);
+        pthread_mutex_destroy(&s->queue_lock);
+        pthread_cond_destroy(&s->queue_cond);
         free(s);
-        return eplb_error_set(err, EPLB_EUNAVAILABLE, "cannot listen on %s", cfg->listen);
+        return eplb_error_set(err, EPLB_EUNAVAILABLE,
+                              "cannot listen on %s: the address is in use (another eplbd?) or not valid here",
+                              cfg->listen);
     }
     grpc_server_start(s->server);
 
-    s->threads = calloc((size_t)s->workers, sizeof *s->threads);
-    /* Two waiting slots per worker: a burst of new calls finds one ready. */
-    for (int i = 0; i < 2 * s->workers; i++)
-        call_request(s);
-    int started = 0;
-    for (; s->threads && started < s->workers; started++)
-        if (pthread_create(&s->threads[started], NULL, worker_main, s) != 0)
+    /* Threads first, slots last: until a slot is posted the shutdown tag is
+     * the only event the queue can deliver (server_abort_start). */
+    for (; s->num_cq_threads < RPC_CQ_THREADS; s->num_cq_threads++)
+        if (pthread_create(&s->cq_threads[s->num_cq_threads], NULL, cq_main, s) != 0)
             break;
-    if (started == 0) {
-        s->workers = 0;
+    if (s->num_cq_threads == 0) {
+        server_abort_start(s);
+        return eplb_error_set(err, EPLB_EINTERNAL, "cannot start completion-queue threads");
+    }
+    s->workers = calloc((size_t)workers, sizeof *s->workers);
+    for (; s->workers && s->num_workers < workers; s->num_workers++)
+        if (pthread_create(&s->workers[s->num_workers], NULL, worker_main, s) != 0)
+            break;
+    if (s->num_workers == 0) {
         rpc_server_stop(s, 0);
         return eplb_error_set(err, EPLB_EINTERNAL, "cannot start worker threads");
     }
-    s->workers = started;
+    if (s->num_workers < workers)
+        rpc_log(RPC_LOG_WARN, "started %d of %d worker threads", s->num_workers, workers);
+    int slots = 2 * s->num_workers + RPC_SLOTS_MARGIN;
+    for (int i = 0; i < slots; i++)
+        call_request(s);
     *bound_port = strncmp(cfg->listen, "unix:", 5) == 0 ? 0 : port;
     *out = s;
     return EPLB_OK;
 }
 
+/* Wait until the shutdown tag arrived and no call object is left, up to
+ * deadline (NULL: no limit).  Returns 1 when drained. */
+static int wait_drained(rpc_server *s, const struct timespec *deadline) {
+    pthread_mutex_lock(&s->lock);
+    while (!(s->shutdown_done && s->slots + s->calls == 0))
+        if (deadline ? pthread_cond_timedwait(&s->cond, &s->lock, deadline) != 0
+                     : pthread_cond_wait(&s->cond, &s->lock) != 0)
+            break;
+    int drained = s->shutdown_done && s->slots + s->calls == 0;
+    pthread_mutex_unlock(&s->lock);
+    return drained;
+}
+
 void rpc_server_stop(rpc_server *s, int drain_ms) {
     if (!s)
         return;
+    struct timespec t0, deadline;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    s->drain_ms = drain_ms;
     atomic_store(&s->shutting_down, true);
     atomic_store(&s->ctx->serving, false);
+    pthread_mutex_lock(&s->lock);
+    int in_flight = s->calls;
+    pthread_mutex_unlock(&s->lock);
     grpc_server_shutdown_and_notify(s->server, s->cq, &s->shutdown_tag);
+    rpc_log(RPC_LOG_INFO, "draining: %d call(s) in flight, up to %d ms; new connections are refused",
+            in_flight, drain_ms);
 
-    /* Wait for in-flight calls up to drain_ms, then cancel what is left. */
-    struct timespec deadline;
-    clock_gettime(CLOCK_REALTIME, &deadline);
+    deadline = t0;
     deadline.tv_sec += drain_ms / 1000;
     deadline.tv_nsec += (long)(drain_ms % 1000) * 1000000L;
     if (deadline.tv_nsec >= 1000000000L) {
         deadline.tv_sec++;
         deadline.tv_nsec -= 1000000000L;
     }
-    pthread_mutex_lock(&s->lock);
-    while (!s->shutdown_done && s->workers > 0)
-        if (pthread_cond_timedwait(&s->cond, &s->lock, &deadline) != 0)
-            break;
-    int drained = s->shutdown_done;
-    pthread_mutex_unlock(&s->lock);
-    if (!drained) {
-        rpc_log(RPC_LOG_WARN, "drain time (%d ms) is over: cancelling the calls still running", drain_ms);
-        grpc_server_cancel_all_calls(s->server);
+    if (!wait_drained(s, &deadline)) {
         pthread_mutex_lock(&s->lock);
-        while (!s->shutdown_done && s->workers > 0)
-            pthread_cond_wait(&s->cond, &s->lock);
+        int left = s->calls;
         pthread_mutex_unlock(&s->lock);
-    }
-    if (s->workers == 0) {
-        /* No worker thread ever ran: cancel everything and drain the queue
-         * on this thread. */
+        rpc_log(RPC_LOG_WARN,
+                "drain time (%d ms) is over: cancelling %d call(s) still queued or running; "
+                "waiting for running handlers to return", drain_ms, left);
+        atomic_store(&s->cancelling, true);
         grpc_server_cancel_all_calls(s->server);
-        grpc_completion_queue_shutdown(s->cq);
-        worker_main(s);
-    } else {
-        grpc_completion_queue_shutdown(s->cq);
-        for (int i = 0; i < s->workers; i++)
-            pthread_join(s->threads[i], NULL);
+        wait_drained(s, NULL);
     }
-    grpc_server_destroy(s->server);
-    grpc_completion_queue_destroy(s->cq);
-    pthread_mutex_destroy(&s->lock);
-    pthread_cond_destroy(&s->cond);
-    free(s->threads);
-    free(s);
+    /* Every call is freed and the shutdown tag is in: nothing can start a
+     * batch any more, so the queue may shut down. */
+    grpc_completion_queue_shutdown(s->cq);
+    for (int i = 0; i < s->num_cq_threads; i++)
+        pthread_join(s->cq_threads[i], NULL);
+    join_workers(s);
+    pthread_mutex_lock(&s->lock);
+    int completed = s->drain_completed, cancelled = s->drain_cancelled;
+    pthread_mutex_unlock(&s->lock);
+    struct timespec t1;
+    clock_gettime(CLOCK_MONOTONIC, &t1);
+    rpc_log(RPC_LOG_INFO, "drained in %.0f ms: %d call(s) in flight, %d completed, %d cancelled",
+            (double)(t1.tv_sec - t0.tv_sec) * 1e3 + (double)(t1.tv_nsec - t0.tv_nsec) / 1e6, in_flight,
+            completed, cancelled);
+    server_free(s);
 }

@@ -10,6 +10,7 @@
 
 #include <criterion/criterion.h>
 #include <errno.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -41,8 +42,11 @@ static inline void eplbd_tmpdir(eplbd_proc *p) {
     snprintf(p->db, sizeof p->db, "%s/eplbd.db", p->dir);
 }
 
-/* Start eplbd on p->db (keeps p->dir and p->db) and wait until it serves. */
-static inline void eplbd_start(eplbd_proc *p) {
+/* Start eplbd on p->db (keeps p->dir and p->db) and wait until it serves
+ * (returns 1, p->addr set) or exits first (returns 0, *exit_status is its
+ * exit code, or 128 + signal).  Fails the test when it does neither within
+ * the start-up limit. */
+static inline int eplbd_try_start(eplbd_proc *p, int *exit_status) {
     char ready[192], log[192];
     snprintf(ready, sizeof ready, "%s/ready", p->dir);
     snprintf(log, sizeof log, "%s/eplbd.log", p->dir);
@@ -88,31 +92,84 @@ static inline void eplbd_start(eplbd_proc *p) {
             fclose(f);
             if (ok) {
                 p->addr[strcspn(p->addr, "\n")] = '\0';
-                return;
+                return 1;
             }
         }
         int status;
-        if (waitpid(pid, &status, WNOHANG) == pid)
-            cr_assert_fail("eplbd exited during start-up (status %d); see %s", status, log);
+        if (waitpid(pid, &status, WNOHANG) == pid) {
+            *exit_status = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+            p->pid = 0;
+            return 0;
+        }
         usleep(20000);
     }
     kill(pid, SIGKILL);
+    waitpid(pid, NULL, 0);
     cr_assert_fail("eplbd did not become ready within %d ms", limit_ms);
+    return 0;
 }
 
-/* SIGTERM, wait, and return the exit status (-1 if it did not exit). */
-static inline int eplbd_stop(eplbd_proc *p) {
+/* Start eplbd on p->db (keeps p->dir and p->db) and wait until it serves. */
+static inline void eplbd_start(eplbd_proc *p) {
     int status = 0;
-    kill(p->pid, SIGTERM);
-    int limit_ms = harness_slow() ? 120000 : 20000;
-    for (int waited = 0; waited < limit_ms; waited += 10) {
+    if (!eplbd_try_start(p, &status))
+        cr_assert_fail("eplbd exited during start-up (status %d); see %s/eplbd.log", status, p->dir);
+}
+
+/* Wait up to limit_ms for the server to exit; its exit status (128 +
+ * signal when killed), or -1 if it is still running. */
+static inline int eplbd_wait(eplbd_proc *p, int limit_ms) {
+    int status = 0;
+    for (int waited = 0; waited <= limit_ms; waited += 10) {
         if (waitpid(p->pid, &status, WNOHANG) == p->pid)
             return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
         usleep(10000);
     }
-    kill(p->pid, SIGKILL);
-    waitpid(p->pid, &status, 0);
     return -1;
+}
+
+/* The server's log so far (its stderr), NUL-terminated, at most n - 1
+ * bytes (the start of the file). */
+static inline const char *eplbd_log(const eplbd_proc *p, char *buf, size_t n) {
+    char path[192];
+    snprintf(path, sizeof path, "%s/eplbd.log", p->dir);
+    buf[0] = '\0';
+    FILE *f = fopen(path, "r");
+    if (f) {
+        size_t got = fread(buf, 1, n - 1, f);
+        buf[got] = '\0';
+        fclose(f);
+    }
+    return buf;
+}
+
+/* Wait up to limit_ms for text to appear in the server's log; 1 if it did. */
+static inline int eplbd_wait_log(const eplbd_proc *p, const char *text, int limit_ms) {
+    static char buf[1 << 20];
+    for (int waited = 0; waited <= limit_ms; waited += 10) {
+        if (strstr(eplbd_log(p, buf, sizeof buf), text))
+            return 1;
+        usleep(10000);
+    }
+    return 0;
+}
+
+/* Milliseconds on the monotonic clock. */
+static inline double harness_now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
+}
+
+/* SIGTERM, wait, and return the exit status (-1 if it did not exit). */
+static inline int eplbd_stop(eplbd_proc *p) {
+    kill(p->pid, SIGTERM);
+    int rc = eplbd_wait(p, harness_slow() ? 120000 : 20000);
+    if (rc == -1) {
+        kill(p->pid, SIGKILL);
+        waitpid(p->pid, NULL, 0);
+    }
+    return rc;
 }
 
 static inline void eplbd_cleanup(eplbd_proc *p) {
@@ -123,6 +180,54 @@ static inline void eplbd_cleanup(eplbd_proc *p) {
 }
 
 static inline int call_timeout_ms(void) { return harness_slow() ? 60000 : 10000; }
+
+/* One unary call on its own thread, for tests that need several in flight
+ * at once (the channel of client is shared; gRPC channels are thread-safe).
+ * Fill the inputs, harness_call_start, later harness_call_join; then rc
+ * (eplb_client_call's), status, message, and when it started and ended on
+ * harness_now_ms's clock. */
+typedef struct harness_call {
+    eplb_client *client;
+    char method[128];   /* full path: "/eplb.v1.ExpertBalancer/RegisterModel" */
+    char *req;          /* request bytes (malloc'd copy, freed by join) */
+    size_t len;
+    int timeout_ms;
+    int rc, status;
+    char message[256];
+    double start_ms, end_ms;
+    pthread_t thread;
+} harness_call;
+
+static inline void *harness_call_main(void *arg) {
+    harness_call *c = arg;
+    eplb_call_result r;
+    c->start_ms = harness_now_ms();
+    c->rc = eplb_client_call(c->client, c->method, c->req, c->len, c->timeout_ms, &r);
+    c->end_ms = harness_now_ms();
+    c->status = r.status;
+    snprintf(c->message, sizeof c->message, "%s", r.message ? r.message : "");
+    eplb_call_result_free(&r);
+    return NULL;
+}
+
+static inline void harness_call_start(harness_call *c, eplb_client *client, const char *method,
+                                      const void *req, size_t len, int timeout_ms) {
+    memset(c, 0, sizeof *c);
+    c->client = client;
+    snprintf(c->method, sizeof c->method, "%s", method);
+    c->req = malloc(len ? len : 1);
+    cr_assert_not_null(c->req);
+    memcpy(c->req, req, len);
+    c->len = len;
+    c->timeout_ms = timeout_ms;
+    cr_assert_eq(pthread_create(&c->thread, NULL, harness_call_main, c), 0);
+}
+
+static inline void harness_call_join(harness_call *c) {
+    pthread_join(c->thread, NULL);
+    free(c->req);
+    c->req = NULL;
+}
 
 /* The usual suite fixture: a fresh server and a client connected to it;
  * stopping asserts a clean exit at SIGTERM (so valgrind's verdict counts). */

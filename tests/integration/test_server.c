@@ -134,6 +134,7 @@ Test(server, register_wrapped_moe_then_get_placement) {
     eplb_call_result r;
     eplb_v1_RegisterModelRequest *req = register_request(
         a, "kimi", wrap(a, "KimiK25ForConditionalGeneration", moe_handle(a, "DeepseekV3ForCausalLM", 3)));
+    eplb_v1_RegisterModelRequest_set_include_placement(req, true); /* off by default */
     eplb_v1_RegisterModelResponse *resp = do_register(a, req, 0, &r);
     cr_assert(eplb_v1_RegisterModelResponse_registered(resp));
     cr_assert(sv_eq(eplb_v1_RegisterModelResponse_model_id(resp), "kimi"));
@@ -402,8 +403,10 @@ Test(server_flags, unix_socket_and_max_message_size, .timeout = 300) {
     eplbd_tmpdir(&p);
     char listen[192];
     snprintf(listen, sizeof listen, "unix:%s/eplbd.sock", p.dir);
+    /* Large enough for the registration's largest possible response (the
+     * server refuses a shape whose placement it could not send). */
     p.extra[0] = "--max-message-bytes";
-    p.extra[1] = "2048";
+    p.extra[1] = "8192";
     p.extra[2] = "--listen"; /* the last --listen wins */
     p.extra[3] = listen;
     eplbd_start(&p);
@@ -424,7 +427,7 @@ Test(server_flags, unix_socket_and_max_message_size, .timeout = 300) {
     for (int i = 0; i < 4096; i++)
         load[i] = 1000000;
     bytes = eplb_v1_RecordLoadRequest_serialize(big, a, &len);
-    cr_assert_gt(len, 2048);
+    cr_assert_gt(len, 8192);
     cr_assert_eq(eplb_client_call(c, "/eplb.v1.ExpertBalancer/RecordLoad", bytes, len, call_timeout_ms(), &r), 0);
     cr_assert_eq(r.status, 8 /* RESOURCE_EXHAUSTED */, "%s: %s", eplb_grpc_status_name(r.status), r.message);
     eplb_call_result_free(&r);
