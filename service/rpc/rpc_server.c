@@ -284,8 +284,11 @@ static void call_on_accepted(rpc_call *c) {
     clock_gettime(CLOCK_MONOTONIC, &c->started);
     pthread_mutex_lock(&s->lock);
     s->slots--;
-    s->calls++;
+    int in_flight = ++s->calls;
     pthread_mutex_unlock(&s->lock);
+    rpc_log(RPC_LOG_DEBUG, "accepted %.*s (%d in flight)",
+            (int)(GRPC_SLICE_LENGTH(c->details.method) > 100 ? 100 : GRPC_SLICE_LENGTH(c->details.method)),
+            (const char *)GRPC_SLICE_START_PTR(c->details.method), in_flight);
     c->state = CALL_RECEIVING;
     call_request(s); /* at once: keep the number of waiting slots constant */
     grpc_op ops[2];

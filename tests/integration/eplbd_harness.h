@@ -143,15 +143,23 @@ static inline const char *eplbd_log(const eplbd_proc *p, char *buf, size_t n) {
     return buf;
 }
 
-/* Wait up to limit_ms for text to appear in the server's log; 1 if it did. */
-static inline int eplbd_wait_log(const eplbd_proc *p, const char *text, int limit_ms) {
+/* Wait up to limit_ms for text to appear at least count times in the
+ * server's log; 1 if it did. */
+static inline int eplbd_wait_log_n(const eplbd_proc *p, const char *text, int count, int limit_ms) {
     static char buf[1 << 20];
     for (int waited = 0; waited <= limit_ms; waited += 10) {
-        if (strstr(eplbd_log(p, buf, sizeof buf), text))
+        int n = 0;
+        for (const char *at = eplbd_log(p, buf, sizeof buf); (at = strstr(at, text)) != NULL; at += strlen(text))
+            n++;
+        if (n >= count)
             return 1;
         usleep(10000);
     }
     return 0;
+}
+
+static inline int eplbd_wait_log(const eplbd_proc *p, const char *text, int limit_ms) {
+    return eplbd_wait_log_n(p, text, 1, limit_ms);
 }
 
 /* Milliseconds on the monotonic clock. */
