@@ -19,7 +19,7 @@
  *    order in which handlers finish.
  *
  * Call state machine (each arrow is one completion-queue event or one
- * hand-off; `live` counts the object from allocation to free):
+ * hand-off; slots + calls count the object from allocation to free):
  *
  *            call_request (start, or a CQ thread on every accept)
  *                 |
@@ -43,17 +43,17 @@
  *             SENDING
  *                 | batch done: one log line
  *                 v
- *               freed  (live - 1; the last one wakes the stopping thread)
+ *               freed  (count - 1; the last one wakes the stopping thread)
  *
  * Shutdown (rpc_server_stop): set shutting_down (no new slot is posted),
  * health NOT_SERVING, grpc_server_shutdown_and_notify (listeners close:
  * new connections are refused; posted slots fail; connections get GOAWAY,
  * their accepted calls go on).  Wait, up to drain_ms, until the shutdown
- * tag arrived and live == 0: every accepted call, queued or running, ran
- * to completion.  If the time runs out: set cancelling (queued calls are
+ * tag arrived and slots + calls == 0: every accepted call, queued or
+ * running, ran to completion.  If the time runs out: set cancelling (queued calls are
  * answered CANCELLED without running), grpc_server_cancel_all_calls, and
- * wait, without a limit, for live == 0: handlers are bounded, and a handler
- * still running is waited for, so nothing uses the registry once stop
+ * wait, without a limit, for that count to reach 0: handlers are bounded,
+ * and a handler still running is waited for, so nothing uses the registry once stop
  * returns.  Then the CQ is shut down, the CQ threads and the workers are
  * joined, and the server and queue destroyed. */
 #include "rpc_server.h"
@@ -157,7 +157,8 @@ struct rpc_server {
     /* lock guards slots, calls, shutdown_done and the drain counters; it is
      * held only to update or test them (never across a gRPC or handler
      * call), so it blocks nobody for long.  cond (CLOCK_MONOTONIC) wakes
-     * the stopping thread when the shutdown tag arrives or live hits 0. */
+     * the stopping thread when the shutdown tag arrives or slots + calls
+     * reaches 0. */
     pthread_mutex_t lock;
     pthread_cond_t cond;
     int slots;                   /* REQUESTED objects */
