@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# setup.sh -- install what eplbd needs on Debian 12 and bring upb's headers
-# and code generators into .deps/upb (or $EPLB_DEPS_DIR/upb).
+# setup.sh [--test] -- install what eplbd needs on Debian 12 and bring upb's
+# headers and code generators into .deps/upb (or $EPLB_DEPS_DIR/upb).
+# --test (scripts/test.sh) also installs what only the tests need: the
+# Python client's grpcio, valgrind, and clang-14 with its sanitizer and
+# libFuzzer runtimes for the fuzz targets.
 #
 # Idempotent and quiet on a second run: packages are installed only when
 # missing, and upb is fetched only when .deps/upb does not match the
@@ -18,14 +21,24 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 deps=${EPLB_DEPS_DIR:-$root/.deps}
 upb=$deps/upb
 
+# libcriterion-dev stays here: a default configure (scripts/run.sh) builds
+# the tests too.
 packages=(
     build-essential cmake pkg-config git
     libgrpc-dev protobuf-compiler protobuf-compiler-grpc grpc-proto
     libprotoc-dev libprotobuf-dev libabsl-dev
     libsqlite3-dev sqlite3 libcriterion-dev
-    python3 python3-grpcio python3-protobuf
-    valgrind ca-certificates
+    python3 ca-certificates
 )
+test_packages=(
+    python3-grpcio python3-protobuf valgrind
+    clang-14 libclang-rt-14-dev llvm-14
+)
+case ${1:-} in
+--test) packages+=("${test_packages[@]}") ;;
+"") ;;
+*) echo "usage: setup.sh [--test]" >&2; exit 2 ;;
+esac
 
 say() { printf 'setup: %s\n' "$*"; }
 

@@ -1,0 +1,7 @@
+
+
+fuzz-draft
+/eplb-fuzz-r0
+/eplb-fuzz-r1"
+
+w   *cpu

@@ -1,0 +1,4 @@
+
+	seed-auto&
+DeepseekV3ForCausalLM
+ 8* (08

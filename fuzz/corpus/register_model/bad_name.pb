@@ -1,0 +1,4 @@
+
+	bad name!&
+DeepseekV3ForCausalLM
+ 8*0

@@ -1,0 +1,4 @@
+
+fuzz-a&
+DeepseekV3ForCausalLM
+ 8*0

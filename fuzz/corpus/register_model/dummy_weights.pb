@@ -1,0 +1,5 @@
+
+
+seed-dummy&
+DeepseekV3ForCausalLM
+ 8*00

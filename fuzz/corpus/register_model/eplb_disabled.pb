@@ -1,0 +1,4 @@
+
+seed-off&
+DeepseekV3ForCausalLM
+ 8*

@@ -1,0 +1,4 @@
+
+seed-new&
+DeepseekV3ForCausalLM
+ 8*0

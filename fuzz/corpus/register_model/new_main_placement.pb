@@ -1,0 +1,5 @@
+
+
+seed-new-p&
+DeepseekV3ForCausalLM
+ 8*08

@@ -1,0 +1,4 @@
+
+
+seed-dense
+LlamaForCausalLM*0

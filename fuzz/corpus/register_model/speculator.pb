@@ -1,0 +1,5 @@
+
+
+seed-draft&
+DeepseekV3ForCausalLM
+ 8"fuzz-a*0

@@ -1,0 +1,4 @@
+
+seed-orphan&
+DeepseekV3ForCausalLM
+ 8"nope*0
