@@ -433,9 +433,21 @@ integration_tests() { # BUILD: the integration Criterion binaries there
 stages=" ${EPLB_TEST_STAGES:-plain asan tsan fuzz} "
 want() { [[ $stages == *" $1 "* ]]; }
 
-# ---- plain build ------------------------------------------------------------------
-if want plain; then
-stage "plain"
+# A stage whose tree was not given, or that EPLB_TEST_STAGES leaves out,
+# is a skipped suite (so it fails CI).
+stage_skipped() { # STAGE DIR OPTION
+    if [ -z "$2" ]; then
+        skip "$1 stage" 1 "no $3 tree given (scripts/test.sh builds it)"
+    elif ! want "$1"; then
+        skip "$1 stage" 1 "left out by EPLB_TEST_STAGES"
+    fi
+}
+stage_skipped asan "$asan" --asan
+stage_skipped tsan "$tsan" --tsan
+stage_skipped fuzz "$fuzz" --fuzz
+want plain || skip "plain stage" 1 "left out by EPLB_TEST_STAGES"
+
+# ---- the counting itself ---------------------------------------------------------
 banner "count self-test"
 self_test >"$results/self-test.out"
 cat "$results/self-test.out"
@@ -445,6 +457,10 @@ else
     echo "FAIL count self-test: no summary"
     failed=$((failed + 1))
 fi
+
+# ---- plain build ------------------------------------------------------------------
+if want plain; then
+stage "plain"
 
 for t in "$build"/tests/test_*; do
     [ -x "$t" ] || continue
@@ -474,6 +490,8 @@ fi
 suite "hip backend (host emulation)" summary - bash "$root/gpu/tests/host-emulation-check.sh"
 if command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then
     suite "hip backend (GPU)" summary - bash "$root/gpu/tests/device-check.sh"
+else
+    echo "hip backend (GPU): no NVIDIA GPU on this machine, not run (hardware, not a skipped tool)"
 fi
 
 [ -f "$root/tests/deploy/check.sh" ] && suite "deployment manifests" summary - bash "$root/tests/deploy/check.sh"
