@@ -1,6 +1,9 @@
 /* eplbd_harness.h -- start a real eplbd process on an ephemeral port with a
  * temporary database, call it over gRPC, stop it with SIGTERM.
  *
+ * A server dies with the test process that started it (PR_SET_PDEATHSIG),
+ * so a failed assertion leaves no eplbd behind.
+ *
  * EPLBD_WRAPPER in the environment (e.g. "valgrind --error-exitcode=99 ...")
  * is put in front of the server's command line; the harness then waits
  * longer and eplbd_stop() returns the wrapper's exit status, so a memory
@@ -15,6 +18,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -51,9 +55,14 @@ static inline int eplbd_try_start(eplbd_proc *p, int *exit_status) {
     snprintf(ready, sizeof ready, "%s/ready", p->dir);
     snprintf(log, sizeof log, "%s/eplbd.log", p->dir);
     unlink(ready);
+    pid_t parent = getpid();
     pid_t pid = fork();
     cr_assert_neq(pid, -1);
     if (pid == 0) {
+        /* A test that fails an assertion exits without stopping its
+         * server: the server (or its wrapper) dies with the test. */
+        if (prctl(PR_SET_PDEATHSIG, SIGKILL) != 0 || getppid() != parent)
+            _exit(125);
         char *argv[64];
         int n = 0;
         char wrapper[512] = "";
