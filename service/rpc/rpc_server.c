@@ -9,9 +9,12 @@
  *    and accepted calls would not get their replacement request_call slot,
  *    so new calls would sit unmatched in gRPC (where shutdown cancels them).
  *    So the CQ threads (RPC_CQ_THREADS) only advance call state machines,
- *    re-post request_call slots at once, and run the fast methods inline
- *    (Health/Check, GetPlacement: they never wait on an operation); every
- *    other handler runs on a pool of `workers` threads fed by a FIFO queue.
+ *    re-post request_call slots at once, and run Health/Check inline
+ *    (constant time).  GetPlacement runs on a small reader pool: it never
+ *    waits for an operation (snapshots), but encoding a large placement
+ *    takes a while, so it stays off the CQ threads and is never queued
+ *    behind slow work.  Every other handler runs on a pool of `workers`
+ *    threads fed by a FIFO queue.
  *  - Every rpc_call object (a posted slot or an accepted call) is counted
  *    while it exists.  The completion queue is shut down only after the
  *    server's shutdown tag arrived AND the count is zero, so no batch is
@@ -30,11 +33,11 @@
  *                 v
  *            RECEIVING
  *                 | message in (or the call died: reply CANCELLED)
- *                 +---- fast method / error reply: inline on the CQ thread
+ *                 +---- Health / error reply: inline on the CQ thread
  *                 |                                     |
  *                 v                                     |
- *             QUEUED (work queue, FIFO)                 |
- *                 | a pool worker pops it               |
+ *             QUEUED (reader or worker pool, FIFO)      |
+ *                 | a pool thread pops it               |
  *                 v                                     v
  *             HANDLING: handler runs (or, after the drain time, no
  *                 |     handler: CANCELLED), reply built
@@ -88,30 +91,39 @@
 #define TSAN_ACQUIRE(p) ((void)(p))
 #endif
 
-/* Threads in grpc_completion_queue_next.  They never block on a handler
- * of the pool, so two are plenty; two keep one slow inline GetPlacement
- * (a large placement to encode) from holding up the other events. */
+/* Threads in grpc_completion_queue_next.  They never run a handler that
+ * can take long, so two are plenty. */
 #define RPC_CQ_THREADS 2
 /* request_call slots kept posted: 2 per worker plus a margin, so a burst of
  * calls arriving together is matched at once (each accept re-posts one). */
 #define RPC_SLOTS_MARGIN 32
 
+/* Where a handler runs.  INLINE: on the CQ thread (constant time, never
+ * waits).  READ: the reader pool (never waits for an operation, but may
+ * take a while to encode a large placement: off the CQ threads, and not
+ * behind slow work).  WORK: the worker pool (may run for seconds). */
+enum rpc_lane { LANE_INLINE, LANE_READ, LANE_WORK, NUM_POOLS = LANE_WORK };
+
+/* Reader threads: GetPlacement only takes a snapshot reference and
+ * encodes; two keep one large encode from holding up the others. */
+#define RPC_READ_THREADS 2
+
 typedef struct rpc_method {
     const char *path;      /* ":path" of the call */
     const char *name;      /* for the log */
     rpc_handler_fn handler;
-    bool inline_ok;        /* fast and never waits: runs on the CQ thread */
+    int lane;              /* where its handler runs (rpc_lane) */
 } rpc_method;
 
 static const rpc_method methods[] = {
-    { "/eplb.v1.ExpertBalancer/RegisterModel", "RegisterModel", rpc_register_model, false },
-    { "/eplb.v1.ExpertBalancer/GetPlacement", "GetPlacement", rpc_get_placement, true },
-    { "/eplb.v1.ExpertBalancer/SetupFromMapping", "SetupFromMapping", rpc_setup_from_mapping, false },
-    { "/eplb.v1.ExpertBalancer/Rebalance", "Rebalance", rpc_rebalance, false },
-    { "/eplb.v1.ExpertBalancer/RecordLoad", "RecordLoad", rpc_record_load, false },
-    { "/eplb.v1.ExpertBalancer/AttachWeights", "AttachWeights", rpc_attach_weights, false },
-    { "/eplb.v1.ExpertBalancer/DetachWeights", "DetachWeights", rpc_detach_weights, false },
-    { "/grpc.health.v1.Health/Check", "Health/Check", rpc_health_check, true },
+    { "/eplb.v1.ExpertBalancer/RegisterModel", "RegisterModel", rpc_register_model, LANE_WORK },
+    { "/eplb.v1.ExpertBalancer/GetPlacement", "GetPlacement", rpc_get_placement, LANE_READ },
+    { "/eplb.v1.ExpertBalancer/SetupFromMapping", "SetupFromMapping", rpc_setup_from_mapping, LANE_WORK },
+    { "/eplb.v1.ExpertBalancer/Rebalance", "Rebalance", rpc_rebalance, LANE_WORK },
+    { "/eplb.v1.ExpertBalancer/RecordLoad", "RecordLoad", rpc_record_load, LANE_WORK },
+    { "/eplb.v1.ExpertBalancer/AttachWeights", "AttachWeights", rpc_attach_weights, LANE_WORK },
+    { "/eplb.v1.ExpertBalancer/DetachWeights", "DetachWeights", rpc_detach_weights, LANE_WORK },
+    { "/grpc.health.v1.Health/Check", "Health/Check", rpc_health_check, LANE_INLINE },
 };
 
 typedef enum call_state {
@@ -136,8 +148,21 @@ typedef struct rpc_call {
     const rpc_method *m;         /* NULL: unknown method */
     int status;                  /* grpc status sent */
     struct timespec started;
-    struct rpc_call *next;       /* work queue link (under queue_lock) */
+    struct rpc_call *next;       /* pool queue link (under the pool's lock) */
 } rpc_call;
+
+/* A FIFO of calls and the threads that run them.  lock guards head, tail
+ * and closed; it is held only to push or pop, never while a handler runs.
+ * Idle threads wait on cond; pushers never wait. */
+typedef struct rpc_pool {
+    const char *name;            /* "worker", "reader" (log) */
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    rpc_call *head, *tail;
+    int closed;                  /* threads exit once the queue is empty */
+    pthread_t *threads;
+    int num_threads;
+} rpc_pool;
 
 struct rpc_server {
     grpc_server *server;
@@ -145,8 +170,7 @@ struct rpc_server {
     rpc_context *ctx;
     pthread_t cq_threads[RPC_CQ_THREADS];
     int num_cq_threads;
-    pthread_t *workers;
-    int num_workers;
+    rpc_pool pools[NUM_POOLS];   /* [LANE_READ - 1], [LANE_WORK - 1] */
     const char *delay_method;    /* test hook (rpc_server_config) */
     int delay_ms;
     int drain_ms;                /* for the CANCELLED message */
@@ -166,14 +190,6 @@ struct rpc_server {
     int shutdown_done;           /* the shutdown tag arrived */
     int drain_completed;         /* calls freed after stop began: finished */
     int drain_cancelled;         /* ... ended cancelled / client gone */
-
-    /* queue_lock guards the work queue (head, tail, closed); held only to
-     * push or pop, never while a handler runs.  Idle workers wait on
-     * queue_cond; pushers never wait. */
-    pthread_mutex_t queue_lock;
-    pthread_cond_t queue_cond;
-    rpc_call *head, *tail;
-    int closed;                  /* workers exit once the queue is empty */
 
     char shutdown_tag;           /* its address is the tag */
 };
@@ -341,7 +357,7 @@ static void call_handle(rpc_call *c) {
         rpc_reply_set(&reply, GRPC_STATUS_UNIMPLEMENTED, "unknown method %.*s",
                       (int)(GRPC_SLICE_LENGTH(c->details.method) > 200 ? 200 : GRPC_SLICE_LENGTH(c->details.method)),
                       (const char *)GRPC_SLICE_START_PTR(c->details.method));
-    } else if (!m->inline_ok && atomic_load(&s->cancelling)) {
+    } else if (m->lane == LANE_WORK && atomic_load(&s->cancelling)) {
         rpc_reply_set(&reply, GRPC_STATUS_CANCELLED,
                       "server shutting down: drain time (%d ms) ran out before this call started", s->drain_ms);
     } else if (!c->request) {
@@ -395,26 +411,27 @@ static void call_handle(rpc_call *c) {
     }
 }
 
-/* The message arrived (or the call died): fast methods and error replies
- * inline, everything else to the pool. */
+/* The message arrived (or the call died): inline methods and error
+ * replies here, everything else to its method's pool. */
 static void call_on_received(rpc_call *c, int ok) {
     rpc_server *s = c->server;
     c->received = ok;
     c->m = method_find(c->details.method);
-    if (!ok || !c->m || c->m->inline_ok) {
+    if (!ok || !c->m || c->m->lane == LANE_INLINE) {
         call_handle(c);
         return;
     }
+    rpc_pool *p = &s->pools[c->m->lane - 1];
     c->state = CALL_QUEUED;
     c->next = NULL;
-    pthread_mutex_lock(&s->queue_lock);
-    if (s->tail)
-        s->tail->next = c;
+    pthread_mutex_lock(&p->lock);
+    if (p->tail)
+        p->tail->next = c;
     else
-        s->head = c;
-    s->tail = c;
-    pthread_cond_signal(&s->queue_cond);
-    pthread_mutex_unlock(&s->queue_lock);
+        p->head = c;
+    p->tail = c;
+    pthread_cond_signal(&p->cond);
+    pthread_mutex_unlock(&p->lock);
 }
 
 static void call_on_sent(rpc_call *c, int ok) {
@@ -488,20 +505,20 @@ static void *cq_main(void *arg) {
     return NULL;
 }
 
-/* A pool worker: run queued handlers until the queue is closed and empty. */
-static void *worker_main(void *arg) {
-    rpc_server *s = arg;
+/* A pool thread: run queued handlers until the queue is closed and empty. */
+static void *pool_main(void *arg) {
+    rpc_pool *p = arg;
     for (;;) {
-        pthread_mutex_lock(&s->queue_lock);
-        while (!s->head && !s->closed)
-            pthread_cond_wait(&s->queue_cond, &s->queue_lock);
-        rpc_call *c = s->head;
+        pthread_mutex_lock(&p->lock);
+        while (!p->head && !p->closed)
+            pthread_cond_wait(&p->cond, &p->lock);
+        rpc_call *c = p->head;
         if (c) {
-            s->head = c->next;
-            if (!s->head)
-                s->tail = NULL;
+            p->head = c->next;
+            if (!p->head)
+                p->tail = NULL;
         }
-        pthread_mutex_unlock(&s->queue_lock);
+        pthread_mutex_unlock(&p->lock);
         if (!c)
             break; /* closed and empty */
         call_handle(c);
@@ -511,14 +528,42 @@ static void *worker_main(void *arg) {
 
 /* ---- lifecycle --------------------------------------------------------- */
 
+static void pool_init(rpc_pool *p, const char *name) {
+    p->name = name;
+    pthread_mutex_init(&p->lock, NULL);
+    pthread_cond_init(&p->cond, NULL);
+}
+
+/* Start up to n threads; returns how many started. */
+static int pool_start(rpc_pool *p, int n) {
+    p->threads = calloc((size_t)n, sizeof *p->threads);
+    for (; p->threads && p->num_threads < n; p->num_threads++)
+        if (pthread_create(&p->threads[p->num_threads], NULL, pool_main, p) != 0)
+            break;
+    if (p->num_threads < n)
+        rpc_log(RPC_LOG_WARN, "started %d of %d %s threads", p->num_threads, n, p->name);
+    return p->num_threads;
+}
+
+static void pool_join(rpc_pool *p) {
+    pthread_mutex_lock(&p->lock);
+    p->closed = 1;
+    pthread_cond_broadcast(&p->cond);
+    pthread_mutex_unlock(&p->lock);
+    for (int i = 0; i < p->num_threads; i++)
+        pthread_join(p->threads[i], NULL);
+    p->num_threads = 0;
+}
+
+static void pool_destroy(rpc_pool *p) {
+    pthread_mutex_destroy(&p->lock);
+    pthread_cond_destroy(&p->cond);
+    free(p->threads);
+}
+
 static void join_workers(rpc_server *s) {
-    pthread_mutex_lock(&s->queue_lock);
-    s->closed = 1;
-    pthread_cond_broadcast(&s->queue_cond);
-    pthread_mutex_unlock(&s->queue_lock);
-    for (int i = 0; i < s->num_workers; i++)
-        pthread_join(s->workers[i], NULL);
-    s->num_workers = 0;
+    for (int i = 0; i < NUM_POOLS; i++)
+        pool_join(&s->pools[i]);
 }
 
 static void server_free(rpc_server *s) {
@@ -526,9 +571,8 @@ static void server_free(rpc_server *s) {
     grpc_completion_queue_destroy(s->cq);
     pthread_mutex_destroy(&s->lock);
     pthread_cond_destroy(&s->cond);
-    pthread_mutex_destroy(&s->queue_lock);
-    pthread_cond_destroy(&s->queue_cond);
-    free(s->workers);
+    for (int i = 0; i < NUM_POOLS; i++)
+        pool_destroy(&s->pools[i]);
     free(s);
 }
 
@@ -569,8 +613,8 @@ eplb_status rpc_server_start(const rpc_server_config *cfg, rpc_context *ctx, rpc
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
     pthread_cond_init(&s->cond, &ca);
     pthread_condattr_destroy(&ca);
-    pthread_mutex_init(&s->queue_lock, NULL);
-    pthread_cond_init(&s->queue_cond, NULL);
+    pool_init(&s->pools[LANE_READ - 1], "reader");
+    pool_init(&s->pools[LANE_WORK - 1], "worker");
 
     grpc_arg args[3];
     memset(args, 0, sizeof args);
@@ -603,8 +647,8 @@ eplb_status rpc_server_start(const rpc_server_config *cfg, rpc_context *ctx, rpc
         grpc_completion_queue_destroy(s->cq);
         pthread_mutex_destroy(&s->lock);
         pthread_cond_destroy(&s->cond);
-        pthread_mutex_destroy(&s->queue_lock);
-        pthread_cond_destroy(&s->queue_cond);
+        for (int i = 0; i < NUM_POOLS; i++)
+            pool_destroy(&s->pools[i]);
         free(s);
         return eplb_error_set(err, EPLB_EUNAVAILABLE,
                               "cannot listen on %s: the address is in use (another eplbd?) or not valid here",
@@ -621,17 +665,12 @@ eplb_status rpc_server_start(const rpc_server_config *cfg, rpc_context *ctx, rpc
         server_abort_start(s);
         return eplb_error_set(err, EPLB_EINTERNAL, "cannot start completion-queue threads");
     }
-    s->workers = calloc((size_t)workers, sizeof *s->workers);
-    for (; s->workers && s->num_workers < workers; s->num_workers++)
-        if (pthread_create(&s->workers[s->num_workers], NULL, worker_main, s) != 0)
-            break;
-    if (s->num_workers == 0) {
+    int started = pool_start(&s->pools[LANE_WORK - 1], workers);
+    if (started == 0 || pool_start(&s->pools[LANE_READ - 1], RPC_READ_THREADS) == 0) {
         rpc_server_stop(s, 0);
         return eplb_error_set(err, EPLB_EINTERNAL, "cannot start worker threads");
     }
-    if (s->num_workers < workers)
-        rpc_log(RPC_LOG_WARN, "started %d of %d worker threads", s->num_workers, workers);
-    int slots = 2 * s->num_workers + RPC_SLOTS_MARGIN;
+    int slots = 2 * (started + RPC_READ_THREADS) + RPC_SLOTS_MARGIN;
     for (int i = 0; i < slots; i++)
         call_request(s);
     *bound_port = strncmp(cfg->listen, "unix:", 5) == 0 ? 0 : port;
