@@ -584,7 +584,8 @@ if [ -n "$fuzz" ] && want fuzz; then
             echo "---- fuzz_$name: passed ($((SECONDS - t0)) s)"
         else
             tail -n 80 "$log"
-            echo "FAIL fuzz_$name: exit $rc; replay: $bin $fuzz/artifacts/fuzz_$name-<crash file>"
+            art=$(ls -t "$fuzz/artifacts/fuzz_$name-"* 2>/dev/null | head -1)
+            echo "FAIL fuzz_$name: exit $rc; replay: EPLB_FUZZ_RESET_EVERY=1 EPLB_FUZZ_VERBOSE=1 $bin ${art:-"(no artifact)"}"
             failed=$((failed + 1))
         fi
     done <"$root/fuzz/rpcs.txt"
