@@ -198,6 +198,12 @@ def detach_weights():
     return {"fuzz_a": D(model_id="fuzz-a"), "fuzz_b": D(model_id="fuzz-b"), "unknown": D(model_id="nope")}
 
 
+def delete_model():
+    D = pb.DeleteModelRequest
+    return {"fuzz_a": D(model_id="fuzz-a"), "fuzz_a_force": D(model_id="fuzz-a", force=True),
+            "fuzz_b_force": D(model_id="fuzz-b", force=True), "unknown": D(model_id="nope")}
+
+
 def health_check():
     H = health_pb2.HealthCheckRequest
     return {"expert_balancer": H(service="eplb.v1.ExpertBalancer"),

@@ -137,11 +137,8 @@ eplb_status eplb_registry_setup_from_mapping(eplb_registry *r, const eplb_setup_
     out->epoch = registry_current(e)->placement.epoch;
     /* The engine re-lays its buffers out for the new ranks: weights
      * attached for the old layout must not be moved; it attaches again. */
-    if (e->weights && relayout) {
-        e->weights->close(e->weights_ctx);
-        e->weights = NULL;
-        e->weights_ctx = NULL;
-    }
+    if (relayout)
+        registry_close_weights(e);
 out:
     eplb_placement_free(&next);
     registry_release(e);

@@ -27,6 +27,7 @@ registry_entry *registry_entry_new(const char *model_id) {
     if (!e)
         return NULL;
     atomic_init(&e->refs, 1);
+    atomic_init(&e->weights_attached, false);
     pthread_mutex_init(&e->op_lock, NULL);
     pthread_mutex_init(&e->pub_lock, NULL);
     snprintf(e->model_id, sizeof e->model_id, "%s", model_id);
@@ -260,8 +261,17 @@ eplb_status eplb_registry_attach_weights(eplb_registry *r, const char *model_id,
         e->weights->close(e->weights_ctx);
     e->weights = ops;
     e->weights_ctx = ctx;
+    atomic_store(&e->weights_attached, true);
     registry_release(e);
     return EPLB_OK;
+}
+
+void registry_close_weights(registry_entry *e) {
+    if (e->weights)
+        e->weights->close(e->weights_ctx);
+    e->weights = NULL;
+    e->weights_ctx = NULL;
+    atomic_store(&e->weights_attached, false);
 }
 
 eplb_status eplb_registry_detach_weights(eplb_registry *r, const char *model_id, bool *detached,
@@ -271,12 +281,120 @@ eplb_status eplb_registry_detach_weights(eplb_registry *r, const char *model_id,
     if (st != EPLB_OK)
         return st;
     *detached = e->weights != NULL;
-    if (e->weights)
-        e->weights->close(e->weights_ctx);
-    e->weights = NULL;
-    e->weights_ctx = NULL;
+    registry_close_weights(e);
     registry_release(e);
     return EPLB_OK;
+}
+
+/* ---- ListModels, DeleteModel ---------------------------------------------- */
+
+static int summary_cmp(const void *a, const void *b) {
+    return strcmp(((const eplb_model_summary *)a)->model_id, ((const eplb_model_summary *)b)->model_id);
+}
+
+eplb_status eplb_registry_list(eplb_registry *r, eplb_model_summary **out, size_t *n, eplb_error *err) {
+    *out = NULL;
+    *n = 0;
+    pthread_rwlock_rdlock(&r->lock);
+    eplb_model_summary *all = eplb_calloc(r->count ? r->count : 1, sizeof *all);
+    if (!all) {
+        pthread_rwlock_unlock(&r->lock);
+        return eplb_error_set(err, EPLB_ENOMEM, "out of memory listing %zu models", r->count);
+    }
+    size_t k = 0;
+    for (size_t i = 0; i < r->count; i++) {
+        registry_entry *e = r->models[i];
+        if (!e->visible)
+            continue;
+        eplb_model_summary *m = &all[k++];
+        snprintf(m->model_id, sizeof m->model_id, "%s", e->model_id);
+        if (e->damaged[0]) { /* immutable once loaded */
+            snprintf(m->damaged, sizeof m->damaged, "%s", e->damaged);
+            continue;
+        }
+        /* Identity never changes once visible (written before visible). */
+        m->role = e->rec.role;
+        snprintf(m->main_model_id, sizeof m->main_model_id, "%s", e->rec.main_model_id);
+        snprintf(m->architecture, sizeof m->architecture, "%s", e->rec.architecture);
+        snprintf(m->resolved_path, sizeof m->resolved_path, "%s", e->rec.resolved_path);
+        pthread_mutex_lock(&e->pub_lock);
+        m->epoch = e->snap->placement.epoch;
+        m->shape = e->snap->shape;
+        m->state = e->state;
+        snprintf(m->state_reason, sizeof m->state_reason, "%s", e->state_reason);
+        pthread_mutex_unlock(&e->pub_lock);
+        m->weights_attached = atomic_load(&e->weights_attached);
+    }
+    pthread_rwlock_unlock(&r->lock);
+    qsort(all, k, sizeof *all, summary_cmp);
+    *out = all;
+    *n = k;
+    return EPLB_OK;
+}
+
+/* Speculators naming e as their main model, as "a, b" into buf; 0 if none.
+ * Caller holds r->lock. */
+static size_t speculators_of(eplb_registry *r, const registry_entry *e, char *buf, size_t len) {
+    size_t n = 0, used = 0;
+    buf[0] = '\0';
+    for (size_t i = 0; i < r->count; i++) {
+        const registry_entry *s = r->models[i];
+        if (s == e || !s->visible || s->damaged[0] || s->rec.role != EPLB_ROLE_SPECULATOR ||
+            strcmp(s->rec.main_model_id, e->model_id) != 0)
+            continue;
+        int w = snprintf(buf + used, len - used, "%s%s", n ? ", " : "", s->model_id);
+        if (w > 0 && (size_t)w < len - used)
+            used += (size_t)w;
+        n++;
+    }
+    return n;
+}
+
+eplb_status eplb_registry_delete(eplb_registry *r, const char *model_id, bool force, eplb_error *err) {
+    pthread_rwlock_rdlock(&r->lock);
+    registry_entry *e = registry_find(r, model_id);
+    if (!e || !e->visible) {
+        pthread_rwlock_unlock(&r->lock);
+        return registry_not_found(model_id, err);
+    }
+    registry_entry_ref(e);
+    char specs[EPLB_ERROR_MSG_MAX / 2];
+    size_t num_specs = speculators_of(r, e, specs, sizeof specs);
+    pthread_rwlock_unlock(&r->lock);
+
+    eplb_status st = EPLB_OK;
+    if (num_specs && !force) {
+        st = eplb_error_set(err, EPLB_EPRECONDITION,
+                            "model %s is the main model of speculator(s) %s: delete them first, or set force",
+                            model_id, specs);
+        registry_entry_unref(e);
+        return st;
+    }
+    if (force) {
+        pthread_mutex_lock(&e->op_lock); /* waits for the operation in progress */
+    } else if (pthread_mutex_trylock(&e->op_lock) != 0) {
+        registry_entry_unref(e);
+        return eplb_error_set(err, EPLB_EPRECONDITION,
+                              "an operation on model %s is in progress (e.g. a rebalance): try again, or set force",
+                              model_id);
+    }
+    if (!e->listed) { /* deleted meanwhile */
+        st = registry_not_found(model_id, err);
+    } else if (e->weights && !force) {
+        st = eplb_error_set(err, EPLB_EPRECONDITION,
+                            "model %s has weights attached: detach them first (DetachWeights), or set force",
+                            model_id);
+    } else if (r->store && (st = r->store->remove(r->store_ctx, model_id, err)) != EPLB_OK) {
+        /* nothing changed */
+    } else {
+        registry_close_weights(e);
+        pthread_rwlock_wrlock(&r->lock);
+        registry_list_remove(r, e);
+        pthread_rwlock_unlock(&r->lock);
+        registry_entry_unref(e); /* the list's reference */
+    }
+    registry_release(e);
+    return st;
 }
 
 /* ---- flush, open, close --------------------------------------------------- */

@@ -56,6 +56,9 @@ typedef struct eplb_store_ops {
     eplb_status (*load_all)(void *ctx,
                             eplb_status (*each)(void *arg, eplb_model_record *rec, eplb_error *err),
                             void *arg, eplb_error *err);
+    /* Delete the model's rows (map and window), damaged or not; a model not
+     * stored is no error. */
+    eplb_status (*remove)(void *ctx, const char *model_id, eplb_error *err);
 } eplb_store_ops;
 
 typedef struct eplb_registry eplb_registry;
@@ -105,6 +108,33 @@ eplb_status eplb_registry_view(eplb_registry *r, const char *model_id, eplb_mode
 /* A copy of a model's current shape (EPLB_ENOTFOUND if unknown). */
 eplb_status eplb_registry_get_shape(eplb_registry *r, const char *model_id, eplb_model_shape *out,
                                     eplb_error *err);
+
+/* One registered model as ListModels shows it. */
+typedef struct eplb_model_summary {
+    char model_id[EPLB_MODEL_NAME_MAX + 1];
+    eplb_role role;
+    char main_model_id[EPLB_MODEL_NAME_MAX + 1];
+    char architecture[EPLB_ARCH_MAX + 1];
+    char resolved_path[EPLB_PATH_MAX];
+    uint64_t epoch;
+    eplb_model_shape shape;
+    eplb_move_state state;
+    char state_reason[EPLB_ERROR_MSG_MAX];
+    bool weights_attached;
+    char damaged[EPLB_ERROR_MSG_MAX]; /* non-empty: only model_id is meaningful */
+} eplb_model_summary;
+
+/* Every visible model, sorted by id, into *out (malloc'd, *n entries; free
+ * it with free()).  Never waits for an operation.  EPLB_ENOMEM. */
+eplb_status eplb_registry_list(eplb_registry *r, eplb_model_summary **out, size_t *n, eplb_error *err);
+
+/* DeleteModel: remove the model from the store, then from memory.
+ * EPLB_ENOTFOUND; EPLB_EPRECONDITION (nothing changes) when, without
+ * force, its weights are attached, another operation on it is in progress,
+ * or speculators name it as their main model (with force: the weights are
+ * closed and the operation waited for; speculators are left as they are).
+ * A damaged model can always be deleted.  Store errors change nothing. */
+eplb_status eplb_registry_delete(eplb_registry *r, const char *model_id, bool force, eplb_error *err);
 
 /* Persist every model whose load window changed since it was last saved
  * (a clean shutdown keeps the window).  Returns the first error. */

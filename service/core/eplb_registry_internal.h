@@ -59,6 +59,7 @@ typedef struct registry_entry {
     char damaged[EPLB_ERROR_MSG_MAX];  /* non-empty: stored row failed verification */
     const eplb_weights_ops *weights;   /* NULL: placement only */
     void *weights_ctx;
+    atomic_bool weights_attached;      /* weights != NULL, for readers without op_lock */
 } registry_entry;
 
 struct eplb_registry {
@@ -116,6 +117,9 @@ eplb_status registry_save(eplb_registry *r, const eplb_model_record *rec, eplb_e
  * holds e->op_lock. */
 eplb_status registry_commit_locked(eplb_registry *r, registry_entry *e, eplb_placement *next,
                                    const eplb_model_shape *shape, eplb_error *err);
+
+/* Close e's weights (if any).  Caller holds op_lock. */
+void registry_close_weights(registry_entry *e);
 
 /* Publish a new move state (and reason) for readers.  Caller holds op_lock. */
 void registry_publish_state(registry_entry *e, eplb_move_state st, const char *reason);

@@ -42,6 +42,10 @@ static const command commands[] = {
       eplb_v1_AttachWeightsResponse_getmsgdef, "attach JSON         AttachWeightsRequest" },
     { "detach", "DetachWeights", eplb_v1_DetachWeightsRequest_getmsgdef,
       eplb_v1_DetachWeightsResponse_getmsgdef, "detach JSON         DetachWeightsRequest" },
+    { "list", "ListModels", eplb_v1_ListModelsRequest_getmsgdef, eplb_v1_ListModelsResponse_getmsgdef,
+      "list [JSON]          ListModelsRequest" },
+    { "delete", "DeleteModel", eplb_v1_DeleteModelRequest_getmsgdef, eplb_v1_DeleteModelResponse_getmsgdef,
+      "delete MODEL_ID|JSON DeleteModelRequest (JSON for \"force\": true)" },
 };
 
 static void usage(FILE *f) {
@@ -138,8 +142,12 @@ static int do_command(eplb_client *client, const command *cmd, const char *arg, 
     int rc = 2;
     size_t json_len = 0;
     char *json = NULL;
-    if (strcmp(cmd->name, "get") == 0 && arg[0] != '{' && arg[0] != '-' && arg[0] != '@') {
-        /* "get MODEL_ID": build the one-field request. */
+    if (!arg) {
+        json = strdup("{}"); /* "list": the empty request */
+        json_len = json ? 2 : 0;
+    } else if ((strcmp(cmd->name, "get") == 0 || strcmp(cmd->name, "delete") == 0) && arg[0] != '{' &&
+               arg[0] != '-' && arg[0] != '@') {
+        /* "get MODEL_ID", "delete MODEL_ID": build the one-field request. */
         size_t n = strlen(arg) + 32;
         json = malloc(n);
         if (json)
@@ -158,7 +166,7 @@ static int do_command(eplb_client *client, const command *cmd, const char *arg, 
     upb_Status status;
     upb_Status_Clear(&status);
     if (!upb_JsonDecode(json, json_len, req, req_md, pool, 0, arena, &status)) {
-        fprintf(stderr, "eplbctl: %s is not a valid %s: %s\n", arg[0] == '@' ? arg + 1 : "the JSON",
+        fprintf(stderr, "eplbctl: %s is not a valid %s: %s\n", arg && arg[0] == '@' ? arg + 1 : "the JSON",
                 upb_MessageDef_FullName(req_md), upb_Status_ErrorMessage(&status));
         goto out;
     }
@@ -228,7 +236,7 @@ int main(int argc, char **argv) {
     for (size_t k = 0; k < sizeof commands / sizeof commands[0]; k++)
         if (strcmp(commands[k].name, name) == 0)
             cmd = &commands[k];
-    if (strcmp(name, "health") != 0 && (!cmd || !arg)) {
+    if (strcmp(name, "health") != 0 && (!cmd || (!arg && strcmp(name, "list") != 0))) {
         usage(stderr);
         return 2;
     }

@@ -62,6 +62,8 @@ void rpc_rebalance(rpc_context *ctx, upb_Arena *arena, const char *req, size_t l
 void rpc_record_load(rpc_context *ctx, upb_Arena *arena, const char *req, size_t len, rpc_reply *out);
 void rpc_attach_weights(rpc_context *ctx, upb_Arena *arena, const char *req, size_t len, rpc_reply *out);
 void rpc_detach_weights(rpc_context *ctx, upb_Arena *arena, const char *req, size_t len, rpc_reply *out);
+void rpc_list_models(rpc_context *ctx, upb_Arena *arena, const char *req, size_t len, rpc_reply *out);
+void rpc_delete_model(rpc_context *ctx, upb_Arena *arena, const char *req, size_t len, rpc_reply *out);
 void rpc_health_check(rpc_context *ctx, upb_Arena *arena, const char *req, size_t len, rpc_reply *out);
 
 #endif

@@ -123,6 +123,8 @@ static const rpc_method methods[] = {
     { "/eplb.v1.ExpertBalancer/RecordLoad", "RecordLoad", rpc_record_load, LANE_WORK },
     { "/eplb.v1.ExpertBalancer/AttachWeights", "AttachWeights", rpc_attach_weights, LANE_WORK },
     { "/eplb.v1.ExpertBalancer/DetachWeights", "DetachWeights", rpc_detach_weights, LANE_WORK },
+    { "/eplb.v1.ExpertBalancer/ListModels", "ListModels", rpc_list_models, LANE_READ },
+    { "/eplb.v1.ExpertBalancer/DeleteModel", "DeleteModel", rpc_delete_model, LANE_WORK },
     { "/grpc.health.v1.Health/Check", "Health/Check", rpc_health_check, LANE_INLINE },
 };
 

@@ -1037,6 +1037,43 @@ free:
     return st;
 }
 
+/* ---- remove ------------------------------------------------------------------ */
+
+/* Both rows of a model in one transaction; rows that fail verification go
+ * too (that is how an operator gets rid of a damaged model). */
+static eplb_status store_remove(void *ctx, const char *model_id, eplb_error *err) {
+    eplb_store *s = ctx;
+    char doing[64 + EPLB_MODEL_NAME_MAX];
+    snprintf(doing, sizeof doing, "deleting model %s", model_id);
+    eplb_status st = EPLB_OK;
+    sqlite3_stmt *q = NULL;
+    static const char *const sql[] = { "DELETE FROM windows WHERE model_id = ?",
+                                       "DELETE FROM models WHERE model_id = ?" };
+    pthread_mutex_lock(&s->lock);
+    int rc = x_exec(s, "BEGIN IMMEDIATE");
+    if (rc != SQLITE_OK)
+        goto fail;
+    for (size_t k = 0; k < sizeof sql / sizeof sql[0]; k++) {
+        if ((rc = x_prepare(s, sql[k], &q)) != SQLITE_OK)
+            goto fail;
+        sqlite3_bind_text(q, 1, model_id, -1, SQLITE_STATIC);
+        if ((rc = x_step(s, q)) != SQLITE_DONE)
+            goto fail;
+        sqlite3_finalize(q);
+        q = NULL;
+    }
+    if ((rc = x_exec(s, "COMMIT")) != SQLITE_OK)
+        goto fail;
+    goto out;
+fail:
+    st = db_fail(s, err, rc, doing);
+    rollback(s);
+out:
+    sqlite3_finalize(q);
+    pthread_mutex_unlock(&s->lock);
+    return st;
+}
+
 /* ---- load ------------------------------------------------------------------ */
 
 static void copy_text(char *dst, size_t len, const col *c) {
@@ -1216,4 +1253,5 @@ out:
 const eplb_store_ops eplb_store_sqlite_ops = {
     .save = store_save,
     .load_all = store_load_all,
+    .remove = store_remove,
 };

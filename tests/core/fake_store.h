@@ -12,6 +12,7 @@
 typedef struct fake_store {
     int saves;
     int window_saves;
+    int removes;
     int fail_next;           /* fail the next save */
     int fail_after;          /* > 0: let this many saves pass, then fail one */
     eplb_model_record last;  /* the last record saved, without its arrays */
@@ -64,7 +65,18 @@ static eplb_status fake_load(void *ctx, eplb_status (*each)(void *, eplb_model_r
     return EPLB_OK;
 }
 
-static const eplb_store_ops fake_ops = { .save = fake_save, .load_all = fake_load };
+static eplb_status fake_remove(void *ctx, const char *model_id, eplb_error *err) {
+    fake_store *s = ctx;
+    (void)model_id;
+    if (s->fail_next) {
+        s->fail_next = 0;
+        return eplb_error_set(err, EPLB_EUNAVAILABLE, "store: injected failure");
+    }
+    s->removes++;
+    return EPLB_OK;
+}
+
+static const eplb_store_ops fake_ops = { .save = fake_save, .load_all = fake_load, .remove = fake_remove };
 
 static inline void fake_store_init(fake_store *s) {
     memset(s, 0, sizeof *s);

@@ -8,6 +8,7 @@
  * each test below deadlocks or times out there. */
 #include <criterion/criterion.h>
 #include <pthread.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
@@ -305,4 +306,30 @@ Test(concurrency, each_failed_allocation_leaves_everything_as_it_was) {
         }
         cr_assert_eq(st, EPLB_ENOMEM, "allocation %ld: %s", n, err.msg);
     }
+}
+
+Test(concurrency, delete_refuses_a_model_with_an_operation_in_progress_unless_forced) {
+    register_ok("a");
+    eplb_model_shape shape;
+    cr_assert_eq(eplb_registry_get_shape(reg, "a", &shape, NULL), EPLB_OK);
+    cr_assert_eq(eplb_registry_attach_weights(reg, "a", &slow_ops, NULL, &shape, NULL), EPLB_OK);
+    pthread_t t;
+    pthread_create(&t, NULL, rebalance_thread, "a");
+    wait_gate_entered();
+    eplb_error err;
+    cr_assert_eq(eplb_registry_delete(reg, "a", false, &err), EPLB_EPRECONDITION);
+    cr_assert_not_null(strstr(err.msg, "in progress"), "%s", err.msg);
+    /* ListModels does not wait either. */
+    eplb_model_summary *all;
+    size_t n;
+    cr_assert_eq(eplb_registry_list(reg, &all, &n, NULL), EPLB_OK);
+    cr_assert_eq(n, 1);
+    cr_assert_eq(all[0].state, EPLB_MOVE_STAGED);
+    free(all);
+    open_gate();
+    void *rc;
+    pthread_join(t, &rc);
+    cr_assert_eq((intptr_t)rc, EPLB_OK);
+    cr_assert_eq(eplb_registry_delete(reg, "a", true, &err), EPLB_OK, "%s", err.msg);
+    cr_assert_eq(eplb_registry_count(reg), 0);
 }

@@ -2,6 +2,7 @@
  * store that can fail on demand. */
 #include <criterion/criterion.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "eplb_registry.h"
@@ -321,4 +322,105 @@ Test(registry, a_shape_whose_placement_cannot_be_sent_is_refused) {
     cr_assert_not_null(strstr(err.msg, "--max-message-bytes"), "%s", err.msg);
     cr_assert_not_null(strstr(err.msg, "model.language_model.moe"), "%s", err.msg);
     cr_assert_eq(store.saves, 0);
+}
+
+/* ---- ListModels, DeleteModel ---------------------------------------------------- */
+
+static eplb_status noop_check(void *c, uint32_t L, uint32_t P, const int32_t *o, const int32_t *n, eplb_error *e) {
+    (void)c, (void)L, (void)P, (void)o, (void)n, (void)e;
+    return EPLB_OK;
+}
+static int noop_closed;
+static void noop_close(void *c) { (void)c, noop_closed++; }
+static const eplb_weights_ops noop_ops = { .check = noop_check, .close = noop_close };
+
+Test(registry, list_shows_every_model_sorted_with_its_state) {
+    const char *names[] = { "zeta", "alpha", "mid" };
+    for (int i = 0; i < 3; i++) {
+        eplb_register_request req = main_request(names[i], &vlm);
+        eplb_register_result res;
+        cr_assert_eq(eplb_registry_register(reg, &req, &res, NULL), EPLB_OK);
+        eplb_model_view_release(&res.view);
+    }
+    eplb_model_shape shape;
+    cr_assert_eq(eplb_registry_get_shape(reg, "mid", &shape, NULL), EPLB_OK);
+    cr_assert_eq(eplb_registry_attach_weights(reg, "mid", &noop_ops, NULL, &shape, NULL), EPLB_OK);
+    eplb_model_summary *all;
+    size_t n;
+    cr_assert_eq(eplb_registry_list(reg, &all, &n, NULL), EPLB_OK);
+    cr_assert_eq(n, 3);
+    cr_assert_str_eq(all[0].model_id, "alpha");
+    cr_assert_str_eq(all[1].model_id, "mid");
+    cr_assert_str_eq(all[2].model_id, "zeta");
+    cr_assert_str_eq(all[0].resolved_path, "KimiK25ForConditionalGeneration.language_model");
+    cr_assert_eq(all[0].shape.num_physical, 12);
+    cr_assert_eq(all[0].state, EPLB_MOVE_IDLE);
+    cr_assert(all[1].weights_attached);
+    cr_assert_not(all[0].weights_attached);
+    free(all);
+}
+
+Test(registry, delete_refuses_attached_weights_and_main_models_of_speculators_unless_forced) {
+    eplb_register_request req = main_request("kimi", &vlm);
+    eplb_register_result res;
+    eplb_error err;
+    cr_assert_eq(eplb_registry_register(reg, &req, &res, NULL), EPLB_OK);
+    eplb_model_view_release(&res.view);
+    eplb_register_request spec = main_request("draft", &lm);
+    spec.role = EPLB_ROLE_SPECULATOR;
+    spec.main_model_id = "kimi";
+    cr_assert_eq(eplb_registry_register(reg, &spec, &res, &err), EPLB_OK, "%s", err.msg);
+    eplb_model_view_release(&res.view);
+
+    cr_assert_eq(eplb_registry_delete(reg, "kimi", false, &err), EPLB_EPRECONDITION);
+    cr_assert_not_null(strstr(err.msg, "speculator(s) draft"), "%s", err.msg);
+    eplb_model_shape shape;
+    cr_assert_eq(eplb_registry_get_shape(reg, "draft", &shape, NULL), EPLB_OK);
+    noop_closed = 0;
+    cr_assert_eq(eplb_registry_attach_weights(reg, "draft", &noop_ops, NULL, &shape, NULL), EPLB_OK);
+    cr_assert_eq(eplb_registry_delete(reg, "draft", false, &err), EPLB_EPRECONDITION);
+    cr_assert_not_null(strstr(err.msg, "DetachWeights"), "%s", err.msg);
+    cr_assert_eq(eplb_registry_count(reg), 2);
+    cr_assert_eq(store.removes, 0);
+
+    /* A store that refuses changes nothing. */
+    store.fail_next = 1;
+    cr_assert_eq(eplb_registry_delete(reg, "draft", true, &err), EPLB_EUNAVAILABLE);
+    cr_assert_eq(eplb_registry_count(reg), 2);
+    cr_assert_eq(noop_closed, 0);
+
+    cr_assert_eq(eplb_registry_delete(reg, "draft", true, &err), EPLB_OK, "%s", err.msg);
+    cr_assert_eq(noop_closed, 1);
+    cr_assert_eq(eplb_registry_delete(reg, "kimi", false, &err), EPLB_OK, "%s", err.msg);
+    cr_assert_eq(store.removes, 2);
+    cr_assert_eq(eplb_registry_count(reg), 0);
+    cr_assert_eq(eplb_registry_delete(reg, "kimi", false, &err), EPLB_ENOTFOUND);
+    /* The name is free again: a new registration starts at epoch 0. */
+    cr_assert_eq(eplb_registry_register(reg, &req, &res, NULL), EPLB_OK);
+    cr_assert_eq(res.view.snap->placement.epoch, 0);
+    eplb_model_view_release(&res.view);
+}
+
+Test(registry, a_damaged_model_can_be_deleted_and_registered_again) {
+    eplb_registry_close(reg);
+    eplb_model_record recs[1];
+    memset(recs, 0, sizeof recs);
+    snprintf(recs[0].model_id, sizeof recs[0].model_id, "kimi");
+    snprintf(recs[0].damaged, sizeof recs[0].damaged, "store: model kimi: checksum mismatch");
+    store.replay = recs;
+    store.num_replay = 1;
+    eplb_limits lim = EPLB_LIMITS_DEFAULT;
+    cr_assert_eq(eplb_registry_open(&fake_ops, &store, &lim, &reg, NULL), EPLB_OK);
+    eplb_model_summary *all;
+    size_t n;
+    cr_assert_eq(eplb_registry_list(reg, &all, &n, NULL), EPLB_OK);
+    cr_assert_eq(n, 1);
+    cr_assert_not_null(strstr(all[0].damaged, "checksum mismatch"));
+    free(all);
+    eplb_error err;
+    cr_assert_eq(eplb_registry_delete(reg, "kimi", false, &err), EPLB_OK, "%s", err.msg);
+    eplb_register_request req = main_request("kimi", &vlm);
+    eplb_register_result res;
+    cr_assert_eq(eplb_registry_register(reg, &req, &res, &err), EPLB_OK, "%s", err.msg);
+    eplb_model_view_release(&res.view);
 }
