@@ -42,6 +42,10 @@ typedef struct options {
     uint32_t shm_uids[RPC_MAX_SHM_UIDS];
     size_t num_shm_uids;
     bool allow_remote_weights;
+    /* TLS: the files named by --tls-cert, --tls-key, --tls-client-ca, and
+     * their contents (read once here: restart-only, no reload) */
+    const char *tls_cert, *tls_key, *tls_client_ca;
+    char *tls_cert_pem, *tls_key_pem, *tls_client_ca_pem;
     /* tests only: --test-handler-delay-ms METHOD:MS */
     char delay_method[64];
     int delay_ms;
@@ -71,6 +75,10 @@ static void usage(FILE *f) {
             "  --shm-allow-uid UID    also accept shm objects owned by UID (repeatable, up to 16;\n"
             "                         the server's own uid always)\n"
             "  --allow-remote-weights accept AttachWeights from non-loopback TCP peers too\n"
+            "  --tls-cert PEM         serve TLS with this certificate chain (needs --tls-key)\n"
+            "  --tls-key PEM          private key of --tls-cert\n"
+            "  --tls-client-ca PEM    require client certificates signed by this CA (mTLS; needs\n"
+            "                         --tls-cert and --tls-key); TLS files are read at start only\n"
             "  --version, --help\n");
 }
 
@@ -86,10 +94,77 @@ static int parse_int(const char *flag, const char *s, long lo, long hi, int *out
     return 0;
 }
 
+/* The whole of a PEM file named by flag, which must hold a "-----BEGIN
+ * <what>" block, NUL-terminated (malloc'd), or NULL after saying why, naming
+ * the flag and the file. */
+static char *read_pem(const char *flag, const char *path, const char *what) {
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        fprintf(stderr, "eplbd: %s %s: cannot read: %s\n", flag, path, strerror(errno));
+        return NULL;
+    }
+    size_t cap = 16384, n = 0;
+    char *buf = malloc(cap + 1);
+    while (buf) {
+        n += fread(buf + n, 1, cap - n, f);
+        if (n < cap || ferror(f))
+            break;
+        char *bigger = cap < (16u << 20) ? realloc(buf, (cap *= 2) + 1) : NULL;
+        if (!bigger) {
+            free(buf);
+            buf = NULL;
+        }
+        buf = bigger;
+    }
+    int bad = ferror(f);
+    fclose(f);
+    if (!buf || bad) {
+        fprintf(stderr, "eplbd: %s %s: cannot read: %s\n", flag, path, bad ? "read error" : "too large");
+        free(buf);
+        return NULL;
+    }
+    buf[n] = '\0';
+    char begin[64];
+    snprintf(begin, sizeof begin, "-----BEGIN %s", what);
+    if (!strstr(buf, begin) || (strcmp(what, "CERTIFICATE") != 0 && !strstr(buf, "PRIVATE KEY-----"))) {
+        fprintf(stderr, "eplbd: %s %s: not a PEM %s (no '%s%s' line)\n", flag, path,
+                strcmp(what, "CERTIFICATE") == 0 ? "certificate" : "private key", begin,
+                strcmp(what, "CERTIFICATE") == 0 ? "-----" : "... PRIVATE KEY-----");
+        free(buf);
+        return NULL;
+    }
+    return buf;
+}
+
+/* --tls-cert and --tls-key go together; --tls-client-ca needs both. */
+static int parse_tls(options *o) {
+    if (!o->tls_cert != !o->tls_key) {
+        fprintf(stderr, "eplbd: %s %s given without %s: TLS needs both --tls-cert and --tls-key\n",
+                o->tls_cert ? "--tls-cert" : "--tls-key", o->tls_cert ? o->tls_cert : o->tls_key,
+                o->tls_cert ? "--tls-key" : "--tls-cert");
+        return -1;
+    }
+    if (o->tls_client_ca && !o->tls_cert) {
+        fprintf(stderr, "eplbd: --tls-client-ca %s given without --tls-cert and --tls-key: "
+                        "client certificates are only checked on a TLS listener\n", o->tls_client_ca);
+        return -1;
+    }
+    if (!o->tls_cert)
+        return 0;
+    if (!(o->tls_cert_pem = read_pem("--tls-cert", o->tls_cert, "CERTIFICATE")) ||
+        !(o->tls_key_pem = read_pem("--tls-key", o->tls_key, "")) ||
+        (o->tls_client_ca && !(o->tls_client_ca_pem = read_pem("--tls-client-ca", o->tls_client_ca, "CERTIFICATE")))) {
+        free(o->tls_cert_pem);
+        free(o->tls_key_pem);
+        return -1;
+    }
+    return 0;
+}
+
 static int parse_options(int argc, char **argv, options *o) {
     enum { O_LISTEN = 256, O_DATA, O_DB, O_WORKERS, O_MAXMSG, O_MAXL, O_MAXE, O_MAXEP, O_MAXWIN, O_DRAIN,
            O_LOG, O_READY, O_BACKEND, O_FAULT, O_VERSION, O_HELP, O_MAXMODELS, O_MAXSTATE, O_SHMPREFIX,
-           O_SHMUID, O_REMOTEW, O_DELAY };
+           O_SHMUID, O_REMOTEW, O_DELAY, O_TLSCERT, O_TLSKEY, O_TLSCA };
     static const struct option longopts[] = {
         { "listen", required_argument, NULL, O_LISTEN },
         { "data-dir", required_argument, NULL, O_DATA },
@@ -109,6 +184,9 @@ static int parse_options(int argc, char **argv, options *o) {
         { "shm-prefix", required_argument, NULL, O_SHMPREFIX },
         { "shm-allow-uid", required_argument, NULL, O_SHMUID },
         { "allow-remote-weights", no_argument, NULL, O_REMOTEW },
+        { "tls-cert", required_argument, NULL, O_TLSCERT },
+        { "tls-key", required_argument, NULL, O_TLSKEY },
+        { "tls-client-ca", required_argument, NULL, O_TLSCA },
         { "fault-inject", required_argument, NULL, O_FAULT },
         { "test-handler-delay-ms", required_argument, NULL, O_DELAY },
         { "version", no_argument, NULL, O_VERSION },
@@ -184,6 +262,9 @@ static int parse_options(int argc, char **argv, options *o) {
             break;
         }
         case O_REMOTEW: o->allow_remote_weights = true; break;
+        case O_TLSCERT: o->tls_cert = optarg; break;
+        case O_TLSKEY: o->tls_key = optarg; break;
+        case O_TLSCA: o->tls_client_ca = optarg; break;
         case O_MAXMODELS: if (parse_int("--max-models", optarg, 1, 1 << 20, &v)) return -1; o->limits.max_models = (uint32_t)v; break;
         case O_MAXSTATE: if (parse_int("--max-state-mib", optarg, 1, 1 << 24, &v)) return -1; o->limits.max_state_bytes = (uint64_t)v << 20; break;
         case O_BACKEND:
@@ -218,7 +299,7 @@ static int parse_options(int argc, char **argv, options *o) {
     }
     /* No response may be larger than what gRPC will send. */
     o->limits.max_response_bytes = (uint64_t)o->max_message_bytes;
-    return 0;
+    return parse_tls(o);
 }
 
 /* The address actually served: host:port with the bound port (":0" ->
@@ -295,10 +376,20 @@ int main(int argc, char **argv) {
     rpc_server_config cfg = { .listen = o.listen, .workers = o.workers,
                               .max_message_bytes = o.max_message_bytes,
                               .test_delay_method = o.delay_method[0] ? o.delay_method : NULL,
-                              .test_delay_ms = o.delay_ms };
+                              .test_delay_ms = o.delay_ms, .tls_cert_pem = o.tls_cert_pem,
+                              .tls_key_pem = o.tls_key_pem, .tls_client_ca_pem = o.tls_client_ca_pem };
     rpc_server *server = NULL;
     int port = 0;
-    if (rpc_server_start(&cfg, &ctx, &server, &port, &err) != EPLB_OK) {
+    int started = rpc_server_start(&cfg, &ctx, &server, &port, &err);
+    /* gRPC copied the PEM text; the key need not stay in our memory. */
+    if (o.tls_key_pem) {
+        explicit_bzero(o.tls_key_pem, strlen(o.tls_key_pem));
+        free(o.tls_key_pem);
+    }
+    free(o.tls_cert_pem);
+    free(o.tls_client_ca_pem);
+    cfg.tls_cert_pem = cfg.tls_key_pem = cfg.tls_client_ca_pem = NULL;
+    if (started != EPLB_OK) {
         rpc_log(RPC_LOG_ERROR, "%s", err.msg);
         eplb_registry_close(registry);
         eplb_store_close(store);
@@ -308,9 +399,10 @@ int main(int argc, char **argv) {
     char addr[512], why[256] = "";
     bound_address(o.listen, port, addr, sizeof addr);
     const char *backend = strcmp(o.backend, "auto") == 0 ? eplb_backend_auto_name(why, sizeof why) : o.backend;
-    rpc_log(RPC_LOG_INFO, "eplbd %s listening on %s, database %s, %zu model(s), %d workers, "
-            "weight backend %s%s%s", EPLBD_VERSION, addr, db_path, eplb_registry_count(registry),
-            o.workers, backend, why[0] ? ": " : "", why);
+    rpc_log(RPC_LOG_INFO, "eplbd %s listening on %s, %s, database %s, %zu model(s), %d workers, "
+            "weight backend %s%s%s", EPLBD_VERSION, addr,
+            o.tls_client_ca ? "mTLS" : o.tls_cert ? "TLS" : "plaintext", db_path,
+            eplb_registry_count(registry), o.workers, backend, why[0] ? ": " : "", why);
     if (cfg.test_delay_method)
         rpc_log(RPC_LOG_WARN, "test hook: every %s handler sleeps %d ms first", cfg.test_delay_method,
                 cfg.test_delay_ms);

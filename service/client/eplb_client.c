@@ -9,6 +9,8 @@
 #include <grpc/slice.h>
 #include <grpc/support/alloc.h>
 #include <grpc/support/time.h>
+#include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -26,13 +28,73 @@ const char *eplb_grpc_status_name(int status) {
     return status >= 0 && status <= 16 ? names[status] : "UNKNOWN";
 }
 
-eplb_client *eplb_client_open(const char *target) {
-    eplb_client *c = calloc(1, sizeof *c);
-    if (!c)
+/* The whole file, NUL-terminated (malloc'd), or NULL (errno set). */
+static char *read_file(const char *path) {
+    FILE *f = fopen(path, "rb");
+    if (!f)
         return NULL;
+    size_t cap = 16384, n = 0;
+    char *buf = malloc(cap + 1);
+    while (buf) {
+        n += fread(buf + n, 1, cap - n, f);
+        if (n < cap || ferror(f))
+            break;
+        char *bigger = realloc(buf, (cap *= 2) + 1);
+        if (!bigger)
+            free(buf);
+        buf = bigger;
+    }
+    int bad = ferror(f);
+    fclose(f);
+    if (!buf || bad) {
+        free(buf);
+        errno = bad ? EIO : ENOMEM;
+        return NULL;
+    }
+    buf[n] = '\0';
+    return buf;
+}
+
+eplb_client *eplb_client_open(const char *target) { return eplb_client_open_tls(target, NULL, NULL); }
+
+eplb_client *eplb_client_open_tls(const char *target, const eplb_client_tls *tls, const char **bad_file) {
+    char *ca = NULL, *cert = NULL, *key = NULL;
+    if (bad_file)
+        *bad_file = NULL;
+    if (tls) {
+        const char *bad = NULL;
+        if (!tls->ca_file || !tls->cert_file != !tls->key_file) {
+            errno = EINVAL;
+            return NULL;
+        }
+        if (!(ca = read_file(bad = tls->ca_file)) || (tls->cert_file && !(cert = read_file(bad = tls->cert_file))) ||
+            (tls->key_file && !(key = read_file(bad = tls->key_file)))) {
+            int e = errno;
+            free(ca);
+            free(cert);
+            free(key);
+            if (bad_file)
+                *bad_file = bad;
+            errno = e;
+            return NULL;
+        }
+    }
+    eplb_client *c = calloc(1, sizeof *c);
+    if (!c) {
+        free(ca);
+        free(cert);
+        free(key);
+        return NULL;
+    }
     grpc_init();
-    grpc_channel_credentials *creds = grpc_insecure_credentials_create();
-    grpc_arg args[2];
+    grpc_channel_credentials *creds;
+    if (tls) {
+        grpc_ssl_pem_key_cert_pair pair = { .private_key = key, .cert_chain = cert };
+        creds = grpc_ssl_credentials_create(ca, cert ? &pair : NULL, NULL, NULL);
+    } else {
+        creds = grpc_insecure_credentials_create();
+    }
+    grpc_arg args[3];
     memset(args, 0, sizeof args);
     args[0].type = GRPC_ARG_INTEGER;
     args[0].key = GRPC_ARG_MAX_RECEIVE_MESSAGE_LENGTH;
@@ -40,9 +102,22 @@ eplb_client *eplb_client_open(const char *target) {
     args[1].type = GRPC_ARG_INTEGER;
     args[1].key = GRPC_ARG_MAX_SEND_MESSAGE_LENGTH;
     args[1].value.integer = 1 << 30;
-    grpc_channel_args channel_args = { .num_args = 2, .args = args };
-    c->channel = grpc_channel_create(target, creds, &channel_args);
-    grpc_channel_credentials_release(creds);
+    size_t nargs = 2;
+    if (tls && tls->server_name) {
+        args[2].type = GRPC_ARG_STRING;
+        args[2].key = GRPC_SSL_TARGET_NAME_OVERRIDE_ARG;
+        args[2].value.string = (char *)tls->server_name;
+        nargs = 3;
+    }
+    grpc_channel_args channel_args = { .num_args = nargs, .args = args };
+    c->channel = creds ? grpc_channel_create(target, creds, &channel_args) : NULL;
+    if (creds)
+        grpc_channel_credentials_release(creds);
+    if (key)
+        memset(key, 0, strlen(key));
+    free(ca);
+    free(cert);
+    free(key);
     if (!c->channel) {
         grpc_shutdown();
         free(c);

@@ -5,6 +5,7 @@
  * "@file".  Responses are printed as JSON with proto field names.  Exit
  * status: 0 OK, 1 the RPC failed (status and message on stderr), 2 usage. */
 #include <errno.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -49,7 +50,11 @@ static const command commands[] = {
 };
 
 static void usage(FILE *f) {
-    fprintf(f, "usage: eplbctl [--addr HOST:PORT|unix:PATH] [--timeout SECONDS] COMMAND [ARG]\n"
+    fprintf(f, "usage: eplbctl [--addr HOST:PORT|unix:PATH] [--timeout SECONDS] [TLS options] COMMAND [ARG]\n"
+               "  --tls-ca PEM          CA of the server's certificate: use TLS\n"
+               "  --tls-cert PEM        client certificate (mTLS; with --tls-key and --tls-ca)\n"
+               "  --tls-key PEM         its private key\n"
+               "  --tls-server-name N   name to check in the server's certificate (default: the host of --addr)\n"
                "  health [SERVICE]     grpc.health.v1.Health/Check\n");
     for (size_t i = 0; i < sizeof commands / sizeof commands[0]; i++)
         fprintf(f, "  %s\n", commands[i].help);
@@ -207,6 +212,7 @@ int main(int argc, char **argv) {
     if (!addr || !*addr)
         addr = "127.0.0.1:50051";
     int timeout_ms = 30000;
+    eplb_client_tls tls = { 0 };
     int i = 1;
     for (; i < argc && argv[i][0] == '-' && argv[i][1] == '-'; i++) {
         if (strcmp(argv[i], "--help") == 0) {
@@ -214,6 +220,14 @@ int main(int argc, char **argv) {
             return 0;
         } else if (strcmp(argv[i], "--addr") == 0 && i + 1 < argc) {
             addr = argv[++i];
+        } else if (strcmp(argv[i], "--tls-ca") == 0 && i + 1 < argc) {
+            tls.ca_file = argv[++i];
+        } else if (strcmp(argv[i], "--tls-cert") == 0 && i + 1 < argc) {
+            tls.cert_file = argv[++i];
+        } else if (strcmp(argv[i], "--tls-key") == 0 && i + 1 < argc) {
+            tls.key_file = argv[++i];
+        } else if (strcmp(argv[i], "--tls-server-name") == 0 && i + 1 < argc) {
+            tls.server_name = argv[++i];
         } else if (strcmp(argv[i], "--timeout") == 0 && i + 1 < argc) {
             double s = strtod(argv[++i], NULL);
             if (s <= 0 || s > 86400) {
@@ -240,7 +254,22 @@ int main(int argc, char **argv) {
         usage(stderr);
         return 2;
     }
-    eplb_client *client = eplb_client_open(addr);
+    bool use_tls = tls.ca_file || tls.cert_file || tls.key_file || tls.server_name;
+    if (use_tls && !tls.ca_file) {
+        fprintf(stderr, "eplbctl: --tls-cert, --tls-key and --tls-server-name need --tls-ca (the server's CA)\n");
+        return 2;
+    }
+    if (!tls.cert_file != !tls.key_file) {
+        fprintf(stderr, "eplbctl: --tls-cert and --tls-key go together\n");
+        return 2;
+    }
+    const char *bad = NULL;
+    eplb_client *client = eplb_client_open_tls(addr, use_tls ? &tls : NULL, &bad);
+    if (!client && bad) {
+        const char *flag = bad == tls.ca_file ? "--tls-ca" : bad == tls.cert_file ? "--tls-cert" : "--tls-key";
+        fprintf(stderr, "eplbctl: %s %s: cannot read: %s\n", flag, bad, strerror(errno));
+        return 2;
+    }
     if (!client) {
         fprintf(stderr, "eplbctl: cannot open a channel to %s\n", addr);
         return 1;

@@ -636,9 +636,21 @@ eplb_status rpc_server_start(const rpc_server_config *cfg, rpc_context *ctx, rpc
     s->server = grpc_server_create(&channel_args, NULL);
     s->cq = grpc_completion_queue_create_for_next(NULL);
     grpc_server_register_completion_queue(s->server, s->cq, NULL);
-    grpc_server_credentials *creds = grpc_insecure_server_credentials_create();
-    int port = grpc_server_add_http2_port(s->server, cfg->listen, creds);
-    grpc_server_credentials_release(creds);
+    bool tls = cfg->tls_cert_pem && cfg->tls_key_pem;
+    grpc_server_credentials *creds;
+    if (tls) {
+        grpc_ssl_pem_key_cert_pair pair = { .private_key = cfg->tls_key_pem, .cert_chain = cfg->tls_cert_pem };
+        creds = grpc_ssl_server_credentials_create_ex(
+            cfg->tls_client_ca_pem, &pair, 1,
+            cfg->tls_client_ca_pem ? GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY
+                                   : GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE,
+            NULL);
+    } else {
+        creds = grpc_insecure_server_credentials_create();
+    }
+    int port = creds ? grpc_server_add_http2_port(s->server, cfg->listen, creds) : 0;
+    if (creds)
+        grpc_server_credentials_release(creds);
     if (port == 0) {
         grpc_server_destroy(s->server);
         grpc_completion_queue_shutdown(s->cq);
@@ -653,8 +665,8 @@ eplb_status rpc_server_start(const rpc_server_config *cfg, rpc_context *ctx, rpc
             pool_destroy(&s->pools[i]);
         free(s);
         return eplb_error_set(err, EPLB_EUNAVAILABLE,
-                              "cannot listen on %s: the address is in use (another eplbd?) or not valid here",
-                              cfg->listen);
+                              "cannot listen on %s: the address is in use (another eplbd?) or not valid here%s",
+                              cfg->listen, tls ? ", or the --tls-cert/--tls-key/--tls-client-ca PEM is not valid" : "");
     }
     grpc_server_start(s->server);
 

@@ -24,6 +24,13 @@ typedef struct rpc_server_config {
     const char *listen;          /* "host:port" or "unix:/path" */
     int workers;                 /* pool threads that run handlers (>= 1) */
     int max_message_bytes;       /* receive and send limit */
+    /* TLS (eplbd's --tls-cert, --tls-key, --tls-client-ca): PEM text, read
+     * once at start (no reload).  tls_cert_pem and tls_key_pem both NULL:
+     * plaintext.  tls_client_ca_pem set: every client must present a
+     * certificate that verifies against it (mTLS). */
+    const char *tls_cert_pem;
+    const char *tls_key_pem;
+    const char *tls_client_ca_pem;
     /* Tests only (eplbd's hidden --test-handler-delay-ms METHOD:MS): sleep
      * test_delay_ms before every handler of the method whose log name is
      * test_delay_method ("Rebalance", "RegisterModel", ...), on the thread

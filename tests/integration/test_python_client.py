@@ -35,6 +35,7 @@ class Server:
         self.db = os.path.join(self.dir, "eplbd.db")
         self.proc = None
         self.addr = None
+        self.extra = []  # more eplbd flags (the TLS test's)
 
     def start(self):
         ready = os.path.join(self.dir, "ready")
@@ -42,7 +43,8 @@ class Server:
             os.unlink(ready)
         log = open(os.path.join(self.dir, "eplbd.log"), "ab")
         self.proc = subprocess.Popen([EPLBD, "--listen", "127.0.0.1:0", "--db", self.db,
-                                      "--ready-file", ready], stdout=subprocess.DEVNULL, stderr=log)
+                                      "--ready-file", ready] + self.extra,
+                                     stdout=subprocess.DEVNULL, stderr=log)
         log.close()
         deadline = time.time() + 15
         while time.time() < deadline:
@@ -103,6 +105,63 @@ class PythonClientTest(unittest.TestCase):
         with self.assertRaises(grpc.RpcError) as cm:
             self.raw("/grpc.health.v1.Health/Check")(b"\x0a\x03abc", timeout=10)
         self.assertEqual(cm.exception.code(), grpc.StatusCode.NOT_FOUND)
+
+    def test_tls_and_mtls_with_ssl_channel_credentials(self):
+        # A CA, a server certificate for localhost/127.0.0.1 and a client
+        # certificate, made here with the openssl CLI (scripts/setup.sh
+        # installs it: a missing openssl fails this test, it is not skipped).
+        self.assertIsNotNone(shutil.which("openssl"), "the openssl CLI is missing")
+        srv = Server()
+        d = srv.dir
+        with open(os.path.join(d, "x.cnf"), "w") as f:
+            f.write("[req]\ndistinguished_name = dn\n[dn]\n"
+                    "[ca_ext]\nbasicConstraints = critical,CA:TRUE\nkeyUsage = critical,keyCertSign,cRLSign\n"
+                    "[server_ext]\nbasicConstraints = CA:FALSE\nextendedKeyUsage = serverAuth\n"
+                    "subjectAltName = DNS:localhost,IP:127.0.0.1\n"
+                    "[client_ext]\nbasicConstraints = CA:FALSE\nextendedKeyUsage = clientAuth\n")
+        key = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+        def openssl(*args):
+            subprocess.run(["openssl"] + list(args), cwd=d, check=True, capture_output=True)
+
+        openssl("req", "-x509", "-config", "x.cnf", "-extensions", "ca_ext", *key, "-keyout", "ca.key",
+                "-out", "ca.pem", "-days", "2", "-subj", "/CN=eplb-py-test-ca")
+        for name, ext in (("server", "server_ext"), ("client", "client_ext")):
+            openssl("req", "-new", "-config", "x.cnf", *key, "-keyout", name + ".key", "-out", name + ".csr",
+                    "-subj", "/CN=" + ("localhost" if name == "server" else "eplb-py-client"))
+            openssl("x509", "-req", "-in", name + ".csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+                    "-out", name + ".pem", "-days", "2", "-extfile", "x.cnf", "-extensions", ext)
+
+        def pem(name):
+            with open(os.path.join(d, name), "rb") as f:
+                return f.read()
+
+        srv.extra = ["--tls-cert", os.path.join(d, "server.pem"), "--tls-key", os.path.join(d, "server.key"),
+                     "--tls-client-ca", os.path.join(d, "ca.pem")]
+        srv.start()
+        try:
+            creds = grpc.ssl_channel_credentials(root_certificates=pem("ca.pem"), private_key=pem("client.key"),
+                                                 certificate_chain=pem("client.pem"))
+            with grpc.secure_channel(srv.addr, creds) as ch:
+                health = ch.unary_unary("/grpc.health.v1.Health/Check")
+                self.assertEqual(health(b"", timeout=10), b"\x08\x01")
+                resp = eplb_pb2_grpc.ExpertBalancerStub(ch).RegisterModel(
+                    register_request("tls", moe("DeepseekV3ForCausalLM")), timeout=10)
+                self.assertTrue(resp.registered)
+            # No client certificate: the mTLS server refuses the connection.
+            with grpc.secure_channel(srv.addr, grpc.ssl_channel_credentials(pem("ca.pem"))) as ch:
+                with self.assertRaises(grpc.RpcError) as cm:
+                    ch.unary_unary("/grpc.health.v1.Health/Check")(b"", timeout=5)
+                self.assertEqual(cm.exception.code(), grpc.StatusCode.UNAVAILABLE)
+            # Plaintext against TLS fails too.
+            with grpc.insecure_channel(srv.addr) as ch:
+                with self.assertRaises(grpc.RpcError) as cm:
+                    ch.unary_unary("/grpc.health.v1.Health/Check")(b"", timeout=5)
+                self.assertEqual(cm.exception.code(), grpc.StatusCode.UNAVAILABLE)
+        finally:
+            rc = srv.stop()
+            srv.cleanup()
+        self.assertEqual(rc, 0, "the TLS eplbd did not exit cleanly on SIGTERM")
 
     def test_register_wrapped_moe(self):
         resp = self.stub.RegisterModel(register_request(
