@@ -24,6 +24,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "eplb/v1/eplb.upb.h"
 #include "eplb_client.h"
 
 typedef struct eplbd_proc {
@@ -260,6 +261,51 @@ static inline void eplbd_suite_stop(eplbd_proc *p, eplb_client *client) {
     int rc = eplbd_stop(p);
     eplbd_cleanup(p);
     cr_assert_eq(rc, 0, "eplbd exited with %d at SIGTERM", rc);
+}
+
+/* ---- requests every suite builds ------------------------------------------ */
+
+/* A RegisterModelRequest of an MoE "DeepseekV3ForCausalLM": L layers, N
+ * logical experts, P physical slots on ep ranks (P - N redundant). */
+static inline eplb_v1_RegisterModelRequest *harness_moe_request(upb_Arena *a, const char *name, uint32_t L,
+                                                                uint32_t N, uint32_t P, uint32_t ep) {
+    eplb_v1_RegisterModelRequest *r = eplb_v1_RegisterModelRequest_new(a);
+    eplb_v1_RegisterModelRequest_set_model_name(r, upb_StringView_FromString(name));
+    eplb_v1_ModelHandle *h = eplb_v1_RegisterModelRequest_mutable_model(r, a);
+    eplb_v1_ModelHandle_set_architecture(h, upb_StringView_FromString("DeepseekV3ForCausalLM"));
+    eplb_v1_ModelHandle_add_interfaces(h, eplb_v1_MIXTURE_OF_EXPERTS, a);
+    eplb_v1_MoeSpec *m = eplb_v1_ModelHandle_mutable_moe(h, a);
+    eplb_v1_MoeSpec_set_num_moe_layers(m, L);
+    eplb_v1_MoeSpec_set_num_logical_experts(m, N);
+    eplb_v1_MoeSpec_set_num_physical_experts(m, P);
+    eplb_v1_MoeSpec_set_num_local_physical_experts(m, P / ep);
+    eplb_v1_MoeSpec_set_num_redundant_experts(m, P - N);
+    eplb_v1_ParallelConfig *p = eplb_v1_RegisterModelRequest_mutable_parallel(r, a);
+    eplb_v1_ParallelConfig_set_enable_eplb(p, true);
+    eplb_v1_ParallelConfig_set_ep_size(p, ep);
+    return r;
+}
+
+/* One unary call of eplb.v1.ExpertBalancer/<method>: its status; the
+ * status message into msg (when not NULL); when OK and body is not NULL, a
+ * copy of the response bytes in the arena (parse it from there). */
+static inline int harness_rpc(eplb_client *c, const char *method, const char *bytes, size_t len, upb_Arena *a,
+                              char **body, size_t *body_len, char *msg, size_t n) {
+    char path[128];
+    eplb_call_result r;
+    snprintf(path, sizeof path, "/eplb.v1.ExpertBalancer/%s", method);
+    cr_assert_eq(eplb_client_call(c, path, bytes, len, call_timeout_ms(), &r), 0);
+    if (msg)
+        snprintf(msg, n, "%s", r.message ? r.message : "");
+    if (body && r.status == 0) {
+        *body = upb_Arena_Malloc(a, r.body_len + 1);
+        cr_assert_not_null(*body);
+        memcpy(*body, r.body, r.body_len);
+        *body_len = r.body_len;
+    }
+    int st = r.status;
+    eplb_call_result_free(&r);
+    return st;
 }
 
 #endif

@@ -6,46 +6,20 @@
 
 #include "eplb/v1/eplb.upb.h"
 
-static int call(eplb_client *c, const char *method, const char *bytes, size_t len, eplb_call_result *r) {
-    char path[128];
-    snprintf(path, sizeof path, "/eplb.v1.ExpertBalancer/%s", method);
-    cr_assert_eq(eplb_client_call(c, path, bytes, len, call_timeout_ms(), r), 0);
-    return r->status;
-}
-
 /* RegisterModel of an L x N (+N redundant) MoE on ep_size 2; returns the
  * status, the response (parsed into a) in *resp when OK. */
 static int register_moe(eplb_client *c, upb_Arena *a, const char *name, uint32_t L, uint32_t N, uint32_t window,
                         bool include_placement, eplb_v1_RegisterModelResponse **resp, char *msg, size_t msglen) {
-    eplb_v1_RegisterModelRequest *r = eplb_v1_RegisterModelRequest_new(a);
-    eplb_v1_RegisterModelRequest_set_model_name(r, upb_StringView_FromString(name));
-    eplb_v1_ModelHandle *h = eplb_v1_RegisterModelRequest_mutable_model(r, a);
-    eplb_v1_ModelHandle_set_architecture(h, upb_StringView_FromString("DeepseekV3ForCausalLM"));
-    eplb_v1_ModelHandle_add_interfaces(h, eplb_v1_MIXTURE_OF_EXPERTS, a);
-    eplb_v1_MoeSpec *m = eplb_v1_ModelHandle_mutable_moe(h, a);
-    eplb_v1_MoeSpec_set_num_moe_layers(m, L);
-    eplb_v1_MoeSpec_set_num_logical_experts(m, N);
-    eplb_v1_MoeSpec_set_num_physical_experts(m, 2 * N);
-    eplb_v1_MoeSpec_set_num_local_physical_experts(m, N);
-    eplb_v1_MoeSpec_set_num_redundant_experts(m, N);
-    eplb_v1_ParallelConfig *p = eplb_v1_RegisterModelRequest_mutable_parallel(r, a);
-    eplb_v1_ParallelConfig_set_enable_eplb(p, true);
-    eplb_v1_ParallelConfig_set_ep_size(p, 2);
-    eplb_v1_ParallelConfig_set_window_size(p, window);
+    eplb_v1_RegisterModelRequest *r = harness_moe_request(a, name, L, N, 2 * N, 2);
+    eplb_v1_ParallelConfig_set_window_size(eplb_v1_RegisterModelRequest_mutable_parallel(r, a), window);
     eplb_v1_RegisterModelRequest_set_include_placement(r, include_placement);
-    size_t len;
-    char *bytes = eplb_v1_RegisterModelRequest_serialize(r, a, &len);
-    eplb_call_result res;
-    int st = call(c, "RegisterModel", bytes, len, &res);
-    if (msg)
-        snprintf(msg, msglen, "%s", res.message ? res.message : "");
+    size_t len, blen = 0;
+    char *bytes = eplb_v1_RegisterModelRequest_serialize(r, a, &len), *body = NULL;
+    int st = harness_rpc(c, "RegisterModel", bytes, len, a, resp ? &body : NULL, &blen, msg, msglen);
     if (st == 0 && resp) {
-        char *body = upb_Arena_Malloc(a, res.body_len + 1);
-        memcpy(body, res.body, res.body_len);
-        *resp = eplb_v1_RegisterModelResponse_parse(body, res.body_len, a);
+        *resp = eplb_v1_RegisterModelResponse_parse(body, blen, a);
         cr_assert_not_null(*resp);
     }
-    eplb_call_result_free(&res);
     return st;
 }
 
@@ -54,10 +28,7 @@ static int get_status(eplb_client *c, upb_Arena *a, const char *id) {
     eplb_v1_GetPlacementRequest_set_model_id(req, upb_StringView_FromString(id));
     size_t len;
     char *bytes = eplb_v1_GetPlacementRequest_serialize(req, a, &len);
-    eplb_call_result r;
-    int st = call(c, "GetPlacement", bytes, len, &r);
-    eplb_call_result_free(&r);
-    return st;
+    return harness_rpc(c, "GetPlacement", bytes, len, a, NULL, NULL, NULL, 0);
 }
 
 TestSuite(limits, .timeout = 300);

@@ -7,56 +7,23 @@
 
 #include "eplb/v1/eplb.upb.h"
 
-static int call(eplb_client *c, const char *method, const char *bytes, size_t len, upb_Arena *a, char **body,
-                size_t *body_len, char *msg, size_t n) {
-    char path[128];
-    eplb_call_result r;
-    snprintf(path, sizeof path, "/eplb.v1.ExpertBalancer/%s", method);
-    cr_assert_eq(eplb_client_call(c, path, bytes, len, call_timeout_ms(), &r), 0);
-    if (msg)
-        snprintf(msg, n, "%s", r.message ? r.message : "");
-    if (body && r.status == 0) {
-        *body = upb_Arena_Malloc(a, r.body_len + 1);
-        memcpy(*body, r.body, r.body_len);
-        *body_len = r.body_len;
-    }
-    int st = r.status;
-    eplb_call_result_free(&r);
-    return st;
-}
-
-static int register_model(eplb_client *c, upb_Arena *a, const char *name, const char *main_model) {
-    eplb_v1_RegisterModelRequest *r = eplb_v1_RegisterModelRequest_new(a);
-    eplb_v1_RegisterModelRequest_set_model_name(r, upb_StringView_FromString(name));
-    eplb_v1_ModelHandle *h = eplb_v1_RegisterModelRequest_mutable_model(r, a);
-    eplb_v1_ModelHandle_set_architecture(h, upb_StringView_FromString("DeepseekV3ForCausalLM"));
-    eplb_v1_ModelHandle_add_interfaces(h, eplb_v1_MIXTURE_OF_EXPERTS, a);
-    eplb_v1_MoeSpec *m = eplb_v1_ModelHandle_mutable_moe(h, a);
-    eplb_v1_MoeSpec_set_num_moe_layers(m, main_model ? 1 : 2);
-    eplb_v1_MoeSpec_set_num_logical_experts(m, 8);
-    eplb_v1_MoeSpec_set_num_physical_experts(m, 12);
-    eplb_v1_MoeSpec_set_num_local_physical_experts(m, 3);
-    eplb_v1_MoeSpec_set_num_redundant_experts(m, 4);
+static void register_model(eplb_client *c, upb_Arena *a, const char *name, const char *main_model) {
+    eplb_v1_RegisterModelRequest *r = harness_moe_request(a, name, main_model ? 1 : 2, 8, 12, 4);
     if (main_model) {
         eplb_v1_RegisterModelRequest_set_role(r, eplb_v1_MODEL_ROLE_SPECULATOR);
         eplb_v1_RegisterModelRequest_set_main_model_id(r, upb_StringView_FromString(main_model));
     }
-    eplb_v1_ParallelConfig *p = eplb_v1_RegisterModelRequest_mutable_parallel(r, a);
-    eplb_v1_ParallelConfig_set_enable_eplb(p, true);
-    eplb_v1_ParallelConfig_set_ep_size(p, 4);
     size_t len;
-    char *bytes = eplb_v1_RegisterModelRequest_serialize(r, a, &len);
-    char msg[512];
-    int st = call(c, "RegisterModel", bytes, len, a, NULL, NULL, msg, sizeof msg);
-    cr_assert_eq(st, 0, "RegisterModel %s: %s", name, msg);
-    return st;
+    char *bytes = eplb_v1_RegisterModelRequest_serialize(r, a, &len), msg[512];
+    cr_assert_eq(harness_rpc(c, "RegisterModel", bytes, len, a, NULL, NULL, msg, sizeof msg), 0, "RegisterModel %s: %s",
+                 name, msg);
 }
 
 static const eplb_v1_ListModelsResponse *list(eplb_client *c, upb_Arena *a) {
     eplb_v1_ListModelsRequest *req = eplb_v1_ListModelsRequest_new(a);
     size_t len, blen = 0;
     char *bytes = eplb_v1_ListModelsRequest_serialize(req, a, &len), *body = NULL, msg[512];
-    cr_assert_eq(call(c, "ListModels", bytes, len, a, &body, &blen, msg, sizeof msg), 0, "%s", msg);
+    cr_assert_eq(harness_rpc(c, "ListModels", bytes, len, a, &body, &blen, msg, sizeof msg), 0, "%s", msg);
     const eplb_v1_ListModelsResponse *resp = eplb_v1_ListModelsResponse_parse(body, blen, a);
     cr_assert_not_null(resp);
     return resp;
@@ -68,7 +35,7 @@ static int delete_model(eplb_client *c, upb_Arena *a, const char *id, bool force
     eplb_v1_DeleteModelRequest_set_force(req, force);
     size_t len;
     char *bytes = eplb_v1_DeleteModelRequest_serialize(req, a, &len);
-    return call(c, "DeleteModel", bytes, len, a, NULL, NULL, msg, n);
+    return harness_rpc(c, "DeleteModel", bytes, len, a, NULL, NULL, msg, n);
 }
 
 static bool sv_is(upb_StringView v, const char *s) { return v.size == strlen(s) && memcmp(v.data, s, v.size) == 0; }

@@ -10,37 +10,11 @@
 
 #include "eplb/v1/eplb.upb.h"
 
-static int call(eplb_client *c, const char *method, const char *bytes, size_t len, char *msg, size_t n) {
-    char path[128];
-    eplb_call_result r;
-    snprintf(path, sizeof path, "/eplb.v1.ExpertBalancer/%s", method);
-    cr_assert_eq(eplb_client_call(c, path, bytes, len, call_timeout_ms(), &r), 0);
-    if (msg)
-        snprintf(msg, n, "%s", r.message ? r.message : "");
-    int st = r.status;
-    eplb_call_result_free(&r);
-    return st;
-}
-
 static int register_model(eplb_client *c, const char *name, uint32_t layers, char *msg, size_t n) {
     upb_Arena *a = upb_Arena_New();
-    eplb_v1_RegisterModelRequest *r = eplb_v1_RegisterModelRequest_new(a);
-    eplb_v1_RegisterModelRequest_set_model_name(r, upb_StringView_FromString(name));
-    eplb_v1_ModelHandle *h = eplb_v1_RegisterModelRequest_mutable_model(r, a);
-    eplb_v1_ModelHandle_set_architecture(h, upb_StringView_FromString("DeepseekV3ForCausalLM"));
-    eplb_v1_ModelHandle_add_interfaces(h, eplb_v1_MIXTURE_OF_EXPERTS, a);
-    eplb_v1_MoeSpec *m = eplb_v1_ModelHandle_mutable_moe(h, a);
-    eplb_v1_MoeSpec_set_num_moe_layers(m, layers);
-    eplb_v1_MoeSpec_set_num_logical_experts(m, 8);
-    eplb_v1_MoeSpec_set_num_physical_experts(m, 12);
-    eplb_v1_MoeSpec_set_num_local_physical_experts(m, 3);
-    eplb_v1_MoeSpec_set_num_redundant_experts(m, 4);
-    eplb_v1_ParallelConfig *p = eplb_v1_RegisterModelRequest_mutable_parallel(r, a);
-    eplb_v1_ParallelConfig_set_enable_eplb(p, true);
-    eplb_v1_ParallelConfig_set_ep_size(p, 4);
     size_t len;
-    char *bytes = eplb_v1_RegisterModelRequest_serialize(r, a, &len);
-    int st = call(c, "RegisterModel", bytes, len, msg, n);
+    char *bytes = eplb_v1_RegisterModelRequest_serialize(harness_moe_request(a, name, layers, 8, 12, 4), a, &len);
+    int st = harness_rpc(c, "RegisterModel", bytes, len, a, NULL, NULL, msg, n);
     upb_Arena_Free(a);
     return st;
 }
@@ -51,7 +25,7 @@ static int get_placement(eplb_client *c, const char *id, char *msg, size_t n) {
     eplb_v1_GetPlacementRequest_set_model_id(req, upb_StringView_FromString(id));
     size_t len;
     char *bytes = eplb_v1_GetPlacementRequest_serialize(req, a, &len);
-    int st = call(c, "GetPlacement", bytes, len, msg, n);
+    int st = harness_rpc(c, "GetPlacement", bytes, len, a, NULL, NULL, msg, n);
     upb_Arena_Free(a);
     return st;
 }
