@@ -1,6 +1,7 @@
 /* main.c -- eplbd: flags, signals, and wiring of store, registry and server.
  *
- * SIGTERM/SIGINT are blocked in every thread and taken by sigwait() here,
+ * SIGTERM/SIGINT/SIGQUIT (and HUP, USR1, USR2, ALRM, which are ignored) are
+ * blocked in every thread and taken by sigwait() here,
  * so shutdown runs on the main thread, in order: drain the server (every
  * accepted call finishes, up to --drain-ms; rpc_server_stop returns only
  * once no handler runs), then save the load windows and close the registry
@@ -16,7 +17,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/un.h>
 #include <unistd.h>
 
 #include "eplb_backend.h"
@@ -239,9 +243,10 @@ static int parse_options(int argc, char **argv, options *o) {
             break;
         }
         case O_SHMPREFIX:
-            if (optarg[0] != '/' || strchr(optarg + 1, '/') || strlen(optarg) > 200) {
-                fprintf(stderr, "eplbd: --shm-prefix wants a name that starts with '/' and has no other '/'"
-                                " (at most 200 characters), got '%s'\n", optarg);
+            if (optarg[0] != '/' || optarg[1] == '\0' || strchr(optarg + 1, '/') || strlen(optarg) > 200) {
+                fprintf(stderr, "eplbd: --shm-prefix wants a name that starts with '/', has at least one more "
+                                "character and no other '/' (at most 200 characters; '/' alone would allow every "
+                                "object), got '%s'\n", optarg);
                 return -1;
             }
             o->shm_prefix = optarg;
@@ -325,6 +330,49 @@ static int write_ready_file(const char *path, const char *addr) {
     return 0;
 }
 
+/* gRPC's listener stops accepting for good once accept() fails with EMFILE
+ * (grpc/grpc#16058): make the soft descriptor limit the hard one, so only
+ * a real exhaustion of the hard limit can get there. */
+static void raise_fd_limit(void) {
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
+        rlim_t was = rl.rlim_cur;
+        rl.rlim_cur = rl.rlim_max;
+        if (setrlimit(RLIMIT_NOFILE, &rl) == 0)
+            rpc_log(RPC_LOG_DEBUG, "open-file limit raised from %llu to %llu", (unsigned long long)was,
+                    (unsigned long long)rl.rlim_max);
+    }
+}
+
+/* gRPC unlinks an existing unix socket path before it binds: a second
+ * eplbd would silently take the path over (and the first, at its exit,
+ * would remove it).  Refuse when something answers there, or when the path
+ * is not a socket.  Returns 1 (after saying why) when in use. */
+static int unix_socket_in_use(const char *listen) {
+    if (strncmp(listen, "unix:", 5) != 0)
+        return 0;
+    const char *path = listen + 5;
+    struct stat st;
+    if (lstat(path, &st) != 0)
+        return 0;
+    if (!S_ISSOCK(st.st_mode)) {
+        rpc_log(RPC_LOG_ERROR, "cannot listen on %s: the path exists and is not a socket", listen);
+        return 1;
+    }
+    struct sockaddr_un sa = { .sun_family = AF_UNIX };
+    if (strlen(path) >= sizeof sa.sun_path)
+        return 0; /* gRPC will say so */
+    snprintf(sa.sun_path, sizeof sa.sun_path, "%s", path);
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return 0;
+    int busy = connect(fd, (struct sockaddr *)&sa, sizeof sa) == 0 || errno == EAGAIN;
+    close(fd);
+    if (busy)
+        rpc_log(RPC_LOG_ERROR, "cannot listen on %s: another process is listening there (another eplbd?)", listen);
+    return busy; /* ECONNREFUSED: a stale socket, gRPC replaces it */
+}
+
 int main(int argc, char **argv) {
     options o;
     if (parse_options(argc, argv, &o) != 0)
@@ -338,12 +386,23 @@ int main(int argc, char **argv) {
     mallopt(M_MMAP_THRESHOLD, 64 << 20);
     mallopt(M_TRIM_THRESHOLD, 128 << 20);
 
+    /* Every signal whose default action would end the process without the
+     * drain, the window flush and the database close is taken by sigwait
+     * below: TERM, INT and QUIT stop (drained); HUP, USR1, USR2 and ALRM are
+     * logged and ignored (there is no configuration to reload). */
+    static const int stop_sigs[] = { SIGTERM, SIGINT, SIGQUIT };
+    static const int ignored_sigs[] = { SIGHUP, SIGUSR1, SIGUSR2, SIGALRM };
     sigset_t stop_signals;
     sigemptyset(&stop_signals);
-    sigaddset(&stop_signals, SIGTERM);
-    sigaddset(&stop_signals, SIGINT);
+    for (size_t k = 0; k < sizeof stop_sigs / sizeof stop_sigs[0]; k++)
+        sigaddset(&stop_signals, stop_sigs[k]);
+    for (size_t k = 0; k < sizeof ignored_sigs / sizeof ignored_sigs[0]; k++)
+        sigaddset(&stop_signals, ignored_sigs[k]);
     pthread_sigmask(SIG_BLOCK, &stop_signals, NULL); /* before any thread starts */
     signal(SIGPIPE, SIG_IGN);
+    raise_fd_limit();
+    if (unix_socket_in_use(o.listen))
+        return 1;
 
     char db_path[4096];
     if (o.db) {
@@ -411,8 +470,16 @@ int main(int argc, char **argv) {
         rc = 1;
 
     int sig = 0;
-    if (rc == 0)
-        sigwait(&stop_signals, &sig);
+    while (rc == 0 && sigwait(&stop_signals, &sig) == 0) {
+        bool ignored = false;
+        for (size_t k = 0; k < sizeof ignored_sigs / sizeof ignored_sigs[0]; k++)
+            ignored |= sig == ignored_sigs[k];
+        if (!ignored)
+            break;
+        rpc_log(RPC_LOG_WARN, "signal %d (%s) ignored: eplbd has no configuration to reload (SIGTERM stops it)",
+                sig, strsignal(sig));
+        sig = 0;
+    }
     if (sig)
         rpc_log(RPC_LOG_INFO, "signal %d (%s): stopping", sig, strsignal(sig));
     rpc_server_stop(server, o.drain_ms); /* returns once no handler runs */

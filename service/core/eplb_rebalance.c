@@ -127,6 +127,17 @@ eplb_status eplb_registry_setup_from_mapping(eplb_registry *r, const eplb_setup_
     next_shape.ep_size = req->ep_size;
     next_shape.num_local = req->num_physical / req->ep_size;
     next_shape.num_redundant = req->num_physical - shape->num_logical;
+    /* The same bound as at registration: a placement that could not be
+     * sent must not be committed (every later GetPlacement would fail). */
+    if (r->limits.max_response_bytes && eplb_model_response_bytes(&next_shape) > r->limits.max_response_bytes) {
+        st = eplb_error_set(err, EPLB_EINVAL,
+                            "num_physical_experts %u: a placement of %u layers x %u slots takes up to %llu bytes on "
+                            "the wire, over the server's largest response of %llu bytes (--max-message-bytes)",
+                            req->num_physical, shape->num_layers, req->num_physical,
+                            (unsigned long long)eplb_model_response_bytes(&next_shape),
+                            (unsigned long long)r->limits.max_response_bytes);
+        goto out;
+    }
     bool relayout = shape->num_physical != req->num_physical || shape->ep_size != req->ep_size;
     if ((st = eplb_placement_copy(out, &next, err)) != EPLB_OK)
         goto out;

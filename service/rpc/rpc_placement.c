@@ -21,9 +21,13 @@ static const char *model_id_of(upb_StringView v, upb_Arena *arena, rpc_reply *ou
 
 static void reply_placement(rpc_context *ctx, const char *id, const eplb_placement *p, upb_Arena *arena,
                             rpc_reply *out) {
-    if (!rpc_placement_fits(p, true, ctx->limits.max_response_bytes, out))
+    /* logical_to_physical only when it fits: the map is committed already,
+     * and a client can derive it or ask GetPlacement. */
+    bool with_log2phy = rpc_placement_fits(p, true, ctx->limits.max_response_bytes, out);
+    if (!with_log2phy && !rpc_placement_fits(p, false, ctx->limits.max_response_bytes, out))
         return;
-    eplb_v1_Placement *pm = rpc_placement_to_upb(id, p, EPLB_MOVE_IDLE, NULL, true, arena);
+    rpc_reply_set(out, 0, "%s", "");
+    eplb_v1_Placement *pm = rpc_placement_to_upb(id, p, EPLB_MOVE_IDLE, NULL, with_log2phy, arena);
     if (pm)
         out->body = eplb_v1_Placement_serialize(pm, arena, &out->body_len);
     if (!out->body)

@@ -580,3 +580,34 @@ Test(engine, attaching_for_a_stale_shape_is_refused_and_scale_up_detaches) {
     cr_assert_eq(eplb_registry_detach_weights(reg, "m", &detached, NULL), EPLB_OK);
     cr_assert_not(detached);
 }
+
+Test(engine, a_scale_up_whose_placement_could_not_be_sent_is_refused) {
+    /* The registration bound again: committing it would leave a model
+     * that no GetPlacement can return. */
+    eplb_registry_close(reg);
+    eplb_limits lim = EPLB_LIMITS_DEFAULT;
+    eplb_model_shape s16 = { .num_layers = 2, .num_logical = 12, .num_physical = 16 };
+    lim.max_response_bytes = eplb_model_response_bytes(&s16) + 1;
+    cr_assert_eq(eplb_registry_open(&fake_ops, &store, &lim, &reg, NULL), EPLB_OK);
+    eplb_register_request req = { .model_name = "m", .model = &readme, .main_model_id = "",
+                                  .parallel = { .enable_eplb = true, .ep_size = 8, .num_nodes = 2 } };
+    eplb_register_result res;
+    eplb_error err;
+    cr_assert_eq(eplb_registry_register(reg, &req, &res, &err), EPLB_OK, "%s", err.msg);
+    eplb_model_view_release(&res.view);
+    int32_t map[2 * 24];
+    for (int l = 0; l < 2; l++)
+        for (int i = 0; i < 24; i++)
+            map[l * 24 + i] = i < 12 ? i : -1;
+    eplb_setup_request sreq = { .model_id = "m", .expanded_phy2log = map, .expanded_len = 48,
+                                .num_physical = 24, .old_num_physical = 16, .ep_size = 8 };
+    eplb_placement p;
+    int saves = store.saves;
+    cr_assert_eq(eplb_registry_setup_from_mapping(reg, &sreq, &p, &err), EPLB_EINVAL);
+    cr_assert_not_null(strstr(err.msg, "--max-message-bytes"), "%s", err.msg);
+    cr_assert_eq(store.saves, saves);
+    eplb_placement now = current();
+    cr_assert_eq(now.epoch, 0);
+    cr_assert_eq(now.num_physical, 16);
+    eplb_placement_free(&now);
+}

@@ -134,7 +134,8 @@ Test(startup, bad_flag_values_are_refused) {
         const char *args, *says;
     } bad[] = {
         { "--shm-prefix eplb-", "--shm-prefix wants a name that starts with '/'" },
-        { "--shm-prefix /eplb/x-", "--shm-prefix wants a name that starts with '/' and has no other '/'" },
+        { "--shm-prefix /eplb/x-", "--shm-prefix wants a name that starts with '/'" },
+        { "--shm-prefix /", "'/' alone would allow every object" },
         { "--shm-allow-uid bob", "--shm-allow-uid wants a numeric uid, got 'bob'" },
         { "--shm-allow-uid -1", "--shm-allow-uid wants a numeric uid" },
         { "--max-models 0", "--max-models wants an integer" },
@@ -248,5 +249,63 @@ Test(startup, read_only_database_is_refused) {
     cr_assert_null(strstr(out, "listening on"), "%s", out);
     snprintf(cmd, sizeof cmd, "chmod 0755 '%s'; chmod 0644 '%s'", p.dir, p.db);
     cr_assert_eq(system(cmd), 0);
+    eplbd_cleanup(&p);
+}
+
+Test(startup, second_server_on_the_same_unix_socket_refuses_to_start) {
+    /* gRPC unlinks an existing socket path before it binds: the second
+     * server used to take the path over, and the first one's exit then
+     * removed it from under the second. */
+    eplbd_proc first, second;
+    tmp_server(&first);
+    char listen[192];
+    snprintf(listen, sizeof listen, "unix:%s/eplbd.sock", first.dir);
+    first.extra[0] = "--listen";
+    first.extra[1] = listen;
+    eplbd_start(&first);
+    tmp_server(&second);
+    second.extra[0] = "--listen";
+    second.extra[1] = listen;
+    int status = 0;
+    if (eplbd_try_start(&second, &status)) {
+        eplbd_stop(&second);
+        cr_assert_fail("a second eplbd started on %s", listen);
+    }
+    char log[16384];
+    eplbd_log(&second, log, sizeof log);
+    cr_assert_eq(status, 1, "exit status %d; log:\n%s", status, log);
+    cr_assert_not_null(strstr(log, "another process is listening there"), "log:\n%s", log);
+    eplbd_cleanup(&second);
+    cr_assert_eq(health(listen), 0, "the first server still serves");
+    cr_assert_eq(eplbd_stop(&first), 0);
+    /* A stale socket file (nobody listening) is taken over. */
+    eplbd_start(&first);
+    cr_assert_eq(health(listen), 0);
+    cr_assert_eq(eplbd_stop(&first), 0);
+    eplbd_cleanup(&first);
+}
+
+Test(startup, hangup_and_user_signals_are_ignored_and_quit_drains) {
+    eplbd_proc p;
+    tmp_server(&p);
+    eplbd_start(&p);
+    eplb_client *c = eplb_client_open(p.addr);
+    char msg[512];
+    cr_assert_eq(register_model(c, "m", msg, sizeof msg), 0, "%s", msg);
+    eplb_client_close(c);
+    static const int ignored[] = { SIGHUP, SIGUSR1, SIGUSR2, SIGALRM };
+    for (size_t k = 0; k < sizeof ignored / sizeof ignored[0]; k++) {
+        kill(p.pid, ignored[k]);
+        cr_assert_eq(eplbd_wait(&p, 200), -1, "signal %d stopped eplbd", ignored[k]);
+        cr_assert_eq(health(p.addr), 0, "still serving after signal %d", ignored[k]);
+    }
+    char log[16384];
+    eplbd_log(&p, log, sizeof log);
+    cr_assert_not_null(strstr(log, "ignored: eplbd has no configuration to reload"), "log:\n%s", log);
+    /* SIGQUIT stops it like SIGTERM: drained, exit 0, database closed. */
+    kill(p.pid, SIGQUIT);
+    cr_assert_eq(eplbd_wait(&p, 20000), 0);
+    eplbd_log(&p, log, sizeof log);
+    cr_assert_not_null(strstr(log, "stopped"), "log:\n%s", log);
     eplbd_cleanup(&p);
 }
