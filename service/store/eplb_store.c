@@ -45,6 +45,9 @@ struct eplb_store {
     sqlite3 *db;
     pthread_mutex_t lock;   /* one statement sequence at a time */
     int lock_fd;            /* <path>.lock, flock'ed; -1 for :memory: */
+    int db_fd;              /* the database file itself, flock'ed; -1 for :memory:.
+                             * Closed only after sqlite3_close: closing any fd of
+                             * the file drops SQLite's POSIX locks on it. */
     char *path;
     uint64_t size_limit;    /* bytes, 0: none (only for messages) */
     store_fault fault;
@@ -741,19 +744,64 @@ out:
     return st;
 }
 
-/* ---- the lock file ---------------------------------------------------------
- * flock() on "<path>.lock" rather than SQLite's locking_mode=EXCLUSIVE: the
- * file names its holder (its pid), and the lock dies with the process.  The
- * file is left in place at close: unlinking it would let a newcomer lock a
- * fresh inode while someone else still holds the old one. */
+/* ---- the lock ---------------------------------------------------------------
+ * Two flock()s rather than SQLite's locking_mode=EXCLUSIVE, both dying with
+ * the process:
+ *   - on the database file itself, the one that excludes: it is tied to the
+ *     inode, so a hard link, a symlink or a deleted "<path>.lock" still meets
+ *     it.  (On Linux flock locks are independent of the POSIX fcntl locks
+ *     SQLite takes on the same file.)
+ *   - on "<path>.lock", where <path> is the database's resolved name (a
+ *     symlinked path names the same file): it holds the holder's pid, for
+ *     the message.
+ * The .lock file is left in place at close: unlinking it would let a
+ * newcomer lock a fresh inode while someone else still holds the old one. */
+
+static eplb_status held_by_pid(eplb_store *s, int fd, eplb_error *err) {
+    char buf[32] = "";
+    ssize_t got = pread(fd, buf, sizeof buf - 1, 0);
+    buf[got > 0 ? got : 0] = '\0';
+    char *end;
+    long pid = strtol(buf, &end, 10);
+    if (end != buf && pid > 0)
+        return eplb_error_set(err, EPLB_EUNAVAILABLE, "store: database %s is held by another eplbd (pid %ld)", s->path,
+                              pid);
+    /* the holder has not written its pid yet */
+    return eplb_error_set(err, EPLB_EUNAVAILABLE, "store: database %s is held by another eplbd (pid unknown)", s->path);
+}
+
+static eplb_status db_file_open(eplb_store *s, eplb_error *err) {
+    int fd = open(s->path, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (fd >= 0) {
+        s->db_fd = fd;
+        return EPLB_OK;
+    }
+    int e = errno;
+    bool exists = access(s->path, F_OK) == 0;
+    if (e == EACCES || e == EROFS || e == EPERM || e == ETXTBSY)
+        return eplb_error_set(err, EPLB_EUNAVAILABLE, "store: database %s is read-only: this user (uid %ld) cannot %s: %s",
+                              s->path, (long)geteuid(), exists ? "write the file" : "create the file", strerror(e));
+    if (e == ENOSPC || e == EDQUOT)
+        return eplb_error_set(err, EPLB_ENOSPACE, "store: disk full creating the database %s: %s", s->path,
+                              strerror(e));
+    return eplb_error_set(err, EPLB_EUNAVAILABLE, "store: cannot open %s: %s", s->path, strerror(e));
+}
 
 static eplb_status lock_acquire(eplb_store *s, eplb_error *err) {
-    size_t n = strlen(s->path) + sizeof ".lock";
+    eplb_status st = db_file_open(s, err);
+    if (st != EPLB_OK)
+        return st;
+    /* The file exists now, so its resolved name does too. */
+    char *real = realpath(s->path, NULL);
+    const char *base = real ? real : s->path;
+    size_t n = strlen(base) + sizeof ".lock";
     char *lp = eplb_malloc(n);
-    if (!lp)
+    if (!lp) {
+        free(real);
         return eplb_error_set(err, EPLB_ENOMEM, "out of memory");
-    snprintf(lp, n, "%s.lock", s->path);
-    eplb_status st = EPLB_OK;
+    }
+    snprintf(lp, n, "%s.lock", base);
+    free(real);
     int fd = open(lp, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
     if (fd < 0) {
         int e = errno;
@@ -769,22 +817,21 @@ static eplb_status lock_acquire(eplb_store *s, eplb_error *err) {
     }
     if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
         int e = errno;
-        if (e == EWOULDBLOCK) {
-            char buf[32] = "";
-            ssize_t got = pread(fd, buf, sizeof buf - 1, 0);
-            buf[got > 0 ? got : 0] = '\0';
-            char *end;
-            long pid = strtol(buf, &end, 10);
-            if (end != buf && pid > 0)
-                st = eplb_error_set(err, EPLB_EUNAVAILABLE, "store: database %s is held by another eplbd (pid %ld)",
-                                    s->path, pid);
-            else /* the holder has not written its pid yet */
-                st = eplb_error_set(err, EPLB_EUNAVAILABLE, "store: database %s is held by another eplbd (pid unknown)",
-                                    s->path);
-        } else {
+        if (e == EWOULDBLOCK)
+            st = held_by_pid(s, fd, err);
+        else
             st = eplb_error_set(err, EPLB_EUNAVAILABLE, "store: cannot lock %s: %s", lp, strerror(e));
-        }
         close(fd);
+        goto out;
+    }
+    if (flock(s->db_fd, LOCK_EX | LOCK_NB) != 0) {
+        int e = errno;
+        if (e == EWOULDBLOCK) /* reached by another name, or its .lock was removed */
+            st = eplb_error_set(err, EPLB_EUNAVAILABLE,
+                                "store: database %s is held by another process (lock on the database file)", s->path);
+        else
+            st = eplb_error_set(err, EPLB_EUNAVAILABLE, "store: cannot lock %s: %s", s->path, strerror(e));
+        close(fd); /* untouched: whatever pid it names stays */
         goto out;
     }
     /* Best effort: a lock file without a pid still locks. */
@@ -813,6 +860,7 @@ eplb_status eplb_store_open(const char *path, eplb_store **out, eplb_error *err)
     strcpy(p, path);
     s->path = p;
     s->lock_fd = -1;
+    s->db_fd = -1;
     pthread_mutex_init(&s->lock, NULL);
     pthread_mutex_lock(&pending_lock);
     s->fault = pending_fault;
@@ -874,8 +922,11 @@ fail:
 void eplb_store_close(eplb_store *s) {
     if (!s)
         return;
-    /* The database first (its last checkpoint), then the lock. */
+    /* The database first (its last checkpoint), then the locks: SQLite's
+     * POSIX locks would go with any close of the file before it is done. */
     sqlite3_close(s->db);
+    if (s->db_fd >= 0)
+        close(s->db_fd);
     if (s->lock_fd >= 0)
         close(s->lock_fd);
     pthread_mutex_destroy(&s->lock);

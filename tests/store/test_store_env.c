@@ -82,6 +82,66 @@ Test(lock, second_open_is_refused_naming_the_holder) {
     eplb_store_close(b);
 }
 
+/* The lock is on the file, not the name: another name for it, or the
+ * .lock file removed under the holder, is refused as well, and opens once
+ * the holder has closed. */
+static void expect_held(const char *path, const char *want) {
+    eplb_store *b;
+    eplb_error err;
+    eplb_error_clear(&err);
+    eplb_status st = eplb_store_open(path, &b, &err);
+    if (st == EPLB_OK)
+        eplb_store_close(b);
+    cr_assert_eq(st, EPLB_EUNAVAILABLE, "%s: %s", path, err.msg);
+    cr_assert_null(b);
+    cr_assert_not_null(strstr(err.msg, "held by"), "%s", err.msg);
+    cr_assert_str_eq(err.msg, want);
+}
+
+static void expect_opens_after_close(eplb_store *a, const char *path) {
+    save_base(a);
+    expect_base(a, "holder");
+    eplb_store_close(a);
+    eplb_store *b = open_at(path);
+    expect_base(b, path);
+    eplb_store_close(b);
+}
+
+Test(lock, a_hard_link_to_a_held_database_is_refused) {
+    eplb_store *a = open_at(tdb);
+    char hard[200], want[400];
+    snprintf(hard, sizeof hard, "%s/hard.db", tdir);
+    cr_assert_eq(link(tdb, hard), 0, "%s", strerror(errno));
+    snprintf(want, sizeof want, "store: database %s is held by another process (lock on the database file)", hard);
+    expect_held(hard, want);
+    expect_opens_after_close(a, hard);
+}
+
+Test(lock, a_symlink_to_a_held_database_is_refused_naming_the_holder) {
+    eplb_store *a = open_at(tdb);
+    char sym[200], want[400];
+    snprintf(sym, sizeof sym, "%s/link.db", tdir);
+    cr_assert_eq(symlink(tdb, sym), 0, "%s", strerror(errno));
+    /* The symlink resolves to the same .lock file, which names the pid. */
+    snprintf(want, sizeof want, "store: database %s is held by another eplbd (pid %d)", sym, (int)getpid());
+    expect_held(sym, want);
+    char lock[220];
+    snprintf(lock, sizeof lock, "%s.lock", sym);
+    cr_assert_neq(access(lock, F_OK), 0, "no second lock file beside the symlink");
+    expect_opens_after_close(a, sym);
+}
+
+Test(lock, a_removed_lock_file_does_not_free_a_held_database) {
+    eplb_store *a = open_at(tdb);
+    char lock[200], want[400];
+    snprintf(lock, sizeof lock, "%s.lock", tdb);
+    cr_assert_eq(unlink(lock), 0, "%s", strerror(errno));
+    snprintf(want, sizeof want, "store: database %s is held by another process (lock on the database file)", tdb);
+    expect_held(tdb, want);
+    expect_opens_after_close(a, tdb);
+}
+
+
 static int hold_until_killed(void *arg, char *msg, size_t len) {
     int *fds = arg; /* [ready write end, unused] */
     eplb_store *s;
@@ -525,4 +585,43 @@ Test(faults, a_failure_at_any_call_of_an_open_is_reported_and_leaks_no_lock) {
         cr_assert_not_null(strstr(err.msg, tdb), "%s", err.msg);
     }
     cr_assert_geq(failures, 6, "open, journal mode, synchronous, begin, version, tables, probe, commit");
+}
+
+/* Two processes, as two eplbds would be: a holder of the file under one
+ * name keeps out an opener under another, and its death frees the file. */
+Test(lock, a_forked_holder_keeps_out_a_hard_link_until_it_dies) {
+    char hard[200];
+    snprintf(hard, sizeof hard, "%s/hard.db", tdir);
+    make_db();
+    cr_assert_eq(link(tdb, hard), 0, "%s", strerror(errno));
+    int ready[2];
+    cr_assert_eq(pipe(ready), 0);
+    pid_t pid = fork();
+    cr_assert_neq(pid, -1);
+    if (pid == 0) {
+        prctl(PR_SET_PDEATHSIG, SIGKILL);
+        close(ready[0]);
+        char msg[300];
+        int fds[2] = { ready[1], -1 };
+        _exit(hold_until_killed(fds, msg, sizeof msg));
+    }
+    close(ready[1]);
+    char c = 0;
+    cr_assert_eq(read(ready[0], &c, 1), 1);
+    close(ready[0]);
+    cr_assert_eq(c, 'R');
+    eplb_store *s;
+    eplb_error err;
+    eplb_error_clear(&err);
+    eplb_status st = eplb_store_open(hard, &s, &err);
+    kill(pid, SIGKILL);
+    int status;
+    cr_assert_eq(waitpid(pid, &status, 0), pid);
+    if (st == EPLB_OK)
+        eplb_store_close(s);
+    cr_assert_eq(st, EPLB_EUNAVAILABLE, "%s", err.msg);
+    cr_assert_not_null(strstr(err.msg, "held by another process (lock on the database file)"), "%s", err.msg);
+    s = open_at(hard);
+    expect_base(s, "after the holder died");
+    eplb_store_close(s);
 }
