@@ -22,7 +22,15 @@
  * under the SIGBUS guard (eplb_sigbus.h) over the mappings (a shrink during
  * the move).  Either way the backend becomes `lost`: every later check,
  * gather and scatter answers EPLB_EDATALOSS with the first message, since
- * the bytes past the new end are gone even if the object grows back. */
+ * the bytes past the new end are gone even if the object grows back.
+ *
+ * Replaced objects: check also answers EPLB_EDATALOSS when a rank's object
+ * has been unlinked since it was attached (st_nlink == 0 on the held
+ * descriptor): an engine that recreated the name under the same size sees a
+ * new object, and a move through the old mapping would write where the
+ * engine no longer looks.  And at open, two ranks reaching the same object
+ * (same st_dev and st_ino: a hard link, or one name twice) are refused --
+ * their slots would overlap however the names differ. */
 #include <errno.h>
 #include <fcntl.h>
 #include <stdbool.h>
@@ -71,6 +79,28 @@ static void cpu_close(void *state) {
     free(cs->staging);
     eplb_layout_free(&cs->lay);
     free(cs);
+}
+
+/* Is rank g's object one of ranks 0..g-1's (a hard link, or the same name
+ * twice)?  Compared by (st_dev, st_ino) on the descriptors we hold, since
+ * names say nothing about identity. */
+static eplb_status distinct_object(cpu_state *cs, uint32_t g, eplb_error *err) {
+    struct stat sg;
+    if (fstat(cs->fd[g], &sg) != 0)
+        return eplb_impl_error(err, EPLB_EINTERNAL, "ranks[%u].shm_name \"%s\": fstat: %s", g,
+                               cs->name[g], strerror(errno));
+    for (uint32_t h = 0; h < g; h++) {
+        struct stat sh;
+        if (fstat(cs->fd[h], &sh) != 0)
+            return eplb_impl_error(err, EPLB_EINTERNAL, "ranks[%u].shm_name \"%s\": fstat: %s", h,
+                                   cs->name[h], strerror(errno));
+        if (sh.st_dev == sg.st_dev && sh.st_ino == sg.st_ino)
+            return eplb_impl_error(err, EPLB_EINVAL,
+                                   "ranks[%u].shm_name \"%s\" and ranks[%u].shm_name \"%s\" are the "
+                                   "same shm object (a hard link?): each rank needs its own", h,
+                                   cs->name[h], g, cs->name[g]);
+    }
+    return EPLB_OK;
 }
 
 static eplb_status cpu_open(const eplb_buffers_desc *desc, uint32_t num_physical,
@@ -130,6 +160,11 @@ static eplb_status cpu_open(const eplb_buffers_desc *desc, uint32_t num_physical
         }
         cs->map[g].base = p;
         cs->map[g].size = (size_t)size;
+        st = distinct_object(cs, g, err);
+        if (st != EPLB_OK) {
+            cpu_close(cs);
+            return st;
+        }
     }
     *state = cs;
     return EPLB_OK;
@@ -145,12 +180,19 @@ static eplb_status cpu_lost(cpu_state *cs, eplb_error *err, const char *msg) {
 }
 
 /* "ranks[1] shm "/eplb-x" shrank to 0 bytes, the layout needs 24576: its
- * experts are lost"; false when rank g is (still or again) large enough. */
+ * experts are lost", or "... was unlinked (replaced?) since it was
+ * attached ..." when the held object has no name left; false when rank g is
+ * (still or again) large enough and still linked. */
 static bool rank_shrunk(cpu_state *cs, uint32_t g, char *msg, size_t cap) {
     struct stat sb;
     if (fstat(cs->fd[g], &sb) != 0) {
         snprintf(msg, cap, "ranks[%u] shm \"%s\": fstat: %s: its experts are lost", g,
                  cs->name[g], strerror(errno));
+        return true;
+    }
+    if (sb.st_nlink == 0) {
+        snprintf(msg, cap, "ranks[%u] shm \"%s\" was unlinked (replaced?) since it was attached: "
+                 "its experts are no longer where the engine sees them", g, cs->name[g]);
         return true;
     }
     if ((uint64_t)sb.st_size >= cs->lay.rank_extent[g])

@@ -9,7 +9,8 @@
  * owned by eplbd's uid or an --shm-allow-uid, and is a regular file reached
  * without a symlink.  The prefix is checked here, with the flag's name in
  * the message; the backend checks all of it again on the descriptor it maps
- * (gpu/eplb_buffers.c, eplb_shm_open_checked). */
+ * (gpu/eplb_buffers.c, eplb_shm_open_checked).  DetachWeights follows the
+ * same peer rule: a remote caller may not drop a local engine's attachment. */
 #include <arpa/inet.h>
 #include <ctype.h>
 #include <netinet/in.h>
@@ -208,6 +209,20 @@ static bool peer_is_local(const char *peer) {
     return false;
 }
 
+/* The peer rule of both weight RPCs: AttachWeights makes eplbd write memory
+ * the caller names, DetachWeights drops an attachment a local engine relies
+ * on; neither is for a caller elsewhere.  True (and out set to
+ * PERMISSION_DENIED) when the peer is refused. */
+static bool refuse_remote(const rpc_context *ctx, const char *method, rpc_reply *out) {
+    if (ctx->allow_remote_weights || peer_is_local(out->peer))
+        return false;
+    rpc_reply_set(out, 7 /* PERMISSION_DENIED */,
+                  "%s from %s: weight buffers may only be attached over a unix socket or from a "
+                  "loopback address (127.0.0.0/8, ::1); eplbd --allow-remote-weights lifts this",
+                  method, out->peer);
+    return true;
+}
+
 /* ---- AttachWeights -------------------------------------------------------- */
 
 /* Build the backend's description from the request, in the arena.  Shape
@@ -314,13 +329,8 @@ void rpc_attach_weights(rpc_context *ctx, upb_Arena *arena, const char *req, siz
     eplb_error_clear(&err);
     /* Shm names and IPC handles only mean something on this host; from
      * anywhere else an attachment is a request to write this host's memory. */
-    if (!ctx->allow_remote_weights && !peer_is_local(out->peer)) {
-        rpc_reply_set(out, 7 /* PERMISSION_DENIED */,
-                      "AttachWeights from %s: weight buffers may only be attached over a unix socket or from a "
-                      "loopback address (127.0.0.0/8, ::1); eplbd --allow-remote-weights lifts this",
-                      out->peer);
+    if (refuse_remote(ctx, "AttachWeights", out))
         return;
-    }
     const eplb_v1_AttachWeightsRequest *m = eplb_v1_AttachWeightsRequest_parse(req, len, arena);
     if (!m) {
         rpc_reply_malformed(out, "eplb.v1.AttachWeightsRequest");
@@ -385,6 +395,9 @@ void rpc_attach_weights(rpc_context *ctx, upb_Arena *arena, const char *req, siz
 void rpc_detach_weights(rpc_context *ctx, upb_Arena *arena, const char *req, size_t len, rpc_reply *out) {
     eplb_error err;
     eplb_error_clear(&err);
+    /* The same rule as AttachWeights: only a local caller may detach. */
+    if (refuse_remote(ctx, "DetachWeights", out))
+        return;
     const eplb_v1_DetachWeightsRequest *m = eplb_v1_DetachWeightsRequest_parse(req, len, arena);
     if (!m) {
         rpc_reply_malformed(out, "eplb.v1.DetachWeightsRequest");

@@ -14,7 +14,9 @@
  * during one (a fault hook truncates between two copies; another thread
  * truncates during a long copy), makes the move fail with EPLB_EDATALOSS
  * naming the rank -- the process survives the SIGBUS; a SIGBUS outside a
- * copy still kills it.  Trust: prefix, owner, symlink, FIFO. */
+ * copy still kills it.  Identity: two ranks on one object (a hard link)
+ * are refused at open; an object unlinked (and recreated) after open is
+ * EPLB_EDATALOSS at check.  Trust: prefix, owner, symlink, FIFO. */
 #include <criterion/criterion.h>
 
 #include <fcntl.h>
@@ -871,6 +873,89 @@ Test(shrink, sigbus_outside_a_copy_reaches_the_previous_handler, .exit_code = 42
     volatile uint8_t *p = f.map[0];
     p[0] = 1;
     eplb_backend_close(b);
+    fixture_fini(&f);
+}
+
+/* ---------------------------------------------------------------------------
+ * Identity: two ranks on one object; an object replaced under its name
+ * ------------------------------------------------------------------------- */
+
+/* `ln /dev/shm/a /dev/shm/b`: two names, one object.  Rank 1 on a hard link
+ * to rank 0's object would overlap its slots: refused at open, naming both
+ * ranks, whatever the names say. */
+Test(identity, hard_linked_ranks_are_refused) {
+    fixture f;
+    fixture_init(&f, 1, 8, 2);
+    char path[128], hl[128], saved[64];
+    snprintf(path, sizeof path, "/dev/shm%s", f.names[0]);
+    snprintf(hl, sizeof hl, "/dev/shm/eplb-test-%d-hl", (int)getpid());
+    unlink(hl);
+    if (link(path, hl) != 0)
+        cr_skip_test("/dev/shm does not take hard links here");
+    strcpy(saved, f.ranks[1].shm_name);
+    snprintf(f.ranks[1].shm_name, sizeof f.ranks[1].shm_name, "%s", hl + 8);
+    eplb_error err;
+    eplb_error_clear(&err);
+    eplb_backend *b = (eplb_backend *)1;
+    cr_assert_eq(eplb_backend_open_by_name("cpu", &f.desc, f.P, &b, &err), EPLB_EINVAL, "%s",
+                 err.msg);
+    cr_assert_null(b);
+    char want[256];
+    snprintf(want, sizeof want, "ranks[0].shm_name \"%s\" and ranks[1].shm_name \"%s\" are the "
+             "same shm object", f.names[0], hl + 8);
+    cr_assert(strstr(err.msg, want), "message \"%s\" lacks \"%s\"", err.msg, want);
+    /* Rank 0's bytes: untouched (nothing was mapped for writing). */
+    for (size_t i = 0; i < f.size; i++)
+        cr_assert_eq(f.map[0][i], SENTINEL, "byte %zu", i);
+    /* Distinct objects again: accepted. */
+    strcpy(f.ranks[1].shm_name, saved);
+    b = open_cpu(&f);
+    eplb_backend_close(b);
+    unlink(hl);
+    fixture_fini(&f);
+}
+
+/* The engine unlinks rank 1's object and creates a new one under the same
+ * name, same size and bytes.  Our mapping is of the old object: a move would
+ * write where the engine no longer looks.  check (and every phase after it)
+ * answers EPLB_EDATALOSS, and the new object is left alone. */
+Test(identity, unlinked_and_recreated_is_data_loss_at_check) {
+    fixture f;
+    fixture_init(&f, 1, 8, 2);
+    const int32_t old_row[] = {0, 1, 2, 3, 4, 5, 6, 7}, new_row[] = {7, 6, 5, 4, 3, 2, 1, 0};
+    fill_layer(&f, 0, old_row);
+    eplb_backend *b = open_cpu(&f);
+    eplb_error err;
+    eplb_error_clear(&err);
+    cr_assert_eq(eplb_backend_check(b, &err), EPLB_OK, "%s", err.msg);
+    /* Replace rank 1: a fresh object, a copy of the old bytes. */
+    cr_assert_eq(shm_unlink(f.names[1]), 0);
+    int fd = shm_open(f.names[1], O_RDWR | O_CREAT | O_EXCL, 0600);
+    cr_assert(fd >= 0);
+    cr_assert_eq(ftruncate(fd, (off_t)f.size), 0);
+    uint8_t *fresh = mmap(NULL, f.size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    cr_assert(fresh != MAP_FAILED);
+    close(fd);
+    memcpy(fresh, f.map[1], f.size);
+    uint8_t *before = malloc(f.size);
+    memcpy(before, fresh, f.size);
+    char want[512];
+    snprintf(want, sizeof want, "ranks[1] shm \"%s\" was unlinked (replaced?) since it was "
+             "attached: its experts are no longer where the engine sees them", f.names[1]);
+    cr_assert_eq(eplb_backend_check(b, &err), EPLB_EDATALOSS, "%s", err.msg);
+    cr_assert(strstr(err.msg, want), "message \"%s\" lacks \"%s\"", err.msg, want);
+    /* Lost for good, in every phase. */
+    eplb_plan p;
+    plan_ok(&f, old_row, new_row, 2, &p);
+    cr_assert_eq(eplb_backend_gather(b, 0, &p, &err), EPLB_EDATALOSS);
+    cr_assert(strstr(err.msg, want), "%s", err.msg);
+    cr_assert_eq(eplb_backend_scatter(b, 0, &p, &err), EPLB_EDATALOSS);
+    cr_assert_eq(eplb_backend_check(b, &err), EPLB_EDATALOSS);
+    cr_assert(memcmp(fresh, before, f.size) == 0, "the new object was written");
+    eplb_plan_free(&p);
+    eplb_backend_close(b);
+    free(before);
+    munmap(fresh, f.size);
     fixture_fini(&f);
 }
 

@@ -2,8 +2,10 @@
  * backend: this test process owns POSIX shm buffers whose bytes encode
  * (layer, tensor, logical expert) per slot, attaches them, rebalances, and
  * checks every slot's bytes; elastic scale-up; injected copy failures;
- * buffers truncated under the server (DATA_LOSS, the server stays up); the
- * trust boundary of AttachWeights (prefix, owner, symlink, FIFO, peer). */
+ * buffers truncated under the server (DATA_LOSS, the server stays up); a
+ * buffer unlinked and recreated under the server (DATA_LOSS, NEEDS_RELOAD);
+ * hard-linked ranks refused; the trust boundary of AttachWeights (prefix,
+ * owner, symlink, FIFO, peer) and the peer rule of DetachWeights. */
 #include "eplbd_harness.h"
 
 #include <arpa/inet.h>
@@ -484,6 +486,76 @@ Test(weights_rpc, shrunk_buffers_are_data_loss_and_the_server_stays_up, .timeout
     stop_server(); /* asserts a clean exit at SIGTERM */
 }
 
+/* ---- buffers replaced under the server ------------------------------------------ */
+
+/* The engine unlinks /eplb-...-1 and creates it again, same size and bytes:
+ * the server's mapping is of the old object.  A move used to answer OK and
+ * write into the unlinked object, so the engine's new object no longer
+ * matched the map.  Now it is DATA_LOSS naming the rank, and NEEDS_RELOAD. */
+Test(weights_rpc, unlinked_and_recreated_buffer_is_data_loss, .timeout = 300) {
+    start_server(NULL);
+    upb_Arena *a = upb_Arena_New();
+    uint64_t epoch0;
+    uint32_t slots;
+    setup_model(a);
+    get_map(a, &epoch0, &slots, NULL);
+    cr_assert_eq(shm_unlink(buf.names[1]), 0);
+    int fd = shm_open(buf.names[1], O_RDWR | O_CREAT | O_EXCL, 0600);
+    cr_assert_geq(fd, 0);
+    cr_assert_eq(ftruncate(fd, (off_t)buf.size), 0);
+    unsigned char *fresh = mmap(NULL, buf.size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    cr_assert_neq(fresh, MAP_FAILED);
+    memcpy(fresh, buf.base[1], buf.size);
+    munmap(buf.base[1], buf.size);
+    buf.base[1] = fresh; /* what the engine sees from now on */
+    unsigned char *before = malloc(buf.size);
+    memcpy(before, fresh, buf.size);
+
+    char msg[512], want[256];
+    cr_assert_eq(rebalance(a, P, 0, NULL, msg, sizeof msg), 15 /* DATA_LOSS */, "%s", msg);
+    snprintf(want, sizeof want,
+             "ranks[1] shm \"%s\" was unlinked (replaced?) since it was attached: its experts are no longer "
+             "where the engine sees them", buf.names[1]);
+    cr_assert_not_null(strstr(msg, want), "%s", msg);
+    const eplb_v1_Placement *p = get_placement(a);
+    cr_assert(eplb_v1_Placement_needs_weight_reload(p));
+    cr_assert_eq(eplb_v1_Placement_state(p), eplb_v1_MOVE_STATE_NEEDS_RELOAD);
+    upb_StringView reason = eplb_v1_Placement_state_reason(p);
+    char why[512];
+    snprintf(why, sizeof why, "%.*s", (int)reason.size, reason.size ? reason.data : "");
+    cr_assert_not_null(strstr(why, "was unlinked (replaced?)"), "state_reason: %s", why);
+    cr_assert_eq(eplb_v1_Placement_epoch(p), epoch0, "nothing was committed");
+    cr_assert(memcmp(fresh, before, buf.size) == 0, "the engine's new object was written");
+    cr_assert_eq(health_status(a), grpc_health_v1_HealthCheckResponse_SERVING);
+    free(before);
+    upb_Arena_Free(a);
+    stop_server();
+}
+
+/* `ln /dev/shm/<rank 1> /dev/shm/<other>` attached as rank 0 and rank 1:
+ * two names, one object, overlapping slots.  Refused at AttachWeights. */
+Test(weights_rpc, hard_linked_ranks_are_refused, .timeout = 300) {
+    start_server(NULL);
+    upb_Arena *a = upb_Arena_New();
+    register_model(a);
+    buffers_create(G, P / G);
+    char target[128], hl[128], msg[512], want[256];
+    snprintf(target, sizeof target, "/dev/shm%s", buf.names[1]);
+    snprintf(hl, sizeof hl, "/dev/shm/eplb-test-%d-hl", (int)getpid());
+    unlink(hl);
+    if (link(target, hl) != 0)
+        cr_skip_test("/dev/shm takes no hard links here");
+    cr_assert_eq(attach(a, G, hl + 8, msg, sizeof msg), 3 /* INVALID_ARGUMENT */, "%s", msg);
+    snprintf(want, sizeof want, "ranks[0].shm_name \"%s\" and ranks[1].shm_name \"%s\" are the same shm object",
+             hl + 8, buf.names[1]);
+    cr_assert_not_null(strstr(msg, want), "%s", msg);
+    unlink(hl);
+    cr_assert_eq(attach(a, G, NULL, msg, sizeof msg), 0, "%s", msg);
+    upb_Arena_Free(a);
+    stop_server();
+}
+
 /* ---- the trust boundary of AttachWeights --------------------------------------- */
 
 /* Create (or recreate) a shm object of buf.size bytes under `name`. */
@@ -635,6 +707,50 @@ static int attach_via(const char *listen, const char *flag, char *msg, size_t n)
     return st;
 }
 
+/* DetachWeights of model "m": its status (msg: its message). */
+static int detach(upb_Arena *a, bool *detached, char *msg, size_t n) {
+    eplb_v1_DetachWeightsRequest *r = eplb_v1_DetachWeightsRequest_new(a);
+    eplb_v1_DetachWeightsRequest_set_model_id(r, upb_StringView_FromString("m"));
+    size_t len;
+    char *bytes = eplb_v1_DetachWeightsRequest_serialize(r, a, &len);
+    eplb_call_result res;
+    int st = call("DetachWeights", bytes, len, &res);
+    snprintf(msg, n, "%s", res.message);
+    *detached = false;
+    if (st == 0) {
+        eplb_v1_DetachWeightsResponse *resp = eplb_v1_DetachWeightsResponse_parse(res.body, res.body_len, a);
+        cr_assert_not_null(resp);
+        *detached = eplb_v1_DetachWeightsResponse_detached(resp);
+    }
+    eplb_call_result_free(&res);
+    return st;
+}
+
+/* Like attach_via, for DetachWeights: with `flag` (--allow-remote-weights)
+ * buf is attached first, so that there is something to detach. */
+static int detach_via(const char *listen, const char *flag, bool *detached, char *msg, size_t n) {
+    eplbd_proc p;
+    memset(&p, 0, sizeof p);
+    eplbd_tmpdir(&p);
+    p.extra[0] = "--backend";
+    p.extra[1] = "cpu";
+    p.extra[2] = "--listen";
+    p.extra[3] = listen;
+    p.extra[4] = flag;
+    eplbd_start(&p);
+    srv = p;
+    client = eplb_client_open(p.addr);
+    cr_assert_not_null(client);
+    upb_Arena *a = upb_Arena_New();
+    register_model(a);
+    if (flag)
+        cr_assert_eq(attach(a, G, NULL, msg, n), 0, "%s", msg);
+    int st = detach(a, detached, msg, n);
+    upb_Arena_Free(a);
+    eplbd_suite_stop(&srv, client);
+    return st;
+}
+
 Test(weights_rpc, attachments_only_from_this_host, .timeout = 300) {
     char v4[64], v6[80], listen[128], msg[512];
     buffers_create(G, P / G);
@@ -667,6 +783,41 @@ Test(weights_rpc, attachments_only_from_this_host, .timeout = 300) {
     char sock[128];
     snprintf(sock, sizeof sock, "unix:/tmp/eplbd-weights-%d.sock", (int)getpid());
     cr_assert_eq(attach_via(sock, NULL, msg, sizeof msg), 0, "%s: %s", sock, msg);
+    unlink(sock + 5);
+    buffers_destroy();
+}
+
+/* DetachWeights follows the same peer rule: from a remote peer it used to
+ * answer OK. */
+Test(weights_rpc, detachments_only_from_this_host, .timeout = 300) {
+    char v4[64], v6[80], listen[128], msg[512];
+    bool detached;
+    buffers_create(G, P / G);
+    outside_address(AF_INET, v4, sizeof v4);
+    outside_address(AF_INET6, v6, sizeof v6);
+    if (!v4[0] && !v6[0])
+        cr_skip_test("this host has no address other than loopback");
+    const char *outside[2] = { v4, v6 };
+    for (int k = 0; k < 2; k++) {
+        if (!outside[k][0])
+            continue;
+        snprintf(listen, sizeof listen, "%s:0", outside[k]);
+        cr_assert_eq(detach_via(listen, NULL, &detached, msg, sizeof msg), 7 /* PERMISSION_DENIED */, "%s: %s",
+                     listen, msg);
+        cr_assert_not_null(strstr(msg, "DetachWeights from "), "%s", msg);
+        cr_assert_not_null(strstr(msg, "unix socket or from a loopback address"), "%s", msg);
+        cr_assert_not_null(strstr(msg, "--allow-remote-weights"), "%s", msg);
+        char host[80];
+        snprintf(host, sizeof host, "%s", outside[k] + (outside[k][0] == '['));
+        host[strcspn(host, "]")] = '\0';
+        cr_assert_not_null(strstr(msg, host), "the message names the peer: %s", msg);
+        cr_assert_eq(detach_via(listen, "--allow-remote-weights", &detached, msg, sizeof msg), 0, "%s: %s",
+                     listen, msg);
+        cr_assert(detached, "%s: the attachment was detached", listen);
+    }
+    char sock[128];
+    snprintf(sock, sizeof sock, "unix:/tmp/eplbd-detach-%d.sock", (int)getpid());
+    cr_assert_eq(detach_via(sock, NULL, &detached, msg, sizeof msg), 0, "%s: %s", sock, msg);
     unlink(sock + 5);
     buffers_destroy();
 }
