@@ -26,9 +26,11 @@
  *
  * Replaced objects: check also answers EPLB_EDATALOSS when a rank's object
  * has been unlinked since it was attached (st_nlink == 0 on the held
- * descriptor): an engine that recreated the name under the same size sees a
- * new object, and a move through the old mapping would write where the
- * engine no longer looks.  And at open, two ranks reaching the same object
+ * descriptor) and its name now leads to another object: an engine that
+ * recreated the name sees a new object, and a move through the old mapping
+ * would write where the engine no longer looks.  A name merely removed (an
+ * engine cleaning up once every process has mapped it) is fine: both
+ * mappings are still one object.  And at open, two ranks reaching the same object
  * (same st_dev and st_ino: a hard link, or one name twice) are refused --
  * their slots would overlap however the names differ. */
 #include <errno.h>
@@ -191,9 +193,21 @@ static bool rank_shrunk(cpu_state *cs, uint32_t g, char *msg, size_t cap) {
         return true;
     }
     if (sb.st_nlink == 0) {
-        snprintf(msg, cap, "ranks[%u] shm \"%s\" was unlinked (replaced?) since it was attached: "
-                 "its experts are no longer where the engine sees them", g, cs->name[g]);
-        return true;
+        /* Unlinked.  An engine may remove its names once everyone has
+         * mapped them (its mapping and ours stay one object): fine.  But if
+         * the name now leads to another object, the engine recreated it and
+         * looks there. */
+        int probe = shm_open(cs->name[g], O_RDONLY | O_NOFOLLOW | O_NONBLOCK, 0);
+        struct stat now;
+        bool replaced = probe >= 0 && fstat(probe, &now) == 0 &&
+                        (now.st_dev != sb.st_dev || now.st_ino != sb.st_ino);
+        if (probe >= 0)
+            close(probe);
+        if (replaced) {
+            snprintf(msg, cap, "ranks[%u] shm \"%s\" was replaced by another object since it was attached: "
+                     "its experts are no longer where the engine sees them", g, cs->name[g]);
+            return true;
+        }
     }
     if ((uint64_t)sb.st_size >= cs->lay.rank_extent[g])
         return false;

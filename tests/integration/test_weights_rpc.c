@@ -515,7 +515,7 @@ Test(weights_rpc, unlinked_and_recreated_buffer_is_data_loss, .timeout = 300) {
     char msg[512], want[256];
     cr_assert_eq(rebalance(a, P, 0, NULL, msg, sizeof msg), 15 /* DATA_LOSS */, "%s", msg);
     snprintf(want, sizeof want,
-             "ranks[1] shm \"%s\" was unlinked (replaced?) since it was attached: its experts are no longer "
+             "ranks[1] shm \"%s\" was replaced by another object since it was attached: its experts are no longer "
              "where the engine sees them", buf.names[1]);
     cr_assert_not_null(strstr(msg, want), "%s", msg);
     const eplb_v1_Placement *p = get_placement(a);
@@ -524,7 +524,7 @@ Test(weights_rpc, unlinked_and_recreated_buffer_is_data_loss, .timeout = 300) {
     upb_StringView reason = eplb_v1_Placement_state_reason(p);
     char why[512];
     snprintf(why, sizeof why, "%.*s", (int)reason.size, reason.size ? reason.data : "");
-    cr_assert_not_null(strstr(why, "was unlinked (replaced?)"), "state_reason: %s", why);
+    cr_assert_not_null(strstr(why, "was replaced by another object"), "state_reason: %s", why);
     cr_assert_eq(eplb_v1_Placement_epoch(p), epoch0, "nothing was committed");
     cr_assert(memcmp(fresh, before, buf.size) == 0, "the engine's new object was written");
     cr_assert_eq(health_status(a), grpc_health_v1_HealthCheckResponse_SERVING);
