@@ -124,15 +124,6 @@ static eplb_status register_prepare(const eplb_registry *r, const eplb_register_
 }
 
 
-/* What a reader of e sees now, into out->view.  Caller holds op_lock. */
-static void view_of(registry_entry *e, eplb_register_result *out) {
-    pthread_mutex_lock(&e->pub_lock);
-    out->view.snap = eplb_snapshot_ref(e->snap);
-    out->view.state = e->state;
-    snprintf(out->view.state_reason, sizeof out->view.state_reason, "%s", e->state_reason);
-    pthread_mutex_unlock(&e->pub_lock);
-}
-
 /* A speculator names a registered main model whose EP configuration it
  * shares.  Reads the main model's published shape: never waits for it. */
 static eplb_status check_main_model(eplb_registry *r, const eplb_model_record *rec, eplb_error *err) {
@@ -179,7 +170,7 @@ static eplb_status register_existing(eplb_registry *r, registry_entry *e, const 
         registry_publish_state(e, EPLB_MOVE_IDLE, "");
     }
     out->registered = true;
-    view_of(e, out);
+    registry_view_of(e, &out->view);
     snprintf(out->reason, sizeof out->reason, "already registered; placement kept at epoch %llu",
              (unsigned long long)cur->placement.epoch);
     return EPLB_OK;
@@ -207,7 +198,7 @@ static eplb_status register_new(eplb_registry *r, registry_entry *e, eplb_model_
     e->visible = true;
     pthread_rwlock_unlock(&r->lock);
     out->registered = true;
-    view_of(e, out);
+    registry_view_of(e, &out->view);
     return EPLB_OK;
 }
 

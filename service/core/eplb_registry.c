@@ -184,6 +184,14 @@ eplb_status registry_commit_locked(eplb_registry *r, registry_entry *e, eplb_pla
 
 /* ---- readers --------------------------------------------------------------- */
 
+void registry_view_of(registry_entry *e, eplb_model_view *out) {
+    pthread_mutex_lock(&e->pub_lock);
+    out->snap = eplb_snapshot_ref(e->snap);
+    out->state = e->state;
+    snprintf(out->state_reason, sizeof out->state_reason, "%s", e->state_reason);
+    pthread_mutex_unlock(&e->pub_lock);
+}
+
 eplb_status eplb_registry_view(eplb_registry *r, const char *model_id, eplb_model_view *out,
                                eplb_error *err) {
     memset(out, 0, sizeof *out);
@@ -195,11 +203,7 @@ eplb_status eplb_registry_view(eplb_registry *r, const char *model_id, eplb_mode
     } else if (e->damaged[0]) {
         st = registry_damaged(e, err);
     } else {
-        pthread_mutex_lock(&e->pub_lock);
-        out->snap = eplb_snapshot_ref(e->snap);
-        out->state = e->state;
-        snprintf(out->state_reason, sizeof out->state_reason, "%s", e->state_reason);
-        pthread_mutex_unlock(&e->pub_lock);
+        registry_view_of(e, out);
     }
     pthread_rwlock_unlock(&r->lock);
     return st;

@@ -118,6 +118,11 @@ eplb_status registry_save(eplb_registry *r, const eplb_model_record *rec, eplb_e
 eplb_status registry_commit_locked(eplb_registry *r, registry_entry *e, eplb_placement *next,
                                    const eplb_model_shape *shape, eplb_error *err);
 
+/* What a reader sees of e now: a reference to its snapshot, its move state
+ * and reason, taken together under pub_lock.  Caller holds a reference to
+ * e (or r->lock). */
+void registry_view_of(registry_entry *e, eplb_model_view *out);
+
 /* Close e's weights (if any).  Caller holds op_lock. */
 void registry_close_weights(registry_entry *e);
 

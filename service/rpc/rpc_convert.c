@@ -96,6 +96,17 @@ eplb_parallel rpc_parallel_from_upb(const eplb_v1_ParallelConfig *m) {
     return p;
 }
 
+bool rpc_arena_view(const char *s, upb_Arena *arena, upb_StringView *out) {
+    size_t n = strlen(s);
+    char *copy = n ? upb_Arena_Malloc(arena, n) : NULL;
+    if (n && !copy)
+        return false;
+    if (n)
+        memcpy(copy, s, n);
+    *out = upb_StringView_FromDataAndSize(copy, n);
+    return true;
+}
+
 eplb_v1_Placement *rpc_placement_to_upb(const char *model_id, const eplb_placement *p,
                                         eplb_move_state state, const char *state_reason, bool with_log2phy,
                                         upb_Arena *arena) {
@@ -111,14 +122,10 @@ eplb_v1_Placement *rpc_placement_to_upb(const char *model_id, const eplb_placeme
     eplb_v1_Placement_set_max_replicas(m, p->max_replicas);
     eplb_v1_Placement_set_needs_weight_reload(m, state == EPLB_MOVE_NEEDS_RELOAD);
     eplb_v1_Placement_set_state(m, (int32_t)state);
-    if (state_reason && state_reason[0]) {
-        size_t n = strlen(state_reason);
-        char *copy = upb_Arena_Malloc(arena, n);
-        if (!copy)
-            return NULL;
-        memcpy(copy, state_reason, n);
-        eplb_v1_Placement_set_state_reason(m, upb_StringView_FromDataAndSize(copy, n));
-    }
+    upb_StringView reason;
+    if (!rpc_arena_view(state_reason ? state_reason : "", arena, &reason))
+        return NULL;
+    eplb_v1_Placement_set_state_reason(m, reason);
 
     size_t n_p2l = (size_t)p->num_layers * p->num_physical;
     size_t n_cnt = (size_t)p->num_layers * p->num_logical;

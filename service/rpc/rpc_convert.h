@@ -23,6 +23,11 @@ eplb_status rpc_handle_from_upb(const eplb_v1_ModelHandle *m, const char *field,
 
 eplb_parallel rpc_parallel_from_upb(const eplb_v1_ParallelConfig *m);
 
+/* A copy of the C string s in the arena as a string view ("" stays empty);
+ * false when out of memory.  For response fields: the core's buffers do
+ * not live as long as the arena. */
+bool rpc_arena_view(const char *s, upb_Arena *arena, upb_StringView *out);
+
 /* A Placement message of p (log2phy only when with_log2phy), or NULL when
  * out of memory. */
 eplb_v1_Placement *rpc_placement_to_upb(const char *model_id, const eplb_placement *p,

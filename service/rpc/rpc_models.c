@@ -8,37 +8,25 @@
 #include "rpc_convert.h"
 #include "rpc_handlers.h"
 
-/* A copy of s in the arena as a string view ("" when empty). */
-static bool arena_string(const char *s, upb_Arena *arena, upb_StringView *out) {
-    size_t n = strlen(s);
-    char *copy = n ? upb_Arena_Malloc(arena, n) : NULL;
-    if (n && !copy)
-        return false;
-    if (n)
-        memcpy(copy, s, n);
-    *out = upb_StringView_FromDataAndSize(copy, n);
-    return true;
-}
-
 static bool summary_to_upb(const eplb_model_summary *s, eplb_v1_ModelSummary *m, upb_Arena *arena) {
     upb_StringView v;
-    if (!arena_string(s->model_id, arena, &v))
+    if (!rpc_arena_view(s->model_id, arena, &v))
         return false;
     eplb_v1_ModelSummary_set_model_id(m, v);
     if (s->damaged[0]) {
-        if (!arena_string(s->damaged, arena, &v))
+        if (!rpc_arena_view(s->damaged, arena, &v))
             return false;
         eplb_v1_ModelSummary_set_damaged(m, v);
         return true;
     }
     eplb_v1_ModelSummary_set_role(m, (int32_t)s->role);
-    if (!arena_string(s->main_model_id, arena, &v))
+    if (!rpc_arena_view(s->main_model_id, arena, &v))
         return false;
     eplb_v1_ModelSummary_set_main_model_id(m, v);
-    if (!arena_string(s->architecture, arena, &v))
+    if (!rpc_arena_view(s->architecture, arena, &v))
         return false;
     eplb_v1_ModelSummary_set_architecture(m, v);
-    if (!arena_string(s->resolved_path, arena, &v))
+    if (!rpc_arena_view(s->resolved_path, arena, &v))
         return false;
     eplb_v1_ModelSummary_set_resolved_path(m, v);
     eplb_v1_ModelSummary_set_epoch(m, s->epoch);
@@ -48,7 +36,7 @@ static bool summary_to_upb(const eplb_model_summary *s, eplb_v1_ModelSummary *m,
     eplb_v1_ModelSummary_set_ep_size(m, s->shape.ep_size);
     eplb_v1_ModelSummary_set_num_nodes(m, s->shape.num_nodes);
     eplb_v1_ModelSummary_set_state(m, (int32_t)s->state);
-    if (!arena_string(s->state_reason, arena, &v))
+    if (!rpc_arena_view(s->state_reason, arena, &v))
         return false;
     eplb_v1_ModelSummary_set_state_reason(m, v);
     eplb_v1_ModelSummary_set_weights_attached(m, s->weights_attached);

@@ -23,10 +23,10 @@ static void reply_placement(rpc_context *ctx, const char *id, const eplb_placeme
                             rpc_reply *out) {
     /* logical_to_physical only when it fits: the map is committed already,
      * and a client can derive it or ask GetPlacement. */
-    bool with_log2phy = rpc_placement_fits(p, true, ctx->limits.max_response_bytes, out);
-    if (!with_log2phy && !rpc_placement_fits(p, false, ctx->limits.max_response_bytes, out))
+    uint64_t max = ctx->limits.max_response_bytes;
+    bool with_log2phy = !max || rpc_placement_wire_bound(p, true) <= max;
+    if (!with_log2phy && !rpc_placement_fits(p, false, max, out))
         return;
-    rpc_reply_set(out, 0, "%s", "");
     eplb_v1_Placement *pm = rpc_placement_to_upb(id, p, EPLB_MOVE_IDLE, NULL, with_log2phy, arena);
     if (pm)
         out->body = eplb_v1_Placement_serialize(pm, arena, &out->body_len);
