@@ -128,27 +128,9 @@ static int health(eplb_client *c, int timeout_ms, int *serving, char *message, s
 
 static int register_model(eplb_client *c, const char *name, char *message, size_t n) {
     upb_Arena *a = upb_Arena_New();
-    eplb_v1_RegisterModelRequest *r = eplb_v1_RegisterModelRequest_new(a);
-    eplb_v1_RegisterModelRequest_set_model_name(r, upb_StringView_FromString(name));
-    eplb_v1_ModelHandle *h = eplb_v1_RegisterModelRequest_mutable_model(r, a);
-    eplb_v1_ModelHandle_set_architecture(h, upb_StringView_FromString("DeepseekV3ForCausalLM"));
-    eplb_v1_ModelHandle_add_interfaces(h, eplb_v1_MIXTURE_OF_EXPERTS, a);
-    eplb_v1_MoeSpec *m = eplb_v1_ModelHandle_mutable_moe(h, a);
-    eplb_v1_MoeSpec_set_num_moe_layers(m, 2);
-    eplb_v1_MoeSpec_set_num_logical_experts(m, 4);
-    eplb_v1_MoeSpec_set_num_physical_experts(m, 6);
-    eplb_v1_MoeSpec_set_num_local_physical_experts(m, 3);
-    eplb_v1_MoeSpec_set_num_redundant_experts(m, 2);
-    eplb_v1_ParallelConfig *p = eplb_v1_RegisterModelRequest_mutable_parallel(r, a);
-    eplb_v1_ParallelConfig_set_enable_eplb(p, true);
-    eplb_v1_ParallelConfig_set_ep_size(p, 2);
     size_t len;
-    char *bytes = eplb_v1_RegisterModelRequest_serialize(r, a, &len);
-    eplb_call_result res;
-    cr_assert_eq(eplb_client_call(c, "/eplb.v1.ExpertBalancer/RegisterModel", bytes, len, call_timeout_ms(), &res), 0);
-    int st = res.status;
-    snprintf(message, n, "%s", res.message);
-    eplb_call_result_free(&res);
+    char *bytes = eplb_v1_RegisterModelRequest_serialize(harness_moe_request(a, name, 2, 4, 6, 2), a, &len);
+    int st = harness_rpc(c, "RegisterModel", bytes, len, a, NULL, NULL, message, n);
     upb_Arena_Free(a);
     return st;
 }
