@@ -72,6 +72,7 @@ static void usage(FILE *f) {
             "  --max-state-mib N      all models' placements and full load windows, in MiB (default 1024)\n"
             "  --drain-ms N           how long in-flight calls may finish at shutdown (default 10000)\n"
             "  --log-level LEVEL      debug, info, warn or error (default info)\n"
+            "  --log-format FORMAT    text or json: one line per event on stderr (default text)\n"
             "  --ready-file PATH      write the bound address there once serving\n"
             "  --backend NAME         how attached weights move: auto (hip when a GPU is there), cpu, hip\n"
             "  --shm-prefix P         AttachWeights shm objects must be named P... (default /eplb-;\n"
@@ -168,7 +169,7 @@ static int parse_tls(options *o) {
 static int parse_options(int argc, char **argv, options *o) {
     enum { O_LISTEN = 256, O_DATA, O_DB, O_WORKERS, O_MAXMSG, O_MAXL, O_MAXE, O_MAXEP, O_MAXWIN, O_DRAIN,
            O_LOG, O_READY, O_BACKEND, O_FAULT, O_VERSION, O_HELP, O_MAXMODELS, O_MAXSTATE, O_SHMPREFIX,
-           O_SHMUID, O_REMOTEW, O_DELAY, O_TLSCERT, O_TLSKEY, O_TLSCA };
+           O_SHMUID, O_REMOTEW, O_DELAY, O_TLSCERT, O_TLSKEY, O_TLSCA, O_LOGFMT };
     static const struct option longopts[] = {
         { "listen", required_argument, NULL, O_LISTEN },
         { "data-dir", required_argument, NULL, O_DATA },
@@ -181,6 +182,7 @@ static int parse_options(int argc, char **argv, options *o) {
         { "max-window-mib", required_argument, NULL, O_MAXWIN },
         { "drain-ms", required_argument, NULL, O_DRAIN },
         { "log-level", required_argument, NULL, O_LOG },
+        { "log-format", required_argument, NULL, O_LOGFMT },
         { "ready-file", required_argument, NULL, O_READY },
         { "backend", required_argument, NULL, O_BACKEND },
         { "max-models", required_argument, NULL, O_MAXMODELS },
@@ -292,6 +294,13 @@ static int parse_options(int argc, char **argv, options *o) {
                 return -1;
             }
             rpc_log_set_level((rpc_log_level)v);
+            break;
+        case O_LOGFMT:
+            if ((v = rpc_log_format_parse(optarg)) < 0) {
+                fprintf(stderr, "eplbd: --log-format wants text or json, got '%s'\n", optarg);
+                return -1;
+            }
+            rpc_log_set_format((rpc_log_format)v);
             break;
         case O_VERSION: printf("eplbd %s\n", EPLBD_VERSION); exit(0);
         case O_HELP: usage(stdout); exit(0);

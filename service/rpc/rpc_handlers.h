@@ -18,6 +18,8 @@
 
 #define RPC_MAX_SHM_UIDS 16
 
+struct rpc_call_record; /* rpc_log.h */
+
 typedef struct rpc_context {
     eplb_registry *registry;
     eplb_limits limits;
@@ -32,7 +34,31 @@ typedef struct rpc_context {
     uint32_t shm_uids[RPC_MAX_SHM_UIDS];
     size_t num_shm_uids;
     bool allow_remote_weights;
+    /* Called once per finished call, on a CQ thread, after its log line
+     * (the metrics, rpc_metrics.h).  Must not block.  NULL: none. */
+    void (*on_call)(void *arg, const struct rpc_call_record *rec);
+    void *on_call_arg;
 } rpc_context;
+
+/* What a call did, for its log line and the metrics (rpc_call_log.h):
+ * handlers fill what applies; zero means "not known / not applicable". */
+typedef struct rpc_call_facts {
+    /* The model the request names, as sent (possibly invalid: a refused
+     * name is logged too; escaped by the log writer), truncated. */
+    char model_id[EPLB_MODEL_NAME_MAX + 1];
+    bool rebalance;                   /* a placement was computed (Rebalance, automatic) */
+    bool committed;                   /* ... and committed */
+    double balancedness_before;
+    double balancedness_after;
+    uint64_t experts_moved;           /* slots whose expert changes */
+    uint64_t bytes_moved;             /* weight bytes copied */
+    double compute_ms;                /* policy + preservation */
+    double move_ms;                   /* weight move */
+    uint64_t epoch;                   /* the model's epoch after the call (0: unknown) */
+    uint32_t num_layers;              /* shape of what was computed or sent (debug log) */
+    uint32_t num_physical;
+    uint64_t response_bytes;          /* encoded response size */
+} rpc_call_facts;
 
 typedef struct rpc_reply {
     /* In: the caller's address as gRPC names it ("ipv4:127.0.0.1:51234",
@@ -43,6 +69,7 @@ typedef struct rpc_reply {
     char message[EPLB_ERROR_MSG_MAX]; /* status details when not OK */
     const char *body;                 /* response bytes (arena) when OK */
     size_t body_len;
+    rpc_call_facts facts;             /* out: for the log and metrics */
 } rpc_reply;
 
 typedef void (*rpc_handler_fn)(rpc_context *ctx, upb_Arena *arena, const char *req, size_t len,
@@ -51,6 +78,9 @@ typedef void (*rpc_handler_fn)(rpc_context *ctx, upb_Arena *arena, const char *r
 /* Fill out with a status and message (status 0 is OK). */
 void rpc_reply_set(rpc_reply *out, int status, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 void rpc_reply_from_error(rpc_reply *out, const eplb_error *err);
+
+/* Note the model a request names (raw bytes, truncated) in out->facts. */
+void rpc_reply_note_model(rpc_reply *out, const char *data, size_t len);
 
 /* The request could not be decoded (INVALID_ARGUMENT). */
 void rpc_reply_malformed(rpc_reply *out, const char *message_type);

@@ -1,7 +1,19 @@
-/* rpc_log.h -- eplbd's log: one line per event on stderr, with a level.
- * Lines look like "2026-11-27T20:46:00.123Z info RegisterModel OK 0.41ms". */
+/* rpc_log.h -- eplbd's log: one line per event on stderr, with a level, as
+ * text or as JSON (--log-format).
+ *
+ *   text: 2026-11-27T20:46:00.123Z info Rebalance OK 0.41ms model=m epoch=3 ...
+ *   json: {"ts":"2026-11-27T20:46:00.123Z","level":"info","event":"call",
+ *          "method":"Rebalance","model_id":"m","status":"OK","code":0,...}
+ *
+ * One write per line, so lines from threads logging at once stay whole.
+ * Field names of the JSON form are documented in docs/deploy.md ("Logs")
+ * and are a contract for log pipelines. */
 #ifndef RPC_LOG_H
 #define RPC_LOG_H
+
+#include <stdbool.h>
+
+#include "rpc_handlers.h"
 
 typedef enum rpc_log_level {
     RPC_LOG_DEBUG = 0,
@@ -10,9 +22,41 @@ typedef enum rpc_log_level {
     RPC_LOG_ERROR = 3,
 } rpc_log_level;
 
+typedef enum rpc_log_format {
+    RPC_LOG_TEXT = 0,
+    RPC_LOG_JSON = 1,
+} rpc_log_format;
+
+/* One finished call, as the server saw it. */
+typedef struct rpc_call_record {
+    const char *method;          /* log name ("Rebalance"), or the raw path of an unknown method */
+    int code;                    /* grpc status code sent */
+    const char *message;         /* status details ("" when OK) */
+    double duration_ms;          /* accepted -> reply sent */
+    bool client_gone;            /* the client cancelled or went away */
+    const char *peer;            /* "ipv4:...", "unix:..." or NULL */
+    const rpc_call_facts *facts; /* never NULL */
+} rpc_call_record;
+
 /* Parse "debug|info|warn|error"; returns -1 for anything else. */
 int rpc_log_level_parse(const char *s);
+/* Parse "text|json"; returns -1 for anything else. */
+int rpc_log_format_parse(const char *s);
 void rpc_log_set_level(rpc_log_level level);
+void rpc_log_set_format(rpc_log_format format);
+bool rpc_log_enabled(rpc_log_level level);
 void rpc_log(rpc_log_level level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* The status name gRPC uses ("OK", "INVALID_ARGUMENT", ...), "UNKNOWN" out of range. */
+const char *rpc_status_name(int code);
+
+/* The one line of a finished call: info when OK, warn otherwise. */
+void rpc_log_call(const rpc_call_record *rec);
+
+/* Append s (len bytes, any content) to buf as a JSON string body (no
+ * quotes): escapes quotes, backslashes and control bytes, and replaces
+ * bytes that are not UTF-8 with U+FFFD.  Truncates at a character boundary
+ * to fit cap (including the terminating NUL).  Returns the new length. */
+size_t rpc_json_escape(char *buf, size_t at, size_t cap, const char *s, size_t len);
 
 #endif

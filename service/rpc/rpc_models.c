@@ -77,6 +77,7 @@ void rpc_delete_model(rpc_context *ctx, upb_Arena *arena, const char *req, size_
         rpc_reply_malformed(out, "eplb.v1.DeleteModelRequest");
         return;
     }
+    rpc_reply_note_model(out, eplb_v1_DeleteModelRequest_model_id(m).data, eplb_v1_DeleteModelRequest_model_id(m).size);
     const char *id = rpc_string(eplb_v1_DeleteModelRequest_model_id(m), 4 * EPLB_MODEL_NAME_MAX, "model_id",
                                 arena, &err);
     if (!id || eplb_model_name_check(id, "model_id", &err) != EPLB_OK ||

@@ -11,6 +11,7 @@
 static const char *model_id_of(upb_StringView v, upb_Arena *arena, rpc_reply *out) {
     eplb_error err;
     eplb_error_clear(&err);
+    rpc_reply_note_model(out, v.data, v.size);
     const char *id = rpc_string(v, 4 * EPLB_MODEL_NAME_MAX, "model_id", arena, &err);
     if (!id || eplb_model_name_check(id, "model_id", &err) != EPLB_OK) {
         rpc_reply_from_error(out, &err);
@@ -62,6 +63,8 @@ void rpc_setup_from_mapping(rpc_context *ctx, upb_Arena *arena, const char *req,
         rpc_reply_from_error(out, &err);
         return;
     }
+    out->facts.num_layers = p.num_layers;
+    out->facts.num_physical = p.num_physical;
     reply_placement(ctx, r.model_id, &p, arena, out);
     eplb_placement_free(&p);
 }
@@ -101,6 +104,18 @@ void rpc_rebalance(rpc_context *ctx, upb_Arena *arena, const char *req, size_t l
         rpc_reply_from_error(out, &err);
         return;
     }
+    rpc_call_facts *f = &out->facts;
+    f->rebalance = true;
+    f->committed = res.committed;
+    f->balancedness_before = res.balancedness_before;
+    f->balancedness_after = res.balancedness_after;
+    f->experts_moved = res.experts_moved;
+    f->bytes_moved = res.bytes_moved;
+    f->compute_ms = res.compute_ms;
+    f->move_ms = res.move_ms;
+    f->epoch = res.placement.epoch;
+    f->num_layers = res.placement.num_layers;
+    f->num_physical = res.placement.num_physical;
     bool with_log2phy = eplb_v1_RebalanceRequest_include_logical_to_physical(m);
     if (!rpc_placement_fits(&res.placement, with_log2phy, ctx->limits.max_response_bytes, out)) {
         eplb_rebalance_result_free(&res);
@@ -148,6 +163,9 @@ void rpc_record_load(rpc_context *ctx, upb_Arena *arena, const char *req, size_t
         rpc_reply_from_error(out, &err);
         return;
     }
+    out->facts.epoch = res.epoch;
+    out->facts.rebalance = res.rebalanced;
+    out->facts.committed = res.rebalanced;
     if (res.auto_rebalance_error[0])
         rpc_log(RPC_LOG_WARN, "RecordLoad %s: automatic rebalance failed: %s", r.model_id, res.auto_rebalance_error);
     eplb_v1_RecordLoadResponse *resp = eplb_v1_RecordLoadResponse_new(arena);

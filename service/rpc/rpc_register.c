@@ -16,6 +16,8 @@ void rpc_register_model(rpc_context *ctx, upb_Arena *arena, const char *req, siz
     }
 
     eplb_register_request r = { 0 };
+    upb_StringView name = eplb_v1_RegisterModelRequest_model_name(m);
+    rpc_reply_note_model(out, name.data, name.size);
     r.model_name = rpc_string(eplb_v1_RegisterModelRequest_model_name(m), 4 * EPLB_MODEL_NAME_MAX,
                               "model_name", arena, &err);
     r.main_model_id = rpc_string(eplb_v1_RegisterModelRequest_main_model_id(m), 4 * EPLB_MODEL_NAME_MAX,
@@ -57,6 +59,12 @@ void rpc_register_model(rpc_context *ctx, upb_Arena *arena, const char *req, siz
     if (resp && res.registered && with_placement)
         pm = rpc_placement_to_upb(res.model_id, &res.view.snap->placement, res.view.state, res.view.state_reason,
                                   true, arena);
+    if (res.registered) {
+        rpc_reply_note_model(out, res.model_id, strlen(res.model_id));
+        out->facts.epoch = res.view.snap->placement.epoch;
+        out->facts.num_layers = res.view.snap->placement.num_layers;
+        out->facts.num_physical = res.view.snap->placement.num_physical;
+    }
     if (resp && res.registered) {
         eplb_v1_RegisterModelResponse_set_epoch(resp, res.view.snap->placement.epoch);
         eplb_v1_RegisterModelResponse_set_state(resp, (int32_t)res.view.state);
@@ -86,8 +94,9 @@ void rpc_get_placement(rpc_context *ctx, upb_Arena *arena, const char *req, size
         rpc_reply_malformed(out, "eplb.v1.GetPlacementRequest");
         return;
     }
-    const char *id = rpc_string(eplb_v1_GetPlacementRequest_model_id(m), 4 * EPLB_MODEL_NAME_MAX,
-                                "model_id", arena, &err);
+    upb_StringView idv = eplb_v1_GetPlacementRequest_model_id(m);
+    rpc_reply_note_model(out, idv.data, idv.size);
+    const char *id = rpc_string(idv, 4 * EPLB_MODEL_NAME_MAX, "model_id", arena, &err);
     if (!id || eplb_model_name_check(id, "model_id", &err) != EPLB_OK) {
         rpc_reply_from_error(out, &err);
         return;
@@ -101,6 +110,9 @@ void rpc_get_placement(rpc_context *ctx, upb_Arena *arena, const char *req, size
     }
     bool with_log2phy = eplb_v1_GetPlacementRequest_include_logical_to_physical(m);
     eplb_v1_Placement *pm = NULL;
+    out->facts.epoch = v.snap->placement.epoch;
+    out->facts.num_layers = v.snap->placement.num_layers;
+    out->facts.num_physical = v.snap->placement.num_physical;
     if (rpc_placement_fits(&v.snap->placement, with_log2phy, ctx->limits.max_response_bytes, out))
         pm = rpc_placement_to_upb(id, &v.snap->placement, v.state, v.state_reason, with_log2phy, arena);
     eplb_model_view_release(&v);

@@ -149,6 +149,8 @@ typedef struct rpc_call {
     int cancelled;               /* RECV_CLOSE_ON_SERVER */
     const rpc_method *m;         /* NULL: unknown method */
     int status;                  /* grpc status sent */
+    char message[EPLB_ERROR_MSG_MAX]; /* status details sent (log) */
+    rpc_call_facts facts;        /* what the handler did (log, observer) */
     struct timespec started;
     struct rpc_call *next;       /* pool queue link (under the pool's lock) */
 } rpc_call;
@@ -210,6 +212,13 @@ void rpc_reply_set(rpc_reply *out, int status, const char *fmt, ...) {
 
 void rpc_reply_from_error(rpc_reply *out, const eplb_error *err) {
     rpc_reply_set(out, eplb_status_grpc_code(err->code), "%s", err->msg);
+}
+
+void rpc_reply_note_model(rpc_reply *out, const char *data, size_t len) {
+    size_t n = len < sizeof out->facts.model_id - 1 ? len : sizeof out->facts.model_id - 1;
+    if (n)
+        memcpy(out->facts.model_id, data, n);
+    out->facts.model_id[n] = '\0';
 }
 
 void rpc_reply_malformed(rpc_reply *out, const char *message_type) {
@@ -397,6 +406,9 @@ static void call_handle(rpc_call *c) {
     if (arena)
         upb_Arena_Free(arena);
     c->status = reply.status;
+    c->facts = reply.facts;
+    if (reply.status != GRPC_STATUS_OK)
+        snprintf(c->message, sizeof c->message, "%s", reply.message);
     ops[n].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
     ops[n].data.send_status_from_server.status = (grpc_status_code)reply.status;
     ops[n++].data.send_status_from_server.status_details =
@@ -437,14 +449,7 @@ static void call_on_received(rpc_call *c, int ok) {
 }
 
 static void call_on_sent(rpc_call *c, int ok) {
-    static const char *const names[] = {
-        "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
-        "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
-        "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
-        "UNAUTHENTICATED",
-    };
     rpc_server *s = c->server;
-    const char *status = c->status >= 0 && c->status <= 16 ? names[c->status] : "?";
     char method[128];
     if (c->m)
         snprintf(method, sizeof method, "%s", c->m->name);
@@ -453,8 +458,20 @@ static void call_on_sent(rpc_call *c, int ok) {
                  (int)(GRPC_SLICE_LENGTH(c->details.method) > 100 ? 100 : GRPC_SLICE_LENGTH(c->details.method)),
                  (const char *)GRPC_SLICE_START_PTR(c->details.method));
     int gone = !ok || c->cancelled;
-    rpc_log(c->status == GRPC_STATUS_OK ? RPC_LOG_INFO : RPC_LOG_WARN, "%s %s %.2fms%s", method,
-            status, ms_since(&c->started), gone ? " (client gone)" : "");
+    char *peer = grpc_call_get_peer(c->call);
+    rpc_call_record rec = {
+        .method = method,
+        .code = c->status,
+        .message = c->message,
+        .duration_ms = ms_since(&c->started),
+        .client_gone = gone,
+        .peer = peer,
+        .facts = &c->facts,
+    };
+    rpc_log_call(&rec);
+    if (s->ctx->on_call)
+        s->ctx->on_call(s->ctx->on_call_arg, &rec);
+    gpr_free(peer);
     if (atomic_load(&s->shutting_down)) {
         pthread_mutex_lock(&s->lock);
         if (gone || c->status == GRPC_STATUS_CANCELLED)

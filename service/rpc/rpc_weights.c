@@ -336,6 +336,7 @@ void rpc_attach_weights(rpc_context *ctx, upb_Arena *arena, const char *req, siz
         rpc_reply_malformed(out, "eplb.v1.AttachWeightsRequest");
         return;
     }
+    rpc_reply_note_model(out, eplb_v1_AttachWeightsRequest_model_id(m).data, eplb_v1_AttachWeightsRequest_model_id(m).size);
     const char *id = rpc_string(eplb_v1_AttachWeightsRequest_model_id(m), 4 * EPLB_MODEL_NAME_MAX, "model_id",
                                 arena, &err);
     const char *backend = rpc_string(eplb_v1_AttachWeightsRequest_backend(m), 16, "backend", arena, &err);
@@ -403,6 +404,7 @@ void rpc_detach_weights(rpc_context *ctx, upb_Arena *arena, const char *req, siz
         rpc_reply_malformed(out, "eplb.v1.DetachWeightsRequest");
         return;
     }
+    rpc_reply_note_model(out, eplb_v1_DetachWeightsRequest_model_id(m).data, eplb_v1_DetachWeightsRequest_model_id(m).size);
     const char *id = rpc_string(eplb_v1_DetachWeightsRequest_model_id(m), 4 * EPLB_MODEL_NAME_MAX, "model_id",
                                 arena, &err);
     bool detached = false;
