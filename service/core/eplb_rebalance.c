@@ -240,6 +240,11 @@ static eplb_status rebalance_locked(eplb_registry *r, registry_entry *e, const i
     out->committed = true;
     out->placement.epoch = registry_current(e)->placement.epoch;
 out:
+    /* Every computed, non-dry-run rebalance is counted (the metrics): a
+     * failure anywhere after validation, including an allocation, is a
+     * failed rebalance; bytes a failed move already copied still count. */
+    if (!dry_run)
+        registry_stats_rebalance(e, st == EPLB_OK, out, out->bytes_moved);
     eplb_free(phy2log);
     eplb_free(logcnt);
     return st;
@@ -338,6 +343,8 @@ eplb_status eplb_registry_record_load(eplb_registry *r, const eplb_record_reques
         goto out;
     if (!req->is_dummy && (st = eplb_load_window_push(&e->rec.window, logical, err)) != EPLB_OK)
         goto out;
+    if (!req->is_dummy)
+        registry_stats_pass(e);
 
     const eplb_model_shape *s = &registry_current(e)->shape;
     if (!req->is_dummy && s->auto_rebalance && e->rec.window.passes % s->step_interval == 0 &&

@@ -131,6 +131,32 @@ void registry_publish_state(registry_entry *e, eplb_move_state st, const char *r
     publish(e, NULL, st, reason);
 }
 
+void registry_stats_rebalance(registry_entry *e, bool committed, const eplb_rebalance_result *res,
+                              uint64_t bytes) {
+    pthread_mutex_lock(&e->pub_lock);
+    eplb_model_stats *s = &e->stats;
+    s->bytes_moved_total += bytes;
+    if (committed) {
+        s->rebalances++;
+        s->has_last = true;
+        s->last_balancedness_before = res->balancedness_before;
+        s->last_balancedness_after = res->balancedness_after;
+        s->last_experts_moved = res->experts_moved;
+        s->last_bytes_moved = bytes;
+        s->last_move_ms = res->move_ms;
+        s->last_compute_ms = res->compute_ms;
+    } else {
+        s->rebalance_failures++;
+    }
+    pthread_mutex_unlock(&e->pub_lock);
+}
+
+void registry_stats_pass(registry_entry *e) {
+    pthread_mutex_lock(&e->pub_lock);
+    e->stats.passes_recorded++;
+    pthread_mutex_unlock(&e->pub_lock);
+}
+
 /* Reserve (or give back, when the shape shrinks) the budget a shape change
  * needs.  EPLB_ENOSPACE past --max-state-mib. */
 static eplb_status reserve_state_bytes(eplb_registry *r, registry_entry *e, uint64_t bytes, eplb_error *err) {
@@ -326,6 +352,7 @@ eplb_status eplb_registry_list(eplb_registry *r, eplb_model_summary **out, size_
         m->shape = e->snap->shape;
         m->state = e->state;
         snprintf(m->state_reason, sizeof m->state_reason, "%s", e->state_reason);
+        m->stats = e->stats;
         pthread_mutex_unlock(&e->pub_lock);
         m->weights_attached = atomic_load(&e->weights_attached);
     }

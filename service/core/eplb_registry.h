@@ -109,6 +109,30 @@ eplb_status eplb_registry_view(eplb_registry *r, const char *model_id, eplb_mode
 eplb_status eplb_registry_get_shape(eplb_registry *r, const char *model_id, eplb_model_shape *out,
                                     eplb_error *err);
 
+/* What a model did since this process started (the metrics,
+ * docs/deploy.md "Metrics").  Process counters: kept in memory only, never
+ * stored, so they start at zero at every start and for every registration
+ * (DeleteModel and registering the name again start over).
+ *
+ * A rebalance counts (committed or failed) once it got past validation:
+ * Rebalance RPCs that are not dry runs and RecordLoad's automatic ones.  A
+ * request refused before any computation (stale epoch, bad load, needs a
+ * reload) changes nothing here; the RPC metrics count it by status.  A dry
+ * run changes nothing here either. */
+typedef struct eplb_model_stats {
+    uint64_t rebalances;              /* committed rebalances */
+    uint64_t rebalance_failures;      /* computed but not committed (policy, weight move or store failed) */
+    bool has_last;                    /* last_* hold the last committed rebalance */
+    double last_balancedness_before;  /* of the load it was computed from */
+    double last_balancedness_after;
+    uint64_t last_experts_moved;      /* slots whose expert changed */
+    uint64_t last_bytes_moved;        /* weight bytes copied (0 without attached weights) */
+    double last_move_ms;
+    double last_compute_ms;
+    uint64_t bytes_moved_total;       /* weight bytes copied by every rebalance, failed ones included */
+    uint64_t passes_recorded;         /* RecordLoad passes counted (dummy passes are not) */
+} eplb_model_stats;
+
 /* One registered model as ListModels shows it. */
 typedef struct eplb_model_summary {
     char model_id[EPLB_MODEL_NAME_MAX + 1];
@@ -122,6 +146,7 @@ typedef struct eplb_model_summary {
     char state_reason[EPLB_ERROR_MSG_MAX];
     bool weights_attached;
     char damaged[EPLB_ERROR_MSG_MAX]; /* non-empty: only model_id is meaningful */
+    eplb_model_stats stats;           /* as last published; zero for a damaged model */
 } eplb_model_summary;
 
 /* Every visible model, sorted by id, into *out (malloc'd, *n entries; free

@@ -18,8 +18,9 @@
  *                      policy, weight move and fsync; guards e->rec,
  *                      e->weights*, e->published's writers.  Blocks: only
  *                      operations on the same model.
- *   e->pub_lock (mutex) guards e->snap, e->state, e->state_reason: what
- *                      readers see.  Held for pointer and field copies only.
+ *   e->pub_lock (mutex) guards e->snap, e->state, e->state_reason and
+ *                      e->stats: what readers see.  Held for pointer and
+ *                      field copies only.
  *                      Blocks: nothing that does I/O or computes.
  *
  * Readers (GetPlacement, the speculator check, Register's answer) take
@@ -52,6 +53,10 @@ typedef struct registry_entry {
     eplb_snapshot *snap;         /* the published epoch: placement and shape */
     eplb_move_state state;       /* IDLE or NEEDS_RELOAD between operations */
     char state_reason[EPLB_ERROR_MSG_MAX];
+    /* Activity counters (eplb_model_stats, never stored).  The op_lock
+     * holder updates them under pub_lock (registry_stats_*), so
+     * eplb_registry_list copies them without waiting for an operation. */
+    eplb_model_stats stats;
 
     /* Under op_lock.  rec's placement and shape are unused (snap has them);
      * it keeps identity, the window and the store's view of the state. */
@@ -128,6 +133,14 @@ void registry_close_weights(registry_entry *e);
 
 /* Publish a new move state (and reason) for readers.  Caller holds op_lock. */
 void registry_publish_state(registry_entry *e, eplb_move_state st, const char *reason);
+
+/* Count a non-dry-run rebalance that was computed: committed (res's
+ * balancedness, moves and times become the last_* values) or not; bytes
+ * is what was copied either way.  Caller holds op_lock; takes pub_lock. */
+void registry_stats_rebalance(registry_entry *e, bool committed, const eplb_rebalance_result *res,
+                              uint64_t bytes);
+/* Count one recorded pass.  Caller holds op_lock; takes pub_lock. */
+void registry_stats_pass(registry_entry *e);
 
 /* The current snapshot, for the op_lock holder (no reference taken: only
  * the op_lock holder replaces it). */
