@@ -27,6 +27,7 @@
 #include "eplb_registry.h"
 #include "eplb_store.h"
 #include "rpc_log.h"
+#include "rpc_metrics.h"
 #include "rpc_server.h"
 
 #define EPLBD_VERSION "0.1.0"
@@ -36,6 +37,7 @@ typedef struct options {
     const char *data_dir;
     const char *db;             /* NULL: <data_dir>/eplbd.db */
     const char *ready_file;
+    const char *metrics_listen; /* --metrics-listen host:port; NULL: no metrics listener */
     const char *backend;        /* weight-move backend: auto, cpu, hip */
     int workers;
     int max_message_bytes;
@@ -74,6 +76,8 @@ static void usage(FILE *f) {
             "  --log-level LEVEL      debug, info, warn or error (default info)\n"
             "  --log-format FORMAT    text or json: one line per event on stderr (default text)\n"
             "  --ready-file PATH      write the bound address there once serving\n"
+            "  --metrics-listen ADDR  serve Prometheus metrics at http://ADDR/metrics (host:port,\n"
+            "                         [v6]:port; port 0 picks one, logged at start); default off\n"
             "  --backend NAME         how attached weights move: auto (hip when a GPU is there), cpu, hip\n"
             "  --shm-prefix P         AttachWeights shm objects must be named P... (default /eplb-;\n"
             "                         starts with '/', no other '/')\n"
@@ -169,7 +173,7 @@ static int parse_tls(options *o) {
 static int parse_options(int argc, char **argv, options *o) {
     enum { O_LISTEN = 256, O_DATA, O_DB, O_WORKERS, O_MAXMSG, O_MAXL, O_MAXE, O_MAXEP, O_MAXWIN, O_DRAIN,
            O_LOG, O_READY, O_BACKEND, O_FAULT, O_VERSION, O_HELP, O_MAXMODELS, O_MAXSTATE, O_SHMPREFIX,
-           O_SHMUID, O_REMOTEW, O_DELAY, O_TLSCERT, O_TLSKEY, O_TLSCA, O_LOGFMT };
+           O_SHMUID, O_REMOTEW, O_DELAY, O_TLSCERT, O_TLSKEY, O_TLSCA, O_LOGFMT, O_METRICS };
     static const struct option longopts[] = {
         { "listen", required_argument, NULL, O_LISTEN },
         { "data-dir", required_argument, NULL, O_DATA },
@@ -184,6 +188,7 @@ static int parse_options(int argc, char **argv, options *o) {
         { "log-level", required_argument, NULL, O_LOG },
         { "log-format", required_argument, NULL, O_LOGFMT },
         { "ready-file", required_argument, NULL, O_READY },
+        { "metrics-listen", required_argument, NULL, O_METRICS },
         { "backend", required_argument, NULL, O_BACKEND },
         { "max-models", required_argument, NULL, O_MAXMODELS },
         { "max-state-mib", required_argument, NULL, O_MAXSTATE },
@@ -211,6 +216,17 @@ static int parse_options(int argc, char **argv, options *o) {
         case O_DATA: o->data_dir = optarg; break;
         case O_DB: o->db = optarg; break;
         case O_READY: o->ready_file = optarg; break;
+        case O_METRICS: {
+            char host[256];
+            int port;
+            if (rpc_metrics_http_parse(optarg, host, sizeof host, &port) != 0) {
+                fprintf(stderr, "eplbd: --metrics-listen wants host:port (e.g. 127.0.0.1:9100, 0.0.0.0:9100 or "
+                                "[::1]:9100), got '%s'\n", optarg);
+                return -1;
+            }
+            o->metrics_listen = optarg;
+            break;
+        }
         case O_FAULT: {
             /* Tests only (not in --help): fail the Nth weight-copy op of a
              * phase once, e.g. "gather:1" or "scatter:3". */
@@ -441,6 +457,28 @@ int main(int argc, char **argv) {
                         .allow_remote_weights = o.allow_remote_weights };
     memcpy(ctx.shm_uids, o.shm_uids, sizeof ctx.shm_uids);
     atomic_init(&ctx.serving, true);
+    /* Metrics listen before gRPC serves, so the first calls are counted and
+     * a bad --metrics-listen refuses the start before anything is served. */
+    rpc_metrics *metrics = NULL;
+    rpc_metrics_http *metrics_http = NULL;
+    char metrics_url[320] = "";
+    if (o.metrics_listen) {
+        if (!(metrics = rpc_metrics_new(&ctx, db_path, EPLBD_VERSION))) {
+            eplb_error_set(&err, EPLB_ENOMEM, "cannot set up the metrics");
+        } else if (rpc_metrics_http_start(o.metrics_listen, metrics, &metrics_http, metrics_url, sizeof metrics_url,
+                                          &err) == EPLB_OK) {
+            ctx.on_call = rpc_metrics_on_call;
+            ctx.on_call_arg = metrics;
+        }
+        if (!metrics_http) {
+            rpc_log(RPC_LOG_ERROR, "%s", err.msg);
+            rpc_metrics_free(metrics);
+            eplb_registry_close(registry);
+            eplb_store_close(store);
+            grpc_shutdown();
+            return 1;
+        }
+    }
     rpc_server_config cfg = { .listen = o.listen, .workers = o.workers,
                               .max_message_bytes = o.max_message_bytes,
                               .test_delay_method = o.delay_method[0] ? o.delay_method : NULL,
@@ -459,6 +497,8 @@ int main(int argc, char **argv) {
     cfg.tls_cert_pem = cfg.tls_key_pem = cfg.tls_client_ca_pem = NULL;
     if (started != EPLB_OK) {
         rpc_log(RPC_LOG_ERROR, "%s", err.msg);
+        rpc_metrics_http_stop(metrics_http);
+        rpc_metrics_free(metrics);
         eplb_registry_close(registry);
         eplb_store_close(store);
         grpc_shutdown();
@@ -471,6 +511,8 @@ int main(int argc, char **argv) {
             "weight backend %s%s%s", EPLBD_VERSION, addr,
             o.tls_client_ca ? "mTLS" : o.tls_cert ? "TLS" : "plaintext", db_path,
             eplb_registry_count(registry), o.workers, backend, why[0] ? ": " : "", why);
+    if (metrics_url[0])
+        rpc_log(RPC_LOG_INFO, "metrics on %s", metrics_url);
     if (cfg.test_delay_method)
         rpc_log(RPC_LOG_WARN, "test hook: every %s handler sleeps %d ms first", cfg.test_delay_method,
                 cfg.test_delay_ms);
@@ -492,6 +534,11 @@ int main(int argc, char **argv) {
     if (sig)
         rpc_log(RPC_LOG_INFO, "signal %d (%s): stopping", sig, strsignal(sig));
     rpc_server_stop(server, o.drain_ms); /* returns once no handler runs */
+    /* After the drain, so calls finished while draining were counted (and
+     * scrapes during the drain saw serving 0); before the registry closes,
+     * which rendering reads. */
+    rpc_metrics_http_stop(metrics_http);
+    rpc_metrics_free(metrics);
     /* Load recorded since the last commit is kept across a clean stop. */
     if (eplb_registry_flush(registry, &err) != EPLB_OK) {
         rpc_log(RPC_LOG_ERROR, "saving load windows: %s", err.msg);
