@@ -31,6 +31,7 @@
 #include "eplb/v1/eplb.upb.h"
 #include "fuzz_shm.h"
 #include "grpc/health/v1/health.upb.h"
+#include "grpc/reflection/v1/reflection.upb.h"
 #include "rpc_handlers.h"
 #include "rpc_log.h"
 

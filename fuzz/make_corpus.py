@@ -27,7 +27,8 @@ HEALTH_ROOT = "/usr/share/grpc-proto"
 STUBS = tempfile.mkdtemp(prefix="eplb-fuzz-stubs-")
 try:
     subprocess.run(["protoc", "-I" + os.path.join(ROOT, "protos"), "-I" + HEALTH_ROOT,
-                    "--python_out=" + STUBS, "eplb/v1/eplb.proto", "grpc/health/v1/health.proto"],
+                    "--python_out=" + STUBS, "eplb/v1/eplb.proto", "grpc/health/v1/health.proto",
+                    "grpc/reflection/v1/reflection.proto"],
                    check=True)
     sys.path.insert(0, STUBS)
     from eplb.v1 import eplb_pb2 as pb  # noqa: E402  (generated above)
@@ -36,6 +37,10 @@ try:
         "health_pb2", os.path.join(STUBS, "grpc", "health", "v1", "health_pb2.py"))
     health_pb2 = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(health_pb2)
+    spec = importlib.util.spec_from_file_location(
+        "reflection_pb2", os.path.join(STUBS, "grpc", "reflection", "v1", "reflection_pb2.py"))
+    reflection_pb2 = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reflection_pb2)
 finally:
     shutil.rmtree(STUBS, ignore_errors=True)
 
@@ -208,6 +213,17 @@ def health_check():
     H = health_pb2.HealthCheckRequest
     return {"expert_balancer": H(service="eplb.v1.ExpertBalancer"),
             "unknown": H(service="other.Service")}
+
+
+def server_reflection():
+    R = reflection_pb2.ServerReflectionRequest
+    return {"list": R(list_services=""),
+            "file": R(file_by_filename="eplb/v1/eplb.proto"),
+            "symbol": R(file_containing_symbol="eplb.v1.ExpertBalancer.Rebalance"),
+            "field": R(file_containing_symbol="eplb.v1.Placement.epoch"),
+            "extensions": R(all_extension_numbers_of_type="eplb.v1.Placement"),
+            "extension": R(file_containing_extension=reflection_pb2.ExtensionRequest(
+                containing_type="eplb.v1.Placement", extension_number=100))}
 
 
 def targets():

@@ -468,6 +468,7 @@ for t in "$build"/tests/test_*; do
 done
 
 python_suite "python grpcio client" "$root/tests/integration/test_python_client.py" "$build"
+python_suite "health watch and reflection" "$root/tests/integration/test_discovery.py" "$build"
 
 # The integration path again with eplbd under valgrind: each error or
 # definite/indirect leak goes to a per-process log file, counted as a
@@ -514,6 +515,8 @@ if [ -n "$asan" ] && want asan; then
     done
     python_suite "python grpcio client (asan+ubsan eplbd)" "$root/tests/integration/test_python_client.py" "$asan"
     count_reports "python grpcio client (asan+ubsan eplbd)"
+    python_suite "health watch and reflection (asan+ubsan eplbd)" "$root/tests/integration/test_discovery.py" "$asan"
+    count_reports "health watch and reflection (asan+ubsan eplbd)"
     load_suite "concurrent Rebalance calls (asan+ubsan eplbd)" "$asan/eplbd"
     count_reports "concurrent Rebalance calls (asan+ubsan eplbd)"
     unset ASAN_OPTIONS UBSAN_OPTIONS
@@ -539,6 +542,8 @@ if [ -n "$tsan" ] && want tsan; then
     done
     python_suite "python grpcio client (tsan eplbd)" "$root/tests/integration/test_python_client.py" "$tsan"
     count_reports "python grpcio client (tsan eplbd)"
+    python_suite "health watch and reflection (tsan eplbd)" "$root/tests/integration/test_discovery.py" "$tsan"
+    count_reports "health watch and reflection (tsan eplbd)"
     load_suite "concurrent Rebalance calls (tsan eplbd)" "$tsan/eplbd"
     count_reports "concurrent Rebalance calls (tsan eplbd)"
     unset TSAN_OPTIONS

@@ -95,5 +95,8 @@ void rpc_detach_weights(rpc_context *ctx, upb_Arena *arena, const char *req, siz
 void rpc_list_models(rpc_context *ctx, upb_Arena *arena, const char *req, size_t len, rpc_reply *out);
 void rpc_delete_model(rpc_context *ctx, upb_Arena *arena, const char *req, size_t len, rpc_reply *out);
 void rpc_health_check(rpc_context *ctx, upb_Arena *arena, const char *req, size_t len, rpc_reply *out);
+/* One message of a grpc.reflection.v1[alpha] ServerReflectionInfo stream
+ * (rpc_reflection.c); the stream itself is rpc_server.c's. */
+void rpc_server_reflection_info(rpc_context *ctx, upb_Arena *arena, const char *req, size_t len, rpc_reply *out);
 
 #endif

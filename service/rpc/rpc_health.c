@@ -1,11 +1,26 @@
 /* rpc_health.c -- grpc.health.v1.Health/Check, for Kubernetes' native gRPC
- * probes.  "" and "eplb.v1.ExpertBalancer" are known services; others are
- * NOT_FOUND, as the health protocol specifies.  Draining reports
- * NOT_SERVING so a load balancer stops sending new calls. */
+ * probes, and the status computation Watch (rpc_server.c) shares with it
+ * (rpc_health.h says what each service name reports).  Unknown services
+ * are NOT_FOUND for Check, as the health protocol specifies. */
+#include "rpc_health.h"
+
 #include <string.h>
 
+#include "eplb_health.h"
 #include "grpc/health/v1/health.upb.h"
-#include "rpc_handlers.h"
+
+int rpc_health_status(rpc_context *ctx, const char *service, size_t len) {
+    bool whole = len == 0;
+    if (!whole && !(len == sizeof RPC_HEALTH_SERVICE - 1 && memcmp(service, RPC_HEALTH_SERVICE, len) == 0))
+        return RPC_HEALTH_SERVICE_UNKNOWN;
+    if (!atomic_load(&ctx->serving))
+        return RPC_HEALTH_NOT_SERVING;
+    if (whole || !ctx->registry)
+        return RPC_HEALTH_SERVING;
+    eplb_health h;
+    eplb_registry_health(ctx->registry, &h);
+    return h.needs_reload || h.damaged ? RPC_HEALTH_NOT_SERVING : RPC_HEALTH_SERVING;
+}
 
 void rpc_health_check(rpc_context *ctx, upb_Arena *arena, const char *req, size_t len,
                       rpc_reply *out) {
@@ -15,18 +30,15 @@ void rpc_health_check(rpc_context *ctx, upb_Arena *arena, const char *req, size_
         return;
     }
     upb_StringView service = grpc_health_v1_HealthCheckRequest_service(m);
-    static const char known[] = "eplb.v1.ExpertBalancer";
-    if (service.size != 0 &&
-        !(service.size == sizeof known - 1 && memcmp(service.data, known, service.size) == 0)) {
+    int st = rpc_health_status(ctx, service.data, service.size);
+    if (st == RPC_HEALTH_SERVICE_UNKNOWN) {
         rpc_reply_set(out, 5, "unknown service %.*s", (int)(service.size > 128 ? 128 : service.size),
                       service.data);
         return;
     }
     grpc_health_v1_HealthCheckResponse *resp = grpc_health_v1_HealthCheckResponse_new(arena);
     if (resp) {
-        grpc_health_v1_HealthCheckResponse_set_status(
-            resp, atomic_load(&ctx->serving) ? grpc_health_v1_HealthCheckResponse_SERVING
-                                             : grpc_health_v1_HealthCheckResponse_NOT_SERVING);
+        grpc_health_v1_HealthCheckResponse_set_status(resp, st);
         out->body = grpc_health_v1_HealthCheckResponse_serialize(resp, arena, &out->body_len);
     }
     if (!out->body)

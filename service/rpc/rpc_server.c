@@ -75,6 +75,8 @@
 #include <string.h>
 #include <time.h>
 
+#include "grpc/health/v1/health.upb.h"
+#include "rpc_health.h"
 #include "rpc_log.h"
 
 /* ThreadSanitizer sees no ordering through libgrpc (built without it, and
@@ -102,7 +104,17 @@
  * waits).  READ: the reader pool (never waits for an operation, but may
  * take a while to encode a large placement: off the CQ threads, and not
  * behind slow work).  WORK: the worker pool (may run for seconds). */
-enum rpc_lane { LANE_INLINE, LANE_READ, LANE_WORK, NUM_POOLS = LANE_WORK };
+enum rpc_lane { LANE_INLINE, LANE_READ, LANE_WORK, LANE_STREAM };
+#define NUM_POOLS 2 /* LANE_READ and LANE_WORK have a pool: pools[lane - 1] */
+
+/* Streaming methods (LANE_STREAM): run by the CQ threads, batch by batch
+ * (see "Streams" below). */
+enum rpc_stream_kind { STREAM_NONE, STREAM_WATCH, STREAM_BIDI };
+
+/* Open streams at most (Watch and reflection together): each holds a call
+ * object (~3 KiB) and gRPC's call state for as long as the client keeps
+ * it open.  Beyond: RESOURCE_EXHAUSTED. */
+#define RPC_MAX_STREAMS 1024
 
 /* Reader threads: GetPlacement only takes a snapshot reference and
  * encodes; two keep one large encode from holding up the others. */
@@ -113,19 +125,26 @@ typedef struct rpc_method {
     const char *name;      /* for the log */
     rpc_handler_fn handler;
     int lane;              /* where its handler runs (rpc_lane) */
+    int stream;            /* rpc_stream_kind (LANE_STREAM only) */
 } rpc_method;
 
 static const rpc_method methods[] = {
-    { "/eplb.v1.ExpertBalancer/RegisterModel", "RegisterModel", rpc_register_model, LANE_WORK },
-    { "/eplb.v1.ExpertBalancer/GetPlacement", "GetPlacement", rpc_get_placement, LANE_READ },
-    { "/eplb.v1.ExpertBalancer/SetupFromMapping", "SetupFromMapping", rpc_setup_from_mapping, LANE_WORK },
-    { "/eplb.v1.ExpertBalancer/Rebalance", "Rebalance", rpc_rebalance, LANE_WORK },
-    { "/eplb.v1.ExpertBalancer/RecordLoad", "RecordLoad", rpc_record_load, LANE_WORK },
-    { "/eplb.v1.ExpertBalancer/AttachWeights", "AttachWeights", rpc_attach_weights, LANE_WORK },
-    { "/eplb.v1.ExpertBalancer/DetachWeights", "DetachWeights", rpc_detach_weights, LANE_WORK },
-    { "/eplb.v1.ExpertBalancer/ListModels", "ListModels", rpc_list_models, LANE_READ },
-    { "/eplb.v1.ExpertBalancer/DeleteModel", "DeleteModel", rpc_delete_model, LANE_WORK },
-    { "/grpc.health.v1.Health/Check", "Health/Check", rpc_health_check, LANE_INLINE },
+    { "/eplb.v1.ExpertBalancer/RegisterModel", "RegisterModel", rpc_register_model, LANE_WORK, STREAM_NONE },
+    { "/eplb.v1.ExpertBalancer/GetPlacement", "GetPlacement", rpc_get_placement, LANE_READ, STREAM_NONE },
+    { "/eplb.v1.ExpertBalancer/SetupFromMapping", "SetupFromMapping", rpc_setup_from_mapping, LANE_WORK, STREAM_NONE },
+    { "/eplb.v1.ExpertBalancer/Rebalance", "Rebalance", rpc_rebalance, LANE_WORK, STREAM_NONE },
+    { "/eplb.v1.ExpertBalancer/RecordLoad", "RecordLoad", rpc_record_load, LANE_WORK, STREAM_NONE },
+    { "/eplb.v1.ExpertBalancer/AttachWeights", "AttachWeights", rpc_attach_weights, LANE_WORK, STREAM_NONE },
+    { "/eplb.v1.ExpertBalancer/DetachWeights", "DetachWeights", rpc_detach_weights, LANE_WORK, STREAM_NONE },
+    { "/eplb.v1.ExpertBalancer/ListModels", "ListModels", rpc_list_models, LANE_READ, STREAM_NONE },
+    { "/eplb.v1.ExpertBalancer/DeleteModel", "DeleteModel", rpc_delete_model, LANE_WORK, STREAM_NONE },
+    { "/grpc.health.v1.Health/Check", "Health/Check", rpc_health_check, LANE_INLINE, STREAM_NONE },
+    { "/grpc.health.v1.Health/Watch", "Health/Watch", NULL, LANE_STREAM, STREAM_WATCH },
+    /* v1 and v1alpha have the same messages: one handler answers both. */
+    { "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", "ServerReflectionInfo",
+      rpc_server_reflection_info, LANE_STREAM, STREAM_BIDI },
+    { "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo", "ServerReflectionInfo/v1alpha",
+      rpc_server_reflection_info, LANE_STREAM, STREAM_BIDI },
 };
 
 typedef enum call_state {
@@ -134,9 +153,22 @@ typedef enum call_state {
     CALL_QUEUED,    /* message in, waiting for a pool worker */
     CALL_HANDLING,  /* the handler runs (CQ thread or worker) */
     CALL_SENDING,   /* response, status and close in flight */
+    CALL_STREAMING, /* a stream: batches as "Streams" below says */
 } call_state;
 
+/* What a completion-queue event's tag points to.  A call's main batches
+ * (request_call, receive, send) use c->tag, which is the call's first
+ * member, so the call itself is that tag; a stream's RECV_CLOSE_ON_SERVER
+ * batch, in flight alongside them, uses c->close_tag. */
+typedef enum { TAG_MAIN, TAG_CLOSE } tag_kind;
+typedef struct rpc_tag {
+    struct rpc_call *call;
+    tag_kind kind;
+} rpc_tag;
+
 typedef struct rpc_call {
+    rpc_tag tag;                 /* first: (rpc_tag *)c == &c->tag */
+    rpc_tag close_tag;
     call_state state;
     rpc_server *server;
     grpc_call *call;
@@ -153,6 +185,18 @@ typedef struct rpc_call {
     rpc_call_facts facts;        /* what the handler did (log, observer) */
     struct timespec started;
     struct rpc_call *next;       /* pool queue link (under the pool's lock) */
+
+    /* Streams only (CALL_STREAMING), under s->stream_lock. */
+    int stream;                  /* rpc_stream_kind */
+    bool main_busy;              /* a TAG_MAIN batch is in flight */
+    bool close_done;             /* the RECV_CLOSE_ON_SERVER batch completed */
+    bool finishing;              /* SEND_STATUS started: nothing more is sent */
+    bool freeing;                /* decided: the call is freed, off the list */
+    int sent_status;             /* Watch: the ServingStatus last sent (0: none) */
+    char service[128];           /* Watch: the service watched */
+    size_t service_len;          /* > sizeof service: unknown (too long) */
+    uint64_t messages;           /* messages sent (log) */
+    struct rpc_call *stream_next, *stream_prev; /* s->streams */
 } rpc_call;
 
 /* A FIFO of calls and the threads that run them.  lock guards head, tail
@@ -196,6 +240,19 @@ struct rpc_server {
     int drain_cancelled;         /* ... ended cancelled / client gone */
 
     char shutdown_tag;           /* its address is the tag */
+
+    /* stream_lock guards the open streams: the list, num_streams, each
+     * stream call's stream fields, and last_health.  Held to decide what a
+     * stream does next and to start that batch (gRPC never calls back into
+     * us from grpc_call_start_batch) and, for reflection, across its
+     * handler (a table lookup: microseconds, no I/O); never across an
+     * eplb.v1 handler.  It nests inside nothing and takes no other lock
+     * except, via rpc_health_status, the registry's r->lock (read) and
+     * pub_locks, which never wait for an operation. */
+    pthread_mutex_t stream_lock;
+    rpc_call *streams;           /* open Watch and reflection calls */
+    int num_streams;
+    int last_health[2];          /* statuses last pushed to watchers: "", service */
 };
 
 /* ---- replies ----------------------------------------------------------- */
@@ -275,6 +332,8 @@ static void call_request(rpc_server *s) {
         return;
     }
     c->server = s;
+    c->tag = (rpc_tag){ c, TAG_MAIN };
+    c->close_tag = (rpc_tag){ c, TAG_CLOSE };
     c->state = CALL_REQUESTED;
     c->status_details = grpc_empty_slice();
     grpc_call_details_init(&c->details);
@@ -425,12 +484,19 @@ static void call_handle(rpc_call *c) {
     }
 }
 
+static void stream_start(rpc_call *c);
+static void health_notify(rpc_server *s);
+
 /* The message arrived (or the call died): inline methods and error
  * replies here, everything else to its method's pool. */
 static void call_on_received(rpc_call *c, int ok) {
     rpc_server *s = c->server;
     c->received = ok;
     c->m = method_find(c->details.method);
+    if (ok && c->m && c->m->lane == LANE_STREAM) {
+        stream_start(c);
+        return;
+    }
     if (!ok || !c->m || c->m->lane == LANE_INLINE) {
         call_handle(c);
         return;
@@ -448,7 +514,9 @@ static void call_on_received(rpc_call *c, int ok) {
     pthread_mutex_unlock(&p->lock);
 }
 
-static void call_on_sent(rpc_call *c, int ok) {
+/* The call is over (its status went out, or it died): one log line, the
+ * observer, the drain counters, then free. */
+static void call_finished(rpc_call *c, int gone) {
     rpc_server *s = c->server;
     char method[128];
     if (c->m)
@@ -457,7 +525,6 @@ static void call_on_sent(rpc_call *c, int ok) {
         snprintf(method, sizeof method, "%.*s",
                  (int)(GRPC_SLICE_LENGTH(c->details.method) > 100 ? 100 : GRPC_SLICE_LENGTH(c->details.method)),
                  (const char *)GRPC_SLICE_START_PTR(c->details.method));
-    int gone = !ok || c->cancelled;
     char *peer = grpc_call_get_peer(c->call);
     rpc_call_record rec = {
         .method = method,
@@ -480,7 +547,306 @@ static void call_on_sent(rpc_call *c, int ok) {
             s->drain_completed++;
         pthread_mutex_unlock(&s->lock);
     }
+    /* An operation may have changed a model's state (NEEDS_RELOAD, a
+     * re-registration): tell the health watchers. */
+    bool work = c->m && c->m->lane == LANE_WORK;
     call_free(c);
+    if (work)
+        health_notify(s);
+}
+
+static void call_on_sent(rpc_call *c, int ok) { call_finished(c, !ok || c->cancelled); }
+
+/* ---- streams -----------------------------------------------------------
+ * Health/Watch (server streaming) and ServerReflectionInfo (bidirectional)
+ * run on the CQ threads, one batch at a time, plus one RECV_CLOSE_ON_SERVER
+ * batch posted when the stream starts (close_tag), which completes when
+ * the client cancels or the call ends: so a stream that sends nothing
+ * still learns that its client went away.  Every decision is taken under
+ * s->stream_lock, since the close and the main batch complete on either CQ
+ * thread.
+ *
+ *   stream_start: post the close batch, then
+ *     Watch:  send the current status; on each send's completion, and on
+ *             health_notify, send again if the status changed; once
+ *             shutting down and NOT_SERVING was sent: finish UNAVAILABLE.
+ *     bidi:   answer the message in hand with [SEND_MESSAGE + RECV_MESSAGE];
+ *             the client's half-close (no message): finish OK; a handler
+ *             error: finish with it.  At shutdown an idle stream is
+ *             cancelled with UNAVAILABLE.
+ *   a main batch fails (client gone): cancel the call (the close batch then
+ *     completes).
+ *   freed once the close batch completed and no main batch is in flight. */
+
+/* Start a main batch of the stream; on failure the call is cancelled.
+ * Caller holds stream_lock and has set main_busy. */
+static void stream_batch_locked(rpc_call *c, const grpc_op *ops, size_t n) {
+    grpc_call *call = c->call;
+    TSAN_RELEASE(c);
+    grpc_call_error e = grpc_call_start_batch(call, ops, n, &c->tag, NULL);
+    if (e != GRPC_CALL_OK) {
+        rpc_log(RPC_LOG_ERROR, "start stream batch: error %d", (int)e);
+        c->main_busy = false;
+        grpc_call_cancel_with_status(call, GRPC_STATUS_INTERNAL, "eplbd could not continue the stream", NULL);
+    }
+}
+
+/* End the stream with status (its message when not OK).  Caller holds
+ * stream_lock; no main batch is in flight. */
+static void stream_finish_locked(rpc_call *c, int status, const char *message) {
+    c->finishing = true;
+    c->main_busy = true;
+    c->status = status;
+    snprintf(c->message, sizeof c->message, "%s", status == GRPC_STATUS_OK ? "" : message);
+    grpc_slice_unref(c->status_details);
+    c->status_details = grpc_slice_from_copied_string(c->message);
+    grpc_op op;
+    memset(&op, 0, sizeof op);
+    op.op = GRPC_OP_SEND_STATUS_FROM_SERVER;
+    op.data.send_status_from_server.status = (grpc_status_code)status;
+    op.data.send_status_from_server.status_details = status == GRPC_STATUS_OK ? NULL : &c->status_details;
+    stream_batch_locked(c, &op, 1);
+}
+
+/* Send body as one message (and, for bidi, receive the next).  Caller
+ * holds stream_lock; no main batch is in flight. */
+static void stream_send_locked(rpc_call *c, const char *body, size_t len, bool receive) {
+    grpc_slice slice = grpc_slice_from_copied_buffer(body, len);
+    if (c->response)
+        grpc_byte_buffer_destroy(c->response);
+    c->response = grpc_raw_byte_buffer_create(&slice, 1);
+    grpc_slice_unref(slice);
+    if (c->request) {
+        grpc_byte_buffer_destroy(c->request);
+        c->request = NULL;
+    }
+    grpc_op ops[2];
+    memset(ops, 0, sizeof ops);
+    ops[0].op = GRPC_OP_SEND_MESSAGE;
+    ops[0].data.send_message.send_message = c->response;
+    ops[1].op = GRPC_OP_RECV_MESSAGE;
+    ops[1].data.recv_message.recv_message = &c->request;
+    c->main_busy = true;
+    c->messages++;
+    stream_batch_locked(c, ops, receive ? 2 : 1);
+}
+
+/* Free the stream if it is over.  Caller holds stream_lock; returns true
+ * when the caller must call call_finished(c) after unlocking. */
+static bool stream_maybe_free_locked(rpc_call *c) {
+    rpc_server *s = c->server;
+    if (c->freeing || !c->close_done || c->main_busy)
+        return false;
+    c->freeing = true;
+    if (c->stream_prev)
+        c->stream_prev->stream_next = c->stream_next;
+    else
+        s->streams = c->stream_next;
+    if (c->stream_next)
+        c->stream_next->stream_prev = c->stream_prev;
+    s->num_streams--;
+    if (!c->finishing) { /* never sent a status: the client went away */
+        c->status = GRPC_STATUS_CANCELLED;
+        snprintf(c->message, sizeof c->message, "the client cancelled the stream after %llu message(s)",
+                 (unsigned long long)c->messages);
+    }
+    return true;
+}
+
+/* The health statuses now: [0] for "", [1] for eplb.v1.ExpertBalancer. */
+static void health_now(rpc_server *s, int st[2]) {
+    st[0] = rpc_health_status(s->ctx, "", 0);
+    st[1] = rpc_health_status(s->ctx, RPC_HEALTH_SERVICE, sizeof RPC_HEALTH_SERVICE - 1);
+}
+
+static int watch_status(const rpc_call *c, const int st[2]) {
+    if (c->service_len == 0)
+        return st[0];
+    if (c->service_len == sizeof RPC_HEALTH_SERVICE - 1 && memcmp(c->service, RPC_HEALTH_SERVICE, c->service_len) == 0)
+        return st[1];
+    return RPC_HEALTH_SERVICE_UNKNOWN;
+}
+
+/* A watcher with nothing in flight: send its status if it changed; once
+ * shutting down and the last status is out, finish.  Caller holds
+ * stream_lock. */
+static void watch_update_locked(rpc_call *c, const int st[2]) {
+    rpc_server *s = c->server;
+    if (c->main_busy || c->finishing || c->close_done)
+        return;
+    int now = watch_status(c, st);
+    if (now != c->sent_status) {
+        /* HealthCheckResponse { status = now }: field 1, varint. */
+        char body[2] = { 0x08, (char)now };
+        c->sent_status = now;
+        stream_send_locked(c, body, sizeof body, false);
+    } else if (atomic_load(&s->shutting_down)) {
+        stream_finish_locked(c, GRPC_STATUS_UNAVAILABLE, "eplbd is shutting down");
+    }
+}
+
+/* Health may have changed: push it to every idle watcher.  Cheap when
+ * nobody watches (one lock, one test) or nothing changed. */
+static void health_notify(rpc_server *s) {
+    pthread_mutex_lock(&s->stream_lock);
+    bool any = s->num_streams > 0;
+    pthread_mutex_unlock(&s->stream_lock);
+    if (!any)
+        return;
+    int st[2];
+    health_now(s, st);
+    pthread_mutex_lock(&s->stream_lock);
+    bool changed = st[0] != s->last_health[0] || st[1] != s->last_health[1] || atomic_load(&s->shutting_down);
+    s->last_health[0] = st[0];
+    s->last_health[1] = st[1];
+    for (rpc_call *c = s->streams; changed && c; c = c->stream_next)
+        if (c->stream == STREAM_WATCH)
+            watch_update_locked(c, st);
+    pthread_mutex_unlock(&s->stream_lock);
+}
+
+/* bidi: answer the message in hand (c->request), or finish on the
+ * client's half-close.  Runs the handler on this CQ thread (reflection:
+ * microseconds).  Caller holds stream_lock. */
+static void bidi_step_locked(rpc_call *c) {
+    rpc_server *s = c->server;
+    if (c->main_busy || c->finishing || c->close_done)
+        return;
+    if (!c->request) {
+        stream_finish_locked(c, GRPC_STATUS_OK, "");
+        return;
+    }
+    if (atomic_load(&s->shutting_down)) {
+        stream_finish_locked(c, GRPC_STATUS_UNAVAILABLE, "eplbd is shutting down");
+        return;
+    }
+    rpc_reply reply;
+    memset(&reply, 0, sizeof reply);
+    upb_Arena *arena = upb_Arena_New();
+    size_t len;
+    const char *bytes = arena ? request_bytes(c->request, arena, &len) : NULL;
+    if (!bytes)
+        rpc_reply_set(&reply, GRPC_STATUS_RESOURCE_EXHAUSTED, "out of memory reading the request");
+    else
+        c->m->handler(s->ctx, arena, bytes, len, &reply);
+    if (reply.status == GRPC_STATUS_OK)
+        stream_send_locked(c, reply.body, reply.body_len, true);
+    else
+        stream_finish_locked(c, reply.status, reply.message);
+    if (arena)
+        upb_Arena_Free(arena);
+}
+
+/* The first message is in: take the stream over. */
+static void stream_start(rpc_call *c) {
+    rpc_server *s = c->server;
+    c->state = CALL_STREAMING;
+    c->stream = c->m->stream;
+    int st[2] = { 0, 0 };
+    if (c->stream == STREAM_WATCH) {
+        health_now(s, st);
+        /* HealthCheckRequest { string service = 1; } */
+        upb_Arena *arena = upb_Arena_New();
+        size_t len;
+        const char *bytes = arena ? request_bytes(c->request, arena, &len) : NULL;
+        const grpc_health_v1_HealthCheckRequest *m =
+            bytes ? grpc_health_v1_HealthCheckRequest_parse(bytes, len, arena) : NULL;
+        if (m) {
+            upb_StringView v = grpc_health_v1_HealthCheckRequest_service(m);
+            c->service_len = v.size;
+            if (v.size)
+                memcpy(c->service, v.data, v.size < sizeof c->service ? v.size : sizeof c->service);
+        } else {
+            c->stream = STREAM_NONE; /* finish below */
+        }
+        if (arena)
+            upb_Arena_Free(arena);
+    }
+
+    pthread_mutex_lock(&s->stream_lock);
+    c->stream_next = s->streams;
+    if (s->streams)
+        s->streams->stream_prev = c;
+    s->streams = c;
+    s->num_streams++;
+    grpc_op op;
+    memset(&op, 0, sizeof op);
+    op.op = GRPC_OP_RECV_CLOSE_ON_SERVER;
+    op.data.recv_close_on_server.cancelled = &c->cancelled;
+    grpc_call *call = c->call;
+    TSAN_RELEASE(c);
+    grpc_call_error e = grpc_call_start_batch(call, &op, 1, &c->close_tag, NULL);
+    if (e != GRPC_CALL_OK) {
+        rpc_log(RPC_LOG_ERROR, "start stream close batch: error %d", (int)e);
+        c->close_done = true; /* nothing will complete it */
+        grpc_call_cancel_with_status(call, GRPC_STATUS_INTERNAL, "eplbd could not start the stream", NULL);
+        bool done = stream_maybe_free_locked(c);
+        pthread_mutex_unlock(&s->stream_lock);
+        if (done)
+            call_finished(c, 1);
+        return;
+    }
+    if (s->num_streams > RPC_MAX_STREAMS)
+        stream_finish_locked(c, GRPC_STATUS_RESOURCE_EXHAUSTED,
+                             "too many open Watch/reflection streams (the limit is 1024): close some");
+    else if (c->m->stream == STREAM_WATCH && c->stream == STREAM_NONE)
+        stream_finish_locked(c, GRPC_STATUS_INVALID_ARGUMENT, "request is not a valid grpc.health.v1.HealthCheckRequest message");
+    else if (c->stream == STREAM_WATCH)
+        watch_update_locked(c, st);
+    else
+        bidi_step_locked(c);
+    pthread_mutex_unlock(&s->stream_lock);
+}
+
+/* A main batch of a stream completed. */
+static void stream_on_main(rpc_call *c, int ok) {
+    rpc_server *s = c->server;
+    pthread_mutex_lock(&s->stream_lock);
+    c->main_busy = false;
+    if (!ok && !c->close_done)
+        grpc_call_cancel(c->call, NULL); /* the client is gone: end the call */
+    bool done = stream_maybe_free_locked(c);
+    bool watch = !done && ok && !c->finishing && c->stream == STREAM_WATCH;
+    if (!done && ok && !c->finishing && c->stream != STREAM_WATCH)
+        bidi_step_locked(c);
+    pthread_mutex_unlock(&s->stream_lock);
+    if (done) {
+        call_finished(c, c->cancelled);
+        return;
+    }
+    if (watch) {
+        /* Statuses read after main_busy was cleared: a notify that ran
+         * while this send was in flight skipped this watcher, and what it
+         * saw is what health_now sees now (or newer). */
+        int st[2];
+        health_now(s, st);
+        pthread_mutex_lock(&s->stream_lock);
+        watch_update_locked(c, st);
+        pthread_mutex_unlock(&s->stream_lock);
+    }
+}
+
+/* The stream's RECV_CLOSE_ON_SERVER completed: the call is over. */
+static void stream_on_close(rpc_call *c) {
+    rpc_server *s = c->server;
+    pthread_mutex_lock(&s->stream_lock);
+    c->close_done = true;
+    bool done = stream_maybe_free_locked(c);
+    pthread_mutex_unlock(&s->stream_lock);
+    if (done)
+        call_finished(c, c->cancelled);
+}
+
+/* Shutdown began: watchers get NOT_SERVING and finish; idle reflection
+ * streams (waiting for the client's next message) are cancelled, so
+ * neither holds the drain. */
+static void streams_shutdown(rpc_server *s) {
+    health_notify(s);
+    pthread_mutex_lock(&s->stream_lock);
+    for (rpc_call *c = s->streams; c; c = c->stream_next)
+        if (c->stream != STREAM_WATCH && !c->finishing && !c->close_done)
+            grpc_call_cancel_with_status(c->call, GRPC_STATUS_UNAVAILABLE, "eplbd is shutting down", NULL);
+    pthread_mutex_unlock(&s->stream_lock);
 }
 
 /* A CQ thread: advance call state machines; runs only inline handlers. */
@@ -499,8 +865,13 @@ static void *cq_main(void *arg) {
             pthread_mutex_unlock(&s->lock);
             continue;
         }
-        rpc_call *c = ev.tag;
+        rpc_tag *t = ev.tag;
+        rpc_call *c = t->call;
         TSAN_ACQUIRE(c);
+        if (t->kind == TAG_CLOSE) {
+            stream_on_close(c);
+            continue;
+        }
         switch (c->state) {
         case CALL_REQUESTED:
             if (ev.success)
@@ -513,6 +884,9 @@ static void *cq_main(void *arg) {
             break;
         case CALL_SENDING:
             call_on_sent(c, ev.success);
+            break;
+        case CALL_STREAMING:
+            stream_on_main(c, ev.success);
             break;
         case CALL_QUEUED:
         case CALL_HANDLING:
@@ -589,6 +963,7 @@ static void server_free(rpc_server *s) {
     grpc_server_destroy(s->server);
     grpc_completion_queue_destroy(s->cq);
     pthread_mutex_destroy(&s->lock);
+    pthread_mutex_destroy(&s->stream_lock);
     pthread_cond_destroy(&s->cond);
     for (int i = 0; i < NUM_POOLS; i++)
         pool_destroy(&s->pools[i]);
@@ -627,6 +1002,7 @@ eplb_status rpc_server_start(const rpc_server_config *cfg, rpc_context *ctx, rpc
     atomic_init(&s->shutting_down, false);
     atomic_init(&s->cancelling, false);
     pthread_mutex_init(&s->lock, NULL);
+    pthread_mutex_init(&s->stream_lock, NULL);
     pthread_condattr_t ca;
     pthread_condattr_init(&ca);
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
@@ -677,6 +1053,7 @@ eplb_status rpc_server_start(const rpc_server_config *cfg, rpc_context *ctx, rpc
         s->server = NULL;
         grpc_completion_queue_destroy(s->cq);
         pthread_mutex_destroy(&s->lock);
+        pthread_mutex_destroy(&s->stream_lock);
         pthread_cond_destroy(&s->cond);
         for (int i = 0; i < NUM_POOLS; i++)
             pool_destroy(&s->pools[i]);
@@ -734,6 +1111,7 @@ void rpc_server_stop(rpc_server *s, int drain_ms) {
     int in_flight = s->calls;
     pthread_mutex_unlock(&s->lock);
     grpc_server_shutdown_and_notify(s->server, s->cq, &s->shutdown_tag);
+    streams_shutdown(s);
     rpc_log(RPC_LOG_INFO, "draining: %d call(s) in flight, up to %d ms; new connections are refused",
             in_flight, drain_ms);
 

@@ -5,64 +5,14 @@ Run: /usr/bin/python3 tests/integration/test_python_client.py BUILD_DIR
 """
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import tempfile
-import time
 import unittest
 
 import grpc
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-BUILD = os.path.abspath(sys.argv.pop(1) if len(sys.argv) > 1 else os.path.join(ROOT, "build"))
-EPLBD = os.path.join(BUILD, "eplbd")
-
-STUBS = tempfile.mkdtemp(prefix="eplb-pystubs-")
-subprocess.run(["protoc", "-I" + os.path.join(ROOT, "protos"), "--python_out=" + STUBS,
-                "--grpc_python_out=" + STUBS,
-                "--plugin=protoc-gen-grpc_python=/usr/bin/grpc_python_plugin",
-                "eplb/v1/eplb.proto"], check=True)
-sys.path.insert(0, STUBS)
-from eplb.v1 import eplb_pb2, eplb_pb2_grpc  # noqa: E402  (generated above)
-
-
-class Server:
-    """A real eplbd on an ephemeral port with its own database file."""
-
-    def __init__(self):
-        self.dir = tempfile.mkdtemp(prefix="eplbd-py-")
-        self.db = os.path.join(self.dir, "eplbd.db")
-        self.proc = None
-        self.addr = None
-        self.extra = []  # more eplbd flags (the TLS test's)
-
-    def start(self):
-        ready = os.path.join(self.dir, "ready")
-        if os.path.exists(ready):
-            os.unlink(ready)
-        log = open(os.path.join(self.dir, "eplbd.log"), "ab")
-        self.proc = subprocess.Popen([EPLBD, "--listen", "127.0.0.1:0", "--db", self.db,
-                                      "--ready-file", ready] + self.extra,
-                                     stdout=subprocess.DEVNULL, stderr=log)
-        log.close()
-        deadline = time.time() + 15
-        while time.time() < deadline:
-            if os.path.exists(ready):
-                with open(ready) as f:
-                    self.addr = f.read().strip()
-                return
-            if self.proc.poll() is not None:
-                raise RuntimeError("eplbd exited with %d" % self.proc.returncode)
-            time.sleep(0.02)
-        raise RuntimeError("eplbd did not become ready")
-
-    def stop(self):
-        self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=20)
-
-    def cleanup(self):
-        shutil.rmtree(self.dir, ignore_errors=True)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from eplbd_py import Server, eplb_pb2, eplb_pb2_grpc  # noqa: E402  (takes BUILD_DIR from argv)
 
 
 def moe(arch, layers=2):
@@ -351,7 +301,4 @@ class PythonClientTest(unittest.TestCase):
 
 
 if __name__ == "__main__":
-    try:
-        unittest.main(verbosity=2)
-    finally:
-        shutil.rmtree(STUBS, ignore_errors=True)
+    unittest.main(verbosity=2)

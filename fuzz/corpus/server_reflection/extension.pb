@@ -1,0 +1,2 @@
+*
+eplb.v1.Placementd

@@ -1,0 +1,1 @@
+2eplb.v1.Placement

@@ -1,0 +1,1 @@
+" eplb.v1.ExpertBalancer.Rebalance
