@@ -310,6 +310,8 @@ static int parse_options(int argc, char **argv, options *o) {
                 return -1;
             }
             rpc_log_set_level((rpc_log_level)v);
+            /* The core's debug events (weight moves) only at debug: off, they cost one atomic load. */
+            eplb_trace_set(v == RPC_LOG_DEBUG ? rpc_log_trace : NULL);
             break;
         case O_LOGFMT:
             if ((v = rpc_log_format_parse(optarg)) < 0) {

@@ -31,11 +31,25 @@
 #include "eplb_alloc.h"
 #include "eplb_registry_internal.h"
 #include "eplb_move.h"
+#include "eplb_trace.h"
+
+/* Debug trace (eplb_trace.h) of each transition: "move_state" with from,
+ * to and the reason.  Off, one atomic load. */
+static void trace_state(const eplb_move *m, eplb_move_state from, eplb_move_state to, const char *reason) {
+    if (!eplb_trace_on())
+        return;
+    eplb_trace_field f[] = {
+        EPLB_TF_S("from", eplb_move_state_name(from)),
+        EPLB_TF_S("to", eplb_move_state_name(to)),
+        EPLB_TF_S("reason", reason ? reason : ""),
+    };
+    eplb_trace("move_state", m->e->model_id, f, reason && reason[0] ? 3 : 2);
+}
 
 static void set_state(eplb_move *m, eplb_move_state from, eplb_move_state to, const char *reason) {
     assert(m->e->rec.state == from);
-    (void)from;
     registry_publish_state(m->e, to, reason);
+    trace_state(m, from, to, reason);
 }
 
 /* IDLE -> STAGED: the plan of every layer can be carried out with the
@@ -88,7 +102,9 @@ static eplb_status move_fail(eplb_move *m, const char *why, eplb_error *err) {
     eplb_error serr;
     eplb_error_clear(&serr);
     eplb_status st = registry_save(m->r, &rec, &serr);
+    eplb_move_state from = e->rec.state;
     registry_publish_state(e, EPLB_MOVE_NEEDS_RELOAD, reason);
+    trace_state(m, from, EPLB_MOVE_NEEDS_RELOAD, reason);
     return eplb_error_set(err, EPLB_EDATALOSS, "model %s needs a weight reload: %s%s%s", e->model_id, reason,
                           st == EPLB_OK ? "" : "; the store did not take the new state: ",
                           st == EPLB_OK ? "" : serr.msg);
@@ -103,6 +119,7 @@ static eplb_status move_commit(eplb_move *m, eplb_placement *placement, eplb_err
         /* registry_commit_locked stored and published IDLE with the map;
          * record the step for the machine's sake. */
         m->e->rec.state = EPLB_MOVE_COMMITTED;
+        trace_state(m, EPLB_MOVE_MOVING, EPLB_MOVE_COMMITTED, "");
     }
     return st;
 }
@@ -135,6 +152,29 @@ static double elapsed_ms(const struct timespec *t0) {
     return (double)(t1.tv_sec - t0->tv_sec) * 1e3 + (double)(t1.tv_nsec - t0->tv_nsec) / 1e6;
 }
 
+/* Slots of a layer whose expert changes (what the plan writes). */
+static uint64_t slots_changed(const int32_t *old_row, const int32_t *new_row, uint32_t P) {
+    uint64_t n = 0;
+    for (uint32_t p = 0; p < P; p++)
+        n += old_row[p] != new_row[p];
+    return n;
+}
+
+/* "move_layer": one layer's two phases.  Only the scatter reports bytes
+ * (eplb_weights_ops: the gather's staging copies are not counted). */
+static void trace_layer(const eplb_move *m, uint32_t layer, uint64_t changed, double gather_ms, double scatter_ms,
+                        uint64_t bytes, bool retried) {
+    eplb_trace_field f[] = {
+        EPLB_TF_U("layer", layer),
+        EPLB_TF_U("slots_changed", changed),
+        EPLB_TF_F("gather_ms", gather_ms),
+        EPLB_TF_F("scatter_ms", scatter_ms),
+        EPLB_TF_U("bytes_scattered", bytes),
+        EPLB_TF_B("scatter_retried", retried),
+    };
+    eplb_trace("move_layer", m->e->model_id, f, EPLB_TRACE_N(f));
+}
+
 eplb_status eplb_move_run(eplb_move *m, eplb_error *err) {
     registry_entry *e = m->e;
     const eplb_weights_ops *w = e->weights;
@@ -143,6 +183,20 @@ eplb_status eplb_move_run(eplb_move *m, eplb_error *err) {
     struct timespec t0;
     clock_gettime(CLOCK_MONOTONIC, &t0);
     char why[EPLB_ERROR_MSG_MAX], msg[EPLB_ERROR_MSG_MAX];
+    /* Per-phase clocks and slot counts only when traced. */
+    const bool traced = eplb_trace_on();
+    uint64_t total_changed = 0;
+    if (traced) {
+        for (uint32_t l = 0; l < L; l++)
+            total_changed += slots_changed(cur->phy2log + (size_t)l * P, m->next->phy2log + (size_t)l * P, P);
+        eplb_trace_field f[] = {
+            EPLB_TF_U("layers", L),
+            EPLB_TF_U("num_physical", P),
+            EPLB_TF_U("slots_changed", total_changed),
+            EPLB_TF_U("epoch", cur->epoch),
+        };
+        eplb_trace("move_start", e->model_id, f, EPLB_TRACE_N(f));
+    }
 
     eplb_status st = move_stage(m, err);
     if (st == EPLB_EDATALOSS) {
@@ -155,19 +209,36 @@ eplb_status eplb_move_run(eplb_move *m, eplb_error *err) {
     uint32_t layer = 0;
     for (; layer < L; layer++) {
         const int32_t *old_row = cur->phy2log + (size_t)layer * P, *new_row = m->next->phy2log + (size_t)layer * P;
+        struct timespec tp;
+        double gather_ms = 0;
+        if (traced)
+            clock_gettime(CLOCK_MONOTONIC, &tp);
         st = w->gather(e->weights_ctx, layer, P, old_row, new_row, err);
-        if (st != EPLB_OK)
+        if (traced) {
+            gather_ms = elapsed_ms(&tp);
+            clock_gettime(CLOCK_MONOTONIC, &tp);
+        }
+        if (st != EPLB_OK) {
+            if (traced)
+                trace_layer(m, layer, slots_changed(old_row, new_row, P), gather_ms, 0, 0, false);
             break;
+        }
         if (layer == 0 && (st = move_begin(m, err)) != EPLB_OK)
             goto out; /* nothing written: IDLE again, the store's error */
+        if (traced && layer == 0)
+            clock_gettime(CLOCK_MONOTONIC, &tp); /* the scatter's clock leaves out the MOVING fsync */
         uint64_t bytes = 0;
+        bool retried = false;
         st = w->scatter(e->weights_ctx, layer, P, old_row, new_row, &bytes, err);
         if (st != EPLB_OK) {
             /* Phase 2 is idempotent: once more completes the layer, unless
              * the buffers are really gone. */
             bytes = 0;
+            retried = true;
             st = w->scatter(e->weights_ctx, layer, P, old_row, new_row, &bytes, err);
         }
+        if (traced)
+            trace_layer(m, layer, slots_changed(old_row, new_row, P), gather_ms, elapsed_ms(&tp), bytes, retried);
         m->bytes_moved += bytes;
         if (st != EPLB_OK) {
             snprintf(why, sizeof why, "writing layer %u failed and so did its retry (%s); layers 0..%u had moved",
@@ -223,6 +294,17 @@ eplb_status eplb_move_run(eplb_move *m, eplb_error *err) {
 out:
     if (m->move_ms == 0)
         m->move_ms = elapsed_ms(&t0);
+    if (traced) {
+        eplb_trace_field f[] = {
+            EPLB_TF_S("status", eplb_status_name(st)),
+            EPLB_TF_U("layers", L),
+            EPLB_TF_U("layers_done", m->layers_done),
+            EPLB_TF_U("bytes_moved", m->bytes_moved),
+            EPLB_TF_F("move_ms", m->move_ms),
+            EPLB_TF_S("state", eplb_move_state_name(e->rec.state)),
+        };
+        eplb_trace("move_done", e->model_id, f, EPLB_TRACE_N(f));
+    }
     eplb_placement_free(m->next);
     assert(e->rec.state == EPLB_MOVE_IDLE || e->rec.state == EPLB_MOVE_NEEDS_RELOAD);
     return st;

@@ -12,8 +12,15 @@
 #define RPC_LOG_H
 
 #include <stdbool.h>
+#include <stddef.h>
 
+#include "eplb_trace.h"
 #include "rpc_handlers.h"
+
+/* Longest line, with its newline and NUL: longer content is cut (at a
+ * character boundary, never inside an escape) and the line then ends with
+ * "truncated":true (JSON) or " [truncated]" (text). */
+#define RPC_LOG_LINE_MAX 4096
 
 typedef enum rpc_log_level {
     RPC_LOG_DEBUG = 0,
@@ -53,10 +60,22 @@ const char *rpc_status_name(int code);
 /* The one line of a finished call: info when OK, warn otherwise. */
 void rpc_log_call(const rpc_call_record *rec);
 
-/* Append s (len bytes, any content) to buf as a JSON string body (no
- * quotes): escapes quotes, backslashes and control bytes, and replaces
- * bytes that are not UTF-8 with U+FFFD.  Truncates at a character boundary
- * to fit cap (including the terminating NUL).  Returns the new length. */
+/* A structured event line: {"ts","level","event":event,"model_id":...,
+ * then each field} in JSON, "event model=ID key=value ..." in text.
+ * model_id may be NULL. */
+void rpc_log_event(rpc_log_level level, const char *event, const char *model_id, const eplb_trace_field *fields,
+                   size_t num_fields);
+
+/* The core's trace hook (eplb_trace_fn): each event as a debug line.
+ * main.c installs it at --log-level debug. */
+void rpc_log_trace(const char *event, const char *model_id, const eplb_trace_field *fields, size_t num_fields);
+
+/* Append s (len bytes, any content) to buf at `at` as a JSON string body
+ * (no quotes): escapes quotes, backslashes, control bytes and U+2028/9,
+ * and replaces bytes that are not UTF-8 with U+FFFD.  Stops before the
+ * first character (or escape) that would not fit in cap with the
+ * terminating NUL, so a cut never splits one; buf[result] is NUL.  With
+ * at >= cap nothing is written.  Returns the new length. */
 size_t rpc_json_escape(char *buf, size_t at, size_t cap, const char *s, size_t len);
 
 #endif

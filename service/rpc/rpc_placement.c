@@ -1,5 +1,11 @@
 /* rpc_placement.c -- SetupFromMapping, Rebalance and RecordLoad: decode,
- * call the placement engine, encode. */
+ * call the placement engine, encode.
+ *
+ * At --log-level debug each says what it was asked and what it computed
+ * (rpc_log_event lines "setup_request", "rebalance_request",
+ * "rebalance_plan", "record_load"); the checks cost one atomic load each
+ * at info.  An automatic rebalance that RecordLoad triggers is logged at
+ * info when it commits and at warn when it fails. */
 #include <string.h>
 
 #include "eplb/v1/eplb.upb.h"
@@ -57,6 +63,17 @@ void rpc_setup_from_mapping(rpc_context *ctx, upb_Arena *arena, const char *req,
     r.ep_size = eplb_v1_SetupFromMappingRequest_ep_size(m);
     r.has_expected_epoch = eplb_v1_SetupFromMappingRequest_has_expected_epoch(m);
     r.expected_epoch = eplb_v1_SetupFromMappingRequest_expected_epoch(m);
+    if (rpc_log_enabled(RPC_LOG_DEBUG)) {
+        eplb_trace_field f[] = {
+            EPLB_TF_U("expanded_len", r.expanded_len),
+            EPLB_TF_U("num_physical", r.num_physical),
+            EPLB_TF_U("old_num_physical", r.old_num_physical),
+            EPLB_TF_U("ep_size", r.ep_size),
+            EPLB_TF_B("with_model", eplb_v1_SetupFromMappingRequest_has_model(m)),
+            EPLB_TF_I("expected_epoch", r.has_expected_epoch ? (int64_t)r.expected_epoch : -1),
+        };
+        rpc_log_event(RPC_LOG_DEBUG, "setup_request", r.model_id, f, EPLB_TRACE_N(f));
+    }
 
     eplb_placement p;
     if (eplb_registry_setup_from_mapping(ctx->registry, &r, &p, &err) != EPLB_OK) {
@@ -98,6 +115,22 @@ void rpc_rebalance(rpc_context *ctx, upb_Arena *arena, const char *req, size_t l
         rpc_reply_set(out, 3, "slot_order %d is not a SlotOrder", order);
         return;
     }
+    if (rpc_log_enabled(RPC_LOG_DEBUG)) {
+        static const char *const orders[] = { "preserve", "algorithm", "min_traffic" };
+        /* Which load the plan is computed from: the request's passes, or
+         * the model's recorded window when the request has none. */
+        eplb_trace_field f[] = {
+            EPLB_TF_S("load", r.physical_load_len ? "request" : "window"),
+            EPLB_TF_U("load_values", r.physical_load_len),
+            EPLB_TF_U("num_groups", r.num_groups),
+            EPLB_TF_U("num_nodes", r.num_nodes),
+            EPLB_TF_U("num_gpus", r.num_gpus),
+            EPLB_TF_S("slot_order", (unsigned)r.slot_order < 3 ? orders[r.slot_order] : "?"),
+            EPLB_TF_B("dry_run", r.dry_run),
+            EPLB_TF_I("expected_epoch", r.has_expected_epoch ? (int64_t)r.expected_epoch : -1),
+        };
+        rpc_log_event(RPC_LOG_DEBUG, "rebalance_request", r.model_id, f, EPLB_TRACE_N(f));
+    }
 
     eplb_rebalance_result res;
     if (eplb_registry_rebalance(ctx->registry, &r, &res, &err) != EPLB_OK) {
@@ -116,6 +149,22 @@ void rpc_rebalance(rpc_context *ctx, upb_Arena *arena, const char *req, size_t l
     f->epoch = res.placement.epoch;
     f->num_layers = res.placement.num_layers;
     f->num_physical = res.placement.num_physical;
+    if (rpc_log_enabled(RPC_LOG_DEBUG)) {
+        eplb_trace_field d[] = {
+            EPLB_TF_U("layers", res.placement.num_layers),
+            EPLB_TF_U("num_physical", res.placement.num_physical),
+            EPLB_TF_U("num_logical", res.placement.num_logical),
+            EPLB_TF_U("experts_moved", res.experts_moved),
+            EPLB_TF_F("balancedness_before", res.balancedness_before),
+            EPLB_TF_F("balancedness_after", res.balancedness_after),
+            EPLB_TF_F("compute_ms", res.compute_ms),
+            EPLB_TF_B("committed", res.committed),
+            EPLB_TF_U("bytes_moved", res.bytes_moved),
+            EPLB_TF_F("move_ms", res.move_ms),
+            EPLB_TF_U("epoch", res.placement.epoch),
+        };
+        rpc_log_event(RPC_LOG_DEBUG, "rebalance_plan", r.model_id, d, EPLB_TRACE_N(d));
+    }
     bool with_log2phy = eplb_v1_RebalanceRequest_include_logical_to_physical(m);
     if (!rpc_placement_fits(&res.placement, with_log2phy, ctx->limits.max_response_bytes, out)) {
         eplb_rebalance_result_free(&res);
@@ -166,8 +215,29 @@ void rpc_record_load(rpc_context *ctx, upb_Arena *arena, const char *req, size_t
     out->facts.epoch = res.epoch;
     out->facts.rebalance = res.rebalanced;
     out->facts.committed = res.rebalanced;
-    if (res.auto_rebalance_error[0])
-        rpc_log(RPC_LOG_WARN, "RecordLoad %s: automatic rebalance failed: %s", r.model_id, res.auto_rebalance_error);
+    if (rpc_log_enabled(RPC_LOG_DEBUG)) {
+        eplb_trace_field f[] = {
+            EPLB_TF_U("load_values", r.physical_load_len),
+            EPLB_TF_B("is_dummy", r.is_dummy),
+            EPLB_TF_U("passes_recorded", res.passes_recorded),
+        };
+        rpc_log_event(RPC_LOG_DEBUG, "record_load", r.model_id, f, EPLB_TRACE_N(f));
+    }
+    if (res.auto_rebalance_error[0]) {
+        eplb_trace_field f[] = {
+            EPLB_TF_B("committed", false),
+            EPLB_TF_U("passes_recorded", res.passes_recorded),
+            EPLB_TF_S("error", res.auto_rebalance_error),
+        };
+        rpc_log_event(RPC_LOG_WARN, "auto_rebalance", r.model_id, f, EPLB_TRACE_N(f));
+    } else if (res.rebalanced) {
+        eplb_trace_field f[] = {
+            EPLB_TF_B("committed", true),
+            EPLB_TF_U("passes_recorded", res.passes_recorded),
+            EPLB_TF_U("epoch", res.epoch),
+        };
+        rpc_log_event(RPC_LOG_INFO, "auto_rebalance", r.model_id, f, EPLB_TRACE_N(f));
+    }
     eplb_v1_RecordLoadResponse *resp = eplb_v1_RecordLoadResponse_new(arena);
     if (resp) {
         eplb_v1_RecordLoadResponse_set_passes_recorded(resp, res.passes_recorded);
