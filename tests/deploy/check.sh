@@ -10,7 +10,8 @@
 #                    (npm kubernetes-models 4, validate.js schema)
 #   fields           no unknown field names (Debian python3-kubernetes models,
 #                    fields.py)
-#   policy           securityContext, resources, probes, grace > drain, ...
+#   policy           securityContext, resources, probes, grace > drain, TLS files
+#                    from a read-only Secret, metrics port and scrape annotations, ...
 #                    (validate.js policy)
 #   dockerfile       dockerfile-utils lint + the image's promises (dockerfile.js)
 #
@@ -116,7 +117,7 @@ for dir in "$root/deploy/base" "$root"/deploy/overlays/*/; do
         fail "kustomize build ${dir#"$root"/}"; sed 's/^/    /' "$out/$name.err"
     fi
 done
-[ ${#rendered[@]} -ge 2 ] || fail "expected the sidecar and standalone overlays under deploy/overlays"
+[ ${#rendered[@]} -ge 3 ] || fail "expected the sidecar, standalone and standalone-tls overlays under deploy/overlays"
 reject "kustomize rejects broken/kustomize-missing-resource" this-file-does-not-exist "${kustomize[@]}" "$here/broken/kustomize-missing-resource"
 
 # `kubectl kustomize` where a kubectl bundles kustomize 4 or later (Debian 12's
@@ -143,6 +144,8 @@ check "policy: securityContext, resources, probes, grace > drain, shm, NetworkPo
     node "$here/validate.js" policy "${rendered[@]}"
 reject "policy rejects broken/policy-violations.yaml" 'terminationGracePeriodSeconds 5 s' \
     node "$here/validate.js" policy "$here/broken/policy-violations.yaml"
+reject "policy rejects broken/policy-metrics-tls.yaml" 'is not in a mounted Secret' \
+    node "$here/validate.js" policy "$here/broken/policy-metrics-tls.yaml"
 
 # ---- Dockerfile ----------------------------------------------------------------
 check "dockerfile-utils lint Dockerfile" node "$here/dockerfile.js" lint "$root/Dockerfile"

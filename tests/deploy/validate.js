@@ -150,7 +150,7 @@ function checkContainer(c, pod, where, init) {
     problems.push(`${where}: eplbd as a plain init container would block the pod (use restartPolicy: Always)`);
 }
 
-function checkEplbd(c, pod, where, maps) {
+function checkEplbd(c, pod, where, maps, podMeta) {
   const env = envOf(c, maps, where);
   const args = [...(c.command || []), ...(c.args || [])].map((a) => expand(a, env, where));
   const listen = flag(args, 'listen') || '127.0.0.1:50051';
@@ -167,10 +167,16 @@ function checkEplbd(c, pod, where, maps) {
   const host = m ? (m[1] || m[2]) : '';
   const port = m ? Number(m[3]) : 0;
   const loopback = unix || /^(127\.|localhost$|::1$)/.test(host);
+  const tls = flag(args, 'tls-cert') !== undefined;
   for (const kind of ['readinessProbe', 'livenessProbe']) {
     const p = c[kind];
     if (!p) { problems.push(`${where}: no ${kind}`); continue; }
-    if (loopback) {
+    if (tls) {
+      // The kubelet's gRPC probe has no TLS settings: it cannot pass a TLS handshake.
+      const cmd = ((p.exec || {}).command || []).join(' ');
+      if (!p.exec || !/eplbctl/.test(cmd) || !/--tls-ca/.test(cmd))
+        problems.push(`${where}: ${kind}: eplbd serves TLS, so probe with an exec of eplbctl --tls-ca ... health`);
+    } else if (loopback) {
       if (!p.exec) problems.push(`${where}: ${kind}: eplbd listens on ${listen}, which only an exec probe can reach`);
     } else if (!p.grpc) {
       problems.push(`${where}: ${kind}: use a native gRPC probe (grpc.health.v1) on port ${port}`);
@@ -183,6 +189,38 @@ function checkEplbd(c, pod, where, maps) {
 
   const mounts = c.volumeMounts || [];
   const mounted = (path) => mounts.find((v) => v.mountPath === path && !v.readOnly);
+
+  // TLS files come from a Secret, mounted read-only.
+  for (const f of ['tls-cert', 'tls-key', 'tls-client-ca']) {
+    const path = flag(args, f);
+    if (path === undefined) continue;
+    const mnt = mounts.find((v) => path.startsWith(`${v.mountPath.replace(/\/$/, '')}/`));
+    const vol = mnt && (pod.volumes || []).find((v) => v.name === mnt.name);
+    if (!mnt || !vol || !vol.secret) problems.push(`${where}: --${f} ${path} is not in a mounted Secret`);
+    else if (!mnt.readOnly) problems.push(`${where}: --${f} ${path}: the Secret volume ${mnt.name} is not mounted readOnly`);
+  }
+
+  // Metrics: a port Prometheus can reach, and scrape annotations that match it.
+  const ann = (podMeta || {}).annotations || {};
+  const metricsListen = flag(args, 'metrics-listen');
+  if (metricsListen !== undefined) {
+    const mm = /^(?:\[(.*)\]|(.*)):(\d+)$/.exec(metricsListen);
+    if (!mm) problems.push(`${where}: --metrics-listen ${metricsListen} is not host:port`);
+    else {
+      const mport = Number(mm[3]);
+      const mloop = /^(127\.|localhost$|::1$)/.test(mm[1] || mm[2]);
+      if (!mloop && !(c.ports || []).some((p) => p.containerPort === mport))
+        problems.push(`${where}: metrics port ${mport} is not a containerPort`);
+      if (ann['prometheus.io/scrape'] === 'true' && mloop)
+        problems.push(`${where}: prometheus.io/scrape is set but --metrics-listen ${metricsListen} is loopback-only`);
+      if (ann['prometheus.io/port'] !== undefined && Number(ann['prometheus.io/port']) !== mport)
+        problems.push(`${where}: prometheus.io/port ${ann['prometheus.io/port']} but --metrics-listen port ${mport}`);
+      if (ann['prometheus.io/path'] !== undefined && ann['prometheus.io/path'] !== '/metrics')
+        problems.push(`${where}: prometheus.io/path ${ann['prometheus.io/path']}: eplbd serves /metrics`);
+    }
+  } else if (ann['prometheus.io/scrape'] === 'true') {
+    problems.push(`${where}: prometheus.io/scrape is set but eplbd has no --metrics-listen`);
+  }
   if (!dataDir) problems.push(`${where}: no --data-dir`);
   else if (!mounted(dataDir)) problems.push(`${where}: data dir ${dataDir} is not a writable volume (read-only root)`);
   if (!mounted('/tmp')) problems.push(`${where}: /tmp is not a writable volume (SQLite temp files, read-only root)`);
@@ -209,7 +247,8 @@ function checkPolicy() {
       const limits = (c.resources || {}).limits || {};
       if (Object.keys(limits).some((r) => /(^|\/)gpu$/.test(r))) gpus = true;
       if (c.name === 'eplbd' || /(^|\/)eplbd(:|@|$)/.test(c.image || '')) {
-        checkEplbd(c, pod, where, maps);
+        const podMeta = obj.kind === 'Pod' ? obj.metadata : ((obj.spec || {}).template || {}).metadata;
+        checkEplbd(c, pod, where, maps, podMeta);
         eplbdPods.push(obj);
         if (obj.kind === 'StatefulSet' || obj.kind === 'Deployment') {
           if ((obj.spec.replicas === undefined ? 1 : obj.spec.replicas) > 1 && obj.kind === 'StatefulSet')
