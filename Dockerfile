@@ -79,4 +79,8 @@ EXPOSE 50051
 # eplbd drains in-flight calls on SIGTERM for up to --drain-ms (default 10 s).
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["eplbd"]
+# 0.0.0.0, not 127.0.0.1: a container's loopback is private to its network
+# namespace, and -p, a Service or a kubelet probe connect to its interface
+# address. Same-pod clients should pass --listen 127.0.0.1:50051 or a unix
+# socket instead (deploy/README.md, "Where eplbd should listen").
 CMD ["--listen", "0.0.0.0:50051", "--data-dir", "/var/lib/eplbd"]

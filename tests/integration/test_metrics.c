@@ -612,7 +612,8 @@ Test(metrics, drain_time_calls_are_counted_and_serving_drops) {
     cr_assert(eplbd_wait_log(&srv, "draining", 5000));
     scrape sc = scrape_now(); /* the gRPC listener is closed; /metrics still answers */
     cr_assert_eq(val(&sc, "eplbd_serving", ""), 0);
-    cr_assert_eq(val(&sc, "eplbd_rpc_calls_total", "method=\"Rebalance\",code=\"OK\""), 0);
+    if (!harness_slow()) /* A is still asleep (under valgrind it may be done) */
+        cr_assert_eq(val(&sc, "eplbd_rpc_calls_total", "method=\"Rebalance\",code=\"OK\""), 0);
     scrape_free(&sc);
     harness_call_join(&ca);
     cr_assert_eq(ca.status, 0, "%s", ca.message);
