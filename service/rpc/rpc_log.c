@@ -385,10 +385,13 @@ static void put_fields(line *l, const eplb_trace_field *f, size_t n) {
             put(l, l->json ? ",\"%s\":%lld" : " %s=%lld", k, (long long)f[i].v.i);
             break;
         case EPLB_TF_F64:
-            if (l->json)
-                put_json_f(l, k, f[i].v.f, 3);
+            /* %.9g: a balancedness keeps its digits, a time its microseconds. */
+            if (!l->json)
+                put(l, " %s=%.9g", k, f[i].v.f);
+            else if (isfinite(f[i].v.f))
+                put(l, ",\"%s\":%.9g", k, f[i].v.f);
             else
-                put(l, " %s=%.3f", k, f[i].v.f);
+                put(l, ",\"%s\":null", k);
             break;
         case EPLB_TF_BOOL:
             put(l, l->json ? ",\"%s\":%s" : " %s=%s", k, f[i].v.b ? "true" : "false");

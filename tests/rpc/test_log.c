@@ -400,7 +400,7 @@ Test(log, event_fields) {
     rpc_log_event(RPC_LOG_DEBUG, "move_layer", "m\"1", f, EPLB_TRACE_N(f));
     out = cap_end(&c, &len);
     cr_assert_not_null(strstr(out, " debug move_layer model=m\"1 phase=gather reason=\"two words \\\"quoted\\\"\\x0a\" "
-                                   "layer=7 delta=-3 ms=1.500 nan=nan retried=true empty=\"\"\n"),
+                                   "layer=7 delta=-3 ms=1.5 nan=nan retried=true empty=\"\"\n"),
                        "%s", out);
     free(out);
 }
