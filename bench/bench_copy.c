@@ -69,7 +69,8 @@ int main(int argc, char **argv) {
     const size_t stride = W13 + W2; /* both tensors of a slot, back to back */
     const size_t rank_bytes = stride * S;
     char names[G][64];
-    eplb_rank_location ranks[G];
+    eplb_region ranks[G];
+    eplb_rank_buffers rbuf[G];
     eplb_tensor_layout lay13[G], lay2[G];
     memset(ranks, 0, sizeof ranks);
     for (int g = 0; g < G; g++) {
@@ -88,6 +89,8 @@ int main(int argc, char **argv) {
         memset(p, g + 1, rank_bytes); /* touch every page */
         munmap(p, rank_bytes);
         snprintf(ranks[g].shm_name, sizeof ranks[g].shm_name, "%s", names[g]);
+        rbuf[g] = (eplb_rank_buffers){ 1, &ranks[g] };
+        lay13[g].region = lay2[g].region = 0;
         lay13[g].offset = 0;
         lay13[g].stride = stride;
         lay2[g].offset = W13;
@@ -95,7 +98,7 @@ int main(int argc, char **argv) {
     }
     eplb_tensor_desc tensors[2] = {{"w13", W13, lay13}, {"w2", W2, lay2}};
     eplb_layer_desc layer = {2, tensors};
-    eplb_buffers_desc desc = {EPLB_BUFFERS_SHM, 1, G, ranks, &layer};
+    eplb_buffers_desc desc = {EPLB_BUFFERS_SHM, 1, G, 0, 0, rbuf, &layer};
 
     eplb_backend *b = NULL;
     eplb_error err;

@@ -28,6 +28,7 @@ struct eplb_backend {
     uint32_t num_layers; /* L */
     uint32_t num_physical; /* P */
     uint32_t num_ranks;  /* G */
+    uint32_t first_rank, held_ranks; /* the ranks this backend maps */
     /* The phase order, kept here for every backend: a scatter is only of the
      * layer whose gather succeeded last (its staging holds that layer). */
     bool gathered;
@@ -204,14 +205,68 @@ eplb_status eplb_backend_open(const char *name, const eplb_buffers_desc *desc,
     b->num_layers = desc->num_layers;
     b->num_physical = num_physical;
     b->num_ranks = desc->num_ranks;
+    eplb_buffers_held(desc, &b->first_rank, &b->held_ranks);
     *out = b;
     return EPLB_OK;
 }
 
 const char *eplb_backend_name(const eplb_backend *b) { return b ? b->ops->name : "none"; }
 
+static bool held(const eplb_backend *b, uint32_t gpu) {
+    return gpu >= b->first_rank && gpu - b->first_rank < b->held_ranks;
+}
+
+void eplb_backend_held(const eplb_backend *b, uint32_t *first, uint32_t *count) {
+    *first = b->first_rank;
+    *count = b->held_ranks;
+}
+
+eplb_status eplb_backend_plan_held(const eplb_backend *b, uint32_t layer, const eplb_plan *p, eplb_error *err) {
+    /* A bit per rank of the model: the ranks the plan needs that are not held. */
+    uint32_t G = b->num_ranks, missing = 0, first_missing = 0;
+    uint8_t *need = calloc((G + 7) / 8 ? (G + 7) / 8 : 1, 1);
+    if (!need)
+        return eplb_error_set(err, EPLB_ENOMEM, "out of memory checking the plan's ranks");
+#define NEED(gpu)                                                                                  \
+    do {                                                                                           \
+        uint32_t g_ = (gpu);                                                                       \
+        if (g_ < G && !held(b, g_) && !(need[g_ / 8] & (1u << (g_ % 8)))) {                       \
+            need[g_ / 8] |= (uint8_t)(1u << (g_ % 8));                                            \
+            if (missing++ == 0)                                                                    \
+                first_missing = g_;                                                                \
+        }                                                                                          \
+    } while (0)
+    for (uint32_t i = 0; i < p->num_gather; i++) {
+        NEED(p->gather[i].src_gpu);
+        NEED(p->gather[i].dst_gpu);
+    }
+    for (uint32_t i = 0; i < p->num_scatter; i++) {
+        NEED(p->scatter[i].src_gpu);
+        NEED(p->scatter[i].dst_gpu);
+    }
+#undef NEED
+    eplb_status st = EPLB_OK;
+    if (missing) {
+        char list[160];
+        size_t len = 0;
+        uint32_t shown = 0;
+        for (uint32_t g = first_missing; g < G && len < sizeof list - 16; g++)
+            if (need[g / 8] & (1u << (g % 8)))
+                len += (size_t)snprintf(list + len, sizeof list - len, "%s%u", shown++ ? ", " : "", g);
+        if (shown < missing)
+            snprintf(list + len, sizeof list - len, ", ...");
+        st = eplb_error_set(err, EPLB_EPRECONDITION,
+                            "layer %u: the plan needs EP rank(s) %s, which this server does not hold "
+                            "(it holds ranks %u..%u): move them through the engine, or attach them here; "
+                            "nothing was moved", layer, list, b->first_rank, b->first_rank + b->held_ranks - 1);
+    }
+    free(need);
+    return st;
+}
+
 /* Every index a backend will dereference, checked against P, G and the
- * plan's own staging table.  O(ops + staging). */
+ * plan's own staging table, and every rank against the held range.
+ * O(ops + staging). */
 static eplb_status check_plan(const eplb_backend *b, uint32_t layer, const eplb_plan *p,
                               eplb_error *err) {
     const uint32_t P = b->num_physical, G = b->num_ranks, S = P / G;
@@ -252,6 +307,8 @@ static eplb_status check_plan(const eplb_backend *b, uint32_t layer, const eplb_
             return eplb_error_set(err, EPLB_EINVAL, "layer %u: scatter op %u is malformed", layer,
                                   i);
     }
+    if (b->held_ranks != G)
+        return eplb_backend_plan_held(b, layer, p, err);
     return EPLB_OK;
 }
 

@@ -56,13 +56,19 @@
  * (gpu/eplb_sigbus.h; one sigsetjmp per phase): a truncated object makes
  * the move fail with EPLB_EDATALOSS, never kills the process.
  *
- * Buffer description: per EP rank (GPU) one mapping -- a POSIX shm object
- * (cpu), a HIP IPC memory handle + device ordinal (hip), or, for engines that
- * load the backend in-process and for tests, a device pointer -- and per
- * (layer, tensor, rank) where that tensor's local slot 0 starts in the
- * mapping and the stride between slots.  Every tensor of a layer moves with
- * its expert (vLLM #47588 lost accuracy when scales moved without their
- * weights): gather and scatter always move all of them. */
+ * Buffer description: per EP rank (GPU) held by this server, a list of
+ * memory regions -- POSIX shm objects (cpu), HIP or CUDA IPC memory handles
+ * + device ordinal (hip/cuda), or, for engines that load the backend
+ * in-process and for tests, device pointers -- and per (layer, tensor, rank)
+ * which region that tensor lives in, where its local slot 0 starts there and
+ * the stride between slots.  Engines keep one tensor per layer and kind
+ * (vLLM's w13_weight, w2_weight, scales), each in its own caching-allocator
+ * block, or several in one block: a rank may have one region per tensor or
+ * one for all.  A server may hold only some ranks (one node's GPUs:
+ * first_rank, held_ranks); plans then may only touch those ranks' slots,
+ * which the caller checks before anything moves.  Every tensor of a layer
+ * moves with its expert (vLLM #47588 lost accuracy when scales moved without
+ * their weights): gather and scatter always move all of them. */
 #ifndef EPLB_BACKEND_H
 #define EPLB_BACKEND_H
 
@@ -78,32 +84,43 @@
 
 #define EPLB_TENSOR_NAME_MAX 32    /* bytes, without the terminating NUL */
 #define EPLB_SHM_NAME_MAX 255      /* NAME_MAX: "/" + up to 254 bytes */
-#define EPLB_IPC_HANDLE_SIZE 64    /* sizeof(hipIpcMemHandle_t) */
+#define EPLB_IPC_HANDLE_SIZE 64    /* sizeof(hipIpcMemHandle_t) == sizeof(cudaIpcMemHandle_t) */
 #define EPLB_BUFFERS_MAX_TENSORS 64 /* per layer: w13, w2, scales, zeros... */
+#define EPLB_BUFFERS_MAX_REGIONS 4096 /* per rank: e.g. 58 layers x 3 tensors, one block each */
 
 typedef enum eplb_buffers_kind {
-    EPLB_BUFFERS_SHM = 1,       /* host memory: shm_open name per rank (cpu) */
-    EPLB_BUFFERS_HIP_IPC = 2,   /* device memory: hipIpcMemHandle_t per rank (hip) */
-    EPLB_BUFFERS_DEVICE_PTR = 3 /* device memory already mapped in this process (hip) */
+    EPLB_BUFFERS_SHM = 1,        /* host memory: shm_open name per region (cpu) */
+    EPLB_BUFFERS_HIP_IPC = 2,    /* device memory: hipIpcMemHandle_t per region (hip) */
+    EPLB_BUFFERS_DEVICE_PTR = 3, /* device memory already mapped in this process (hip, cuda) */
+    EPLB_BUFFERS_CUDA_IPC = 4    /* device memory: cudaIpcMemHandle_t per region (cuda) */
 } eplb_buffers_kind;
 
-/* Where one EP rank's mapping is.  Only the fields of the description's
- * kind are read. */
-typedef struct eplb_rank_location {
+/* One memory region of a rank: an shm object, an IPC-exported allocation
+ * (the whole caching-allocator block a handle names: tensors sit at
+ * offsets in it), or a device pointer.  Only the fields of the
+ * description's kind are read. */
+typedef struct eplb_region {
     char shm_name[EPLB_SHM_NAME_MAX + 1];      /* SHM: "/name", NUL-terminated */
-    uint8_t ipc_handle[EPLB_IPC_HANDLE_SIZE];  /* HIP_IPC: the handle's bytes */
+    uint8_t ipc_handle[EPLB_IPC_HANDLE_SIZE];  /* HIP_IPC, CUDA_IPC: the handle's bytes */
     uint64_t device_ptr;                       /* DEVICE_PTR: base address */
-    int32_t device;                            /* HIP_IPC, DEVICE_PTR: ordinal here */
-    uint64_t size;  /* bytes of the mapping.  SHM: 0 = the object's size,
-                     * else at most the object's size (fstat).  HIP_IPC and
-                     * DEVICE_PTR: required (the hip backend also checks it
-                     * against the allocation's real size when it opens). */
-} eplb_rank_location;
+    int32_t device;                            /* device kinds: the ordinal here */
+    uint64_t size;  /* bytes of the region.  SHM: 0 = the object's size,
+                     * else at most the object's size (fstat).  Device kinds:
+                     * required; checked against the allocation's real size
+                     * when the backend opens it. */
+} eplb_region;
 
-/* Where one tensor's slots are in one rank's mapping: local slot i (0-based
- * within the rank) occupies [offset + i*stride, offset + i*stride +
- * bytes_per_expert). */
+/* One EP rank's regions. */
+typedef struct eplb_rank_buffers {
+    uint32_t num_regions;                      /* 1..EPLB_BUFFERS_MAX_REGIONS */
+    const eplb_region *regions;                /* [num_regions] */
+} eplb_rank_buffers;
+
+/* Where one tensor's slots are on one rank: local slot i (0-based within
+ * the rank) occupies [offset + i*stride, offset + i*stride +
+ * bytes_per_expert) of the rank's regions[region]. */
 typedef struct eplb_tensor_layout {
+    uint32_t region;
     uint64_t offset;
     uint64_t stride; /* >= bytes_per_expert */
 } eplb_tensor_layout;
@@ -111,7 +128,7 @@ typedef struct eplb_tensor_layout {
 typedef struct eplb_tensor_desc {
     char name[EPLB_TENSOR_NAME_MAX + 1]; /* "w13", "w2_scale", ...; unique per layer */
     uint64_t bytes_per_expert;           /* >= 1 */
-    const eplb_tensor_layout *ranks;     /* [num_ranks] */
+    const eplb_tensor_layout *ranks;     /* [held ranks]: ranks[i] is rank first_rank + i */
 } eplb_tensor_desc;
 
 typedef struct eplb_layer_desc {
@@ -123,10 +140,20 @@ typedef struct eplb_layer_desc {
 typedef struct eplb_buffers_desc {
     eplb_buffers_kind kind;
     uint32_t num_layers;                 /* L */
-    uint32_t num_ranks;                  /* G, the EP size */
-    const eplb_rank_location *ranks;     /* [G] */
+    uint32_t num_ranks;                  /* G, the model's EP size */
+    /* The ranks this server holds: [first_rank, first_rank + held_ranks).
+     * 0 and 0: all G. */
+    uint32_t first_rank;
+    uint32_t held_ranks;
+    const eplb_rank_buffers *ranks;      /* [held ranks]: ranks[i] is rank first_rank + i */
     const eplb_layer_desc *layers;       /* [L] */
 } eplb_buffers_desc;
+
+/* The held range of d: *first and *count (0 and 0 mean all ranks). */
+static inline void eplb_buffers_held(const eplb_buffers_desc *d, uint32_t *first, uint32_t *count) {
+    *first = d->first_rank;
+    *count = d->first_rank == 0 && d->held_ranks == 0 ? d->num_ranks : d->held_ranks;
+}
 
 /* The server's trust policy for SHM descriptions (the description comes from
  * a client; this does not): checked by the backend on the descriptor it
@@ -140,17 +167,22 @@ typedef struct eplb_shm_policy {
 } eplb_shm_policy;
 
 /* Check a description against the registered shape (L layers, P slots, G
- * ranks) before any byte is touched: kind; counts; every shm name ("/x",
- * no other '/', NUL-terminated) and, for SHM, the object's type and size
- * (opened read-only with O_NOFOLLOW | O_NONBLOCK: a missing object, a
- * symlink or a non-regular file is EPLB_EINVAL; prefix and owner are the
- * backend's to check, eplb_shm_open_checked); every IPC handle (not all
- * zero), device ordinal (>= 0), device pointer (not 0) and size; every
- * tensor name (non-empty, NUL-terminated, unique in its layer),
- * bytes_per_expert (>= 1), stride (>= bytes_per_expert), that every slot's
- * bytes lie inside the rank's mapping (no overflow), and that no two slots
- * of any tensors of any layers overlap within a rank's mapping (a write to
- * one would corrupt another).
+ * ranks) before any byte is touched: kind; counts; the held range (within
+ * G); every rank's region count; every shm name ("/x", no other '/',
+ * NUL-terminated) and, for SHM, the object's type and size (opened
+ * read-only with O_NOFOLLOW | O_NONBLOCK: a missing object, a symlink or a
+ * non-regular file is EPLB_EINVAL; prefix and owner are the backend's to
+ * check, eplb_shm_open_checked); every IPC handle (not all zero), device
+ * ordinal (>= 0), device pointer (not 0) and size; that no two regions of
+ * any held ranks name the same memory; every tensor name (non-empty,
+ * NUL-terminated, unique in its layer), bytes_per_expert (>= 1), region
+ * index, stride (>= bytes_per_expert), that every slot's bytes lie inside
+ * its region (no overflow), and that no two slots of any tensors of any
+ * layers overlap within a region (a write to one would corrupt another).
+ * Alignment: device kinds need every offset, stride and bytes_per_expert
+ * to be a multiple of 4 (the kernels copy 16-byte words where all three
+ * are multiples of 16, else 4-byte words; a byte-per-thread path is never
+ * taken), else EPLB_EINVAL saying so; SHM copies any alignment.
  * Returns EPLB_OK, or EPLB_EINVAL with a message naming the field, e.g.
  * "layers[3].tensors[1] (w2).ranks[5]: slot 8 ends at 4718592 past the
  * mapping's 4194304 bytes"; EPLB_ENOMEM when the overlap check cannot
@@ -160,7 +192,8 @@ typedef struct eplb_shm_policy {
 eplb_status eplb_buffers_validate(const eplb_buffers_desc *desc, uint32_t num_layers,
                                   uint32_t num_physical, uint32_t num_ranks, eplb_error *err);
 
-/* Open rank g's shm object of an SHM description and check it, on the
+/* Open region r of held rank g (0-based in the held range) of an SHM
+ * description and check it, on the
  * descriptor, against policy (NULL: the default): oflag is O_RDONLY or
  * O_RDWR (O_NOFOLLOW, O_NONBLOCK and O_CLOEXEC are added).  In order: the
  * name (as validate; then the prefix: EPLB_EPERM "ranks[1].shm_name \"/x\"
@@ -171,7 +204,7 @@ eplb_status eplb_buffers_validate(const eplb_buffers_desc *desc, uint32_t num_la
  * descriptor (the caller closes it) and *size the object's size; on error
  * *fd is -1 and nothing stays open.  Cost: one open + one fstat. */
 eplb_status eplb_shm_open_checked(const eplb_buffers_desc *desc, const eplb_shm_policy *policy,
-                                  uint32_t g, int oflag, int *fd, uint64_t *size,
+                                  uint32_t g, uint32_t r, int oflag, int *fd, uint64_t *size,
                                   eplb_error *err);
 
 /* ======================================================================= */
@@ -197,8 +230,9 @@ typedef struct eplb_backend_env {
     const eplb_shm_policy *shm_policy;
 } eplb_backend_env;
 
-/* 2: execute_layer split into explicit gather / scatter, check added. */
-#define EPLB_BACKEND_ABI 2
+/* 2: execute_layer split into explicit gather / scatter, check added.
+ * 3: regions per rank, a held range of ranks, CUDA_IPC. */
+#define EPLB_BACKEND_ABI 3
 
 /* One implementation.  The public wrappers below validate arguments
  * (layer range, plan shape and every op's indices) and the phase order (a
@@ -271,6 +305,18 @@ eplb_status eplb_backend_open_by_name(const char *name, const eplb_buffers_desc 
                                       eplb_error *err);
 
 const char *eplb_backend_name(const eplb_backend *b);
+
+/* The EP ranks b maps: [*first, *first + *count). */
+void eplb_backend_held(const eplb_backend *b, uint32_t *first, uint32_t *count);
+
+/* Does layer's plan touch only held ranks?  EPLB_OK, or EPLB_EPRECONDITION
+ * naming the ranks it needs that are not held ("layer 3: the plan needs EP
+ * rank(s) 9, 12, which this server does not hold (it holds ranks 0..7)");
+ * EPLB_ENOMEM.  Gather and scatter refuse such plans too; a mover calls this
+ * for every layer before the first gather, so nothing moves at all.
+ * Cost: O(ops + G/8). */
+eplb_status eplb_backend_plan_held(const eplb_backend *b, uint32_t layer, const eplb_plan *plan,
+                                   eplb_error *err);
 
 /* Before a move: EPLB_OK, or EPLB_EDATALOSS naming the buffer that no longer
  * holds what was attached ("ranks[1] shm \"/eplb-x\" shrank to 0 bytes, the

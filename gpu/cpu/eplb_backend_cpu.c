@@ -17,7 +17,11 @@
  * the layer gathered last until the next gather.  Nothing here remembers or
  * compares plans.
  *
- * Shrinking buffers: each rank's shm descriptor is kept open after mmap.
+ * Regions: every region of every held rank (one shm object each) is one
+ * mapping (eplb_layout's numbering); a slot is found through its tensor's
+ * mapping.  A plan's slots are all on held ranks (the loader checks).
+ *
+ * Shrinking buffers: each region's shm descriptor is kept open after mmap.
  * check fstat()s them all (a shrink before the move); the copy loops run
  * under the SIGBUS guard (eplb_sigbus.h) over the mappings (a shrink during
  * the move).  Either way the backend becomes `lost`: every later check,
@@ -50,9 +54,9 @@
 typedef struct cpu_state {
     eplb_layout lay;          /* the description, flattened */
     eplb_backend_env env;     /* fault hook */
-    eplb_sigbus_range *map;   /* [G] each rank's mapping: base, mapped length */
-    int *fd;                  /* [G] its shm descriptor, kept for fstat (-1: none) */
-    char (*name)[EPLB_SHM_NAME_MAX + 1]; /* [G] its shm name, for messages */
+    eplb_sigbus_range *map;   /* [M] each region's mapping: base, mapped length */
+    int *fd;                  /* [M] its shm descriptor, kept for fstat (-1: none) */
+    char (*name)[EPLB_SHM_NAME_MAX + 1]; /* [M] its shm name, for messages */
     uint8_t *staging;         /* host staging, staging_cap bytes */
     size_t staging_cap;
     bool lost;                /* a buffer shrank: lost_msg says which */
@@ -69,12 +73,12 @@ static void cpu_close(void *state) {
     cpu_state *cs = state;
     if (!cs)
         return;
-    for (uint32_t g = 0; cs->map && g < cs->lay.G; g++)
-        if (cs->map[g].base)
-            munmap((void *)cs->map[g].base, cs->map[g].size);
-    for (uint32_t g = 0; cs->fd && g < cs->lay.G; g++)
-        if (cs->fd[g] >= 0)
-            close(cs->fd[g]);
+    for (uint32_t m = 0; cs->map && m < cs->lay.M; m++)
+        if (cs->map[m].base)
+            munmap((void *)cs->map[m].base, cs->map[m].size);
+    for (uint32_t m = 0; cs->fd && m < cs->lay.M; m++)
+        if (cs->fd[m] >= 0)
+            close(cs->fd[m]);
     free(cs->map);
     free(cs->fd);
     free(cs->name);
@@ -83,25 +87,57 @@ static void cpu_close(void *state) {
     free(cs);
 }
 
-/* Is rank g's object one of ranks 0..g-1's (a hard link, or the same name
- * twice)?  Compared by (st_dev, st_ino) on the descriptors we hold, since
- * names say nothing about identity. */
-static eplb_status distinct_object(cpu_state *cs, uint32_t g, eplb_error *err) {
-    struct stat sg;
-    if (fstat(cs->fd[g], &sg) != 0)
-        return eplb_impl_error(err, EPLB_EINTERNAL, "ranks[%u].shm_name \"%s\": fstat: %s", g,
-                               cs->name[g], strerror(errno));
-    for (uint32_t h = 0; h < g; h++) {
-        struct stat sh;
-        if (fstat(cs->fd[h], &sh) != 0)
-            return eplb_impl_error(err, EPLB_EINTERNAL, "ranks[%u].shm_name \"%s\": fstat: %s", h,
-                                   cs->name[h], strerror(errno));
-        if (sh.st_dev == sg.st_dev && sh.st_ino == sg.st_ino)
-            return eplb_impl_error(err, EPLB_EINVAL,
-                                   "ranks[%u].shm_name \"%s\" and ranks[%u].shm_name \"%s\" are the "
-                                   "same shm object (a hard link?): each rank needs its own", h,
-                                   cs->name[h], g, cs->name[g]);
+/* "ranks[1].regions[2]": where mapping m came from, for messages. */
+static const char *where(const cpu_state *cs, uint32_t m, char *buf, size_t cap) {
+    snprintf(buf, cap, "ranks[%u].regions[%u]", cs->lay.maps[m].rank, cs->lay.maps[m].region);
+    return buf;
+}
+
+/* One mapping's object identity, for the hard-link check. */
+typedef struct object_id {
+    dev_t dev;
+    ino_t ino;
+    uint32_t m;
+} object_id;
+
+static int cmp_object(const void *a, const void *b) {
+    const object_id *x = a, *y = b;
+    if (x->dev != y->dev)
+        return x->dev < y->dev ? -1 : 1;
+    return (x->ino > y->ino) - (x->ino < y->ino);
+}
+
+/* Do two mappings reach the same object (a hard link, or one name twice)?
+ * Compared by (st_dev, st_ino) on the descriptors we hold, since names say
+ * nothing about identity.  Sorted: O(M log M). */
+static eplb_status distinct_objects(cpu_state *cs, eplb_error *err) {
+    object_id *ids = malloc((cs->lay.M ? cs->lay.M : 1) * sizeof *ids);
+    if (!ids)
+        return eplb_impl_error(err, EPLB_ENOMEM, "out of memory opening the cpu backend");
+    char w1[48], w2[48];
+    for (uint32_t m = 0; m < cs->lay.M; m++) {
+        struct stat sb;
+        if (fstat(cs->fd[m], &sb) != 0) {
+            free(ids);
+            return eplb_impl_error(err, EPLB_EINTERNAL, "%s.shm_name \"%s\": fstat: %s", where(cs, m, w1, sizeof w1),
+                                   cs->name[m], strerror(errno));
+        }
+        ids[m] = (object_id){ sb.st_dev, sb.st_ino, m };
     }
+    qsort(ids, cs->lay.M, sizeof *ids, cmp_object);
+    for (uint32_t k = 1; k < cs->lay.M; k++)
+        if (cmp_object(&ids[k - 1], &ids[k]) == 0) {
+            uint32_t a = ids[k - 1].m < ids[k].m ? ids[k - 1].m : ids[k].m;
+            uint32_t b = ids[k - 1].m < ids[k].m ? ids[k].m : ids[k - 1].m;
+            eplb_status st = eplb_impl_error(err, EPLB_EINVAL,
+                                             "%s.shm_name \"%s\" and %s.shm_name \"%s\" are the same shm object "
+                                             "(a hard link?): each region needs its own",
+                                             where(cs, a, w1, sizeof w1), cs->name[a], where(cs, b, w2, sizeof w2),
+                                             cs->name[b]);
+            free(ids);
+            return st;
+        }
+    free(ids);
     return EPLB_OK;
 }
 
@@ -121,52 +157,54 @@ static eplb_status cpu_open(const eplb_buffers_desc *desc, uint32_t num_physical
         free(cs);
         return st;
     }
-    cs->map = calloc(cs->lay.G, sizeof *cs->map);
-    cs->fd = malloc(cs->lay.G * sizeof *cs->fd);
-    cs->name = calloc(cs->lay.G, sizeof *cs->name);
+    uint32_t M = cs->lay.M;
+    cs->map = calloc(M, sizeof *cs->map);
+    cs->fd = malloc(M * sizeof *cs->fd);
+    cs->name = calloc(M, sizeof *cs->name);
     if (!cs->map || !cs->fd || !cs->name) {
         free(cs->fd);
         cs->fd = NULL;
         cpu_close(cs);
         return eplb_impl_error(err, EPLB_ENOMEM, "out of memory opening the cpu backend");
     }
-    for (uint32_t g = 0; g < cs->lay.G; g++)
-        cs->fd[g] = -1;
-    for (uint32_t g = 0; g < cs->lay.G; g++) {
-        const char *name = desc->ranks[g].shm_name;
-        snprintf(cs->name[g], sizeof cs->name[g], "%s", name);
+    for (uint32_t m = 0; m < M; m++)
+        cs->fd[m] = -1;
+    char w[48];
+    for (uint32_t m = 0; m < M; m++) {
+        uint32_t g = cs->lay.maps[m].rank, r = cs->lay.maps[m].region;
+        const char *name = desc->ranks[g].regions[r].shm_name;
+        snprintf(cs->name[m], sizeof cs->name[m], "%s", name);
         /* Name, type, owner and size are checked on the descriptor we map:
          * the object may have been replaced since validation. */
         int fd;
         uint64_t size = 0;
-        st = eplb_shm_open_checked(desc, env->shm_policy, g, O_RDWR, &fd, &size, err);
+        st = eplb_shm_open_checked(desc, env->shm_policy, g, r, O_RDWR, &fd, &size, err);
         if (st != EPLB_OK) {
             cpu_close(cs);
             return st;
         }
-        cs->fd[g] = fd;
-        if (size < cs->lay.rank_extent[g] || size == 0) {
-            st = eplb_impl_error(err, EPLB_EINVAL,
-                                 "ranks[%u].shm_name \"%s\": %llu bytes, the layout needs %llu", g,
-                                 name, (unsigned long long)size,
-                                 (unsigned long long)cs->lay.rank_extent[g]);
+        cs->fd[m] = fd;
+        if (size < cs->lay.maps[m].extent || size == 0) {
+            st = eplb_impl_error(err, EPLB_EINVAL, "%s.shm_name \"%s\": %llu bytes, the layout needs %llu",
+                                 where(cs, m, w, sizeof w), name, (unsigned long long)size,
+                                 (unsigned long long)cs->lay.maps[m].extent);
             cpu_close(cs);
             return st;
         }
         void *p = mmap(NULL, (size_t)size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
         if (p == MAP_FAILED) {
-            st = eplb_impl_error(err, EPLB_EINTERNAL, "ranks[%u].shm_name \"%s\": mmap: %s", g,
+            st = eplb_impl_error(err, EPLB_EINTERNAL, "%s.shm_name \"%s\": mmap: %s", where(cs, m, w, sizeof w),
                                  name, strerror(errno));
             cpu_close(cs);
             return st;
         }
-        cs->map[g].base = p;
-        cs->map[g].size = (size_t)size;
-        st = distinct_object(cs, g, err);
-        if (st != EPLB_OK) {
-            cpu_close(cs);
-            return st;
-        }
+        cs->map[m].base = p;
+        cs->map[m].size = (size_t)size;
+    }
+    st = distinct_objects(cs, err);
+    if (st != EPLB_OK) {
+        cpu_close(cs);
+        return st;
     }
     *state = cs;
     return EPLB_OK;
@@ -181,15 +219,16 @@ static eplb_status cpu_lost(cpu_state *cs, eplb_error *err, const char *msg) {
     return eplb_impl_error(err, EPLB_EDATALOSS, "%s", msg);
 }
 
-/* "ranks[1] shm "/eplb-x" shrank to 0 bytes, the layout needs 24576: its
- * experts are lost", or "... was unlinked (replaced?) since it was
- * attached ..." when the held object has no name left; false when rank g is
- * (still or again) large enough and still linked. */
-static bool rank_shrunk(cpu_state *cs, uint32_t g, char *msg, size_t cap) {
+/* "ranks[1].regions[0] shm "/eplb-x" shrank to 0 bytes, the layout needs
+ * 24576: its experts are lost", or "... was replaced ..." when the held
+ * object has no name left and the name leads elsewhere; false when mapping
+ * m is (still or again) large enough and still the engine's. */
+static bool mapping_shrunk(cpu_state *cs, uint32_t m, char *msg, size_t cap) {
+    char w[48];
+    where(cs, m, w, sizeof w);
     struct stat sb;
-    if (fstat(cs->fd[g], &sb) != 0) {
-        snprintf(msg, cap, "ranks[%u] shm \"%s\": fstat: %s: its experts are lost", g,
-                 cs->name[g], strerror(errno));
+    if (fstat(cs->fd[m], &sb) != 0) {
+        snprintf(msg, cap, "%s shm \"%s\": fstat: %s: its experts are lost", w, cs->name[m], strerror(errno));
         return true;
     }
     if (sb.st_nlink == 0) {
@@ -197,34 +236,33 @@ static bool rank_shrunk(cpu_state *cs, uint32_t g, char *msg, size_t cap) {
          * mapped them (its mapping and ours stay one object): fine.  But if
          * the name now leads to another object, the engine recreated it and
          * looks there. */
-        int probe = shm_open(cs->name[g], O_RDONLY | O_NOFOLLOW | O_NONBLOCK, 0);
+        int probe = shm_open(cs->name[m], O_RDONLY | O_NOFOLLOW | O_NONBLOCK, 0);
         struct stat now;
         bool replaced = probe >= 0 && fstat(probe, &now) == 0 &&
                         (now.st_dev != sb.st_dev || now.st_ino != sb.st_ino);
         if (probe >= 0)
             close(probe);
         if (replaced) {
-            snprintf(msg, cap, "ranks[%u] shm \"%s\" was replaced by another object since it was attached: "
-                     "its experts are no longer where the engine sees them", g, cs->name[g]);
+            snprintf(msg, cap, "%s shm \"%s\" was replaced by another object since it was attached: "
+                     "its experts are no longer where the engine sees them", w, cs->name[m]);
             return true;
         }
     }
-    if ((uint64_t)sb.st_size >= cs->lay.rank_extent[g])
+    if ((uint64_t)sb.st_size >= cs->lay.maps[m].extent)
         return false;
-    snprintf(msg, cap, "ranks[%u] shm \"%s\" shrank to %lld bytes, the layout needs %llu: its "
-             "experts are lost", g, cs->name[g], (long long)sb.st_size,
-             (unsigned long long)cs->lay.rank_extent[g]);
+    snprintf(msg, cap, "%s shm \"%s\" shrank to %lld bytes, the layout needs %llu: its experts are lost", w,
+             cs->name[m], (long long)sb.st_size, (unsigned long long)cs->lay.maps[m].extent);
     return true;
 }
 
-/* One fstat per rank: has any object shrunk below what the layout needs? */
+/* One fstat per region: has any object shrunk below what the layout needs? */
 static eplb_status cpu_check(void *state, eplb_error *err) {
     cpu_state *cs = state;
     if (cs->lost)
         return eplb_impl_error(err, EPLB_EDATALOSS, "%s", cs->lost_msg);
     char msg[EPLB_ERROR_MSG_MAX];
-    for (uint32_t g = 0; g < cs->lay.G; g++)
-        if (rank_shrunk(cs, g, msg, sizeof msg))
+    for (uint32_t m = 0; m < cs->lay.M; m++)
+        if (mapping_shrunk(cs, m, msg, sizeof msg))
             return cpu_lost(cs, err, msg);
     return EPLB_OK;
 }
@@ -276,7 +314,9 @@ static void copy_slice(void *dst, const void *src, size_t n) {
 }
 
 static void *slot_addr(cpu_state *cs, uint32_t t, uint32_t slot) {
-    return (uint8_t *)cs->map[slot / cs->lay.S].base + eplb_layout_slot_offset(&cs->lay, t, slot);
+    uint32_t m;
+    uint64_t off = eplb_layout_slot_offset(&cs->lay, t, slot, &m);
+    return (uint8_t *)cs->map[m].base + off;
 }
 
 static void *staging_addr(cpu_state *cs, uint32_t layer, uint32_t t, uint32_t k) {
@@ -335,17 +375,17 @@ static void run_ops(void *arg) {
 static eplb_status run_guarded(phase_run *r, const char *what, eplb_error *err) {
     cpu_state *cs = r->cs;
     void *addr = NULL;
-    if (!eplb_sigbus_call(run_ops, r, cs->map, cs->lay.G, &addr))
+    if (!eplb_sigbus_call(run_ops, r, cs->map, cs->lay.M, &addr))
         return EPLB_OK;
-    uint32_t g = 0;
-    while (g + 1 < cs->lay.G && !((uintptr_t)addr >= (uintptr_t)cs->map[g].base &&
-                                  (uintptr_t)addr - (uintptr_t)cs->map[g].base < cs->map[g].size))
-        g++;
-    char why[EPLB_ERROR_MSG_MAX - 96], msg[EPLB_ERROR_MSG_MAX];
-    if (!rank_shrunk(cs, g, why, sizeof why))
-        snprintf(why, sizeof why, "ranks[%u] shm \"%s\" was truncated during the copy (SIGBUS at "
-                 "offset %llu): its experts are lost", g, cs->name[g],
-                 (unsigned long long)((uintptr_t)addr - (uintptr_t)cs->map[g].base));
+    uint32_t m = 0;
+    while (m + 1 < cs->lay.M && !((uintptr_t)addr >= (uintptr_t)cs->map[m].base &&
+                                  (uintptr_t)addr - (uintptr_t)cs->map[m].base < cs->map[m].size))
+        m++;
+    char why[EPLB_ERROR_MSG_MAX - 96], msg[EPLB_ERROR_MSG_MAX], w[48];
+    if (!mapping_shrunk(cs, m, why, sizeof why))
+        snprintf(why, sizeof why, "%s shm \"%s\" was truncated during the copy (SIGBUS at "
+                 "offset %llu): its experts are lost", where(cs, m, w, sizeof w), cs->name[m],
+                 (unsigned long long)((uintptr_t)addr - (uintptr_t)cs->map[m].base));
     snprintf(msg, sizeof msg, "layer %u: %s op %u of %u: %s", r->layer, what, (unsigned)r->done,
              r->n, why);
     return cpu_lost(cs, err, msg);

@@ -35,6 +35,7 @@
 typedef struct weights_mover {
     eplb_backend *backend;
     uint32_t num_layers, num_physical, num_gpus, gpus_per_node; /* the layout it was opened for */
+    uint32_t first_rank, held_ranks; /* the ranks attached here */
     uint64_t *layer_bytes; /* [L] bytes of one expert in that layer, all tensors */
     eplb_plan plan;        /* of the layer gathered last, when gathered */
     bool gathered;
@@ -44,7 +45,8 @@ typedef struct weights_mover {
 
 static eplb_status mover_plan(const weights_mover *m, uint32_t layer, uint32_t P, const int32_t *old_row,
                               const int32_t *new_row, eplb_plan *plan, eplb_error *err) {
-    eplb_status st = eplb_plan_build(P, m->num_gpus, m->gpus_per_node, old_row, new_row, 0, m->num_gpus, plan, err);
+    eplb_status st = eplb_plan_build(P, m->num_gpus, m->gpus_per_node, old_row, new_row, m->first_rank,
+                                     m->held_ranks, plan, err);
     if (st != EPLB_OK && err) {
         char msg[EPLB_ERROR_MSG_MAX];
         snprintf(msg, sizeof msg, "layer %u: %s", layer, err->msg);
@@ -237,49 +239,79 @@ static eplb_status desc_from_upb(const eplb_v1_AttachWeightsRequest *m, const ep
         d->kind = EPLB_BUFFERS_SHM;
     else if (kind == eplb_v1_BUFFER_KIND_HIP_IPC)
         d->kind = EPLB_BUFFERS_HIP_IPC;
+    else if (kind == eplb_v1_BUFFER_KIND_CUDA_IPC)
+        d->kind = EPLB_BUFFERS_CUDA_IPC;
     else
-        return eplb_error_set(err, EPLB_EINVAL, "kind must be BUFFER_KIND_SHM or BUFFER_KIND_HIP_IPC");
+        return eplb_error_set(err, EPLB_EINVAL,
+                              "kind must be BUFFER_KIND_SHM, BUFFER_KIND_HIP_IPC or BUFFER_KIND_CUDA_IPC");
+    bool device_kind = d->kind != EPLB_BUFFERS_SHM;
+    uint32_t first = eplb_v1_AttachWeightsRequest_first_rank(m);
+    uint32_t held = eplb_v1_AttachWeightsRequest_num_ranks(m);
+    if (first == 0 && held == 0)
+        held = shape->ep_size;
+    if (held == 0 || first >= shape->ep_size || held > shape->ep_size - first)
+        return eplb_error_set(err, EPLB_EINVAL,
+                              "first_rank %u and num_ranks %u: the ranks held must be 1..%u ranks within the "
+                              "model's ep_size %u", first, eplb_v1_AttachWeightsRequest_num_ranks(m), shape->ep_size,
+                              shape->ep_size);
     size_t nranks, nlayers;
     const eplb_v1_RankBuffer *const *ranks = eplb_v1_AttachWeightsRequest_ranks(m, &nranks);
     const eplb_v1_LayerWeights *const *layers = eplb_v1_AttachWeightsRequest_layers(m, &nlayers);
-    if (nranks != shape->ep_size)
-        return eplb_error_set(err, EPLB_EINVAL, "ranks has %zu entries, the model's ep_size is %u", nranks,
-                              shape->ep_size);
+    if (nranks != held)
+        return eplb_error_set(err, EPLB_EINVAL, "ranks has %zu entries, want %u (ranks %u..%u of ep_size %u)",
+                              nranks, held, first, first + held - 1, shape->ep_size);
     if (nlayers != shape->num_layers)
         return eplb_error_set(err, EPLB_EINVAL, "layers has %zu entries, the model has %u MoE layers", nlayers,
                               shape->num_layers);
-    eplb_rank_location *loc = upb_Arena_Malloc(arena, nranks * sizeof *loc);
+    eplb_rank_buffers *rb = upb_Arena_Malloc(arena, nranks * sizeof *rb);
     eplb_layer_desc *ld = upb_Arena_Malloc(arena, nlayers * sizeof *ld);
-    if (!loc || !ld)
+    if (!rb || !ld)
         return eplb_error_set(err, EPLB_ENOMEM, "out of memory");
-    memset(loc, 0, nranks * sizeof *loc);
     for (size_t g = 0; g < nranks; g++) {
-        upb_StringView name = eplb_v1_RankBuffer_shm_name(ranks[g]);
-        upb_StringView handle = eplb_v1_RankBuffer_hip_ipc_handle(ranks[g]);
-        if (name.size > EPLB_SHM_NAME_MAX)
-            return eplb_error_set(err, EPLB_EINVAL, "ranks[%zu].shm_name is longer than %d bytes", g,
-                                  EPLB_SHM_NAME_MAX);
-        if (d->kind == EPLB_BUFFERS_HIP_IPC && handle.size != EPLB_IPC_HANDLE_SIZE)
-            return eplb_error_set(err, EPLB_EINVAL, "ranks[%zu].hip_ipc_handle is %zu bytes, want %d", g, handle.size,
-                                  EPLB_IPC_HANDLE_SIZE);
-        /* An absent string is {NULL, 0}: memcpy from NULL is undefined even
-         * for 0 bytes. */
-        if (name.size && memchr(name.data, '\0', name.size))
-            return eplb_error_set(err, EPLB_EINVAL, "ranks[%zu].shm_name contains a NUL byte", g);
-        if (name.size)
-            memcpy(loc[g].shm_name, name.data, name.size);
-        /* A malformed name is the backend's INVALID_ARGUMENT; a well-formed
-         * one outside the prefix is refused here, before anything opens it. */
-        const char *nm = loc[g].shm_name;
-        if (d->kind == EPLB_BUFFERS_SHM && shm_prefix[0] && nm[0] == '/' && nm[1] && !strchr(nm + 1, '/') &&
-            strncmp(nm, shm_prefix, strlen(shm_prefix)) != 0)
-            return eplb_error_set(err, EPLB_EPERM,
-                                  "ranks[%zu].shm_name \"%s\" is not under the allowed prefix \"%s\" "
-                                  "(eplbd --shm-prefix)", g, loc[g].shm_name, shm_prefix);
-        if (handle.size == EPLB_IPC_HANDLE_SIZE)
-            memcpy(loc[g].ipc_handle, handle.data, handle.size);
-        loc[g].device = eplb_v1_RankBuffer_device(ranks[g]);
-        loc[g].size = eplb_v1_RankBuffer_size(ranks[g]);
+        size_t nreg;
+        const eplb_v1_MemoryRegion *const *regs = eplb_v1_RankBuffer_regions(ranks[g], &nreg);
+        /* Without regions the rank's single buffer is region 0. */
+        size_t n = nreg ? nreg : 1;
+        if (n > EPLB_BUFFERS_MAX_REGIONS)
+            return eplb_error_set(err, EPLB_EINVAL, "ranks[%zu] has %zu regions; at most %d", g, n,
+                                  EPLB_BUFFERS_MAX_REGIONS);
+        eplb_region *loc = upb_Arena_Malloc(arena, n * sizeof *loc);
+        if (!loc)
+            return eplb_error_set(err, EPLB_ENOMEM, "out of memory");
+        memset(loc, 0, n * sizeof *loc);
+        for (size_t r = 0; r < n; r++) {
+            upb_StringView name = nreg ? eplb_v1_MemoryRegion_shm_name(regs[r]) : eplb_v1_RankBuffer_shm_name(ranks[g]);
+            upb_StringView handle =
+                nreg ? eplb_v1_MemoryRegion_ipc_handle(regs[r]) : eplb_v1_RankBuffer_hip_ipc_handle(ranks[g]);
+            if (name.size > EPLB_SHM_NAME_MAX)
+                return eplb_error_set(err, EPLB_EINVAL, "ranks[%zu].regions[%zu].shm_name is longer than %d bytes", g,
+                                      r, EPLB_SHM_NAME_MAX);
+            if (device_kind && handle.size != EPLB_IPC_HANDLE_SIZE)
+                return eplb_error_set(err, EPLB_EINVAL, "ranks[%zu].regions[%zu].ipc_handle is %zu bytes, want %d", g,
+                                      r, handle.size, EPLB_IPC_HANDLE_SIZE);
+            /* An absent string is {NULL, 0}: memcpy from NULL is undefined
+             * even for 0 bytes. */
+            if (name.size && memchr(name.data, '\0', name.size))
+                return eplb_error_set(err, EPLB_EINVAL, "ranks[%zu].regions[%zu].shm_name contains a NUL byte", g,
+                                      r);
+            if (name.size)
+                memcpy(loc[r].shm_name, name.data, name.size);
+            /* A malformed name is the backend's INVALID_ARGUMENT; a
+             * well-formed one outside the prefix is refused here, before
+             * anything opens it. */
+            const char *nm = loc[r].shm_name;
+            if (d->kind == EPLB_BUFFERS_SHM && shm_prefix[0] && nm[0] == '/' && nm[1] && !strchr(nm + 1, '/') &&
+                strncmp(nm, shm_prefix, strlen(shm_prefix)) != 0)
+                return eplb_error_set(err, EPLB_EPERM,
+                                      "ranks[%zu].regions[%zu].shm_name \"%s\" is not under the allowed prefix \"%s\" "
+                                      "(eplbd --shm-prefix)", g, r, nm, shm_prefix);
+            if (handle.size == EPLB_IPC_HANDLE_SIZE)
+                memcpy(loc[r].ipc_handle, handle.data, handle.size);
+            loc[r].device = nreg ? eplb_v1_MemoryRegion_device(regs[r]) : eplb_v1_RankBuffer_device(ranks[g]);
+            loc[r].size = nreg ? eplb_v1_MemoryRegion_size(regs[r]) : eplb_v1_RankBuffer_size(ranks[g]);
+        }
+        rb[g].num_regions = (uint32_t)n;
+        rb[g].regions = loc;
     }
     for (size_t l = 0; l < nlayers; l++) {
         size_t nt;
@@ -309,6 +341,7 @@ static eplb_status desc_from_upb(const eplb_v1_AttachWeightsRequest *m, const ep
             if (!tl)
                 return eplb_error_set(err, EPLB_ENOMEM, "out of memory");
             for (size_t g = 0; g < nr; g++) {
+                tl[g].region = eplb_v1_TensorLayout_region(lay[g]);
                 tl[g].offset = eplb_v1_TensorLayout_offset(lay[g]);
                 tl[g].stride = eplb_v1_TensorLayout_stride(lay[g]);
             }
@@ -318,8 +351,10 @@ static eplb_status desc_from_upb(const eplb_v1_AttachWeightsRequest *m, const ep
         ld[l].tensors = td;
     }
     d->num_layers = (uint32_t)nlayers;
-    d->num_ranks = (uint32_t)nranks;
-    d->ranks = loc;
+    d->num_ranks = shape->ep_size;
+    d->first_rank = first;
+    d->held_ranks = held;
+    d->ranks = rb;
     d->layers = ld;
     return EPLB_OK;
 }
@@ -373,6 +408,7 @@ void rpc_attach_weights(rpc_context *ctx, upb_Arena *arena, const char *req, siz
     mv->num_physical = shape.num_physical;
     mv->num_gpus = shape.ep_size;
     mv->gpus_per_node = shape.ep_size / shape.num_nodes;
+    eplb_backend_held(mv->backend, &mv->first_rank, &mv->held_ranks);
     mv->layer_bytes = layer_bytes;
     const char *name = eplb_backend_name(mv->backend);
     uint64_t total = 0;

@@ -49,7 +49,8 @@ typedef struct fixture {
     char names[MAX_RANKS][64];
     uint8_t *map[MAX_RANKS]; /* our own view of each shm object */
     size_t size;             /* bytes per rank */
-    eplb_rank_location ranks[MAX_RANKS];
+    eplb_region ranks[MAX_RANKS];        /* one region per rank (the regions test adds more) */
+    eplb_rank_buffers rbuf[MAX_RANKS];
     eplb_tensor_layout place[MAX_LAYERS][NT][MAX_RANKS];
     eplb_tensor_desc tensors[MAX_LAYERS][NT];
     eplb_layer_desc layers[MAX_LAYERS];
@@ -93,6 +94,8 @@ static void fixture_init(fixture *f, uint32_t L, uint32_t P, uint32_t G) {
         close(fd);
         memset(f->map[g], SENTINEL, f->size);
         snprintf(f->ranks[g].shm_name, sizeof f->ranks[g].shm_name, "%s", f->names[g]);
+        f->rbuf[g].num_regions = 1;
+        f->rbuf[g].regions = &f->ranks[g];
     }
     for (uint32_t l = 0; l < L; l++) {
         for (uint32_t t = 0; t < NT; t++) {
@@ -111,7 +114,7 @@ static void fixture_init(fixture *f, uint32_t L, uint32_t P, uint32_t G) {
     f->desc.kind = EPLB_BUFFERS_SHM;
     f->desc.num_layers = L;
     f->desc.num_ranks = G;
-    f->desc.ranks = f->ranks;
+    f->desc.ranks = f->rbuf;
     f->desc.layers = f->layers;
 }
 
@@ -454,7 +457,7 @@ Test(buffers, validation_names_the_field) {
     char saved[64];
     strcpy(saved, f.ranks[1].shm_name);
     strcpy(f.ranks[1].shm_name, "no-slash");
-    expect_invalid(&f, "ranks[1].shm_name");
+    expect_invalid(&f, "ranks[1].regions[0].shm_name");
     strcpy(f.ranks[1].shm_name, "/eplb-test-does-not-exist");
     expect_invalid(&f, "shm_open");
     strcpy(f.ranks[1].shm_name, f.ranks[0].shm_name);
@@ -492,29 +495,51 @@ Test(buffers, validation_names_the_field) {
     expect_invalid(&f, "layers[0].num_tensors");
     f.layers[0].num_tensors = NT;
 
-    /* Device descriptions: structural checks, and the cpu refuses them. */
+    /* Device descriptions: structural checks, and the cpu refuses them.
+     * Device copies move 4- or 16-byte words: every size, offset and stride
+     * a multiple of 4 (a 4 KiB-strided layout here). */
     f.desc.kind = EPLB_BUFFERS_HIP_IPC;
+    const uint64_t dev_size = (uint64_t)2 * NT * f.S * 4096;
     for (uint32_t g = 0; g < 2; g++) {
-        f.ranks[g].size = f.size;
+        f.ranks[g].size = dev_size;
         f.ranks[g].device = 0;
         memset(f.ranks[g].ipc_handle, (int)(g + 1), EPLB_IPC_HANDLE_SIZE);
     }
+    for (uint32_t l = 0; l < 2; l++)
+        for (uint32_t t = 0; t < NT; t++)
+            for (uint32_t g = 0; g < 2; g++) {
+                f.place[l][t][g].offset = (uint64_t)(l * NT + t) * f.S * 4096;
+                f.place[l][t][g].stride = 4096;
+            }
+    f.tensors[0][1].bytes_per_expert = f.tensors[1][1].bytes_per_expert = 516;
     cr_assert_eq(eplb_buffers_validate(&f.desc, 2, 8, 2, &err), EPLB_OK, "%s", err.msg);
+    f.tensors[1][1].bytes_per_expert = 517;
+    expect_invalid(&f, "layers[1].tensors[1] (w2).bytes_per_expert 517 is not a multiple of 4");
+    f.tensors[1][1].bytes_per_expert = 516;
+    f.place[1][2][1].offset += 2;
+    expect_invalid(&f, "layers[1].tensors[2] (w13_scale).ranks[1]: offset");
+    f.place[1][2][1].offset -= 2;
+    f.place[0][0][0].stride = 4098;
+    expect_invalid(&f, "multiples of 4");
+    f.place[0][0][0].stride = 4096;
+    f.desc.kind = EPLB_BUFFERS_CUDA_IPC;
+    cr_assert_eq(eplb_buffers_validate(&f.desc, 2, 8, 2, &err), EPLB_OK, "%s", err.msg);
+    f.desc.kind = EPLB_BUFFERS_HIP_IPC;
     expect_invalid(&f, "device buffers");
     memset(f.ranks[1].ipc_handle, 0, EPLB_IPC_HANDLE_SIZE);
-    expect_invalid(&f, "ranks[1].ipc_handle");
+    expect_invalid(&f, "ranks[1].regions[0].ipc_handle");
     memset(f.ranks[1].ipc_handle, 2, EPLB_IPC_HANDLE_SIZE);
     f.ranks[1].device = -1;
-    expect_invalid(&f, "ranks[1].device");
+    expect_invalid(&f, "ranks[1].regions[0].device");
     f.ranks[1].device = 0;
     memset(f.ranks[1].ipc_handle, 1, EPLB_IPC_HANDLE_SIZE);
     expect_invalid(&f, "same memory");
     f.desc.kind = EPLB_BUFFERS_DEVICE_PTR;
     f.ranks[0].device_ptr = 0x10000;
-    f.ranks[1].device_ptr = 0x10000 + f.size / 2;
+    f.ranks[1].device_ptr = 0x10000 + dev_size / 2;
     expect_invalid(&f, "same memory");
     f.ranks[1].device_ptr = 0;
-    expect_invalid(&f, "ranks[1].device_ptr");
+    expect_invalid(&f, "ranks[1].regions[0].device_ptr");
     f.desc.kind = (eplb_buffers_kind)9;
     expect_invalid(&f, "kind");
     fixture_fini(&f);
@@ -675,7 +700,7 @@ static void expect_lost(eplb_status st, const eplb_error *err, fixture *f, uint3
                         long long now) {
     char want[512];
     snprintf(want, sizeof want,
-             "ranks[%u] shm \"%s\" shrank to %lld bytes, the layout needs %llu: its experts are "
+             "ranks[%u].regions[0] shm \"%s\" shrank to %lld bytes, the layout needs %llu: its experts are "
              "lost", g, f->names[g], now, (unsigned long long)layout_needs(f));
     cr_assert_eq(st, EPLB_EDATALOSS, "%s", err->msg);
     cr_assert(strstr(err->msg, want), "message \"%s\" lacks \"%s\"", err->msg, want);
@@ -901,7 +926,7 @@ Test(identity, hard_linked_ranks_are_refused) {
                  err.msg);
     cr_assert_null(b);
     char want[256];
-    snprintf(want, sizeof want, "ranks[0].shm_name \"%s\" and ranks[1].shm_name \"%s\" are the "
+    snprintf(want, sizeof want, "ranks[0].regions[0].shm_name \"%s\" and ranks[1].regions[0].shm_name \"%s\" are the "
              "same shm object", f.names[0], hl + 8);
     cr_assert(strstr(err.msg, want), "message \"%s\" lacks \"%s\"", err.msg, want);
     /* Rank 0's bytes: untouched (nothing was mapped for writing). */
@@ -940,7 +965,7 @@ Test(identity, unlinked_and_recreated_is_data_loss_at_check) {
     uint8_t *before = malloc(f.size);
     memcpy(before, fresh, f.size);
     char want[512];
-    snprintf(want, sizeof want, "ranks[1] shm \"%s\" was replaced by another object since it was "
+    snprintf(want, sizeof want, "ranks[1].regions[0] shm \"%s\" was replaced by another object since it was "
              "attached: its experts are no longer where the engine sees them", f.names[1]);
     cr_assert_eq(eplb_backend_check(b, &err), EPLB_EDATALOSS, "%s", err.msg);
     cr_assert(strstr(err.msg, want), "message \"%s\" lacks \"%s\"", err.msg, want);
@@ -1004,7 +1029,7 @@ Test(trust, prefix_of_the_policy) {
     cr_assert_eq(open_with(&f, &pol, &err), EPLB_OK, "%s", err.msg);
     pol.prefix = "/eplb-prod-";
     cr_assert_eq(open_with(&f, &pol, &err), EPLB_EPERM);
-    cr_assert(strstr(err.msg, "ranks[0].shm_name") &&
+    cr_assert(strstr(err.msg, "ranks[0].regions[0].shm_name") &&
                   strstr(err.msg, "is not under the allowed prefix \"/eplb-prod-\""),
               "%s", err.msg);
     pol.prefix = "";
@@ -1024,7 +1049,7 @@ Test(trust, owner_must_be_us_or_allowed) {
     eplb_error err;
     cr_assert_eq(open_with(&f, NULL, &err), EPLB_EPERM);
     char want[128];
-    snprintf(want, sizeof want, "ranks[1].shm_name \"%s\" is owned by uid 65534; allowed: %u "
+    snprintf(want, sizeof want, "ranks[1].regions[0].shm_name \"%s\" is owned by uid 65534; allowed: %u "
              "(this process)", f.names[1], (unsigned)geteuid());
     cr_assert(strstr(err.msg, want), "message \"%s\" lacks \"%s\"", err.msg, want);
     const uint32_t uids[] = {1000, 65534};
@@ -1053,7 +1078,7 @@ Test(trust, symlinks_and_fifos_are_refused, .timeout = 20) {
      * as well lead to a semaphore or another engine's weights. */
     snprintf(f.ranks[0].shm_name, sizeof f.ranks[0].shm_name, "%s", link + 8);
     cr_assert_eq(open_with(&f, NULL, &err), EPLB_EINVAL);
-    cr_assert(strstr(err.msg, "ranks[0].shm_name") && strstr(err.msg, "symbolic link"), "%s",
+    cr_assert(strstr(err.msg, "ranks[0].regions[0].shm_name") && strstr(err.msg, "symbolic link"), "%s",
               err.msg);
     /* A FIFO must neither hang the open (O_NONBLOCK) nor be mapped. */
     snprintf(f.ranks[0].shm_name, sizeof f.ranks[0].shm_name, "%s", fifo + 8);

@@ -449,7 +449,7 @@ Test(weights_rpc, shrunk_buffers_are_data_loss_and_the_server_stays_up, .timeout
     truncate_rank(2, 0);
     char msg[512], want[160];
     cr_assert_eq(rebalance(a, P, 0, NULL, msg, sizeof msg), 15 /* DATA_LOSS */, "%s", msg);
-    snprintf(want, sizeof want, "ranks[1] shm \"%s\" shrank to 0 bytes, the layout needs", buf.names[1]);
+    snprintf(want, sizeof want, "ranks[1].regions[0] shm \"%s\" shrank to 0 bytes, the layout needs", buf.names[1]);
     cr_assert_not_null(strstr(msg, want), "%s", msg);
     cr_assert_not_null(strstr(msg, "its experts are lost"), "%s", msg);
 
@@ -515,7 +515,7 @@ Test(weights_rpc, unlinked_and_recreated_buffer_is_data_loss, .timeout = 300) {
     char msg[512], want[256];
     cr_assert_eq(rebalance(a, P, 0, NULL, msg, sizeof msg), 15 /* DATA_LOSS */, "%s", msg);
     snprintf(want, sizeof want,
-             "ranks[1] shm \"%s\" was replaced by another object since it was attached: its experts are no longer "
+             "ranks[1].regions[0] shm \"%s\" was replaced by another object since it was attached: its experts are no longer "
              "where the engine sees them", buf.names[1]);
     cr_assert_not_null(strstr(msg, want), "%s", msg);
     const eplb_v1_Placement *p = get_placement(a);
@@ -547,7 +547,7 @@ Test(weights_rpc, hard_linked_ranks_are_refused, .timeout = 300) {
     if (link(target, hl) != 0)
         cr_skip_test("/dev/shm takes no hard links here");
     cr_assert_eq(attach(a, G, hl + 8, msg, sizeof msg), 3 /* INVALID_ARGUMENT */, "%s", msg);
-    snprintf(want, sizeof want, "ranks[0].shm_name \"%s\" and ranks[1].shm_name \"%s\" are the same shm object",
+    snprintf(want, sizeof want, "ranks[0].regions[0].shm_name \"%s\" and ranks[1].regions[0].shm_name \"%s\" are the same shm object",
              hl + 8, buf.names[1]);
     cr_assert_not_null(strstr(msg, want), "%s", msg);
     unlink(hl);
@@ -578,14 +578,14 @@ Test(weights_rpc, shm_names_outside_the_prefix_are_refused, .timeout = 300) {
     snprintf(name, sizeof name, "/sem.eplbtest-%d", (int)getpid());
     make_object(name);
     cr_assert_eq(attach(a, G, name, msg, sizeof msg), 7 /* PERMISSION_DENIED */, "%s", msg);
-    snprintf(want, sizeof want, "ranks[0].shm_name \"%s\" is not under the allowed prefix \"/eplb-\"", name);
+    snprintf(want, sizeof want, "ranks[0].regions[0].shm_name \"%s\" is not under the allowed prefix \"/eplb-\"", name);
     cr_assert_not_null(strstr(msg, want), "%s", msg);
     cr_assert_not_null(strstr(msg, "--shm-prefix"), "%s", msg);
     shm_unlink(name);
     /* Malformed names are INVALID_ARGUMENT; an empty one (an absent proto
      * string: a NULL pointer) must not reach memcpy (UBSan builds abort). */
     cr_assert_eq(attach(a, G, "", msg, sizeof msg), 3, "%s", msg);
-    cr_assert_not_null(strstr(msg, "ranks[0].shm_name"), "%s", msg);
+    cr_assert_not_null(strstr(msg, "ranks[0].regions[0].shm_name"), "%s", msg);
     cr_assert_eq(attach(a, G, "eplb-no-slash", msg, sizeof msg), 3, "%s", msg);
     cr_assert_eq(attach(a, G, NULL, msg, sizeof msg), 0, "%s", msg);
     upb_Arena_Free(a);
@@ -620,7 +620,7 @@ Test(weights_rpc, shm_objects_of_other_owners_are_refused, .timeout = 300) {
     close(fd);
     char msg[512], want[160];
     cr_assert_eq(attach(a, G, NULL, msg, sizeof msg), 7 /* PERMISSION_DENIED */, "%s", msg);
-    snprintf(want, sizeof want, "ranks[3].shm_name \"%s\" is owned by uid 65534; allowed: 0 (this process)",
+    snprintf(want, sizeof want, "ranks[3].regions[0].shm_name \"%s\" is owned by uid 65534; allowed: 0 (this process)",
              buf.names[3]);
     cr_assert_not_null(strstr(msg, want), "%s", msg);
     upb_Arena_Free(a);
