@@ -55,6 +55,7 @@ struct rpc_metrics_http {
     int listen_fd;
     int wake[2];          /* stop writes wake[1]; the loop polls wake[0] */
     pthread_t thread;
+    double accept_paused_until_ms; /* out of descriptors: stop polling the listener a while */
     http_conn conns[HTTP_MAX_CONNS];
 };
 
@@ -239,8 +240,14 @@ static void conn_write(http_conn *c) {
 
 static void accept_one(rpc_metrics_http *h) {
     int fd = accept4(h->listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
-    if (fd < 0)
-        return; /* EAGAIN, or a connection that went away; EMFILE: retried at the next poll */
+    if (fd < 0) {
+        /* Out of descriptors: the pending connection stays readable, so
+         * polling it again at once would spin; look again in 100 ms.
+         * EAGAIN, or a connection that went away: nothing to do. */
+        if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM)
+            h->accept_paused_until_ms = now_ms() + 100;
+        return;
+    }
     http_conn *slot = NULL, *oldest = NULL;
     for (int i = 0; i < HTTP_MAX_CONNS && !slot; i++) {
         http_conn *c = &h->conns[i];
@@ -268,7 +275,10 @@ static void *http_main(void *arg) {
         double now = now_ms(), next = now + 1000;
         int n = 0;
         fds[n++] = (struct pollfd){ .fd = h->wake[0], .events = POLLIN };
-        fds[n++] = (struct pollfd){ .fd = h->listen_fd, .events = POLLIN };
+        /* A negative fd is ignored by poll(): the listener while paused. */
+        fds[n++] = (struct pollfd){ .fd = now < h->accept_paused_until_ms ? -1 : h->listen_fd, .events = POLLIN };
+        if (now < h->accept_paused_until_ms && h->accept_paused_until_ms < next)
+            next = h->accept_paused_until_ms;
         for (int i = 0; i < HTTP_MAX_CONNS; i++) {
             http_conn *c = &h->conns[i];
             if (c->phase == CONN_FREE)
@@ -303,7 +313,7 @@ static void *http_main(void *arg) {
                 conn_write(c);
         }
         if (fds[1].revents & POLLIN)
-            for (int k = 0; k < 8; k++)
+            for (int k = 0; k < 8 && now_ms() >= h->accept_paused_until_ms; k++)
                 accept_one(h);
     }
     return NULL;
