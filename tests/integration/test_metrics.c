@@ -349,6 +349,21 @@ static scrape scrape_now(void) {
     return sc;
 }
 
+/* A call's counters move on the server's CQ thread just after its status
+ * was sent, so a client that scrapes at once can be a moment early: wait
+ * (bounded) until name{labels} reaches want.  The caller then asserts the
+ * exact value on a fresh scrape, so overshooting still fails. */
+static void settle(const char *name, const char *labels, double want) {
+    int limit_ms = harness_slow() ? 30000 : 3000;
+    for (double t0 = harness_now_ms(); harness_now_ms() - t0 < limit_ms; usleep(5000)) {
+        scrape sc = scrape_now();
+        double v = val(&sc, name, labels);
+        scrape_free(&sc);
+        if (v >= want)
+            return;
+    }
+}
+
 static int call(const char *method, const char *bytes, size_t len, upb_Arena *a, char **body, size_t *blen) {
     return harness_rpc(client, method, bytes, len, a, body, blen, NULL, 0);
 }
@@ -382,8 +397,12 @@ Test(metrics, counters_and_histograms_move_with_calls) {
     cr_assert_eq(r.status, 12 /* UNIMPLEMENTED */);
     eplb_call_result_free(&r);
     upb_Arena_Free(a);
-    scrape after = scrape_now();
     const char *nf = "method=\"GetPlacement\",code=\"NOT_FOUND\"";
+    settle("eplbd_rpc_calls_total", nf, 3);
+    settle("eplbd_rpc_calls_total", "method=\"unknown\",code=\"UNIMPLEMENTED\"", 1);
+    settle("eplbd_rpc_duration_seconds_count", "method=\"GetPlacement\"",
+           val(&before, "eplbd_rpc_duration_seconds_count", "method=\"GetPlacement\"") + 3);
+    scrape after = scrape_now();
     double b = val(&before, "eplbd_rpc_calls_total", nf);
     cr_assert_eq(isnan(b) ? 0 : b, 0);
     cr_assert_eq(val(&after, "eplbd_rpc_calls_total", nf), 3);
@@ -422,6 +441,8 @@ Test(metrics, model_gauges_follow_register_rebalance_and_record_load) {
         cr_assert_eq(call("RecordLoad", bytes, len, a, NULL, NULL), 0);
     }
 
+    settle("eplbd_rpc_calls_total", "method=\"RecordLoad\",code=\"OK\"", 2);
+    settle("eplbd_rpc_duration_seconds_count", "method=\"Rebalance\"", 1);
     scrape sc = scrape_now();
     const char *m = "model_id=\"m\"";
     cr_assert_eq(val(&sc, "eplbd_models", ""), 1);
@@ -448,6 +469,7 @@ Test(metrics, model_gauges_follow_register_rebalance_and_record_load) {
     eplb_v1_RebalanceRequest_set_expected_epoch(req, 0);
     bytes = eplb_v1_RebalanceRequest_serialize(req, a, &len);
     cr_assert_eq(call("Rebalance", bytes, len, a, NULL, NULL), 10 /* ABORTED */);
+    settle("eplbd_rpc_calls_total", "method=\"Rebalance\",code=\"ABORTED\"", 1);
     sc = scrape_now();
     cr_assert_eq(val(&sc, "eplbd_rpc_calls_total", "method=\"Rebalance\",code=\"ABORTED\""), 1);
     cr_assert_eq(val(&sc, "eplbd_model_rebalances_total", m), 1);
@@ -619,7 +641,7 @@ Test(metrics, drain_time_calls_are_counted_and_serving_drops) {
     cr_assert_eq(ca.status, 0, "%s", ca.message);
     /* on_call runs just after the answer is sent: allow it a moment. */
     double seen = 0;
-    for (int i = 0; i < 25 && seen < 1; i++) {
+    for (int i = 0; i < (harness_slow() ? 250 : 25) && seen < 1; i++) {
         sc = scrape_now();
         seen = val(&sc, "eplbd_rpc_calls_total", "method=\"Rebalance\",code=\"OK\"");
         cr_assert_eq(val(&sc, "eplbd_serving", ""), 0);
