@@ -16,10 +16,26 @@
  * the hipMemcpyPeerAsync fallback run).  An IPC handle holds a pointer.
  * gpu/tests/host-emulation-check.sh uses it to run device_check here.
  *
- * Also here: EPLB_LAUNCH (kernel launch syntax) and eplb_mem_range (the
- * allocation a device pointer lies in; CUDA's runtime has no such call, so
- * on CUDA the driver's cuMemGetAddressRange_v2 is looked up in libcuda.so.1
- * at run time: nothing links against the driver library). */
+ * Also here, the same in every build: EPLB_LAUNCH (kernel launch syntax),
+ * EPLB_API ("hip" or "cuda": the backend's name, its IPC kind and the prefix
+ * of the runtime calls its messages name), eplb_mem_range (the allocation a
+ * device pointer lies in; CUDA's runtime has no such call, so on CUDA the
+ * driver's cuMemGetAddressRange_v2 is looked up in libcuda.so.1 at run time:
+ * nothing links against the driver library), eplb_ptr_device (which device
+ * memory a pointer is, from the runtime's pointer attributes), eplb_sm_count
+ * (multiprocessors, to size the copy grid) and eplb_error_sticky (errors
+ * after which the process's GPU context is unusable).
+ *
+ * Host emulation also emulates what a test needs to see through: with
+ * -DEPLB_HIP_ON_HOST_AS_CUDA it builds the "cuda" flavour (its symbol, name
+ * and IPC kind); the test executable (linked -rdynamic) may export
+ *   eplb_host_emul_find(ptr, &base, &size, &device)  its allocations, for
+ *       eplb_mem_range and eplb_ptr_device (absent: "not supported");
+ *   int eplb_host_emul_sticky  nonzero: every stream synchronize and
+ *       hipGetLastError answer hipErrorIllegalAddress (a sticky fault);
+ *   unsigned eplb_host_emul_peer_copies[8][8]  hipMemcpyPeerAsync calls per
+ *       (source, destination) device;
+ * and $EPLB_HOST_PEER_FAIL="a>b" makes enabling peer access a -> b fail. */
 #ifndef EPLB_HIP_COMPAT_H
 #define EPLB_HIP_COMPAT_H
 
@@ -59,9 +75,49 @@ typedef cudaIpcMemHandle_t hipIpcMemHandle_t;
 #define hipIpcMemLazyEnablePeerAccess cudaIpcMemLazyEnablePeerAccess
 #define hipDeviceCanAccessPeer cudaDeviceCanAccessPeer
 #define hipDeviceEnablePeerAccess cudaDeviceEnablePeerAccess
+#define hipErrorIllegalAddress cudaErrorIllegalAddress
+
+#define EPLB_API "cuda"
+#define EPLB_IPC_KIND EPLB_BUFFERS_CUDA_IPC
+#define EPLB_GET_OPS eplb_backend_cuda_get_ops
 
 #define EPLB_LAUNCH(kernel, grid, block, shmem, stream, ...)                                      \
     kernel<<<(grid), (block), (shmem), (stream)>>>(__VA_ARGS__)
+
+static inline hipError_t eplb_sm_count(int device, int *n) {
+    return cudaDeviceGetAttribute(n, cudaDevAttrMultiProcessorCount, device);
+}
+
+/* *is_device: ptr is device memory (cudaMalloc'd or IPC-mapped); *device:
+ * whose.  Host and unregistered pointers succeed with *is_device false. */
+static inline hipError_t eplb_ptr_device(const void *ptr, bool *is_device, int *device) {
+    cudaPointerAttributes a;
+    cudaError_t e = cudaPointerGetAttributes(&a, ptr);
+    if (e != cudaSuccess)
+        return e;
+    *is_device = a.type == cudaMemoryTypeDevice;
+    *device = a.device;
+    return cudaSuccess;
+}
+
+/* Errors that poison the context: every later call of the process fails the
+ * same way (CUDA runtime docs, "sticky" errors). */
+static inline bool eplb_error_sticky(hipError_t e) {
+    switch (e) {
+    case cudaErrorIllegalAddress:
+    case cudaErrorLaunchFailure:
+    case cudaErrorMisalignedAddress:
+    case cudaErrorIllegalInstruction:
+    case cudaErrorInvalidPc:
+    case cudaErrorHardwareStackError:
+    case cudaErrorAssert:
+    case cudaErrorECCUncorrectable:
+    case cudaErrorLaunchTimeout:
+        return true;
+    default:
+        return false;
+    }
+}
 
 /* The allocation containing ptr: base and size.  hipErrorNotSupported when
  * the driver entry point cannot be found (then callers trust the declared
@@ -91,8 +147,10 @@ static inline hipError_t eplb_mem_range(void *ptr, void **base, size_t *size) {
 
 #elif defined(EPLB_HIP_ON_HOST)
 
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <dlfcn.h>
 
 typedef int hipError_t;
 typedef struct eplb_host_stream *hipStream_t;
@@ -104,10 +162,22 @@ enum {
     hipErrorInvalidValue = 1,
     hipErrorNoDevice = 100,
     hipErrorInvalidDevice = 101,
+    hipErrorPeerAccessUnsupported = 217,
+    hipErrorIllegalAddress = 700,
     hipErrorPeerAccessAlreadyEnabled = 704,
     hipErrorNotSupported = 801
 };
 enum { hipMemcpyHostToDevice = 1, hipStreamNonBlocking = 1, hipIpcMemLazyEnablePeerAccess = 1 };
+
+#ifdef EPLB_HIP_ON_HOST_AS_CUDA
+#define EPLB_API "cuda"
+#define EPLB_IPC_KIND EPLB_BUFFERS_CUDA_IPC
+#define EPLB_GET_OPS eplb_backend_cuda_get_ops
+#else
+#define EPLB_API "hip"
+#define EPLB_IPC_KIND EPLB_BUFFERS_HIP_IPC
+#define EPLB_GET_OPS eplb_backend_hip_get_ops
+#endif
 
 struct dim3 {
     unsigned x, y, z;
@@ -118,7 +188,31 @@ struct uint4 {
 };
 static dim3 blockIdx, threadIdx, blockDim, gridDim;
 #define __global__
+#define __device__
 #define __launch_bounds__(n)
+
+/* What the test executable exports (see the head comment); looked up once. */
+struct eplb_host_hooks {
+    int (*find)(const void *, void **, size_t *, int *);
+    int *sticky;
+    unsigned (*peer_copies)[8];
+};
+static inline const eplb_host_hooks &eplb_host_hooks_get(void) {
+    static eplb_host_hooks h;
+    static bool looked;
+    if (!looked) {
+        h.find = (int (*)(const void *, void **, size_t *, int *))dlsym(RTLD_DEFAULT,
+                                                                         "eplb_host_emul_find");
+        h.sticky = (int *)dlsym(RTLD_DEFAULT, "eplb_host_emul_sticky");
+        h.peer_copies = (unsigned (*)[8])dlsym(RTLD_DEFAULT, "eplb_host_emul_peer_copies");
+        looked = true;
+    }
+    return h;
+}
+static inline bool eplb_host_dead(void) {
+    const eplb_host_hooks &h = eplb_host_hooks_get();
+    return h.sticky && *h.sticky;
+}
 
 static int eplb_host_device;
 static inline int eplb_host_devices(void) {
@@ -127,9 +221,14 @@ static inline int eplb_host_devices(void) {
     return n < 0 ? 0 : n;
 }
 static inline const char *hipGetErrorString(hipError_t e) {
-    return e == hipErrorNoDevice ? "no device (host emulation)" : "error (host emulation)";
+    return e == hipErrorNoDevice           ? "no device (host emulation)"
+           : e == hipErrorIllegalAddress   ? "an illegal memory access was encountered (host emulation)"
+           : e == hipErrorPeerAccessUnsupported ? "peer access is not supported (host emulation)"
+                                           : "error (host emulation)";
 }
-static inline hipError_t hipGetLastError(void) { return hipSuccess; }
+static inline hipError_t hipGetLastError(void) {
+    return eplb_host_dead() ? hipErrorIllegalAddress : hipSuccess;
+}
 static inline hipError_t hipGetDeviceCount(int *n) {
     *n = eplb_host_devices();
     return *n > 0 ? hipSuccess : hipErrorNoDevice;
@@ -156,8 +255,11 @@ static inline hipError_t hipMemcpyAsync(void *d, const void *s, size_t n, int, h
     memcpy(d, s, n);
     return hipSuccess;
 }
-static inline hipError_t hipMemcpyPeerAsync(void *d, int, const void *s, int, size_t n,
+static inline hipError_t hipMemcpyPeerAsync(void *d, int dd, const void *s, int sd, size_t n,
                                             hipStream_t) {
+    const eplb_host_hooks &h = eplb_host_hooks_get();
+    if (h.peer_copies && sd >= 0 && sd < 8 && dd >= 0 && dd < 8)
+        h.peer_copies[sd][dd]++;
     memcpy(d, s, n);
     return hipSuccess;
 }
@@ -165,7 +267,9 @@ static inline hipError_t hipStreamCreateWithFlags(hipStream_t *s, unsigned) {
     *s = reinterpret_cast<hipStream_t>(malloc(1));
     return *s ? hipSuccess : hipErrorInvalidValue;
 }
-static inline hipError_t hipStreamSynchronize(hipStream_t) { return hipSuccess; }
+static inline hipError_t hipStreamSynchronize(hipStream_t) {
+    return eplb_host_dead() ? hipErrorIllegalAddress : hipSuccess;
+}
 static inline hipError_t hipStreamDestroy(hipStream_t s) {
     free(s);
     return hipSuccess;
@@ -179,7 +283,15 @@ static inline hipError_t hipDeviceCanAccessPeer(int *can, int a, int b) {
     *can = (a ^ b) == 1;
     return hipSuccess;
 }
-static inline hipError_t hipDeviceEnablePeerAccess(int, unsigned) { return hipSuccess; }
+/* Fails for the pair $EPLB_HOST_PEER_FAIL names ("a>b"), as a driver may
+ * for one link. */
+static inline hipError_t hipDeviceEnablePeerAccess(int peer, unsigned) {
+    const char *e = getenv("EPLB_HOST_PEER_FAIL");
+    int a = -1, b = -1;
+    if (e && sscanf(e, "%d>%d", &a, &b) == 2 && a == eplb_host_device && b == peer)
+        return hipErrorPeerAccessUnsupported;
+    return hipSuccess;
+}
 
 #define EPLB_LAUNCH(kernel, grid, block, shmem, stream, ...)                                      \
     do {                                                                                          \
@@ -195,16 +307,75 @@ static inline hipError_t hipDeviceEnablePeerAccess(int, unsigned) { return hipSu
             }                                                                                     \
     } while (0)
 
-static inline hipError_t eplb_mem_range(void *, void **, size_t *) {
-    return hipErrorNotSupported;
+/* 2 "multiprocessors": a few blocks per launch, so the work split runs. */
+static inline hipError_t eplb_sm_count(int, int *n) {
+    *n = 2;
+    return hipSuccess;
 }
+
+static inline hipError_t eplb_mem_range(void *ptr, void **base, size_t *size) {
+    const eplb_host_hooks &h = eplb_host_hooks_get();
+    int device;
+    if (!h.find)
+        return hipErrorNotSupported;
+    return h.find(ptr, base, size, &device) ? hipSuccess : hipErrorInvalidValue;
+}
+
+static inline hipError_t eplb_ptr_device(const void *ptr, bool *is_device, int *device) {
+    const eplb_host_hooks &h = eplb_host_hooks_get();
+    void *base;
+    size_t size;
+    if (!h.find)
+        return hipErrorNotSupported;
+    *is_device = h.find(ptr, &base, &size, device) != 0;
+    return hipSuccess;
+}
+
+static inline bool eplb_error_sticky(hipError_t e) { return e == hipErrorIllegalAddress; }
 
 #else /* HIP */
 
 #include <hip/hip_runtime.h>
 
+#define EPLB_API "hip"
+#define EPLB_IPC_KIND EPLB_BUFFERS_HIP_IPC
+#define EPLB_GET_OPS eplb_backend_hip_get_ops
+
 #define EPLB_LAUNCH(kernel, grid, block, shmem, stream, ...)                                      \
     hipLaunchKernelGGL(kernel, (grid), (block), (shmem), (stream), __VA_ARGS__)
+
+static inline hipError_t eplb_sm_count(int device, int *n) {
+    return hipDeviceGetAttribute(n, hipDeviceAttributeMultiprocessorCount, device);
+}
+
+/* ROCm 6 renamed hipPointerAttribute_t's memoryType to type. */
+static inline hipError_t eplb_ptr_device(const void *ptr, bool *is_device, int *device) {
+    hipPointerAttribute_t a;
+    hipError_t e = hipPointerGetAttributes(&a, ptr);
+    if (e != hipSuccess)
+        return e;
+#if HIP_VERSION_MAJOR >= 6
+    *is_device = a.type == hipMemoryTypeDevice;
+#else
+    *is_device = a.memoryType == hipMemoryTypeDevice;
+#endif
+    *device = a.device;
+    return hipSuccess;
+}
+
+/* Errors after which the device's queues are unusable for this process. */
+static inline bool eplb_error_sticky(hipError_t e) {
+    switch (e) {
+    case hipErrorIllegalAddress:
+    case hipErrorLaunchFailure:
+    case hipErrorAssert:
+    case hipErrorECCNotCorrectable:
+    case hipErrorLaunchTimeOut:
+        return true;
+    default:
+        return false;
+    }
+}
 
 static inline hipError_t eplb_mem_range(void *ptr, void **base, size_t *size) {
     hipDeviceptr_t b = 0;

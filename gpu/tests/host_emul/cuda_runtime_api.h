@@ -2,7 +2,14 @@
  * device_check.c uses, on host memory, so that device_check runs against the
  * hip backend built with -DEPLB_HIP_ON_HOST on a machine without a GPU
  * (gpu/tests/host-emulation-check.sh).  Not a CUDA implementation: "device"
- * memory is malloc'd, copies are memcpy, streams do nothing. */
+ * memory is malloc'd, copies are memcpy, streams do nothing.
+ *
+ * Included by exactly one translation unit (device_check.c), which is linked
+ * -rdynamic: the three eplb_host_emul_* definitions below are what the
+ * emulated backend (gpu/hip/eplb_hip_compat.h, EPLB_HIP_ON_HOST) finds with
+ * dlsym -- which device each cudaMalloc'd block is on and how big (pointer
+ * attributes, allocation ranges), a switch that makes the backend's "device"
+ * report a sticky illegal-address error, and its peer-copy counters. */
 #ifndef EPLB_HOST_EMUL_CUDA_RUNTIME_API_H
 #define EPLB_HOST_EMUL_CUDA_RUNTIME_API_H
 
@@ -32,12 +39,57 @@ static inline cudaError_t cudaGetDeviceCount(int *n) {
     *n = e ? atoi(e) : 2;
     return *n > 0 ? cudaSuccess : cudaErrorNoDevice;
 }
-static inline cudaError_t cudaSetDevice(int d) { return d >= 0 ? cudaSuccess : cudaErrorInvalidValue; }
+/* The allocations, for eplb_host_emul_find. */
+#define EPLB_HOST_EMUL_MAX_ALLOCS 4096
+static struct {
+    void *base;
+    size_t size;
+    int device;
+} emul_allocs[EPLB_HOST_EMUL_MAX_ALLOCS];
+static int emul_device;
+
+int eplb_host_emul_sticky;
+unsigned eplb_host_emul_peer_copies[8][8];
+/* Nonzero when p lies in a block cudaMalloc returned: its base, size, device. */
+int eplb_host_emul_find(const void *p, void **base, size_t *size, int *device);
+int eplb_host_emul_find(const void *p, void **base, size_t *size, int *device) {
+    const char *c = (const char *)p;
+    for (int i = 0; i < EPLB_HOST_EMUL_MAX_ALLOCS; i++) {
+        const char *b = (const char *)emul_allocs[i].base;
+        if (b && c >= b && c < b + emul_allocs[i].size) {
+            *base = emul_allocs[i].base;
+            *size = emul_allocs[i].size;
+            *device = emul_allocs[i].device;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+static inline cudaError_t cudaSetDevice(int d) {
+    if (d < 0)
+        return cudaErrorInvalidValue;
+    emul_device = d;
+    return cudaSuccess;
+}
 static inline cudaError_t cudaMalloc(void **p, size_t n) {
     *p = aligned_alloc(256, (n + 255) & ~(size_t)255);
-    return *p ? cudaSuccess : cudaErrorInvalidValue;
+    if (!*p)
+        return cudaErrorInvalidValue;
+    for (int i = 0; i < EPLB_HOST_EMUL_MAX_ALLOCS; i++)
+        if (!emul_allocs[i].base) {
+            emul_allocs[i].base = *p;
+            emul_allocs[i].size = n;
+            emul_allocs[i].device = emul_device;
+            return cudaSuccess;
+        }
+    free(*p);
+    return cudaErrorInvalidValue;
 }
 static inline cudaError_t cudaFree(void *p) {
+    for (int i = 0; p && i < EPLB_HOST_EMUL_MAX_ALLOCS; i++)
+        if (emul_allocs[i].base == p)
+            emul_allocs[i].base = NULL;
     free(p);
     return cudaSuccess;
 }
