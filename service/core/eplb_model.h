@@ -22,6 +22,7 @@
 #define EPLB_HANDLE_MAX_DEPTH 8
 
 #define EPLB_MODEL_NAME_MAX 128
+#define EPLB_REBALANCE_ID_MAX 32 /* a stepped rebalance's id (eplb_pending.h) */
 #define EPLB_ARCH_MAX 128
 /* "Arch" + EPLB_HANDLE_MAX_DEPTH * ".language_model" with room to spare. */
 #define EPLB_PATH_MAX (EPLB_ARCH_MAX + 16 * (EPLB_HANDLE_MAX_DEPTH + 1))

@@ -227,19 +227,22 @@ eplb_status eplb_move_run(eplb_move *m, eplb_error *err) {
             goto out; /* nothing written: IDLE again, the store's error */
         if (traced && layer == 0)
             clock_gettime(CLOCK_MONOTONIC, &tp); /* the scatter's clock leaves out the MOVING fsync */
-        uint64_t bytes = 0;
+        eplb_move_bytes bytes = { 0, 0, 0 };
         bool retried = false;
         st = w->scatter(e->weights_ctx, layer, P, old_row, new_row, &bytes, err);
         if (st != EPLB_OK) {
             /* Phase 2 is idempotent: once more completes the layer, unless
              * the buffers are really gone. */
-            bytes = 0;
+            bytes = (eplb_move_bytes){ 0, 0, 0 };
             retried = true;
             st = w->scatter(e->weights_ctx, layer, P, old_row, new_row, &bytes, err);
         }
         if (traced)
-            trace_layer(m, layer, slots_changed(old_row, new_row, P), gather_ms, elapsed_ms(&tp), bytes, retried);
-        m->bytes_moved += bytes;
+            trace_layer(m, layer, slots_changed(old_row, new_row, P), gather_ms, elapsed_ms(&tp), bytes.written,
+                        retried);
+        m->bytes_moved += bytes.written;
+        m->bytes_cross_gpu += bytes.cross_gpu;
+        m->bytes_staged += bytes.staged;
         if (st != EPLB_OK) {
             snprintf(why, sizeof why, "writing layer %u failed and so did its retry (%s); layers 0..%u had moved",
                      layer, err ? err->msg : "", layer);

@@ -12,6 +12,8 @@ typedef struct eplb_move {
     /* out */
     uint32_t layers_done;  /* layers whose bytes hold the new experts */
     uint64_t bytes_moved;  /* bytes written into live slots */
+    uint64_t bytes_cross_gpu;
+    uint64_t bytes_staged;
     double move_ms;
 } eplb_move;
 

@@ -16,6 +16,7 @@
 #include "eplb_plan.h"
 #include "eplb_policy.h"
 #include "eplb_move.h"
+#include "eplb_pending.h"
 #include "eplb_registry_internal.h"
 
 static eplb_status check_epoch(const registry_entry *e, bool has_expected, uint64_t expected,
@@ -34,6 +35,18 @@ static eplb_status check_loaded(const registry_entry *e, eplb_error *err) {
                               "model %s needs a weight reload (%s); reload the weights and register it again",
                               e->model_id, e->rec.state_reason);
     return EPLB_OK;
+}
+
+/* A stepped rebalance in progress refuses what would change the placement
+ * under it (EPLB_EABORTED). */
+static eplb_status check_not_pending(const registry_entry *e, const char *what, eplb_error *err) {
+    const eplb_pending_rebalance *p = &e->rec.pending;
+    if (!p->id[0])
+        return EPLB_OK;
+    return eplb_error_set(err, EPLB_EABORTED,
+                          "model %s has a stepped rebalance in progress (rebalance_id %s, %u of %u layers done): "
+                          "finish it with ContinueRebalance before %s",
+                          e->model_id, p->id, p->layers_done, p->target.num_layers, what);
 }
 
 /* The logical load ([L][N], out) of a request's physical load ([L][P]) under
@@ -83,7 +96,8 @@ eplb_status eplb_registry_setup_from_mapping(eplb_registry *r, const eplb_setup_
                             shape->num_layers, shape->num_logical);
         goto out;
     }
-    if ((st = check_loaded(e, err)) != EPLB_OK || (st = check_epoch(e, req->has_expected_epoch, req->expected_epoch, err)) != EPLB_OK)
+    if ((st = check_loaded(e, err)) != EPLB_OK || (st = check_not_pending(e, "SetupFromMapping", err)) != EPLB_OK ||
+        (st = check_epoch(e, req->has_expected_epoch, req->expected_epoch, err)) != EPLB_OK)
         goto out;
     if (req->num_physical < shape->num_logical || req->num_physical > r->limits.max_physical_experts) {
         st = eplb_error_set(err, EPLB_EINVAL,
@@ -162,7 +176,95 @@ void eplb_rebalance_result_free(eplb_rebalance_result *res) {
     eplb_placement_free(&res->placement);
     eplb_free(res->layer_before);
     eplb_free(res->layer_after);
+    eplb_free(res->layers_moved);
     memset(res, 0, sizeof *res);
+}
+
+/* Commit next (ownership taken) as e's placement: with weights attached,
+ * move the bytes first (eplb_move.c); fills the result's byte counts. */
+static eplb_status commit_placement(eplb_registry *r, registry_entry *e, eplb_placement *next,
+                                    eplb_rebalance_result *out, eplb_error *err) {
+    if (e->weights) {
+        eplb_move m = { .r = r, .e = e, .next = next };
+        eplb_status st = eplb_move_run(&m, err);
+        out->bytes_moved = m.bytes_moved;
+        out->bytes_cross_gpu = m.bytes_cross_gpu;
+        out->bytes_staged = m.bytes_staged;
+        out->move_ms = m.move_ms;
+        return st;
+    }
+    return registry_commit_locked(r, e, next, &registry_current(e)->shape, err);
+}
+
+/* After a step's commit attempt: what the pending rebalance is now.  A
+ * model that needs a reload has none; otherwise layers_done is what the
+ * served rows say (a failed move may have committed fewer layers than
+ * planned), and the rebalance ends once every layer holds its target. */
+static void pending_settle(registry_entry *e) {
+    eplb_pending_rebalance *p = &e->rec.pending;
+    if (p->id[0]) {
+        if (e->rec.state == EPLB_MOVE_NEEDS_RELOAD)
+            eplb_pending_clear(p);
+        else if ((p->layers_done = eplb_pending_layers_done(&registry_current(e)->placement, &p->target)) ==
+                 p->target.num_layers)
+            eplb_pending_clear(p);
+    }
+    registry_publish_pending(e);
+}
+
+/* One step of e's pending rebalance: the next layers_per_step changed
+ * layers of its target, committed.  Before the commit the pending record
+ * says what the stored row will hold after it (cleared at the last step),
+ * so the step and the record are one transaction.  Fills out (placement,
+ * progress, bytes).  Caller holds op_lock. */
+static eplb_status pending_run_step(eplb_registry *r, registry_entry *e, eplb_rebalance_result *out,
+                                    eplb_error *err) {
+    eplb_pending_rebalance *p = &e->rec.pending;
+    const eplb_placement *cur = &registry_current(e)->placement;
+    const uint32_t L = cur->num_layers, P = cur->num_physical;
+    eplb_placement step;
+    eplb_status st = eplb_pending_step(cur, &p->target, p->layers_per_step, &step, &out->layers_moved,
+                                       &out->num_layers_moved, err);
+    if (st != EPLB_OK)
+        return st;
+    snprintf(out->rebalance_id, sizeof out->rebalance_id, "%s", p->id);
+    out->balancedness_before = p->balancedness_before;
+    out->balancedness_after = p->balancedness_after;
+    uint64_t moved = 0;
+    for (size_t i = 0; i < (size_t)L * P; i++)
+        moved += step.phy2log[i] != cur->phy2log[i];
+    out->experts_moved = moved;
+    uint32_t done_after = eplb_pending_layers_done(&step, &p->target);
+    /* The answer is copied first: once committed, the call must not fail. */
+    if ((st = eplb_placement_copy(&out->placement, &step, err)) != EPLB_OK) {
+        eplb_placement_free(&step);
+        return st;
+    }
+    /* What the stored row says once this commit lands. */
+    eplb_pending_rebalance keep = *p;
+    bool last = done_after == L;
+    if (last)
+        memset(p, 0, sizeof *p); /* keep owns the target meanwhile */
+    else
+        p->layers_done = done_after;
+    st = commit_placement(r, e, &step, out, err);
+    if (last) {
+        if (st == EPLB_OK)
+            eplb_placement_free(&keep.target);
+        else
+            *p = keep; /* the final commit did not land: still pending (settled below) */
+    }
+    pending_settle(e);
+    if (st == EPLB_OK) {
+        out->committed = true;
+        out->placement.epoch = registry_current(e)->placement.epoch;
+    } else {
+        eplb_placement_free(&out->placement);
+    }
+    out->pending = p->id[0] != '\0';
+    /* Finished: every layer holds the target; gone for a reload: none. */
+    out->layers_done = out->pending ? p->layers_done : st == EPLB_OK ? L : 0;
+    return st;
 }
 
 static double elapsed_ms(const struct timespec *t0) {
@@ -175,7 +277,7 @@ static double elapsed_ms(const struct timespec *t0) {
  * ([L][N]).  Caller holds e's lock and has checked epoch and reload. */
 static eplb_status rebalance_locked(eplb_registry *r, registry_entry *e, const int64_t *logical_load,
                                     const eplb_policy_shape *ps, eplb_slot_order order, bool dry_run,
-                                    eplb_rebalance_result *out, eplb_error *err) {
+                                    uint32_t layers_per_step, eplb_rebalance_result *out, eplb_error *err) {
     const eplb_placement *cur = &registry_current(e)->placement;
     uint32_t L = cur->num_layers, N = cur->num_logical, P = cur->num_physical;
     struct timespec t0;
@@ -220,24 +322,51 @@ static eplb_status rebalance_locked(eplb_registry *r, registry_entry *e, const i
         out->placement = next;
         goto out;
     }
+    const uint64_t epoch0 = cur->epoch; /* cur goes stale once a commit lands */
+    const uint32_t changed_layers = L - eplb_pending_layers_done(cur, &next);
+    if (layers_per_step && changed_layers > layers_per_step) {
+        /* In steps: the target becomes the model's pending rebalance and
+         * its first step runs now. */
+        eplb_pending_rebalance *p = &e->rec.pending;
+        eplb_pending_clear(p);
+        eplb_pending_new_id(p->id);
+        p->layers_per_step = layers_per_step;
+        p->with_weights = e->weights != NULL;
+        p->balancedness_before = out->balancedness_before;
+        p->balancedness_after = out->balancedness_after;
+        p->target = next; /* owned by the record now */
+        st = pending_run_step(r, e, out, err);
+        if (st != EPLB_OK && registry_current(e)->placement.epoch == epoch0 && e->rec.pending.id[0]) {
+            /* Nothing committed, so nothing stored it: no rebalance to continue. */
+            eplb_pending_clear(p);
+            registry_publish_pending(e);
+            out->pending = false;
+            out->layers_done = 0;
+        }
+        goto out;
+    }
+    eplb_pending_new_id(out->rebalance_id);
+    out->layers_moved = eplb_malloc((changed_layers ? changed_layers : 1) * sizeof *out->layers_moved);
+    if (!out->layers_moved) {
+        eplb_placement_free(&next);
+        st = eplb_error_set(err, EPLB_ENOMEM, "out of memory");
+        goto out;
+    }
+    for (uint32_t l = 0; l < L; l++)
+        if (memcmp(cur->phy2log + (size_t)l * P, next.phy2log + (size_t)l * P, (size_t)P * sizeof *phy2log) != 0)
+            out->layers_moved[out->num_layers_moved++] = l;
     /* The answer is copied first: once committed, the call must not fail. */
     if ((st = eplb_placement_copy(&out->placement, &next, err)) != EPLB_OK) {
         eplb_placement_free(&next);
         goto out;
     }
-    if (e->weights) {
-        eplb_move m = { .r = r, .e = e, .next = &next };
-        st = eplb_move_run(&m, err);
-        out->bytes_moved = m.bytes_moved;
-        out->move_ms = m.move_ms;
-    } else {
-        st = registry_commit_locked(r, e, &next, &registry_current(e)->shape, err);
-    }
+    st = commit_placement(r, e, &next, out, err);
     if (st != EPLB_OK) {
         eplb_placement_free(&out->placement);
         goto out;
     }
     out->committed = true;
+    out->layers_done = L;
     out->placement.epoch = registry_current(e)->placement.epoch;
 out:
     /* Every computed, non-dry-run rebalance is counted (the metrics): a
@@ -293,6 +422,7 @@ eplb_status eplb_registry_rebalance(eplb_registry *r, const eplb_rebalance_reque
     eplb_policy_shape ps = policy_shape(e, req->num_groups, req->num_nodes, req->num_gpus);
 
     if ((st = check_loaded(e, err)) != EPLB_OK ||
+        (!req->dry_run && (st = check_not_pending(e, "another Rebalance", err)) != EPLB_OK) ||
         (st = check_epoch(e, req->has_expected_epoch, req->expected_epoch, err)) != EPLB_OK ||
         (st = check_topology(r, &ps, req->slot_order, err)) != EPLB_OK)
         goto out;
@@ -313,9 +443,43 @@ eplb_status eplb_registry_rebalance(eplb_registry *r, const eplb_rebalance_reque
         }
         memcpy(logical, e->rec.window.sum, cells * sizeof *logical);
     }
-    st = rebalance_locked(r, e, logical, &ps, req->slot_order, req->dry_run, out, err);
+    st = rebalance_locked(r, e, logical, &ps, req->slot_order, req->dry_run, req->layers_per_step, out, err);
 out:
     eplb_free(logical);
+    registry_release(e);
+    if (st != EPLB_OK)
+        eplb_rebalance_result_free(out);
+    return st;
+}
+
+eplb_status eplb_registry_continue_rebalance(eplb_registry *r, const char *model_id, const char *rebalance_id,
+                                             eplb_rebalance_result *out, eplb_error *err) {
+    memset(out, 0, sizeof *out);
+    registry_entry *e;
+    eplb_status st = registry_acquire(r, model_id, &e, err);
+    if (st != EPLB_OK)
+        return st;
+    const eplb_pending_rebalance *p = &e->rec.pending;
+    if ((st = check_loaded(e, err)) != EPLB_OK)
+        goto out;
+    if (!p->id[0] || strcmp(p->id, rebalance_id) != 0) {
+        st = p->id[0] ? eplb_error_set(err, EPLB_ENOTFOUND,
+                                       "model %s has no rebalance %s in progress (the one in progress is %s)",
+                                       e->model_id, rebalance_id, p->id)
+                      : eplb_error_set(err, EPLB_ENOTFOUND,
+                                       "model %s has no rebalance %s in progress (it finished, or never started)",
+                                       e->model_id, rebalance_id);
+        goto out;
+    }
+    if (p->with_weights && !e->weights) {
+        st = eplb_error_set(err, EPLB_EPRECONDITION,
+                            "rebalance %s of model %s moves weights, and none are attached now (eplbd restarted?): "
+                            "attach them again, then continue", p->id, e->model_id);
+        goto out;
+    }
+    st = pending_run_step(r, e, out, err);
+    registry_stats_rebalance(e, st == EPLB_OK, out, out->bytes_moved);
+out:
     registry_release(e);
     if (st != EPLB_OK)
         eplb_rebalance_result_free(out);
@@ -347,8 +511,10 @@ eplb_status eplb_registry_record_load(eplb_registry *r, const eplb_record_reques
         registry_stats_pass(e);
 
     const eplb_model_shape *s = &registry_current(e)->shape;
+    /* Not while a stepped rebalance is in progress: its engine installs the
+     * steps; an automatic one would change the placement under it. */
     if (!req->is_dummy && s->auto_rebalance && e->rec.window.passes % s->step_interval == 0 &&
-        e->rec.state != EPLB_MOVE_NEEDS_RELOAD) {
+        e->rec.state != EPLB_MOVE_NEEDS_RELOAD && !e->rec.pending.id[0]) {
         /* vLLM's step(): every step_interval passes, rebalance from the window. */
         eplb_rebalance_result res;
         memset(&res, 0, sizeof res);
@@ -358,7 +524,7 @@ eplb_status eplb_registry_record_load(eplb_registry *r, const eplb_record_reques
         eplb_error_clear(&why);
         eplb_slot_order order = e->weights && ps.num_gpus / ps.num_nodes <= MIN_TRAFFIC_MAX_GPUS_PER_NODE
                                     ? EPLB_SLOT_MIN_TRAFFIC : EPLB_SLOT_PRESERVE;
-        eplb_status ast = rebalance_locked(r, e, logical, &ps, order, false, &res, &why);
+        eplb_status ast = rebalance_locked(r, e, logical, &ps, order, false, 0, &res, &why);
         out->rebalanced = ast == EPLB_OK;
         eplb_rebalance_result_free(&res);
         /* The pass is counted either way, so the call succeeds (a retried

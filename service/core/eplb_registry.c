@@ -18,6 +18,7 @@
 #include <string.h>
 
 #include "eplb_alloc.h"
+#include "eplb_pending.h"
 #include "eplb_registry_internal.h"
 
 /* ---- entries ------------------------------------------------------------- */
@@ -46,6 +47,7 @@ void registry_entry_unref(registry_entry *e) {
         e->weights->close(e->weights_ctx);
     eplb_snapshot_unref(e->snap);
     eplb_placement_free(&e->rec.placement);
+    eplb_pending_clear(&e->rec.pending);
     eplb_load_window_free(&e->rec.window);
     pthread_mutex_destroy(&e->op_lock);
     pthread_mutex_destroy(&e->pub_lock);
@@ -215,6 +217,15 @@ void registry_view_of(registry_entry *e, eplb_model_view *out) {
     out->snap = eplb_snapshot_ref(e->snap);
     out->state = e->state;
     snprintf(out->state_reason, sizeof out->state_reason, "%s", e->state_reason);
+    snprintf(out->pending_id, sizeof out->pending_id, "%s", e->pending_id);
+    out->pending_layers_done = e->pending_done;
+    pthread_mutex_unlock(&e->pub_lock);
+}
+
+void registry_publish_pending(registry_entry *e) {
+    pthread_mutex_lock(&e->pub_lock);
+    snprintf(e->pending_id, sizeof e->pending_id, "%s", e->rec.pending.id);
+    e->pending_done = e->rec.pending.id[0] ? e->rec.pending.layers_done : 0;
     pthread_mutex_unlock(&e->pub_lock);
 }
 
@@ -506,6 +517,7 @@ static eplb_status load_one(void *arg, eplb_model_record *rec, eplb_error *err) 
     if (rec->damaged[0]) {
         snprintf(e->damaged, sizeof e->damaged, "%s", rec->damaged);
         eplb_placement_free(&rec->placement);
+        eplb_pending_clear(&rec->pending);
         eplb_load_window_free(&rec->window);
     } else {
         if (rec->state == EPLB_MOVE_MOVING) {
@@ -517,6 +529,9 @@ static eplb_status load_one(void *arg, eplb_model_record *rec, eplb_error *err) 
         } else if (!eplb_move_state_persistent(rec->state)) {
             snprintf(e->damaged, sizeof e->damaged, "store: move state %d is never stored", (int)rec->state);
         }
+        /* A model that must be reloaded has no rebalance to continue. */
+        if (rec->state == EPLB_MOVE_NEEDS_RELOAD)
+            eplb_pending_clear(&rec->pending);
         if ((st = eplb_snapshot_new(&rec->placement, &rec->shape, &e->snap, err)) != EPLB_OK)
             goto fail;
         e->state = rec->state;
@@ -525,12 +540,29 @@ static eplb_status load_one(void *arg, eplb_model_record *rec, eplb_error *err) 
         e->rec = *rec;
         memset(&e->rec.placement, 0, sizeof e->rec.placement);
         memset(&rec->window, 0, sizeof rec->window);
+        memset(&rec->pending, 0, sizeof rec->pending);
+        eplb_pending_rebalance *pd = &e->rec.pending;
+        if (pd->id[0]) {
+            /* The served rows say how far it got (the stored count is only
+             * what the step planned). */
+            const eplb_placement *cur = &e->snap->placement;
+            if (pd->target.num_layers != cur->num_layers || pd->target.num_physical != cur->num_physical ||
+                !pd->target.phy2log)
+                snprintf(e->damaged, sizeof e->damaged,
+                         "store: the pending rebalance %s has a %ux%u target, the model is %ux%u", pd->id,
+                         pd->target.num_layers, pd->target.num_physical, cur->num_layers, cur->num_physical);
+            else if ((pd->layers_done = eplb_pending_layers_done(cur, &pd->target)) == cur->num_layers)
+                eplb_pending_clear(pd);
+        }
+        snprintf(e->pending_id, sizeof e->pending_id, "%s", pd->id);
+        e->pending_done = pd->id[0] ? pd->layers_done : 0;
     }
     e->visible = true;
     registry_list_insert(r, e);
     return EPLB_OK;
 fail:
     eplb_placement_free(&rec->placement);
+    eplb_pending_clear(&rec->pending);
     eplb_load_window_free(&rec->window);
     registry_entry_unref(e);
     return st;

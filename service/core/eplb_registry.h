@@ -26,6 +26,24 @@ typedef enum eplb_role {
     EPLB_ROLE_SPECULATOR = 1,
 } eplb_role;
 
+/* A rebalance committed in steps (RebalanceRequest.layers_per_step) that
+ * has steps left: the full target placement, and how far it got.  Each
+ * step commits the served placement with the next layers_per_step changed
+ * layers taken from target; layers_done counts the layers whose served row
+ * equals target's.  Persisted with the model's row, in the same
+ * transaction as each step's commit, so a restart knows which layers
+ * moved (the served placement says it, row by row) and can continue. */
+
+typedef struct eplb_pending_rebalance {
+    char id[EPLB_REBALANCE_ID_MAX + 1]; /* "" = none pending */
+    uint32_t layers_per_step;           /* >= 1 */
+    uint32_t layers_done;               /* < num_layers while pending */
+    bool with_weights;                  /* started with weights attached: continue only with them */
+    double balancedness_before;         /* of the whole rebalance, on its load */
+    double balancedness_after;
+    eplb_placement target;              /* arrays owned by the record */
+} eplb_pending_rebalance;
+
 /* What is persisted of a model: identity, shape, placement, move state. */
 typedef struct eplb_model_record {
     char model_id[EPLB_MODEL_NAME_MAX + 1];     /* the model name: stable across restarts */
@@ -38,6 +56,7 @@ typedef struct eplb_model_record {
     eplb_load_window window;                    /* saved when window.dirty */
     eplb_move_state state;                      /* IDLE, MOVING or NEEDS_RELOAD when stored */
     char state_reason[EPLB_ERROR_MSG_MAX];      /* why NEEDS_RELOAD ("" otherwise) */
+    eplb_pending_rebalance pending;             /* pending.id[0] == 0: none */
     /* Set by the store's load_all only: the row failed verification
      * (checksum, range); every other field but model_id is then empty and
      * the registry answers EPLB_EDATALOSS with this text for the model. */
@@ -170,6 +189,13 @@ eplb_status eplb_registry_flush(eplb_registry *r, eplb_error *err);
  * Rebalance then moves the bytes in place, layer by layer, before the new
  * placement is committed.  The mover (plans + a CPU or HIP backend) sits
  * behind this interface, so the core knows no backend. */
+/* What one layer's scatter copied (eplb_weights_ops.scatter). */
+typedef struct eplb_move_bytes {
+    uint64_t written;     /* bytes written into live slots */
+    uint64_t cross_gpu;   /* of the layer's copies (both phases), bytes read on one GPU and written on another */
+    uint64_t staged;      /* bytes copied into staging by the layer's gather */
+} eplb_move_bytes;
+
 typedef struct eplb_weights_ops {
     /* Before anything moves, with the plan old -> new ([L][P]):
      * EPLB_EPRECONDITION when it needs a rank this server does not hold or
@@ -186,11 +212,11 @@ typedef struct eplb_weights_ops {
                           const int32_t *new_row, eplb_error *err);
     /* Phase 2 of the layer gathered last: write its destination slots from
      * staging and from unchanged slots.  Idempotent, so the caller may call
-     * it again after a failure to complete the layer.  EPLB_OK (*bytes: bytes
-     * written into live slots); EPLB_EDATALOSS: some slots were written,
-     * others not (or the buffers are lost). */
+     * it again after a failure to complete the layer.  EPLB_OK (*bytes: what
+     * the layer's two phases copied); EPLB_EDATALOSS: some slots were
+     * written, others not (or the buffers are lost). */
     eplb_status (*scatter)(void *ctx, uint32_t layer, uint32_t num_physical, const int32_t *old_row,
-                           const int32_t *new_row, uint64_t *bytes, eplb_error *err);
+                           const int32_t *new_row, eplb_move_bytes *bytes, eplb_error *err);
     void (*close)(void *ctx);
 } eplb_weights_ops;
 
@@ -247,6 +273,7 @@ typedef struct eplb_rebalance_request {
     uint64_t expected_epoch;
     bool dry_run;                     /* compute, change nothing */
     eplb_slot_order slot_order;
+    uint32_t layers_per_step;         /* commit in steps of this many changed layers; 0: all at once */
 } eplb_rebalance_request;
 
 typedef struct eplb_rebalance_result {
@@ -258,8 +285,17 @@ typedef struct eplb_rebalance_result {
     uint64_t experts_moved;           /* slots whose expert changes */
     double compute_ms;                /* policy + preservation + balancedness */
     bool committed;
-    uint64_t bytes_moved;             /* weight bytes copied (attached weights only) */
+    uint64_t bytes_moved;             /* weight bytes written into live slots (attached weights only) */
+    uint64_t bytes_cross_gpu;         /* of the copies, bytes that crossed GPUs */
+    uint64_t bytes_staged;            /* bytes copied into staging */
     double move_ms;
+    /* Steps (eplb_pending.h): the rebalance's id, layers holding its target
+     * after this call, whether steps remain, the layers this call moved. */
+    char rebalance_id[EPLB_REBALANCE_ID_MAX + 1];
+    uint32_t layers_done;
+    bool pending;
+    uint32_t *layers_moved;           /* [num_layers_moved], malloc'd */
+    uint32_t num_layers_moved;
 } eplb_rebalance_result;
 
 /* Rebalance: compute a new placement from the request's load (or the
@@ -269,6 +305,17 @@ typedef struct eplb_rebalance_result {
 eplb_status eplb_registry_rebalance(eplb_registry *r, const eplb_rebalance_request *req,
                                     eplb_rebalance_result *out, eplb_error *err);
 void eplb_rebalance_result_free(eplb_rebalance_result *res);
+
+/* ContinueRebalance: the next step of the model's stepped rebalance
+ * rebalance_id (layers_per_step more changed layers moved and committed,
+ * epoch + 1); the last step clears it.  EPLB_ENOTFOUND when the model or
+ * that rebalance is unknown (finished, superseded by a reload, never
+ * started); EPLB_EPRECONDITION when the model needs a reload, or the
+ * rebalance moves weights and none are attached now.  Errors of the move
+ * itself as Rebalance's.  layer_before/layer_after are not filled; the
+ * balancedness values are the whole rebalance's. */
+eplb_status eplb_registry_continue_rebalance(eplb_registry *r, const char *model_id, const char *rebalance_id,
+                                             eplb_rebalance_result *out, eplb_error *err);
 
 typedef struct eplb_record_request {
     const char *model_id;

@@ -53,6 +53,8 @@ typedef struct registry_entry {
     eplb_snapshot *snap;         /* the published epoch: placement and shape */
     eplb_move_state state;       /* IDLE or NEEDS_RELOAD between operations */
     char state_reason[EPLB_ERROR_MSG_MAX];
+    char pending_id[EPLB_REBALANCE_ID_MAX + 1]; /* rec.pending as readers see it */
+    uint32_t pending_done;
     /* Activity counters (eplb_model_stats, never stored).  The op_lock
      * holder updates them under pub_lock (registry_stats_*), so
      * eplb_registry_list copies them without waiting for an operation. */
@@ -130,6 +132,10 @@ void registry_view_of(registry_entry *e, eplb_model_view *out);
 
 /* Close e's weights (if any).  Caller holds op_lock. */
 void registry_close_weights(registry_entry *e);
+
+/* Publish e->rec.pending's id and progress for readers.  Caller holds
+ * op_lock. */
+void registry_publish_pending(registry_entry *e);
 
 /* Publish a new move state (and reason) for readers.  Caller holds op_lock. */
 void registry_publish_state(registry_entry *e, eplb_move_state st, const char *reason);

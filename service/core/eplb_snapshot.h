@@ -40,6 +40,8 @@ typedef struct eplb_model_view {
     eplb_snapshot *snap;                   /* referenced */
     eplb_move_state state;
     char state_reason[EPLB_ERROR_MSG_MAX]; /* why NEEDS_RELOAD */
+    char pending_id[EPLB_REBALANCE_ID_MAX + 1]; /* a stepped rebalance in progress ("" none) */
+    uint32_t pending_layers_done;
 } eplb_model_view;
 
 /* Unreference view->snap and clear the view.  NULL snap is fine. */

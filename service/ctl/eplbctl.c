@@ -37,6 +37,8 @@ static const command commands[] = {
       eplb_v1_Placement_getmsgdef, "setup JSON          SetupFromMappingRequest" },
     { "rebalance", "Rebalance", eplb_v1_RebalanceRequest_getmsgdef,
       eplb_v1_RebalanceResponse_getmsgdef, "rebalance JSON      RebalanceRequest" },
+    { "continue", "ContinueRebalance", eplb_v1_ContinueRebalanceRequest_getmsgdef,
+      eplb_v1_RebalanceResponse_getmsgdef, "continue JSON       ContinueRebalanceRequest (the next step of a stepped rebalance)" },
     { "record-load", "RecordLoad", eplb_v1_RecordLoadRequest_getmsgdef,
       eplb_v1_RecordLoadResponse_getmsgdef, "record-load JSON    RecordLoadRequest" },
     { "attach", "AttachWeights", eplb_v1_AttachWeightsRequest_getmsgdef,

@@ -89,6 +89,7 @@ void rpc_register_model(rpc_context *ctx, upb_Arena *arena, const char *req, siz
 void rpc_get_placement(rpc_context *ctx, upb_Arena *arena, const char *req, size_t len, rpc_reply *out);
 void rpc_setup_from_mapping(rpc_context *ctx, upb_Arena *arena, const char *req, size_t len, rpc_reply *out);
 void rpc_rebalance(rpc_context *ctx, upb_Arena *arena, const char *req, size_t len, rpc_reply *out);
+void rpc_continue_rebalance(rpc_context *ctx, upb_Arena *arena, const char *req, size_t len, rpc_reply *out);
 void rpc_record_load(rpc_context *ctx, upb_Arena *arena, const char *req, size_t len, rpc_reply *out);
 void rpc_attach_weights(rpc_context *ctx, upb_Arena *arena, const char *req, size_t len, rpc_reply *out);
 void rpc_detach_weights(rpc_context *ctx, upb_Arena *arena, const char *req, size_t len, rpc_reply *out);

@@ -86,6 +86,87 @@ void rpc_setup_from_mapping(rpc_context *ctx, upb_Arena *arena, const char *req,
     eplb_placement_free(&p);
 }
 
+/* The RebalanceResponse of a Rebalance or ContinueRebalance result. */
+static void reply_rebalance(rpc_context *ctx, const char *model_id, const eplb_rebalance_result *res,
+                            bool with_log2phy, upb_Arena *arena, rpc_reply *out) {
+    rpc_call_facts *f = &out->facts;
+    f->rebalance = true;
+    f->committed = res->committed;
+    f->balancedness_before = res->balancedness_before;
+    f->balancedness_after = res->balancedness_after;
+    f->experts_moved = res->experts_moved;
+    f->bytes_moved = res->bytes_moved;
+    f->compute_ms = res->compute_ms;
+    f->move_ms = res->move_ms;
+    f->epoch = res->placement.epoch;
+    f->num_layers = res->placement.num_layers;
+    f->num_physical = res->placement.num_physical;
+    if (rpc_log_enabled(RPC_LOG_DEBUG)) {
+        eplb_trace_field d[] = {
+            EPLB_TF_U("layers", res->placement.num_layers),
+            EPLB_TF_U("num_physical", res->placement.num_physical),
+            EPLB_TF_U("num_logical", res->placement.num_logical),
+            EPLB_TF_U("experts_moved", res->experts_moved),
+            EPLB_TF_F("balancedness_before", res->balancedness_before),
+            EPLB_TF_F("balancedness_after", res->balancedness_after),
+            EPLB_TF_F("compute_ms", res->compute_ms),
+            EPLB_TF_B("committed", res->committed),
+            EPLB_TF_U("bytes_moved", res->bytes_moved),
+            EPLB_TF_U("bytes_cross_gpu", res->bytes_cross_gpu),
+            EPLB_TF_U("bytes_staged", res->bytes_staged),
+            EPLB_TF_F("move_ms", res->move_ms),
+            EPLB_TF_U("epoch", res->placement.epoch),
+            EPLB_TF_S("rebalance_id", res->rebalance_id),
+            EPLB_TF_U("layers_moved", res->num_layers_moved),
+            EPLB_TF_U("layers_done", res->layers_done),
+            EPLB_TF_B("pending", res->pending),
+        };
+        rpc_log_event(RPC_LOG_DEBUG, "rebalance_plan", model_id, d, EPLB_TRACE_N(d));
+    }
+    if (!rpc_placement_fits(&res->placement, with_log2phy, ctx->limits.max_response_bytes, out))
+        return;
+    eplb_v1_RebalanceResponse *resp = eplb_v1_RebalanceResponse_new(arena);
+    eplb_v1_Placement *pm =
+        resp ? rpc_placement_to_upb(model_id, &res->placement, EPLB_MOVE_IDLE, NULL, with_log2phy, arena) : NULL;
+    /* Per-layer balancedness only where computed (not for a continued step). */
+    uint32_t L = res->layer_before && res->layer_after ? res->placement.num_layers : 0;
+    double *before = resp && L ? eplb_v1_RebalanceResponse_resize_layer_balancedness_before(resp, L, arena) : NULL;
+    double *after = resp && L ? eplb_v1_RebalanceResponse_resize_layer_balancedness_after(resp, L, arena) : NULL;
+    uint32_t *moved = resp && res->num_layers_moved
+                          ? eplb_v1_RebalanceResponse_resize_layers_moved(resp, res->num_layers_moved, arena)
+                          : NULL;
+    char *rid = upb_Arena_Malloc(arena, sizeof res->rebalance_id);
+    if (pm && rid && (!L || (before && after)) && (!res->num_layers_moved || moved)) {
+        if (L) {
+            memcpy(before, res->layer_before, L * sizeof *before);
+            memcpy(after, res->layer_after, L * sizeof *after);
+        }
+        if (res->num_layers_moved)
+            memcpy(moved, res->layers_moved, res->num_layers_moved * sizeof *moved);
+        memcpy(rid, res->rebalance_id, sizeof res->rebalance_id);
+        if (res->pending) {
+            eplb_v1_Placement_set_pending_rebalance_id(pm, upb_StringView_FromString(rid));
+            eplb_v1_Placement_set_pending_layers_done(pm, res->layers_done);
+        }
+        eplb_v1_RebalanceResponse_set_placement(resp, pm);
+        eplb_v1_RebalanceResponse_set_balancedness_before(resp, res->balancedness_before);
+        eplb_v1_RebalanceResponse_set_balancedness_after(resp, res->balancedness_after);
+        eplb_v1_RebalanceResponse_set_experts_moved(resp, res->experts_moved);
+        eplb_v1_RebalanceResponse_set_compute_ms(resp, res->compute_ms);
+        eplb_v1_RebalanceResponse_set_committed(resp, res->committed);
+        eplb_v1_RebalanceResponse_set_bytes_moved(resp, res->bytes_moved);
+        eplb_v1_RebalanceResponse_set_move_ms(resp, res->move_ms);
+        eplb_v1_RebalanceResponse_set_rebalance_id(resp, upb_StringView_FromString(rid));
+        eplb_v1_RebalanceResponse_set_layers_done(resp, res->layers_done);
+        eplb_v1_RebalanceResponse_set_pending(resp, res->pending);
+        eplb_v1_RebalanceResponse_set_bytes_cross_gpu(resp, res->bytes_cross_gpu);
+        eplb_v1_RebalanceResponse_set_bytes_staged(resp, res->bytes_staged);
+        out->body = eplb_v1_RebalanceResponse_serialize(resp, arena, &out->body_len);
+    }
+    if (!out->body)
+        rpc_reply_set(out, 8, "out of memory encoding the response");
+}
+
 void rpc_rebalance(rpc_context *ctx, upb_Arena *arena, const char *req, size_t len, rpc_reply *out) {
     eplb_error err;
     eplb_error_clear(&err);
@@ -104,6 +185,7 @@ void rpc_rebalance(rpc_context *ctx, upb_Arena *arena, const char *req, size_t l
     r.has_expected_epoch = eplb_v1_RebalanceRequest_has_expected_epoch(m);
     r.expected_epoch = eplb_v1_RebalanceRequest_expected_epoch(m);
     r.dry_run = eplb_v1_RebalanceRequest_dry_run(m);
+    r.layers_per_step = eplb_v1_RebalanceRequest_layers_per_step(m);
     int32_t order = eplb_v1_RebalanceRequest_slot_order(m);
     if (order == eplb_v1_SLOT_ORDER_PRESERVE)
         r.slot_order = EPLB_SLOT_PRESERVE;
@@ -137,61 +219,38 @@ void rpc_rebalance(rpc_context *ctx, upb_Arena *arena, const char *req, size_t l
         rpc_reply_from_error(out, &err);
         return;
     }
-    rpc_call_facts *f = &out->facts;
-    f->rebalance = true;
-    f->committed = res.committed;
-    f->balancedness_before = res.balancedness_before;
-    f->balancedness_after = res.balancedness_after;
-    f->experts_moved = res.experts_moved;
-    f->bytes_moved = res.bytes_moved;
-    f->compute_ms = res.compute_ms;
-    f->move_ms = res.move_ms;
-    f->epoch = res.placement.epoch;
-    f->num_layers = res.placement.num_layers;
-    f->num_physical = res.placement.num_physical;
-    if (rpc_log_enabled(RPC_LOG_DEBUG)) {
-        eplb_trace_field d[] = {
-            EPLB_TF_U("layers", res.placement.num_layers),
-            EPLB_TF_U("num_physical", res.placement.num_physical),
-            EPLB_TF_U("num_logical", res.placement.num_logical),
-            EPLB_TF_U("experts_moved", res.experts_moved),
-            EPLB_TF_F("balancedness_before", res.balancedness_before),
-            EPLB_TF_F("balancedness_after", res.balancedness_after),
-            EPLB_TF_F("compute_ms", res.compute_ms),
-            EPLB_TF_B("committed", res.committed),
-            EPLB_TF_U("bytes_moved", res.bytes_moved),
-            EPLB_TF_F("move_ms", res.move_ms),
-            EPLB_TF_U("epoch", res.placement.epoch),
-        };
-        rpc_log_event(RPC_LOG_DEBUG, "rebalance_plan", r.model_id, d, EPLB_TRACE_N(d));
-    }
-    bool with_log2phy = eplb_v1_RebalanceRequest_include_logical_to_physical(m);
-    if (!rpc_placement_fits(&res.placement, with_log2phy, ctx->limits.max_response_bytes, out)) {
-        eplb_rebalance_result_free(&res);
+    reply_rebalance(ctx, r.model_id, &res, eplb_v1_RebalanceRequest_include_logical_to_physical(m), arena, out);
+    eplb_rebalance_result_free(&res);
+}
+
+void rpc_continue_rebalance(rpc_context *ctx, upb_Arena *arena, const char *req, size_t len, rpc_reply *out) {
+    eplb_error err;
+    eplb_error_clear(&err);
+    const eplb_v1_ContinueRebalanceRequest *m = eplb_v1_ContinueRebalanceRequest_parse(req, len, arena);
+    if (!m) {
+        rpc_reply_malformed(out, "eplb.v1.ContinueRebalanceRequest");
         return;
     }
-    eplb_v1_RebalanceResponse *resp = eplb_v1_RebalanceResponse_new(arena);
-    eplb_v1_Placement *pm =
-        resp ? rpc_placement_to_upb(r.model_id, &res.placement, EPLB_MOVE_IDLE, NULL, with_log2phy, arena) : NULL;
-    uint32_t L = res.placement.num_layers;
-    double *before = resp ? eplb_v1_RebalanceResponse_resize_layer_balancedness_before(resp, L, arena) : NULL;
-    double *after = resp ? eplb_v1_RebalanceResponse_resize_layer_balancedness_after(resp, L, arena) : NULL;
-    if (pm && before && after) {
-        memcpy(before, res.layer_before, L * sizeof *before);
-        memcpy(after, res.layer_after, L * sizeof *after);
-        eplb_v1_RebalanceResponse_set_placement(resp, pm);
-        eplb_v1_RebalanceResponse_set_balancedness_before(resp, res.balancedness_before);
-        eplb_v1_RebalanceResponse_set_balancedness_after(resp, res.balancedness_after);
-        eplb_v1_RebalanceResponse_set_experts_moved(resp, res.experts_moved);
-        eplb_v1_RebalanceResponse_set_compute_ms(resp, res.compute_ms);
-        eplb_v1_RebalanceResponse_set_committed(resp, res.committed);
-        eplb_v1_RebalanceResponse_set_bytes_moved(resp, res.bytes_moved);
-        eplb_v1_RebalanceResponse_set_move_ms(resp, res.move_ms);
-        out->body = eplb_v1_RebalanceResponse_serialize(resp, arena, &out->body_len);
+    const char *id = model_id_of(eplb_v1_ContinueRebalanceRequest_model_id(m), arena, out);
+    if (!id)
+        return;
+    const char *rid = rpc_string(eplb_v1_ContinueRebalanceRequest_rebalance_id(m), EPLB_REBALANCE_ID_MAX,
+                                 "rebalance_id", arena, &err);
+    if (!rid) {
+        rpc_reply_from_error(out, &err);
+        return;
     }
+    if (!rid[0]) {
+        rpc_reply_set(out, 3, "rebalance_id is required (RebalanceResponse.rebalance_id of a pending rebalance)");
+        return;
+    }
+    eplb_rebalance_result res;
+    if (eplb_registry_continue_rebalance(ctx->registry, id, rid, &res, &err) != EPLB_OK) {
+        rpc_reply_from_error(out, &err);
+        return;
+    }
+    reply_rebalance(ctx, id, &res, eplb_v1_ContinueRebalanceRequest_include_logical_to_physical(m), arena, out);
     eplb_rebalance_result_free(&res);
-    if (!out->body)
-        rpc_reply_set(out, 8, "out of memory encoding the response");
 }
 
 void rpc_record_load(rpc_context *ctx, upb_Arena *arena, const char *req, size_t len, rpc_reply *out) {

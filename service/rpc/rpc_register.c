@@ -115,6 +115,15 @@ void rpc_get_placement(rpc_context *ctx, upb_Arena *arena, const char *req, size
     out->facts.num_physical = v.snap->placement.num_physical;
     if (rpc_placement_fits(&v.snap->placement, with_log2phy, ctx->limits.max_response_bytes, out))
         pm = rpc_placement_to_upb(id, &v.snap->placement, v.state, v.state_reason, with_log2phy, arena);
+    if (pm && v.pending_id[0]) {
+        upb_StringView pid;
+        if (rpc_arena_view(v.pending_id, arena, &pid)) {
+            eplb_v1_Placement_set_pending_rebalance_id(pm, pid);
+            eplb_v1_Placement_set_pending_layers_done(pm, v.pending_layers_done);
+        } else {
+            pm = NULL;
+        }
+    }
     eplb_model_view_release(&v);
     if (out->status != 0)
         return;

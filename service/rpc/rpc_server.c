@@ -133,6 +133,7 @@ static const rpc_method methods[] = {
     { "/eplb.v1.ExpertBalancer/GetPlacement", "GetPlacement", rpc_get_placement, LANE_READ, STREAM_NONE },
     { "/eplb.v1.ExpertBalancer/SetupFromMapping", "SetupFromMapping", rpc_setup_from_mapping, LANE_WORK, STREAM_NONE },
     { "/eplb.v1.ExpertBalancer/Rebalance", "Rebalance", rpc_rebalance, LANE_WORK, STREAM_NONE },
+    { "/eplb.v1.ExpertBalancer/ContinueRebalance", "ContinueRebalance", rpc_continue_rebalance, LANE_WORK, STREAM_NONE },
     { "/eplb.v1.ExpertBalancer/RecordLoad", "RecordLoad", rpc_record_load, LANE_WORK, STREAM_NONE },
     { "/eplb.v1.ExpertBalancer/AttachWeights", "AttachWeights", rpc_attach_weights, LANE_WORK, STREAM_NONE },
     { "/eplb.v1.ExpertBalancer/DetachWeights", "DetachWeights", rpc_detach_weights, LANE_WORK, STREAM_NONE },

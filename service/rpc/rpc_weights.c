@@ -105,9 +105,9 @@ static eplb_status mover_gather(void *ctx, uint32_t layer, uint32_t P, const int
 }
 
 static eplb_status mover_scatter(void *ctx, uint32_t layer, uint32_t P, const int32_t *old_row,
-                                 const int32_t *new_row, uint64_t *bytes, eplb_error *err) {
+                                 const int32_t *new_row, eplb_move_bytes *bytes, eplb_error *err) {
     weights_mover *m = ctx;
-    *bytes = 0;
+    *bytes = (eplb_move_bytes){ 0, 0, 0 };
     if (!m->gathered || m->gathered_layer != layer || P != m->num_physical ||
         memcmp(m->rows, old_row, (size_t)P * sizeof *m->rows) != 0 ||
         memcmp(m->rows + P, new_row, (size_t)P * sizeof *m->rows) != 0)
@@ -122,9 +122,13 @@ static eplb_status mover_scatter(void *ctx, uint32_t layer, uint32_t P, const in
     if (st == EPLB_OK && eplb_backend_synchronize(m->backend, err) != EPLB_OK)
         st = EPLB_EDATALOSS;
     /* Each scatter op writes one slot, every tensor of it; staging is not a
-     * live slot and is not counted. */
-    if (st == EPLB_OK)
-        *bytes = (uint64_t)m->plan.num_scatter * m->layer_bytes[layer];
+     * live slot and is counted apart, as are copies between GPUs. */
+    if (st == EPLB_OK) {
+        uint64_t lb = m->layer_bytes[layer];
+        bytes->written = (uint64_t)m->plan.num_scatter * lb;
+        bytes->staged = (uint64_t)m->plan.num_gather * lb;
+        bytes->cross_gpu = (uint64_t)m->plan.cross_gpu_copies * lb;
+    }
     return st;
 }
 

@@ -51,6 +51,7 @@ static eplb_status fake_save(void *ctx, const eplb_model_record *rec, eplb_error
     s->last = *rec;
     memset(&s->last.placement, 0, sizeof s->last.placement);
     memset(&s->last.window, 0, sizeof s->last.window);
+    memset(&s->last.pending.target, 0, sizeof s->last.pending.target);
     return EPLB_OK;
 }
 

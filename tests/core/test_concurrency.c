@@ -71,10 +71,10 @@ static eplb_status slow_gather(void *c, uint32_t l, uint32_t P, const int32_t *o
     pthread_mutex_unlock(&gate_lock);
     return EPLB_OK;
 }
-static eplb_status slow_scatter(void *c, uint32_t l, uint32_t P, const int32_t *o, const int32_t *n, uint64_t *b,
+static eplb_status slow_scatter(void *c, uint32_t l, uint32_t P, const int32_t *o, const int32_t *n, eplb_move_bytes *b,
                                 eplb_error *e) {
     (void)c, (void)l, (void)P, (void)o, (void)n, (void)e;
-    *b = 0;
+    *b = (eplb_move_bytes){ 0, 0, 0 };
     return EPLB_OK;
 }
 static void slow_close(void *c) { (void)c; }

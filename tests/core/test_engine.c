@@ -329,9 +329,9 @@ static eplb_status fm_gather(void *ctx, uint32_t layer, uint32_t P, const int32_
 }
 
 static eplb_status fm_scatter(void *ctx, uint32_t layer, uint32_t P, const int32_t *o, const int32_t *n,
-                              uint64_t *bytes, eplb_error *err) {
+                              eplb_move_bytes *bytes, eplb_error *err) {
     fake_mover *m = ctx;
-    *bytes = 0;
+    *bytes = (eplb_move_bytes){ 0, 0, 0 };
     if (m->scatters++ == 0)
         m->state_at_first_scatter = store.last.state;
     if ((int)layer == m->scatter_fail_layer && m->scatter_failures > 0) {
@@ -339,7 +339,7 @@ static eplb_status fm_scatter(void *ctx, uint32_t layer, uint32_t P, const int32
         return eplb_error_set(err, EPLB_EDATALOSS, "injected scatter failure");
     }
     for (uint32_t s = 0; s < P; s++)
-        *bytes += o[s] != n[s] ? 100 : 0;
+        bytes->written += o[s] != n[s] ? 100 : 0;
     m->moves++;
     return EPLB_OK;
 }

@@ -201,15 +201,15 @@ static eplb_status sm_gather(void *ctx, uint32_t layer, uint32_t P, const int32_
     return EPLB_OK;
 }
 static eplb_status sm_scatter(void *ctx, uint32_t layer, uint32_t P, const int32_t *o, const int32_t *n,
-                              uint64_t *bytes, eplb_error *err) {
+                              eplb_move_bytes *bytes, eplb_error *err) {
     (void)ctx;
-    *bytes = 0;
+    *bytes = (eplb_move_bytes){ 0, 0, 0 };
     if (layer == 1 && fail_scatters > 0) {
         fail_scatters--;
         return eplb_error_set(err, EPLB_EDATALOSS, "injected scatter failure");
     }
     for (uint32_t s = 0; s < P; s++)
-        *bytes += o[s] != n[s] ? 100 : 0;
+        bytes->written += o[s] != n[s] ? 100 : 0;
     return EPLB_OK;
 }
 static void sm_close(void *ctx) { (void)ctx; }
