@@ -8,7 +8,9 @@
 #
 # Suites: the Criterion binaries (unit, store, gpu, integration), the Python
 # grpcio client, the integration tests again with eplbd under valgrind, the
-# HIP backend checks, the container and deployment checks when present; with
+# GPU backend checks (host emulation; the real hipcc and nvcc builds with
+# -Werror, and a broken kernel they must refuse; on a machine with an NVIDIA
+# GPU, the device check), the container and deployment checks when present; with
 # --asan, the unit and integration suites of an EPLB_SANITIZE=address,undefined
 # tree; with --tsan, the integration suites against an EPLB_SANITIZE=thread
 # eplbd; with --fuzz, every libFuzzer target of an EPLB_FUZZ tree for
@@ -469,6 +471,7 @@ done
 
 python_suite "python grpcio client" "$root/tests/integration/test_python_client.py" "$build"
 python_suite "health watch and reflection" "$root/tests/integration/test_discovery.py" "$build"
+python_suite "engine-held weights, stepped rebalance" "$root/tests/integration/test_weights_engine.py" "$build"
 
 # The integration path again with eplbd under valgrind: each error or
 # definite/indirect leak goes to a per-process log file, counted as a
@@ -488,11 +491,16 @@ fi
 # The HIP backend's host code with its kernels emulated on the CPU, compared
 # byte for byte with the CPU backend; on a machine with an NVIDIA GPU, the
 # same kernels for real (HIP-on-CUDA).
-suite "hip backend (host emulation)" summary - bash "$root/gpu/tests/host-emulation-check.sh"
+suite "gpu backend (host emulation)" summary - bash "$root/gpu/tests/host-emulation-check.sh"
+# The same sources through the real device compilers (hipcc: gfx90a, gfx940;
+# nvcc: sm_80, sm_90), the GPU check program built, and a kernel calling a
+# host-only function refused by both: what host emulation cannot see.  A
+# missing compiler is a skip (scripts/setup.sh --test installs hipcc).
+suite "gpu backends compile" summary - bash "$root/gpu/tests/compile-check.sh" "$build"
 if command -v nvidia-smi >/dev/null && nvidia-smi -L 2>/dev/null | grep -q '^GPU'; then
-    suite "hip backend (GPU)" summary - bash "$root/gpu/tests/device-check.sh"
+    suite "cuda backend (GPU)" summary - bash "$root/gpu/tests/device-check.sh"
 else
-    echo "hip backend (GPU): no NVIDIA GPU on this machine, not run (hardware, not a skipped tool)"
+    echo "cuda backend (GPU): no NVIDIA GPU on this machine, not run (hardware, not a skipped tool)"
 fi
 
 [ -f "$root/tests/deploy/check.sh" ] && suite "deployment manifests" summary - bash "$root/tests/deploy/check.sh"
@@ -517,6 +525,8 @@ if [ -n "$asan" ] && want asan; then
     count_reports "python grpcio client (asan+ubsan eplbd)"
     python_suite "health watch and reflection (asan+ubsan eplbd)" "$root/tests/integration/test_discovery.py" "$asan"
     count_reports "health watch and reflection (asan+ubsan eplbd)"
+    python_suite "engine-held weights, stepped rebalance (asan+ubsan eplbd)" "$root/tests/integration/test_weights_engine.py" "$asan"
+    count_reports "engine-held weights, stepped rebalance (asan+ubsan eplbd)"
     load_suite "concurrent Rebalance calls (asan+ubsan eplbd)" "$asan/eplbd"
     count_reports "concurrent Rebalance calls (asan+ubsan eplbd)"
     unset ASAN_OPTIONS UBSAN_OPTIONS
@@ -544,6 +554,8 @@ if [ -n "$tsan" ] && want tsan; then
     count_reports "python grpcio client (tsan eplbd)"
     python_suite "health watch and reflection (tsan eplbd)" "$root/tests/integration/test_discovery.py" "$tsan"
     count_reports "health watch and reflection (tsan eplbd)"
+    python_suite "engine-held weights, stepped rebalance (tsan eplbd)" "$root/tests/integration/test_weights_engine.py" "$tsan"
+    count_reports "engine-held weights, stepped rebalance (tsan eplbd)"
     load_suite "concurrent Rebalance calls (tsan eplbd)" "$tsan/eplbd"
     count_reports "concurrent Rebalance calls (tsan eplbd)"
     unset TSAN_OPTIONS
