@@ -10,7 +10,7 @@
  * calls finish during the scrape.  _sum is read on its own and may be one
  * call ahead or behind, which Prometheus tolerates.
  *
- * Method labels are bounded: the ten method log names, and "unknown" for
+ * Method labels are bounded: the method log names, and "unknown" for
  * every other path a client sends (a raw path as label would let any client
  * create series without bound). */
 #include "rpc_metrics.h"
@@ -32,8 +32,10 @@
 /* The method log names rpc_server.c uses (rpc_server_method_known checks
  * them at rpc_metrics_new), then the bucket of everything else. */
 static const char *const method_names[] = {
-    "RegisterModel", "GetPlacement", "SetupFromMapping", "Rebalance", "RecordLoad",   "AttachWeights",
-    "DetachWeights", "ListModels",   "DeleteModel",      "Health/Check", "unknown",
+    "RegisterModel", "GetPlacement", "SetupFromMapping", "Rebalance",    "ContinueRebalance",
+    "RecordLoad",    "AttachWeights", "DetachWeights",   "ListModels",   "DeleteModel",
+    "Health/Check",  "Health/Watch",  "ServerReflectionInfo", "ServerReflectionInfo/v1alpha",
+    "unknown",
 };
 #define NUM_METHODS (sizeof method_names / sizeof method_names[0])
 #define METHOD_UNKNOWN (NUM_METHODS - 1)
