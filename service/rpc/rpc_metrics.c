@@ -381,7 +381,7 @@ static void render_models(out_buf *o, const eplb_model_summary *all, size_t n) {
     static const struct {
         const char *name, *type, *help;
     } fam[] = {
-        { "eplbd_model_rebalances_total", "counter", "Committed rebalances (Rebalance calls and automatic ones) since start." },
+        { "eplbd_model_rebalances_total", "counter", "Committed rebalances (Rebalance calls, ContinueRebalance steps, automatic ones) since start." },
         { "eplbd_model_rebalance_failures_total", "counter",
           "Rebalances computed but not committed (weight move or store failed) since start." },
         { "eplbd_model_passes_recorded_total", "counter", "RecordLoad passes counted (not dummy ones) since start." },
