@@ -7,13 +7,16 @@
  * Every row goes through one representation, an array of column values
  * (`col`), on its way in (save), out (load_all) and across a migration, so
  * the checksum is computed from the same bytes in all three and the column
- * order lives in one table (model_cols / window_cols).
+ * order lives in one table (model_cols / window_cols / rebalance_cols).
  *
  * Cost per save: one CRC-64 pass over the row (slicing-by-8, about 1 GB/s
  * on the test machine: ~0.1 ms for DeepSeek-V3's 61 x 288 map, ~0.1 s for
- * a full 125 MB window, which SQLite then writes and fsyncs anyway); the
- * same again per row at open.  Per open: one committed write (the
- * writability probe) and, once, a migration that rewrites every row. */
+ * a full 125 MB window, which SQLite then writes and fsyncs anyway), and
+ * one more statement on rebalances (the pending row, or a primary-key
+ * delete when none is pending); the same again per row at open.  Per
+ * open: one committed write (the writability probe) and, once, a
+ * migration: from schema 1 it rewrites every row, from 2 it only creates
+ * the rebalances table. */
 #include "eplb_store.h"
 
 #include <errno.h>
@@ -30,7 +33,7 @@
 
 #include "eplb_alloc.h"
 
-#define STORE_SCHEMA_VERSION 2
+#define STORE_SCHEMA_VERSION 3
 
 /* ---- SQLite calls with a fault hook ------------------------------------- */
 
@@ -265,8 +268,31 @@ static const col_def window_cols[WC_COUNT] = {
     { "records", SQLITE_BLOB },
 };
 
+/* A pending rebalance (eplb_pending_rebalance), at most one per model.
+ * The balancedness doubles are stored as their IEEE-754 bits in INTEGER
+ * columns: exact whatever SQLite does with REALs (it stores NaN as NULL),
+ * and the row stays within the checksum's integer encoding.  The target's
+ * L and P are stored so a row is checked against its model's explicitly,
+ * not only through the map's length; N is the model's. */
+enum {
+    RC_MODEL_ID, RC_ID, RC_PER_STEP, RC_DONE, RC_WEIGHTS, RC_BEFORE, RC_AFTER,
+    RC_LAYERS, RC_PHYSICAL, RC_VALID, RC_EPOCH, RC_PHY2LOG,
+    RC_COUNT /* then the checksum */
+};
+static const col_def rebalance_cols[RC_COUNT] = {
+    { "model_id", SQLITE_TEXT }, { "id", SQLITE_TEXT }, { "layers_per_step", SQLITE_INTEGER },
+    { "layers_done", SQLITE_INTEGER }, { "with_weights", SQLITE_INTEGER },
+    { "balancedness_before", SQLITE_INTEGER }, { "balancedness_after", SQLITE_INTEGER },
+    { "num_layers", SQLITE_INTEGER }, { "num_physical", SQLITE_INTEGER },
+    { "num_valid_physical", SQLITE_INTEGER }, { "epoch", SQLITE_INTEGER }, { "phy2log", SQLITE_BLOB },
+};
+
+/* A tag names its table's row format, not the schema: models and windows
+ * rows are unchanged since schema 2, so a v2 -> v3 migration reseals
+ * nothing. */
 static const char models_tag[] = "eplbd.models.v2";
 static const char windows_tag[] = "eplbd.windows.v2";
+static const char rebalances_tag[] = "eplbd.rebalances.v3";
 
 static const char *type_name(int t) {
     switch (t) {
@@ -515,6 +541,65 @@ static bool check_window_cols(const col *c, const char *model_id, uint32_t L, ui
     return true;
 }
 
+static double bits_to_double(sqlite3_int64 v) {
+    uint64_t bits = (uint64_t)v;
+    double d;
+    memcpy(&d, &bits, sizeof d);
+    return d;
+}
+
+static sqlite3_int64 double_to_bits(double d) {
+    uint64_t bits;
+    memcpy(&bits, &d, sizeof bits);
+    return (sqlite3_int64)bits;
+}
+
+/* A rebalances row against its model (id, L, P).  Balancedness is a ratio
+ * of sums of non-negative loads, mean over max: in [0, 1] up to rounding
+ * (the slack), never NaN or infinite. */
+static bool check_rebalance_cols(const col *c, const char *model_id, uint32_t L, uint32_t P, char *why,
+                                 size_t len) {
+    const col_def *d = rebalance_cols;
+    if (!check_types(c, d, RC_COUNT, why, len))
+        return false;
+    if (c[RC_MODEL_ID].n != strlen(model_id) || memcmp(c[RC_MODEL_ID].p, model_id, c[RC_MODEL_ID].n) != 0) {
+        snprintf(why, len, "the row is for model %.*s", (int)c[RC_MODEL_ID].n, (const char *)c[RC_MODEL_ID].p);
+        return false;
+    }
+    if (!check_text(&c[RC_ID], &d[RC_ID], 1, EPLB_REBALANCE_ID_MAX, why, len))
+        return false;
+    const unsigned char *id = c[RC_ID].p;
+    for (size_t i = 0; i < c[RC_ID].n; i++)
+        if (id[i] < 0x20 || id[i] > 0x7e) { /* printable ASCII: it is shown in logs and answers */
+            snprintf(why, len, "id byte %zu is 0x%02x, not printable ASCII", i, id[i]);
+            return false;
+        }
+    if (c[RC_LAYERS].i != (sqlite3_int64)L || c[RC_PHYSICAL].i != (sqlite3_int64)P) {
+        snprintf(why, len, "a target of %lld layers x %lld slots for a model of %u x %u", (long long)c[RC_LAYERS].i,
+                 (long long)c[RC_PHYSICAL].i, L, P);
+        return false;
+    }
+    if (!check_range(&c[RC_PER_STEP], &d[RC_PER_STEP], 1, UINT32_MAX, why, len) ||
+        !check_range(&c[RC_DONE], &d[RC_DONE], 0, (sqlite3_int64)L - 1, why, len) ||
+        !check_range(&c[RC_WEIGHTS], &d[RC_WEIGHTS], 0, 1, why, len) ||
+        !check_range(&c[RC_VALID], &d[RC_VALID], 1, P, why, len) ||
+        !check_range(&c[RC_EPOCH], &d[RC_EPOCH], 0, INT64_MAX, why, len))
+        return false;
+    for (int k = RC_BEFORE; k <= RC_AFTER; k++) {
+        double b = bits_to_double(c[k].i);
+        if (!(b >= 0.0 && b <= 1.0 + 1e-6)) { /* false for NaN too */
+            snprintf(why, len, "%s %.17g is out of range [0, 1]", d[k].name, b);
+            return false;
+        }
+    }
+    /* L * P * 4 fits: the model row passed the same check. */
+    if (c[RC_PHY2LOG].n != (size_t)L * P * 4) {
+        snprintf(why, len, "a %zu-byte target map for %u layers x %u slots", c[RC_PHY2LOG].n, L, P);
+        return false;
+    }
+    return true;
+}
+
 /* ---- little-endian packing -------------------------------------------------
  * phy2log and windows travel as little-endian int32s / int64s so a database
  * file moves between machines. */
@@ -590,9 +675,30 @@ static void unpack_i32(const unsigned char *b, int32_t *v, size_t n) {
     "  records BLOB NOT NULL,"                                                              \
     "  checksum INTEGER NOT NULL"
 
-static const char *const schema_v2_sql =
+/* A model's pending rebalance (schema 3); no row: none pending.  The
+ * balancedness columns hold a double's IEEE-754 bits; phy2log is the
+ * target's [num_layers][num_physical] little-endian int32s. */
+#define REBALANCES_V3_COLUMNS                                                               \
+    "  model_id TEXT PRIMARY KEY REFERENCES models(model_id),"                              \
+    "  id TEXT NOT NULL,"                                                                   \
+    "  layers_per_step INTEGER NOT NULL,"                                                   \
+    "  layers_done INTEGER NOT NULL,"                                                       \
+    "  with_weights INTEGER NOT NULL,"                                                      \
+    "  balancedness_before INTEGER NOT NULL,"                                               \
+    "  balancedness_after INTEGER NOT NULL,"                                                \
+    "  num_layers INTEGER NOT NULL,"                                                        \
+    "  num_physical INTEGER NOT NULL,"                                                      \
+    "  num_valid_physical INTEGER NOT NULL,"                                                \
+    "  epoch INTEGER NOT NULL,"                                                             \
+    "  phy2log BLOB NOT NULL,"                                                              \
+    "  checksum INTEGER NOT NULL"
+
+static const char *const rebalances_v3_sql = "CREATE TABLE rebalances (" REBALANCES_V3_COLUMNS ");";
+
+static const char *const schema_v3_sql =
     "CREATE TABLE models (" MODELS_V2_COLUMNS ");"
-    "CREATE TABLE windows (" WINDOWS_V2_COLUMNS ");";
+    "CREATE TABLE windows (" WINDOWS_V2_COLUMNS ");"
+    "CREATE TABLE rebalances (" REBALANCES_V3_COLUMNS ");";
 
 static eplb_status open_fail(eplb_store *s, eplb_error *err, int rc) {
     int sys_errno = s->injected ? s->injected_errno : sqlite3_system_errno(s->db);
@@ -639,22 +745,23 @@ static eplb_status copy_sealed(eplb_store *s, const char *select_sql, const char
         if (rc == SQLITE_OK && (rc = x_step(s, out)) == SQLITE_DONE)
             rc = sqlite3_reset(out);
     }
-    eplb_status st = rc == SQLITE_DONE ? EPLB_OK : db_fail(s, err, rc, "migrating the database to schema 2");
+    eplb_status st = rc == SQLITE_DONE ? EPLB_OK : db_fail(s, err, rc, "migrating the database to schema 3");
     sqlite3_finalize(in);
     sqlite3_finalize(out);
     return st;
 }
 
-/* Schema 1 -> 2, inside the open's transaction (all or nothing): the tables
- * are rebuilt with state, state_reason and checksum; a model flagged
- * needs_weight_reload becomes NEEDS_RELOAD.  Every row is sealed as it
+/* Schema 1 -> 2, inside the open's transaction (all or nothing; the caller
+ * then adds schema 3's table): the tables are rebuilt with state,
+ * state_reason and checksum; a model flagged needs_weight_reload becomes
+ * NEEDS_RELOAD.  Every row is sealed as it
  * stands: v1 had no checksum to verify, so a row edited before the upgrade
  * is caught only by the range checks. */
 static eplb_status migrate_v1(eplb_store *s, bool has_windows, eplb_error *err) {
     int rc = x_exec(s, "CREATE TABLE models_v2 (" MODELS_V2_COLUMNS ");"
                        "CREATE TABLE windows_v2 (" WINDOWS_V2_COLUMNS ");");
     if (rc != SQLITE_OK)
-        return db_fail(s, err, rc, "migrating the database to schema 2");
+        return db_fail(s, err, rc, "migrating the database to schema 3");
     char cols[600], sel[900], ins[900];
     col_list(cols, sizeof cols, model_cols, MC_STATE);
     /* "IS 0": anything but a clean 0 (garbage included) errs on the side
@@ -662,7 +769,7 @@ static eplb_status migrate_v1(eplb_store *s, bool has_windows, eplb_error *err) 
     snprintf(sel, sizeof sel,
              "SELECT %s, CASE WHEN needs_weight_reload IS 0 THEN %d ELSE %d END,"
              " CASE WHEN needs_weight_reload IS 0 THEN '' ELSE 'the weights needed a reload when this database"
-             " was upgraded to schema 2 (schema 1 kept no reason)' END, phy2log FROM models",
+             " was upgraded from schema 1 (which kept no reason)' END, phy2log FROM models",
              cols, EPLB_MOVE_IDLE, EPLB_MOVE_NEEDS_RELOAD);
     col_list(cols, sizeof cols, model_cols, MC_COUNT);
     char marks[2 * MC_COUNT + 2];
@@ -679,11 +786,11 @@ static eplb_status migrate_v1(eplb_store *s, bool has_windows, eplb_error *err) 
         if ((st = copy_sealed(s, sel, ins, windows_tag, WC_COUNT, err)) != EPLB_OK)
             return st;
         if ((rc = x_exec(s, "DROP TABLE windows")) != SQLITE_OK)
-            return db_fail(s, err, rc, "migrating the database to schema 2");
+            return db_fail(s, err, rc, "migrating the database to schema 3");
     }
     rc = x_exec(s, "DROP TABLE models; ALTER TABLE models_v2 RENAME TO models;"
                    " ALTER TABLE windows_v2 RENAME TO windows;");
-    return rc == SQLITE_OK ? EPLB_OK : db_fail(s, err, rc, "migrating the database to schema 2");
+    return rc == SQLITE_OK ? EPLB_OK : db_fail(s, err, rc, "migrating the database to schema 3");
 }
 
 /* Create, migrate or check the schema, and prove the file writable: one
@@ -705,23 +812,31 @@ static eplb_status prepare_schema(eplb_store *s, eplb_error *err) {
         st = open_fail(s, err, rc);
         goto out;
     }
-    bool has_models = false, v1_models = false, has_windows = false;
+    bool has_models = false, v1_models = false, has_windows = false, has_rebalances = false;
     if ((st = table_has(s, "models", NULL, &has_models, err)) != EPLB_OK ||
         (st = table_has(s, "models", "needs_weight_reload", &v1_models, err)) != EPLB_OK ||
-        (st = table_has(s, "windows", NULL, &has_windows, err)) != EPLB_OK)
+        (st = table_has(s, "windows", NULL, &has_windows, err)) != EPLB_OK ||
+        (st = table_has(s, "rebalances", NULL, &has_rebalances, err)) != EPLB_OK)
         goto out;
     /* Version 0 with v1 tables: a v1 eplbd created them and died before it
      * set user_version (two separate statements then). */
     if (version == 0 && has_models && v1_models)
         version = 1;
-    if (version == 0 && !has_models && !has_windows) {
-        rc = x_exec(s, schema_v2_sql);
+    /* Every upgrade runs in this one transaction: a failure anywhere leaves
+     * the file at its old version, whole (v1 -> v3 included). */
+    if (version == 0 && !has_models && !has_windows && !has_rebalances) {
+        rc = x_exec(s, schema_v3_sql);
         if (rc != SQLITE_OK)
             st = open_fail(s, err, rc);
-    } else if (version == 1 && has_models && v1_models) {
-        /* (windows may be missing: v1 created its tables one by one) */
-        st = migrate_v1(s, has_windows, err);
-    } else if (version == 2 && has_models && !v1_models && has_windows) {
+    } else if ((version == 1 && has_models && v1_models && !has_rebalances) ||
+               (version == 2 && has_models && !v1_models && has_windows && !has_rebalances)) {
+        /* (v1's windows may be missing: it created its tables one by one) */
+        if (version == 1)
+            st = migrate_v1(s, has_windows, err);
+        /* 2 -> 3 adds an empty table: no row is read or resealed. */
+        if (st == EPLB_OK && (rc = x_exec(s, rebalances_v3_sql)) != SQLITE_OK)
+            st = db_fail(s, err, rc, "migrating the database to schema 3");
+    } else if (version == 3 && has_models && !v1_models && has_windows && has_rebalances) {
         /* current */
     } else if (version > STORE_SCHEMA_VERSION) {
         st = eplb_error_set(err, EPLB_EDATALOSS,
@@ -971,6 +1086,8 @@ out:
 /* ---- save ------------------------------------------------------------------ */
 
 static char models_insert_sql[1000], models_select_sql[1000], windows_insert_sql[300], windows_select_sql[300];
+static char rebalances_insert_sql[600], rebalances_select_sql[600];
+static const char rebalances_delete_sql[] = "DELETE FROM rebalances WHERE model_id = ?";
 static pthread_once_t sql_once = PTHREAD_ONCE_INIT;
 
 static void sql_init(void) {
@@ -986,6 +1103,66 @@ static void sql_init(void) {
              cols, marks);
     snprintf(windows_select_sql, sizeof windows_select_sql, "SELECT %s, checksum FROM windows WHERE model_id = ?",
              cols);
+    col_list(cols, sizeof cols, rebalance_cols, RC_COUNT);
+    placeholders(marks, sizeof marks, RC_COUNT + 1);
+    snprintf(rebalances_insert_sql, sizeof rebalances_insert_sql,
+             "INSERT OR REPLACE INTO rebalances (%s, checksum) VALUES (%s)", cols, marks);
+    snprintf(rebalances_select_sql, sizeof rebalances_select_sql,
+             "SELECT %s, checksum FROM rebalances WHERE model_id = ?", cols);
+}
+
+/* The pending rebalance's row (pc[RC_COUNT + 1], checksum included) and
+ * its packed map (*blob, the caller frees it), or why it cannot be stored:
+ * EPLB_EINTERNAL (it is not what load_all would accept) or EPLB_ENOMEM.
+ * Costs one O(L * P) pass over the target besides the packing and the CRC. */
+static eplb_status pending_row(const eplb_model_record *rec, col *pc, unsigned char **blob, eplb_error *err) {
+    const eplb_pending_rebalance *pr = &rec->pending;
+    const eplb_placement *t = &pr->target;
+    const eplb_model_shape *sh = &rec->shape;
+    *blob = NULL;
+    char why[EPLB_ERROR_MSG_MAX - 64 - EPLB_MODEL_NAME_MAX];
+    if (strnlen(pr->id, sizeof pr->id) == sizeof pr->id) {
+        snprintf(why, sizeof why, "its id is not terminated within %d bytes", EPLB_REBALANCE_ID_MAX);
+        goto refuse;
+    }
+    if (t->num_layers != sh->num_layers || t->num_logical != sh->num_logical ||
+        t->num_physical != rec->placement.num_physical || !t->phy2log || t->epoch > (uint64_t)INT64_MAX) {
+        snprintf(why, sizeof why, "target %ux%ux%u epoch %" PRIu64 " does not fit the model's %ux%ux%u",
+                 t->num_layers, t->num_logical, t->num_physical, t->epoch, sh->num_layers, sh->num_logical,
+                 rec->placement.num_physical);
+        goto refuse;
+    }
+    size_t cells = (size_t)t->num_layers * t->num_physical;
+    for (size_t i = 0; i < cells; i++)
+        if (t->phy2log[i] < -1 || t->phy2log[i] >= (int32_t)t->num_logical) {
+            snprintf(why, sizeof why, "target entry %zu is %" PRId32 ", not -1 or < %u", i, t->phy2log[i],
+                     t->num_logical);
+            goto refuse;
+        }
+    if (!(*blob = pack_i32(t->phy2log, cells)))
+        return eplb_error_set(err, EPLB_ENOMEM, "store: out of memory saving model %s", rec->model_id);
+    pc[RC_MODEL_ID] = col_text(rec->model_id);
+    pc[RC_ID] = col_text(pr->id);
+    pc[RC_PER_STEP] = col_int(pr->layers_per_step);
+    pc[RC_DONE] = col_int(pr->layers_done);
+    pc[RC_WEIGHTS] = col_int(pr->with_weights ? 1 : 0);
+    pc[RC_BEFORE] = col_int(double_to_bits(pr->balancedness_before));
+    pc[RC_AFTER] = col_int(double_to_bits(pr->balancedness_after));
+    pc[RC_LAYERS] = col_int(t->num_layers);
+    pc[RC_PHYSICAL] = col_int(t->num_physical);
+    pc[RC_VALID] = col_int(t->num_valid_physical);
+    pc[RC_EPOCH] = col_int((sqlite3_int64)t->epoch);
+    pc[RC_PHY2LOG] = col_blob(*blob, cells * 4);
+    if (!check_rebalance_cols(pc, rec->model_id, sh->num_layers, rec->placement.num_physical, why, sizeof why)) {
+        eplb_free(*blob);
+        *blob = NULL;
+        goto refuse;
+    }
+    pc[RC_COUNT] = col_int((sqlite3_int64)row_checksum(rebalances_tag, pc, RC_COUNT));
+    return EPLB_OK;
+refuse:
+    return eplb_error_set(err, EPLB_EINTERNAL, "store: refusing to save model %s: pending rebalance: %s",
+                          rec->model_id, why);
 }
 
 static eplb_status store_save(void *ctx, const eplb_model_record *rec, eplb_error *err) {
@@ -1014,7 +1191,7 @@ static eplb_status store_save(void *ctx, const eplb_model_record *rec, eplb_erro
     size_t wcells = w->dirty ? (size_t)w->count * w->num_layers * w->num_logical : 0;
     unsigned char *blob = pack_i32(p->phy2log, cells);
     int64_t *flat = w->dirty ? eplb_malloc(wcells ? wcells * sizeof *flat : 1) : NULL;
-    unsigned char *wblob = NULL;
+    unsigned char *wblob = NULL, *pblob = NULL;
     if (flat) {
         eplb_load_window_export(w, flat);
         wblob = pack_i64(flat, wcells);
@@ -1058,6 +1235,13 @@ static eplb_status store_save(void *ctx, const eplb_model_record *rec, eplb_erro
     c[MC_COUNT] = col_int((sqlite3_int64)row_checksum(models_tag, c, MC_COUNT));
     if (w->dirty)
         wc[WC_COUNT] = col_int((sqlite3_int64)row_checksum(windows_tag, wc, WC_COUNT));
+    /* The pending rebalance goes in the same transaction as the model row:
+     * a step's commit and "how far it got" are never apart.  None pending:
+     * its row is deleted (one primary-key delete per save). */
+    bool pending = rec->pending.id[0] != '\0';
+    col pc[RC_COUNT + 1];
+    if (pending && (st = pending_row(rec, pc, &pblob, err)) != EPLB_OK)
+        goto free;
 
     sqlite3_stmt *q = NULL;
     pthread_mutex_lock(&s->lock);
@@ -1073,6 +1257,13 @@ static eplb_status store_save(void *ctx, const eplb_model_record *rec, eplb_erro
         ((rc = x_prepare(s, windows_insert_sql, &q)) != SQLITE_OK || (rc = bind_cols(q, wc, WC_COUNT + 1)) != SQLITE_OK ||
          (rc = x_step(s, q)) != SQLITE_DONE))
         goto fail;
+    sqlite3_finalize(q);
+    q = NULL;
+    if ((rc = x_prepare(s, pending ? rebalances_insert_sql : rebalances_delete_sql, &q)) != SQLITE_OK ||
+        (rc = pending ? bind_cols(q, pc, RC_COUNT + 1) : sqlite3_bind_text(q, 1, rec->model_id, -1, SQLITE_STATIC)) !=
+            SQLITE_OK ||
+        (rc = x_step(s, q)) != SQLITE_DONE)
+        goto fail;
     if ((rc = x_exec(s, "COMMIT")) != SQLITE_OK)
         goto fail;
     goto out;
@@ -1085,20 +1276,22 @@ out:
 free:
     eplb_free(blob);
     eplb_free(wblob);
+    eplb_free(pblob);
     return st;
 }
 
 /* ---- remove ------------------------------------------------------------------ */
 
-/* Both rows of a model in one transaction; rows that fail verification go
- * too (that is how an operator gets rid of a damaged model). */
+/* All rows of a model (window, pending rebalance, model) in one
+ * transaction; rows that fail verification go too (that is how an operator
+ * gets rid of a damaged model). */
 static eplb_status store_remove(void *ctx, const char *model_id, eplb_error *err) {
     eplb_store *s = ctx;
     char doing[64 + EPLB_MODEL_NAME_MAX];
     snprintf(doing, sizeof doing, "deleting model %s", model_id);
     eplb_status st = EPLB_OK;
     sqlite3_stmt *q = NULL;
-    static const char *const sql[] = { "DELETE FROM windows WHERE model_id = ?",
+    static const char *const sql[] = { "DELETE FROM windows WHERE model_id = ?", rebalances_delete_sql,
                                        "DELETE FROM models WHERE model_id = ?" };
     pthread_mutex_lock(&s->lock);
     int rc = x_exec(s, "BEGIN IMMEDIATE");
@@ -1198,6 +1391,76 @@ out:
     return st;
 }
 
+/* The model's pending rebalance, if it has one, into rec->pending (rec's
+ * shape and placement are loaded and verified).  Same contract as
+ * load_window: a row that fails sets rec->damaged; a pending rebalance
+ * that is dropped or half-trusted would resume the wrong target. */
+static eplb_status load_pending(eplb_store *s, eplb_model_record *rec, eplb_error *err) {
+    sqlite3_stmt *q = NULL;
+    eplb_status st = EPLB_OK;
+    char doing[EPLB_MODEL_NAME_MAX + 64];
+    snprintf(doing, sizeof doing, "loading the pending rebalance of model %s", rec->model_id);
+    int rc = x_prepare(s, rebalances_select_sql, &q);
+    if (rc == SQLITE_OK)
+        rc = sqlite3_bind_text(q, 1, rec->model_id, -1, SQLITE_STATIC);
+    if (rc == SQLITE_OK)
+        rc = x_step(s, q);
+    if (rc == SQLITE_DONE)
+        goto out; /* none pending */
+    if (rc != SQLITE_ROW) {
+        st = db_fail(s, err, rc, doing);
+        goto out;
+    }
+    col c[RC_COUNT + 1];
+    read_cols(q, 0, c, RC_COUNT + 1);
+    char why[EPLB_ERROR_MSG_MAX - 64 - EPLB_MODEL_NAME_MAX], bad[sizeof why - 48];
+    const eplb_model_shape *sh = &rec->shape;
+    if (c[RC_COUNT].type != SQLITE_INTEGER ||
+        (uint64_t)c[RC_COUNT].i != row_checksum(rebalances_tag, c, RC_COUNT)) {
+        snprintf(why, sizeof why, "checksum mismatch (row edited or corrupted)");
+    } else if (!check_rebalance_cols(c, rec->model_id, sh->num_layers, rec->placement.num_physical, bad,
+                                     sizeof bad)) {
+        snprintf(why, sizeof why, "%s", bad);
+    } else {
+        size_t cells = (size_t)sh->num_layers * rec->placement.num_physical;
+        int32_t *phy2log = eplb_malloc(cells * sizeof *phy2log);
+        if (!phy2log) {
+            st = eplb_error_set(err, EPLB_ENOMEM, "store: out of memory loading the pending rebalance of model %s",
+                                rec->model_id);
+            goto out;
+        }
+        unpack_i32(c[RC_PHY2LOG].p, phy2log, cells);
+        /* assign checks every entry and that every expert keeps a replica,
+         * and derives logcnt and log2phy, as for the model's own map. */
+        eplb_pending_rebalance *pr = &rec->pending;
+        pr->target = (eplb_placement){ .num_layers = sh->num_layers, .num_logical = sh->num_logical };
+        eplb_error e;
+        eplb_status ast = eplb_placement_assign(&pr->target, rec->placement.num_physical, (uint32_t)c[RC_VALID].i,
+                                                phy2log, &e);
+        eplb_free(phy2log);
+        if (ast == EPLB_ENOMEM) {
+            st = eplb_error_set(err, ast, "store: model %s: %s", rec->model_id, e.msg);
+            goto out;
+        }
+        if (ast == EPLB_OK) {
+            pr->target.epoch = (uint64_t)c[RC_EPOCH].i;
+            memcpy(pr->id, c[RC_ID].p, c[RC_ID].n); /* 1..EPLB_REBALANCE_ID_MAX bytes, checked */
+            pr->id[c[RC_ID].n] = '\0';
+            pr->layers_per_step = (uint32_t)c[RC_PER_STEP].i;
+            pr->layers_done = (uint32_t)c[RC_DONE].i;
+            pr->with_weights = c[RC_WEIGHTS].i != 0;
+            pr->balancedness_before = bits_to_double(c[RC_BEFORE].i);
+            pr->balancedness_after = bits_to_double(c[RC_AFTER].i);
+            goto out;
+        }
+        snprintf(why, sizeof why, "target map: %s", e.msg);
+    }
+    snprintf(rec->damaged, sizeof rec->damaged, "store: model %s: rebalances row: %s", rec->model_id, why);
+out:
+    sqlite3_finalize(q);
+    return st;
+}
+
 /* One models row into rec.  EPLB_OK: rec is whole, or only model_id and
  * damaged are set; anything else fails the load. */
 static eplb_status row_to_record(eplb_store *s, sqlite3_stmt *q, eplb_model_record *rec, eplb_error *err) {
@@ -1252,13 +1515,17 @@ static eplb_status row_to_record(eplb_store *s, sqlite3_stmt *q, eplb_model_reco
     eplb_load_window_init(&rec->window, sh->num_layers, sh->num_logical, sh->window_size);
     if ((st = load_window(s, rec, err)) != EPLB_OK)
         goto fail;
+    if (!rec->damaged[0] && (st = load_pending(s, rec, err)) != EPLB_OK)
+        goto fail;
     if (!rec->damaged[0])
         return EPLB_OK;
-    /* The window was damaged: keep only the id and its reason. */
+    /* The window or the pending rebalance was damaged: keep only the id
+     * and its reason. */
     char id[sizeof rec->model_id], reason[sizeof rec->damaged];
     memcpy(id, rec->model_id, sizeof id);
     memcpy(reason, rec->damaged, sizeof reason);
     eplb_placement_free(&rec->placement);
+    eplb_placement_free(&rec->pending.target);
     eplb_load_window_free(&rec->window);
     memset(rec, 0, sizeof *rec);
     memcpy(rec->model_id, id, sizeof id);
@@ -1272,6 +1539,7 @@ damaged:
     return EPLB_OK;
 fail:
     eplb_placement_free(&rec->placement);
+    eplb_placement_free(&rec->pending.target);
     eplb_load_window_free(&rec->window);
     return st;
 }

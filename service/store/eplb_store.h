@@ -1,11 +1,14 @@
 /* eplb_store.h -- durable state in SQLite, behind eplb_store_ops.
  *
  * One row per model (identity, shape, epoch, move state, phy2log as a
- * little-endian int32 blob) and one per load window; every save is one
- * transaction with synchronous=FULL in WAL mode, so a crash at any moment
- * leaves the last committed record, never a half-written one.  The schema
- * is versioned with PRAGMA user_version (2; a version-1 file is migrated in
- * one transaction at open).
+ * little-endian int32 blob), one per load window and one per pending
+ * rebalance (a rebalance committed in steps, with steps left: its id,
+ * progress and full target map); every save is one transaction with
+ * synchronous=FULL in WAL mode, so a crash at any moment leaves the last
+ * committed record, never a half-written one: a step's new map and its
+ * pending row commit together.  The schema is versioned with PRAGMA
+ * user_version (3; a version-1 or -2 file is migrated in one transaction
+ * at open; a newer one is refused).
  *
  * Integrity: every row carries a CRC-64/XZ of a canonical encoding of all
  * its other columns (below), written by save and checked by load_all along
@@ -20,7 +23,9 @@
  *     TEXT     0x03, length as 8 bytes LE, the UTF-8 bytes (no NUL)
  *     BLOB     0x04, length as 8 bytes LE, the bytes
  *     NULL     0x05
- *   tag: "eplbd.models.v2" or "eplbd.windows.v2" (its 15/16 bytes, no NUL)
+ *   tag: "eplbd.models.v2", "eplbd.windows.v2" or "eplbd.rebalances.v3"
+ *        (its bytes, no NUL; it names the row format, which for models
+ *        and windows has not changed since schema 2)
  *   models:  model_id, role, main_model_id, architecture, resolved_path,
  *            num_layers, num_logical, num_physical, num_local,
  *            num_redundant, num_shared, num_groups, ep_size, num_nodes,
@@ -28,6 +33,11 @@
  *            placement_physical, num_valid_physical, state, state_reason,
  *            phy2log
  *   windows: model_id, passes, count, records
+ *   rebalances: model_id, id, layers_per_step, layers_done, with_weights,
+ *            balancedness_before, balancedness_after (each the double's
+ *            IEEE-754 bits as an INTEGER), num_layers, num_physical,
+ *            num_valid_physical, epoch, phy2log (the target's, packed as
+ *            in models); no row: none pending
  *   checksum column: the CRC as a signed 64-bit integer (same bits).
  *
  * Exclusive: a file database is locked for the store's lifetime with

@@ -107,6 +107,7 @@ static inline void rec_push(eplb_model_record *rec, int n, int64_t base) {
 
 static inline void rec_free(eplb_model_record *rec) {
     eplb_placement_free(&rec->placement);
+    eplb_placement_free(&rec->pending.target);
     eplb_load_window_free(&rec->window);
 }
 
@@ -227,6 +228,9 @@ static inline uint64_t row_crc(const char *tag, sqlite3_stmt *q, int n) {
     " num_local, num_redundant, num_shared, num_groups, ep_size, num_nodes, window_size, step_interval,"         \
     " auto_rebalance, epoch, placement_physical, num_valid_physical, state, state_reason, phy2log"
 #define WINDOWS_COLUMNS "model_id, passes, count, records"
+#define REBALANCES_COLUMNS                                                                                      \
+    "model_id, id, layers_per_step, layers_done, with_weights, balancedness_before, balancedness_after,"        \
+    " num_layers, num_physical, num_valid_physical, epoch, phy2log"
 
 /* For each row of table: compare (check = 1: count mismatches) or rewrite
  * (check = 0) its checksum column.  Returns the mismatches (check) or the
@@ -266,12 +270,14 @@ static inline int seal_table(const char *path, const char *table, const char *co
 static inline void reseal(const char *path) {
     seal_table(path, "models", MODELS_COLUMNS, 23, "eplbd.models.v2", 0);
     seal_table(path, "windows", WINDOWS_COLUMNS, 4, "eplbd.windows.v2", 0);
+    seal_table(path, "rebalances", REBALANCES_COLUMNS, 12, "eplbd.rebalances.v3", 0);
 }
 
 /* Rows whose checksum is not the documented one (0: all agree). */
 static inline int checksum_mismatches(const char *path) {
     return seal_table(path, "models", MODELS_COLUMNS, 23, "eplbd.models.v2", 1) +
-           seal_table(path, "windows", WINDOWS_COLUMNS, 4, "eplbd.windows.v2", 1);
+           seal_table(path, "windows", WINDOWS_COLUMNS, 4, "eplbd.windows.v2", 1) +
+           seal_table(path, "rebalances", REBALANCES_COLUMNS, 12, "eplbd.rebalances.v3", 1);
 }
 
 /* ---- a child process -----------------------------------------------------------

@@ -1,6 +1,6 @@
-/* test_store_integrity.c -- schema 2 and what load_all trusts: the move
- * state and its reason survive a restart, a schema-1 file is migrated in
- * one transaction, every row carries the documented checksum, and a row
+/* test_store_integrity.c -- schema 3 and what load_all trusts: the move
+ * state and its reason survive a restart, a schema-1 file is migrated (to
+ * 3) in one transaction, every row carries the documented checksum, and a row
  * that was edited, corrupted or holds an out-of-range value is handed over
  * as damaged (that model only) instead of being served or failing the
  * whole open. */
@@ -16,7 +16,7 @@ static eplb_store *open_store(void) {
     return s;
 }
 
-/* ---- schema 2 -------------------------------------------------------------- */
+/* ---- schema 3 (models and windows as in 2) ------------------------------------ */
 
 Test(schema, checksum_is_the_documented_crc64_xz) {
     /* The helper is CRC-64/XZ (its standard check value)... */
@@ -40,7 +40,7 @@ Test(schema, checksum_is_the_documented_crc64_xz) {
     cr_assert_eq(sql_int(tdb, "SELECT count(*) FROM models"), 2);
     cr_assert_eq(sql_int(tdb, "SELECT count(*) FROM windows"), 1);
     cr_assert_eq(checksum_mismatches(tdb), 0);
-    cr_assert_eq(sql_int(tdb, "PRAGMA user_version"), 2);
+    cr_assert_eq(sql_int(tdb, "PRAGMA user_version"), 3);
 }
 
 Test(schema, move_state_and_reason_survive_a_restart) {
@@ -99,7 +99,7 @@ Test(schema, states_that_last_one_call_are_never_stored) {
     eplb_store_close(s);
 }
 
-/* ---- schema 1 -> 2 ------------------------------------------------------------ */
+/* ---- schema 1 -> 3 ------------------------------------------------------------ */
 
 /* What eplbd with schema 1 created (its DDL, verbatim). */
 static const char *const v1_schema =
@@ -152,7 +152,8 @@ Test(schema, v1_database_is_migrated_in_place) {
     make_v1_file();
     loaded l;
     reload(tdb, &l);
-    cr_assert_eq(sql_int(tdb, "PRAGMA user_version"), 2);
+    cr_assert_eq(sql_int(tdb, "PRAGMA user_version"), 3);
+    cr_assert_eq(sql_int(tdb, "SELECT count(*) FROM rebalances"), 0, "schema 3's table, empty");
     cr_assert_eq(sql_int(tdb, "SELECT count(*) FROM pragma_table_info('models') WHERE name = 'needs_weight_reload'"), 0);
     cr_assert_eq(checksum_mismatches(tdb), 0, "migration seals every row with the documented checksum");
     cr_assert_eq(l.n, 2);
@@ -168,7 +169,9 @@ Test(schema, v1_database_is_migrated_in_place) {
     cr_assert_eq(a->window.passes, 9);
     cr_assert_eq(a->window.sum[0], 10 + 18); /* records 0 and 1 of cell 0: 10 and 18 */
     cr_assert_eq(b->state, EPLB_MOVE_NEEDS_RELOAD);
-    cr_assert_not_null(strstr(b->state_reason, "schema 2"), "%s", b->state_reason);
+    cr_assert_not_null(strstr(b->state_reason, "upgraded from schema 1"), "%s", b->state_reason);
+    cr_assert_str_empty(a->pending.id);
+    cr_assert_null(a->pending.target.phy2log);
     cr_assert_eq(b->placement.epoch, 8);
     const int32_t want[] = { 0, 1, 2, 3, 0, 1, 0, 1, 2, 3, 0, 1 };
     cr_assert_arr_eq(b->placement.phy2log, want, sizeof want);
@@ -222,9 +225,10 @@ Test(schema, migration_is_all_or_nothing) {
         cr_assert_eq(sql_int(tdb, "SELECT count(*) FROM models WHERE needs_weight_reload = 1"), 1);
         cr_assert_eq(sql_int(tdb, "SELECT count(*) FROM windows"), 1);
         cr_assert_eq(sql_int(tdb, "SELECT count(*) FROM sqlite_master WHERE name LIKE '%_v2'"), 0);
+        cr_assert_eq(sql_int(tdb, "SELECT count(*) FROM sqlite_master WHERE name = 'rebalances'"), 0, "fault %ld", n);
     }
     cr_assert_gt(failed, 10, "every SQLite call of an open with a migration is a fault point (%d)", failed);
-    cr_assert_eq(sql_int(tdb, "PRAGMA user_version"), 2);
+    cr_assert_eq(sql_int(tdb, "PRAGMA user_version"), 3);
     loaded l;
     reload(tdb, &l);
     cr_assert_eq(l.n, 2);
@@ -235,12 +239,12 @@ Test(schema, migration_is_all_or_nothing) {
 
 Test(schema, newer_schema_is_refused) {
     eplb_store_close(open_store());
-    sql(tdb, "PRAGMA user_version = 3");
+    sql(tdb, "PRAGMA user_version = 4");
     eplb_store *s;
     eplb_error err;
     cr_assert_eq(eplb_store_open(tdb, &s, &err), EPLB_EDATALOSS);
     cr_assert_null(s);
-    cr_assert_not_null(strstr(err.msg, "schema version 3"), "%s", err.msg);
+    cr_assert_not_null(strstr(err.msg, "schema version 4, this eplbd knows up to 3"), "%s", err.msg);
 }
 
 Test(schema, a_file_that_is_not_a_database_is_data_loss) {
