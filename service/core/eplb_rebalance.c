@@ -431,7 +431,26 @@ eplb_status eplb_registry_rebalance(eplb_registry *r, const eplb_rebalance_reque
         st = eplb_error_set(err, EPLB_ENOMEM, "out of memory");
         goto out;
     }
-    if (req->physical_load_len) {
+    if (req->physical_load_len && req->logical_load_len) {
+        st = eplb_error_set(err, EPLB_EINVAL, "send physical_load or logical_load, not both");
+        goto out;
+    }
+    if (req->logical_load_len) {
+        if (req->logical_load_len != cells) {
+            st = eplb_error_set(err, EPLB_EINVAL,
+                                "logical_load has %zu entries, want num_layers %u x num_logical_experts %u",
+                                req->logical_load_len, cur->num_layers, cur->num_logical);
+            goto out;
+        }
+        for (size_t i = 0; i < cells; i++)
+            if (req->logical_load[i] < 0) {
+                st = eplb_error_set(err, EPLB_EINVAL, "logical_load[%zu] = %lld is negative (layer %zu, expert %zu)",
+                                    i, (long long)req->logical_load[i], i / cur->num_logical,
+                                    i % cur->num_logical);
+                goto out;
+            }
+        memcpy(logical, req->logical_load, cells * sizeof *logical);
+    } else if (req->physical_load_len) {
         if ((st = request_logical_load(e, req->physical_load, req->physical_load_len, logical, err)) != EPLB_OK)
             goto out;
     } else {
@@ -497,23 +516,61 @@ eplb_status eplb_registry_record_load(eplb_registry *r, const eplb_record_reques
         return st;
     const eplb_placement *cur = &registry_current(e)->placement;
     size_t cells = (size_t)cur->num_layers * cur->num_logical;
-    int64_t *logical = eplb_malloc(cells * sizeof *logical);
+    size_t phys_cells = (size_t)cur->num_layers * cur->num_physical;
+    uint32_t passes = req->num_passes ? req->num_passes : 1;
+    int64_t *logical = NULL;
+    /* Every pass is converted (and so validated) before any is counted:
+     * a bad request changes nothing, dummy or not. */
+    if (req->physical_load_len != (size_t)passes * phys_cells) {
+        st = eplb_error_set(err, EPLB_EINVAL,
+                            "physical_load has %zu entries, want num_passes %u x num_layers %u x "
+                            "num_physical_experts %u", req->physical_load_len, passes, cur->num_layers,
+                            cur->num_physical);
+        goto out;
+    }
+    /* passes x L x N <= the request's passes x L x P values: bounded by
+     * the message size. */
+    logical = eplb_malloc((size_t)passes * cells * sizeof *logical);
     if (!logical) {
         st = eplb_error_set(err, EPLB_ENOMEM, "out of memory");
         goto out;
     }
-    /* Validated even for a dummy pass: a bad request is refused either way. */
-    if ((st = request_logical_load(e, req->physical_load, req->physical_load_len, logical, err)) != EPLB_OK)
-        goto out;
-    if (!req->is_dummy && (st = eplb_load_window_push(&e->rec.window, logical, err)) != EPLB_OK)
-        goto out;
+    for (uint32_t k = 0; k < passes; k++)
+        if ((st = request_logical_load(e, req->physical_load + (size_t)k * phys_cells, phys_cells,
+                                       logical + (size_t)k * cells, err)) != EPLB_OK) {
+            if (passes > 1) {
+                char msg[EPLB_ERROR_MSG_MAX];
+                snprintf(msg, sizeof msg, "pass %u: %s", k, err ? err->msg : "");
+                eplb_error_set(err, st, "%s", msg);
+            }
+            goto out;
+        }
+    /* The window's sums must not overflow whatever passes it evicts. */
     if (!req->is_dummy)
+        for (size_t i = 0; i < cells; i++) {
+            int64_t total = e->rec.window.sum ? e->rec.window.sum[i] : 0;
+            for (uint32_t k = 0; k < passes; k++) {
+                int64_t v = logical[(size_t)k * cells + i];
+                if (total > INT64_MAX - v) {
+                    st = eplb_error_set(err, EPLB_EINVAL, "the load window's sum would overflow int64");
+                    goto out;
+                }
+                total += v;
+            }
+        }
+    bool auto_due = false;
+    const eplb_model_shape *sh = &registry_current(e)->shape;
+    for (uint32_t k = 0; !req->is_dummy && k < passes; k++) {
+        if ((st = eplb_load_window_push(&e->rec.window, logical + (size_t)k * cells, err)) != EPLB_OK)
+            goto out; /* out of memory growing the window: the passes before k are counted */
         registry_stats_pass(e);
+        auto_due = auto_due || (sh->step_interval && e->rec.window.passes % sh->step_interval == 0);
+    }
 
     const eplb_model_shape *s = &registry_current(e)->shape;
     /* Not while a stepped rebalance is in progress: its engine installs the
      * steps; an automatic one would change the placement under it. */
-    if (!req->is_dummy && s->auto_rebalance && e->rec.window.passes % s->step_interval == 0 &&
+    if (!req->is_dummy && s->auto_rebalance && auto_due &&
         e->rec.state != EPLB_MOVE_NEEDS_RELOAD && !e->rec.pending.id[0]) {
         /* vLLM's step(): every step_interval passes, rebalance from the window. */
         eplb_rebalance_result res;

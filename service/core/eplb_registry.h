@@ -268,6 +268,8 @@ typedef struct eplb_rebalance_request {
     const char *model_id;
     const int64_t *physical_load;     /* [L][P]; NULL: the recorded window */
     size_t physical_load_len;
+    const int64_t *logical_load;      /* [L][N], instead of physical_load (what vLLM's policy gets) */
+    size_t logical_load_len;
     uint32_t num_groups, num_nodes, num_gpus; /* 0: the registered topology */
     bool has_expected_epoch;
     uint64_t expected_epoch;
@@ -319,8 +321,9 @@ eplb_status eplb_registry_continue_rebalance(eplb_registry *r, const char *model
 
 typedef struct eplb_record_request {
     const char *model_id;
-    const int64_t *physical_load;     /* [L][P] of one pass */
+    const int64_t *physical_load;     /* [passes][L][P], packed */
     size_t physical_load_len;
+    uint32_t num_passes;              /* passes in physical_load; 0 = 1 */
     bool is_dummy;                    /* not counted */
 } eplb_record_request;
 

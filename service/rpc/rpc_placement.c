@@ -179,6 +179,7 @@ void rpc_rebalance(rpc_context *ctx, upb_Arena *arena, const char *req, size_t l
     if (!(r.model_id = model_id_of(eplb_v1_RebalanceRequest_model_id(m), arena, out)))
         return;
     r.physical_load = eplb_v1_RebalanceRequest_physical_load(m, &r.physical_load_len);
+    r.logical_load = eplb_v1_RebalanceRequest_logical_load(m, &r.logical_load_len);
     r.num_groups = eplb_v1_RebalanceRequest_num_groups(m);
     r.num_nodes = eplb_v1_RebalanceRequest_num_nodes(m);
     r.num_gpus = eplb_v1_RebalanceRequest_num_gpus(m);
@@ -265,6 +266,7 @@ void rpc_record_load(rpc_context *ctx, upb_Arena *arena, const char *req, size_t
     if (!(r.model_id = model_id_of(eplb_v1_RecordLoadRequest_model_id(m), arena, out)))
         return;
     r.physical_load = eplb_v1_RecordLoadRequest_physical_load(m, &r.physical_load_len);
+    r.num_passes = eplb_v1_RecordLoadRequest_num_passes(m);
     r.is_dummy = eplb_v1_RecordLoadRequest_is_dummy(m);
     eplb_record_result res;
     if (eplb_registry_record_load(ctx->registry, &r, &res, &err) != EPLB_OK) {

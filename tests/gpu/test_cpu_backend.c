@@ -551,7 +551,7 @@ Test(loader, names_and_auto) {
     eplb_backend *b = NULL;
     eplb_error err;
     cr_assert_eq(eplb_backend_open_by_name("gpu", &f.desc, 4, &b, &err), EPLB_EINVAL);
-    cr_assert(strstr(err.msg, "cpu, hip or auto"), "%s", err.msg);
+    cr_assert(strstr(err.msg, "cpu, hip, cuda or auto"), "%s", err.msg);
     cr_assert_null(b);
     /* shm buffers: auto is the cpu backend; hip refuses them or is absent. */
     cr_assert_eq(eplb_backend_open_by_name("auto", &f.desc, 4, &b, &err), EPLB_OK, "%s", err.msg);
