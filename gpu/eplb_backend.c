@@ -1,15 +1,15 @@
-/* eplb_backend.c -- the backend loader ("cpu" | "hip" | "auto"), the public
+/* eplb_backend.c -- the backend loader ("cpu" | "hip" | "cuda" | "auto"), the public
  * wrappers that validate arguments and the phase order (a scatter only of
  * the layer gathered last) before a backend runs, and the fault hooks.
  *
  * The choice of backend is made here, in one place:
- *   1. hip when the buffers live in device memory: GPU weights can only be
- *      moved by the GPU runtime (HIP, or HIP-on-CUDA);
+ *   1. hip or cuda when the buffers live in device memory: GPU weights can
+ *      only be moved by the GPU runtime (HIP; or CUDA, from the same source);
  *   2. cpu when they live in POSIX shared memory (and for every machine
  *      without a GPU runtime: it is always built and is the reference the
  *      GPU results are checked against).
- * The HIP backend is a shared object opened with dlopen, so one eplbd binary
- * runs where libamdhip64 is not installed at all. */
+ * The GPU backends are shared objects opened with dlopen, so one eplbd
+ * binary runs where neither libamdhip64 nor a CUDA driver is installed. */
 #include <dlfcn.h>
 #include <limits.h>
 #include <pthread.h>
@@ -72,83 +72,152 @@ static int fault_check(eplb_fault_phase phase) {
 
 
 /* ======================================================================= */
-/* Loading the HIP shared object                                            */
+/* Loading the GPU shared objects                                           */
 /* ======================================================================= */
 
-static pthread_once_t hip_once = PTHREAD_ONCE_INIT;
-static const eplb_backend_ops *hip_ops; /* NULL when it did not load */
-static char hip_why[EPLB_ERROR_MSG_MAX]; /* why not, when it did not */
+/* One GPU backend shared object: where to look, and what loading it gave. */
+typedef struct gpu_lib {
+    const char *name;    /* "hip", "cuda" */
+    const char *env;     /* variable naming its path */
+    const char *library; /* file name */
+    const char *symbol;  /* its get_ops */
+    pthread_once_t once;
+    const eplb_backend_ops *ops; /* NULL when it did not load */
+    bool missing;        /* the .so itself is not installed (the normal no-GPU case) */
+    char why[EPLB_ERROR_MSG_MAX]; /* why not, when it did not */
+} gpu_lib;
 
-static void *try_dlopen(const char *path, char *why, size_t n) {
-    void *h = dlopen(path, RTLD_NOW | RTLD_LOCAL);
-    if (!h) {
-        const char *e = dlerror();
-        snprintf(why, n, "dlopen %s: %s", path, e ? e : "failed");
-    }
-    return h;
-}
+static gpu_lib hip_lib = {"hip", "EPLB_HIP_BACKEND", EPLB_BACKEND_HIP_LIBRARY,
+                          EPLB_BACKEND_HIP_SYMBOL, PTHREAD_ONCE_INIT, NULL, false, ""};
+static gpu_lib cuda_lib = {"cuda", "EPLB_CUDA_BACKEND", EPLB_BACKEND_CUDA_LIBRARY,
+                           EPLB_BACKEND_CUDA_SYMBOL, PTHREAD_ONCE_INIT, NULL, false, ""};
 
-static void hip_load(void) {
+/* Search order: $ENV (a path: nothing else is tried, so a test or an
+ * operator gets exactly that file), the running executable's directory,
+ * then the dynamic linker's path.  A failure whose message names the file
+ * itself as missing (not a library it needs, e.g. libamdhip64.so.5 on a
+ * machine without ROCm) is "not installed". */
+static void gpu_lib_load(gpu_lib *lib) {
     char path[PATH_MAX + 64];
-    void *h = NULL;
-    const char *env = getenv("EPLB_HIP_BACKEND");
+    const char *file = lib->library;
+    const char *env = getenv(lib->env);
     if (env && *env) {
-        h = try_dlopen(env, hip_why, sizeof hip_why);
+        file = env;
     } else {
-        /* Next to the executable first; then the dynamic linker's path. */
-        bool beside = false;
         ssize_t n = readlink("/proc/self/exe", path, PATH_MAX);
         if (n > 0) {
             path[n] = '\0';
             char *slash = strrchr(path, '/');
             if (slash) {
-                snprintf(slash + 1, sizeof path - (size_t)(slash + 1 - path), "%s",
-                         EPLB_BACKEND_HIP_LIBRARY);
-                beside = access(path, F_OK) == 0;
+                snprintf(slash + 1, sizeof path - (size_t)(slash + 1 - path), "%s", lib->library);
+                if (access(path, F_OK) == 0)
+                    file = path;
             }
         }
-        h = try_dlopen(beside ? path : EPLB_BACKEND_HIP_LIBRARY, hip_why, sizeof hip_why);
     }
-    if (!h)
+    void *h = dlopen(file, RTLD_NOW | RTLD_LOCAL);
+    if (!h) {
+        const char *e = dlerror();
+        size_t len = strlen(file);
+        /* Only when searched by name: a path the operator gave that is
+         * not there is a configuration error, said as such. */
+        lib->missing = file == lib->library && e && strncmp(e, file, len) == 0 &&
+                       e[len] == ':' && strstr(e, "No such file") != NULL;
+        if (lib->missing)
+            snprintf(lib->why, sizeof lib->why, "%s not installed", lib->library);
+        else
+            snprintf(lib->why, sizeof lib->why, "dlopen %s: %s", file, e ? e : "failed");
         return;
-    eplb_backend_get_ops_fn get = (eplb_backend_get_ops_fn)dlsym(h, EPLB_BACKEND_HIP_SYMBOL);
+    }
+    /* Never dlclose, even on the errors below: GPU runtimes do not unload
+     * cleanly. */
+    eplb_backend_get_ops_fn get = (eplb_backend_get_ops_fn)dlsym(h, lib->symbol);
     if (!get) {
-        snprintf(hip_why, sizeof hip_why, "%s has no symbol %s", EPLB_BACKEND_HIP_LIBRARY,
-                 EPLB_BACKEND_HIP_SYMBOL);
-        return; /* never dlclose: see eplb_backend_auto_name */
+        snprintf(lib->why, sizeof lib->why, "%s has no symbol %s", file, lib->symbol);
+        return;
     }
     const eplb_backend_ops *ops = get();
     if (!ops || ops->abi != EPLB_BACKEND_ABI) {
-        snprintf(hip_why, sizeof hip_why, "%s speaks backend ABI %u, eplbd speaks %u",
-                 EPLB_BACKEND_HIP_LIBRARY, ops ? ops->abi : 0u, (unsigned)EPLB_BACKEND_ABI);
+        snprintf(lib->why, sizeof lib->why, "%s speaks backend ABI %u, eplbd speaks %u", file,
+                 ops ? ops->abi : 0u, (unsigned)EPLB_BACKEND_ABI);
         return;
     }
-    hip_ops = ops;
+    lib->ops = ops;
 }
 
-static const eplb_backend_ops *hip_get(eplb_error *err) {
-    pthread_once(&hip_once, hip_load);
-    if (!hip_ops)
-        eplb_error_set(err, EPLB_EUNAVAILABLE, "hip backend unavailable: %s", hip_why);
-    return hip_ops;
+static void hip_load(void) { gpu_lib_load(&hip_lib); }
+static void cuda_load(void) { gpu_lib_load(&cuda_lib); }
+
+static const eplb_backend_ops *gpu_get(gpu_lib *lib, eplb_error *err) {
+    pthread_once(&lib->once, lib == &hip_lib ? hip_load : cuda_load);
+    if (!lib->ops)
+        eplb_error_set(err, EPLB_EUNAVAILABLE, "%s backend unavailable: %s", lib->name, lib->why);
+    return lib->ops;
+}
+
+/* Loaded and sees *devices >= 1; else why not (without the name) in *e. */
+static bool gpu_usable(gpu_lib *lib, uint32_t *devices, eplb_error *e) {
+    const eplb_backend_ops *ops = gpu_get(lib, e);
+    *devices = 0;
+    if (!ops) {
+        snprintf(e->msg, sizeof e->msg, "%s", lib->why);
+        return false;
+    }
+    if (ops->probe(devices, e) != EPLB_OK || *devices == 0) {
+        if (e->msg[0] == '\0')
+            snprintf(e->msg, sizeof e->msg, "no device");
+        return false;
+    }
+    return true;
 }
 
 const char *eplb_backend_auto_name(char *why, size_t why_size) {
-    eplb_error e;
-    eplb_error_clear(&e);
-    const eplb_backend_ops *ops = hip_get(&e);
-    uint32_t devices = 0;
-    if (ops && ops->probe(&devices, &e) == EPLB_OK && devices > 0) {
+    eplb_error h, c;
+    uint32_t n = 0;
+    eplb_error_clear(&h);
+    eplb_error_clear(&c);
+    if (gpu_usable(&hip_lib, &n, &h)) {
         if (why)
-            snprintf(why, why_size, "hip: %u device%s", devices, devices == 1 ? "" : "s");
+            snprintf(why, why_size, "hip: %u device%s", n, n == 1 ? "" : "s");
         return "hip";
     }
+    if (gpu_usable(&cuda_lib, &n, &c)) {
+        if (why)
+            snprintf(why, why_size, "cuda: %u device%s", n, n == 1 ? "" : "s");
+        return "cuda";
+    }
+    /* The normal answer on a machine without GPUs (or without the GPU
+     * builds): say so plainly; the details follow for when it is not. */
     if (why) {
-        if (ops && e.msg[0] == '\0')
-            snprintf(e.msg, sizeof e.msg, "no device");
-        snprintf(why, why_size, "cpu: %s", e.msg);
+        if (hip_lib.missing && cuda_lib.missing && !hip_lib.ops && !cuda_lib.ops)
+            snprintf(why, why_size, "cpu: no GPU backend installed (%s, %s not found)",
+                     EPLB_BACKEND_HIP_LIBRARY, EPLB_BACKEND_CUDA_LIBRARY);
+        else
+            snprintf(why, why_size, "cpu: no GPU backend usable here (hip: %.200s; cuda: %.200s)",
+                     h.msg, c.msg);
     }
     return "cpu";
+}
+
+eplb_status eplb_backend_usable(const char *name, eplb_error *err) {
+    gpu_lib *lib;
+    if (!name)
+        return eplb_error_set(err, EPLB_EINVAL, "backend name is NULL");
+    if (strcmp(name, "cpu") == 0 || strcmp(name, "auto") == 0)
+        return EPLB_OK;
+    if (strcmp(name, "hip") == 0)
+        lib = &hip_lib;
+    else if (strcmp(name, "cuda") == 0)
+        lib = &cuda_lib;
+    else
+        return eplb_error_set(err, EPLB_EINVAL, "backend \"%s\" is not cpu, hip, cuda or auto",
+                              name);
+    eplb_error e;
+    uint32_t n = 0;
+    eplb_error_clear(&e);
+    if (!gpu_usable(lib, &n, &e))
+        return eplb_error_set(err, EPLB_EUNAVAILABLE, "%s backend unusable: %s", name, e.msg);
+    return EPLB_OK;
 }
 
 /* ======================================================================= */
@@ -176,14 +245,29 @@ eplb_status eplb_backend_open(const char *name, const eplb_buffers_desc *desc,
         return st;
     bool device = desc->kind != EPLB_BUFFERS_SHM;
     const eplb_backend_ops *ops;
+    /* auto: shm -> cpu; IPC handles -> the runtime that made them; device
+     * pointers -> whichever GPU backend eplb_backend_auto_name picks. */
+    if (strcmp(name, "auto") == 0 && device) {
+        char why[EPLB_ERROR_MSG_MAX];
+        name = desc->kind == EPLB_BUFFERS_HIP_IPC    ? "hip"
+               : desc->kind == EPLB_BUFFERS_CUDA_IPC ? "cuda"
+                                                     : eplb_backend_auto_name(why, sizeof why);
+        if (strcmp(name, "cpu") == 0)
+            return eplb_error_set(err, EPLB_EUNAVAILABLE, "device buffers, but %s", why);
+    }
     if (strcmp(name, "cpu") == 0 || (strcmp(name, "auto") == 0 && !device)) {
         ops = &eplb_backend_cpu_ops;
-    } else if (strcmp(name, "hip") == 0 || strcmp(name, "auto") == 0) {
-        ops = hip_get(err);
+    } else if (strcmp(name, "hip") == 0 || strcmp(name, "cuda") == 0) {
+        if ((desc->kind == EPLB_BUFFERS_HIP_IPC && name[0] != 'h') ||
+            (desc->kind == EPLB_BUFFERS_CUDA_IPC && name[0] != 'c'))
+            return eplb_error_set(err, EPLB_EINVAL, "the %s backend cannot open %s IPC handles",
+                                  name, name[0] == 'h' ? "CUDA" : "HIP");
+        ops = gpu_get(name[0] == 'h' ? &hip_lib : &cuda_lib, err);
         if (!ops)
             return EPLB_EUNAVAILABLE;
     } else {
-        return eplb_error_set(err, EPLB_EINVAL, "backend \"%s\" is not cpu, hip or auto", name);
+        return eplb_error_set(err, EPLB_EINVAL, "backend \"%s\" is not cpu, hip, cuda or auto",
+                              name);
     }
     if (ops == &eplb_backend_cpu_ops && device)
         return eplb_error_set(err, EPLB_EINVAL,

@@ -2,10 +2,11 @@
  * buffers, their validation, and the backend interface that executes
  * transfer plans (eplb_plan.h) on them in place.
  *
- * What it is: one small interface (a struct of function pointers) with two
- * implementations -- "cpu" (memcpy over POSIX shared memory, always built)
- * and "hip" (kernels over HIP IPC memory; a shared object loaded at run time
- * with dlopen, so one eplbd binary runs with or without ROCm installed).
+ * What it is: one small interface (a struct of function pointers) with
+ * three implementations -- "cpu" (memcpy over POSIX shared memory, always
+ * built), "hip" and "cuda" (one kernel source over HIP or CUDA IPC memory;
+ * shared objects loaded at run time with dlopen, so one eplbd binary runs
+ * with or without ROCm or CUDA installed).
  * What it is not: it does not decide what moves (eplb_plan_build does), it
  * never allocates or frees the engine's buffers (addresses never change), and
  * it does not commit placements (the caller does, after a layer succeeds).
@@ -239,7 +240,7 @@ typedef struct eplb_backend_env {
  * scatter only of the layer gathered last) before calling these. */
 typedef struct eplb_backend_ops {
     uint32_t abi;     /* EPLB_BACKEND_ABI */
-    const char *name; /* "cpu", "hip" */
+    const char *name; /* "cpu", "hip", "cuda" */
     /* Devices usable by this backend (cpu: 0).  EPLB_EUNAVAILABLE when its
      * runtime has none. */
     eplb_status (*probe)(uint32_t *num_devices, eplb_error *err);
@@ -265,34 +266,49 @@ typedef struct eplb_backend_ops {
 
 extern const eplb_backend_ops eplb_backend_cpu_ops;
 
-/* The symbol libeplb_backend_hip.so exports: returns its ops. */
+/* The symbols the GPU shared objects export: each returns its ops.  One
+ * source (gpu/hip/eplb_backend_hip.hip) builds both: hipcc for AMD GPUs,
+ * nvcc for NVIDIA ones. */
 #define EPLB_BACKEND_HIP_SYMBOL "eplb_backend_hip_get_ops"
 #define EPLB_BACKEND_HIP_LIBRARY "libeplb_backend_hip.so"
+#define EPLB_BACKEND_CUDA_SYMBOL "eplb_backend_cuda_get_ops"
+#define EPLB_BACKEND_CUDA_LIBRARY "libeplb_backend_cuda.so"
 typedef const eplb_backend_ops *(*eplb_backend_get_ops_fn)(void);
 
 typedef struct eplb_backend eplb_backend; /* opaque */
 
 /* Which backend "auto" means on this machine: "hip" when the HIP shared
- * object loads and its runtime reports >= 1 device, else "cpu"; why (when
- * not NULL) gets one line saying which and why, e.g. "cpu: dlopen
- * libeplb_backend_hip.so: ... cannot open shared object file".
- * The .so is searched as: $EPLB_HIP_BACKEND (a path), the directory of the
- * running executable, then the dynamic linker's path.  It is loaded once per
- * process and never unloaded (GPU runtimes do not unload cleanly). */
+ * object loads and its runtime reports >= 1 device, else "cuda" likewise,
+ * else "cpu"; why (when not NULL) gets one line starting with the name and
+ * saying why, e.g. "cuda: 8 devices", "cpu: no GPU backend installed
+ * (libeplb_backend_hip.so, libeplb_backend_cuda.so not found)", "cpu: no GPU
+ * backend usable here (hip: dlopen ...: libamdhip64.so.5: cannot open ...;
+ * cuda: cudaGetDeviceCount: no CUDA-capable device is detected)".
+ * Each .so is searched as: $EPLB_HIP_BACKEND / $EPLB_CUDA_BACKEND (a path:
+ * only that), the directory of the running executable, then the dynamic
+ * linker's path.  Each is loaded once per process and never unloaded (GPU
+ * runtimes do not unload cleanly). */
 const char *eplb_backend_auto_name(char *why, size_t why_size);
 
+/* Can backend `name` be used here?  "cpu" and "auto" always; "hip" and
+ * "cuda" when their .so loads and sees >= 1 device, else EPLB_EUNAVAILABLE
+ * saying why ("cuda backend unusable: cudaGetDeviceCount: ...").  EPLB_EINVAL
+ * for another name.  eplbd asks at start for a forced --backend. */
+eplb_status eplb_backend_usable(const char *name, eplb_error *err);
+
 /* Open a backend on the engine's buffers.
- *   name   "cpu", "hip" or "auto".  auto follows eplb_backend_auto_name,
- *          except that SHM buffers always go to cpu (only it maps shm) and
- *          device buffers never do (the cpu cannot reach them).
+ *   name   "cpu", "hip", "cuda" or "auto".  auto: SHM buffers go to cpu
+ *          (only it maps shm), HIP_IPC to hip, CUDA_IPC to cuda, device
+ *          pointers to eplb_backend_auto_name's GPU backend (never cpu: it
+ *          cannot reach them; EPLB_EUNAVAILABLE then).
  *   desc   validated here first (eplb_buffers_validate) against
  *          (desc->num_layers, num_physical, desc->num_ranks).
  *   policy what SHM objects may be mapped (NULL: the default, any name
  *          owned by this process's effective uid).
  * Returns EPLB_OK; EPLB_EINVAL (bad name or description; a description of
  * the wrong kind for the backend); EPLB_EPERM (an shm object outside the
- * prefix or of an owner not allowed); EPLB_EUNAVAILABLE (the hip .so does
- * not load, lacks the symbol or ABI, or sees no device); EPLB_EINTERNAL (a
+ * prefix or of an owner not allowed); EPLB_EUNAVAILABLE (the hip or cuda
+ * .so does not load, lacks the symbol or ABI, or sees no device); EPLB_EINTERNAL (a
  * runtime call failed: the message names it); EPLB_ENOMEM.  On error *out is
  * NULL and nothing is mapped. */
 eplb_status eplb_backend_open(const char *name, const eplb_buffers_desc *desc,

@@ -2,8 +2,11 @@
 # setup.sh [--test] -- install what eplbd needs on Debian 12 and bring upb's
 # headers and code generators into .deps/upb (or $EPLB_DEPS_DIR/upb).
 # --test (scripts/test.sh) also installs what only the tests need: the
-# Python client's grpcio, valgrind, and clang-14 with its sanitizer and
-# libFuzzer runtimes for the fuzz targets.
+# Python client's grpcio, valgrind, clang-14 with its sanitizer and
+# libFuzzer runtimes for the fuzz targets, and Debian's hipcc (HIP 5.2, clang
+# 15) with libamdhip64-dev, so that every run compiles the HIP backend for
+# real (tests/run.sh "gpu backends compile"; no AMD GPU needed).  nvcc is not
+# a Debian package: the CUDA backend is compiled where /usr/local/cuda is.
 #
 # Idempotent and quiet on a second run: packages are installed only when
 # missing, and upb is fetched only when .deps/upb does not match the
@@ -33,6 +36,7 @@ packages=(
 test_packages=(
     python3-grpcio python3-protobuf valgrind
     clang-14 libclang-rt-14-dev llvm-14
+    hipcc libamdhip64-dev
 )
 case ${1:-} in
 --test) packages+=("${test_packages[@]}") ;;

@@ -78,7 +78,9 @@ static void usage(FILE *f) {
             "  --ready-file PATH      write the bound address there once serving\n"
             "  --metrics-listen ADDR  serve Prometheus metrics at http://ADDR/metrics (host:port,\n"
             "                         [v6]:port; port 0 picks one, logged at start); default off\n"
-            "  --backend NAME         how attached weights move: auto (hip when a GPU is there), cpu, hip\n"
+            "  --backend NAME         how attached weights move: auto (hip, else cuda, when a GPU is\n"
+            "                         there; else cpu), cpu, hip, cuda (forced: refused at start\n"
+            "                         when unusable)\n"
             "  --shm-prefix P         AttachWeights shm objects must be named P... (default /eplb-;\n"
             "                         starts with '/', no other '/')\n"
             "  --shm-allow-uid UID    also accept shm objects owned by UID (repeatable, up to 16;\n"
@@ -291,8 +293,9 @@ static int parse_options(int argc, char **argv, options *o) {
         case O_MAXMODELS: if (parse_int("--max-models", optarg, 1, 1 << 20, &v)) return -1; o->limits.max_models = (uint32_t)v; break;
         case O_MAXSTATE: if (parse_int("--max-state-mib", optarg, 1, 1 << 24, &v)) return -1; o->limits.max_state_bytes = (uint64_t)v << 20; break;
         case O_BACKEND:
-            if (strcmp(optarg, "auto") && strcmp(optarg, "cpu") && strcmp(optarg, "hip")) {
-                fprintf(stderr, "eplbd: --backend wants auto, cpu or hip, got '%s'\n", optarg);
+            if (strcmp(optarg, "auto") && strcmp(optarg, "cpu") && strcmp(optarg, "hip") &&
+                strcmp(optarg, "cuda")) {
+                fprintf(stderr, "eplbd: --backend wants auto, cpu, hip or cuda, got '%s'\n", optarg);
                 return -1;
             }
             o->backend = optarg;
@@ -428,6 +431,14 @@ int main(int argc, char **argv) {
     pthread_sigmask(SIG_BLOCK, &stop_signals, NULL); /* before any thread starts */
     signal(SIGPIPE, SIG_IGN);
     raise_fd_limit();
+    /* A forced GPU backend that cannot work here is a deployment error:
+     * refuse now rather than fail every AttachWeights.  After the sigmask:
+     * GPU runtimes start threads, which must inherit it. */
+    eplb_error berr;
+    if (eplb_backend_usable(o.backend, &berr) != EPLB_OK) {
+        rpc_log(RPC_LOG_ERROR, "--backend %s: %s", o.backend, berr.msg);
+        return 1;
+    }
     if (unix_socket_in_use(o.listen))
         return 1;
 
@@ -510,9 +521,9 @@ int main(int argc, char **argv) {
     bound_address(o.listen, port, addr, sizeof addr);
     const char *backend = strcmp(o.backend, "auto") == 0 ? eplb_backend_auto_name(why, sizeof why) : o.backend;
     rpc_log(RPC_LOG_INFO, "eplbd %s listening on %s, %s, database %s, %zu model(s), %d workers, "
-            "weight backend %s%s%s", EPLBD_VERSION, addr,
+            "weight backend %s", EPLBD_VERSION, addr,
             o.tls_client_ca ? "mTLS" : o.tls_cert ? "TLS" : "plaintext", db_path,
-            eplb_registry_count(registry), o.workers, backend, why[0] ? ": " : "", why);
+            eplb_registry_count(registry), o.workers, why[0] ? why : backend);
     if (metrics_url[0])
         rpc_log(RPC_LOG_INFO, "metrics on %s", metrics_url);
     if (cfg.test_delay_method)

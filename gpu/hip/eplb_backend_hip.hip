@@ -223,8 +223,9 @@ eplb_status hip_probe(uint32_t *num_devices, eplb_error *err) {
     *num_devices = 0;
     if (e != hipSuccess) {
         (void)hipGetLastError();
+        const char *hint = eplb_no_device_hint(e);
         return eplb_impl_error(err, EPLB_EUNAVAILABLE, "%sGetDeviceCount: %s", EPLB_API,
-                               hipGetErrorString(e));
+                               hint ? hint : hipGetErrorString(e));
     }
     if (n <= 0)
         return eplb_impl_error(err, EPLB_EUNAVAILABLE, "%sGetDeviceCount: no device", EPLB_API);
@@ -582,11 +583,14 @@ uint8_t *staging_ptr(HipState *hs, const eplb_plan *p, uint32_t layer, uint32_t 
 }
 
 /* Lays out the plan's staging entries (stage_off: each held rank's entries
- * after those of the ranks before it on its device) and grows each device's
- * buffer to hold them.  Deterministic in the plan, so gather and scatter of
- * one plan agree.  Growing frees the old buffer: safe, as the previous
- * layer's scatter is over when a gather starts. */
-eplb_status ensure_staging(HipState *hs, const eplb_plan *p, uint32_t layer, eplb_error *err) {
+ * after those of the ranks before it on its device) and, for a gather
+ * (may_grow), grows each device's buffer to hold them.  Deterministic in the
+ * plan, so gather and scatter of one plan agree.  Growing frees the old
+ * buffer: safe in a gather, as the previous layer's scatter is over; never
+ * in a scatter, whose staging holds the gathered bytes (a scatter whose plan
+ * needs more than the gather's is not the same plan: refused). */
+eplb_status ensure_staging(HipState *hs, const eplb_plan *p, uint32_t layer, bool may_grow,
+                           eplb_error *err) {
     eplb_status st = EPLB_OK;
     const uint32_t G = hs->lay.G;
     const uint64_t eb = hs->lay.entry_bytes[layer];
@@ -613,6 +617,11 @@ eplb_status ensure_staging(HipState *hs, const eplb_plan *p, uint32_t layer, epl
         }
         if (need <= dv->staging_cap)
             continue;
+        if (!may_grow)
+            return eplb_impl_error(err, EPLB_EPRECONDITION, "the plan needs %llu bytes of "
+                                   "staging on device %d, the gather's had %zu: not the plan "
+                                   "that gathered; nothing written",
+                                   (unsigned long long)need, dv->ordinal, dv->staging_cap);
         /* Round up to 2 MiB: fewer regrowths as layers differ slightly. */
         need = (need + (2u << 20) - 1) & ~(uint64_t)((2u << 20) - 1);
         HIP_CHECK(hipSetDevice(dv->ordinal), EPLB_EINTERNAL, fail);
@@ -705,7 +714,7 @@ eplb_status hip_gather(void *state, uint32_t layer, const eplb_plan *plan, eplb_
     if (hs->broken_code != EPLB_OK)
         return broken(hs, err);
     DeviceGuard guard;
-    eplb_status st = ensure_staging(hs, plan, layer, err);
+    eplb_status st = ensure_staging(hs, plan, layer, true, err);
     if (st != EPLB_OK)
         return st;
     st = run_phase(hs, layer, plan, plan->gather, 0, plan->num_gather, EPLB_FAULT_GATHER,
@@ -722,7 +731,7 @@ eplb_status hip_scatter(void *state, uint32_t layer, const eplb_plan *plan, eplb
         return broken(hs, err);
     DeviceGuard guard;
     /* The same offsets the gather laid out (same plan): nothing is freed. */
-    eplb_status st = ensure_staging(hs, plan, layer, err);
+    eplb_status st = ensure_staging(hs, plan, layer, false, err);
     if (st == EPLB_OK)
         st = run_phase(hs, layer, plan, plan->scatter, 0, plan->num_scatter_wave0,
                        EPLB_FAULT_SCATTER, EPLB_EDATALOSS, err);
@@ -731,9 +740,9 @@ eplb_status hip_scatter(void *state, uint32_t layer, const eplb_plan *plan, eplb
                        plan->num_scatter, EPLB_FAULT_SCATTER, EPLB_EDATALOSS, err);
     if (st != EPLB_OK)
         hip_phase_message(err, st, layer, "scatter",
-                          hs->broken_code != EPLB_OK
-                              ? ""
-                              : "; scatter again to complete it from staging");
+                          st == EPLB_EDATALOSS && hs->broken_code == EPLB_OK
+                              ? "; scatter again to complete it from staging"
+                              : "");
     return st;
 }
 

@@ -21,7 +21,8 @@
  * of the runtime calls its messages name), eplb_mem_range (the allocation a
  * device pointer lies in; CUDA's runtime has no such call, so on CUDA the
  * driver's cuMemGetAddressRange_v2 is looked up in libcuda.so.1 at run time:
- * nothing links against the driver library), eplb_ptr_device (which device
+ * nothing links against the driver library), eplb_no_device_hint (a no-device
+ * error in an operator's words), eplb_ptr_device (which device
  * memory a pointer is, from the runtime's pointer attributes), eplb_sm_count
  * (multiprocessors, to size the copy grid) and eplb_error_sticky (errors
  * after which the process's GPU context is unusable).
@@ -98,6 +99,19 @@ static inline hipError_t eplb_ptr_device(const void *ptr, bool *is_device, int *
     *is_device = a.type == cudaMemoryTypeDevice;
     *device = a.device;
     return cudaSuccess;
+}
+
+/* Why the runtime sees no device, in words an operator acts on: cudart
+ * reports a machine without the NVIDIA driver as "driver version is
+ * insufficient", which reads like an upgrade is due.  NULL: the runtime's
+ * own message says it. */
+static inline const char *eplb_no_device_hint(hipError_t e) {
+    if (e != cudaErrorInsufficientDriver)
+        return NULL;
+    void *h = dlopen("libcuda.so.1", RTLD_LAZY | RTLD_LOCAL | RTLD_NOLOAD);
+    if (!h)
+        h = dlopen("libcuda.so.1", RTLD_LAZY | RTLD_LOCAL);
+    return h ? NULL : "no NVIDIA driver here (libcuda.so.1 not found)";
 }
 
 /* Errors that poison the context: every later call of the process fails the
@@ -332,6 +346,7 @@ static inline hipError_t eplb_ptr_device(const void *ptr, bool *is_device, int *
 }
 
 static inline bool eplb_error_sticky(hipError_t e) { return e == hipErrorIllegalAddress; }
+static inline const char *eplb_no_device_hint(hipError_t) { return NULL; }
 
 #else /* HIP */
 
@@ -362,6 +377,9 @@ static inline hipError_t eplb_ptr_device(const void *ptr, bool *is_device, int *
     *device = a.device;
     return hipSuccess;
 }
+
+/* hipErrorNoDevice says it plainly. */
+static inline const char *eplb_no_device_hint(hipError_t) { return NULL; }
 
 /* Errors after which the device's queues are unusable for this process. */
 static inline bool eplb_error_sticky(hipError_t e) {
