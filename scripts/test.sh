@@ -55,22 +55,22 @@ step "configure build" configure "$build" -DEPLB_BUILD_TESTS=ON
 step "build build" cmake --build "$build" -j "$jobs"
 args=("$build")
 
-# No HIP .so in the sanitizer trees: it is dlopen'd, never instrumented, and
-# its host code is checked by the plain tree's suites.
+# No GPU .so in the sanitizer trees: they are dlopen'd, never instrumented, and
+# their host code is checked by the plain tree's suites.
 if want asan; then
     step "configure build-asan" configure "$asan" -DEPLB_SANITIZE=address,undefined -DEPLB_BUILD_TESTS=ON \
-        -DEPLB_HIP=OFF
+        -DEPLB_HIP=OFF -DEPLB_CUDA=OFF
     step "build build-asan" cmake --build "$asan" -j "$jobs" --target eplb_test_binaries
     args+=(--asan "$asan")
 fi
 if want tsan; then
-    step "configure build-tsan" configure "$tsan" -DEPLB_SANITIZE=thread -DEPLB_BUILD_TESTS=OFF -DEPLB_HIP=OFF
+    step "configure build-tsan" configure "$tsan" -DEPLB_SANITIZE=thread -DEPLB_BUILD_TESTS=OFF -DEPLB_HIP=OFF -DEPLB_CUDA=OFF
     step "build build-tsan" cmake --build "$tsan" -j "$jobs" --target eplbd
     args+=(--tsan "$tsan")
 fi
 if want fuzz; then
     step "configure build-fuzz" configure "$fuzz" -DCMAKE_C_COMPILER=clang-14 -DEPLB_FUZZ=ON \
-        -DEPLB_BUILD_TESTS=OFF -DEPLB_HIP=OFF
+        -DEPLB_BUILD_TESTS=OFF -DEPLB_HIP=OFF -DEPLB_CUDA=OFF
     step "build build-fuzz" cmake --build "$fuzz" -j "$jobs" --target eplb_fuzz_targets
     args+=(--fuzz "$fuzz")
 fi
