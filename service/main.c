@@ -39,6 +39,7 @@ typedef struct options {
     const char *ready_file;
     const char *metrics_listen; /* --metrics-listen host:port; NULL: no metrics listener */
     const char *backend;        /* weight-move backend: auto, cpu, hip */
+    uint64_t max_staging_bytes; /* --max-staging-mib: per GPU, 0 = no bound */
     int workers;
     int max_message_bytes;
     int drain_ms;
@@ -72,6 +73,8 @@ static void usage(FILE *f) {
             "  --max-window-mib N     largest load window of one model, in MiB (default 256)\n"
             "  --max-models N         most registered models, main and speculators (default 64)\n"
             "  --max-state-mib N      all models' placements and full load windows, in MiB (default 1024)\n"
+            "  --max-staging-mib N    staging a weight move may hold per GPU, in MiB (default 1024; 0: no bound);\n"
+            "                         a layer that needs more moves in chunks\n"
             "  --drain-ms N           how long in-flight calls may finish at shutdown (default 10000)\n"
             "  --log-level LEVEL      debug, info, warn or error (default info)\n"
             "  --log-format FORMAT    text or json: one line per event on stderr (default text)\n"
@@ -174,7 +177,7 @@ static int parse_tls(options *o) {
 
 static int parse_options(int argc, char **argv, options *o) {
     enum { O_LISTEN = 256, O_DATA, O_DB, O_WORKERS, O_MAXMSG, O_MAXL, O_MAXE, O_MAXEP, O_MAXWIN, O_DRAIN,
-           O_LOG, O_READY, O_BACKEND, O_FAULT, O_VERSION, O_HELP, O_MAXMODELS, O_MAXSTATE, O_SHMPREFIX,
+           O_LOG, O_READY, O_BACKEND, O_FAULT, O_VERSION, O_HELP, O_MAXMODELS, O_MAXSTATE, O_MAXSTAGING, O_SHMPREFIX,
            O_SHMUID, O_REMOTEW, O_DELAY, O_TLSCERT, O_TLSKEY, O_TLSCA, O_LOGFMT, O_METRICS };
     static const struct option longopts[] = {
         { "listen", required_argument, NULL, O_LISTEN },
@@ -194,6 +197,7 @@ static int parse_options(int argc, char **argv, options *o) {
         { "backend", required_argument, NULL, O_BACKEND },
         { "max-models", required_argument, NULL, O_MAXMODELS },
         { "max-state-mib", required_argument, NULL, O_MAXSTATE },
+        { "max-staging-mib", required_argument, NULL, O_MAXSTAGING },
         { "shm-prefix", required_argument, NULL, O_SHMPREFIX },
         { "shm-allow-uid", required_argument, NULL, O_SHMUID },
         { "allow-remote-weights", no_argument, NULL, O_REMOTEW },
@@ -210,6 +214,7 @@ static int parse_options(int argc, char **argv, options *o) {
     *o = (options){ .listen = "127.0.0.1:50051", .data_dir = "eplbd-data",
                     .workers = ncpu > 2 ? (int)ncpu : 2, .max_message_bytes = 64 << 20,
                     .drain_ms = 10000, .limits = EPLB_LIMITS_DEFAULT, .backend = "auto",
+                    .max_staging_bytes = (uint64_t)1024 << 20,
                     .shm_prefix = "/eplb-" };
     int c, v;
     while ((c = getopt_long(argc, argv, "", longopts, NULL)) != -1) {
@@ -292,6 +297,7 @@ static int parse_options(int argc, char **argv, options *o) {
         case O_TLSCA: o->tls_client_ca = optarg; break;
         case O_MAXMODELS: if (parse_int("--max-models", optarg, 1, 1 << 20, &v)) return -1; o->limits.max_models = (uint32_t)v; break;
         case O_MAXSTATE: if (parse_int("--max-state-mib", optarg, 1, 1 << 24, &v)) return -1; o->limits.max_state_bytes = (uint64_t)v << 20; break;
+        case O_MAXSTAGING: if (parse_int("--max-staging-mib", optarg, 0, 1 << 24, &v)) return -1; o->max_staging_bytes = (uint64_t)v << 20; break;
         case O_BACKEND:
             if (strcmp(optarg, "auto") && strcmp(optarg, "cpu") && strcmp(optarg, "hip") &&
                 strcmp(optarg, "cuda")) {
@@ -467,7 +473,7 @@ int main(int argc, char **argv) {
     grpc_init();
     rpc_context ctx = { .registry = registry, .limits = o.limits, .default_backend = o.backend,
                         .shm_prefix = o.shm_prefix, .num_shm_uids = o.num_shm_uids,
-                        .allow_remote_weights = o.allow_remote_weights };
+                        .allow_remote_weights = o.allow_remote_weights, .max_staging_bytes = o.max_staging_bytes };
     memcpy(ctx.shm_uids, o.shm_uids, sizeof ctx.shm_uids);
     atomic_init(&ctx.serving, true);
     /* Metrics listen before gRPC serves, so the first calls are counted and

@@ -34,6 +34,9 @@ typedef struct rpc_context {
     uint32_t shm_uids[RPC_MAX_SHM_UIDS];
     size_t num_shm_uids;
     bool allow_remote_weights;
+    /* Staging a weight move may hold per GPU (--max-staging-mib); 0: no
+     * bound.  A layer that needs more is moved in chunks (rpc_weights.c). */
+    uint64_t max_staging_bytes;
     /* Called once per finished call, on a CQ thread, after its log line
      * (the metrics, rpc_metrics.h).  Must not block.  NULL: none. */
     void (*on_call)(void *arg, const struct rpc_call_record *rec);

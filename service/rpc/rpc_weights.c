@@ -21,6 +21,7 @@
 #include "eplb/v1/eplb.upb.h"
 #include "eplb_backend.h"
 #include "eplb_plan.h"
+#include "eplb_plan_chunk.h"
 #include "rpc_convert.h"
 #include "rpc_handlers.h"
 
@@ -31,38 +32,89 @@
 /* The registry calls check once, then per layer gather and scatter (scatter
  * again once after a failure).  The plan a gather ran is kept, with the rows
  * it was built from, so that scatter runs exactly that plan: the phases are
- * explicit, nothing is inferred from a plan's contents. */
+ * explicit, nothing is inferred from a plan's contents.
+ *
+ * Staging bound (--max-staging-mib, per GPU): a layer whose plan would
+ * stage more is cut into chunks (eplb_plan_chunk.h), each a gather and a
+ * scatter of its own.  gather runs chunk 0's gather; scatter runs chunk 0's
+ * scatter, then chunk 1's gather and scatter, and so on.  Slots are written
+ * from chunk 0's scatter on, so any failure after it answers EPLB_EDATALOSS
+ * and the mover remembers where it was: the registry's one retry of the
+ * scatter resumes at that chunk (its scatter again when its gather had
+ * completed -- staging is intact -- else its gather, whose source bytes no
+ * chunk has touched since).  Cost when the bound does not bite: one chunk,
+ * as before. */
 typedef struct weights_mover {
     eplb_backend *backend;
     uint32_t num_layers, num_physical, num_gpus, gpus_per_node; /* the layout it was opened for */
     uint32_t first_rank, held_ranks; /* the ranks attached here */
     uint64_t *layer_bytes; /* [L] bytes of one expert in that layer, all tensors */
-    eplb_plan plan;        /* of the layer gathered last, when gathered */
-    bool gathered;
+    uint64_t max_staging_bytes; /* per GPU; 0: no bound */
+    eplb_plan plan;        /* of the chunk gathered last, when chunk_gathered */
+    bool gathered;         /* a layer's move is in progress (its gather ran) */
     uint32_t gathered_layer;
-    int32_t *rows;         /* [2][P]: the old and new row the plan was built from */
+    int32_t *rows;         /* [2][P]: the old and new row of the layer's move */
+    eplb_plan_chunks chunks; /* the layer's move, cut to the staging bound */
+    uint32_t chunk;        /* the chunk to run next */
+    bool chunk_gathered;   /* its gather completed (plan holds it) */
+    eplb_move_bytes moved; /* what the layer's chunks copied so far */
 } weights_mover;
 
-static eplb_status mover_plan(const weights_mover *m, uint32_t layer, uint32_t P, const int32_t *old_row,
-                              const int32_t *new_row, eplb_plan *plan, eplb_error *err) {
-    eplb_status st = eplb_plan_build(P, m->num_gpus, m->gpus_per_node, old_row, new_row, m->first_rank,
-                                     m->held_ranks, plan, err);
+static eplb_status prefixed(eplb_status st, uint32_t layer, const char *what, eplb_error *err) {
     if (st != EPLB_OK && err) {
         char msg[EPLB_ERROR_MSG_MAX];
-        snprintf(msg, sizeof msg, "layer %u: %s", layer, err->msg);
+        snprintf(msg, sizeof msg, "layer %u: %s%s", layer, what, err->msg);
         eplb_error_set(err, st, "%s", msg);
     }
     return st;
 }
 
+/* Staging entries a GPU may hold for layer: the bound over one entry's
+ * bytes (0 bound: no limit, UINT32_MAX). */
+static uint32_t staging_entries(const weights_mover *m, uint32_t layer) {
+    if (!m->max_staging_bytes)
+        return 0;
+    uint64_t n = m->layer_bytes[layer] ? m->max_staging_bytes / m->layer_bytes[layer] : UINT32_MAX;
+    return n == 0 ? UINT32_MAX - 1 : n > UINT32_MAX - 2 ? UINT32_MAX - 2 : (uint32_t)n;
+}
+
+/* The layer's move cut to the staging bound.  An expert larger than the
+ * whole bound cannot be staged at all: fine only when nothing needs it. */
+static eplb_status mover_chunks(const weights_mover *m, uint32_t layer, uint32_t P, const int32_t *old_row,
+                                const int32_t *new_row, eplb_plan_chunks *out, eplb_error *err) {
+    uint32_t bound = staging_entries(m, layer);
+    bool none_fit = bound == UINT32_MAX - 1;
+    eplb_status st = eplb_plan_chunk(P, m->num_gpus, m->gpus_per_node, old_row, new_row, m->first_rank,
+                                     m->held_ranks, none_fit ? 0 : bound, out, err);
+    if (st == EPLB_OK && none_fit && out->max_staging_per_gpu > 0) {
+        eplb_plan_chunks_free(out);
+        st = eplb_error_set(err, EPLB_EPRECONDITION,
+                            "one expert of this layer is %llu bytes, more than the staging bound (%llu MiB per GPU, "
+                            "--max-staging-mib), and the move needs staging", (unsigned long long)m->layer_bytes[layer],
+                            (unsigned long long)(m->max_staging_bytes >> 20));
+    }
+    return prefixed(st, layer, "", err);
+}
+
+static eplb_status chunk_plan(const weights_mover *m, uint32_t k, eplb_plan *plan, eplb_error *err) {
+    const uint32_t P = m->num_physical;
+    return eplb_plan_build(P, m->num_gpus, m->gpus_per_node, m->chunks.rows + (size_t)k * P,
+                           m->chunks.rows + (size_t)(k + 1) * P, m->first_rank, m->held_ranks, plan, err);
+}
+
 static void mover_drop_plan(weights_mover *m) {
     eplb_plan_free(&m->plan);
+    eplb_plan_chunks_free(&m->chunks);
     m->gathered = false;
+    m->chunk_gathered = false;
+    m->chunk = 0;
+    m->moved = (eplb_move_bytes){ 0, 0, 0 };
 }
 
 /* Layout, then the buffers themselves (a shrunk shm object is EPLB_EDATALOSS:
- * it outranks any refusal), then every layer's plan (EPLB_EPRECONDITION when
- * one needs a rank or expert we do not hold).  Touches nothing. */
+ * it outranks any refusal), then every layer's plan, cut to the staging
+ * bound (EPLB_EPRECONDITION when one needs a rank or expert we do not hold,
+ * or more staging than the bound allows).  Touches nothing. */
 static eplb_status mover_check(void *ctx, uint32_t L, uint32_t P, const int32_t *old_phy2log,
                                const int32_t *new_phy2log, eplb_error *err) {
     weights_mover *m = ctx;
@@ -74,15 +126,16 @@ static eplb_status mover_check(void *ctx, uint32_t L, uint32_t P, const int32_t 
     if (st != EPLB_OK)
         return st;
     for (uint32_t l = 0; l < L; l++) {
-        eplb_plan plan;
-        st = mover_plan(m, l, P, old_phy2log + (size_t)l * P, new_phy2log + (size_t)l * P, &plan, err);
-        eplb_plan_free(&plan);
+        eplb_plan_chunks c;
+        st = mover_chunks(m, l, P, old_phy2log + (size_t)l * P, new_phy2log + (size_t)l * P, &c, err);
+        eplb_plan_chunks_free(&c);
         if (st != EPLB_OK)
             return st;
     }
     return EPLB_OK;
 }
 
+/* Phase 1 of the layer: cut its move, gather chunk 0 (no slot written). */
 static eplb_status mover_gather(void *ctx, uint32_t layer, uint32_t P, const int32_t *old_row,
                                 const int32_t *new_row, eplb_error *err) {
     weights_mover *m = ctx;
@@ -90,7 +143,9 @@ static eplb_status mover_gather(void *ctx, uint32_t layer, uint32_t P, const int
     if (layer >= m->num_layers || P != m->num_physical)
         return eplb_error_set(err, EPLB_EINTERNAL, "gather of layer %u x %u slots, the weights have %u x %u", layer,
                               P, m->num_layers, m->num_physical);
-    eplb_status st = mover_plan(m, layer, P, old_row, new_row, &m->plan, err);
+    eplb_status st = mover_chunks(m, layer, P, old_row, new_row, &m->chunks, err);
+    if (st == EPLB_OK)
+        st = prefixed(chunk_plan(m, 0, &m->plan, err), layer, "", err);
     if (st == EPLB_OK && m->plan.num_gather + m->plan.num_scatter > 0)
         st = eplb_backend_gather(m->backend, layer, &m->plan, err);
     if (st != EPLB_OK) {
@@ -98,12 +153,14 @@ static eplb_status mover_gather(void *ctx, uint32_t layer, uint32_t P, const int
         return st;
     }
     m->gathered = true;
+    m->chunk_gathered = true;
     m->gathered_layer = layer;
     memcpy(m->rows, old_row, (size_t)P * sizeof *m->rows);
     memcpy(m->rows + P, new_row, (size_t)P * sizeof *m->rows);
     return EPLB_OK;
 }
 
+/* Phase 2 of the layer: every chunk from where it stands (see above). */
 static eplb_status mover_scatter(void *ctx, uint32_t layer, uint32_t P, const int32_t *old_row,
                                  const int32_t *new_row, eplb_move_bytes *bytes, eplb_error *err) {
     weights_mover *m = ctx;
@@ -114,22 +171,54 @@ static eplb_status mover_scatter(void *ctx, uint32_t layer, uint32_t P, const in
         return eplb_error_set(err, EPLB_EPRECONDITION,
                               "scatter of layer %u does not follow a gather of that layer and plan; nothing written",
                               layer);
-    if (m->plan.num_scatter == 0)
-        return EPLB_OK;
-    eplb_status st = eplb_backend_scatter(m->backend, layer, &m->plan, err);
-    /* Slots were written: a failure to synchronize leaves the layer unknown,
-     * not "as it was" (scatter again completes it). */
-    if (st == EPLB_OK && eplb_backend_synchronize(m->backend, err) != EPLB_OK)
-        st = EPLB_EDATALOSS;
-    /* Each scatter op writes one slot, every tensor of it; staging is not a
-     * live slot and is counted apart, as are copies between GPUs. */
-    if (st == EPLB_OK) {
-        uint64_t lb = m->layer_bytes[layer];
-        bytes->written = (uint64_t)m->plan.num_scatter * lb;
-        bytes->staged = (uint64_t)m->plan.num_gather * lb;
-        bytes->cross_gpu = (uint64_t)m->plan.cross_gpu_copies * lb;
+    const uint64_t lb = m->layer_bytes[layer];
+    const uint32_t n = m->chunks.num_chunks;
+    char what[64];
+    while (m->chunk < n) {
+        eplb_status st = EPLB_OK;
+        if (!m->chunk_gathered) {
+            /* A later chunk: its sources are what the earlier chunks wrote. */
+            eplb_plan_free(&m->plan);
+            st = chunk_plan(m, m->chunk, &m->plan, err);
+            /* Even with nothing to stage: the backend scatters only the
+             * plan gathered last. */
+            if (st == EPLB_OK && m->plan.num_gather + m->plan.num_scatter > 0)
+                st = eplb_backend_gather(m->backend, layer, &m->plan, err);
+            if (st != EPLB_OK) {
+                snprintf(what, sizeof what, "chunk %u of %u: gather: ", m->chunk + 1, n);
+                /* Earlier chunks wrote slots: the layer is part-way. */
+                return prefixed(EPLB_EDATALOSS, layer, what, err);
+            }
+            m->chunk_gathered = true;
+            m->moved.staged += (uint64_t)m->plan.num_gather * lb;
+        } else if (m->chunk == 0) {
+            m->moved.staged += (uint64_t)m->plan.num_gather * lb;
+        }
+        if (m->plan.num_scatter > 0) {
+            st = eplb_backend_scatter(m->backend, layer, &m->plan, err);
+            /* Slots were written: a failure to synchronize leaves the chunk
+             * unknown, not "as it was" (scatter again completes it). */
+            if (st == EPLB_OK && eplb_backend_synchronize(m->backend, err) != EPLB_OK)
+                st = EPLB_EDATALOSS;
+        }
+        if (st != EPLB_OK) {
+            if (n > 1) {
+                snprintf(what, sizeof what, "chunk %u of %u: ", m->chunk + 1, n);
+                prefixed(st, layer, what, err);
+            }
+            if (m->chunk == 0)
+                m->moved.staged -= (uint64_t)m->plan.num_gather * lb; /* counted again on the retry */
+            return st;
+        }
+        /* Each scatter op writes one slot, every tensor of it; staging is
+         * not a live slot and is counted apart, as are copies between GPUs. */
+        m->moved.written += (uint64_t)m->plan.num_scatter * lb;
+        m->moved.cross_gpu += (uint64_t)m->plan.cross_gpu_copies * lb;
+        m->chunk++;
+        m->chunk_gathered = false;
     }
-    return st;
+    *bytes = m->moved;
+    return EPLB_OK;
 }
 
 static void mover_close(void *ctx) {
@@ -138,6 +227,7 @@ static void mover_close(void *ctx) {
         return;
     eplb_backend_close(m->backend);
     eplb_plan_free(&m->plan);
+    eplb_plan_chunks_free(&m->chunks);
     free(m->rows);
     free(m->layer_bytes);
     free(m);
@@ -414,6 +504,7 @@ void rpc_attach_weights(rpc_context *ctx, upb_Arena *arena, const char *req, siz
     mv->gpus_per_node = shape.ep_size / shape.num_nodes;
     eplb_backend_held(mv->backend, &mv->first_rank, &mv->held_ranks);
     mv->layer_bytes = layer_bytes;
+    mv->max_staging_bytes = ctx->max_staging_bytes;
     const char *name = eplb_backend_name(mv->backend);
     uint64_t total = 0;
     for (uint32_t l = 0; l < shape.num_layers; l++)

@@ -284,5 +284,117 @@ class WeightsEngineTest(unittest.TestCase):
         self.assertEqual(resp.layers_done, L)
 
 
+class StagingBoundTest(unittest.TestCase):
+    """--max-staging-mib 1 with 384 KiB experts: 2 staging entries per GPU,
+    so a layer that reshuffles more moves in chunks -- and its bytes are
+    right after the move."""
+
+    EB = 384 << 10  # one expert's bytes (one tensor)
+    LB, NB, PB, GB = 3, 8, 16, 2
+
+    def setUp(self):
+        self.server = Server()
+        self.server.extra = ["--max-staging-mib", "1"]
+        self.server.start()
+        self.channel = grpc.insecure_channel(self.server.addr)
+        self.stub = eplb_pb2_grpc.ExpertBalancerStub(self.channel)
+        S = self.PB // self.GB
+        self.shm = [shared_memory.SharedMemory(name="eplb-stg-%d-%d" % (os.getpid(), g), create=True,
+                                               size=self.LB * S * self.EB) for g in range(self.GB)]
+        h = eplb_pb2.ModelHandle(
+            architecture="StagingMoE", interfaces=[eplb_pb2.MIXTURE_OF_EXPERTS],
+            moe=eplb_pb2.MoeSpec(num_moe_layers=self.LB, num_logical_experts=self.NB,
+                                 num_physical_experts=self.PB, num_local_physical_experts=S,
+                                 num_redundant_experts=self.PB - self.NB, num_expert_groups=1))
+        self.stub.RegisterModel(eplb_pb2.RegisterModelRequest(
+            model_name="m", model=h, parallel=eplb_pb2.ParallelConfig(enable_eplb=True, ep_size=self.GB)),
+            timeout=30)
+
+    def tearDown(self):
+        self.channel.close()
+        self.assertEqual(self.server.stop(), 0)
+        self.server.cleanup()
+        for m in self.shm:
+            m.close()
+            m.unlink()
+
+    def view(self, layer, s):
+        S = self.PB // self.GB
+        g, i = divmod(s, S)
+        at = (layer * S + i) * self.EB
+        return self.shm[g].buf[at:at + self.EB]
+
+    def stamp(self, layer, expert):
+        return bytes([(layer * 16 + expert) & 0xFF]) * 64
+
+    def test_a_layer_over_the_bound_moves_in_chunks(self):
+        S = self.PB // self.GB
+        start = list(self.stub.GetPlacement(eplb_pb2.GetPlacementRequest(model_id="m"), timeout=30).physical_to_logical)
+        for layer in range(self.LB):
+            for s in range(self.PB):
+                v = self.view(layer, s)
+                v[:] = self.stamp(layer, start[layer * self.PB + s]) * (self.EB // 64)
+        req = eplb_pb2.AttachWeightsRequest(
+            model_id="m", kind=eplb_pb2.BUFFER_KIND_SHM, backend="cpu",
+            ranks=[eplb_pb2.RankBuffer(shm_name="/" + m.name) for m in self.shm],
+            layers=[eplb_pb2.LayerWeights(tensors=[eplb_pb2.ExpertTensor(
+                name="w", bytes_per_expert=self.EB,
+                ranks=[eplb_pb2.TensorLayout(offset=layer * S * self.EB, stride=self.EB)
+                       for _ in range(self.GB)])]) for layer in range(self.LB)])
+        self.stub.AttachWeights(req, timeout=30)
+        # A load whose policy answer reshuffles most slots of each GPU.
+        load = [(l * 7 + e * 13) % 17 + (200 if e % 3 == l else 0) for l in range(self.LB) for e in range(self.NB)]
+        resp = self.stub.Rebalance(eplb_pb2.RebalanceRequest(model_id="m", logical_load=load,
+                                                            slot_order=eplb_pb2.SLOT_ORDER_ALGORITHM), timeout=60)
+        self.assertTrue(resp.committed)
+        self.assertGreater(resp.bytes_staged, 0)
+        new = list(resp.placement.physical_to_logical)
+        changed = sum(1 for i in range(len(new)) if new[i] != start[i])
+        self.assertGreater(changed, 2 * self.GB * self.LB)  # more than one chunk's staging could hold
+        self.assertEqual(resp.bytes_moved, changed * self.EB)
+        for layer in range(self.LB):
+            for s in range(self.PB):
+                self.assertEqual(bytes(self.view(layer, s)), self.stamp(layer, new[layer * self.PB + s]) * (self.EB // 64),
+                                 "layer %d slot %d" % (layer, s))
+        with open(self.server.log) as f:
+            levels = [line.split()[1] for line in f if len(line.split()) > 1]
+        self.assertNotIn("warn", levels[1:])  # (the first line is the start-up banner)
+        self.assertNotIn("error", levels)
+
+    def test_an_expert_larger_than_the_bound_cannot_be_staged(self):
+        """2 MiB experts against a 1 MiB bound: a move that needs staging is
+        refused before anything moves."""
+        S = self.PB // self.GB
+        big = 2 << 20
+        shm = [shared_memory.SharedMemory(name="eplb-stg2-%d-%d" % (os.getpid(), g), create=True, size=S * big)
+               for g in range(self.GB)]
+        try:
+            h = eplb_pb2.ModelHandle(
+                architecture="BigMoE", interfaces=[eplb_pb2.MIXTURE_OF_EXPERTS],
+                moe=eplb_pb2.MoeSpec(num_moe_layers=1, num_logical_experts=self.NB, num_physical_experts=self.PB,
+                                     num_local_physical_experts=S, num_redundant_experts=self.PB - self.NB,
+                                     num_expert_groups=1))
+            self.stub.RegisterModel(eplb_pb2.RegisterModelRequest(
+                model_name="big", model=h, parallel=eplb_pb2.ParallelConfig(enable_eplb=True, ep_size=self.GB)),
+                timeout=30)
+            self.stub.AttachWeights(eplb_pb2.AttachWeightsRequest(
+                model_id="big", kind=eplb_pb2.BUFFER_KIND_SHM, backend="cpu",
+                ranks=[eplb_pb2.RankBuffer(shm_name="/" + m.name) for m in shm],
+                layers=[eplb_pb2.LayerWeights(tensors=[eplb_pb2.ExpertTensor(
+                    name="w", bytes_per_expert=big,
+                    ranks=[eplb_pb2.TensorLayout(offset=0, stride=big) for _ in range(self.GB)])])]), timeout=30)
+            load = [(e * 13) % 17 + (200 if e % 3 == 0 else 0) for e in range(self.NB)]
+            with self.assertRaises(grpc.RpcError) as cm:
+                self.stub.Rebalance(eplb_pb2.RebalanceRequest(model_id="big", logical_load=load,
+                                                             slot_order=eplb_pb2.SLOT_ORDER_ALGORITHM), timeout=60)
+            self.assertEqual(cm.exception.code(), grpc.StatusCode.FAILED_PRECONDITION)
+            self.assertIn("--max-staging-mib", cm.exception.details())
+            self.assertEqual(self.stub.GetPlacement(eplb_pb2.GetPlacementRequest(model_id="big"), timeout=30).epoch, 0)
+        finally:
+            for m in shm:
+                m.close()
+                m.unlink()
+
+
 if __name__ == "__main__":
     unittest.main(verbosity=2)
