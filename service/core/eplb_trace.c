@@ -1,7 +1,9 @@
 /* eplb_trace.c -- the core's debug-event hook (eplb_trace.h). */
 #include "eplb_trace.h"
 
-_Atomic(eplb_trace_fn) eplb_trace_hook = NULL;
+/* Zero-initialized (no hook): clang does not take NULL, a void *, as a
+ * constant initializer of an atomic function pointer. */
+_Atomic(eplb_trace_fn) eplb_trace_hook;
 
 void eplb_trace_set(eplb_trace_fn fn) { atomic_store(&eplb_trace_hook, fn); }
 
