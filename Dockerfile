@@ -13,6 +13,13 @@
 #               Debian's hipcc/libamdhip64-dev in the builder (HIP_PACKAGES),
 #               passes -DEPLB_HIP=ON to CMake and libamdhip64-5 into the runtime
 #               (HIP_RUNTIME_PACKAGES). See docs/deploy.md for gfx942 / ROCm 6.
+#   EPLB_CUDA   OFF (default) or ON: also build libeplb_backend_cuda.so
+#               (-DEPLB_CUDA=ON) and put it next to eplbd. Needs nvcc in the
+#               builder, which Debian does not package: a BASE_IMAGE with the
+#               CUDA toolkit (e.g. NVIDIA's Debian 12 repository), or
+#               CMAKE_ARGS=-DEPLB_NVCC=/path/to/nvcc. The runtime needs nothing
+#               more (static cudart); the container gets the driver from the
+#               NVIDIA Container Toolkit.
 #   CMAKE_ARGS  extra CMake arguments (e.g. the GPU architecture list).
 
 ARG BASE_IMAGE=debian:bookworm
@@ -26,6 +33,7 @@ COPY scripts/ scripts/
 RUN bash scripts/setup.sh
 
 ARG EPLB_HIP=OFF
+ARG EPLB_CUDA=OFF
 ARG HIP_PACKAGES="hipcc libamdhip64-dev"
 ARG CMAKE_ARGS=""
 RUN if [ "$EPLB_HIP" = ON ]; then \
@@ -34,11 +42,13 @@ RUN if [ "$EPLB_HIP" = ON ]; then \
 
 COPY . .
 RUN cmake -S . -B /build -DCMAKE_BUILD_TYPE=RelWithDebInfo -DEPLB_BUILD_TESTS=OFF \
-          -DEPLB_HIP="$EPLB_HIP" $CMAKE_ARGS \
+          -DEPLB_HIP="$EPLB_HIP" -DEPLB_CUDA="$EPLB_CUDA" $CMAKE_ARGS \
  && cmake --build /build --parallel "$(nproc)" --target eplbd eplbctl \
  && if [ "$EPLB_HIP" = ON ]; then cmake --build /build --target eplb_backend_hip; fi \
+ && if [ "$EPLB_CUDA" = ON ]; then cmake --build /build --target eplb_backend_cuda; fi \
  && mkdir -p /build/backends \
  && { [ ! -f /build/libeplb_backend_hip.so ] || cp /build/libeplb_backend_hip.so /build/backends/; } \
+ && { [ ! -f /build/libeplb_backend_cuda.so ] || cp /build/libeplb_backend_cuda.so /build/backends/; } \
  && /build/eplbd --version
 
 # The Debian packages that own the shared libraries eplbd and eplbctl load.
@@ -65,7 +75,8 @@ RUN extra=""; if [ "$EPLB_HIP" = ON ]; then extra="$HIP_RUNTIME_PACKAGES"; fi; \
  && install -d -o 10001 -g 10001 -m 0750 /var/lib/eplbd
 
 COPY --from=builder /build/eplbd /build/eplbctl /usr/local/bin/
-# The HIP backend (EPLB_HIP=ON): next to eplbd, where --backend auto finds it.
+# The GPU backends (EPLB_HIP=ON, EPLB_CUDA=ON): next to eplbd, where
+# --backend auto finds them.
 COPY --from=builder /build/backends/ /usr/local/bin/
 
 LABEL org.opencontainers.image.title="eplbd" \
