@@ -291,3 +291,23 @@ Test(startup, hangup_and_user_signals_are_ignored_and_quit_drains) {
     cr_assert_not_null(strstr(log, "stopped"), "log:\n%s", log);
     eplbd_cleanup(&p);
 }
+
+/* A forced GPU backend that cannot be used here is refused at start, with
+ * the reason (the .so is pointed at a path that does not exist, so this
+ * holds on every machine, GPU or not); an unknown name is a usage error. */
+Test(startup, forced_gpu_backend_that_cannot_work_is_refused) {
+    static const char *names[] = { "hip", "cuda" };
+    char out[4096], cmd[1024];
+    for (size_t i = 0; i < 2; i++) {
+        snprintf(cmd, sizeof cmd, "env EPLB_HIP_BACKEND=/nonexistent/hip.so EPLB_CUDA_BACKEND=/nonexistent/cuda.so "
+                 "%s --db :memory: --listen 127.0.0.1:0 --backend %s", EPLBD_PATH, names[i]);
+        cr_assert_eq(run_capture(cmd, out, sizeof out), 1, "%s: %s", names[i], out);
+        char says[128];
+        snprintf(says, sizeof says, "--backend %s: %s backend unusable: dlopen /nonexistent/%s.so", names[i],
+                 names[i], names[i]);
+        cr_assert_not_null(strstr(out, says), "%s: %s", names[i], out);
+    }
+    snprintf(cmd, sizeof cmd, "%s --db :memory: --listen 127.0.0.1:0 --backend gpu", EPLBD_PATH);
+    cr_assert_eq(run_capture(cmd, out, sizeof out), 2, "%s", out);
+    cr_assert_not_null(strstr(out, "--backend wants auto, cpu, hip or cuda, got 'gpu'"), "%s", out);
+}
