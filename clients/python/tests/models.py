@@ -11,9 +11,13 @@ from eplb import weights
 H, I = 8, 4  # hidden, intermediate: w13 [local, 2I, H], w2 [local, H, I]
 
 
-def expert_value(layer: int, tensor: int, expert: int) -> float:
-    """What every element of expert `expert`'s tensor `tensor` in `layer` holds."""
-    return float(layer * 1000 + tensor * 100 + expert)
+def expert_value(layer: int, tensor: int, expert: int, num_logical: int = 8) -> float:
+    """What every element of expert `expert`'s tensor `tensor` (0 or 1) in
+    `layer` holds: distinct per (layer, tensor, expert), and exact in bf16
+    (an integer < 256) for the small models of the tests."""
+    v = expert + num_logical * (tensor + 2 * layer)
+    assert v < 256, "model too large for exact bf16 patterns"
+    return float(v)
 
 
 class TinyMoE(nn.Module):
@@ -50,7 +54,7 @@ class TinyMoE(nn.Module):
             for li, d in enumerate(layers):
                 for ti, t in enumerate(d.values()):
                     for i in range(S):
-                        t[i].fill_(expert_value(li, ti, int(phy2log[li][r * S + i])))
+                        t[i].fill_(expert_value(li, ti, int(phy2log[li][r * S + i]), self.num_logical_experts))
 
     def check(self, phy2log) -> List[str]:
         bad = []
@@ -59,7 +63,7 @@ class TinyMoE(nn.Module):
             for li, d in enumerate(layers):
                 for ti, t in enumerate(d.values()):
                     for i in range(S):
-                        want = expert_value(li, ti, int(phy2log[li][r * S + i]))
+                        want = expert_value(li, ti, int(phy2log[li][r * S + i]), self.num_logical_experts)
                         if not torch.all(t[i].float() == want):
                             bad.append("layer %d slot %d tensor %d" % (li, r * S + i, ti))
         return bad
