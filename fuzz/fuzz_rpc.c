@@ -174,6 +174,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv) {
     verbose = getenv("EPLB_FUZZ_VERBOSE") && atoi(getenv("EPLB_FUZZ_VERBOSE")) > 0;
     /* Never dlopen a HIP backend named by the environment. */
     unsetenv("EPLB_HIP_BACKEND");
+    unsetenv("EPLB_CUDA_BACKEND");
     rpc_log_set_level(RPC_LOG_ERROR);
     /* Small limits keep each model, and so each input, cheap. */
     limits = EPLB_LIMITS_DEFAULT;

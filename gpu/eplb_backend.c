@@ -307,7 +307,7 @@ void eplb_backend_held(const eplb_backend *b, uint32_t *first, uint32_t *count) 
 
 eplb_status eplb_backend_plan_held(const eplb_backend *b, uint32_t layer, const eplb_plan *p, eplb_error *err) {
     /* A bit per rank of the model: the ranks the plan needs that are not held. */
-    uint32_t G = b->num_ranks, missing = 0, first_missing = 0;
+    uint32_t G = b->num_ranks, missing = 0;
     uint8_t *need = calloc((G + 7) / 8 ? (G + 7) / 8 : 1, 1);
     if (!need)
         return eplb_error_set(err, EPLB_ENOMEM, "out of memory checking the plan's ranks");
@@ -316,8 +316,7 @@ eplb_status eplb_backend_plan_held(const eplb_backend *b, uint32_t layer, const 
         uint32_t g_ = (gpu);                                                                       \
         if (g_ < G && !held(b, g_) && !(need[g_ / 8] & (1u << (g_ % 8)))) {                       \
             need[g_ / 8] |= (uint8_t)(1u << (g_ % 8));                                            \
-            if (missing++ == 0)                                                                    \
-                first_missing = g_;                                                                \
+            missing++;                                                                             \
         }                                                                                          \
     } while (0)
     for (uint32_t i = 0; i < p->num_gather; i++) {
@@ -334,7 +333,7 @@ eplb_status eplb_backend_plan_held(const eplb_backend *b, uint32_t layer, const 
         char list[160];
         size_t len = 0;
         uint32_t shown = 0;
-        for (uint32_t g = first_missing; g < G && len < sizeof list - 16; g++)
+        for (uint32_t g = 0; g < G && len < sizeof list - 16; g++) /* ascending */
             if (need[g / 8] & (1u << (g % 8)))
                 len += (size_t)snprintf(list + len, sizeof list - len, "%s%u", shown++ ? ", " : "", g);
         if (shown < missing)

@@ -562,7 +562,7 @@ Test(loader, names_and_auto) {
     cr_assert_null(b);
     char why[512];
     const char *name = eplb_backend_auto_name(why, sizeof why);
-    cr_assert(strcmp(name, "cpu") == 0 || strcmp(name, "hip") == 0);
+    cr_assert(strcmp(name, "cpu") == 0 || strcmp(name, "hip") == 0 || strcmp(name, "cuda") == 0, "%s", name);
     cr_assert_eq(strncmp(why, name, strlen(name)), 0, "%s", why);
     cr_log_info("auto backend here: %s", why);
     eplb_backend_close(NULL);
@@ -1088,5 +1088,64 @@ Test(trust, symlinks_and_fifos_are_refused, .timeout = 20) {
     cr_assert_eq(open_with(&f, NULL, &err), EPLB_OK, "%s", err.msg);
     unlink(link);
     unlink(fifo);
+    fixture_fini(&f);
+}
+
+/* A backend holding ranks 2..3 of 4 (one node of two): plans within them
+ * move; a plan that needs rank 0 is refused before anything is written,
+ * naming the rank. */
+Test(held, a_subset_of_ranks_moves_only_its_own_slots) {
+    fixture f;
+    fixture_init(&f, 1, 8, 4); /* 2 slots per rank */
+    eplb_tensor_desc tensors[NT];
+    for (uint32_t t = 0; t < NT; t++) {
+        tensors[t] = f.tensors[0][t];
+        tensors[t].ranks = &f.place[0][t][2];
+    }
+    eplb_layer_desc layer = { NT, tensors };
+    eplb_buffers_desc d = f.desc;
+    d.first_rank = 2;
+    d.held_ranks = 2;
+    d.ranks = &f.rbuf[2];
+    d.layers = &layer;
+    const int32_t old_row[8] = { 0, 1, 2, 3, 4, 5, 6, 7 };
+    fill_layer(&f, 0, old_row);
+    eplb_backend *b = NULL;
+    eplb_error err;
+    cr_assert_eq(eplb_backend_open_by_name("cpu", &d, 8, &b, &err), EPLB_OK, "%s", err.msg);
+    uint32_t first, count;
+    eplb_backend_held(b, &first, &count);
+    cr_assert_eq(first, 2);
+    cr_assert_eq(count, 2);
+
+    /* Ranks 2 and 3 swap their experts: slots 4..7. */
+    const int32_t within[8] = { 0, 1, 2, 3, 6, 7, 4, 5 };
+    eplb_plan p;
+    cr_assert_eq(eplb_plan_build(8, 4, 2, old_row, within, 2, 2, &p, &err), EPLB_OK, "%s", err.msg);
+    cr_assert_eq(eplb_backend_plan_held(b, 0, &p, &err), EPLB_OK, "%s", err.msg);
+    move_ok(b, 0, &p);
+    eplb_plan_free(&p);
+    check_layer(&f, 0, within);
+
+    /* Slot 0 (rank 0) and slot 7 (rank 3) trade: the plan (built for all
+     * ranks) needs rank 0. */
+    const int32_t across[8] = { 5, 1, 2, 3, 6, 7, 4, 0 };
+    cr_assert_eq(eplb_plan_build(8, 4, 2, within, across, 0, 4, &p, &err), EPLB_OK, "%s", err.msg);
+    uint8_t *before = snapshot(&f);
+    cr_assert_eq(eplb_backend_plan_held(b, 0, &p, &err), EPLB_EPRECONDITION);
+    cr_assert(strstr(err.msg, "needs EP rank(s) 0, which this server does not hold (it holds ranks 2..3)"), "%s",
+              err.msg);
+    cr_assert_eq(eplb_backend_gather(b, 0, &p, &err), EPLB_EPRECONDITION);
+    uint8_t *after = snapshot(&f);
+    cr_assert_arr_eq(before, after, f.size * f.G);
+    free(before);
+    free(after);
+    eplb_plan_free(&p);
+    eplb_backend_close(b);
+
+    /* The held range must lie within the model's ranks. */
+    d.first_rank = 3;
+    cr_assert_eq(eplb_backend_open_by_name("cpu", &d, 8, &b, &err), EPLB_EINVAL);
+    cr_assert(strstr(err.msg, "first_rank 3 and num_ranks 2"), "%s", err.msg);
     fixture_fini(&f);
 }
