@@ -2,7 +2,8 @@
 # setup.sh [--test] -- install what eplbd needs on Debian 12 and bring upb's
 # headers and code generators into .deps/upb (or $EPLB_DEPS_DIR/upb).
 # --test (scripts/test.sh) also installs what only the tests need: the
-# Python client's grpcio, valgrind, clang-14 with its sanitizer and
+# Python client's grpcio (and for the eplb package, clients/python, numpy,
+# torch, pytest, pip, venv), valgrind, clang-14 with its sanitizer and
 # libFuzzer runtimes for the fuzz targets, and Debian's hipcc (HIP 5.2, clang
 # 15) with libamdhip64-dev, so that every run compiles the HIP backend for
 # real (tests/run.sh "gpu backends compile"; no AMD GPU needed).  nvcc is not
@@ -35,6 +36,7 @@ packages=(
 )
 test_packages=(
     python3-grpcio python3-protobuf valgrind
+    python3-numpy python3-torch python3-pytest python3-pip python3-setuptools python3-venv
     clang-14 libclang-rt-14-dev llvm-14
     hipcc libamdhip64-dev
 )

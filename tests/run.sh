@@ -472,6 +472,11 @@ done
 python_suite "python grpcio client" "$root/tests/integration/test_python_client.py" "$build"
 python_suite "health watch and reflection" "$root/tests/integration/test_discovery.py" "$build"
 python_suite "engine-held weights, stepped rebalance" "$root/tests/integration/test_weights_engine.py" "$build"
+# The eplb Python package (clients/python) against this build's eplbd:
+# pytest writes JUnit, counted like the others.
+suite "python package eplb (pytest)" junit "$results/junit.xml" \
+    env EPLBD_BUILD="$build" "$py" -m pytest -q -p no:cacheprovider --junitxml="$results/junit.xml" \
+    "$root/clients/python/tests"
 
 # The integration path again with eplbd under valgrind: each error or
 # definite/indirect leak goes to a per-process log file, counted as a
