@@ -25,6 +25,7 @@ What is read:
 """
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from dataclasses import dataclass, field
@@ -33,12 +34,14 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from .client import Client, RebalanceResult
-from .errors import EplbError, NotFound
+from .errors import Aborted, NotFound
 from .handle import handle_from_module, unwrap_moe
 from .placement import Placement
 from .recorder import LoadRecorder
 
 __all__ = ["RemoteEplbController", "RemoteEplbPolicy", "ModelState", "Rearrangement", "model_id_for"]
+
+logger = logging.getLogger("eplb")
 
 _BAD = re.compile(r"[^A-Za-z0-9._:/-]")
 
@@ -236,10 +239,24 @@ class RemoteEplbController:
             m.recorder.record(m.expert_load_pass)
             m.expert_load_pass.zero_()
         self.steps += 1
-        if any(m.pending is not None for m in self.models.values()):
-            self._continue()
-        elif self.steps % self.step_interval == 0:
-            self.rearrange()
+        try:
+            if any(m.pending is not None for m in self.models.values()):
+                self._continue()
+            elif self.steps % self.step_interval == 0:
+                self.rearrange()
+        except Aborted as e:
+            # someone else committed (an operator, another engine): serve what eplbd serves
+            logger.warning("eplb: %s; installing the current placement", e)
+            self.resync()
+
+    def resync(self) -> None:
+        """Install what eplbd serves now for every model (after an ABORTED
+        rebalance, or to pick up a commit made elsewhere)."""
+        for m in self.models.values():
+            p = self.client.get_placement(m.model_id)
+            p.install_into(m)
+            m.placement = p
+            m.pending = None
 
     def rearrange(self, is_profile: bool = False, execute_shuffle: bool = True,
                   global_expert_loads: Optional[List[Any]] = None,
@@ -270,12 +287,9 @@ class RemoteEplbController:
             if global_expert_loads is not None:
                 kw["logical_load"] = global_expert_loads[i]
             old = m.placement.physical_to_logical.copy()
-            try:
-                r = self.client.rebalance(m.model_id, expected_epoch=m.placement.epoch, dry_run=is_profile,
-                                          slot_order=self.slot_order,
-                                          layers_per_step=0 if is_profile else self.layers_per_step, **kw)
-            except EplbError:
-                raise
+            r = self.client.rebalance(m.model_id, expected_epoch=m.placement.epoch, dry_run=is_profile,
+                                      slot_order=self.slot_order,
+                                      layers_per_step=0 if is_profile else self.layers_per_step, **kw)
             if not is_profile:
                 self._install(m, r)
             out.append(Rearrangement(m.model_id, old, r, engine_moves_weights=not m.weights_attached))
@@ -293,7 +307,8 @@ class RemoteEplbController:
         m = self.state
         if m is None:
             raise RuntimeError("setup_from_mapping before maybe_register_model")
-        m.recorder.close() if m.recorder is not None else None
+        if m.recorder is not None:
+            m.recorder.close()
         ep_size = int(moe.num_physical_experts) // int(moe.num_local_physical_experts)
         p = self.client.setup_from_mapping(m.model_id, expanded_physical_to_logical,
                                            old_num_physical_experts=old_num_physical_experts, ep_size=ep_size,

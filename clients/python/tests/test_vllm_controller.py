@@ -146,3 +146,17 @@ def test_errors_reach_the_runner(client):
     ctl = RemoteEplbController(parallel(), "cpu", client=client, model_name="bad name!")
     with pytest.raises(eplb.InvalidArgument):
         ctl.maybe_register_model(TinyMoE(shm=False), Cfg(model="m"), False)
+
+
+def test_step_resyncs_after_a_commit_elsewhere(client):
+    ctl = RemoteEplbController(parallel(step_interval=3), "cpu", client=client, model_name="shared")
+    lm = TinyMoE(shm=False)
+    assert ctl.maybe_register_model(lm, Cfg(model="m"), False)
+    load = np.zeros((3, 12), dtype=np.int64)
+    load[:, 1] = 999
+    other = client.rebalance("shared", physical_load=load)          # an operator commits epoch 1
+    run_passes(ctl, lm, 3)                                           # the controller's rebalance is ABORTED
+    assert ctl.state.placement.epoch == 1
+    assert_installed(client, ctl.state)
+    assert other.placement.epoch == 1
+    ctl.close()
