@@ -142,7 +142,12 @@ Test(drain, every_accepted_call_completes_and_new_connections_are_refused) {
     eplb_client *late = eplb_client_open(p.addr);
     bytes = health_bytes(a, &len);
     int st = timed_call(late, HEALTH, bytes, len, 3000, &ms);
-    cr_assert_eq(st, 14 /* UNAVAILABLE */, "a new connection while draining: %s", eplb_grpc_status_name(st));
+    /* UNAVAILABLE: the listener was closed.  gRPC closes listeners
+     * asynchronously, so on a loaded machine (valgrind, 2 cores) the
+     * connection may still be accepted just before: then its call is
+     * CANCELLED by the shutting-down server.  Either way it is not served. */
+    cr_assert(st == 14 /* UNAVAILABLE */ || st == 1 /* CANCELLED */, "a new connection while draining: %s",
+              eplb_grpc_status_name(st));
     cr_assert_lt(ms, 2500, "refused after %.0f ms", ms);
     eplb_client_close(late);
     st = timed_call(c, HEALTH, bytes, len, 3000, &ms);
