@@ -139,6 +139,9 @@ def rebalance():
                          slot_order=pb.SLOT_ORDER_MIN_TRAFFIC),
         "draft": R(model_id="fuzz-draft", physical_load=load_a[:6]),
         "bad_slot_order": R(model_id="fuzz-a", physical_load=load_a, slot_order=7),
+        # An engine's IPC event handle: 64 bytes (refused without device weights), and one too short.
+        "wait_event": R(model_id="fuzz-a", physical_load=load_a, wait_event=bytes(range(64))),
+        "wait_event_short": R(model_id="fuzz-a", physical_load=load_a, wait_event=b"\x01" * 63),
     }
 
 

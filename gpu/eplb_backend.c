@@ -460,6 +460,35 @@ eplb_status eplb_backend_synchronize(eplb_backend *b, eplb_error *err) {
     return b->ops->synchronize(b->state, err);
 }
 
+bool eplb_backend_has_events(const eplb_backend *b) {
+    return b && b->ops->wait_event && b->ops->record_event;
+}
+
+eplb_status eplb_backend_wait_event(eplb_backend *b, const uint8_t *handle, size_t len,
+                                    eplb_error *err) {
+    if (!b)
+        return eplb_error_set(err, EPLB_EINVAL, "backend is NULL");
+    if (!eplb_backend_has_events(b))
+        return eplb_error_set(err, EPLB_EINVAL,
+                              "wait_event: events need a device backend (this one is %s)",
+                              b->ops->name);
+    if (!handle || len != EPLB_EVENT_HANDLE_SIZE)
+        return eplb_error_set(err, EPLB_EINVAL, "wait_event is %zu bytes, want %d (an IPC event "
+                              "handle)", len, EPLB_EVENT_HANDLE_SIZE);
+    return b->ops->wait_event(b->state, handle, err);
+}
+
+eplb_status eplb_backend_record_event(eplb_backend *b, uint8_t handle[EPLB_EVENT_HANDLE_SIZE],
+                                      eplb_error *err) {
+    if (!b)
+        return eplb_error_set(err, EPLB_EINVAL, "backend is NULL");
+    if (!eplb_backend_has_events(b))
+        return eplb_error_set(err, EPLB_EINVAL,
+                              "done event: events need a device backend (this one is %s)",
+                              b->ops->name);
+    return b->ops->record_event(b->state, handle, err);
+}
+
 void eplb_backend_close(eplb_backend *b) {
     if (!b)
         return;

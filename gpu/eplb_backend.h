@@ -73,6 +73,7 @@
 #ifndef EPLB_BACKEND_H
 #define EPLB_BACKEND_H
 
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -232,8 +233,13 @@ typedef struct eplb_backend_env {
 } eplb_backend_env;
 
 /* 2: execute_layer split into explicit gather / scatter, check added.
- * 3: regions per rank, a held range of ranks, CUDA_IPC. */
-#define EPLB_BACKEND_ABI 3
+ * 3: regions per rank, a held range of ranks, CUDA_IPC.
+ * 4: wait_event / record_event (GPU-side ordering with the engine's
+ *    streams, docs/api.md "Ordering with the engine's GPU streams"). */
+#define EPLB_BACKEND_ABI 4
+
+/* sizeof(hipIpcEventHandle_t) == sizeof(cudaIpcEventHandle_t) */
+#define EPLB_EVENT_HANDLE_SIZE 64
 
 /* One implementation.  The public wrappers below validate arguments
  * (layer range, plan shape and every op's indices) and the phase order (a
@@ -260,8 +266,25 @@ typedef struct eplb_backend_ops {
     /* Wait for outstanding work (both phases already return complete: a
      * barrier for embedders).  Staging is kept. */
     eplb_status (*synchronize)(void *state, eplb_error *err);
-    /* Unmap everything, free staging.  NULL is fine. */
+    /* Unmap everything, free staging, destroy events.  NULL is fine. */
     void (*close)(void *state);
+    /* ABI 4, both NULL for a backend without device events (cpu).
+     * wait_event: every copy stream waits (on the device, the host does not
+     * block) for the engine's interprocess event named by handle, so that
+     * the next gather's copies start only after the engine's last use of
+     * the weights.  A handle that does not open is EPLB_EINVAL (nothing
+     * queued, the backend stays usable).  Opened events are kept (per
+     * handle bytes) until close: engines record into the same event every
+     * step, and opening it each time would leak a mapping per call.
+     * record_event: record, after everything queued on every copy stream,
+     * one interprocess event (one per backend, created on first use) and
+     * write its IPC handle to handle.  The phases still return complete
+     * (synchronized); the event orders the engine's streams after our
+     * copies on the GPU, it does not replace our host synchronization. */
+    eplb_status (*wait_event)(void *state, const uint8_t handle[EPLB_EVENT_HANDLE_SIZE],
+                              eplb_error *err);
+    eplb_status (*record_event)(void *state, uint8_t handle[EPLB_EVENT_HANDLE_SIZE],
+                                eplb_error *err);
 } eplb_backend_ops;
 
 extern const eplb_backend_ops eplb_backend_cpu_ops;
@@ -366,6 +389,26 @@ eplb_status eplb_backend_execute_layer(eplb_backend *b, uint32_t layer, const ep
                                        eplb_error *err);
 
 eplb_status eplb_backend_synchronize(eplb_backend *b, eplb_error *err);
+
+/* Does b order its copies with device events (hip, cuda: yes; cpu: no)? */
+bool eplb_backend_has_events(const eplb_backend *b);
+
+/* Make b's copy streams wait for the engine's event (len bytes at handle: an
+ * hipIpcEventHandle_t / cudaIpcEventHandle_t of an event created with the
+ * interprocess and disable-timing flags) before any copy queued after this
+ * call.  EPLB_EINVAL: len is not EPLB_EVENT_HANDLE_SIZE, b has no events
+ * ("events need a device backend"), or the handle does not open (nothing
+ * queued, b stays usable); a broken backend answers as its phases do.
+ * Cost: one IPC open per new handle, one stream wait per device. */
+eplb_status eplb_backend_wait_event(eplb_backend *b, const uint8_t *handle, size_t len,
+                                    eplb_error *err);
+
+/* Record b's done event after everything queued so far on every copy
+ * stream and write its IPC handle (the same bytes every call: one event per
+ * backend, re-recorded).  EPLB_EINVAL when b has no events.  Cost: one
+ * event record per device plus one cross-device wait per extra device. */
+eplb_status eplb_backend_record_event(eplb_backend *b, uint8_t handle[EPLB_EVENT_HANDLE_SIZE],
+                                      eplb_error *err);
 
 /* Close and free; NULL is fine. */
 void eplb_backend_close(eplb_backend *b);

@@ -442,4 +442,5 @@ static eplb_status cpu_synchronize(void *state, eplb_error *err) {
 const eplb_backend_ops eplb_backend_cpu_ops = {
     EPLB_BACKEND_ABI, "cpu",       cpu_probe,       cpu_open, cpu_check,
     cpu_gather,       cpu_scatter, cpu_synchronize, cpu_close,
+    NULL,             NULL, /* no device events: memcpy returns complete */
 };

@@ -55,7 +55,25 @@
  * close), holding the entries of every held rank on that device, each on
  * the device of the rank that unstages it.  Several ranks may share a
  * device (tests); state per device (stream, copy list, staging) is shared
- * by them. */
+ * by them.
+ *
+ * Events (ABI 4, docs/api.md "Ordering with the engine's GPU streams"):
+ * wait_event opens the engine's interprocess event (kept, per handle bytes,
+ * up to kMaxWaitEvents; then the oldest is destroyed -- safe even with a
+ * wait still queued on it, the runtime frees it once unused) and makes
+ * every device's copy stream wait for it: the copies queued after it run
+ * only once the engine's stream has passed its record, and the host never
+ * blocks on the engine.  record_event records a join event on every other
+ * device's stream, makes the first device's stream wait for them, then
+ * records the one exported event (interprocess, no timing, created on the
+ * first device at first use; its handle never changes, so an engine opens
+ * it once) there: it completes after the last copy on any device.  Both
+ * phases still synchronize their streams before returning (the commit
+ * protocol needs the host to know the bytes moved), so today the done event
+ * is complete when the answer leaves; an engine that waits on it stays
+ * right if a later version stops synchronizing.  Cost: one stream wait per
+ * device per rebalance, and one record per device plus (devices - 1)
+ * cross-device waits. */
 #include "eplb_hip_compat.h"
 
 extern "C" {
@@ -71,6 +89,9 @@ constexpr unsigned kBlocksPerSM = 4;
 /* Smallest share of one block: below this a block's start costs more than
  * its copy, so small lists launch fewer blocks. */
 constexpr uint64_t kMinBlockBytes = 64u << 10;
+/* Engine events kept open at once: an engine records into one event per
+ * stream (a few); more distinct handles than this and the oldest is closed. */
+constexpr uint32_t kMaxWaitEvents = 8;
 
 struct CopyDesc {
     const uint8_t *src;
@@ -145,6 +166,13 @@ struct Device {
     bool used;           /* has work in the current phase */
     uint8_t *staging;    /* entries of the held ranks on this device */
     size_t staging_cap;
+    hipEvent_t join;     /* record_event: this stream's work, for the first device to wait on */
+};
+
+/* An engine event opened from its IPC handle (wait_event). */
+struct WaitEvent {
+    uint8_t handle[EPLB_EVENT_HANDLE_SIZE];
+    hipEvent_t ev;
 };
 
 struct Mapping {
@@ -161,6 +189,10 @@ struct HipState {
     uint32_t *rank_dev;  /* [G] held rank -> index into devs */
     uint64_t *stage_off; /* [G] held rank's first staging byte on its device (this plan) */
     bool *peer;          /* [ndev][ndev]: a's kernels may touch b's memory */
+    WaitEvent waits[kMaxWaitEvents];
+    uint32_t nwaits, wait_next; /* filled entries; the one to replace next */
+    hipEvent_t done;     /* the exported event, on devs[0] (record_event) */
+    uint8_t done_handle[EPLB_EVENT_HANDLE_SIZE];
     /* Set by a sticky error: every later call answers broken_code + msg. */
     eplb_status broken_code;
     char broken_msg[EPLB_ERROR_MSG_MAX];
@@ -248,9 +280,17 @@ void hip_close(void *state) {
         (void)hipStreamDestroy(dv->stream);
         dv->stream = nullptr;
     }
+    for (uint32_t i = 0; i < hs->nwaits; i++) {
+        (void)hipSetDevice(hs->devs[0].ordinal);
+        (void)hipEventDestroy(hs->waits[i].ev);
+    }
+    if (hs->done && hipSetDevice(hs->devs[0].ordinal) == hipSuccess)
+        (void)hipEventDestroy(hs->done);
     for (uint32_t d = 0; hs->devs && d < hs->ndev; d++) {
         Device *dv = &hs->devs[d];
         (void)hipSetDevice(dv->ordinal);
+        if (dv->join)
+            (void)hipEventDestroy(dv->join);
         if (dv->staging)
             (void)hipFree(dv->staging);
         if (dv->d_descs)
@@ -766,11 +806,120 @@ fail:
     return st;
 }
 
+/* The engine's event, opened once per distinct handle (see the head
+ * comment); then every copy stream waits for it. */
+eplb_status hip_wait_event(void *state, const uint8_t handle[EPLB_EVENT_HANDLE_SIZE],
+                           eplb_error *err) {
+    HipState *hs = static_cast<HipState *>(state);
+    if (hs->broken_code != EPLB_OK)
+        return broken(hs, err);
+    DeviceGuard guard;
+    eplb_status st = EPLB_OK;
+    hipEvent_t ev = nullptr;
+    for (uint32_t i = 0; i < hs->nwaits && !ev; i++)
+        if (memcmp(hs->waits[i].handle, handle, EPLB_EVENT_HANDLE_SIZE) == 0)
+            ev = hs->waits[i].ev;
+    if (!ev) {
+        hipIpcEventHandle_t h;
+        static_assert(sizeof(h) == EPLB_EVENT_HANDLE_SIZE, "IPC event handle is 64 bytes");
+        memcpy(&h, handle, sizeof h);
+        HIP_CHECK(hipSetDevice(hs->devs[0].ordinal), EPLB_EINTERNAL, fail);
+        hipError_t e = hipIpcOpenEventHandle(&ev, h);
+        if (e != hipSuccess) {
+            (void)hipGetLastError();
+            return eplb_impl_error(err, EPLB_EINVAL, "wait_event: %sIpcOpenEventHandle: %s (an "
+                                   "event of another process on this host, created with the "
+                                   "interprocess and disable-timing flags?); nothing moved",
+                                   EPLB_API, hipGetErrorString(e));
+        }
+        WaitEvent *w;
+        if (hs->nwaits < kMaxWaitEvents) {
+            w = &hs->waits[hs->nwaits++];
+        } else {
+            w = &hs->waits[hs->wait_next];
+            (void)hipEventDestroy(w->ev);
+            hs->wait_next = (hs->wait_next + 1) % kMaxWaitEvents;
+        }
+        memcpy(w->handle, handle, EPLB_EVENT_HANDLE_SIZE);
+        w->ev = ev;
+    }
+    for (uint32_t d = 0; d < hs->ndev; d++) {
+        HIP_CHECK(hipSetDevice(hs->devs[d].ordinal), EPLB_EINTERNAL, fail);
+        hipError_t e = hipStreamWaitEvent(hs->devs[d].stream, ev, 0);
+        if (e != hipSuccess) {
+            st = eplb_impl_error(err, EPLB_EINTERNAL, "wait_event: %sStreamWaitEvent(device %d): "
+                                 "%s", EPLB_API, hs->devs[d].ordinal, hipGetErrorString(e));
+            note_sticky(hs, e, EPLB_EINTERNAL, "stream wait event");
+            goto fail;
+        }
+    }
+fail:
+    return st;
+}
+
+/* The done event after all copy streams (see the head comment). */
+eplb_status hip_record_event(void *state, uint8_t handle[EPLB_EVENT_HANDLE_SIZE],
+                             eplb_error *err) {
+    HipState *hs = static_cast<HipState *>(state);
+    if (hs->broken_code != EPLB_OK)
+        return broken(hs, err);
+    DeviceGuard guard;
+    eplb_status st = EPLB_OK;
+    Device *d0 = &hs->devs[0];
+    hipError_t e = hipSuccess;
+    const char *what = "";
+    if (!hs->done) {
+        hipIpcEventHandle_t h;
+        static_assert(sizeof(h) == EPLB_EVENT_HANDLE_SIZE, "IPC event handle is 64 bytes");
+        HIP_CHECK(hipSetDevice(d0->ordinal), EPLB_EINTERNAL, fail);
+        HIP_CHECK(hipEventCreateWithFlags(&hs->done, hipEventInterprocess | hipEventDisableTiming),
+                  EPLB_EINTERNAL, fail);
+        e = hipIpcGetEventHandle(&h, hs->done);
+        if (e != hipSuccess) {
+            (void)hipEventDestroy(hs->done);
+            hs->done = nullptr;
+            what = "IpcGetEventHandle";
+            goto runtime;
+        }
+        memcpy(hs->done_handle, &h, sizeof h);
+    }
+    for (uint32_t d = 1; d < hs->ndev; d++) {
+        Device *dv = &hs->devs[d];
+        HIP_CHECK(hipSetDevice(dv->ordinal), EPLB_EINTERNAL, fail);
+        if (!dv->join)
+            HIP_CHECK(hipEventCreateWithFlags(&dv->join, hipEventDisableTiming), EPLB_EINTERNAL,
+                      fail);
+        if ((e = hipEventRecord(dv->join, dv->stream)) != hipSuccess) {
+            what = "EventRecord";
+            goto runtime;
+        }
+        HIP_CHECK(hipSetDevice(d0->ordinal), EPLB_EINTERNAL, fail);
+        if ((e = hipStreamWaitEvent(d0->stream, dv->join, 0)) != hipSuccess) {
+            what = "StreamWaitEvent";
+            goto runtime;
+        }
+    }
+    HIP_CHECK(hipSetDevice(d0->ordinal), EPLB_EINTERNAL, fail);
+    if ((e = hipEventRecord(hs->done, d0->stream)) != hipSuccess) {
+        what = "EventRecord";
+        goto runtime;
+    }
+    memcpy(handle, hs->done_handle, EPLB_EVENT_HANDLE_SIZE);
+    return EPLB_OK;
+runtime:
+    st = eplb_impl_error(err, EPLB_EINTERNAL, "done event: %s%s: %s", EPLB_API, what,
+                         hipGetErrorString(e));
+    note_sticky(hs, e, EPLB_EINTERNAL, "done event");
+fail:
+    return st;
+}
+
 /* check: device memory cannot shrink under an open handle; it reports a
  * broken backend (see note_sticky). */
 const eplb_backend_ops hip_ops = {
-    EPLB_BACKEND_ABI, EPLB_API,    hip_probe,       hip_open, hip_check,
-    hip_gather,       hip_scatter, hip_synchronize, hip_close,
+    EPLB_BACKEND_ABI, EPLB_API,    hip_probe,       hip_open,       hip_check,
+    hip_gather,       hip_scatter, hip_synchronize, hip_close,      hip_wait_event,
+    hip_record_event,
 };
 
 } // namespace

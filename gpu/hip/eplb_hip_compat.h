@@ -36,6 +36,12 @@
  *       hipGetLastError answer hipErrorIllegalAddress (a sticky fault);
  *   unsigned eplb_host_emul_peer_copies[8][8]  hipMemcpyPeerAsync calls per
  *       (source, destination) device;
+ *   void eplb_host_emul_log(what, device, event)  called for every "copy"
+ *       (a kernel launch or a peer copy; event NULL), "wait" (a stream
+ *       waits; event: the origin the handle named), "record" (event: the
+ *       event recorded) and "open" (an IPC event handle opened; event: its
+ *       origin), device being the current one: the order in which
+ *       a test sees waits, copies and records is the order of the streams;
  * and $EPLB_HOST_PEER_FAIL="a>b" makes enabling peer access a -> b fail. */
 #ifndef EPLB_HIP_COMPAT_H
 #define EPLB_HIP_COMPAT_H
@@ -51,6 +57,8 @@
 typedef cudaError_t hipError_t;
 typedef cudaStream_t hipStream_t;
 typedef cudaIpcMemHandle_t hipIpcMemHandle_t;
+typedef cudaEvent_t hipEvent_t;
+typedef cudaIpcEventHandle_t hipIpcEventHandle_t;
 
 #define hipSuccess cudaSuccess
 #define hipErrorNoDevice cudaErrorNoDevice
@@ -77,6 +85,14 @@ typedef cudaIpcMemHandle_t hipIpcMemHandle_t;
 #define hipDeviceCanAccessPeer cudaDeviceCanAccessPeer
 #define hipDeviceEnablePeerAccess cudaDeviceEnablePeerAccess
 #define hipErrorIllegalAddress cudaErrorIllegalAddress
+#define hipEventCreateWithFlags cudaEventCreateWithFlags
+#define hipEventDisableTiming cudaEventDisableTiming
+#define hipEventInterprocess cudaEventInterprocess
+#define hipEventRecord cudaEventRecord
+#define hipEventDestroy cudaEventDestroy
+#define hipStreamWaitEvent cudaStreamWaitEvent
+#define hipIpcGetEventHandle cudaIpcGetEventHandle
+#define hipIpcOpenEventHandle cudaIpcOpenEventHandle
 
 #define EPLB_API "cuda"
 #define EPLB_IPC_KIND EPLB_BUFFERS_CUDA_IPC
@@ -171,6 +187,21 @@ typedef struct eplb_host_stream *hipStream_t;
 typedef struct {
     char reserved[64];
 } hipIpcMemHandle_t;
+typedef struct {
+    char reserved[64];
+} hipIpcEventHandle_t;
+/* An emulated event: a counter of records.  Its IPC handle is the 8 bytes
+ * "eplbevt" NUL, then a pointer naming the event (for one we export: the
+ * event itself; a test makes the engine's handles the same way); anything
+ * else does not open, as a garbage handle does not on a GPU. */
+struct eplb_host_event {
+    unsigned flags;
+    int device;
+    const void *origin; /* opened from a handle: what it named; else NULL */
+    unsigned long records;
+};
+typedef struct eplb_host_event *hipEvent_t;
+#define EPLB_HOST_EVENT_MAGIC "eplbevt"
 enum {
     hipSuccess = 0,
     hipErrorInvalidValue = 1,
@@ -182,6 +213,7 @@ enum {
     hipErrorNotSupported = 801
 };
 enum { hipMemcpyHostToDevice = 1, hipStreamNonBlocking = 1, hipIpcMemLazyEnablePeerAccess = 1 };
+enum { hipEventDisableTiming = 2, hipEventInterprocess = 4 };
 
 #ifdef EPLB_HIP_ON_HOST_AS_CUDA
 #define EPLB_API "cuda"
@@ -210,6 +242,7 @@ struct eplb_host_hooks {
     int (*find)(const void *, void **, size_t *, int *);
     int *sticky;
     unsigned (*peer_copies)[8];
+    void (*log)(const char *, int, const void *);
 };
 static inline const eplb_host_hooks &eplb_host_hooks_get(void) {
     static eplb_host_hooks h;
@@ -219,6 +252,7 @@ static inline const eplb_host_hooks &eplb_host_hooks_get(void) {
                                                                          "eplb_host_emul_find");
         h.sticky = (int *)dlsym(RTLD_DEFAULT, "eplb_host_emul_sticky");
         h.peer_copies = (unsigned (*)[8])dlsym(RTLD_DEFAULT, "eplb_host_emul_peer_copies");
+        h.log = (void (*)(const char *, int, const void *))dlsym(RTLD_DEFAULT, "eplb_host_emul_log");
         looked = true;
     }
     return h;
@@ -229,6 +263,11 @@ static inline bool eplb_host_dead(void) {
 }
 
 static int eplb_host_device;
+static inline void eplb_host_log(const char *what, const void *event) {
+    const eplb_host_hooks &h = eplb_host_hooks_get();
+    if (h.log)
+        h.log(what, eplb_host_device, event);
+}
 static inline int eplb_host_devices(void) {
     const char *e = getenv("EPLB_HOST_DEVICES");
     int n = e ? atoi(e) : 2;
@@ -274,6 +313,7 @@ static inline hipError_t hipMemcpyPeerAsync(void *d, int dd, const void *s, int 
     const eplb_host_hooks &h = eplb_host_hooks_get();
     if (h.peer_copies && sd >= 0 && sd < 8 && dd >= 0 && dd < 8)
         h.peer_copies[sd][dd]++;
+    eplb_host_log("copy", NULL);
     memcpy(d, s, n);
     return hipSuccess;
 }
@@ -297,6 +337,59 @@ static inline hipError_t hipDeviceCanAccessPeer(int *can, int a, int b) {
     *can = (a ^ b) == 1;
     return hipSuccess;
 }
+static inline hipError_t hipEventCreateWithFlags(hipEvent_t *ev, unsigned flags) {
+    *ev = static_cast<hipEvent_t>(calloc(1, sizeof(eplb_host_event)));
+    if (!*ev)
+        return hipErrorInvalidValue;
+    (*ev)->flags = flags;
+    (*ev)->device = eplb_host_device;
+    return hipSuccess;
+}
+static inline hipError_t hipEventDestroy(hipEvent_t ev) {
+    free(ev);
+    return hipSuccess;
+}
+/* The stream's work runs at the call (copies are synchronous here), so a
+ * record counts and is logged in stream order. */
+static inline hipError_t hipEventRecord(hipEvent_t ev, hipStream_t) {
+    if (!ev)
+        return hipErrorInvalidValue;
+    if (eplb_host_dead())
+        return hipErrorIllegalAddress;
+    ev->records++;
+    eplb_host_log("record", ev);
+    return hipSuccess;
+}
+static inline hipError_t hipStreamWaitEvent(hipStream_t, hipEvent_t ev, unsigned) {
+    if (!ev)
+        return hipErrorInvalidValue;
+    if (eplb_host_dead())
+        return hipErrorIllegalAddress;
+    eplb_host_log("wait", ev->origin ? ev->origin : ev);
+    return hipSuccess;
+}
+/* As CUDA: only an event created interprocess (and without timing) has a
+ * handle. */
+static inline hipError_t hipIpcGetEventHandle(hipIpcEventHandle_t *h, hipEvent_t ev) {
+    if (!ev || !(ev->flags & hipEventInterprocess) || !(ev->flags & hipEventDisableTiming))
+        return hipErrorInvalidValue;
+    memset(h, 0, sizeof *h);
+    memcpy(h->reserved, EPLB_HOST_EVENT_MAGIC, 8);
+    memcpy(h->reserved + 8, &ev, sizeof ev);
+    return hipSuccess;
+}
+static inline hipError_t hipIpcOpenEventHandle(hipEvent_t *ev, hipIpcEventHandle_t h) {
+    const void *origin = NULL;
+    memcpy(&origin, h.reserved + 8, sizeof origin);
+    if (memcmp(h.reserved, EPLB_HOST_EVENT_MAGIC, 8) != 0 || !origin)
+        return hipErrorInvalidValue;
+    hipError_t e = hipEventCreateWithFlags(ev, hipEventInterprocess | hipEventDisableTiming);
+    if (e == hipSuccess) {
+        (*ev)->origin = origin;
+        eplb_host_log("open", origin);
+    }
+    return e;
+}
 /* Fails for the pair $EPLB_HOST_PEER_FAIL names ("a>b"), as a driver may
  * for one link. */
 static inline hipError_t hipDeviceEnablePeerAccess(int peer, unsigned) {
@@ -313,6 +406,7 @@ static inline hipError_t hipDeviceEnablePeerAccess(int peer, unsigned) {
         (void)(stream);                                                                           \
         gridDim = (grid);                                                                         \
         blockDim = (block);                                                                       \
+        eplb_host_log("copy", NULL);                                                              \
         for (unsigned b_ = 0; b_ < gridDim.x; b_++)                                               \
             for (unsigned t_ = 0; t_ < blockDim.x; t_++) {                                        \
                 blockIdx = dim3(b_);                                                              \

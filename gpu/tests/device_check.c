@@ -34,6 +34,12 @@
  *    every region with cudaMalloc and exports IPC handles; the backend opens
  *    them (cudaIpcOpenMemHandle), moves weights, closes; the child checks
  *    every slot's bytes.
+ * 5b. events (ABI 4): the cpu backend refuses them; a garbage engine handle
+ *    is refused (EPLB_EINVAL) and the backend still moves right; the done
+ *    handle is stable; with host emulation also the stream order (every
+ *    copy stream waits on the engine's event before the first copy, the
+ *    exported event is recorded after the last, a known handle is opened
+ *    once).
  * 6. bandwidth: 8 ranks x 9 slots of 42 MiB experts (w13 28 MiB + w2 14 MiB,
  *    DeepSeek-V3 fp8, each tensor in its own region), a derangement (gather
  *    + scatter of every slot), once with 16-byte-multiple sizes and once
@@ -698,6 +704,157 @@ static void check_sticky(void) {
 }
 #endif
 
+/* ---- events (ABI 4): GPU-side ordering with the engine's streams ------------ */
+
+/* An engine handle as the emulation reads it (eplb_hip_compat.h): the magic,
+ * then a pointer naming the event. */
+#ifdef EPLB_DEVICE_CHECK_ON_HOST
+static int engine_origin; /* its address names the engine's event */
+static void engine_handle(uint8_t h[EPLB_EVENT_HANDLE_SIZE], const void *origin) {
+    memset(h, 0, EPLB_EVENT_HANDLE_SIZE);
+    memcpy(h, "eplbevt", 8);
+    memcpy(h + 8, &origin, sizeof origin);
+}
+#endif
+
+/* Both builds: the cpu backend has no events (refused, length too), a
+ * device backend has; a garbage handle is refused cleanly (EPLB_EINVAL,
+ * nothing queued, the backend moves afterwards); the done handle is the
+ * same on every record and not all zero.  Host emulation also checks the
+ * order the streams see: every device's stream waits on the engine's event
+ * before the first copy, and the exported event is recorded after the last
+ * copy, on the first device, after the other devices' joins; an engine
+ * handle seen again is not opened again. */
+static void check_events(void) {
+    static int32_t map[L][P], content[L][P], next[L][P];
+    init_rows(map, content);
+    world w;
+    world_init(&w, 0, G, content);
+    eplb_backend *gpu, *cpu;
+    if (!open_pair(&w, &gpu, &cpu, "events"))
+        return;
+    eplb_error err;
+    char why[700] = "";
+    uint8_t h[EPLB_EVENT_HANDLE_SIZE], done1[EPLB_EVENT_HANDLE_SIZE], done2[EPLB_EVENT_HANDLE_SIZE];
+    memset(h, 0x5a, sizeof h);
+    bool ok = !eplb_backend_has_events(cpu) && eplb_backend_has_events(gpu);
+    eplb_status c1 = eplb_backend_wait_event(cpu, h, sizeof h, &err);
+    ok = ok && c1 == EPLB_EINVAL && strstr(err.msg, "events need a device backend");
+    eplb_status c2 = eplb_backend_record_event(cpu, done1, &err);
+    ok = ok && c2 == EPLB_EINVAL;
+    eplb_status c3 = eplb_backend_wait_event(gpu, h, 63, &err);
+    ok = ok && c3 == EPLB_EINVAL && strstr(err.msg, "want 64");
+    if (!ok)
+        snprintf(why, sizeof why, "refusals: cpu wait %s, cpu record %s, short handle %s: %s",
+                 eplb_status_name(c1), eplb_status_name(c2), eplb_status_name(c3), err.msg);
+#ifdef EPLB_DEVICE_CHECK_ON_HOST
+    eplb_host_emul_log_len = 0;
+#endif
+    /* Garbage (0x5a bytes: no event of any process). */
+    eplb_status bad = eplb_backend_wait_event(gpu, h, sizeof h, &err);
+    if (ok && !(bad == EPLB_EINVAL && strstr(err.msg, "IpcOpenEventHandle"))) {
+        ok = false;
+        snprintf(why, sizeof why, "garbage handle: %s: %s", eplb_status_name(bad), err.msg);
+    }
+#ifdef EPLB_DEVICE_CHECK_ON_HOST
+    if (ok && eplb_host_emul_log_len != 0) {
+        ok = false;
+        snprintf(why, sizeof why, "a refused handle queued %u stream operations",
+                 eplb_host_emul_log_len);
+    }
+    engine_handle(h, &engine_origin);
+    for (int round = 0; ok && round < 2; round++)
+        if (eplb_backend_wait_event(gpu, h, sizeof h, &err) != EPLB_OK) {
+            ok = false;
+            snprintf(why, sizeof why, "engine handle, round %d: %s", round, err.msg);
+        }
+#endif
+    /* One move of both layers, then the done event (twice: same handle). */
+    uint64_t rs = 5;
+    for (int l = 0; ok && l < L; l++) {
+        next_map(&rs, map[l], next[l], 1, 0, G);
+        eplb_plan plan;
+        ok = eplb_plan_build(P, G, GPN, map[l], next[l], 0, G, &plan, &err) == EPLB_OK &&
+             eplb_backend_execute_layer(gpu, (uint32_t)l, &plan, &err) == EPLB_OK &&
+             eplb_backend_execute_layer(cpu, (uint32_t)l, &plan, &err) == EPLB_OK;
+        eplb_plan_free(&plan);
+        if (!ok)
+            snprintf(why, sizeof why, "move layer %d after the wait: %s", l, err.msg);
+        apply(map, next, content, l);
+    }
+    static const uint8_t zero[EPLB_EVENT_HANDLE_SIZE];
+    if (ok && (eplb_backend_record_event(gpu, done1, &err) != EPLB_OK ||
+               eplb_backend_record_event(gpu, done2, &err) != EPLB_OK)) {
+        ok = false;
+        snprintf(why, sizeof why, "record: %s", err.msg);
+    }
+    if (ok && (memcmp(done1, done2, sizeof done1) != 0 || memcmp(done1, zero, sizeof zero) == 0)) {
+        ok = false;
+        snprintf(why, sizeof why, "the done handle is all zero or changes between records");
+    }
+#ifdef EPLB_DEVICE_CHECK_ON_HOST
+    if (ok) {
+        /* The log since the garbage handle: open (once), waits, copies,
+         * then the records of the first record_event. */
+        const eplb_host_log_entry *lg = eplb_host_emul_log_entries;
+        unsigned n = eplb_host_emul_log_len, opens = 0, waits = 0, first_copy = n, last_copy = 0;
+        unsigned last_wait = 0, first_record = n;
+        bool waited[8] = {false};
+        const void *done_ev = NULL;
+        memcpy(&done_ev, done1 + 8, sizeof done_ev);
+        for (unsigned i = 0; i < n; i++) {
+            if (strcmp(lg[i].what, "open") == 0)
+                opens += lg[i].event == &engine_origin;
+            else if (strcmp(lg[i].what, "copy") == 0) {
+                if (first_copy == n)
+                    first_copy = i;
+                last_copy = i;
+            } else if (strcmp(lg[i].what, "wait") == 0 && lg[i].event == &engine_origin) {
+                waits++;
+                last_wait = i;
+                if (lg[i].device >= 0 && lg[i].device < 8)
+                    waited[lg[i].device] = true;
+            } else if (strcmp(lg[i].what, "record") == 0 && first_record == n)
+                first_record = i;
+        }
+        /* The first record_event's entries: ndev - 1 joins (each followed
+         * by the first device's wait on it) and the exported record. */
+        unsigned exported = first_record + 2 * (unsigned)(w.ndev - 1);
+        bool all_waited = true;
+        for (int d = 0; d < w.ndev && d < 8; d++)
+            all_waited = all_waited && waited[d];
+        ok = opens == 1 && waits == 2 * (unsigned)w.ndev && all_waited && first_copy < n &&
+             last_wait < first_copy && first_record > last_copy && exported < n &&
+             strcmp(lg[exported].what, "record") == 0 && lg[exported].event == done_ev &&
+             lg[exported].device == dev_of(&w, 0);
+        if (!ok)
+            snprintf(why, sizeof why, "stream order: %u opens (want 1), %u waits (want %d, every "
+                     "device: %s), last wait %u < first copy %u, last copy %u < first record "
+                     "%u, exported record at %u: %s on device %d, the handle's event: %s",
+                     opens, waits, 2 * w.ndev, all_waited ? "yes" : "no", last_wait, first_copy,
+                     last_copy, first_record, exported, exported < n ? lg[exported].what : "-",
+                     exported < n ? lg[exported].device : -1,
+                     exported < n && lg[exported].event == done_ev ? "yes" : "no");
+    }
+#endif
+    /* The bad handle left the backend usable: the bytes are right. */
+    if (ok && (eplb_backend_synchronize(gpu, &err) != EPLB_OK || !world_matches(&w, true, content, why, sizeof why)))
+        ok = false;
+    char name[900];
+    snprintf(name, sizeof name, "events: cpu refused, garbage handle refused cleanly, %s; done "
+             "handle stable%s%s",
+#ifdef EPLB_DEVICE_CHECK_ON_HOST
+             "waits on every stream before the first copy, done event after the last",
+#else
+             "moves after it",
+#endif
+             ok ? "" : ": ", ok ? "" : why);
+    result(ok, name);
+    eplb_backend_close(gpu);
+    eplb_backend_close(cpu);
+    world_fini(&w);
+}
+
 /* ---- ipc through an engine child process ----------------------------------- */
 
 #ifdef EPLB_DEVICE_CHECK_ON_HOST
@@ -1026,6 +1183,7 @@ int main(int argc, char **argv) {
     check_peer_refused();
     check_sticky();
 #endif
+    check_events();
     check_ipc("/proc/self/exe");
     printf("correctness: %.1f s\n", now_s() - t0);
 #ifdef EPLB_DEVICE_CHECK_ON_HOST

@@ -53,12 +53,21 @@ static void set_state(eplb_move *m, eplb_move_state from, eplb_move_state to, co
 }
 
 /* IDLE -> STAGED: the plan of every layer can be carried out with the
- * buffers we hold.  Refusals leave IDLE; lost buffers go to NEEDS_RELOAD. */
+ * buffers we hold, and (with a wait event) the copy streams wait on the
+ * engine's event -- a wait queued before any copy, so a refused or failed
+ * begin is a refusal like check's: nothing moved.  Refusals leave IDLE;
+ * lost buffers go to NEEDS_RELOAD. */
 static eplb_status move_stage(eplb_move *m, eplb_error *err) {
     assert(m->e->rec.state == EPLB_MOVE_IDLE);
     const eplb_placement *cur = &registry_current(m->e)->placement;
-    eplb_status st = m->e->weights->check(m->e->weights_ctx, cur->num_layers, cur->num_physical, cur->phy2log,
-                                          m->next->phy2log, err);
+    const eplb_weights_ops *w = m->e->weights;
+    eplb_status st = w->check(m->e->weights_ctx, cur->num_layers, cur->num_physical, cur->phy2log,
+                              m->next->phy2log, err);
+    if (st == EPLB_OK && m->wait_event_len) {
+        /* The caller refused a wait event for weights without begin. */
+        assert(w->begin);
+        st = w->begin(m->e->weights_ctx, m->wait_event, m->wait_event_len, err);
+    }
     if (st == EPLB_OK)
         set_state(m, EPLB_MOVE_IDLE, EPLB_MOVE_STAGED, "");
     return st;
@@ -122,6 +131,30 @@ static eplb_status move_commit(eplb_move *m, eplb_placement *placement, eplb_err
         trace_state(m, EPLB_MOVE_MOVING, EPLB_MOVE_COMMITTED, "");
     }
     return st;
+}
+
+/* After the last scatter (still MOVING, nothing stored): the done event
+ * for the engine's streams.  Its failure does not fail the move -- the
+ * phases returned complete, the bytes are in place as far as the backend
+ * knows -- so the move commits and the answer has no done event, which
+ * tells the engine the bytes were complete when the answer left (docs/api.md). */
+static void move_end(eplb_move *m) {
+    assert(m->e->rec.state == EPLB_MOVE_MOVING);
+    const eplb_weights_ops *w = m->e->weights;
+    if (!w->end || m->bytes_moved == 0)
+        return;
+    eplb_error eerr;
+    eplb_error_clear(&eerr);
+    bool has = false;
+    eplb_status st = w->end(m->e->weights_ctx, m->done_event, &has, &eerr);
+    m->has_done_event = st == EPLB_OK && has;
+    if (st != EPLB_OK && eplb_trace_on()) {
+        eplb_trace_field f[] = {
+            EPLB_TF_S("status", eplb_status_name(st)),
+            EPLB_TF_S("error", eerr.msg),
+        };
+        eplb_trace("move_done_event_failed", m->e->model_id, f, EPLB_TRACE_N(f));
+    }
 }
 
 /* COMMITTED -> IDLE: the new epoch is what readers see. */
@@ -254,7 +287,11 @@ eplb_status eplb_move_run(eplb_move *m, eplb_error *err) {
     m->move_ms = elapsed_ms(&t0);
 
     if (st == EPLB_OK) {
-        /* Every layer moved: commit the new map. */
+        /* Every layer moved: the done event, then commit the new map.  (A
+         * move that stopped early answers an error, which carries no event:
+         * its copies completed before the answer.) */
+        if (e->rec.state == EPLB_MOVE_MOVING)
+            move_end(m);
         st = move_commit(m, m->next, err);
         if (st != EPLB_OK) {
             snprintf(why, sizeof why, "the weights were moved but the new placement could not be stored (%s)",

@@ -9,12 +9,16 @@ typedef struct eplb_move {
     eplb_registry *r;
     registry_entry *e;     /* op_lock held; weights attached; state IDLE */
     eplb_placement *next;  /* the target map; eplb_move_run takes its arrays */
+    const uint8_t *wait_event; /* NULL/0: none; else checked by the caller (length, begin present) */
+    size_t wait_event_len;
     /* out */
     uint32_t layers_done;  /* layers whose bytes hold the new experts */
     uint64_t bytes_moved;  /* bytes written into live slots */
     uint64_t bytes_cross_gpu;
     uint64_t bytes_staged;
     double move_ms;
+    bool has_done_event;   /* done_event holds the end op's handle */
+    uint8_t done_event[EPLB_EVENT_BYTES];
 } eplb_move;
 
 /* Move the weights from the model's placement to *m->next and commit.

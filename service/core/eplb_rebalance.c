@@ -180,17 +180,40 @@ void eplb_rebalance_result_free(eplb_rebalance_result *res) {
     memset(res, 0, sizeof *res);
 }
 
+/* A request's wait event (the engine's IPC event handle): checked before
+ * anything is computed, so a refusal changes nothing.  It is only usable by
+ * weights whose backend orders with device events (eplb_weights_ops.begin);
+ * without weights nothing of ours runs on the engine's GPUs to order. */
+static eplb_status check_wait_event(const registry_entry *e, const uint8_t *ev, size_t len, eplb_error *err) {
+    if (!len)
+        return EPLB_OK;
+    if (len != EPLB_EVENT_BYTES || !ev)
+        return eplb_error_set(err, EPLB_EINVAL, "wait_event is %zu bytes, want %d (an IPC event handle)", len,
+                              EPLB_EVENT_BYTES);
+    if (!e->weights || !e->weights->begin)
+        return eplb_error_set(err, EPLB_EINVAL,
+                              "wait_event: events need a device backend (model %s has %s); synchronize the engine "
+                              "before the call instead", e->model_id,
+                              e->weights ? "shm weights, moved by the cpu backend" : "no weights attached");
+    return EPLB_OK;
+}
+
 /* Commit next (ownership taken) as e's placement: with weights attached,
- * move the bytes first (eplb_move.c); fills the result's byte counts. */
+ * move the bytes first (eplb_move.c, the copy streams waiting on wait_event
+ * when given); fills the result's byte counts and done event. */
 static eplb_status commit_placement(eplb_registry *r, registry_entry *e, eplb_placement *next,
-                                    eplb_rebalance_result *out, eplb_error *err) {
+                                    const uint8_t *wait_event, size_t wait_event_len, eplb_rebalance_result *out,
+                                    eplb_error *err) {
     if (e->weights) {
-        eplb_move m = { .r = r, .e = e, .next = next };
+        eplb_move m = { .r = r, .e = e, .next = next, .wait_event = wait_event, .wait_event_len = wait_event_len };
         eplb_status st = eplb_move_run(&m, err);
         out->bytes_moved = m.bytes_moved;
         out->bytes_cross_gpu = m.bytes_cross_gpu;
         out->bytes_staged = m.bytes_staged;
         out->move_ms = m.move_ms;
+        out->has_done_event = st == EPLB_OK && m.has_done_event;
+        if (out->has_done_event)
+            memcpy(out->done_event, m.done_event, sizeof out->done_event);
         return st;
     }
     return registry_commit_locked(r, e, next, &registry_current(e)->shape, err);
@@ -217,8 +240,8 @@ static void pending_settle(registry_entry *e) {
  * says what the stored row will hold after it (cleared at the last step),
  * so the step and the record are one transaction.  Fills out (placement,
  * progress, bytes).  Caller holds op_lock. */
-static eplb_status pending_run_step(eplb_registry *r, registry_entry *e, eplb_rebalance_result *out,
-                                    eplb_error *err) {
+static eplb_status pending_run_step(eplb_registry *r, registry_entry *e, const uint8_t *wait_event,
+                                    size_t wait_event_len, eplb_rebalance_result *out, eplb_error *err) {
     eplb_pending_rebalance *p = &e->rec.pending;
     const eplb_placement *cur = &registry_current(e)->placement;
     const uint32_t L = cur->num_layers, P = cur->num_physical;
@@ -247,7 +270,7 @@ static eplb_status pending_run_step(eplb_registry *r, registry_entry *e, eplb_re
         memset(p, 0, sizeof *p); /* keep owns the target meanwhile */
     else
         p->layers_done = done_after;
-    st = commit_placement(r, e, &step, out, err);
+    st = commit_placement(r, e, &step, wait_event, wait_event_len, out, err);
     if (last) {
         if (st == EPLB_OK)
             eplb_placement_free(&keep.target);
@@ -277,7 +300,8 @@ static double elapsed_ms(const struct timespec *t0) {
  * ([L][N]).  Caller holds e's lock and has checked epoch and reload. */
 static eplb_status rebalance_locked(eplb_registry *r, registry_entry *e, const int64_t *logical_load,
                                     const eplb_policy_shape *ps, eplb_slot_order order, bool dry_run,
-                                    uint32_t layers_per_step, eplb_rebalance_result *out, eplb_error *err) {
+                                    uint32_t layers_per_step, const uint8_t *wait_event, size_t wait_event_len,
+                                    eplb_rebalance_result *out, eplb_error *err) {
     const eplb_placement *cur = &registry_current(e)->placement;
     uint32_t L = cur->num_layers, N = cur->num_logical, P = cur->num_physical;
     struct timespec t0;
@@ -335,7 +359,7 @@ static eplb_status rebalance_locked(eplb_registry *r, registry_entry *e, const i
         p->balancedness_before = out->balancedness_before;
         p->balancedness_after = out->balancedness_after;
         p->target = next; /* owned by the record now */
-        st = pending_run_step(r, e, out, err);
+        st = pending_run_step(r, e, wait_event, wait_event_len, out, err);
         if (st != EPLB_OK && registry_current(e)->placement.epoch == epoch0 && e->rec.pending.id[0]) {
             /* Nothing committed, so nothing stored it: no rebalance to continue. */
             eplb_pending_clear(p);
@@ -360,7 +384,7 @@ static eplb_status rebalance_locked(eplb_registry *r, registry_entry *e, const i
         eplb_placement_free(&next);
         goto out;
     }
-    st = commit_placement(r, e, &next, out, err);
+    st = commit_placement(r, e, &next, wait_event, wait_event_len, out, err);
     if (st != EPLB_OK) {
         eplb_placement_free(&out->placement);
         goto out;
@@ -424,7 +448,8 @@ eplb_status eplb_registry_rebalance(eplb_registry *r, const eplb_rebalance_reque
     if ((st = check_loaded(e, err)) != EPLB_OK ||
         (!req->dry_run && (st = check_not_pending(e, "another Rebalance", err)) != EPLB_OK) ||
         (st = check_epoch(e, req->has_expected_epoch, req->expected_epoch, err)) != EPLB_OK ||
-        (st = check_topology(r, &ps, req->slot_order, err)) != EPLB_OK)
+        (st = check_topology(r, &ps, req->slot_order, err)) != EPLB_OK ||
+        (st = check_wait_event(e, req->wait_event, req->wait_event_len, err)) != EPLB_OK)
         goto out;
     logical = eplb_malloc(cells * sizeof *logical);
     if (!logical) {
@@ -462,7 +487,8 @@ eplb_status eplb_registry_rebalance(eplb_registry *r, const eplb_rebalance_reque
         }
         memcpy(logical, e->rec.window.sum, cells * sizeof *logical);
     }
-    st = rebalance_locked(r, e, logical, &ps, req->slot_order, req->dry_run, req->layers_per_step, out, err);
+    st = rebalance_locked(r, e, logical, &ps, req->slot_order, req->dry_run, req->layers_per_step, req->wait_event,
+                          req->wait_event_len, out, err);
 out:
     eplb_free(logical);
     registry_release(e);
@@ -473,6 +499,12 @@ out:
 
 eplb_status eplb_registry_continue_rebalance(eplb_registry *r, const char *model_id, const char *rebalance_id,
                                              eplb_rebalance_result *out, eplb_error *err) {
+    return eplb_registry_continue_rebalance_ev(r, model_id, rebalance_id, NULL, 0, out, err);
+}
+
+eplb_status eplb_registry_continue_rebalance_ev(eplb_registry *r, const char *model_id, const char *rebalance_id,
+                                                const uint8_t *wait_event, size_t wait_event_len,
+                                                eplb_rebalance_result *out, eplb_error *err) {
     memset(out, 0, sizeof *out);
     registry_entry *e;
     eplb_status st = registry_acquire(r, model_id, &e, err);
@@ -496,7 +528,9 @@ eplb_status eplb_registry_continue_rebalance(eplb_registry *r, const char *model
                             "attach them again, then continue", p->id, e->model_id);
         goto out;
     }
-    st = pending_run_step(r, e, out, err);
+    if ((st = check_wait_event(e, wait_event, wait_event_len, err)) != EPLB_OK)
+        goto out;
+    st = pending_run_step(r, e, wait_event, wait_event_len, out, err);
     registry_stats_rebalance(e, st == EPLB_OK, out, out->bytes_moved);
 out:
     registry_release(e);
@@ -581,7 +615,7 @@ eplb_status eplb_registry_record_load(eplb_registry *r, const eplb_record_reques
         eplb_error_clear(&why);
         eplb_slot_order order = e->weights && ps.num_gpus / ps.num_nodes <= MIN_TRAFFIC_MAX_GPUS_PER_NODE
                                     ? EPLB_SLOT_MIN_TRAFFIC : EPLB_SLOT_PRESERVE;
-        eplb_status ast = rebalance_locked(r, e, logical, &ps, order, false, 0, &res, &why);
+        eplb_status ast = rebalance_locked(r, e, logical, &ps, order, false, 0, NULL, 0, &res, &why);
         out->rebalanced = ast == EPLB_OK;
         eplb_rebalance_result_free(&res);
         /* The pass is counted either way, so the call succeeds (a retried

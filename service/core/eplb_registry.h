@@ -12,6 +12,7 @@
 #define EPLB_REGISTRY_H
 
 #include <stdbool.h>
+#include <stddef.h>
 #include <stdint.h>
 
 #include "eplb_load.h"
@@ -218,7 +219,25 @@ typedef struct eplb_weights_ops {
     eplb_status (*scatter)(void *ctx, uint32_t layer, uint32_t num_physical, const int32_t *old_row,
                            const int32_t *new_row, eplb_move_bytes *bytes, eplb_error *err);
     void (*close)(void *ctx);
+    /* GPU-side ordering with the engine's streams (docs/api.md "Ordering
+     * with the engine's GPU streams"); both NULL for weights without device
+     * events (shm), and then a request's wait event is refused
+     * (EPLB_EINVAL, "events need a device backend") before anything moves.
+     * begin: after check, before the first gather, only when the request
+     * carries a wait event (len bytes): the copy streams wait on it.  A
+     * failure is a refusal like check's: nothing moved (EPLB_EDATALOSS: the
+     * buffers are lost).
+     * end: after the last scatter of a move that wrote bytes: record the
+     * done event after every copy and write its handle (*has: one was
+     * written).  A failure there does not undo the move: every phase
+     * returned complete (the backend synchronizes), so the move commits and
+     * the answer carries no done event. */
+    eplb_status (*begin)(void *ctx, const uint8_t *wait_event, size_t len, eplb_error *err);
+    eplb_status (*end)(void *ctx, uint8_t done_event[64], bool *has, eplb_error *err);
 } eplb_weights_ops;
+
+/* Bytes of an IPC event handle (hipIpcEventHandle_t, cudaIpcEventHandle_t). */
+#define EPLB_EVENT_BYTES 64
 
 /* Attach (or replace) a model's weights, opened for `shape` (layers,
  * physical experts, ep_size); the registry owns ctx from now on, whatever
@@ -276,6 +295,12 @@ typedef struct eplb_rebalance_request {
     bool dry_run;                     /* compute, change nothing */
     eplb_slot_order slot_order;
     uint32_t layers_per_step;         /* commit in steps of this many changed layers; 0: all at once */
+    /* The engine's IPC event (EPLB_EVENT_BYTES) recorded after its last use
+     * of the weights; NULL/0: none (the engine synchronized before the
+     * call).  Another length, or a wait event without weights that have
+     * device events, is EPLB_EINVAL before anything is computed. */
+    const uint8_t *wait_event;
+    size_t wait_event_len;
 } eplb_rebalance_request;
 
 typedef struct eplb_rebalance_result {
@@ -298,6 +323,11 @@ typedef struct eplb_rebalance_result {
     bool pending;
     uint32_t *layers_moved;           /* [num_layers_moved], malloc'd */
     uint32_t num_layers_moved;
+    /* The IPC handle of the event recorded after this call's copies
+     * (eplb_weights_ops.end): set only when bytes moved on weights with
+     * device events and the record succeeded. */
+    bool has_done_event;
+    uint8_t done_event[EPLB_EVENT_BYTES];
 } eplb_rebalance_result;
 
 /* Rebalance: compute a new placement from the request's load (or the
@@ -318,6 +348,12 @@ void eplb_rebalance_result_free(eplb_rebalance_result *res);
  * balancedness values are the whole rebalance's. */
 eplb_status eplb_registry_continue_rebalance(eplb_registry *r, const char *model_id, const char *rebalance_id,
                                              eplb_rebalance_result *out, eplb_error *err);
+
+/* ContinueRebalance with the engine's wait event (as in
+ * eplb_rebalance_request; NULL/0: none), checked the same way. */
+eplb_status eplb_registry_continue_rebalance_ev(eplb_registry *r, const char *model_id, const char *rebalance_id,
+                                                const uint8_t *wait_event, size_t wait_event_len,
+                                                eplb_rebalance_result *out, eplb_error *err);
 
 typedef struct eplb_record_request {
     const char *model_id;

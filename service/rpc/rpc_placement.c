@@ -161,6 +161,16 @@ static void reply_rebalance(rpc_context *ctx, const char *model_id, const eplb_r
         eplb_v1_RebalanceResponse_set_pending(resp, res->pending);
         eplb_v1_RebalanceResponse_set_bytes_cross_gpu(resp, res->bytes_cross_gpu);
         eplb_v1_RebalanceResponse_set_bytes_staged(resp, res->bytes_staged);
+        if (res->has_done_event) {
+            /* The arena outlives the serialization; res does not matter. */
+            char *ev = upb_Arena_Malloc(arena, EPLB_EVENT_BYTES);
+            if (!ev) {
+                rpc_reply_set(out, 8, "out of memory encoding the response");
+                return;
+            }
+            memcpy(ev, res->done_event, EPLB_EVENT_BYTES);
+            eplb_v1_RebalanceResponse_set_done_event(resp, upb_StringView_FromDataAndSize(ev, EPLB_EVENT_BYTES));
+        }
         out->body = eplb_v1_RebalanceResponse_serialize(resp, arena, &out->body_len);
     }
     if (!out->body)
@@ -187,6 +197,9 @@ void rpc_rebalance(rpc_context *ctx, upb_Arena *arena, const char *req, size_t l
     r.expected_epoch = eplb_v1_RebalanceRequest_expected_epoch(m);
     r.dry_run = eplb_v1_RebalanceRequest_dry_run(m);
     r.layers_per_step = eplb_v1_RebalanceRequest_layers_per_step(m);
+    upb_StringView wev = eplb_v1_RebalanceRequest_wait_event(m);
+    r.wait_event = (const uint8_t *)wev.data;
+    r.wait_event_len = wev.size;
     int32_t order = eplb_v1_RebalanceRequest_slot_order(m);
     if (order == eplb_v1_SLOT_ORDER_PRESERVE)
         r.slot_order = EPLB_SLOT_PRESERVE;
@@ -246,7 +259,9 @@ void rpc_continue_rebalance(rpc_context *ctx, upb_Arena *arena, const char *req,
         return;
     }
     eplb_rebalance_result res;
-    if (eplb_registry_continue_rebalance(ctx->registry, id, rid, &res, &err) != EPLB_OK) {
+    upb_StringView wev = eplb_v1_ContinueRebalanceRequest_wait_event(m);
+    if (eplb_registry_continue_rebalance_ev(ctx->registry, id, rid, (const uint8_t *)wev.data, wev.size, &res,
+                                            &err) != EPLB_OK) {
         rpc_reply_from_error(out, &err);
         return;
     }

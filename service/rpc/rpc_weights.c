@@ -233,12 +233,49 @@ static void mover_close(void *ctx) {
     free(m);
 }
 
+/* Device backends: the copy streams wait on the engine's event before the
+ * first gather (eplb_backend_wait_event refuses a handle that does not
+ * open: nothing moved). */
+static eplb_status mover_begin(void *ctx, const uint8_t *wait_event, size_t len, eplb_error *err) {
+    weights_mover *m = ctx;
+    return eplb_backend_wait_event(m->backend, wait_event, len, err);
+}
+
+/* After the last scatter: the done event.  On a failure the backend is
+ * synchronized once more (the phases already were; this is the fallback the
+ * registry relies on when it commits without a done event). */
+static eplb_status mover_end(void *ctx, uint8_t done_event[EPLB_EVENT_BYTES], bool *has, eplb_error *err) {
+    weights_mover *m = ctx;
+    *has = false;
+    eplb_status st = eplb_backend_record_event(m->backend, done_event, err);
+    if (st != EPLB_OK) {
+        eplb_error serr;
+        (void)eplb_backend_synchronize(m->backend, &serr);
+        return st;
+    }
+    *has = true;
+    return EPLB_OK;
+}
+
+/* shm weights (cpu backend): no device events; the registry refuses a wait
+ * event for them. */
 static const eplb_weights_ops mover_ops = {
     .check = mover_check,
     .gather = mover_gather,
     .scatter = mover_scatter,
     .close = mover_close,
 };
+
+static const eplb_weights_ops mover_event_ops = {
+    .check = mover_check,
+    .gather = mover_gather,
+    .scatter = mover_scatter,
+    .close = mover_close,
+    .begin = mover_begin,
+    .end = mover_end,
+};
+
+_Static_assert(EPLB_EVENT_BYTES == EPLB_EVENT_HANDLE_SIZE, "core and backend agree on an event handle's size");
 
 /* ---- trust boundary -------------------------------------------------------- */
 
@@ -509,8 +546,9 @@ void rpc_attach_weights(rpc_context *ctx, upb_Arena *arena, const char *req, siz
     uint64_t total = 0;
     for (uint32_t l = 0; l < shape.num_layers; l++)
         total += layer_bytes[l];
+    const eplb_weights_ops *ops = eplb_backend_has_events(mv->backend) ? &mover_event_ops : &mover_ops;
     /* The registry owns mv from here, on success or not. */
-    if (eplb_registry_attach_weights(ctx->registry, id, &mover_ops, mv, &shape, &err) != EPLB_OK) {
+    if (eplb_registry_attach_weights(ctx->registry, id, ops, mv, &shape, &err) != EPLB_OK) {
         rpc_reply_from_error(out, &err);
         return;
     }

@@ -78,7 +78,8 @@ static eplb_status slow_scatter(void *c, uint32_t l, uint32_t P, const int32_t *
     return EPLB_OK;
 }
 static void slow_close(void *c) { (void)c; }
-static const eplb_weights_ops slow_ops = { slow_check, slow_gather, slow_scatter, slow_close };
+static const eplb_weights_ops slow_ops = { .check = slow_check, .gather = slow_gather, .scatter = slow_scatter,
+                                           .close = slow_close };
 
 static int64_t skewed_load[2 * 16];
 

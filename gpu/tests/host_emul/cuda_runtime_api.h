@@ -5,14 +5,16 @@
  * memory is malloc'd, copies are memcpy, streams do nothing.
  *
  * Included by exactly one translation unit (device_check.c), which is linked
- * -rdynamic: the three eplb_host_emul_* definitions below are what the
+ * -rdynamic: the eplb_host_emul_* definitions below are what the
  * emulated backend (gpu/hip/eplb_hip_compat.h, EPLB_HIP_ON_HOST) finds with
  * dlsym -- which device each cudaMalloc'd block is on and how big (pointer
  * attributes, allocation ranges), a switch that makes the backend's "device"
- * report a sticky illegal-address error, and its peer-copy counters. */
+ * report a sticky illegal-address error, its peer-copy counters, and the
+ * log of its copies, event waits and records. */
 #ifndef EPLB_HOST_EMUL_CUDA_RUNTIME_API_H
 #define EPLB_HOST_EMUL_CUDA_RUNTIME_API_H
 
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -50,6 +52,26 @@ static int emul_device;
 
 int eplb_host_emul_sticky;
 unsigned eplb_host_emul_peer_copies[8][8];
+
+/* The emulated backend's stream log (eplb_hip_compat.h): "copy", "wait",
+ * "record", "open" in the order the streams would run them. */
+#define EPLB_HOST_LOG_MAX 8192
+typedef struct eplb_host_log_entry {
+    char what[8];
+    int device;
+    const void *event;
+} eplb_host_log_entry;
+eplb_host_log_entry eplb_host_emul_log_entries[EPLB_HOST_LOG_MAX];
+unsigned eplb_host_emul_log_len;
+void eplb_host_emul_log(const char *what, int device, const void *event);
+void eplb_host_emul_log(const char *what, int device, const void *event) {
+    if (eplb_host_emul_log_len >= EPLB_HOST_LOG_MAX)
+        return;
+    eplb_host_log_entry *e = &eplb_host_emul_log_entries[eplb_host_emul_log_len++];
+    snprintf(e->what, sizeof e->what, "%s", what);
+    e->device = device;
+    e->event = event;
+}
 /* Nonzero when p lies in a block cudaMalloc returned: its base, size, device. */
 int eplb_host_emul_find(const void *p, void **base, size_t *size, int *device);
 int eplb_host_emul_find(const void *p, void **base, size_t *size, int *device) {
