@@ -20,8 +20,12 @@ def main() -> int:
     cfg = json.loads(sys.argv[1])
     if cfg.get("nice"):
         os.nice(cfg["nice"])  # background work: do not preempt the engine when woken
+    import grpc
+
+    from ._proto.eplb.v1 import eplb_pb2
+    from ._wire import record_load_request
     from .client import Client
-    from .errors import EplbError
+    from .errors import from_rpc_error
 
     L, P = cfg["shape"]
     cap = cfg["capacity"]
@@ -29,6 +33,8 @@ def main() -> int:
     hdr = mm[:WORDS * 8].view(np.int64)
     ring = mm[HEADER:HEADER + cap * L * P * 8].view(np.int64).reshape(cap, L, P)
     client = Client(cfg["target"], timeout=cfg["timeout"], tls=cfg["tls"], read_retries=0)
+    call = client.channel.unary_unary("/eplb.v1.ExpertBalancer/RecordLoad", request_serializer=None,
+                                      response_deserializer=eplb_pb2.RecordLoadResponse.FromString)
     hdr[READY] = 1
     stdin = sys.stdin.buffer.raw if hasattr(sys.stdin.buffer, "raw") else sys.stdin.buffer
     eof = False
@@ -47,9 +53,10 @@ def main() -> int:
             hdr[TAIL] = tail + k
             err = None
             try:
-                r = client.record_load(cfg["model_id"], packed, num_passes=k)
-            except EplbError as e:
-                err = (e.code.name, e.message)
+                r = call(record_load_request(cfg["model_id"], packed, k), timeout=cfg["timeout"])
+            except grpc.RpcError as e:
+                ee = from_rpc_error(e, "RecordLoad")
+                err = (ee.code.name, ee.message)
             except Exception as e:  # noqa: BLE001
                 err = ("UNKNOWN", "%s: %s" % (type(e).__name__, e))
             if err is None:

@@ -113,6 +113,7 @@ class RebalanceResult:
     layers_moved: List[int]
     bytes_cross_gpu: int
     bytes_staged: int
+    done_event: bytes = b""
 
     @classmethod
     def from_proto(cls, r: "eplb_pb2.RebalanceResponse") -> "RebalanceResult":
@@ -123,7 +124,7 @@ class RebalanceResult:
                    experts_moved=r.experts_moved, compute_ms=r.compute_ms, bytes_moved=r.bytes_moved,
                    move_ms=r.move_ms, rebalance_id=r.rebalance_id, layers_done=r.layers_done,
                    pending=r.pending, layers_moved=list(r.layers_moved),
-                   bytes_cross_gpu=r.bytes_cross_gpu, bytes_staged=r.bytes_staged)
+                   bytes_cross_gpu=r.bytes_cross_gpu, bytes_staged=r.bytes_staged, done_event=r.done_event)
 
 
 @dataclass
@@ -330,18 +331,22 @@ class Client:
                   logical_load: Optional[Array] = None, num_groups: int = 0, num_nodes: int = 0,
                   num_gpus: int = 0, expected_epoch: Optional[int] = None, dry_run: bool = False,
                   slot_order: Union[str, int] = "preserve", include_logical_to_physical: bool = False,
-                  layers_per_step: int = 0, timeout: Optional[float] = None) -> RebalanceResult:
+                  layers_per_step: int = 0, wait_event: bytes = b"",
+                  timeout: Optional[float] = None) -> RebalanceResult:
         """Rebalance from ``physical_load`` [L, P] or ``logical_load`` [L, N]
         (int token counts; neither = the server's recorded window).
         ``slot_order``: "preserve" (default), "algorithm", "min_traffic".
-        ``layers_per_step`` > 0 commits in steps (see :meth:`continue_rebalance`)."""
+        ``layers_per_step`` > 0 commits in steps (see :meth:`continue_rebalance`).
+        ``wait_event``: the 64-byte IPC handle of an event recorded on the
+        engine's stream after its last use of the weights (device backends
+        only; docs/api.md); the answer's ``done_event`` is eplbd's."""
         if physical_load is not None and logical_load is not None:
             raise ValueError("physical_load or logical_load, not both")
         req = eplb_pb2.RebalanceRequest(model_id=model_id, num_groups=num_groups, num_nodes=num_nodes,
                                         num_gpus=num_gpus, dry_run=dry_run,
                                         slot_order=_enum(_SLOT_ORDERS, slot_order, "slot_order"),
                                         include_logical_to_physical=include_logical_to_physical,
-                                        layers_per_step=layers_per_step)
+                                        layers_per_step=layers_per_step, wait_event=wait_event)
         if physical_load is not None:
             req.physical_load.extend(_as_int64_list(physical_load))
         if logical_load is not None:
@@ -351,10 +356,11 @@ class Client:
         return RebalanceResult.from_proto(self._call("Rebalance", self.stub.Rebalance, req, timeout))
 
     def continue_rebalance(self, model_id: str, rebalance_id: str, *, include_logical_to_physical: bool = False,
-                           timeout: Optional[float] = None) -> RebalanceResult:
-        """ContinueRebalance: the next step of a stepped rebalance."""
+                           wait_event: bytes = b"", timeout: Optional[float] = None) -> RebalanceResult:
+        """ContinueRebalance: the next step of a stepped rebalance (``wait_event`` as in :meth:`rebalance`)."""
         req = eplb_pb2.ContinueRebalanceRequest(model_id=model_id, rebalance_id=rebalance_id,
-                                                include_logical_to_physical=include_logical_to_physical)
+                                                include_logical_to_physical=include_logical_to_physical,
+                                                wait_event=wait_event)
         return RebalanceResult.from_proto(self._call("ContinueRebalance", self.stub.ContinueRebalance, req, timeout))
 
     def record_load(self, model_id: str, physical_load: Array, *, num_passes: Optional[int] = None,

@@ -93,6 +93,8 @@ def test_errors_carry_code_and_message(client):
         client.rebalance("m", physical_load=LOAD, expected_epoch=7)
     with pytest.raises(eplb.FailedPrecondition):
         client.rebalance("m")  # no load recorded
+    with pytest.raises(eplb.InvalidArgument):  # a wait event without device weights
+        client.rebalance("m", physical_load=LOAD, wait_event=bytes(64))
     with pytest.raises(eplb.NotFound):
         client.register_model("d", MOE, ep_size=2, role="speculator", main_model_id="nope")
     with pytest.raises(eplb.NotFound):
