@@ -489,6 +489,16 @@ eplb_status eplb_backend_record_event(eplb_backend *b, uint8_t handle[EPLB_EVENT
     return b->ops->record_event(b->state, handle, err);
 }
 
+eplb_status eplb_backend_reserve_staging(eplb_backend *b, const uint32_t *layer_entries,
+                                         uint64_t *total, uint64_t *per_gpu, eplb_error *err) {
+    *total = *per_gpu = 0;
+    if (!b)
+        return eplb_error_set(err, EPLB_EINVAL, "backend is NULL");
+    /* Staging of the previous layer may be dropped: no scatter of it after this. */
+    b->gathered = false;
+    return b->ops->reserve_staging(b->state, layer_entries, total, per_gpu, err);
+}
+
 void eplb_backend_close(eplb_backend *b) {
     if (!b)
         return;

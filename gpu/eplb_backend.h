@@ -235,7 +235,8 @@ typedef struct eplb_backend_env {
 /* 2: execute_layer split into explicit gather / scatter, check added.
  * 3: regions per rank, a held range of ranks, CUDA_IPC.
  * 4: wait_event / record_event (GPU-side ordering with the engine's
- *    streams, docs/api.md "Ordering with the engine's GPU streams"). */
+ *    streams, docs/api.md "Ordering with the engine's GPU streams");
+ *    reserve_staging (staging allocated once, at attach). */
 #define EPLB_BACKEND_ABI 4
 
 /* sizeof(hipIpcEventHandle_t) == sizeof(cudaIpcEventHandle_t) */
@@ -285,6 +286,16 @@ typedef struct eplb_backend_ops {
                               eplb_error *err);
     eplb_status (*record_event)(void *state, uint8_t handle[EPLB_EVENT_HANDLE_SIZE],
                                 eplb_error *err);
+    /* Allocate staging once for layer_entries[l] entries per held rank in
+     * layer l (the backend knows an entry's padded size; the most over the
+     * layers is kept: each device its ranks' share, cpu one host buffer for
+     * all) and keep it to close: a
+     * later gather whose plan needs more is refused (EPLB_EINTERNAL,
+     * nothing written) instead of reallocating mid-rebalance.  *total: the
+     * bytes allocated; *per_gpu: the most on one device (cpu: 0).  Without
+     * a reservation staging grows as plans need it (tools, tests). */
+    eplb_status (*reserve_staging)(void *state, const uint32_t *layer_entries, uint64_t *total,
+                                   uint64_t *per_gpu, eplb_error *err);
 } eplb_backend_ops;
 
 extern const eplb_backend_ops eplb_backend_cpu_ops;
@@ -409,6 +420,14 @@ eplb_status eplb_backend_wait_event(eplb_backend *b, const uint8_t *handle, size
  * event record per device plus one cross-device wait per extra device. */
 eplb_status eplb_backend_record_event(eplb_backend *b, uint8_t handle[EPLB_EVENT_HANDLE_SIZE],
                                       eplb_error *err);
+
+/* Reserve staging once (eplb_backend_ops.reserve_staging): per layer
+ * ([num_layers]) the most entries one held rank can stage (the mover
+ * computes them from the slots per rank and the staging bound).
+ * EPLB_ENOMEM when the runtime cannot allocate it (nothing kept).
+ * Cost: one allocation per device, at attach instead of in a rebalance. */
+eplb_status eplb_backend_reserve_staging(eplb_backend *b, const uint32_t *layer_entries,
+                                         uint64_t *total, uint64_t *per_gpu, eplb_error *err);
 
 /* Close and free; NULL is fine. */
 void eplb_backend_close(eplb_backend *b);

@@ -141,6 +141,21 @@ static inline eplb_status eplb_layout_build(eplb_layout *lay, const eplb_buffers
     return EPLB_OK;
 }
 
+/* Staging bytes one rank needs for layer_entries[l] entries in layer l,
+ * the most over the layers (entries are padded: entry_bytes, not the
+ * tensors' sum).  Saturates instead of overflowing. */
+static inline uint64_t eplb_layout_staging_bytes(const eplb_layout *lay,
+                                                 const uint32_t *layer_entries) {
+    uint64_t most = 0;
+    for (uint32_t l = 0; l < lay->L; l++) {
+        uint64_t eb = lay->entry_bytes[l], n = layer_entries[l];
+        uint64_t b = eb && n > UINT64_MAX / eb ? UINT64_MAX : n * eb;
+        if (b > most)
+            most = b;
+    }
+    return most;
+}
+
 static inline void eplb_layout_free(eplb_layout *lay) {
     free(lay->block_);
     memset(lay, 0, sizeof *lay);

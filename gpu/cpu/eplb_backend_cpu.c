@@ -59,6 +59,7 @@ typedef struct cpu_state {
     char (*name)[EPLB_SHM_NAME_MAX + 1]; /* [M] its shm name, for messages */
     uint8_t *staging;         /* host staging, staging_cap bytes */
     size_t staging_cap;
+    bool reserved;            /* staging was reserved: never reallocated */
     bool lost;                /* a buffer shrank: lost_msg says which */
     char lost_msg[EPLB_ERROR_MSG_MAX];
 } cpu_state;
@@ -328,6 +329,9 @@ static void *staging_addr(cpu_state *cs, uint32_t layer, uint32_t t, uint32_t k)
 static eplb_status ensure_staging(cpu_state *cs, size_t need, eplb_error *err) {
     if (need <= cs->staging_cap)
         return EPLB_OK;
+    if (cs->reserved)
+        return eplb_impl_error(err, EPLB_EINTERNAL, "the plan needs %zu bytes of staging, %zu were "
+                               "reserved at attach; nothing written", need, cs->staging_cap);
     void *p = NULL;
     if (posix_memalign(&p, 4096, need) != 0)
         return eplb_impl_error(err, EPLB_ENOMEM, "out of memory for %zu bytes of staging", need);
@@ -439,8 +443,34 @@ static eplb_status cpu_synchronize(void *state, eplb_error *err) {
     return EPLB_OK; /* copies are synchronous: nothing to wait for */
 }
 
+/* One host buffer for every held rank's entries (the cpu backend indexes
+ * staging by the plan's global staging index). */
+static eplb_status cpu_reserve_staging(void *state, const uint32_t *layer_entries, uint64_t *total,
+                                       uint64_t *per_gpu, eplb_error *err) {
+    cpu_state *cs = state;
+    uint64_t rank_bytes = eplb_layout_staging_bytes(&cs->lay, layer_entries);
+    uint64_t need = rank_bytes * cs->lay.G;
+    if (rank_bytes && need / rank_bytes != cs->lay.G)
+        return eplb_impl_error(err, EPLB_EINVAL, "staging of %llu bytes x %u ranks overflows",
+                               (unsigned long long)rank_bytes, cs->lay.G);
+    cs->reserved = false;
+    if (need > cs->staging_cap) {
+        free(cs->staging);
+        cs->staging = NULL;
+        cs->staging_cap = 0;
+        eplb_status st = ensure_staging(cs, (size_t)need, err);
+        if (st != EPLB_OK)
+            return st;
+    }
+    cs->reserved = true;
+    *total = cs->staging_cap;
+    *per_gpu = 0;
+    return EPLB_OK;
+}
+
 const eplb_backend_ops eplb_backend_cpu_ops = {
     EPLB_BACKEND_ABI, "cpu",       cpu_probe,       cpu_open, cpu_check,
     cpu_gather,       cpu_scatter, cpu_synchronize, cpu_close,
     NULL,             NULL, /* no device events: memcpy returns complete */
+    cpu_reserve_staging,
 };

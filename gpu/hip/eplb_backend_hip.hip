@@ -51,8 +51,9 @@
  * struck a scatter (slots may be half written and cannot be finished),
  * EPLB_EINTERNAL when it struck a gather (no slot was written) -- never a
  * retry that pretends to succeed.  Only a new process can move again.
- * Staging is one buffer per device (hipMalloc, grown as needed, kept until
- * close), holding the entries of every held rank on that device, each on
+ * Staging is one buffer per device (hipMalloc, kept until close: reserved
+ * once at attach by reserve_staging -- then a plan needing more is refused,
+ * never a reallocation mid-rebalance; unreserved, grown as needed), holding the entries of every held rank on that device, each on
  * the device of the rank that unstages it.  Several ranks may share a
  * device (tests); state per device (stream, copy list, staging) is shared
  * by them.
@@ -192,6 +193,7 @@ struct HipState {
     WaitEvent waits[kMaxWaitEvents];
     uint32_t nwaits, wait_next; /* filled entries; the one to replace next */
     hipEvent_t done;     /* the exported event, on devs[0] (record_event) */
+    bool reserved;       /* staging reserved at attach: never reallocated */
     uint8_t done_handle[EPLB_EVENT_HANDLE_SIZE];
     /* Set by a sticky error: every later call answers broken_code + msg. */
     eplb_status broken_code;
@@ -657,6 +659,10 @@ eplb_status ensure_staging(HipState *hs, const eplb_plan *p, uint32_t layer, boo
         }
         if (need <= dv->staging_cap)
             continue;
+        if (may_grow && hs->reserved)
+            return eplb_impl_error(err, EPLB_EINTERNAL, "the plan needs %llu bytes of staging "
+                                   "on device %d, %zu were reserved at attach; nothing written",
+                                   (unsigned long long)need, dv->ordinal, dv->staging_cap);
         if (!may_grow)
             return eplb_impl_error(err, EPLB_EPRECONDITION, "the plan needs %llu bytes of "
                                    "staging on device %d, the gather's had %zu: not the plan "
@@ -806,6 +812,56 @@ fail:
     return st;
 }
 
+/* Staging once: each device gets its ranks' share, allocated here (the
+ * only hipMalloc of staging after this; see the head comment). */
+eplb_status hip_reserve_staging(void *state, const uint32_t *layer_entries, uint64_t *total,
+                                uint64_t *per_gpu, eplb_error *err) {
+    HipState *hs = static_cast<HipState *>(state);
+    const uint64_t rank_bytes = eplb_layout_staging_bytes(&hs->lay, layer_entries);
+    if (hs->broken_code != EPLB_OK)
+        return broken(hs, err);
+    DeviceGuard guard;
+    eplb_status st = EPLB_OK;
+    hs->reserved = false;
+    for (uint32_t d = 0; d < hs->ndev; d++) {
+        Device *dv = &hs->devs[d];
+        uint64_t ranks = 0;
+        for (uint32_t g = 0; g < hs->lay.G; g++)
+            ranks += hs->rank_dev[g] == d;
+        uint64_t need = ranks * rank_bytes;
+        if (rank_bytes && need / rank_bytes != ranks)
+            return eplb_impl_error(err, EPLB_EINVAL, "staging of %llu bytes x %llu ranks "
+                                   "overflows", (unsigned long long)rank_bytes,
+                                   (unsigned long long)ranks);
+        if (need <= dv->staging_cap)
+            continue;
+        HIP_CHECK(hipSetDevice(dv->ordinal), EPLB_EINTERNAL, fail);
+        if (dv->staging) {
+            HIP_CHECK(hipFree(dv->staging), EPLB_EINTERNAL, fail);
+            dv->staging = nullptr;
+            dv->staging_cap = 0;
+        }
+        hipError_t e = hipMalloc(reinterpret_cast<void **>(&dv->staging), (size_t)need);
+        if (e != hipSuccess) {
+            dv->staging = nullptr;
+            (void)hipGetLastError();
+            return eplb_impl_error(err, EPLB_ENOMEM, "%sMalloc %llu bytes of staging on device "
+                                   "%d: %s", EPLB_API, (unsigned long long)need, dv->ordinal,
+                                   hipGetErrorString(e));
+        }
+        dv->staging_cap = (size_t)need;
+    }
+    hs->reserved = true;
+    *total = *per_gpu = 0;
+    for (uint32_t d = 0; d < hs->ndev; d++) {
+        *total += hs->devs[d].staging_cap;
+        if (hs->devs[d].staging_cap > *per_gpu)
+            *per_gpu = hs->devs[d].staging_cap;
+    }
+fail:
+    return st;
+}
+
 /* The engine's event, opened once per distinct handle (see the head
  * comment); then every copy stream waits for it. */
 eplb_status hip_wait_event(void *state, const uint8_t handle[EPLB_EVENT_HANDLE_SIZE],
@@ -919,7 +975,7 @@ fail:
 const eplb_backend_ops hip_ops = {
     EPLB_BACKEND_ABI, EPLB_API,    hip_probe,       hip_open,       hip_check,
     hip_gather,       hip_scatter, hip_synchronize, hip_close,      hip_wait_event,
-    hip_record_event,
+    hip_record_event, hip_reserve_staging,
 };
 
 } // namespace

@@ -40,6 +40,9 @@
  *    copy stream waits on the engine's event before the first copy, the
  *    exported event is recorded after the last, a known handle is opened
  *    once).
+ * 5c. staging reserved once: the reservation's size per GPU, three
+ *    derangements within it, a gather past a too-small reservation refused
+ *    with nothing written.
  * 6. bandwidth: 8 ranks x 9 slots of 42 MiB experts (w13 28 MiB + w2 14 MiB,
  *    DeepSeek-V3 fp8, each tensor in its own region), a derangement (gather
  *    + scatter of every slot), once with 16-byte-multiple sizes and once
@@ -855,6 +858,97 @@ static void check_events(void) {
     world_fini(&w);
 }
 
+/* ---- staging reserved once (ABI 4) ------------------------------------------ */
+
+/* Reserved for S entries per rank, staging is allocated at the reservation
+ * (per_gpu: the ranks of the busiest device x that) and moves run without
+ * growing it; reserved too small, a gather that needs more is refused
+ * (EPLB_EINTERNAL naming the reservation) with every byte as it was. */
+static void check_staging_once(void) {
+    static int32_t map[L][P], content[L][P], next[L][P];
+    init_rows(map, content);
+    world w;
+    world_init(&w, 0, G, content);
+    eplb_backend *gpu, *cpu;
+    if (!open_pair(&w, &gpu, &cpu, "staging once"))
+        return;
+    eplb_error err;
+    char why[700] = "";
+    /* An entry is the layer's tensors, each padded to 64 bytes
+     * (eplb_backend_impl.h); both layers have the same tensors. */
+    uint64_t entry = 0;
+    for (int t = 0; t < NT; t++)
+        entry += (tbytes[t] + 63) & ~(uint64_t)63;
+    const uint64_t rank_bytes = (uint64_t)S * entry;
+    uint32_t entries[L], tiny[L];
+    for (int l = 0; l < L; l++) {
+        entries[l] = S;
+        tiny[l] = 1;
+    }
+    uint64_t total = 0, per_gpu = 0, ctotal = 0, cper = 0;
+    /* Ranks on the busiest device: rank g is on device g % ndev. */
+    uint64_t busiest = (uint64_t)((G + w.ndev - 1) / w.ndev);
+    bool ok = eplb_backend_reserve_staging(gpu, entries, &total, &per_gpu, &err) == EPLB_OK &&
+              eplb_backend_reserve_staging(cpu, entries, &ctotal, &cper, &err) == EPLB_OK;
+    if (!ok)
+        snprintf(why, sizeof why, "reserve: %s", err.msg);
+    else if (per_gpu != busiest * rank_bytes || total != (uint64_t)G * rank_bytes ||
+             ctotal != (uint64_t)G * rank_bytes || cper != 0) {
+        ok = false;
+        snprintf(why, sizeof why, "reserved %llu per GPU (want %llu), %llu in all (want %llu); "
+                 "cpu %llu, %llu per GPU (want 0)", (unsigned long long)per_gpu,
+                 (unsigned long long)(busiest * rank_bytes), (unsigned long long)total,
+                 (unsigned long long)G * rank_bytes, (unsigned long long)ctotal,
+                 (unsigned long long)cper);
+    }
+    /* Full derangements: the most staging a plan can ask of a rank. */
+    for (int round = 0; ok && round < 3; round++) {
+        for (int l = 0; l < L; l++)
+            for (int s2 = 0; s2 < P; s2++)
+                next[l][s2] = map[l][(s2 + S * (round + 1) + 1) % P];
+        ok = run_both(&w, gpu, cpu, map, next, content, why, sizeof why);
+    }
+    /* Too small (1 entry per rank): a gather staging more is refused, nothing written. */
+    if (ok && eplb_backend_reserve_staging(gpu, tiny, &total, &per_gpu, &err) != EPLB_OK) {
+        ok = false;
+        snprintf(why, sizeof why, "reserve 1 entry: %s", err.msg);
+    }
+    if (ok) {
+        /* The reservation only grows: shrinking keeps the buffer, so shrink
+         * by closing and reopening. */
+        eplb_backend_close(gpu);
+        gpu = NULL;
+        if (eplb_backend_open_by_name(backend, &w.dev_desc, P, &gpu, &err) != EPLB_OK ||
+            eplb_backend_reserve_staging(gpu, tiny, &total, &per_gpu, &err) != EPLB_OK) {
+            ok = false;
+            snprintf(why, sizeof why, "reopen + reserve 1 entry: %s", err.msg);
+        }
+    }
+    if (ok) {
+        for (int s2 = 0; s2 < P; s2++)
+            next[0][s2] = map[0][(s2 + 1) % P]; /* a rotation: staging needed */
+        eplb_plan plan;
+        eplb_status gs = EPLB_EINVAL;
+        if (eplb_plan_build(P, G, GPN, map[0], next[0], 0, G, &plan, &err) == EPLB_OK) {
+            gs = plan.num_staging ? eplb_backend_gather(gpu, 0, &plan, &err) : EPLB_OK;
+            eplb_plan_free(&plan);
+        }
+        ok = gs == EPLB_EINTERNAL && strstr(err.msg, "reserved at attach") &&
+             world_matches(&w, true, content, why, sizeof why);
+        if (!ok && !why[0])
+            snprintf(why, sizeof why, "a gather past a 1-entry reservation: %s (%s)",
+                     eplb_status_name(gs), err.msg);
+    }
+    char name[900];
+    snprintf(name, sizeof name, "staging reserved once: %llu bytes per GPU, moves within it, a "
+             "plan past it refused with nothing written%s%s", (unsigned long long)per_gpu,
+             ok ? "" : ": ", ok ? "" : why);
+    result(ok, name);
+    eplb_backend_close(gpu);
+    eplb_backend_close(cpu);
+    world_fini(&w);
+}
+
 /* ---- ipc through an engine child process ----------------------------------- */
 
 #ifdef EPLB_DEVICE_CHECK_ON_HOST
@@ -1184,6 +1278,7 @@ int main(int argc, char **argv) {
     check_sticky();
 #endif
     check_events();
+    check_staging_once();
     check_ipc("/proc/self/exe");
     printf("correctness: %.1f s\n", now_s() - t0);
 #ifdef EPLB_DEVICE_CHECK_ON_HOST

@@ -96,6 +96,22 @@ static eplb_status mover_chunks(const weights_mover *m, uint32_t layer, uint32_t
     return prefixed(st, layer, "", err);
 }
 
+/* Per layer, the most staging entries one held rank can need: a rank
+ * stages at most one entry per slot it writes (S = P / G slots), and with
+ * the bound a chunk stages at most staging_entries per GPU; a layer whose
+ * expert is larger than the whole bound moves only without staging (0).
+ * Reserved once at attach (eplb_backend_reserve_staging), so no rebalance
+ * allocates staging.  Cost: S x the largest padded expert per rank on every
+ * device, held for the attachment's life, at most --max-staging-mib per
+ * rank. */
+static void mover_rank_entries(const weights_mover *m, uint32_t *entries) {
+    const uint32_t S = m->num_gpus ? m->num_physical / m->num_gpus : 0;
+    for (uint32_t l = 0; l < m->num_layers; l++) {
+        uint32_t bound = staging_entries(m, l);
+        entries[l] = bound == UINT32_MAX - 1 ? 0 : bound && bound < S ? bound : S;
+    }
+}
+
 static eplb_status chunk_plan(const weights_mover *m, uint32_t k, eplb_plan *plan, eplb_error *err) {
     const uint32_t P = m->num_physical;
     return eplb_plan_build(P, m->num_gpus, m->gpus_per_node, m->chunks.rows + (size_t)k * P,
@@ -543,6 +559,18 @@ void rpc_attach_weights(rpc_context *ctx, upb_Arena *arena, const char *req, siz
     mv->layer_bytes = layer_bytes;
     mv->max_staging_bytes = ctx->max_staging_bytes;
     const char *name = eplb_backend_name(mv->backend);
+    uint64_t staging_total = 0, staging_per_gpu = 0;
+    uint32_t *entries = calloc(shape.num_layers ? shape.num_layers : 1, sizeof *entries);
+    if (entries)
+        mover_rank_entries(mv, entries);
+    st = !entries ? eplb_error_set(&err, EPLB_ENOMEM, "out of memory")
+                  : eplb_backend_reserve_staging(mv->backend, entries, &staging_total, &staging_per_gpu, &err);
+    free(entries);
+    if (st != EPLB_OK) {
+        mover_close(mv);
+        rpc_reply_from_error(out, &err);
+        return;
+    }
     uint64_t total = 0;
     for (uint32_t l = 0; l < shape.num_layers; l++)
         total += layer_bytes[l];
@@ -556,6 +584,8 @@ void rpc_attach_weights(rpc_context *ctx, upb_Arena *arena, const char *req, siz
     if (resp) {
         eplb_v1_AttachWeightsResponse_set_backend(resp, upb_StringView_FromString(name));
         eplb_v1_AttachWeightsResponse_set_bytes_per_slot(resp, total);
+        eplb_v1_AttachWeightsResponse_set_staging_bytes(resp, staging_total);
+        eplb_v1_AttachWeightsResponse_set_staging_bytes_per_gpu(resp, staging_per_gpu);
         out->body = eplb_v1_AttachWeightsResponse_serialize(resp, arena, &out->body_len);
     }
     if (!out->body)

@@ -6,7 +6,8 @@
  * INVALID_ARGUMENT and changes nothing -- placement, epoch, every slot's
  * bytes, a pending stepped rebalance; a handle of the wrong length likewise;
  * the same call without the event then moves, and its answer has no done
- * event.  The device path (hip/cuda) is gpu/tests/device_check.c's. */
+ * event.  Also AttachWeights' staging report (reserved once).  The device
+ * path (hip/cuda) is gpu/tests/device_check.c's. */
 #include "eplbd_harness.h"
 
 #include <fcntl.h>
@@ -164,6 +165,12 @@ static const int32_t *setup(upb_Arena *a, bool weights) {
     char *bytes = eplb_v1_AttachWeightsRequest_serialize(r, a, &len);
     eplb_call_result res;
     cr_assert_eq(call("AttachWeights", bytes, len, &res), 0, "%s", res.message);
+    /* Staging reserved once at attach: every held rank's S entries, each
+     * the layer's tensors padded to 64 bytes, in one host buffer (cpu). */
+    eplb_v1_AttachWeightsResponse *ar = eplb_v1_AttachWeightsResponse_parse(res.body, res.body_len, a);
+    cr_assert_not_null(ar);
+    cr_assert_eq(eplb_v1_AttachWeightsResponse_staging_bytes(ar), (uint64_t)G * S * (4096 + 64));
+    cr_assert_eq(eplb_v1_AttachWeightsResponse_staging_bytes_per_gpu(ar), 0);
     eplb_call_result_free(&res);
     return map;
 }
