@@ -214,11 +214,14 @@ struct HipState {
         }                                                                                         \
     } while (0)
 
-/* Restores the caller's current device (an engine may embed us). */
+/* Restores the caller's current device (an engine may embed us) -- only
+ * when the process has a context there: hipGetDevice answers 0 in a process
+ * that never chose one, and setting device 0 back would create a context
+ * (hundreds of MiB) on a GPU the model may not use. */
 struct DeviceGuard {
     int saved = -1;
     DeviceGuard() {
-        if (hipGetDevice(&saved) != hipSuccess)
+        if (hipGetDevice(&saved) != hipSuccess || !eplb_ctx_active(saved))
             saved = -1;
     }
     ~DeviceGuard() {

@@ -24,8 +24,11 @@
  * nothing links against the driver library), eplb_no_device_hint (a no-device
  * error in an operator's words), eplb_ptr_device (which device
  * memory a pointer is, from the runtime's pointer attributes), eplb_sm_count
- * (multiprocessors, to size the copy grid) and eplb_error_sticky (errors
- * after which the process's GPU context is unusable).
+ * (multiprocessors, to size the copy grid), eplb_error_sticky (errors
+ * after which the process's GPU context is unusable) and eplb_ctx_active
+ * (does this process already have a context on a device: the backend
+ * restores the caller's current device only then, since setting a device
+ * creates its context on CUDA 12 and HIP).
  *
  * Host emulation also emulates what a test needs to see through: with
  * -DEPLB_HIP_ON_HOST_AS_CUDA it builds the "cuda" flavour (its symbol, name
@@ -39,8 +42,8 @@
  *   void eplb_host_emul_log(what, device, event)  called for every "copy"
  *       (a kernel launch or a peer copy; event NULL), "wait" (a stream
  *       waits; event: the origin the handle named), "record" (event: the
- *       event recorded) and "open" (an IPC event handle opened; event: its
- *       origin), device being the current one: the order in which
+ *       event recorded), "open" (an IPC event handle opened; event: its
+ *       origin) and "set" (hipSetDevice), device being the current one: the order in which
  *       a test sees waits, copies and records is the order of the streams;
  * and $EPLB_HOST_PEER_FAIL="a>b" makes enabling peer access a -> b fail. */
 #ifndef EPLB_HIP_COMPAT_H
@@ -147,6 +150,32 @@ static inline bool eplb_error_sticky(hipError_t e) {
     default:
         return false;
     }
+}
+
+/* Has this process a primary context on device (the driver's
+ * cuDevicePrimaryCtxGetState, looked up at run time like cuMemGetAddressRange)?
+ * Unknown (no driver entry point): true, so callers keep the old behaviour. */
+static inline bool eplb_ctx_active(int device) {
+    typedef int (*get_fn)(int *, int);
+    typedef int (*state_fn)(int, unsigned *, int *);
+    static get_fn get;
+    static state_fn state;
+    static int looked;
+    if (!looked) {
+        void *h = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL | RTLD_NOLOAD);
+        if (!h)
+            h = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
+        if (h) {
+            get = (get_fn)dlsym(h, "cuDeviceGet");
+            state = (state_fn)dlsym(h, "cuDevicePrimaryCtxGetState");
+        }
+        looked = 1;
+    }
+    int dev = 0, active = 1;
+    unsigned flags = 0;
+    if (!get || !state || get(&dev, device) != 0 || state(dev, &flags, &active) != 0)
+        return true;
+    return active != 0;
 }
 
 /* The allocation containing ptr: base and size.  hipErrorNotSupported when
@@ -263,6 +292,12 @@ static inline bool eplb_host_dead(void) {
 }
 
 static int eplb_host_device;
+/* Devices this process has set (a context exists from then on, as on CUDA
+ * 12): eplb_ctx_active. */
+static bool eplb_host_ctx[64];
+static inline bool eplb_ctx_active(int device) {
+    return device >= 0 && device < 64 && eplb_host_ctx[device];
+}
 static inline void eplb_host_log(const char *what, const void *event) {
     const eplb_host_hooks &h = eplb_host_hooks_get();
     if (h.log)
@@ -294,6 +329,9 @@ static inline hipError_t hipSetDevice(int d) {
     if (d < 0 || d >= eplb_host_devices())
         return hipErrorInvalidDevice;
     eplb_host_device = d;
+    if (d < 64)
+        eplb_host_ctx[d] = true;
+    eplb_host_log("set", NULL);
     return hipSuccess;
 }
 static inline hipError_t hipMalloc(void **p, size_t n) {
@@ -470,6 +508,19 @@ static inline hipError_t eplb_ptr_device(const void *ptr, bool *is_device, int *
 #endif
     *device = a.device;
     return hipSuccess;
+}
+
+/* Has this process a primary context on device?  Unknown: true. */
+static inline bool eplb_ctx_active(int device) {
+    hipDevice_t dev = 0;
+    unsigned flags = 0;
+    int active = 1;
+    if (hipDeviceGet(&dev, device) != hipSuccess ||
+        hipDevicePrimaryCtxGetState(dev, &flags, &active) != hipSuccess) {
+        (void)hipGetLastError();
+        return true;
+    }
+    return active != 0;
 }
 
 /* hipErrorNoDevice says it plainly. */

@@ -43,6 +43,8 @@
  * 5c. staging reserved once: the reservation's size per GPU, three
  *    derangements within it, a gather past a too-small reservation refused
  *    with nothing written.
+ * 5d. host emulation: with ranks only on devices 2 and 3 of 4, nothing sets
+ *    devices 0 or 1 (no context on a GPU the model does not use).
  * 6. bandwidth: 8 ranks x 9 slots of 42 MiB experts (w13 28 MiB + w2 14 MiB,
  *    DeepSeek-V3 fp8, each tensor in its own region), a derangement (gather
  *    + scatter of every slot), once with 16-byte-multiple sizes and once
@@ -760,10 +762,12 @@ static void check_events(void) {
         snprintf(why, sizeof why, "garbage handle: %s: %s", eplb_status_name(bad), err.msg);
     }
 #ifdef EPLB_DEVICE_CHECK_ON_HOST
-    if (ok && eplb_host_emul_log_len != 0) {
+    unsigned queued = 0; /* stream work; setting a device is not */
+    for (unsigned i = 0; i < eplb_host_emul_log_len; i++)
+        queued += strcmp(eplb_host_emul_log_entries[i].what, "set") != 0;
+    if (ok && queued != 0) {
         ok = false;
-        snprintf(why, sizeof why, "a refused handle queued %u stream operations",
-                 eplb_host_emul_log_len);
+        snprintf(why, sizeof why, "a refused handle queued %u stream operations", queued);
     }
     engine_handle(h, &engine_origin);
     for (int round = 0; ok && round < 2; round++)
@@ -799,8 +803,13 @@ static void check_events(void) {
     if (ok) {
         /* The log since the garbage handle: open (once), waits, copies,
          * then the records of the first record_event. */
-        const eplb_host_log_entry *lg = eplb_host_emul_log_entries;
-        unsigned n = eplb_host_emul_log_len, opens = 0, waits = 0, first_copy = n, last_copy = 0;
+        /* Stream work only: the hipSetDevice calls between are not. */
+        static eplb_host_log_entry lg[EPLB_HOST_LOG_MAX];
+        unsigned n = 0;
+        for (unsigned i = 0; i < eplb_host_emul_log_len; i++)
+            if (strcmp(eplb_host_emul_log_entries[i].what, "set") != 0)
+                lg[n++] = eplb_host_emul_log_entries[i];
+        unsigned opens = 0, waits = 0, first_copy = n, last_copy = 0;
         unsigned last_wait = 0, first_record = n;
         bool waited[8] = {false};
         const void *done_ev = NULL;
@@ -857,6 +866,73 @@ static void check_events(void) {
     eplb_backend_close(cpu);
     world_fini(&w);
 }
+
+#ifdef EPLB_DEVICE_CHECK_ON_HOST
+/* Only the devices the regions name: with 4 devices visible and every rank
+ * on devices 2 and 3, nothing of open, reserve, a move, the events or close
+ * sets device 0 or 1 (setting a device creates its context on CUDA 12 and
+ * HIP: memory on a GPU the model does not use).  Runs first, while the
+ * emulated process has no context anywhere (as eplbd at start). */
+static void check_devices_named(void) {
+    static int32_t map[L][P], content[L][P], next[L][P];
+    init_rows(map, content);
+    world w;
+    setenv("EPLB_HOST_DEVICES", "2", 1);
+    world_init(&w, 0, G, content); /* on "devices" 0 and 1 of this test ... */
+    setenv("EPLB_HOST_DEVICES", "4", 1);
+    /* ... which the backend is told are devices 2 and 3 of 4. */
+    for (int i = 0; i < EPLB_HOST_EMUL_MAX_ALLOCS; i++)
+        for (uint32_t g = 0; g < G; g++)
+            for (uint32_t r = 0; r < NR; r++)
+                if (emul_allocs[i].base && emul_allocs[i].base == w.dptr[g][r])
+                    emul_allocs[i].device += 2;
+    for (uint32_t g = 0; g < G; g++)
+        for (uint32_t r = 0; r < NR; r++)
+            w.dev_regions[g][r].device += 2;
+    eplb_host_emul_log_len = 0;
+    eplb_backend *gpu = NULL;
+    eplb_error err;
+    char why[700] = "";
+    uint32_t entries[L] = {S, S};
+    uint64_t total, per_gpu;
+    uint8_t done[EPLB_EVENT_HANDLE_SIZE];
+    bool ok = eplb_backend_open_by_name(backend, &w.dev_desc, P, &gpu, &err) == EPLB_OK &&
+              eplb_backend_reserve_staging(gpu, entries, &total, &per_gpu, &err) == EPLB_OK;
+    uint64_t rs = 9;
+    for (int l = 0; ok && l < L; l++) {
+        next_map(&rs, map[l], next[l], 1, 0, G);
+        eplb_plan plan;
+        ok = eplb_plan_build(P, G, GPN, map[l], next[l], 0, G, &plan, &err) == EPLB_OK &&
+             eplb_backend_execute_layer(gpu, (uint32_t)l, &plan, &err) == EPLB_OK;
+        eplb_plan_free(&plan);
+    }
+    ok = ok && eplb_backend_record_event(gpu, done, &err) == EPLB_OK &&
+         eplb_backend_synchronize(gpu, &err) == EPLB_OK;
+    if (!ok)
+        snprintf(why, sizeof why, "%s", err.msg);
+    eplb_backend_close(gpu);
+    unsigned sets[4] = {0, 0, 0, 0};
+    for (unsigned i = 0; i < eplb_host_emul_log_len; i++)
+        if (strcmp(eplb_host_emul_log_entries[i].what, "set") == 0 &&
+            eplb_host_emul_log_entries[i].device >= 0 && eplb_host_emul_log_entries[i].device < 4)
+            sets[eplb_host_emul_log_entries[i].device]++;
+    if (ok && (sets[0] || sets[1] || !sets[2] || !sets[3])) {
+        ok = false;
+        snprintf(why, sizeof why, "devices set: 0: %u, 1: %u, 2: %u, 3: %u (want none on 0, 1)",
+                 sets[0], sets[1], sets[2], sets[3]);
+    }
+    for (uint32_t g = 0; g < G; g++) /* back, for world_fini */
+        for (int i = 0; i < EPLB_HOST_EMUL_MAX_ALLOCS; i++)
+            for (uint32_t r = 0; r < NR; r++)
+                if (emul_allocs[i].base && emul_allocs[i].base == w.dptr[g][r])
+                    emul_allocs[i].device -= 2;
+    world_fini(&w);
+    char name[900];
+    snprintf(name, sizeof name, "only the devices the regions name are set (ranks on 2 and 3 of "
+             "4: open, reserve, move, done event, close)%s%s", ok ? "" : ": ", ok ? "" : why);
+    result(ok, name);
+}
+#endif
 
 /* ---- staging reserved once (ABI 4) ------------------------------------------ */
 
@@ -1270,6 +1346,9 @@ int main(int argc, char **argv) {
     printf("auto backend: %s (%s)\n", autoname, why);
     result(strcmp(autoname, backend) == 0, "auto picks the backend under test");
     double t0 = now_s();
+#ifdef EPLB_DEVICE_CHECK_ON_HOST
+    check_devices_named(); /* first: no context anywhere yet */
+#endif
     check_device_ptr();
     check_held();
     check_refusals();
