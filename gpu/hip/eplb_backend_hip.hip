@@ -47,10 +47,13 @@
  *      staging).
  * A sticky device error (an illegal address, a kernel fault: the runtime
  * fails every later call of the process) marks the backend broken: that
- * call and every later one answer with the reason -- EPLB_EDATALOSS when it
- * struck a scatter (slots may be half written and cannot be finished),
- * EPLB_EINTERNAL when it struck a gather (no slot was written) -- never a
- * retry that pretends to succeed.  Only a new process can move again.
+ * call and every later one answer EPLB_EDATALOSS with the reason (saying
+ * whether slots may be half written: a scatter was struck), never a retry
+ * that pretends to succeed.  EPLB_EDATALOSS even when it struck a gather
+ * (no slot written): this process can no longer move the model's weights,
+ * so the registry stores NEEDS_RELOAD with the reason and health turns
+ * NOT_SERVING for the service (rpc_health.h) -- what an operator must see.
+ * Only a new process can move again.
  * Staging is one buffer per device (hipMalloc, kept until close: reserved
  * once at attach by reserve_staging -- then a plan needing more is refused,
  * never a reallocation mid-rebalance; unreserved, grown as needed), holding the entries of every held rank on that device, each on
@@ -243,7 +246,7 @@ void note_sticky(HipState *hs, hipError_t e, eplb_status code, const char *what)
         return;
     if (hs->broken_code != EPLB_OK)
         return;
-    hs->broken_code = code;
+    hs->broken_code = EPLB_EDATALOSS; /* whatever phase: see the head comment */
     snprintf(hs->broken_msg, sizeof hs->broken_msg,
              "%s backend broken by a sticky device error (%s: %s): this process can no longer "
              "use the GPU; restart eplbd%s",

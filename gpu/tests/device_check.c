@@ -706,6 +706,26 @@ static void check_sticky(void) {
     eplb_backend_close(gpu);
     eplb_backend_close(cpu);
     world_fini(&w);
+
+    /* Struck in a gather: no slot written, but the backend is broken just
+     * the same: EDATALOSS (the registry then stores NEEDS_RELOAD). */
+    init_rows(map, content);
+    world_init(&w, 0, G, content);
+    if (!open_pair(&w, &gpu, &cpu, "sticky error in a gather"))
+        return;
+    ok = eplb_plan_build(P, G, GPN, map[0], next[0], 0, G, &plan, &err) == EPLB_OK;
+    eplb_host_emul_sticky = 1;
+    gs = ok ? eplb_backend_gather(gpu, 0, &plan, &err) : EPLB_EINVAL;
+    eplb_host_emul_sticky = 0;
+    cs = eplb_backend_check(gpu, &e4);
+    ok = ok && gs == EPLB_EDATALOSS && strstr(err.msg, "sticky") && !strstr(err.msg, "half written") &&
+         cs == EPLB_EDATALOSS;
+    snprintf(name, sizeof name, "sticky device error in a gather: EDATALOSS, no slot said written (%s)", err.msg);
+    result(ok, name);
+    eplb_plan_free(&plan);
+    eplb_backend_close(gpu);
+    eplb_backend_close(cpu);
+    world_fini(&w);
 }
 #endif
 
