@@ -257,26 +257,14 @@ static eplb_status pending_run_step(eplb_registry *r, registry_entry *e, const u
     for (size_t i = 0; i < (size_t)L * P; i++)
         moved += step.phy2log[i] != cur->phy2log[i];
     out->experts_moved = moved;
-    uint32_t done_after = eplb_pending_layers_done(&step, &p->target);
     /* The answer is copied first: once committed, the call must not fail. */
     if ((st = eplb_placement_copy(&out->placement, &step, err)) != EPLB_OK) {
         eplb_placement_free(&step);
         return st;
     }
-    /* What the stored row says once this commit lands. */
-    eplb_pending_rebalance keep = *p;
-    bool last = done_after == L;
-    if (last)
-        memset(p, 0, sizeof *p); /* keep owns the target meanwhile */
-    else
-        p->layers_done = done_after;
+    /* The stored row's pending record follows the placement it stores
+     * (registry_record): gone once every layer holds the target. */
     st = commit_placement(r, e, &step, wait_event, wait_event_len, out, err);
-    if (last) {
-        if (st == EPLB_OK)
-            eplb_placement_free(&keep.target);
-        else
-            *p = keep; /* the final commit did not land: still pending (settled below) */
-    }
     pending_settle(e);
     if (st == EPLB_OK) {
         out->committed = true;

@@ -103,6 +103,18 @@ eplb_model_record registry_record(const registry_entry *e, const eplb_placement 
     eplb_model_record rec = e->rec; /* shallow: the window is shared, not copied */
     rec.placement = *p;
     rec.shape = *s;
+    /* The pending rebalance as this placement leaves it: none once every
+     * row holds its target, else how far the rows say it got.  So every
+     * save is consistent, whichever path commits (a step that moved fewer
+     * layers than planned included).  O(L * P), per save only. */
+    if (rec.pending.id[0] && rec.pending.target.phy2log && rec.pending.target.num_layers == p->num_layers &&
+        rec.pending.target.num_physical == p->num_physical) {
+        uint32_t done = eplb_pending_layers_done(p, &rec.pending.target);
+        if (done == p->num_layers)
+            memset(&rec.pending, 0, sizeof rec.pending);
+        else
+            rec.pending.layers_done = done;
+    }
     rec.state = st;
     snprintf(rec.state_reason, sizeof rec.state_reason, "%s", reason ? reason : "");
     rec.damaged[0] = '\0';

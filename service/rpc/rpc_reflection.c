@@ -102,6 +102,19 @@ static void set_error(grpc_reflection_v1_ServerReflectionResponse *resp, int cod
     }
 }
 
+/* s cut to at most max bytes at a UTF-8 character boundary (an error
+ * message is a proto3 string: a cut character would make the whole
+ * response undecodable).  Returns the length to print. */
+static int utf8_cut(const char *s, int max) {
+    int n = (int)strlen(s);
+    if (n <= max)
+        return n;
+    n = max;
+    while (n > 0 && ((unsigned char)s[n] & 0xC0) == 0x80)
+        n--; /* s[n] continues a character: cut before it */
+    return n;
+}
+
 /* A NUL-terminated, bounded copy of a request string, or NULL. */
 static const char *arg_string(upb_StringView v, upb_Arena *arena) {
     if (v.size == 0 || v.size > 1024 || memchr(v.data, '\0', v.size))
@@ -162,7 +175,8 @@ void rpc_server_reflection_info(rpc_context *ctx, upb_Arena *arena, const char *
         if (name && file_by_name(name))
             file = name;
         else {
-            snprintf(msg, sizeof msg, "unknown file %.200s", name ? name : "(empty or not a file name)");
+            const char *shown = name ? name : "(empty or not a file name)";
+            snprintf(msg, sizeof msg, "unknown file %.*s", utf8_cut(shown, 200), shown);
             set_error(resp, 5, msg, arena);
         }
         break;
@@ -173,7 +187,8 @@ void rpc_server_reflection_info(rpc_context *ctx, upb_Arena *arena, const char *
         if (f)
             file = upb_FileDef_Name(f);
         else {
-            snprintf(msg, sizeof msg, "unknown symbol %.200s", sym ? sym : "(empty)");
+            const char *shown = sym ? sym : "(empty)";
+            snprintf(msg, sizeof msg, "unknown symbol %.*s", utf8_cut(shown, 200), shown);
             set_error(resp, 5, msg, arena);
         }
         break;
@@ -194,7 +209,8 @@ void rpc_server_reflection_info(rpc_context *ctx, upb_Arena *arena, const char *
             grpc_reflection_v1_ExtensionNumberResponse_set_base_type_name(x, upb_StringView_FromString(
                 upb_MessageDef_FullName(upb_DefPool_FindMessageByName(pool, type))));
         } else {
-            snprintf(msg, sizeof msg, "unknown message type %.200s", type ? type : "(empty)");
+            const char *shown = type ? type : "(empty)";
+            snprintf(msg, sizeof msg, "unknown message type %.*s", utf8_cut(shown, 200), shown);
             set_error(resp, 5, msg, arena);
         }
         break;

@@ -115,6 +115,8 @@ enum rpc_stream_kind { STREAM_NONE, STREAM_WATCH, STREAM_BIDI };
  * object (~3 KiB) and gRPC's call state for as long as the client keeps
  * it open.  Beyond: RESOURCE_EXHAUSTED. */
 #define RPC_MAX_STREAMS 1024
+/* Largest message a stream handler takes (reflection requests: names). */
+#define RPC_STREAM_MESSAGE_MAX (64u << 10)
 
 /* Reader threads: GetPlacement only takes a snapshot reference and
  * encodes; two keep one large encode from holding up the others. */
@@ -719,6 +721,14 @@ static void bidi_step_locked(rpc_call *c) {
     }
     if (atomic_load(&s->shutting_down)) {
         stream_finish_locked(c, GRPC_STATUS_UNAVAILABLE, "eplbd is shutting down");
+        return;
+    }
+    /* A reflection request names a file or a symbol: a few hundred bytes.
+     * Bounded, so one client cannot hold this CQ thread and stream_lock
+     * copying and parsing megabytes. */
+    if (grpc_byte_buffer_length(c->request) > RPC_STREAM_MESSAGE_MAX) {
+        stream_finish_locked(c, GRPC_STATUS_RESOURCE_EXHAUSTED,
+                             "a ServerReflectionRequest is at most 64 KiB");
         return;
     }
     rpc_reply reply;

@@ -270,3 +270,73 @@ Test(stepped, a_restart_continues_from_the_stored_step) {
     eplb_rebalance_result_free(&res);
     free(replay);
 }
+
+/* Weights whose gather fails at one layer (EPLB_EINTERNAL: nothing of that
+ * layer written), so a step commits only the layers before it. */
+static int fail_gather_layer = -1;
+static eplb_status fw_check(void *c, uint32_t l, uint32_t p, const int32_t *o, const int32_t *n, eplb_error *e) {
+    (void)c, (void)l, (void)p, (void)o, (void)n, (void)e;
+    return EPLB_OK;
+}
+static eplb_status fw_gather(void *c, uint32_t layer, uint32_t p, const int32_t *o, const int32_t *n,
+                             eplb_error *e) {
+    (void)c, (void)p, (void)o, (void)n;
+    return (int)layer == fail_gather_layer ? eplb_error_set(e, EPLB_EINTERNAL, "injected gather failure") : EPLB_OK;
+}
+static eplb_status fw_scatter(void *c, uint32_t l, uint32_t p, const int32_t *o, const int32_t *n, eplb_move_bytes *b,
+                              eplb_error *e) {
+    (void)c, (void)l, (void)p, (void)o, (void)n, (void)e;
+    *b = (eplb_move_bytes){ 0, 0, 0 };
+    return EPLB_OK;
+}
+static void fw_close(void *c) { (void)c; }
+static const eplb_weights_ops fw_ops = { .check = fw_check, .gather = fw_gather, .scatter = fw_scatter,
+                                         .close = fw_close };
+
+Test(stepped, a_last_step_that_moves_fewer_layers_stays_pending_in_memory_and_store) {
+    eplb_model_shape shape;
+    cr_assert_eq(eplb_registry_get_shape(reg, "m", &shape, NULL), EPLB_OK);
+    static int ctx;
+    cr_assert_eq(eplb_registry_attach_weights(reg, "m", &fw_ops, &ctx, &shape, NULL), EPLB_OK);
+    /* The layers the target changes, from a dry run. */
+    eplb_rebalance_request req = request(0);
+    req.dry_run = true;
+    eplb_rebalance_result want;
+    cr_assert_eq(eplb_registry_rebalance(reg, &req, &want, NULL), EPLB_OK);
+    eplb_placement start;
+    cr_assert_eq(get_placement(reg, "m", &start, NULL, NULL), EPLB_OK);
+    uint32_t changed[L], nc = 0;
+    for (uint32_t l = 0; l < L; l++)
+        if (!rows_equal(start.phy2log, want.placement.phy2log, l))
+            changed[nc++] = l;
+    cr_assert_geq(nc, 4);
+    /* Step 1 moves all but the last two changed layers; step 2 (the last)
+     * fails at the last one, committing only the one before it. */
+    req = request(nc - 2);
+    eplb_rebalance_result res;
+    eplb_error err;
+    cr_assert_eq(eplb_registry_rebalance(reg, &req, &res, &err), EPLB_OK, "%s", err.msg);
+    cr_assert(res.pending);
+    char id[EPLB_REBALANCE_ID_MAX + 1];
+    strcpy(id, res.rebalance_id);
+    eplb_rebalance_result_free(&res);
+    fail_gather_layer = (int)changed[nc - 1];
+    cr_assert_eq(eplb_registry_continue_rebalance(reg, "m", id, &res, &err), EPLB_EINTERNAL);
+    cr_assert(strstr(err.msg, "committed"), "%s", err.msg);
+    eplb_model_view v = view();
+    cr_assert_str_eq(v.pending_id, id);
+    cr_assert_eq(v.pending_layers_done, L - 1);
+    eplb_model_view_release(&v);
+    /* What is stored agrees: still pending, one layer to go. */
+    cr_assert_str_eq(store.last.pending.id, id);
+    cr_assert_eq(store.last.pending.layers_done, L - 1);
+    /* And it can be finished. */
+    fail_gather_layer = -1;
+    cr_assert_eq(eplb_registry_continue_rebalance(reg, "m", id, &res, &err), EPLB_OK, "%s", err.msg);
+    cr_assert(!res.pending);
+    cr_assert_eq(res.layers_done, L);
+    cr_assert_str_eq(store.last.pending.id, "");
+    eplb_rebalance_result_free(&res);
+    eplb_placement_free(&start);
+    eplb_rebalance_result_free(&want);
+}

@@ -253,6 +253,20 @@ class DiscoveryTest(unittest.TestCase):
         self.assertEqual(out[5].error_response.error_code, grpc.StatusCode.INVALID_ARGUMENT.value[0])
         self.assertTrue(out[6].list_services_response.service)
 
+    def test_reflection_error_messages_stay_valid_utf8(self):
+        """A name cut in the error message is cut between characters (the
+        response must stay decodable), and huge requests are refused."""
+        R = reflection_pb2.ServerReflectionRequest
+        name = "x" * 199 + "\u00e9" * 10
+        out = self.reflect("v1", [R(file_containing_symbol=name), R(file_by_filename=name)])
+        self.assertEqual(len(out), 2)
+        for r in out:
+            self.assertEqual(r.error_response.error_code, grpc.StatusCode.NOT_FOUND.value[0])
+            self.assertTrue(r.error_response.error_message.endswith("x" * 199))
+        with self.assertRaises(grpc.RpcError) as cm:
+            self.reflect("v1", [R(file_containing_symbol="y" * (70 << 10))])
+        self.assertEqual(cm.exception.code(), grpc.StatusCode.RESOURCE_EXHAUSTED)
+
     def test_reflection_malformed_message_ends_the_stream(self):
         raw = self.channel.stream_stream(REFLECT["v1"][0], request_serializer=None, response_deserializer=None)
         with self.assertRaises(grpc.RpcError) as cm:
