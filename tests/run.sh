@@ -472,6 +472,7 @@ done
 python_suite "python grpcio client" "$root/tests/integration/test_python_client.py" "$build"
 python_suite "health watch and reflection" "$root/tests/integration/test_discovery.py" "$build"
 python_suite "engine-held weights, stepped rebalance" "$root/tests/integration/test_weights_engine.py" "$build"
+python_suite "placement files, report, eplbctl" "$root/tests/integration/test_placement_files.py" "$build"
 # The eplb Python package (clients/python) against this build's eplbd:
 # pytest writes JUnit, counted like the others.
 suite "python package eplb (pytest)" junit "$results/junit.xml" \
@@ -532,6 +533,8 @@ if [ -n "$asan" ] && want asan; then
     count_reports "health watch and reflection (asan+ubsan eplbd)"
     python_suite "engine-held weights, stepped rebalance (asan+ubsan eplbd)" "$root/tests/integration/test_weights_engine.py" "$asan"
     count_reports "engine-held weights, stepped rebalance (asan+ubsan eplbd)"
+    python_suite "placement files, report, eplbctl (asan+ubsan)" "$root/tests/integration/test_placement_files.py" "$asan"
+    count_reports "placement files, report, eplbctl (asan+ubsan)"
     load_suite "concurrent Rebalance calls (asan+ubsan eplbd)" "$asan/eplbd"
     count_reports "concurrent Rebalance calls (asan+ubsan eplbd)"
     unset ASAN_OPTIONS UBSAN_OPTIONS
