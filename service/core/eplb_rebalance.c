@@ -37,6 +37,37 @@ static eplb_status check_loaded(const registry_entry *e, eplb_error *err) {
     return EPLB_OK;
 }
 
+/* A topology other than the registered one (a what-if) is dry-run only: a
+ * commit would give the engine a placement for GPUs it does not have.
+ * EPLB_EPRECONDITION naming the fields. */
+static eplb_status check_registered_topology(const registry_entry *e, const eplb_rebalance_request *req,
+                                             eplb_error *err) {
+    const eplb_model_shape *s = &registry_current(e)->shape;
+    char what[256] = "";
+    size_t n = 0;
+    if (req->num_gpus && req->num_gpus != s->ep_size)
+        n += (size_t)snprintf(what + n, sizeof what - n, "%snum_gpus %u (registered ep_size %u)", n ? ", " : "",
+                              req->num_gpus, s->ep_size);
+    if (req->num_nodes && req->num_nodes != s->num_nodes && n < sizeof what)
+        n += (size_t)snprintf(what + n, sizeof what - n, "%snum_nodes %u (registered %u)", n ? ", " : "",
+                              req->num_nodes, s->num_nodes);
+    if (req->num_groups && req->num_groups != s->num_groups && n < sizeof what)
+        n += (size_t)snprintf(what + n, sizeof what - n, "%snum_groups %u (registered %u)", n ? ", " : "",
+                              req->num_groups, s->num_groups);
+    if (!what[0])
+        return EPLB_OK;
+    return eplb_error_set(err, EPLB_EPRECONDITION,
+                          "model %s: %s differ from its registration: a different topology is dry-run only "
+                          "(set dry_run, or change the registration with SetupFromMapping)",
+                          e->model_id, what);
+}
+
+static eplb_status check_gate(const eplb_rebalance_request *req, eplb_error *err) {
+    if (!(req->min_improvement >= 0 && req->min_improvement <= 1)) /* NaN fails too */
+        return eplb_error_set(err, EPLB_EINVAL, "min_improvement %g is not in [0, 1]", req->min_improvement);
+    return EPLB_OK;
+}
+
 /* A stepped rebalance in progress refuses what would change the placement
  * under it (EPLB_EABORTED). */
 static eplb_status check_not_pending(const registry_entry *e, const char *what, eplb_error *err) {
@@ -286,10 +317,21 @@ static double elapsed_ms(const struct timespec *t0) {
 
 /* Compute (and unless dry_run, commit) a rebalance of e from logical_load
  * ([L][N]).  Caller holds e's lock and has checked epoch and reload. */
+/* The commit gate (RebalanceRequest.min_improvement / force).  Automatic
+ * rebalances use the default: never worse. */
+typedef struct rebalance_gate {
+    double min_improvement;
+    bool force;
+} rebalance_gate;
+
+/* Balancedness is a ratio in (0, 1]: gains below this are rounding. */
+#define GATE_EPSILON 1e-12
+
 static eplb_status rebalance_locked(eplb_registry *r, registry_entry *e, const int64_t *logical_load,
                                     const eplb_policy_shape *ps, eplb_slot_order order, bool dry_run,
                                     uint32_t layers_per_step, const uint8_t *wait_event, size_t wait_event_len,
-                                    eplb_rebalance_result *out, eplb_error *err) {
+                                    const rebalance_gate *gate, eplb_rebalance_result *out, eplb_error *err) {
+    bool gated = false;
     const eplb_placement *cur = &registry_current(e)->placement;
     uint32_t L = cur->num_layers, N = cur->num_logical, P = cur->num_physical;
     struct timespec t0;
@@ -333,6 +375,26 @@ static eplb_status rebalance_locked(eplb_registry *r, registry_entry *e, const i
     if (dry_run) {
         out->placement = next;
         goto out;
+    }
+    {
+        /* A rebalance that does not pay is not committed: answered like a
+         * dry run, with the reason. */
+        double gain = out->balancedness_after - out->balancedness_before;
+        double want = gate ? gate->min_improvement : 0;
+        bool force = gate && gate->force;
+        if (!force && gain < -GATE_EPSILON)
+            snprintf(out->reason, sizeof out->reason,
+                     "not committed: balancedness would get worse (%.6f -> %.6f); set force to commit anyway",
+                     out->balancedness_before, out->balancedness_after);
+        else if (!force && want > 0 && gain < want - GATE_EPSILON)
+            snprintf(out->reason, sizeof out->reason,
+                     "not committed: the balancedness gain %.6f (%.6f -> %.6f) is below min_improvement %.6f", gain,
+                     out->balancedness_before, out->balancedness_after, want);
+        if (out->reason[0]) {
+            gated = true;
+            out->placement = next;
+            goto out;
+        }
     }
     const uint64_t epoch0 = cur->epoch; /* cur goes stale once a commit lands */
     const uint32_t changed_layers = L - eplb_pending_layers_done(cur, &next);
@@ -384,7 +446,7 @@ out:
     /* Every computed, non-dry-run rebalance is counted (the metrics): a
      * failure anywhere after validation, including an allocation, is a
      * failed rebalance; bytes a failed move already copied still count. */
-    if (!dry_run)
+    if (!dry_run && !gated)
         registry_stats_rebalance(e, st == EPLB_OK, out, out->bytes_moved);
     eplb_free(phy2log);
     eplb_free(logcnt);
@@ -437,6 +499,8 @@ eplb_status eplb_registry_rebalance(eplb_registry *r, const eplb_rebalance_reque
         (!req->dry_run && (st = check_not_pending(e, "another Rebalance", err)) != EPLB_OK) ||
         (st = check_epoch(e, req->has_expected_epoch, req->expected_epoch, err)) != EPLB_OK ||
         (st = check_topology(r, &ps, req->slot_order, err)) != EPLB_OK ||
+        (!req->dry_run && (st = check_registered_topology(e, req, err)) != EPLB_OK) ||
+        (st = check_gate(req, err)) != EPLB_OK ||
         (st = check_wait_event(e, req->wait_event, req->wait_event_len, err)) != EPLB_OK)
         goto out;
     logical = eplb_malloc(cells * sizeof *logical);
@@ -475,8 +539,9 @@ eplb_status eplb_registry_rebalance(eplb_registry *r, const eplb_rebalance_reque
         }
         memcpy(logical, e->rec.window.sum, cells * sizeof *logical);
     }
+    rebalance_gate gate = { req->min_improvement, req->force };
     st = rebalance_locked(r, e, logical, &ps, req->slot_order, req->dry_run, req->layers_per_step, req->wait_event,
-                          req->wait_event_len, out, err);
+                          req->wait_event_len, &gate, out, err);
 out:
     eplb_free(logical);
     registry_release(e);
@@ -603,7 +668,7 @@ eplb_status eplb_registry_record_load(eplb_registry *r, const eplb_record_reques
         eplb_error_clear(&why);
         eplb_slot_order order = e->weights && ps.num_gpus / ps.num_nodes <= MIN_TRAFFIC_MAX_GPUS_PER_NODE
                                     ? EPLB_SLOT_MIN_TRAFFIC : EPLB_SLOT_PRESERVE;
-        eplb_status ast = rebalance_locked(r, e, logical, &ps, order, false, 0, NULL, 0, &res, &why);
+        eplb_status ast = rebalance_locked(r, e, logical, &ps, order, false, 0, NULL, 0, NULL, &res, &why);
         out->rebalanced = ast == EPLB_OK;
         eplb_rebalance_result_free(&res);
         /* The pass is counted either way, so the call succeeds (a retried

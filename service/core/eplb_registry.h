@@ -295,6 +295,8 @@ typedef struct eplb_rebalance_request {
     bool dry_run;                     /* compute, change nothing */
     eplb_slot_order slot_order;
     uint32_t layers_per_step;         /* commit in steps of this many changed layers; 0: all at once */
+    double min_improvement;           /* commit gate: least balancedness gain; 0: any gain >= 0 */
+    bool force;                       /* commit even when balancedness gets worse */
     /* The engine's IPC event (EPLB_EVENT_BYTES) recorded after its last use
      * of the weights; NULL/0: none (the engine synchronized before the
      * call).  Another length, or a wait event without weights that have
@@ -318,6 +320,7 @@ typedef struct eplb_rebalance_result {
     double move_ms;
     /* Steps (eplb_pending.h): the rebalance's id, layers holding its target
      * after this call, whether steps remain, the layers this call moved. */
+    char reason[EPLB_ERROR_MSG_MAX];  /* why not committed (the gate), "" otherwise */
     char rebalance_id[EPLB_REBALANCE_ID_MAX + 1];
     uint32_t layers_done;
     bool pending;

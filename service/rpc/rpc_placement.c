@@ -161,6 +161,9 @@ static void reply_rebalance(rpc_context *ctx, const char *model_id, const eplb_r
         eplb_v1_RebalanceResponse_set_pending(resp, res->pending);
         eplb_v1_RebalanceResponse_set_bytes_cross_gpu(resp, res->bytes_cross_gpu);
         eplb_v1_RebalanceResponse_set_bytes_staged(resp, res->bytes_staged);
+        upb_StringView why;
+        if (res->reason[0] && rpc_arena_view(res->reason, arena, &why))
+            eplb_v1_RebalanceResponse_set_reason(resp, why);
         if (res->has_done_event) {
             /* The arena outlives the serialization; res does not matter. */
             char *ev = upb_Arena_Malloc(arena, EPLB_EVENT_BYTES);
@@ -197,6 +200,8 @@ void rpc_rebalance(rpc_context *ctx, upb_Arena *arena, const char *req, size_t l
     r.expected_epoch = eplb_v1_RebalanceRequest_expected_epoch(m);
     r.dry_run = eplb_v1_RebalanceRequest_dry_run(m);
     r.layers_per_step = eplb_v1_RebalanceRequest_layers_per_step(m);
+    r.min_improvement = eplb_v1_RebalanceRequest_min_improvement(m);
+    r.force = eplb_v1_RebalanceRequest_force(m);
     upb_StringView wev = eplb_v1_RebalanceRequest_wait_event(m);
     r.wait_event = (const uint8_t *)wev.data;
     r.wait_event_len = wev.size;

@@ -236,6 +236,42 @@ class PythonClientTest(unittest.TestCase):
         self.assertEqual(cm.exception.code(), grpc.StatusCode.ABORTED)
         self.assertEqual(self.stub.GetPlacement(eplb_pb2.GetPlacementRequest(model_id="m"), timeout=10).epoch, 1)
 
+    def test_commit_gate_and_topology_override(self):
+        """A rebalance that does not pay is answered but not committed; a
+        topology other than the registered one is dry-run only."""
+        self.register_readme()
+        # Balanced already: any other answer of this policy is no better.
+        flat = [10] * (2 * 12)
+        bad = [0] * (2 * 12)
+        bad[0], bad[12] = 1000, 1000  # one hot expert per layer: the initial map is worst
+        first = self.stub.Rebalance(eplb_pb2.RebalanceRequest(model_id="m", logical_load=bad), timeout=10)
+        self.assertTrue(first.committed)
+        self.assertEqual(first.reason, "")
+        # Now a load under which the committed map is worse than the current
+        # one would be: find out with a dry run, then ask for a gain too large.
+        resp = self.stub.Rebalance(eplb_pb2.RebalanceRequest(model_id="m", logical_load=flat,
+                                                            min_improvement=0.5), timeout=10)
+        self.assertFalse(resp.committed)
+        self.assertIn("min_improvement", resp.reason)
+        got = self.stub.GetPlacement(eplb_pb2.GetPlacementRequest(model_id="m"), timeout=10)
+        self.assertEqual(got.epoch, 1)
+        self.assertEqual(list(got.physical_to_logical), list(first.placement.physical_to_logical))
+        with self.assertRaises(grpc.RpcError) as cm:
+            self.stub.Rebalance(eplb_pb2.RebalanceRequest(model_id="m", logical_load=flat, min_improvement=2),
+                                timeout=10)
+        self.assertEqual(cm.exception.code(), grpc.StatusCode.INVALID_ARGUMENT)
+        # A different topology: dry run only.
+        with self.assertRaises(grpc.RpcError) as cm:
+            self.stub.Rebalance(eplb_pb2.RebalanceRequest(model_id="m", logical_load=bad, num_gpus=4, num_nodes=1),
+                                timeout=10)
+        self.assertEqual(cm.exception.code(), grpc.StatusCode.FAILED_PRECONDITION)
+        self.assertIn("num_gpus 4 (registered ep_size 8)", cm.exception.details())
+        self.assertIn("num_nodes 1 (registered 2)", cm.exception.details())
+        dry = self.stub.Rebalance(eplb_pb2.RebalanceRequest(model_id="m", logical_load=bad, num_gpus=4, num_nodes=1,
+                                                           dry_run=True), timeout=10)
+        self.assertFalse(dry.committed)
+        self.assertEqual(self.stub.GetPlacement(eplb_pb2.GetPlacementRequest(model_id="m"), timeout=10).epoch, 1)
+
     def test_scale_up_then_rebalance(self):
         self.register_readme()
         old = list(self.stub.GetPlacement(eplb_pb2.GetPlacementRequest(model_id="m"),
