@@ -101,9 +101,7 @@ static size_t utf8_len(const unsigned char *s, size_t left) {
     return n;
 }
 
-/* The length of s[0, len) without a UTF-8 sequence that a cut left
- * incomplete at its end (vsnprintf truncates by bytes). */
-static size_t utf8_trim_tail(const char *str, size_t len) {
+size_t rpc_utf8_trim_tail(const char *str, size_t len) {
     const unsigned char *s = (const unsigned char *)str;
     for (size_t back = 1; back <= 3 && back <= len; back++) {
         unsigned c = s[len - back];
@@ -340,7 +338,7 @@ void rpc_log(rpc_log_level level, const char *fmt, ...) {
     size_t len = n < 0 ? 0 : (size_t)n;
     bool cut = len >= sizeof msg;
     if (cut)
-        len = utf8_trim_tail(msg, sizeof msg - 1);
+        len = rpc_utf8_trim_tail(msg, sizeof msg - 1);
     line l;
     line_start(&l, level);
     if (l.json)

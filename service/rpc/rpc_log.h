@@ -78,4 +78,8 @@ void rpc_log_trace(const char *event, const char *model_id, const eplb_trace_fie
  * at >= cap nothing is written.  Returns the new length. */
 size_t rpc_json_escape(char *buf, size_t at, size_t cap, const char *s, size_t len);
 
+/* The length of s[0, len) without a UTF-8 sequence that a cut left
+ * incomplete at its end (snprintf and friends truncate by bytes). */
+size_t rpc_utf8_trim_tail(const char *s, size_t len);
+
 #endif

@@ -24,6 +24,7 @@
 #include "grpc/reflection/v1/reflection.upbdefs.h"
 #include "grpc/reflection/v1alpha/reflection.upbdefs.h"
 #include "rpc_handlers.h"
+#include "rpc_log.h"
 #include "upb/def.h"
 
 /* The files reflection knows, and the services eplbd serves (in
@@ -102,17 +103,12 @@ static void set_error(grpc_reflection_v1_ServerReflectionResponse *resp, int cod
     }
 }
 
-/* s cut to at most max bytes at a UTF-8 character boundary (an error
- * message is a proto3 string: a cut character would make the whole
- * response undecodable).  Returns the length to print. */
-static int utf8_cut(const char *s, int max) {
-    int n = (int)strlen(s);
-    if (n <= max)
-        return n;
-    n = max;
-    while (n > 0 && ((unsigned char)s[n] & 0xC0) == 0x80)
-        n--; /* s[n] continues a character: cut before it */
-    return n;
+/* How much of s to print in at most max bytes: cut at a UTF-8 character
+ * boundary (an error message is a proto3 string: a cut character would
+ * make the whole response undecodable). */
+static int utf8_cut(const char *s, size_t max) {
+    size_t n = strlen(s);
+    return (int)(n <= max ? n : rpc_utf8_trim_tail(s, max));
 }
 
 /* A NUL-terminated, bounded copy of a request string, or NULL. */

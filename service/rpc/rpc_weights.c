@@ -70,23 +70,25 @@ static eplb_status prefixed(eplb_status st, uint32_t layer, const char *what, ep
 }
 
 /* Staging entries a GPU may hold for layer: the bound over one entry's
- * bytes (0 bound: no limit, UINT32_MAX). */
-static uint32_t staging_entries(const weights_mover *m, uint32_t layer) {
-    if (!m->max_staging_bytes)
-        return 0;
-    uint64_t n = m->layer_bytes[layer] ? m->max_staging_bytes / m->layer_bytes[layer] : UINT32_MAX;
-    return n == 0 ? UINT32_MAX - 1 : n > UINT32_MAX - 2 ? UINT32_MAX - 2 : (uint32_t)n;
+ * bytes, possibly 0 (one expert is larger than the whole bound);
+ * UINT64_MAX without a bound. */
+static uint64_t staging_entries(const weights_mover *m, uint32_t layer) {
+    if (!m->max_staging_bytes || !m->layer_bytes[layer])
+        return UINT64_MAX;
+    return m->max_staging_bytes / m->layer_bytes[layer];
 }
 
 /* The layer's move cut to the staging bound.  An expert larger than the
  * whole bound cannot be staged at all: fine only when nothing needs it. */
 static eplb_status mover_chunks(const weights_mover *m, uint32_t layer, uint32_t P, const int32_t *old_row,
                                 const int32_t *new_row, eplb_plan_chunks *out, eplb_error *err) {
-    uint32_t bound = staging_entries(m, layer);
-    bool none_fit = bound == UINT32_MAX - 1;
+    uint64_t allowed = staging_entries(m, layer);
+    /* eplb_plan_chunk's 0 is "no bound"; a plan never stages more than P
+     * entries, so a bound past UINT32_MAX is none. */
+    uint32_t bound = allowed == 0 || allowed >= UINT32_MAX ? 0 : (uint32_t)allowed;
     eplb_status st = eplb_plan_chunk(P, m->num_gpus, m->gpus_per_node, old_row, new_row, m->first_rank,
-                                     m->held_ranks, none_fit ? 0 : bound, out, err);
-    if (st == EPLB_OK && none_fit && out->max_staging_per_gpu > 0) {
+                                     m->held_ranks, bound, out, err);
+    if (st == EPLB_OK && allowed == 0 && out->max_staging_per_gpu > 0) {
         eplb_plan_chunks_free(out);
         st = eplb_error_set(err, EPLB_EPRECONDITION,
                             "one expert of this layer is %llu bytes, more than the staging bound (%llu MiB per GPU, "
@@ -107,8 +109,8 @@ static eplb_status mover_chunks(const weights_mover *m, uint32_t layer, uint32_t
 static void mover_rank_entries(const weights_mover *m, uint32_t *entries) {
     const uint32_t S = m->num_gpus ? m->num_physical / m->num_gpus : 0;
     for (uint32_t l = 0; l < m->num_layers; l++) {
-        uint32_t bound = staging_entries(m, l);
-        entries[l] = bound == UINT32_MAX - 1 ? 0 : bound && bound < S ? bound : S;
+        uint64_t allowed = staging_entries(m, l);
+        entries[l] = allowed < S ? (uint32_t)allowed : S;
     }
 }
 
