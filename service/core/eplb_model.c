@@ -135,6 +135,10 @@ eplb_status eplb_model_shape_make(const eplb_moe_spec *moe, const char *field,
     out->window_size = par->window_size ? par->window_size : EPLB_DEFAULT_WINDOW_SIZE;
     out->step_interval = par->step_interval ? par->step_interval : EPLB_DEFAULT_STEP_INTERVAL;
     out->auto_rebalance = par->auto_rebalance;
+    eplb_status kst = eplb_rebalance_knobs_check(&par->defaults, "parallel.", err);
+    if (kst != EPLB_OK)
+        return kst;
+    out->defaults = par->defaults;
     /* The window is [window_size][L][N] int64s once full: refuse what the
      * server could not hold rather than fail at the 900th pass. */
     uint64_t window = (uint64_t)out->window_size * out->num_layers * out->num_logical * sizeof(int64_t);
@@ -151,6 +155,21 @@ eplb_status eplb_model_shape_make(const eplb_moe_spec *moe, const char *field,
                               "the server's largest response of %llu bytes (--max-message-bytes)",
                               f, out->num_layers, out->num_physical, (unsigned long long)response,
                               (unsigned long long)lim->max_response_bytes);
+    return EPLB_OK;
+}
+
+eplb_status eplb_rebalance_knobs_check(const eplb_rebalance_knobs *k, const char *field, eplb_error *err) {
+    if (k->policy != EPLB_POLICY_DEEPSEEK && k->policy != EPLB_POLICY_INCREMENTAL)
+        return eplb_error_set(err, EPLB_EINVAL, "%spolicy %u is not a known Policy", field, k->policy);
+    /* Written so that NaN fails every test. */
+    if (!(k->target_balancedness >= 0 && k->target_balancedness <= 1))
+        return eplb_error_set(err, EPLB_EINVAL, "%starget_balancedness %g is not in (0, 1] (0 = the default %g)",
+                              field, k->target_balancedness, EPLB_DEFAULT_TARGET_BALANCEDNESS);
+    if (!(k->min_improvement >= 0 && k->min_improvement <= 1))
+        return eplb_error_set(err, EPLB_EINVAL, "%smin_improvement %g is not in [0, 1]", field, k->min_improvement);
+    if (!(k->cost_intra_node >= 0 && k->cost_intra_node <= 1e6) || !(k->cost_cross_node >= 0 && k->cost_cross_node <= 1e6))
+        return eplb_error_set(err, EPLB_EINVAL, "%slink_costs (intra_node %g, cross_node %g) must be in [0, 1e6]", field,
+                              k->cost_intra_node, k->cost_cross_node);
     return EPLB_OK;
 }
 

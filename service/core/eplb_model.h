@@ -72,6 +72,34 @@ typedef struct eplb_resolved {
 eplb_status eplb_handle_resolve(const eplb_handle *h, const char *field,
                                 eplb_resolved *out, eplb_error *err);
 
+/* Which policy computes a rebalance (RebalanceRequest.policy). */
+typedef enum eplb_policy_kind {
+    EPLB_POLICY_DEEPSEEK = 0,    /* DeepSeek's EPLB from scratch, bit-exact */
+    EPLB_POLICY_INCREMENTAL = 1, /* from the current placement, by gain per byte (eplb_incremental.h) */
+} eplb_policy_kind;
+
+/* The knobs of a cost-aware rebalance: a request's, or a model's defaults
+ * for its automatic rebalances (ParallelConfig).  0 means the default in
+ * every field. */
+typedef struct eplb_rebalance_knobs {
+    uint32_t policy;             /* eplb_policy_kind */
+    double target_balancedness;  /* fraction of the from-scratch balancedness, (0, 1]; 0 = 0.99 */
+    uint64_t max_bytes_moved;    /* bytes copied across GPUs; 0 = no budget */
+    uint64_t max_slots_moved;    /* slots rewritten; 0 = no budget */
+    double min_improvement;      /* commit gate, [0, 1] */
+    double cost_intra_node;      /* weight of a byte between GPUs of a node; 0 = 1 */
+    double cost_cross_node;      /* weight of a byte between nodes; 0 = 4 */
+    uint64_t expert_bytes;       /* one expert's bytes in one layer; 0 = unknown */
+} eplb_rebalance_knobs;
+
+#define EPLB_DEFAULT_TARGET_BALANCEDNESS 0.99
+#define EPLB_DEFAULT_COST_INTRA_NODE 1.0
+#define EPLB_DEFAULT_COST_CROSS_NODE 4.0
+
+/* Check knobs (field prefixes messages: "parallel" or ""): policy known,
+ * target in [0, 1], min_improvement in [0, 1], costs finite and >= 0. */
+eplb_status eplb_rebalance_knobs_check(const eplb_rebalance_knobs *k, const char *field, eplb_error *err);
+
 typedef struct eplb_parallel {
     bool enable_eplb;
     uint32_t ep_size;               /* >= 1 */
@@ -80,6 +108,7 @@ typedef struct eplb_parallel {
     uint32_t step_interval;         /* 0 = EPLB_DEFAULT_STEP_INTERVAL */
     uint32_t num_redundant_experts; /* 0 = take the model's */
     bool auto_rebalance;            /* rebalance every step_interval recorded passes */
+    eplb_rebalance_knobs defaults;  /* of automatic rebalances */
 } eplb_parallel;
 
 /* vLLM's EPLBConfig defaults. */
@@ -119,6 +148,7 @@ typedef struct eplb_model_shape {
     uint32_t window_size;   /* passes in the load window */
     uint32_t step_interval; /* passes between automatic rebalances */
     bool auto_rebalance;    /* rebalance by itself every step_interval passes */
+    eplb_rebalance_knobs defaults; /* automatic rebalances' policy, budgets, gate (stored) */
 } eplb_model_shape;
 
 /* Check a resolved handle's MoE metadata against the parallel config and the

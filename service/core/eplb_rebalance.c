@@ -63,9 +63,24 @@ static eplb_status check_registered_topology(const registry_entry *e, const eplb
 }
 
 static eplb_status check_gate(const eplb_rebalance_request *req, eplb_error *err) {
-    if (!(req->min_improvement >= 0 && req->min_improvement <= 1)) /* NaN fails too */
-        return eplb_error_set(err, EPLB_EINVAL, "min_improvement %g is not in [0, 1]", req->min_improvement);
-    return EPLB_OK;
+    return eplb_rebalance_knobs_check(&req->knobs, "", err);
+}
+
+/* A request's knobs over the model's defaults: target, link costs and the
+ * expert size fall back to the registration's; policy, budgets and the
+ * gate are the request's own (0 = DEEPSEEK, no budget, any gain). */
+static eplb_rebalance_knobs merged_knobs(const registry_entry *e, const eplb_rebalance_knobs *k) {
+    const eplb_rebalance_knobs *d = &registry_current(e)->shape.defaults;
+    eplb_rebalance_knobs m = *k;
+    if (!m.target_balancedness)
+        m.target_balancedness = d->target_balancedness;
+    if (!m.cost_intra_node)
+        m.cost_intra_node = d->cost_intra_node;
+    if (!m.cost_cross_node)
+        m.cost_cross_node = d->cost_cross_node;
+    if (!m.expert_bytes)
+        m.expert_bytes = d->expert_bytes;
+    return m;
 }
 
 /* A stepped rebalance in progress refuses what would change the placement
@@ -328,7 +343,8 @@ typedef struct rebalance_gate {
 #define GATE_EPSILON 1e-12
 
 static eplb_status rebalance_locked(eplb_registry *r, registry_entry *e, const int64_t *logical_load,
-                                    const eplb_policy_shape *ps, eplb_slot_order order, bool dry_run,
+                                    const eplb_policy_shape *ps, eplb_slot_order order,
+                                    const eplb_rebalance_knobs *knobs, bool dry_run,
                                     uint32_t layers_per_step, const uint8_t *wait_event, size_t wait_event_len,
                                     const rebalance_gate *gate, eplb_rebalance_result *out, eplb_error *err) {
     bool gated = false;
@@ -346,22 +362,17 @@ static eplb_status rebalance_locked(eplb_registry *r, registry_entry *e, const i
         st = eplb_error_set(err, EPLB_ENOMEM, "out of memory for a %ux%u rebalance", L, P);
         goto out;
     }
-    if ((st = eplb_policy_rebalance(ps, logical_load, phy2log, logcnt, err)) != EPLB_OK)
+    eplb_next_request nreq = { .shape = *ps, .order = order, .cur_phy2log = cur->phy2log,
+                               .cur_logcnt = cur->logcnt, .logical_load = logical_load, .knobs = *knobs };
+    if ((st = eplb_next_placement(&nreq, phy2log, logcnt, out->layer_before, out->layer_after, &out->next, err)) !=
+        EPLB_OK)
         goto out;
-    if (order == EPLB_SLOT_MIN_TRAFFIC)
-        /* The policy's nodes are interchangeable only on its hierarchical path. */
-        eplb_plan_reassign_gpus(L, P, ps->num_gpus, eplb_policy_is_hierarchical(ps) ? ps->num_nodes : 1,
-                                cur->phy2log, phy2log);
-    if (order != EPLB_SLOT_ALGORITHM)
-        eplb_policy_preserve_slots(L, P, ps->num_gpus, cur->phy2log, phy2log);
-    out->balancedness_before = eplb_policy_balancedness(L, N, P, ps->num_gpus, logical_load, cur->phy2log,
-                                                        cur->logcnt, out->layer_before);
-    out->balancedness_after = eplb_policy_balancedness(L, N, P, ps->num_gpus, logical_load, phy2log, logcnt,
-                                                       out->layer_after);
-    uint64_t moved = 0;
-    for (size_t i = 0; i < (size_t)L * P; i++)
-        moved += phy2log[i] != cur->phy2log[i];
-    out->experts_moved = moved;
+    out->balancedness_before = out->next.balancedness_before;
+    out->balancedness_after = out->next.balancedness_after;
+    out->experts_moved = out->next.slots_moved;
+    out->expert_bytes = knobs->expert_bytes;
+    if (out->next.reason[0])
+        snprintf(out->reason, sizeof out->reason, "%s", out->next.reason);
 
     /* An empty shell of the model's shape: assign allocates and fills it.
      * Every slot is filled now, so load counts over all of them again. */
@@ -390,7 +401,7 @@ static eplb_status rebalance_locked(eplb_registry *r, registry_entry *e, const i
             snprintf(out->reason, sizeof out->reason,
                      "not committed: the balancedness gain %.6f (%.6f -> %.6f) is below min_improvement %.6f", gain,
                      out->balancedness_before, out->balancedness_after, want);
-        if (out->reason[0]) {
+        if (!force && (gain < -GATE_EPSILON || (want > 0 && gain < want - GATE_EPSILON))) {
             gated = true;
             out->placement = next;
             goto out;
@@ -539,8 +550,9 @@ eplb_status eplb_registry_rebalance(eplb_registry *r, const eplb_rebalance_reque
         }
         memcpy(logical, e->rec.window.sum, cells * sizeof *logical);
     }
-    rebalance_gate gate = { req->min_improvement, req->force };
-    st = rebalance_locked(r, e, logical, &ps, req->slot_order, req->dry_run, req->layers_per_step, req->wait_event,
+    rebalance_gate gate = { req->knobs.min_improvement, req->force };
+    eplb_rebalance_knobs knobs = merged_knobs(e, &req->knobs);
+    st = rebalance_locked(r, e, logical, &ps, req->slot_order, &knobs, req->dry_run, req->layers_per_step, req->wait_event,
                           req->wait_event_len, &gate, out, err);
 out:
     eplb_free(logical);
@@ -668,7 +680,10 @@ eplb_status eplb_registry_record_load(eplb_registry *r, const eplb_record_reques
         eplb_error_clear(&why);
         eplb_slot_order order = e->weights && ps.num_gpus / ps.num_nodes <= MIN_TRAFFIC_MAX_GPUS_PER_NODE
                                     ? EPLB_SLOT_MIN_TRAFFIC : EPLB_SLOT_PRESERVE;
-        eplb_status ast = rebalance_locked(r, e, logical, &ps, order, false, 0, NULL, 0, NULL, &res, &why);
+        /* The model's own policy, budgets and gate (ParallelConfig). */
+        eplb_rebalance_knobs knobs = merged_knobs(e, &s->defaults);
+        rebalance_gate gate = { knobs.min_improvement, false };
+        eplb_status ast = rebalance_locked(r, e, logical, &ps, order, &knobs, false, 0, NULL, 0, &gate, &res, &why);
         out->rebalanced = ast == EPLB_OK;
         eplb_rebalance_result_free(&res);
         /* The pass is counted either way, so the call succeeds (a retried

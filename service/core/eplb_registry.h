@@ -15,6 +15,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "eplb_next.h"
 #include "eplb_load.h"
 #include "eplb_model.h"
 #include "eplb_placement.h"
@@ -277,12 +278,6 @@ typedef struct eplb_setup_request {
 eplb_status eplb_registry_setup_from_mapping(eplb_registry *r, const eplb_setup_request *req,
                                              eplb_placement *out, eplb_error *err);
 
-typedef enum eplb_slot_order {
-    EPLB_SLOT_PRESERVE = 0,     /* vLLM #29499: keep slots within each GPU */
-    EPLB_SLOT_ALGORITHM = 1,    /* the policy's own order */
-    EPLB_SLOT_MIN_TRAFFIC = 2,  /* reassign GPUs/nodes to their old holders, then keep slots */
-} eplb_slot_order;
-
 typedef struct eplb_rebalance_request {
     const char *model_id;
     const int64_t *physical_load;     /* [L][P]; NULL: the recorded window */
@@ -295,7 +290,10 @@ typedef struct eplb_rebalance_request {
     bool dry_run;                     /* compute, change nothing */
     eplb_slot_order slot_order;
     uint32_t layers_per_step;         /* commit in steps of this many changed layers; 0: all at once */
-    double min_improvement;           /* commit gate: least balancedness gain; 0: any gain >= 0 */
+    /* Policy, target, budgets, link costs, expert size, and the commit
+     * gate's min_improvement (least balancedness gain; 0: any gain >= 0).
+     * target, link costs and expert_bytes 0 take the model's defaults. */
+    eplb_rebalance_knobs knobs;
     bool force;                       /* commit even when balancedness gets worse */
     /* The engine's IPC event (EPLB_EVENT_BYTES) recorded after its last use
      * of the weights; NULL/0: none (the engine synchronized before the
@@ -318,6 +316,8 @@ typedef struct eplb_rebalance_result {
     uint64_t bytes_cross_gpu;         /* of the copies, bytes that crossed GPUs */
     uint64_t bytes_staged;            /* bytes copied into staging */
     double move_ms;
+    eplb_next_report next;            /* policy used, reference, copies the change needs */
+    uint64_t expert_bytes;            /* the expert size it used (request or model; 0 = unknown) */
     /* Steps (eplb_pending.h): the rebalance's id, layers holding its target
      * after this call, whether steps remain, the layers this call moved. */
     char reason[EPLB_ERROR_MSG_MAX];  /* why not committed (the gate), "" otherwise */

@@ -93,6 +93,18 @@ eplb_parallel rpc_parallel_from_upb(const eplb_v1_ParallelConfig *m) {
     p.step_interval = eplb_v1_ParallelConfig_step_interval(m);
     p.num_redundant_experts = eplb_v1_ParallelConfig_num_redundant_experts(m);
     p.auto_rebalance = eplb_v1_ParallelConfig_auto_rebalance(m);
+    eplb_rebalance_knobs *k = &p.defaults;
+    k->policy = (uint32_t)eplb_v1_ParallelConfig_default_policy(m);
+    k->target_balancedness = eplb_v1_ParallelConfig_target_balancedness(m);
+    k->max_bytes_moved = eplb_v1_ParallelConfig_max_bytes_moved(m);
+    k->max_slots_moved = eplb_v1_ParallelConfig_max_slots_moved(m);
+    k->min_improvement = eplb_v1_ParallelConfig_min_improvement(m);
+    k->expert_bytes = eplb_v1_ParallelConfig_expert_bytes(m);
+    if (eplb_v1_ParallelConfig_has_link_costs(m)) {
+        const eplb_v1_LinkCosts *c = eplb_v1_ParallelConfig_link_costs(m);
+        k->cost_intra_node = eplb_v1_LinkCosts_intra_node(c);
+        k->cost_cross_node = eplb_v1_LinkCosts_cross_node(c);
+    }
     return p;
 }
 

@@ -161,6 +161,16 @@ static void reply_rebalance(rpc_context *ctx, const char *model_id, const eplb_r
         eplb_v1_RebalanceResponse_set_pending(resp, res->pending);
         eplb_v1_RebalanceResponse_set_bytes_cross_gpu(resp, res->bytes_cross_gpu);
         eplb_v1_RebalanceResponse_set_bytes_staged(resp, res->bytes_staged);
+        const eplb_next_report *nx = &res->next;
+        eplb_v1_RebalanceResponse_set_policy_used(resp, (int32_t)nx->policy_used);
+        eplb_v1_RebalanceResponse_set_balancedness_reference(resp, nx->balancedness_reference);
+        eplb_v1_RebalanceResponse_set_layers_from_scratch(resp, nx->layers_from_scratch);
+        eplb_v1_RebalanceResponse_set_slots_moved(resp, nx->slots_moved);
+        eplb_v1_RebalanceResponse_set_plan_copies_cross_gpu(resp, nx->copies_cross_gpu);
+        eplb_v1_RebalanceResponse_set_plan_copies_cross_node(resp, nx->copies_cross_node);
+        eplb_v1_RebalanceResponse_set_plan_bytes_cross_gpu(resp, nx->copies_cross_gpu * res->expert_bytes);
+        eplb_v1_RebalanceResponse_set_plan_bytes_cross_node(resp, nx->copies_cross_node * res->expert_bytes);
+        eplb_v1_RebalanceResponse_set_reference_copies_cross_gpu(resp, nx->reference_copies_cross_gpu);
         upb_StringView why;
         if (res->reason[0] && rpc_arena_view(res->reason, arena, &why))
             eplb_v1_RebalanceResponse_set_reason(resp, why);
@@ -200,8 +210,19 @@ void rpc_rebalance(rpc_context *ctx, upb_Arena *arena, const char *req, size_t l
     r.expected_epoch = eplb_v1_RebalanceRequest_expected_epoch(m);
     r.dry_run = eplb_v1_RebalanceRequest_dry_run(m);
     r.layers_per_step = eplb_v1_RebalanceRequest_layers_per_step(m);
-    r.min_improvement = eplb_v1_RebalanceRequest_min_improvement(m);
     r.force = eplb_v1_RebalanceRequest_force(m);
+    eplb_rebalance_knobs *k = &r.knobs;
+    k->min_improvement = eplb_v1_RebalanceRequest_min_improvement(m);
+    k->policy = (uint32_t)eplb_v1_RebalanceRequest_policy(m); /* checked by the core */
+    k->target_balancedness = eplb_v1_RebalanceRequest_target_balancedness(m);
+    k->max_bytes_moved = eplb_v1_RebalanceRequest_max_bytes_moved(m);
+    k->max_slots_moved = eplb_v1_RebalanceRequest_max_slots_moved(m);
+    k->expert_bytes = eplb_v1_RebalanceRequest_expert_bytes(m);
+    if (eplb_v1_RebalanceRequest_has_link_costs(m)) {
+        const eplb_v1_LinkCosts *c = eplb_v1_RebalanceRequest_link_costs(m);
+        k->cost_intra_node = eplb_v1_LinkCosts_intra_node(c);
+        k->cost_cross_node = eplb_v1_LinkCosts_cross_node(c);
+    }
     upb_StringView wev = eplb_v1_RebalanceRequest_wait_event(m);
     r.wait_event = (const uint8_t *)wev.data;
     r.wait_event_len = wev.size;
@@ -228,6 +249,9 @@ void rpc_rebalance(rpc_context *ctx, upb_Arena *arena, const char *req, size_t l
             EPLB_TF_U("num_gpus", r.num_gpus),
             EPLB_TF_S("slot_order", (unsigned)r.slot_order < 3 ? orders[r.slot_order] : "?"),
             EPLB_TF_B("dry_run", r.dry_run),
+            EPLB_TF_S("policy", k->policy == EPLB_POLICY_INCREMENTAL ? "incremental" : "deepseek"),
+            EPLB_TF_U("max_bytes_moved", k->max_bytes_moved),
+            EPLB_TF_U("max_slots_moved", k->max_slots_moved),
             EPLB_TF_I("expected_epoch", r.has_expected_epoch ? (int64_t)r.expected_epoch : -1),
         };
         rpc_log_event(RPC_LOG_DEBUG, "rebalance_request", r.model_id, f, EPLB_TRACE_N(f));

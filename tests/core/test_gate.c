@@ -62,7 +62,7 @@ Test(gate, worse_is_not_committed_unless_forced_and_small_gains_wait) {
     /* The same load again: nothing better to find (gain 0): committed
      * without min_improvement, not with one. */
     int saves = store.saves;
-    req.min_improvement = 0.01;
+    req.knobs.min_improvement = 0.01;
     cr_assert_eq(eplb_registry_rebalance(reg, &req, &res, &err), EPLB_OK, "%s", err.msg);
     cr_assert(!res.committed);
     cr_assert(strstr(res.reason, "below min_improvement 0.010000"), "%s", res.reason);
@@ -77,7 +77,7 @@ Test(gate, worse_is_not_committed_unless_forced_and_small_gains_wait) {
 
     /* Out of range: refused, nothing changes. */
     req.force = false;
-    req.min_improvement = 1.5;
+    req.knobs.min_improvement = 1.5;
     cr_assert_eq(eplb_registry_rebalance(reg, &req, &res, &err), EPLB_EINVAL);
     cr_assert(strstr(err.msg, "min_improvement 1.5 is not in [0, 1]"), "%s", err.msg);
     cr_assert_eq(epoch_now(), 2);

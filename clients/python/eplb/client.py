@@ -22,6 +22,8 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 
 _SLOT_ORDERS = {"preserve": eplb_pb2.SLOT_ORDER_PRESERVE, "algorithm": eplb_pb2.SLOT_ORDER_ALGORITHM,
                 "min_traffic": eplb_pb2.SLOT_ORDER_MIN_TRAFFIC}
+_POLICIES = {"deepseek": eplb_pb2.POLICY_DEEPSEEK, "incremental": eplb_pb2.POLICY_INCREMENTAL}
+_POLICY_NAMES = {v: k for k, v in _POLICIES.items()}
 _ROLES = {"main": eplb_pb2.MODEL_ROLE_MAIN, "speculator": eplb_pb2.MODEL_ROLE_SPECULATOR}
 _KINDS = {"shm": eplb_pb2.BUFFER_KIND_SHM, "hip_ipc": eplb_pb2.BUFFER_KIND_HIP_IPC,
           "cuda_ipc": eplb_pb2.BUFFER_KIND_CUDA_IPC}
@@ -114,6 +116,16 @@ class RebalanceResult:
     bytes_cross_gpu: int
     bytes_staged: int
     done_event: bytes = b""
+    reason: str = ""
+    policy_used: str = "deepseek"
+    balancedness_reference: float = 0.0
+    layers_from_scratch: int = 0
+    slots_moved: int = 0
+    plan_copies_cross_gpu: int = 0
+    plan_copies_cross_node: int = 0
+    plan_bytes_cross_gpu: int = 0
+    plan_bytes_cross_node: int = 0
+    reference_copies_cross_gpu: int = 0
 
     @classmethod
     def from_proto(cls, r: "eplb_pb2.RebalanceResponse") -> "RebalanceResult":
@@ -124,7 +136,13 @@ class RebalanceResult:
                    experts_moved=r.experts_moved, compute_ms=r.compute_ms, bytes_moved=r.bytes_moved,
                    move_ms=r.move_ms, rebalance_id=r.rebalance_id, layers_done=r.layers_done,
                    pending=r.pending, layers_moved=list(r.layers_moved),
-                   bytes_cross_gpu=r.bytes_cross_gpu, bytes_staged=r.bytes_staged, done_event=r.done_event)
+                   bytes_cross_gpu=r.bytes_cross_gpu, bytes_staged=r.bytes_staged, done_event=r.done_event,
+                   reason=r.reason, policy_used=_POLICY_NAMES.get(r.policy_used, str(r.policy_used)),
+                   balancedness_reference=r.balancedness_reference, layers_from_scratch=r.layers_from_scratch,
+                   slots_moved=r.slots_moved, plan_copies_cross_gpu=r.plan_copies_cross_gpu,
+                   plan_copies_cross_node=r.plan_copies_cross_node, plan_bytes_cross_gpu=r.plan_bytes_cross_gpu,
+                   plan_bytes_cross_node=r.plan_bytes_cross_node,
+                   reference_copies_cross_gpu=r.reference_copies_cross_gpu)
 
 
 @dataclass
@@ -332,21 +350,36 @@ class Client:
                   num_gpus: int = 0, expected_epoch: Optional[int] = None, dry_run: bool = False,
                   slot_order: Union[str, int] = "preserve", include_logical_to_physical: bool = False,
                   layers_per_step: int = 0, wait_event: bytes = b"",
-                  timeout: Optional[float] = None) -> RebalanceResult:
+                  policy: Union[str, int] = "deepseek", target_balancedness: float = 0.0,
+                  max_bytes_moved: int = 0, max_slots_moved: int = 0, expert_bytes: int = 0,
+                  link_costs: Optional[Mapping[str, float]] = None, min_improvement: float = 0.0,
+                  force: bool = False, timeout: Optional[float] = None) -> RebalanceResult:
         """Rebalance from ``physical_load`` [L, P] or ``logical_load`` [L, N]
         (int token counts; neither = the server's recorded window).
         ``slot_order``: "preserve" (default), "algorithm", "min_traffic".
         ``layers_per_step`` > 0 commits in steps (see :meth:`continue_rebalance`).
         ``wait_event``: the 64-byte IPC handle of an event recorded on the
         engine's stream after its last use of the weights (device backends
-        only; docs/api.md); the answer's ``done_event`` is eplbd's."""
+        only; docs/api.md); the answer's ``done_event`` is eplbd's.
+        ``policy``: "deepseek" (from scratch, default) or "incremental" (from the
+        current placement, until ``target_balancedness`` x the from-scratch
+        balancedness, 0 = 0.99, within ``max_bytes_moved`` / ``max_slots_moved``;
+        ``link_costs``: {"intra_node": 1, "cross_node": 4}).  ``min_improvement``
+        and ``force``: the commit gate (``reason`` says why it did not commit)."""
         if physical_load is not None and logical_load is not None:
             raise ValueError("physical_load or logical_load, not both")
         req = eplb_pb2.RebalanceRequest(model_id=model_id, num_groups=num_groups, num_nodes=num_nodes,
                                         num_gpus=num_gpus, dry_run=dry_run,
                                         slot_order=_enum(_SLOT_ORDERS, slot_order, "slot_order"),
                                         include_logical_to_physical=include_logical_to_physical,
-                                        layers_per_step=layers_per_step, wait_event=wait_event)
+                                        layers_per_step=layers_per_step, wait_event=wait_event,
+                                        policy=_enum(_POLICIES, policy, "policy"),
+                                        target_balancedness=target_balancedness, max_bytes_moved=max_bytes_moved,
+                                        max_slots_moved=max_slots_moved, expert_bytes=expert_bytes,
+                                        min_improvement=min_improvement, force=force)
+        if link_costs:
+            req.link_costs.intra_node = float(link_costs.get("intra_node", 0.0))
+            req.link_costs.cross_node = float(link_costs.get("cross_node", 0.0))
         if physical_load is not None:
             req.physical_load.extend(_as_int64_list(physical_load))
         if logical_load is not None:

@@ -34,6 +34,21 @@ class ExpertBalancerStub(object):
                 request_serializer=eplb_dot_v1_dot_eplb__pb2.ContinueRebalanceRequest.SerializeToString,
                 response_deserializer=eplb_dot_v1_dot_eplb__pb2.RebalanceResponse.FromString,
                 )
+        self.GetTransferPlan = channel.unary_unary(
+                '/eplb.v1.ExpertBalancer/GetTransferPlan',
+                request_serializer=eplb_dot_v1_dot_eplb__pb2.GetTransferPlanRequest.SerializeToString,
+                response_deserializer=eplb_dot_v1_dot_eplb__pb2.TransferPlan.FromString,
+                )
+        self.CommitRebalance = channel.unary_unary(
+                '/eplb.v1.ExpertBalancer/CommitRebalance',
+                request_serializer=eplb_dot_v1_dot_eplb__pb2.CommitRebalanceRequest.SerializeToString,
+                response_deserializer=eplb_dot_v1_dot_eplb__pb2.RebalanceResponse.FromString,
+                )
+        self.AbortRebalance = channel.unary_unary(
+                '/eplb.v1.ExpertBalancer/AbortRebalance',
+                request_serializer=eplb_dot_v1_dot_eplb__pb2.AbortRebalanceRequest.SerializeToString,
+                response_deserializer=eplb_dot_v1_dot_eplb__pb2.AbortRebalanceResponse.FromString,
+                )
         self.RecordLoad = channel.unary_unary(
                 '/eplb.v1.ExpertBalancer/RecordLoad',
                 request_serializer=eplb_dot_v1_dot_eplb__pb2.RecordLoadRequest.SerializeToString,
@@ -90,6 +105,25 @@ class ExpertBalancerServicer(object):
     def ContinueRebalance(self, request, context):
         """The next step of a stepped rebalance (RebalanceRequest.layers_per_step).
         """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTransferPlan(self, request, context):
+        """Engine-executed rebalances (RebalanceRequest.execution = EXECUTION_ENGINE).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CommitRebalance(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AbortRebalance(self, request, context):
+        """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -154,6 +188,21 @@ def add_ExpertBalancerServicer_to_server(servicer, server):
                     servicer.ContinueRebalance,
                     request_deserializer=eplb_dot_v1_dot_eplb__pb2.ContinueRebalanceRequest.FromString,
                     response_serializer=eplb_dot_v1_dot_eplb__pb2.RebalanceResponse.SerializeToString,
+            ),
+            'GetTransferPlan': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTransferPlan,
+                    request_deserializer=eplb_dot_v1_dot_eplb__pb2.GetTransferPlanRequest.FromString,
+                    response_serializer=eplb_dot_v1_dot_eplb__pb2.TransferPlan.SerializeToString,
+            ),
+            'CommitRebalance': grpc.unary_unary_rpc_method_handler(
+                    servicer.CommitRebalance,
+                    request_deserializer=eplb_dot_v1_dot_eplb__pb2.CommitRebalanceRequest.FromString,
+                    response_serializer=eplb_dot_v1_dot_eplb__pb2.RebalanceResponse.SerializeToString,
+            ),
+            'AbortRebalance': grpc.unary_unary_rpc_method_handler(
+                    servicer.AbortRebalance,
+                    request_deserializer=eplb_dot_v1_dot_eplb__pb2.AbortRebalanceRequest.FromString,
+                    response_serializer=eplb_dot_v1_dot_eplb__pb2.AbortRebalanceResponse.SerializeToString,
             ),
             'RecordLoad': grpc.unary_unary_rpc_method_handler(
                     servicer.RecordLoad,
@@ -260,6 +309,57 @@ class ExpertBalancer(object):
         return grpc.experimental.unary_unary(request, target, '/eplb.v1.ExpertBalancer/ContinueRebalance',
             eplb_dot_v1_dot_eplb__pb2.ContinueRebalanceRequest.SerializeToString,
             eplb_dot_v1_dot_eplb__pb2.RebalanceResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def GetTransferPlan(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/eplb.v1.ExpertBalancer/GetTransferPlan',
+            eplb_dot_v1_dot_eplb__pb2.GetTransferPlanRequest.SerializeToString,
+            eplb_dot_v1_dot_eplb__pb2.TransferPlan.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def CommitRebalance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/eplb.v1.ExpertBalancer/CommitRebalance',
+            eplb_dot_v1_dot_eplb__pb2.CommitRebalanceRequest.SerializeToString,
+            eplb_dot_v1_dot_eplb__pb2.RebalanceResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def AbortRebalance(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/eplb.v1.ExpertBalancer/AbortRebalance',
+            eplb_dot_v1_dot_eplb__pb2.AbortRebalanceRequest.SerializeToString,
+            eplb_dot_v1_dot_eplb__pb2.AbortRebalanceResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
 

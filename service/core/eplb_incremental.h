@@ -1,0 +1,67 @@
+/* eplb_incremental.h -- POLICY_INCREMENTAL: rebalance by changing the
+ * current placement as little as needed.
+ *
+ * DeepSeek's algorithm recomputes every placement from scratch and, after a
+ * small drift of the load, rewrites most slots (66-93% at DeepSeek-V3 size).
+ * This policy starts from the placement in place and applies one local
+ * change at a time, the one with the best gain per weighted byte:
+ *   - swap: two slots on different GPUs exchange their experts;
+ *   - re-replication: a slot holding a replica of an expert with >= 2
+ *     replicas takes another expert (drop a cold replica, add a hot one).
+ * The gain of a change is how much it lowers the sum over layers of the
+ * busiest GPU's load (balancedness = mean / max, and the mean is fixed);
+ * its cost is the bytes it copies, weighted by link class: free within a
+ * GPU (the expert is already there), cost_intra_node between GPUs of a node,
+ * cost_cross_node between nodes.  Layers are independent; one heap over all
+ * layers picks the globally best next change, so a budget goes where it
+ * pays most.
+ *
+ * Invariants of every output: each logical expert keeps >= 1 replica, each
+ * GPU keeps its P / num_gpus slots, total replicas stay P; on the
+ * hierarchical path (num_groups % num_nodes == 0, num_nodes > 1) no change
+ * puts an expert on a node where its group has no replica (a group never
+ * spreads to another node); no layer's max GPU load ever rises, so the
+ * result is never less balanced than the current placement, layer by layer.
+ *
+ * It stops a layer when its max load is within the target (a fraction of
+ * the from-scratch max, given per layer by the caller), when no change
+ * lowers it, or when the budget left cannot pay for its next change.
+ * Deterministic: ties break by layer, then slot, then expert index. */
+#ifndef EPLB_INCREMENTAL_H
+#define EPLB_INCREMENTAL_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "eplb_policy.h"
+#include "eplb_status.h"
+
+typedef struct eplb_incremental_params {
+    eplb_policy_shape shape;
+    const int64_t *logical_load;  /* [L][N] */
+    const double *target_max;     /* [L]: stop a layer once its max GPU load <= this; NULL: never early */
+    double cost_intra_node;       /* > 0 */
+    double cost_cross_node;       /* > 0 */
+    uint64_t max_copies;          /* budget in cross-GPU copies, when copies_budget */
+    uint64_t max_slots;           /* budget in slots rewritten, when slots_budget */
+    bool copies_budget, slots_budget;
+    bool hierarchical;            /* keep each group's replicas on the nodes they are on */
+} eplb_incremental_params;
+
+typedef struct eplb_incremental_stats {
+    uint64_t changes;             /* swaps + re-replications applied */
+    uint64_t slots_moved;         /* slots whose expert changed */
+    uint64_t copies;              /* cross-GPU copies spent (the budget's unit) */
+    uint32_t layers_at_target;    /* layers that reached target_max */
+    bool budget_exhausted;        /* some layer stopped for the budget */
+} eplb_incremental_stats;
+
+/* Improve phy2log [L][P] in place (logcnt [L][N] kept in step; both must
+ * describe a valid placement: every expert >= 1 replica, no -1 slots).
+ * EPLB_OK; EPLB_EINVAL for a bad shape or a -1 / out-of-range entry;
+ * EPLB_ENOMEM (phy2log/logcnt then unchanged for layers not yet started,
+ * valid for all). */
+eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t *phy2log, int32_t *logcnt,
+                                       eplb_incremental_stats *stats, eplb_error *err);
+
+#endif
