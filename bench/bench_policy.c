@@ -10,14 +10,19 @@
  *
  *   cc -std=c11 -O2 -Iservice/core service/core/eplb_status.c \
  *      service/core/eplb_policy.c bench/bench_policy.c -lm -o bench_policy
- *   ./bench_policy [runs]   (default 2000 timed calls per 1x case; 2x cases run
- *                            runs/4, 4x cases runs/16, at least 50)
+ *   ./bench_policy [runs [filter]]   (default 2000 timed calls per 1x case; 2x
+ *                            cases run runs/4, 4x cases runs/16, the 4096-expert
+ *                            cases runs/32, at least 50; with a filter only the
+ *                            cases whose name contains it run)
  *
  * Cases (L layers, N logical, P physical, G groups, nodes x GPUs per node):
  *   1x  DeepSeek-V3: L=58,  N=256,  P=288,  G=8   4x8 and 1x32 (32 GPUs)
  *   2x:              L=116, N=512,  P=576,  G=16  4x16 and 1x64 (64 GPUs)
  *   4x:              L=232, N=1024, P=1152, G=32  8x16 and 1x128 (128 GPUs)
- * plus the global fallback at 1x (G=8 on 3 nodes x 8 GPUs, P=288). */
+ * plus the global fallback at 1x (G=8 on 3 nodes x 8 GPUs, P=288), and 4096
+ * experts on few GPUs (L=58, N=4096, P=4608, G=8, one node of 8 or 2 GPUs: 576
+ * and 2304 slots per GPU), where slot preservation dominated when it was
+ * quadratic in slots per GPU. */
 #ifndef _POSIX_C_SOURCE
 #define _POSIX_C_SOURCE 200809L
 #endif
@@ -105,13 +110,18 @@ int main(int argc, char **argv) {
         {"2x L=116 N=512 P=576 G=16 1x64 GPUs", {116, 512, 576, 16, 1, 64}, 4},
         {"4x L=232 N=1024 P=1152 G=32 8x16 GPUs", {232, 1024, 1152, 32, 8, 128}, 16},
         {"4x L=232 N=1024 P=1152 G=32 1x128 GPUs", {232, 1024, 1152, 32, 1, 128}, 16},
+        {"4096 L=58 N=4096 P=4608 G=8 1x8 GPUs", {58, 4096, 4608, 8, 1, 8}, 32},
+        {"4096 L=58 N=4096 P=4608 G=8 1x2 GPUs", {58, 4096, 4608, 8, 1, 2}, 32},
     };
+    const char *filter = argc > 2 ? argv[2] : NULL;
     double *ns = malloc((size_t)(runs < 50 ? 50 : runs) * sizeof *ns);
     if (!ns) {
         fprintf(stderr, "out of memory\n");
         return 1;
     }
     for (size_t c = 0; c < sizeof cases / sizeof cases[0]; c++) {
+        if (filter && !strstr(cases[c].name, filter))
+            continue;
         const eplb_policy_shape *s = &cases[c].shape;
         int n_runs = runs / cases[c].cost < 50 ? 50 : runs / cases[c].cost;
         eplb_error err;

@@ -975,27 +975,72 @@ static void preserve_gpu_small(size_t k, const int32_t *old, int32_t *cur) {
     }
 }
 
-/* One GPU of one layer with any k: orig [k], used [k], kept [k] are scratch. */
-static void preserve_gpu(size_t k, const int32_t *old, int32_t *cur, int32_t *orig,
-                         unsigned char *used, unsigned char *kept) {
-    memcpy(orig, cur, k * sizeof *orig);
-    memset(used, 0, k);
-    memset(kept, 0, k);
+/* One GPU of one layer with any k, in O(k) expected time.
+ *
+ * The spec's "first unused new entry holding old[s]" is, per expert id, the
+ * next one of its positions in ascending order: the positions holding each id
+ * are chained in ascending order (nxt[]) from a hash table keyed by the id
+ * (open addressing, linear probing, Fibonacci hashing; any int32 is a key,
+ * -1 included).  Each old slot pops the head of its id's chain; a popped
+ * position is marked used by nxt[j] = PRESERVE_USED.  Then the unused
+ * positions fill the unkept slots, both ascending, as in the spec.
+ *
+ * Scratch: orig [k], nxt [k], kept [k], table [cap] with cap a power of two
+ * >= 2k (so the table is at most half full and every probe ends). */
+typedef struct preserve_bucket {
+    int32_t key;  /* expert id */
+    int32_t head; /* first unused position holding it, -1 none left; PRESERVE_EMPTY: free */
+} preserve_bucket;
+
+#define PRESERVE_EMPTY INT32_MIN
+#define PRESERVE_USED (-2)
+
+static inline size_t preserve_hash(int32_t v, unsigned shift) {
+    return (size_t)(((uint32_t)v * 0x9E3779B1u) >> shift);
+}
+
+static void preserve_gpu(size_t k, const int32_t *old, int32_t *cur, int32_t *orig, int32_t *nxt,
+                         unsigned char *kept, preserve_bucket *table, size_t cap, unsigned shift) {
+    bool same = true;
+    for (size_t j = 0; j < k; j++) {
+        orig[j] = cur[j];
+        same &= cur[j] == old[j];
+    }
+    if (same)
+        return; /* every slot already keeps its expert */
+    size_t mask = cap - 1;
+    for (size_t b = 0; b < cap; b++)
+        table[b].head = PRESERVE_EMPTY;
+    for (size_t j = k; j-- > 0;) {
+        int32_t v = orig[j];
+        size_t h = preserve_hash(v, shift);
+        while (table[h].head != PRESERVE_EMPTY && table[h].key != v)
+            h = (h + 1) & mask;
+        if (table[h].head == PRESERVE_EMPTY) {
+            table[h].key = v;
+            nxt[j] = -1;
+        } else {
+            nxt[j] = table[h].head;
+        }
+        table[h].head = (int32_t)j;
+    }
     for (size_t s = 0; s < k; s++) {
         int32_t v = old[s];
-        for (size_t j = 0; j < k; j++) {
-            if (!used[j] && orig[j] == v) {
-                cur[s] = v;
-                used[j] = 1;
-                kept[s] = 1;
-                break;
-            }
+        size_t h = preserve_hash(v, shift);
+        while (table[h].head != PRESERVE_EMPTY && table[h].key != v)
+            h = (h + 1) & mask;
+        int32_t j = table[h].head;
+        kept[s] = j >= 0; /* PRESERVE_EMPTY (absent) and -1 (none left) are < 0 */
+        if (j >= 0) {
+            table[h].head = nxt[j];
+            nxt[j] = PRESERVE_USED;
+            cur[s] = v;
         }
     }
     size_t j = 0;
     for (size_t s = 0; s < k; s++) {
         if (kept[s]) continue;
-        while (used[j]) j++;
+        while (nxt[j] == PRESERVE_USED) j++;
         cur[s] = orig[j++];
     }
 }
@@ -1014,20 +1059,26 @@ void eplb_policy_preserve_slots(uint32_t num_layers, uint32_t num_physical, uint
             preserve_gpu_small(k, old_phy2log + off, new_phy2log + off);
         return;
     }
-    int32_t orig_stack[PRESERVE_STACK_SLOTS];
-    unsigned char flags_stack[2 * PRESERVE_STACK_SLOTS];
-    int32_t *orig = orig_stack;
-    unsigned char *flags = flags_stack;
+    size_t cap = pow2_at_least(2 * k);
+    unsigned shift = 32 - (bit_width64(cap) - 1);
+    preserve_bucket table_stack[2 * PRESERVE_STACK_SLOTS];
+    int32_t ints_stack[2 * PRESERVE_STACK_SLOTS];
+    unsigned char kept_stack[PRESERVE_STACK_SLOTS];
+    preserve_bucket *table = table_stack;
+    int32_t *orig = ints_stack;
+    unsigned char *kept = kept_stack;
     void *heap = NULL;
     if (k > PRESERVE_STACK_SLOTS) {
-        heap = eplb_malloc(k * (sizeof *orig + 2));
+        heap = eplb_malloc(cap * sizeof *table + 2 * k * sizeof *orig + k);
         if (!heap)
             return;
-        orig = heap;
-        flags = (unsigned char *)(orig + k);
+        table = heap;
+        orig = (int32_t *)(void *)(table + cap);
+        kept = (unsigned char *)(orig + 2 * k);
     }
     for (size_t off = 0; off < (size_t)num_layers * num_physical; off += k)
-        preserve_gpu(k, old_phy2log + off, new_phy2log + off, orig, flags, flags + k);
+        preserve_gpu(k, old_phy2log + off, new_phy2log + off, orig, orig + k, kept, table, cap,
+                     shift);
     eplb_free(heap);
 }
 

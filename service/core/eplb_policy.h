@@ -99,7 +99,8 @@ eplb_status eplb_policy_rebalance_scratch(const eplb_policy_shape *s, const int6
  * drops.  Example (EP=2): old [0,1,2,3,0,1], new [0,2,0,1,0,3] ->
  * [0,0,2,3,0,1].  Does nothing when num_gpus is 0 or does not divide
  * num_physical (as vLLM), or when num_physical / num_gpus exceeds
- * EPLB_POLICY_MAX_EXPERTS.  O(L * P * P / num_gpus) worst case.  No
+ * EPLB_POLICY_MAX_EXPERTS.  O(L * P) expected time (a hash of each GPU's
+ * expert ids; up to 64 slots per GPU, bit masks).  No
  * allocation up to 1024 slots per GPU; beyond that one scratch allocation per
  * call, and if it fails new_phy2log is left as it was (still a valid mapping,
  * just not slot-preserving). */

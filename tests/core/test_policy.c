@@ -838,3 +838,200 @@ Test(policy, preserve_slots_large_gpus) {
         free(ref);
     }
 }
+
+/* ---------------------------------------------------------------------------
+ * Slot preservation: the linear implementation against the quadratic one it
+ * replaced (kept here verbatim as the reference) and the literal vLLM port.
+ * ------------------------------------------------------------------------- */
+
+/* The former eplb_policy.c preserve_gpu_small (k <= 64, bit masks). */
+static void old_preserve_gpu_small(size_t k, const int32_t *old, int32_t *cur) {
+    int32_t orig[64];
+    bool same = true;
+    for (size_t j = 0; j < k; j++) {
+        orig[j] = cur[j];
+        same &= cur[j] == old[j];
+    }
+    if (same)
+        return;
+    uint64_t all = k == 64 ? ~(uint64_t)0 : (((uint64_t)1 << k) - 1);
+    uint64_t used = 0, kept = 0;
+    for (size_t s = 0; s < k; s++) {
+        int32_t v = old[s];
+        uint64_t match = 0;
+        for (size_t j = 0; j < k; j++)
+            match |= (uint64_t)(orig[j] == v) << j;
+        match &= ~used;
+        if (match) {
+            used |= match & (~match + 1);
+            kept |= (uint64_t)1 << s;
+            cur[s] = v;
+        }
+    }
+    uint64_t free_slots = ~kept & all, rest = ~used & all;
+    while (free_slots) {
+        cur[__builtin_ctzll(free_slots)] = orig[__builtin_ctzll(rest)];
+        free_slots &= free_slots - 1;
+        rest &= rest - 1;
+    }
+}
+
+/* The former eplb_policy.c preserve_gpu (any k, O(k^2)). */
+static void old_preserve_gpu(size_t k, const int32_t *old, int32_t *cur, int32_t *orig,
+                             unsigned char *used, unsigned char *kept) {
+    memcpy(orig, cur, k * sizeof *orig);
+    memset(used, 0, k);
+    memset(kept, 0, k);
+    for (size_t s = 0; s < k; s++) {
+        int32_t v = old[s];
+        for (size_t j = 0; j < k; j++) {
+            if (!used[j] && orig[j] == v) {
+                cur[s] = v;
+                used[j] = 1;
+                kept[s] = 1;
+                break;
+            }
+        }
+    }
+    size_t j = 0;
+    for (size_t s = 0; s < k; s++) {
+        if (kept[s]) continue;
+        while (used[j]) j++;
+        cur[s] = orig[j++];
+    }
+}
+
+/* The former eplb_policy_preserve_slots. */
+static void old_preserve_slots(uint32_t L, uint32_t P, uint32_t gpus, const int32_t *old,
+                               int32_t *cur) {
+    if (gpus == 0 || P % gpus != 0 || !old || !cur)
+        return;
+    size_t k = P / gpus;
+    if (k <= 64) {
+        for (size_t off = 0; off < (size_t)L * P; off += k)
+            old_preserve_gpu_small(k, old + off, cur + off);
+        return;
+    }
+    int32_t *orig = malloc(k * sizeof *orig);
+    unsigned char *flags = malloc(2 * k);
+    for (size_t off = 0; off < (size_t)L * P; off += k)
+        old_preserve_gpu(k, old + off, cur + off, orig, flags, flags + k);
+    free(orig);
+    free(flags);
+}
+
+/* Slots per GPU: mostly small, often around the 64 and 1024 boundaries of
+ * the implementation, sometimes up to 4096. */
+static uint32_t random_slots_per_gpu(prng *r) {
+    switch (prng_below(r, 10)) {
+    case 0: return 1 + prng_below(r, 4);
+    case 1: case 2: case 3: return 1 + prng_below(r, 64);
+    case 4: return 60 + prng_below(r, 10);
+    case 5: case 6: return 65 + prng_below(r, 300);
+    case 7: return 1020 + prng_below(r, 10);
+    case 8: return 365 + prng_below(r, 700);
+    default: return prng_below(r, 8) ? 1 + prng_below(r, 1024) : 1025 + prng_below(r, 3072);
+    }
+}
+
+/* One id: from a small range (many duplicates), a wide one, -1, or extreme
+ * int32 values (the hash must take any id). */
+static int32_t random_id(prng *r, int kind, uint32_t range) {
+    switch (kind) {
+    case 0: return (int32_t)prng_below(r, range);
+    case 1: return prng_below(r, 4) == 0 ? -1 : (int32_t)prng_below(r, range);
+    case 2: return (int32_t)(uint32_t)prng_next(r); /* any int32, negative too */
+    default: {
+        static const int32_t odd[] = {-1, 0, INT32_MIN, INT32_MAX, -2, 1 << 20, -(1 << 20)};
+        return prng_below(r, 2) ? odd[prng_below(r, 7)] : (int32_t)prng_below(r, range);
+    }
+    }
+}
+
+Test(policy, preserve_slots_linear_equals_quadratic) {
+    prng r = {0xC0FFEEull};
+    int big = 0;
+    for (int iter = 0; iter < 4000; iter++) {
+        uint32_t k = random_slots_per_gpu(&r);
+        uint32_t gpus = k > 1024 ? 1 : k > 256 ? 1 + prng_below(&r, 2) : 1 + prng_below(&r, 4);
+        uint32_t L = k > 256 ? 1 : 1 + prng_below(&r, 3), P = k * gpus;
+        big += k > 1024;
+        size_t n = (size_t)L * P;
+        uint32_t range = 1 + prng_below(&r, prng_below(&r, 2) ? 8 : 2 * k + 1);
+        int kind_old = (int)prng_below(&r, 4), kind_new = (int)prng_below(&r, 4);
+        int32_t *old = malloc(n * sizeof *old), *cur = malloc(n * sizeof *cur);
+        int32_t *want = malloc(n * sizeof *want), *lit = malloc(n * sizeof *lit);
+        for (size_t i = 0; i < n; i++)
+            old[i] = random_id(&r, kind_old, range);
+        switch (prng_below(&r, 4)) {
+        case 0: /* the same mapping (nothing to move) */
+            memcpy(cur, old, n * sizeof *cur);
+            break;
+        case 1: /* a shuffle of each GPU's old entries, a few replaced */
+            memcpy(cur, old, n * sizeof *cur);
+            for (size_t off = 0; off < n; off += k)
+                for (uint32_t i = k; i > 1; i--) {
+                    uint32_t j = prng_below(&r, i);
+                    int32_t t = cur[off + i - 1];
+                    cur[off + i - 1] = cur[off + j];
+                    cur[off + j] = t;
+                }
+            for (size_t i = 0; i < n; i++)
+                if (prng_below(&r, 8) == 0)
+                    cur[i] = random_id(&r, kind_new, range);
+            break;
+        default: /* independent */
+            for (size_t i = 0; i < n; i++)
+                cur[i] = random_id(&r, kind_new, range);
+            break;
+        }
+        memcpy(want, cur, n * sizeof *want);
+        old_preserve_slots(L, P, gpus, old, want);
+        if (k <= 128) { /* the literal port is slow; it is checked on the small ones */
+            memcpy(lit, cur, n * sizeof *lit);
+            naive_preserve(L, P, gpus, old, lit);
+            for (size_t i = 0; i < n; i++)
+                cr_assert_eq(want[i], lit[i], "iter %d: the old code and vLLM's disagree", iter);
+        }
+        eplb_policy_preserve_slots(L, P, gpus, old, cur);
+        for (size_t i = 0; i < n; i++)
+            cr_assert_eq(cur[i], want[i],
+                         "iter %d (L=%u P=%u gpus=%u k=%u range=%u kinds %d/%d): "
+                         "preserved[%zu] is %d, the quadratic reference says %d",
+                         iter, L, P, gpus, k, range, kind_old, kind_new, i, cur[i], want[i]);
+        free(old);
+        free(cur);
+        free(want);
+        free(lit);
+    }
+    cr_assert_gt(big, 20, "too few cases above 1024 slots per GPU (%d)", big);
+}
+
+/* 4096 slots per GPU, the largest the issue measured, on real placements:
+ * the rebalance of one load preserved against another's. */
+Test(policy, preserve_slots_4096_per_gpu_real_placements) {
+    prng r = {4096};
+    eplb_policy_shape s = shape(2, 4096, 8192, 8, 1, 2);
+    size_t nl = (size_t)s.num_layers * s.num_logical, np = (size_t)s.num_layers * s.num_physical;
+    int64_t *load = malloc(nl * sizeof *load);
+    int32_t *old, *cnt, *cur, *c2;
+    fill_load(&r, LOAD_ZIPF, load, nl);
+    run_ok(&s, load, &old, &cnt);
+    fill_load(&r, LOAD_UNIFORM, load, nl);
+    run_ok(&s, load, &cur, &c2);
+    int32_t *want = malloc(np * sizeof *want);
+    memcpy(want, cur, np * sizeof *want);
+    old_preserve_slots(s.num_layers, s.num_physical, s.num_gpus, old, want);
+    int32_t *before = malloc(np * sizeof *before);
+    memcpy(before, cur, np * sizeof *before);
+    eplb_policy_preserve_slots(s.num_layers, s.num_physical, s.num_gpus, old, cur);
+    assert_i32_eq(cur, want, np, "preserved (4096 per GPU) vs quadratic reference");
+    check_preserve(&s, old, before, cur, 0);
+    free(load);
+    free(old);
+    free(cnt);
+    free(cur);
+    free(c2);
+    free(want);
+    free(before);
+}
