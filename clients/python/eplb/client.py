@@ -14,9 +14,10 @@ from ._proto import health_pb2
 from ._proto.eplb.v1 import eplb_pb2, eplb_pb2_grpc
 from .handle import handle_from_module
 from .placement import Placement, _as_int64_list, _as_numpy
+from .transfer import AbortResult, TransferPlan
 
 __all__ = ["Client", "TlsConfig", "RegisterResult", "RebalanceResult", "RecordResult", "AttachResult",
-           "ModelSummary", "DEFAULT_TARGET", "default_target"]
+           "ModelSummary", "AbortResult", "DEFAULT_TARGET", "default_target"]
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
@@ -24,6 +25,7 @@ _SLOT_ORDERS = {"preserve": eplb_pb2.SLOT_ORDER_PRESERVE, "algorithm": eplb_pb2.
                 "min_traffic": eplb_pb2.SLOT_ORDER_MIN_TRAFFIC}
 _POLICIES = {"deepseek": eplb_pb2.POLICY_DEEPSEEK, "incremental": eplb_pb2.POLICY_INCREMENTAL}
 _POLICY_NAMES = {v: k for k, v in _POLICIES.items()}
+_EXECUTIONS = {"server": eplb_pb2.EXECUTION_SERVER, "engine": eplb_pb2.EXECUTION_ENGINE}
 _ROLES = {"main": eplb_pb2.MODEL_ROLE_MAIN, "speculator": eplb_pb2.MODEL_ROLE_SPECULATOR}
 _KINDS = {"shm": eplb_pb2.BUFFER_KIND_SHM, "hip_ipc": eplb_pb2.BUFFER_KIND_HIP_IPC,
           "cuda_ipc": eplb_pb2.BUFFER_KIND_CUDA_IPC}
@@ -126,6 +128,7 @@ class RebalanceResult:
     plan_bytes_cross_gpu: int = 0
     plan_bytes_cross_node: int = 0
     reference_copies_cross_gpu: int = 0
+    transfer_plan: Optional[TransferPlan] = None
 
     @classmethod
     def from_proto(cls, r: "eplb_pb2.RebalanceResponse") -> "RebalanceResult":
@@ -142,7 +145,8 @@ class RebalanceResult:
                    slots_moved=r.slots_moved, plan_copies_cross_gpu=r.plan_copies_cross_gpu,
                    plan_copies_cross_node=r.plan_copies_cross_node, plan_bytes_cross_gpu=r.plan_bytes_cross_gpu,
                    plan_bytes_cross_node=r.plan_bytes_cross_node,
-                   reference_copies_cross_gpu=r.reference_copies_cross_gpu)
+                   reference_copies_cross_gpu=r.reference_copies_cross_gpu,
+                   transfer_plan=TransferPlan.from_proto(r.transfer_plan) if r.HasField("transfer_plan") else None)
 
 
 @dataclass
@@ -181,6 +185,14 @@ class ModelSummary:
     state_reason: str
     weights_attached: bool
     damaged: str
+
+
+def _link_costs(msg: "eplb_pb2.LinkCosts", costs: Mapping[str, float]) -> None:
+    unknown = set(costs) - {"intra_node", "cross_node"}
+    if unknown:
+        raise ValueError("unknown link_costs keys: %s" % ", ".join(sorted(unknown)))
+    msg.intra_node = float(costs.get("intra_node", 0.0))
+    msg.cross_node = float(costs.get("cross_node", 0.0))
 
 
 def _enum(table: Mapping[str, int], v: Union[str, int], what: str) -> int:
@@ -283,19 +295,33 @@ class Client:
                        num_redundant_experts: int = 0, auto_rebalance: bool = False,
                        role: Union[str, int] = "main", main_model_id: str = "",
                        load_dummy_weights: bool = False, include_placement: bool = False,
+                       default_policy: Union[str, int] = "deepseek", target_balancedness: float = 0.0,
+                       max_bytes_moved: int = 0, max_slots_moved: int = 0, min_improvement: float = 0.0,
+                       link_costs: Optional[Mapping[str, float]] = None, expert_bytes: int = 0,
                        timeout: Optional[float] = None) -> RegisterResult:
         """RegisterModel.  ``model``: an ``eplb.v1.ModelHandle``, a dict in its
         proto3 JSON form, or a model object (see :func:`eplb.handle_from_module`).
         ``role``: "main" or "speculator" (with ``main_model_id``).  0 means the
-        server's default for window_size (1000), step_interval (3000), num_nodes (1)."""
+        server's default for window_size (1000), step_interval (3000), num_nodes (1).
+        The model's defaults for automatic rebalances: ``default_policy``,
+        ``target_balancedness``, ``max_bytes_moved``, ``max_slots_moved``,
+        ``min_improvement``, ``link_costs`` (as :meth:`rebalance`);
+        ``expert_bytes``: one expert's bytes in one layer (all its tensors),
+        what budgets and transfer plans count when no weights are attached."""
+        parallel = eplb_pb2.ParallelConfig(enable_eplb=enable_eplb, ep_size=ep_size, num_nodes=num_nodes,
+                                           window_size=window_size, step_interval=step_interval,
+                                           num_redundant_experts=num_redundant_experts,
+                                           auto_rebalance=auto_rebalance,
+                                           default_policy=_enum(_POLICIES, default_policy, "default_policy"),
+                                           target_balancedness=target_balancedness,
+                                           max_bytes_moved=max_bytes_moved, max_slots_moved=max_slots_moved,
+                                           min_improvement=min_improvement, expert_bytes=expert_bytes)
+        if link_costs:
+            _link_costs(parallel.link_costs, link_costs)
         req = eplb_pb2.RegisterModelRequest(
             model_name=model_name, model=self._handle(model), role=_enum(_ROLES, role, "role"),
             main_model_id=main_model_id, load_dummy_weights=load_dummy_weights,
-            include_placement=include_placement,
-            parallel=eplb_pb2.ParallelConfig(enable_eplb=enable_eplb, ep_size=ep_size, num_nodes=num_nodes,
-                                             window_size=window_size, step_interval=step_interval,
-                                             num_redundant_experts=num_redundant_experts,
-                                             auto_rebalance=auto_rebalance))
+            include_placement=include_placement, parallel=parallel)
         r = self._call("RegisterModel", self.stub.RegisterModel, req, timeout)
         return RegisterResult(registered=r.registered, model_id=r.model_id, resolved_path=r.resolved_path,
                               reason=r.reason, epoch=r.epoch, state=eplb_pb2.MoveState.Name(r.state),
@@ -353,7 +379,8 @@ class Client:
                   policy: Union[str, int] = "deepseek", target_balancedness: float = 0.0,
                   max_bytes_moved: int = 0, max_slots_moved: int = 0, expert_bytes: int = 0,
                   link_costs: Optional[Mapping[str, float]] = None, min_improvement: float = 0.0,
-                  force: bool = False, timeout: Optional[float] = None) -> RebalanceResult:
+                  force: bool = False, execution: Union[str, int] = "server", max_staging_bytes: int = 0,
+                  include_transfer_plan: bool = False, timeout: Optional[float] = None) -> RebalanceResult:
         """Rebalance from ``physical_load`` [L, P] or ``logical_load`` [L, N]
         (int token counts; neither = the server's recorded window).
         ``slot_order``: "preserve" (default), "algorithm", "min_traffic".
@@ -365,7 +392,17 @@ class Client:
         current placement, until ``target_balancedness`` x the from-scratch
         balancedness, 0 = 0.99, within ``max_bytes_moved`` / ``max_slots_moved``;
         ``link_costs``: {"intra_node": 1, "cross_node": 4}).  ``min_improvement``
-        and ``force``: the commit gate (``reason`` says why it did not commit)."""
+        and ``force``: the commit gate (``reason`` says why it did not commit).
+        ``execution``: "server" (default: eplbd moves the weights it holds, or
+        none) or "engine": eplbd stores the rebalance as pending and answers
+        its ``rebalance_id`` (``pending``); the engine's ranks fetch their
+        plans (:meth:`get_transfer_plan`), run them
+        (:func:`eplb.torch_exec.execute_plan`) and then one caller commits
+        (:meth:`commit_rebalance`) or aborts (:meth:`abort_rebalance`); see
+        :class:`eplb.torch_exec.EngineRebalancer`.  ``max_staging_bytes``:
+        the most staging a rank's plan may need at once (0 = one layer's
+        slots); ``include_transfer_plan``: every rank's plan in the answer
+        (``transfer_plan``)."""
         if physical_load is not None and logical_load is not None:
             raise ValueError("physical_load or logical_load, not both")
         req = eplb_pb2.RebalanceRequest(model_id=model_id, num_groups=num_groups, num_nodes=num_nodes,
@@ -376,10 +413,12 @@ class Client:
                                         policy=_enum(_POLICIES, policy, "policy"),
                                         target_balancedness=target_balancedness, max_bytes_moved=max_bytes_moved,
                                         max_slots_moved=max_slots_moved, expert_bytes=expert_bytes,
-                                        min_improvement=min_improvement, force=force)
+                                        min_improvement=min_improvement, force=force,
+                                        execution=_enum(_EXECUTIONS, execution, "execution"),
+                                        max_staging_bytes=max_staging_bytes,
+                                        include_transfer_plan=include_transfer_plan)
         if link_costs:
-            req.link_costs.intra_node = float(link_costs.get("intra_node", 0.0))
-            req.link_costs.cross_node = float(link_costs.get("cross_node", 0.0))
+            _link_costs(req.link_costs, link_costs)
         if physical_load is not None:
             req.physical_load.extend(_as_int64_list(physical_load))
         if logical_load is not None:
@@ -395,6 +434,37 @@ class Client:
                                                 include_logical_to_physical=include_logical_to_physical,
                                                 wait_event=wait_event)
         return RebalanceResult.from_proto(self._call("ContinueRebalance", self.stub.ContinueRebalance, req, timeout))
+
+    # ---- engine-executed rebalances ---------------------------------------------
+
+    def get_transfer_plan(self, model_id: str, rebalance_id: str, rank: int, *,
+                          timeout: Optional[float] = None) -> TransferPlan:
+        """GetTransferPlan (retried on UNAVAILABLE): the pending engine-executed
+        rebalance's plan with EP rank ``rank``'s part (``.rank_plan(rank)``).
+        A rank outside [0, ep_size) is :class:`eplb.InvalidArgument`; an
+        unknown id :class:`eplb.NotFound`."""
+        req = eplb_pb2.GetTransferPlanRequest(model_id=model_id, rebalance_id=rebalance_id, rank=rank)
+        return TransferPlan.from_proto(self._call("GetTransferPlan", self.stub.GetTransferPlan, req, timeout,
+                                                  read=True))
+
+    def commit_rebalance(self, model_id: str, rebalance_id: str, *, include_logical_to_physical: bool = False,
+                         timeout: Optional[float] = None) -> RebalanceResult:
+        """CommitRebalance, after every rank ran its plan: the placement and the
+        epoch advance (``placement`` is the new one).  Not retried.  An id that
+        is not the pending one is :class:`eplb.Aborted` (nothing changes)."""
+        req = eplb_pb2.CommitRebalanceRequest(model_id=model_id, rebalance_id=rebalance_id,
+                                              include_logical_to_physical=include_logical_to_physical)
+        return RebalanceResult.from_proto(self._call("CommitRebalance", self.stub.CommitRebalance, req, timeout))
+
+    def abort_rebalance(self, model_id: str, rebalance_id: str, bytes_touched: int = 0, *,
+                        timeout: Optional[float] = None) -> AbortResult:
+        """AbortRebalance: ``bytes_touched`` 0 = no live slot was written, the
+        placement stays; > 0 = the weights match no map (NEEDS_RELOAD)."""
+        req = eplb_pb2.AbortRebalanceRequest(model_id=model_id, rebalance_id=rebalance_id,
+                                             bytes_touched=int(bytes_touched))
+        r = self._call("AbortRebalance", self.stub.AbortRebalance, req, timeout)
+        return AbortResult(epoch=r.epoch, state=eplb_pb2.MoveState.Name(r.state),
+                           needs_weight_reload=r.needs_weight_reload)
 
     def record_load(self, model_id: str, physical_load: Array, *, num_passes: Optional[int] = None,
                     is_dummy: bool = False, timeout: Optional[float] = None) -> RecordResult:

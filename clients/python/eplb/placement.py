@@ -87,6 +87,9 @@ class Placement:
         state: the move state name ("MOVE_STATE_IDLE", ...); state_reason,
             needs_weight_reload: why the weights must be reloaded.
         pending_rebalance_id, pending_layers_done: a stepped rebalance in progress.
+        pending_execution: who executes the pending rebalance: "server" (a
+            stepped one), "engine" (a transfer plan awaits the engine's
+            commit or abort), "" when none is pending.
     """
 
     model_id: str
@@ -104,6 +107,7 @@ class Placement:
     needs_weight_reload: bool = False
     pending_rebalance_id: str = ""
     pending_layers_done: int = 0
+    pending_execution: str = ""
     extra: Dict[str, Any] = field(default_factory=dict)
 
     # ---- construction -------------------------------------------------------
@@ -124,7 +128,9 @@ class Placement:
                    state=_state_name(msg.state), state_reason=msg.state_reason,
                    needs_weight_reload=msg.needs_weight_reload,
                    pending_rebalance_id=msg.pending_rebalance_id,
-                   pending_layers_done=msg.pending_layers_done)
+                   pending_layers_done=msg.pending_layers_done,
+                   pending_execution=("engine" if msg.pending_execution == eplb_pb2.EXECUTION_ENGINE
+                                      else "server" if msg.pending_rebalance_id else ""))
 
     @classmethod
     def from_arrays(cls, physical_to_logical: Any, num_logical_experts: int, *, model_id: str = "",
