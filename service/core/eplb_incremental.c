@@ -1,13 +1,512 @@
 /* eplb_incremental.c -- POLICY_INCREMENTAL (see eplb_incremental.h).
- * Work in progress: makes no change yet, so every layer short of its
- * target falls back to the from-scratch placement (eplb_next.c). */
+ *
+ * State per layer, kept for all layers at once (the heap interleaves them):
+ *   w[N]        the expert's load (double)
+ *   load[G]     each GPU's load: sum over its slots of w[e] / cnt[e]
+ *   head[N], next[P]  the slots of each expert, a linked list
+ *   grp_node[groups][nodes]  replicas of each group on each node
+ *                            (hierarchical path only)
+ * and the layer's best change, cached until the layer changes.
+ *
+ * A change is one of
+ *   SWAP(s, t)     s on the busiest GPU g, t on another GPU: experts swap;
+ *                  counts do not change, only loads of g and gpu(t).
+ *   REPL(t, b)     slot t, whose expert c has >= 2 replicas, takes expert b:
+ *                  c's other replicas get heavier, b's lighter.
+ * Candidates (each O(1) or O(replicas) to evaluate):
+ *   SWAP: every s on g x every slot t off g                    S * (P - S)
+ *   REPL, adding a hot expert: b among the REPL_HOT hottest experts on g
+ *         (by per-replica load) x every slot t with cnt >= 2   <= 2 * P
+ *   REPL, dropping a replica from g: t on g with cnt >= 2 x b among the
+ *         REPL_COLD experts lightest after one more replica    <= S * 8
+ * so finding a layer's best change is O(S * P) (about 3k evaluations at
+ * DeepSeek-V3 size), and a rebalance costs that per layer once plus once
+ * per change applied.
+ *
+ * Gain of a change: how far the largest load among the GPUs it touches
+ * falls below the busiest GPU's load M (a change must lower g's load and
+ * leave every GPU it touches below M, so a layer's max never rises).  With
+ * several GPUs tied at M the layer's max falls only after each is relieved;
+ * the local gain still ranks the changes that get there.
+ * Cost: per expert copied to a GPU that does not hold it, the cheapest
+ * link from a GPU that does (cost_intra_node in the node, cost_cross_node
+ * across); a copy from the same GPU is free.  Every slot rewritten costs
+ * SLOT_COST besides, so that free changes are still ranked by gain. */
+#include <math.h>
 #include <string.h>
 
+#include "eplb_alloc.h"
 #include "eplb_incremental.h"
+
+/* A rewritten slot moves bytes at memory speed, ~20x cheaper than a link. */
+#define SLOT_COST 0.05
+#define REPL_HOT 2
+#define REPL_COLD 8
+/* Gains below this fraction of the layer's max are rounding, not progress. */
+#define MIN_REL_GAIN 1e-9
+
+enum { CH_NONE = 0, CH_SWAP = 1, CH_REPL = 2 };
+
+typedef struct change {
+    int kind;
+    uint32_t s, t;       /* SWAP: slots; REPL: t is the slot */
+    int32_t b;           /* REPL: the expert t takes */
+    double gain, score;
+    uint32_t copies;     /* cross-GPU copies (the byte budget's unit) */
+    uint32_t slots;      /* slots rewritten */
+} change;
+
+typedef struct layer_state {
+    int32_t *row;        /* [P] into the caller's phy2log */
+    int32_t *cnt;        /* [N] into the caller's logcnt */
+    double *w;           /* [N] */
+    double *load;        /* [G] */
+    int32_t *head;       /* [N] first slot of each expert, -1 none */
+    int32_t *next;       /* [P] next slot of the same expert, -1 end */
+    int32_t *grp_node;   /* [groups][nodes], hierarchical only */
+    double target;       /* stop once max <= target */
+    uint32_t changes;    /* applied so far; at most P (then every slot could have been rewritten) */
+    bool done;
+    change best;
+} layer_state;
+
+typedef struct ctx {
+    const eplb_incremental_params *p;
+    uint32_t N, P, G, S, gpn, nodes, groups, per_group;
+    layer_state *ls;
+    uint64_t copies_left, slots_left;   /* when the budget flags are set */
+    uint32_t *order;                    /* [G] GPUs by load, scratch of find_best */
+    /* Scratch of one evaluation: the GPUs a change touches. */
+    uint32_t touched[64 + 2 * 1024];
+    double touched_load[64 + 2 * 1024];
+} ctx;
+
+static inline uint32_t gpu_of(const ctx *c, uint32_t slot) { return slot / c->S; }
+static inline uint32_t node_of(const ctx *c, uint32_t gpu) { return gpu / c->gpn; }
+
+static double link_cost(const ctx *c, uint32_t from, uint32_t to) {
+    if (from == to)
+        return 0;
+    return node_of(c, from) == node_of(c, to) ? c->p->cost_intra_node : c->p->cost_cross_node;
+}
+
+/* The cheapest way to bring expert e to GPU g: 0 when g holds it. */
+static double fetch_cost(const ctx *c, const layer_state *L, int32_t e, uint32_t g, uint32_t *copies) {
+    double best = INFINITY;
+    for (int32_t u = L->head[e]; u >= 0; u = L->next[u]) {
+        double k = link_cost(c, gpu_of(c, (uint32_t)u), g);
+        if (k < best)
+            best = k;
+        if (best == 0)
+            break;
+    }
+    *copies = best > 0;
+    return best;
+}
+
+static bool group_on_node(const ctx *c, const layer_state *L, int32_t e, uint32_t node) {
+    return L->grp_node[(size_t)((uint32_t)e / c->per_group) * c->nodes + node] > 0;
+}
+
+static bool affordable(const ctx *c, uint32_t copies, uint32_t slots) {
+    return (!c->p->copies_budget || copies <= c->copies_left) && (!c->p->slots_budget || slots <= c->slots_left);
+}
+
+/* Take cand if it is better than *best (ties: lower kind, slot, expert). */
+static void consider(change *best, const change *cand) {
+    if (cand->score > best->score ||
+        (cand->score == best->score && best->kind != CH_NONE &&
+         (cand->kind < best->kind || (cand->kind == best->kind && (cand->s < best->s ||
+          (cand->s == best->s && (cand->t < best->t || (cand->t == best->t && cand->b < best->b))))))))
+        *best = *cand;
+}
+
+static uint32_t busiest(const ctx *c, const layer_state *L) {
+    uint32_t g = 0;
+    for (uint32_t h = 1; h < c->G; h++)
+        if (L->load[h] > L->load[g])
+            g = h;
+    return g;
+}
+
+/* Add d to GPU g's load in the touched set (n entries). */
+static uint32_t touch(ctx *c, const layer_state *L, uint32_t n, uint32_t g, double d) {
+    for (uint32_t i = 0; i < n; i++)
+        if (c->touched[i] == g) {
+            c->touched_load[i] += d;
+            return n;
+        }
+    c->touched[n] = g;
+    c->touched_load[n] = L->load[g] + d;
+    return n + 1;
+}
+
+/* REPL(t, b) against the layer's max M on GPU g: fills *ch, or kind NONE
+ * when it does not lower g's load below M with all touched GPUs below M. */
+static void eval_repl(ctx *c, const layer_state *L, uint32_t g, double M, uint32_t t, int32_t b, change *ch) {
+    ch->kind = CH_NONE;
+    const int32_t a = L->row[t];
+    if (a == b || L->cnt[a] < 2)
+        return;
+    const uint32_t h = gpu_of(c, t);
+    if (c->p->hierarchical && !group_on_node(c, L, b, node_of(c, h)))
+        return;
+    /* Replica lists are bounded by P; the touched set by the lists. */
+    const double wb = L->w[b], wa = L->w[a];
+    const double xb_old = wb / L->cnt[b], xb_new = wb / (L->cnt[b] + 1);
+    const double xa_old = wa / L->cnt[a], xa_new = wa / (L->cnt[a] - 1);
+    uint32_t n = 0;
+    if ((uint32_t)L->cnt[b] + (uint32_t)L->cnt[a] + 1 > sizeof c->touched / sizeof c->touched[0])
+        return;
+    for (int32_t u = L->head[b]; u >= 0; u = L->next[u])
+        n = touch(c, L, n, gpu_of(c, (uint32_t)u), xb_new - xb_old);
+    for (int32_t u = L->head[a]; u >= 0; u = L->next[u])
+        if ((uint32_t)u != t)
+            n = touch(c, L, n, gpu_of(c, (uint32_t)u), xa_new - xa_old);
+    n = touch(c, L, n, h, xb_new - xa_old);
+    double worst = -INFINITY, g_new = L->load[g];
+    for (uint32_t i = 0; i < n; i++) {
+        if (c->touched[i] == g)
+            g_new = c->touched_load[i];
+        if (c->touched_load[i] > worst)
+            worst = c->touched_load[i];
+    }
+    if (!(g_new < M) || !(worst < M))
+        return;
+    const double gain = M - (worst > g_new ? worst : g_new);
+    if (gain <= MIN_REL_GAIN * M)
+        return;
+    uint32_t copies;
+    const double cost = fetch_cost(c, L, b, h, &copies) + SLOT_COST;
+    if (!affordable(c, copies, 1))
+        return;
+    *ch = (change){ .kind = CH_REPL, .s = t, .t = t, .b = b, .gain = gain, .score = gain / cost,
+                    .copies = copies, .slots = 1 };
+}
+
+/* The layer's best change now (kind NONE when none improves or fits). */
+static void find_best(ctx *c, layer_state *L) {
+    change best = { .kind = CH_NONE, .score = -INFINITY };
+    L->best = best;
+    const uint32_t g = busiest(c, L);
+    const double M = L->load[g];
+    if (L->done || !(M > 0) || M <= L->target || L->changes >= c->P) {
+        L->done = true;
+        return;
+    }
+    const uint32_t S = c->S, P = c->P, g0 = g * S;
+    /* SWAP: s on g, t elsewhere.  GPUs lightest first: a swap with h gains
+     * at most (M - load[h]) / 2, so once that cannot beat the best even
+     * at the least cost, no heavier GPU can either. */
+    uint32_t *order = c->order;
+    for (uint32_t h = 0; h < c->G; h++)
+        order[h] = h;
+    for (uint32_t i = 1; i < c->G; i++) { /* insertion sort: G is small, and nearly sorted between calls */
+        uint32_t v = order[i], j = i;
+        while (j > 0 && (L->load[order[j - 1]] > L->load[v] ||
+                         (L->load[order[j - 1]] == L->load[v] && order[j - 1] > v))) {
+            order[j] = order[j - 1];
+            j--;
+        }
+        order[j] = v;
+    }
+    double xmax = 0;
+    for (uint32_t s = g0; s < g0 + S; s++)
+        if (L->w[L->row[s]] / L->cnt[L->row[s]] > xmax)
+            xmax = L->w[L->row[s]] / L->cnt[L->row[s]];
+    for (uint32_t oi = 0; oi < c->G; oi++) {
+        const uint32_t h = order[oi];
+        if (h == g)
+            continue;
+        const double room = M - L->load[h];
+        if (!(room > 0) || (room / 2 < xmax ? room / 2 : xmax) / (2 * SLOT_COST) < best.score)
+            break;
+        for (uint32_t s = g0; s < g0 + S; s++) {
+        const int32_t a = L->row[s];
+        const double xa = L->w[a] / L->cnt[a];
+        for (uint32_t t = h * S; t < (h + 1) * S; t++) {
+            const int32_t b = L->row[t];
+            if (b == a)
+                continue;
+            const double xb = L->w[b] / L->cnt[b];
+            const double d = xa - xb;
+            if (!(d > 0))
+                continue;
+            const double gh = L->load[h] + d, gg = M - d;
+            if (!(gh < M))
+                continue;
+            const double gain = M - (gh > gg ? gh : gg);
+            if (gain <= MIN_REL_GAIN * M || gain / (2 * SLOT_COST) < best.score)
+                continue; /* cannot beat the best even if free */
+            if (c->p->hierarchical && node_of(c, h) != node_of(c, g) &&
+                (!group_on_node(c, L, a, node_of(c, h)) || !group_on_node(c, L, b, node_of(c, g))))
+                continue;
+            uint32_t ca, cb;
+            const double cost = fetch_cost(c, L, a, h, &ca) + fetch_cost(c, L, b, g, &cb) + 2 * SLOT_COST;
+            if (!affordable(c, ca + cb, 2))
+                continue;
+            change ch = { .kind = CH_SWAP, .s = s, .t = t, .b = -1, .gain = gain, .score = gain / cost,
+                          .copies = ca + cb, .slots = 2 };
+            consider(&best, &ch);
+        }
+        }
+    }
+    /* REPL adding a replica of one of g's hottest experts anywhere. */
+    int32_t hot[REPL_HOT];
+    uint32_t nhot = 0;
+    for (uint32_t s = g0; s < g0 + S; s++) {
+        const int32_t a = L->row[s];
+        const double xa = L->w[a] / L->cnt[a];
+        bool dup = false;
+        for (uint32_t i = 0; i < nhot; i++)
+            dup = dup || hot[i] == a;
+        if (dup)
+            continue;
+        if (nhot < REPL_HOT) {
+            hot[nhot++] = a;
+        } else {
+            uint32_t k = 0; /* the coolest kept, replaced when a is hotter */
+            for (uint32_t i = 1; i < nhot; i++)
+                if (L->w[hot[i]] / L->cnt[hot[i]] < L->w[hot[k]] / L->cnt[hot[k]])
+                    k = i;
+            if (xa > L->w[hot[k]] / L->cnt[hot[k]])
+                hot[k] = a;
+        }
+    }
+    for (uint32_t i = 0; i < nhot; i++) {
+        /* g sheds at most its replicas' share of the drop of b's per-replica load. */
+        const int32_t b = hot[i];
+        uint32_t on_g = 0;
+        for (uint32_t s = g0; s < g0 + S; s++)
+            on_g += L->row[s] == b;
+        const double shed = on_g * (L->w[b] / L->cnt[b] - L->w[b] / (L->cnt[b] + 1));
+        if (shed / SLOT_COST < best.score)
+            continue;
+        for (uint32_t t = 0; t < P; t++) {
+            change ch;
+            eval_repl(c, L, g, M, t, hot[i], &ch);
+            if (ch.kind != CH_NONE)
+                consider(&best, &ch);
+        }
+    }
+    /* REPL dropping a replica on g for one of the lightest experts. */
+    int32_t cold[REPL_COLD];
+    uint32_t ncold = 0;
+    for (uint32_t e = 0; e < c->N; e++) {
+        const double xe = L->w[e] / (L->cnt[e] + 1);
+        if (ncold < REPL_COLD) {
+            cold[ncold++] = (int32_t)e;
+            continue;
+        }
+        uint32_t k = 0;
+        for (uint32_t i = 1; i < ncold; i++)
+            if (L->w[cold[i]] / (L->cnt[cold[i]] + 1) > L->w[cold[k]] / (L->cnt[cold[k]] + 1))
+                k = i;
+        if (xe < L->w[cold[k]] / (L->cnt[cold[k]] + 1))
+            cold[k] = (int32_t)e;
+    }
+    for (uint32_t t = g0; t < g0 + S; t++)
+        if (L->cnt[L->row[t]] >= 2)
+            for (uint32_t i = 0; i < ncold; i++) {
+                change ch;
+                eval_repl(c, L, g, M, t, cold[i], &ch);
+                if (ch.kind != CH_NONE)
+                    consider(&best, &ch);
+            }
+    L->best = best;
+    if (best.kind == CH_NONE)
+        L->done = true;
+}
+
+static void list_remove(layer_state *L, int32_t e, uint32_t slot) {
+    int32_t *pp = &L->head[e];
+    while (*pp >= 0 && (uint32_t)*pp != slot)
+        pp = &L->next[*pp];
+    if (*pp >= 0)
+        *pp = L->next[slot];
+}
+
+static void list_add(layer_state *L, int32_t e, uint32_t slot) {
+    /* Kept ascending, so ties (fetch sources) break by slot. */
+    int32_t *pp = &L->head[e];
+    while (*pp >= 0 && (uint32_t)*pp < slot)
+        pp = &L->next[*pp];
+    L->next[slot] = *pp;
+    *pp = (int32_t)slot;
+}
+
+/* Put expert e in slot t (its old expert's bookkeeping already removed). */
+static void set_slot(ctx *c, layer_state *L, uint32_t t, int32_t old, int32_t e) {
+    list_remove(L, old, t);
+    list_add(L, e, t);
+    L->row[t] = e;
+    if (c->p->hierarchical) {
+        const uint32_t nd = node_of(c, gpu_of(c, t));
+        L->grp_node[(size_t)((uint32_t)old / c->per_group) * c->nodes + nd]--;
+        L->grp_node[(size_t)((uint32_t)e / c->per_group) * c->nodes + nd]++;
+    }
+}
+
+/* Loads from scratch after a change: O(P), exact (no drift of sums). */
+static void recompute_loads(ctx *c, layer_state *L) {
+    for (uint32_t g = 0; g < c->G; g++) {
+        double sum = 0;
+        for (uint32_t i = g * c->S; i < (g + 1) * c->S; i++)
+            sum += L->w[L->row[i]] / L->cnt[L->row[i]];
+        L->load[g] = sum;
+    }
+}
+
+static void apply(ctx *c, layer_state *L, const change *ch) {
+    if (ch->kind == CH_SWAP) {
+        const int32_t a = L->row[ch->s], b = L->row[ch->t];
+        set_slot(c, L, ch->s, a, b);
+        set_slot(c, L, ch->t, b, a);
+    } else {
+        const int32_t a = L->row[ch->t];
+        set_slot(c, L, ch->t, a, ch->b);
+        L->cnt[a]--;
+        L->cnt[ch->b]++;
+    }
+    recompute_loads(c, L);
+}
+
+/* ---- a max-heap of layers by their best change's score ---------------- */
+
+static bool heap_before(const layer_state *ls, uint32_t x, uint32_t y) {
+    const double a = ls[x].best.score, b = ls[y].best.score;
+    return a > b || (a == b && x < y);
+}
+
+static void heap_down(const layer_state *ls, uint32_t *h, uint32_t n, uint32_t i) {
+    for (;;) {
+        uint32_t l = 2 * i + 1, r = l + 1, m = i;
+        if (l < n && heap_before(ls, h[l], h[m]))
+            m = l;
+        if (r < n && heap_before(ls, h[r], h[m]))
+            m = r;
+        if (m == i)
+            return;
+        uint32_t t = h[i];
+        h[i] = h[m];
+        h[m] = t;
+        i = m;
+    }
+}
 
 eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t *phy2log, int32_t *logcnt,
                                        eplb_incremental_stats *stats, eplb_error *err) {
-    (void)p; (void)phy2log; (void)logcnt; (void)err;
     memset(stats, 0, sizeof *stats);
-    return EPLB_OK;
+    eplb_status st = eplb_policy_check(&p->shape, err);
+    if (st != EPLB_OK)
+        return st;
+    if (!p->logical_load || !phy2log || !logcnt)
+        return eplb_error_set(err, EPLB_EINVAL, "incremental rebalance: NULL array");
+    if (!(p->cost_intra_node >= 0) || !(p->cost_cross_node >= 0))
+        return eplb_error_set(err, EPLB_EINVAL, "incremental rebalance: link costs must be >= 0");
+    const uint32_t Lyr = p->shape.num_layers, N = p->shape.num_logical, P = p->shape.num_physical,
+                   G = p->shape.num_gpus;
+    const uint32_t nodes = p->hierarchical ? p->shape.num_nodes : 1;
+    const uint32_t groups = p->hierarchical ? p->shape.num_groups : 1;
+    for (size_t i = 0; i < (size_t)Lyr * P; i++)
+        if (phy2log[i] < 0 || (uint32_t)phy2log[i] >= N)
+            return eplb_error_set(err, EPLB_EINVAL, "incremental rebalance: layer %zu slot %zu holds %d", i / P,
+                                  i % P, phy2log[i]);
+    for (size_t i = 0; i < (size_t)Lyr * N; i++)
+        if (p->logical_load[i] < 0)
+            return eplb_error_set(err, EPLB_EINVAL, "incremental rebalance: negative load at %zu", i);
+
+    ctx *c = eplb_malloc(sizeof *c);
+    layer_state *ls = eplb_calloc(Lyr, sizeof *ls);
+    double *dbl = eplb_malloc(((size_t)Lyr * (N + G)) * sizeof(double));
+    int32_t *ints = eplb_malloc(((size_t)Lyr * (N + P + (size_t)groups * nodes)) * sizeof(int32_t));
+    uint32_t *heap = eplb_malloc((size_t)Lyr * sizeof *heap);
+    uint32_t *order = eplb_malloc((size_t)G * sizeof *order);
+    if (!c || !ls || !dbl || !ints || !heap || !order) {
+        st = eplb_error_set(err, EPLB_ENOMEM, "out of memory for an incremental %ux%u rebalance", Lyr, P);
+        goto out;
+    }
+    *c = (ctx){ .p = p, .N = N, .P = P, .G = G, .S = P / G, .gpn = G / nodes, .nodes = nodes, .groups = groups,
+                .per_group = N / groups, .ls = ls, .order = order, .copies_left = p->max_copies, .slots_left = p->max_slots };
+    for (uint32_t l = 0; l < Lyr; l++) {
+        layer_state *L = &ls[l];
+        L->row = phy2log + (size_t)l * P;
+        L->cnt = logcnt + (size_t)l * N;
+        L->w = dbl + (size_t)l * (N + G);
+        L->load = L->w + N;
+        L->head = ints + (size_t)l * (N + P + (size_t)groups * nodes);
+        L->next = L->head + N;
+        L->grp_node = L->next + P;
+        L->target = p->target_max ? p->target_max[l] : -1;
+        for (uint32_t e = 0; e < N; e++) {
+            L->w[e] = (double)p->logical_load[(size_t)l * N + e];
+            L->head[e] = -1;
+            L->cnt[e] = 0;
+        }
+        memset(L->grp_node, 0, (size_t)groups * nodes * sizeof *L->grp_node);
+        for (uint32_t i = P; i-- > 0;) { /* prepending in reverse keeps lists ascending */
+            const int32_t e = L->row[i];
+            L->next[i] = L->head[e];
+            L->head[e] = (int32_t)i;
+            L->cnt[e]++;
+            L->grp_node[(size_t)((uint32_t)e / c->per_group) * nodes + node_of(c, gpu_of(c, i))]++;
+        }
+        bool ok = true;
+        for (uint32_t e = 0; e < N; e++)
+            ok = ok && L->cnt[e] > 0;
+        if (!ok) {
+            st = eplb_error_set(err, EPLB_EINVAL, "incremental rebalance: layer %u has an expert without a replica", l);
+            goto out;
+        }
+        recompute_loads(c, L);
+    }
+    /* The current placement may not be hierarchical (say, registered with
+     * the initial map): then the constraint is only "do not spread a group
+     * further", which grp_node enforces as it is. */
+    uint32_t n = 0;
+    for (uint32_t l = 0; l < Lyr; l++) {
+        find_best(c, &ls[l]);
+        if (ls[l].done) {
+            stats->layers_at_target += ls[l].target >= 0 && ls[l].load[busiest(c, &ls[l])] <= ls[l].target;
+            continue;
+        }
+        heap[n++] = l;
+    }
+    for (uint32_t i = n / 2; i-- > 0;)
+        heap_down(ls, heap, n, i);
+    while (n) {
+        const uint32_t l = heap[0];
+        layer_state *L = &ls[l];
+        if (!affordable(c, L->best.copies, L->best.slots)) {
+            /* The budget shrank since it was found: look again. */
+            stats->budget_exhausted = true;
+            find_best(c, L);
+        } else {
+            apply(c, L, &L->best);
+            L->changes++;
+            stats->changes++;
+            stats->slots_moved += L->best.slots;
+            stats->copies += L->best.copies;
+            if (p->copies_budget)
+                c->copies_left -= L->best.copies;
+            if (p->slots_budget)
+                c->slots_left -= L->best.slots;
+            find_best(c, L);
+        }
+        if (L->done) {
+            stats->layers_at_target += L->target >= 0 && L->load[busiest(c, L)] <= L->target;
+            heap[0] = heap[--n];
+        }
+        heap_down(ls, heap, n, 0);
+    }
+    if ((p->copies_budget && c->copies_left == 0) || (p->slots_budget && c->slots_left < 2))
+        stats->budget_exhausted = stats->budget_exhausted || stats->layers_at_target < Lyr;
+out:
+    eplb_free(c);
+    eplb_free(ls);
+    eplb_free(dbl);
+    eplb_free(ints);
+    eplb_free(heap);
+    eplb_free(order);
+    return st;
 }

@@ -50,7 +50,7 @@ typedef struct eplb_incremental_params {
 
 typedef struct eplb_incremental_stats {
     uint64_t changes;             /* swaps + re-replications applied */
-    uint64_t slots_moved;         /* slots whose expert changed */
+    uint64_t slots_moved;         /* slot rewrites (a slot rewritten twice counts twice) */
     uint64_t copies;              /* cross-GPU copies spent (the budget's unit) */
     uint32_t layers_at_target;    /* layers that reached target_max */
     bool budget_exhausted;        /* some layer stopped for the budget */

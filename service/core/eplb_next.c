@@ -21,54 +21,86 @@
 #include "eplb_next.h"
 #include "eplb_plan.h"
 
+/* Scratch of the copy count: per expert, the last GPU / node (as a tick)
+ * that held it in the old row, and that wanted it in the new row. */
+typedef struct copy_marks {
+    uint32_t *old_gpu, *new_gpu, *old_node;
+    uint32_t tick_gpu, tick_node;
+} copy_marks;
+
+static bool marks_init(copy_marks *m, uint32_t N) {
+    m->old_gpu = eplb_calloc((size_t)3 * N + 3, sizeof(uint32_t));
+    m->new_gpu = m->old_gpu ? m->old_gpu + N + 1 : NULL;
+    m->old_node = m->old_gpu ? m->new_gpu + N + 1 : NULL;
+    m->tick_gpu = m->tick_node = 0;
+    return m->old_gpu != NULL;
+}
+
+/* O(P): each slot is looked at a constant number of times. */
+static void copies_layer(copy_marks *m, uint32_t P, uint32_t G, uint32_t gpn, uint32_t N, const int32_t *old_row,
+                         const int32_t *new_row, uint64_t *cross_gpu, uint64_t *cross_node) {
+    const uint32_t S = P / G;
+    for (uint32_t n0 = 0; n0 < G; n0 += gpn) {
+        const uint32_t tn = ++m->tick_node;
+        for (uint32_t k = n0 * S; k < (n0 + gpn) * S && k < P; k++)
+            if (old_row[k] >= 0 && (uint32_t)old_row[k] < N)
+                m->old_node[old_row[k]] = tn;
+        for (uint32_t g = n0; g < n0 + gpn && g < G; g++) {
+            const uint32_t tg = ++m->tick_gpu;
+            for (uint32_t i = g * S; i < (g + 1) * S; i++)
+                if (old_row[i] >= 0 && (uint32_t)old_row[i] < N)
+                    m->old_gpu[old_row[i]] = tg;
+            for (uint32_t i = g * S; i < (g + 1) * S; i++) {
+                const int32_t e = new_row[i];
+                if (e < 0 || (uint32_t)e >= N || m->old_gpu[e] == tg || m->new_gpu[e] == tg)
+                    continue;
+                m->new_gpu[e] = tg; /* one copy per (GPU, expert) */
+                (*cross_gpu)++;
+                *cross_node += m->old_node[e] != tn;
+            }
+        }
+    }
+}
+
 void eplb_next_copies(uint32_t num_physical, uint32_t num_gpus, uint32_t gpus_per_node, uint32_t num_logical,
                       const int32_t *old_row, const int32_t *new_row, uint64_t *cross_gpu, uint64_t *cross_node) {
     *cross_gpu = *cross_node = 0;
-    if (!num_gpus || num_physical % num_gpus || !gpus_per_node)
+    if (!num_gpus || num_physical % num_gpus || !gpus_per_node || num_gpus % gpus_per_node)
         return;
-    const uint32_t S = num_physical / num_gpus;
-    for (uint32_t g = 0; g < num_gpus; g++)
-        for (uint32_t i = 0; i < S; i++) {
-            int32_t e = new_row[g * S + i];
-            if (e < 0 || (uint32_t)e >= num_logical)
-                continue;
-            bool seen = false; /* one copy per (GPU, expert): the first new slot of it */
-            for (uint32_t j = 0; j < i && !seen; j++)
-                seen = new_row[g * S + j] == e;
-            bool held = false;
-            for (uint32_t j = 0; j < S && !held; j++)
-                held = old_row[g * S + j] == e;
-            if (seen || held)
-                continue;
-            (*cross_gpu)++;
-            uint32_t n0 = g / gpus_per_node * gpus_per_node;
-            bool on_node = false;
-            for (uint32_t k = n0 * S; k < (n0 + gpus_per_node) * S && !on_node; k++)
-                on_node = old_row[k] == e;
-            *cross_node += !on_node;
-        }
+    copy_marks m;
+    if (!marks_init(&m, num_logical))
+        return;
+    copies_layer(&m, num_physical, num_gpus, gpus_per_node, num_logical, old_row, new_row, cross_gpu, cross_node);
+    eplb_free(m.old_gpu);
 }
 
 static uint32_t gpus_per_node_of(const eplb_policy_shape *s) {
     return s->num_nodes && s->num_gpus % s->num_nodes == 0 ? s->num_gpus / s->num_nodes : s->num_gpus;
 }
 
-static void count_copies(const eplb_policy_shape *s, const int32_t *old, const int32_t *new, uint64_t *gpu,
+/* Copies (and slots rewritten) of every layer, into the [L] arrays when
+ * given; the totals returned.  false when out of memory. */
+static bool count_copies(const eplb_policy_shape *s, const int32_t *old, const int32_t *new, uint64_t *gpu,
                          uint64_t *node, uint64_t *slots) {
     *gpu = *node = 0;
     if (slots)
         *slots = 0;
+    copy_marks m;
+    if (!marks_init(&m, s->num_logical))
+        return false;
     for (uint32_t l = 0; l < s->num_layers; l++) {
-        uint64_t a, b;
+        uint64_t a = 0, b = 0;
         const size_t off = (size_t)l * s->num_physical;
-        eplb_next_copies(s->num_physical, s->num_gpus, gpus_per_node_of(s), s->num_logical, old + off, new + off,
-                         &a, &b);
+        copies_layer(&m, s->num_physical, s->num_gpus, gpus_per_node_of(s), s->num_logical, old + off, new + off,
+                     &a, &b);
         *gpu += a;
         *node += b;
         if (slots)
             for (uint32_t i = 0; i < s->num_physical; i++)
                 *slots += old[off + i] != new[off + i];
     }
+    eplb_free(m.old_gpu);
+    return true;
 }
 
 /* The most GPUs per node MIN_TRAFFIC's reassignment handles (its cost is
@@ -90,9 +122,10 @@ static eplb_status from_scratch(const eplb_policy_shape *s, eplb_slot_order orde
 }
 
 static eplb_status incremental(const eplb_next_request *req, int32_t *phy2log, int32_t *logcnt,
-                               double *layer_before, double *layer_after, eplb_next_report *rep, eplb_error *err) {
+                               eplb_next_report *rep, eplb_error *err) {
     const eplb_policy_shape *s = &req->shape;
     const uint32_t L = s->num_layers, N = s->num_logical, P = s->num_physical, G = s->num_gpus;
+    const uint32_t gpn = gpus_per_node_of(s);
     const eplb_rebalance_knobs *k = &req->knobs;
     const double target = k->target_balancedness > 0 ? k->target_balancedness : EPLB_DEFAULT_TARGET_BALANCEDNESS;
     int32_t *ref = eplb_malloc((size_t)L * P * sizeof *ref);
@@ -100,25 +133,32 @@ static eplb_status incremental(const eplb_next_request *req, int32_t *phy2log, i
     double *ref_layer = eplb_malloc((size_t)L * sizeof *ref_layer);
     double *target_max = eplb_malloc((size_t)L * sizeof *target_max);
     double *inc_layer = eplb_malloc((size_t)L * sizeof *inc_layer);
+    uint64_t *inc_copies = eplb_malloc((size_t)L * 2 * sizeof *inc_copies); /* [L] copies, [L] slots */
+    copy_marks m = { 0 };
     eplb_status st = EPLB_OK;
-    if (!ref || !ref_cnt || !ref_layer || !target_max || !inc_layer) {
+    if (!ref || !ref_cnt || !ref_layer || !target_max || !inc_layer || !inc_copies || !marks_init(&m, N)) {
         st = eplb_error_set(err, EPLB_ENOMEM, "out of memory for an incremental %ux%u rebalance", L, P);
         goto out;
     }
-    eplb_slot_order ref_order =
-        gpus_per_node_of(s) <= NEXT_MIN_TRAFFIC_MAX_GPUS_PER_NODE ? EPLB_SLOT_MIN_TRAFFIC : EPLB_SLOT_PRESERVE;
-    if ((st = from_scratch(s, ref_order, req->cur_phy2log, req->logical_load, ref, ref_cnt, err)) != EPLB_OK)
+    /* The reference in the policy's own order: its balancedness does not
+     * depend on the order, and MIN_TRAFFIC's GPU relabelling (the costly
+     * part) is only worth running for the layers that fall back. */
+    if ((st = eplb_policy_rebalance(s, req->logical_load, ref, ref_cnt, err)) != EPLB_OK)
         goto out;
     rep->balancedness_reference = eplb_policy_balancedness(L, N, P, G, req->logical_load, ref, ref_cnt, ref_layer);
-    uint64_t dummy;
-    count_copies(s, req->cur_phy2log, ref, &rep->reference_copies_cross_gpu, &dummy, NULL);
+    /* What the plain from-scratch rebalance would copy (PRESERVE order). */
+    eplb_policy_preserve_slots(L, P, G, req->cur_phy2log, ref);
+    for (uint32_t l = 0; l < L; l++) {
+        uint64_t node = 0;
+        copies_layer(&m, P, G, gpn, N, req->cur_phy2log + (size_t)l * P, ref + (size_t)l * P,
+                     &rep->reference_copies_cross_gpu, &node);
+    }
     /* Per layer: max = mean / balancedness, and mean (total / G) is fixed. */
     for (uint32_t l = 0; l < L; l++) {
         double total = 0;
         for (uint32_t e = 0; e < N; e++)
             total += (double)req->logical_load[(size_t)l * N + e];
-        double mean = total / G;
-        target_max[l] = total > 0 ? mean / ref_layer[l] / target : 0;
+        target_max[l] = total > 0 ? total / G / ref_layer[l] / target : 0;
     }
 
     memcpy(phy2log, req->cur_phy2log, (size_t)L * P * sizeof *phy2log);
@@ -142,12 +182,23 @@ static eplb_status incremental(const eplb_next_request *req, int32_t *phy2log, i
         goto out;
     eplb_policy_balancedness(L, N, P, G, req->logical_load, phy2log, logcnt, inc_layer);
 
+    uint64_t used_copies = 0, used_slots = 0;
+    for (uint32_t l = 0; l < L; l++) {
+        const size_t off = (size_t)l * P;
+        uint64_t node = 0, slots = 0;
+        inc_copies[l] = 0;
+        copies_layer(&m, P, G, gpn, N, req->cur_phy2log + off, phy2log + off, &inc_copies[l], &node);
+        for (uint32_t i = 0; i < P; i++)
+            slots += req->cur_phy2log[off + i] != phy2log[off + i];
+        inc_copies[L + l] = slots;
+        used_copies += inc_copies[l];
+        used_slots += slots;
+    }
     /* Fallback, layer by layer in order: a layer short of its target takes
-     * the reference row when that is better and the budget still allows. */
-    uint64_t used_copies = 0, used_node = 0, used_slots = 0;
-    count_copies(s, req->cur_phy2log, phy2log, &used_copies, &used_node, &used_slots);
+     * the reference row (min-traffic order) when that is better balanced
+     * and what is left of the budget allows it. */
     uint32_t short_layers = 0;
-    const uint32_t gpn = gpus_per_node_of(s);
+    const uint32_t reassign_nodes = eplb_policy_is_hierarchical(s) ? s->num_nodes : 1;
     for (uint32_t l = 0; l < L; l++) {
         const size_t off = (size_t)l * P;
         if (!(inc_layer[l] < ref_layer[l] * target - 1e-12))
@@ -156,21 +207,22 @@ static eplb_status incremental(const eplb_next_request *req, int32_t *phy2log, i
             short_layers++;
             continue;
         }
-        uint64_t ig, in, rg, rn, islots = 0, rslots = 0;
-        eplb_next_copies(P, G, gpn, N, req->cur_phy2log + off, phy2log + off, &ig, &in);
-        eplb_next_copies(P, G, gpn, N, req->cur_phy2log + off, ref + off, &rg, &rn);
-        for (uint32_t i = 0; i < P; i++) {
-            islots += req->cur_phy2log[off + i] != phy2log[off + i];
-            rslots += req->cur_phy2log[off + i] != ref[off + i];
-        }
-        if ((copies_budget && used_copies - ig + rg > max_copies) ||
-            (slots_budget && used_slots - islots + rslots > k->max_slots_moved)) {
+        int32_t *row = ref + off;
+        if (gpn <= NEXT_MIN_TRAFFIC_MAX_GPUS_PER_NODE)
+            eplb_plan_reassign_gpus(1, P, G, reassign_nodes, req->cur_phy2log + off, row);
+        eplb_policy_preserve_slots(1, P, G, req->cur_phy2log + off, row);
+        uint64_t rg = 0, rn = 0, rslots = 0;
+        copies_layer(&m, P, G, gpn, N, req->cur_phy2log + off, row, &rg, &rn);
+        for (uint32_t i = 0; i < P; i++)
+            rslots += req->cur_phy2log[off + i] != row[i];
+        if ((copies_budget && used_copies - inc_copies[l] + rg > max_copies) ||
+            (slots_budget && used_slots - inc_copies[L + l] + rslots > k->max_slots_moved)) {
             short_layers++;
             continue;
         }
-        used_copies = used_copies - ig + rg;
-        used_slots = used_slots - islots + rslots;
-        memcpy(phy2log + off, ref + off, (size_t)P * sizeof *phy2log);
+        used_copies = used_copies - inc_copies[l] + rg;
+        used_slots = used_slots - inc_copies[L + l] + rslots;
+        memcpy(phy2log + off, row, (size_t)P * sizeof *phy2log);
         memcpy(logcnt + (size_t)l * N, ref_cnt + (size_t)l * N, (size_t)N * sizeof *logcnt);
         rep->layers_from_scratch++;
     }
@@ -185,8 +237,8 @@ static eplb_status incremental(const eplb_next_request *req, int32_t *phy2log, i
                  "the target %.4f of its balancedness%s", rep->layers_from_scratch, L, short_layers, target,
                  short_layers && is.budget_exhausted ? " (budget)" : "");
 out:
-    (void)layer_before;
-    (void)layer_after;
+    eplb_free(m.old_gpu);
+    eplb_free(inc_copies);
     eplb_free(ref);
     eplb_free(ref_cnt);
     eplb_free(ref_layer);
@@ -211,7 +263,7 @@ eplb_status eplb_next_placement(const eplb_next_request *req, int32_t *phy2log, 
                               "or ParallelConfig)", (unsigned long long)req->knobs.max_bytes_moved);
     const uint32_t L = s->num_layers, N = s->num_logical, P = s->num_physical, G = s->num_gpus;
     if (req->knobs.policy == EPLB_POLICY_INCREMENTAL) {
-        st = incremental(req, phy2log, logcnt, layer_before, layer_after, rep, err);
+        st = incremental(req, phy2log, logcnt, rep, err);
     } else {
         st = from_scratch(s, req->order, req->cur_phy2log, req->logical_load, phy2log, logcnt, err);
         rep->policy_used = EPLB_POLICY_DEEPSEEK;

@@ -38,7 +38,7 @@ typedef struct eplb_next_report {
     uint64_t slots_moved;          /* slots whose expert changes */
     uint64_t copies_cross_gpu;     /* (GPU, expert) pairs the GPU must fetch from another GPU */
     uint64_t copies_cross_node;    /* of those, fetched from another node */
-    uint64_t reference_copies_cross_gpu; /* INCREMENTAL: what from-scratch MIN_TRAFFIC would need */
+    uint64_t reference_copies_cross_gpu; /* INCREMENTAL: what from scratch (PRESERVE order) would need */
     char reason[EPLB_ERROR_MSG_MAX]; /* which fallback was taken, or why a target was missed; "" */
 } eplb_next_report;
 

@@ -1,0 +1,266 @@
+/* bench_incremental.c -- balance against bytes: POLICY_DEEPSEEK (PRESERVE
+ * and MIN_TRAFFIC slot orders) against POLICY_INCREMENTAL at several
+ * targets and budgets, over seeded synthetic load traces.  Prints numbers;
+ * not a test.  Links eplb_core only and calls eplb_next_placement, the
+ * function the server's Rebalance runs.
+ *
+ * Loads (as bench_plan.c): per layer, Zipf-like popularity (1/rank^1.1 over
+ * a random permutation); before each rebalance every log-weight takes a
+ * N(0, drift^2) step; a window's load is 1e6 tokens split by weight with
+ * +-10% noise.  Traces:
+ *   slow    drift 0.15
+ *   fast    drift 0.50
+ *   shift   drift 0.15, and at rebalance R/2 the popularity is re-drawn
+ * Each strategy keeps its own placement across the R rebalances (default
+ * 50), all starting from the placement DEEPSEEK computes on the first load.
+ *
+ * Per strategy and trace: mean balancedness as a fraction of DEEPSEEK's on
+ * the same load (rel), the worst rel, cross-GPU and cross-node bytes per
+ * rebalance (copies as a plan makes them: one per (GPU, expert) the GPU
+ * lacks; 42 MiB experts), the cumulative bytes as a fraction of
+ * MIN_TRAFFIC's, rebalances that made balancedness worse (must be 0 for
+ * INCREMENTAL), the stall an engine would see at 50 GB/s per GPU (the
+ * slowest GPU's bytes in + out, from eplb_plan_build's sources), and the
+ * median compute time (policy + the plans of all layers).  For "shift":
+ * rel at the 1st and 2nd rebalance after the shift.
+ *
+ *   ./bench_incremental [rebalances]  */
+#define _POSIX_C_SOURCE 200809L
+
+#include <math.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "eplb_next.h"
+#include "eplb_placement.h"
+#include "eplb_plan.h"
+#include "eplb_policy.h"
+
+#define BYTES_PER_EXPERT 44040192.0 /* 42 MiB: DeepSeek-V3 / Kimi-K2 fp8 expert */
+#define GPU_BYTES_PER_S 50e9
+
+static uint64_t rng_next(uint64_t *s) {
+    uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+static double rng_unit(uint64_t *s) { return (double)(rng_next(s) >> 11) * 0x1.0p-53; }
+static double rng_normal(uint64_t *s) {
+    double u = rng_unit(s), v = rng_unit(s);
+    if (u < 1e-300)
+        u = 1e-300;
+    return sqrt(-2.0 * log(u)) * cos(6.283185307179586 * v);
+}
+static double now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
+}
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+typedef struct strategy {
+    const char *name;
+    uint32_t policy;
+    eplb_slot_order order;
+    double target;
+    double budget_frac; /* max_slots_moved as a fraction of L*P; 0 = none */
+} strategy;
+
+static const strategy strategies[] = {
+    { "deepseek/preserve", EPLB_POLICY_DEEPSEEK, EPLB_SLOT_PRESERVE, 0, 0 },
+    { "deepseek/min_traffic", EPLB_POLICY_DEEPSEEK, EPLB_SLOT_MIN_TRAFFIC, 0, 0 },
+    { "incremental t=0.99", EPLB_POLICY_INCREMENTAL, EPLB_SLOT_PRESERVE, 0.99, 0 },
+    { "incremental t=0.95", EPLB_POLICY_INCREMENTAL, EPLB_SLOT_PRESERVE, 0.95, 0 },
+    { "incremental t=0.90", EPLB_POLICY_INCREMENTAL, EPLB_SLOT_PRESERVE, 0.90, 0 },
+    { "incr t=0.99 slots<=2%", EPLB_POLICY_INCREMENTAL, EPLB_SLOT_PRESERVE, 0.99, 0.02 },
+    { "incr t=0.99 slots<=5%", EPLB_POLICY_INCREMENTAL, EPLB_SLOT_PRESERVE, 0.99, 0.05 },
+};
+#define NSTRAT (sizeof strategies / sizeof strategies[0])
+
+typedef struct bench_case {
+    const char *name;
+    eplb_policy_shape shape;
+} bench_case;
+
+typedef struct acc {
+    double rel_sum, rel_min, gpu_bytes, node_bytes, stall_s_sum;
+    int worse, n;
+    double rel_after_shift[2];
+    double ms[1024];
+} acc;
+
+/* The slowest GPU's bytes in + out for cur -> next, from the real plans. */
+static double stall_bytes(const eplb_policy_shape *s, const int32_t *cur, const int32_t *next, double *io) {
+    const uint32_t P = s->num_physical, G = s->num_gpus, gpn = G / s->num_nodes;
+    memset(io, 0, G * sizeof *io);
+    eplb_error err;
+    for (uint32_t l = 0; l < s->num_layers; l++) {
+        eplb_plan plan;
+        if (eplb_plan_build(P, G, gpn, cur + (size_t)l * P, next + (size_t)l * P, 0, G, &plan, &err) != EPLB_OK)
+            continue;
+        for (int ph = 0; ph < 2; ph++) {
+            const eplb_plan_op *ops = ph ? plan.scatter : plan.gather;
+            uint32_t n = ph ? plan.num_scatter : plan.num_gather;
+            for (uint32_t i = 0; i < n; i++)
+                if (ops[i].src_gpu != ops[i].dst_gpu) {
+                    io[ops[i].src_gpu] += BYTES_PER_EXPERT;
+                    io[ops[i].dst_gpu] += BYTES_PER_EXPERT;
+                }
+        }
+        eplb_plan_free(&plan);
+    }
+    double m = 0;
+    for (uint32_t g = 0; g < G; g++)
+        m = io[g] > m ? io[g] : m;
+    return m;
+}
+
+static double plans_ms(const eplb_policy_shape *s, const int32_t *cur, const int32_t *next) {
+    const uint32_t P = s->num_physical, G = s->num_gpus, gpn = G / s->num_nodes;
+    eplb_error err;
+    double t0 = now_ms();
+    for (uint32_t l = 0; l < s->num_layers; l++) {
+        eplb_plan plan;
+        if (eplb_plan_build(P, G, gpn, cur + (size_t)l * P, next + (size_t)l * P, 0, G, &plan, &err) == EPLB_OK)
+            eplb_plan_free(&plan);
+    }
+    return now_ms() - t0;
+}
+
+static void draw_popularity(uint64_t *st, uint32_t L, uint32_t N, double *logw) {
+    uint32_t *perm = malloc(N * sizeof *perm);
+    for (uint32_t l = 0; l < L; l++) {
+        for (uint32_t i = 0; i < N; i++)
+            perm[i] = i;
+        for (uint32_t i = N - 1; i > 0; i--) {
+            uint32_t j = (uint32_t)(rng_next(st) % (i + 1)), t = perm[i];
+            perm[i] = perm[j];
+            perm[j] = t;
+        }
+        for (uint32_t r = 0; r < N; r++)
+            logw[(size_t)l * N + perm[r]] = -1.1 * log((double)(r + 1));
+    }
+    free(perm);
+}
+
+static int run(const bench_case *bc, const char *trace, double drift, int R) {
+    const eplb_policy_shape *s = &bc->shape;
+    const uint32_t L = s->num_layers, N = s->num_logical, P = s->num_physical, G = s->num_gpus;
+    const size_t nl = (size_t)L * N, np = (size_t)L * P;
+    double *logw = malloc(nl * sizeof *logw), *io = malloc(G * sizeof *io);
+    int64_t *load = malloc(nl * sizeof *load);
+    int32_t *cur[NSTRAT], *cnt[NSTRAT], *next = malloc(np * sizeof *next), *ncnt = malloc(nl * sizeof *ncnt);
+    acc *a = calloc(NSTRAT, sizeof *a);
+    uint64_t st = 0x5EEDull ^ (uint64_t)P ^ ((uint64_t)L << 20);
+    draw_popularity(&st, L, N, logw);
+    eplb_error err;
+    for (int step = -1; step < R; step++) {
+        if (step == R / 2 && strcmp(trace, "shift") == 0)
+            draw_popularity(&st, L, N, logw);
+        for (uint32_t l = 0; l < L; l++) {
+            double sum = 0;
+            for (uint32_t e = 0; e < N; e++) {
+                double *w = &logw[(size_t)l * N + e];
+                *w += drift * rng_normal(&st);
+                sum += exp(*w);
+            }
+            for (uint32_t e = 0; e < N; e++)
+                load[(size_t)l * N + e] = (int64_t)(1e6 * exp(logw[(size_t)l * N + e]) / sum * (0.9 + 0.2 * rng_unit(&st)));
+        }
+        if (step < 0) { /* everyone starts from DeepSeek's placement of the first load */
+            eplb_policy_rebalance(s, load, next, ncnt, &err);
+            for (size_t k = 0; k < NSTRAT; k++) {
+                cur[k] = malloc(np * sizeof *next);
+                cnt[k] = malloc(nl * sizeof *ncnt);
+                memcpy(cur[k], next, np * sizeof *next);
+                memcpy(cnt[k], ncnt, nl * sizeof *ncnt);
+            }
+            continue;
+        }
+        for (size_t k = 0; k < NSTRAT; k++) {
+            const strategy *sg = &strategies[k];
+            eplb_next_request req = { .shape = *s, .order = sg->order, .cur_phy2log = cur[k], .cur_logcnt = cnt[k],
+                                      .logical_load = load };
+            req.knobs.policy = sg->policy;
+            req.knobs.target_balancedness = sg->target;
+            req.knobs.max_slots_moved = sg->budget_frac > 0 ? (uint64_t)(sg->budget_frac * (double)np) : 0;
+            eplb_next_report rep;
+            double t0 = now_ms();
+            if (eplb_next_placement(&req, next, ncnt, NULL, NULL, &rep, &err) != EPLB_OK) {
+                fprintf(stderr, "%s %s: %s\n", bc->name, sg->name, err.msg);
+                return 1;
+            }
+            double ms = now_ms() - t0 + plans_ms(s, cur[k], next);
+            acc *x = &a[k];
+            if (x->n < 1024)
+                x->ms[x->n] = ms;
+            /* The reference: DEEPSEEK's balancedness on this load. */
+            double ref = rep.balancedness_reference;
+            double rel = rep.balancedness_after / ref;
+            x->rel_sum += rel;
+            x->rel_min = x->n == 0 || rel < x->rel_min ? rel : x->rel_min;
+            x->worse += rep.balancedness_after < rep.balancedness_before - 1e-12;
+            x->gpu_bytes += (double)rep.copies_cross_gpu * BYTES_PER_EXPERT;
+            x->node_bytes += (double)rep.copies_cross_node * BYTES_PER_EXPERT;
+            x->stall_s_sum += stall_bytes(s, cur[k], next, io) / GPU_BYTES_PER_S;
+            if (strcmp(trace, "shift") == 0 && (step == R / 2 || step == R / 2 + 1))
+                x->rel_after_shift[step - R / 2] = rel;
+            x->n++;
+            memcpy(cur[k], next, np * sizeof *next);
+            memcpy(cnt[k], ncnt, nl * sizeof *ncnt);
+        }
+    }
+    printf("\n%s, trace %s (drift %.2f), %d rebalances, %u layers x %u experts x %u slots, %u GPUs / %u nodes\n",
+           bc->name, trace, drift, R, L, N, P, G, s->num_nodes);
+    printf("%-24s %7s %7s %11s %11s %8s %6s %9s %8s%s\n", "strategy", "rel", "rel_min", "GB/rebal",
+           "xnode GB", "vs MT", "worse", "stall s", "ms p50", strcmp(trace, "shift") == 0 ? "  shift+1 shift+2" : "");
+    const double mt = a[1].gpu_bytes > 0 ? a[1].gpu_bytes : 1;
+    for (size_t k = 0; k < NSTRAT; k++) {
+        acc *x = &a[k];
+        int n = x->n < 1024 ? x->n : 1024;
+        qsort(x->ms, (size_t)n, sizeof x->ms[0], cmp_double);
+        printf("%-24s %7.4f %7.4f %11.1f %11.1f %7.1f%% %6d %9.3f %8.3f", strategies[k].name, x->rel_sum / x->n,
+               x->rel_min, x->gpu_bytes / x->n / 1e9, x->node_bytes / x->n / 1e9, 100.0 * x->gpu_bytes / mt,
+               x->worse, x->stall_s_sum / x->n, x->ms[n / 2]);
+        if (strcmp(trace, "shift") == 0)
+            printf("  %7.4f %7.4f", x->rel_after_shift[0], x->rel_after_shift[1]);
+        printf("\n");
+    }
+    for (size_t k = 0; k < NSTRAT; k++) {
+        free(cur[k]);
+        free(cnt[k]);
+    }
+    free(a);
+    free(logw);
+    free(io);
+    free(load);
+    free(next);
+    free(ncnt);
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    int R = argc > 1 ? atoi(argv[1]) : 50;
+    if (R < 4)
+        R = 4;
+    const bench_case cases[] = {
+        { "DeepSeek-V3 4 nodes x 8 GPUs", { 58, 256, 288, 8, 4, 32 } },
+        { "DeepSeek-V3 1 node x 32 GPUs", { 58, 256, 288, 8, 1, 32 } },
+        { "Kimi-K2-like 32 GPUs (4 x 8)", { 61, 384, 416, 1, 4, 32 } },
+    };
+    const char *only = getenv("BENCH_CASE");
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        if (only && !strstr(cases[i].name, only))
+            continue;
+        if (run(&cases[i], "slow", 0.15, R) || run(&cases[i], "fast", 0.50, R) || run(&cases[i], "shift", 0.15, R))
+            return 1;
+    }
+    return 0;
+}
