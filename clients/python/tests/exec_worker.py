@@ -64,6 +64,87 @@ def check(spec, rank, layers, p2l):
     return bad
 
 
+class FakeClient:
+    """What EngineRebalancer calls, answered from the reference planner (the
+    same answers in every process); each call is logged."""
+
+    def __init__(self, spec, rank, old, new, plan):
+        self.spec, self.rank, self.old, self.new, self.plan = spec, rank, old, new, plan
+        self.calls = []
+
+    def _placement(self, p2l, epoch):
+        from eplb import Placement
+
+        return Placement.from_arrays(p2l, self.spec["N"], model_id="m", epoch=epoch)
+
+    def rebalance(self, model_id, **kw):
+        from eplb import RebalanceResult
+
+        self.calls.append(["rebalance", kw.get("execution"), kw.get("max_staging_bytes", 0)])
+        pending = not self.spec.get("gate")
+        return RebalanceResult(placement=self._placement(self.old, 0), committed=False, balancedness_before=0.5,
+                               balancedness_after=0.9, layer_balancedness_before=[], layer_balancedness_after=[],
+                               experts_moved=0, compute_ms=0, bytes_moved=0, move_ms=0,
+                               rebalance_id="r1" if pending else "", layers_done=0, pending=pending,
+                               layers_moved=[], bytes_cross_gpu=0, bytes_staged=0,
+                               reason="" if pending else "gain 0.001 below min_improvement 0.01")
+
+    def get_transfer_plan(self, model_id, rebalance_id, rank):
+        from eplb.errors import Unavailable
+
+        self.calls.append(["get_transfer_plan", rebalance_id, rank])
+        if rank in self.spec.get("fetch_fails", []):
+            raise Unavailable("no server", method="GetTransferPlan")
+        one = self.plan.to_proto()
+        del one.ranks[:]
+        one.ranks.append(self.plan.ranks[rank].to_proto())
+        from eplb.transfer import TransferPlan
+
+        return TransferPlan.from_proto(one)
+
+    def commit_rebalance(self, model_id, rebalance_id):
+        from eplb import RebalanceResult
+
+        self.calls.append(["commit_rebalance", rebalance_id])
+        return RebalanceResult(placement=self._placement(self.new, 1), committed=True, balancedness_before=0.5,
+                               balancedness_after=0.9, layer_balancedness_before=[], layer_balancedness_after=[],
+                               experts_moved=0, compute_ms=0, bytes_moved=0, move_ms=0, rebalance_id=rebalance_id,
+                               layers_done=0, pending=False, layers_moved=[], bytes_cross_gpu=0, bytes_staged=0)
+
+    def abort_rebalance(self, model_id, rebalance_id, bytes_touched=0):
+        from eplb.transfer import AbortResult
+
+        self.calls.append(["abort_rebalance", rebalance_id, bytes_touched])
+        return AbortResult(epoch=0, state="MOVE_STATE_NEEDS_RELOAD" if bytes_touched else "MOVE_STATE_IDLE",
+                           needs_weight_reload=bytes_touched > 0)
+
+
+def controller(spec, rank, res, on_step):
+    from eplb.torch_exec import EngineRebalanceError, EngineRebalancer
+
+    old, new = random_placements(spec["seed"], spec["L"], spec["N"], spec["P"])
+    plan = build_plan(old, new, spec["world"], spec["ranks_per_node"], empty_steps=True)
+    client = FakeClient(spec, rank, old, new, plan)
+    layers = make_tensors(spec, rank, old)
+    L, N, P = spec["L"], spec["N"], spec["P"]
+    maps = {"physical_to_logical_map": torch.zeros((L, P), dtype=torch.int64),
+            "logical_to_physical_map": torch.zeros((L, N, P - N + 1), dtype=torch.int64),
+            "logical_replica_count": torch.zeros((L, N), dtype=torch.int64)}
+    rb = EngineRebalancer(client, "m")
+    try:
+        out = rb.rebalance(layers, maps, on_step=on_step, physical_load=[[1]], max_staging_bytes=4096)
+        res["committed"] = out.committed
+        res["reason"] = out.reason
+        res["installed"] = torch.equal(maps["physical_to_logical_map"], torch.from_numpy(new))
+        res["bad"] = check(spec, rank, layers, new if out.committed else old)
+        res["ok"] = True
+    except EngineRebalanceError as e:
+        res["error"] = str(e)
+        res["bytes_touched"] = e.bytes_touched
+        res["aborted"] = None if e.aborted is None else e.aborted.state
+    res["calls"] = client.calls
+
+
 def main():
     spec = json.load(open(sys.argv[1]))
     rank = int(sys.argv[2])
@@ -72,6 +153,15 @@ def main():
     try:
         dist.init_process_group("gloo", init_method=spec["init"], rank=rank, world_size=spec["world"],
                                 timeout=datetime.timedelta(seconds=spec["timeout_s"]))
+        die0 = {int(k): v for k, v in spec.get("die_at_step", {}).items()}
+
+        def die_step(i, step):
+            if die0.get(rank) == i:
+                os._exit(3)
+
+        if spec.get("mode") == "controller":
+            controller(spec, rank, res, die_step)
+            raise SystemExit
         old, new = random_placements(spec["seed"], spec["L"], spec["N"], spec["P"])
         plan = build_plan(old, new, spec["world"], spec["ranks_per_node"],
                           max_moves_per_chunk=spec.get("max_moves_per_chunk"), empty_steps=True)
@@ -101,6 +191,8 @@ def main():
             res["error"] = str(e)
             res["bytes_touched"] = e.bytes_touched
             res["failed_after_s"] = time.monotonic() - t0
+    except SystemExit:
+        pass
     except Exception:
         res["error"] = traceback.format_exc()
     with open(out + ".tmp", "w") as f:

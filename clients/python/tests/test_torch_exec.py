@@ -168,3 +168,49 @@ def test_as_rank_plan_forms():
     with pytest.raises(TypeError):
         as_rank_plan({"rank": 0})
     assert ExecStats(rank=0, bytes_sent_cross_node=3, bytes_received_cross_node=4).bytes_cross_node == 7
+
+
+# ---- EngineRebalancer over 4 gloo ranks, with a fake eplbd client (exec_worker.FakeClient) ----
+
+def test_controller_commits_and_installs_on_every_rank(tmp_path):
+    res, rcs = run_ranks(tmp_path, mode="controller", seed=11)
+    assert rcs == [0] * 4
+    for r in range(4):
+        assert res[r]["ok"], res[r].get("error")
+        assert res[r]["committed"] and res[r]["installed"] and res[r]["bad"] == []
+        names = [c[0] for c in res[r]["calls"]]
+        if r == 0:
+            assert names == ["rebalance", "get_transfer_plan", "commit_rebalance"]
+            assert res[r]["calls"][0] == ["rebalance", "engine", 4096]
+        else:
+            assert names == ["get_transfer_plan"]
+        assert res[r]["calls"][-1 if r else 1] == ["get_transfer_plan", "r1", r]
+
+
+def test_controller_gate_moves_nothing(tmp_path):
+    res, rcs = run_ranks(tmp_path, mode="controller", world=2, P=8, N=6, ranks_per_node=1, gate=True)
+    assert rcs == [0, 0]
+    for r in range(2):
+        assert res[r]["ok"] and not res[r]["committed"] and "min_improvement" in res[r]["reason"]
+        assert res[r]["bad"] == [] and not res[r]["installed"]
+    assert [c[0] for c in res[0]["calls"]] == ["rebalance"] and res[1]["calls"] == []
+
+
+def test_controller_a_rank_without_its_plan_aborts_untouched(tmp_path):
+    res, rcs = run_ranks(tmp_path, mode="controller", fetch_fails=[2])
+    assert rcs == [0] * 4
+    for r in range(4):
+        assert not res[r]["ok"] and "1 rank(s) failed; aborted with 0 bytes touched" in res[r]["error"]
+        assert res[r]["bytes_touched"] == 0
+    assert res[0]["calls"][-1] == ["abort_rebalance", "r1", 0] and res[0]["aborted"] == "MOVE_STATE_IDLE"
+    assert "no server" in res[2]["error"]
+
+
+def test_controller_a_rank_dying_mid_plan_aborts_touched(tmp_path):
+    res, rcs = run_ranks(tmp_path, mode="controller", seed=11, die_at_step={3: 2}, timeout_s=4)
+    assert rcs[3] == 3 and 3 not in res
+    for r in (0, 1, 2):
+        assert not res[r]["ok"] and "could not be reached" in res[r]["error"], res[r]
+    last = res[0]["calls"][-1]
+    assert last[:2] == ["abort_rebalance", "r1"] and last[2] >= 1
+    assert res[0]["aborted"] == "MOVE_STATE_NEEDS_RELOAD"
