@@ -473,6 +473,7 @@ python_suite "python grpcio client" "$root/tests/integration/test_python_client.
 python_suite "health watch and reflection" "$root/tests/integration/test_discovery.py" "$build"
 python_suite "engine-held weights, stepped rebalance" "$root/tests/integration/test_weights_engine.py" "$build"
 python_suite "placement files, report, eplbctl" "$root/tests/integration/test_placement_files.py" "$build"
+python_suite "engine-executed rebalances, 4 gloo ranks" "$root/tests/integration/test_engine_exec.py" "$build"
 # The eplb Python package (clients/python) against this build's eplbd:
 # pytest writes JUnit, counted like the others.
 suite "python package eplb (pytest)" junit "$results/junit.xml" \
@@ -535,6 +536,8 @@ if [ -n "$asan" ] && want asan; then
     count_reports "engine-held weights, stepped rebalance (asan+ubsan eplbd)"
     python_suite "placement files, report, eplbctl (asan+ubsan)" "$root/tests/integration/test_placement_files.py" "$asan"
     count_reports "placement files, report, eplbctl (asan+ubsan)"
+    python_suite "engine-executed rebalances, 4 gloo ranks (asan+ubsan eplbd)" "$root/tests/integration/test_engine_exec.py" "$asan"
+    count_reports "engine-executed rebalances, 4 gloo ranks (asan+ubsan eplbd)"
     load_suite "concurrent Rebalance calls (asan+ubsan eplbd)" "$asan/eplbd"
     count_reports "concurrent Rebalance calls (asan+ubsan eplbd)"
     unset ASAN_OPTIONS UBSAN_OPTIONS
@@ -564,6 +567,8 @@ if [ -n "$tsan" ] && want tsan; then
     count_reports "health watch and reflection (tsan eplbd)"
     python_suite "engine-held weights, stepped rebalance (tsan eplbd)" "$root/tests/integration/test_weights_engine.py" "$tsan"
     count_reports "engine-held weights, stepped rebalance (tsan eplbd)"
+    python_suite "engine-executed rebalances, 4 gloo ranks (tsan eplbd)" "$root/tests/integration/test_engine_exec.py" "$tsan"
+    count_reports "engine-executed rebalances, 4 gloo ranks (tsan eplbd)"
     load_suite "concurrent Rebalance calls (tsan eplbd)" "$tsan/eplbd"
     count_reports "concurrent Rebalance calls (tsan eplbd)"
     unset TSAN_OPTIONS

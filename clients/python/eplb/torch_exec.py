@@ -424,7 +424,9 @@ class EngineRebalancer:
                       if dist.get_backend(group) == "nccl" else torch.device("cpu"))
         self.device = device
         self.staging = StagingPool()
-        self.last_stats: Optional[ExecStats] = None
+        self.last_stats: Optional[ExecStats] = None   # this rank's, of the last execute
+        self.last_plan: Any = None                    # the TransferPlan this rank fetched last
+        self.last_rebalance: Any = None               # the leader's last Rebalance answer
 
     @property
     def is_leader(self) -> bool:
@@ -464,6 +466,7 @@ class EngineRebalancer:
                 kw = dict(rebalance_kwargs)
                 kw["execution"] = "engine"
                 r = self.client.rebalance(self.model_id, **kw)
+                self.last_rebalance = r
                 start = {"ok": True, "rebalance_id": r.rebalance_id if r.pending else "", "reason": r.reason,
                          "placement": r.placement}
             except Exception as e:  # every rank must hear of it, or they wait in the broadcast
@@ -490,6 +493,7 @@ class EngineRebalancer:
         local_error: Optional[BaseException] = None
         try:
             plan = self.client.get_transfer_plan(self.model_id, rebalance_id, self.ep_rank)
+            self.last_plan = plan
         except Exception as e:
             local_error = e
         # Every rank has its plan, or nobody starts (a rank that could not
