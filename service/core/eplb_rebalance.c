@@ -89,6 +89,11 @@ static eplb_status check_not_pending(const registry_entry *e, const char *what, 
     const eplb_pending_rebalance *p = &e->rec.pending;
     if (!p->id[0])
         return EPLB_OK;
+    if (p->execution == EPLB_EXEC_ENGINE)
+        return eplb_error_set(err, EPLB_EABORTED,
+                              "model %s has an engine-executed rebalance pending (rebalance_id %s, %u of %u layers "
+                              "done): CommitRebalance or AbortRebalance it before %s",
+                              e->model_id, p->id, p->layers_done, p->target.num_layers, what);
     return eplb_error_set(err, EPLB_EABORTED,
                           "model %s has a stepped rebalance in progress (rebalance_id %s, %u of %u layers done): "
                           "finish it with ContinueRebalance before %s",
@@ -220,6 +225,7 @@ out:
 
 void eplb_rebalance_result_free(eplb_rebalance_result *res) {
     eplb_placement_free(&res->placement);
+    eplb_transfer_plan_free(&res->plan);
     eplb_free(res->layer_before);
     eplb_free(res->layer_after);
     eplb_free(res->layers_moved);
@@ -346,8 +352,9 @@ static eplb_status rebalance_locked(eplb_registry *r, registry_entry *e, const i
                                     const eplb_policy_shape *ps, eplb_slot_order order,
                                     const eplb_rebalance_knobs *knobs, bool dry_run,
                                     uint32_t layers_per_step, const uint8_t *wait_event, size_t wait_event_len,
-                                    const rebalance_gate *gate, eplb_rebalance_result *out, eplb_error *err) {
-    bool gated = false;
+                                    const rebalance_gate *gate, const registry_engine_exec *engine,
+                                    eplb_rebalance_result *out, eplb_error *err) {
+    bool gated = false, engine_started = false;
     const eplb_placement *cur = &registry_current(e)->placement;
     uint32_t L = cur->num_layers, N = cur->num_logical, P = cur->num_physical;
     struct timespec t0;
@@ -409,6 +416,16 @@ static eplb_status rebalance_locked(eplb_registry *r, registry_entry *e, const i
     }
     const uint64_t epoch0 = cur->epoch; /* cur goes stale once a commit lands */
     const uint32_t changed_layers = L - eplb_pending_layers_done(cur, &next);
+    out->execution = engine ? EPLB_EXEC_ENGINE : EPLB_EXEC_SERVER;
+    if (engine && changed_layers) {
+        /* The engine moves the bytes: the target becomes the model's
+         * pending rebalance, nothing is committed until CommitRebalance.
+         * (No changed layer: nothing to execute, committed below.) */
+        st = registry_engine_start(r, e, &next, layers_per_step, engine, out, err);
+        engine_started = st == EPLB_OK;
+        eplb_placement_free(&next);
+        goto out;
+    }
     if (layers_per_step && changed_layers > layers_per_step) {
         /* In steps: the target becomes the model's pending rebalance and
          * its first step runs now. */
@@ -457,7 +474,8 @@ out:
     /* Every computed, non-dry-run rebalance is counted (the metrics): a
      * failure anywhere after validation, including an allocation, is a
      * failed rebalance; bytes a failed move already copied still count. */
-    if (!dry_run && !gated)
+    /* An engine-executed one counts when it is committed (CommitRebalance). */
+    if (!dry_run && !gated && !engine_started)
         registry_stats_rebalance(e, st == EPLB_OK, out, out->bytes_moved);
     eplb_free(phy2log);
     eplb_free(logcnt);
@@ -494,6 +512,26 @@ static eplb_status check_topology(const eplb_registry *r, const eplb_policy_shap
     return st;
 }
 
+/* The execution fields of a request.  Engine execution moves nothing of
+ * eplbd's, so a wait event has nothing to order; weights attached to eplbd
+ * are allowed and left alone (they map the engine's own buffers, which the
+ * engine rewrites itself; the attachment stays valid for later
+ * server-executed rebalances once the map is committed). */
+static eplb_status check_execution(const registry_entry *e, const eplb_rebalance_request *req, eplb_error *err) {
+    (void)e;
+    if (req->execution > EPLB_EXEC_ENGINE)
+        return eplb_error_set(err, EPLB_EINVAL, "execution %u is not an Execution (0 SERVER, 1 ENGINE)",
+                              req->execution);
+    if (req->execution == EPLB_EXEC_SERVER && (req->max_staging_bytes || req->include_transfer_plan))
+        return eplb_error_set(err, EPLB_EINVAL,
+                              "max_staging_bytes and include_transfer_plan are for execution EXECUTION_ENGINE");
+    if (req->execution == EPLB_EXEC_ENGINE && req->wait_event_len)
+        return eplb_error_set(err, EPLB_EINVAL,
+                              "wait_event is for EXECUTION_SERVER: with EXECUTION_ENGINE eplbd copies nothing on "
+                              "the engine's GPUs");
+    return EPLB_OK;
+}
+
 eplb_status eplb_registry_rebalance(eplb_registry *r, const eplb_rebalance_request *req,
                                     eplb_rebalance_result *out, eplb_error *err) {
     memset(out, 0, sizeof *out);
@@ -512,7 +550,8 @@ eplb_status eplb_registry_rebalance(eplb_registry *r, const eplb_rebalance_reque
         (st = check_topology(r, &ps, req->slot_order, err)) != EPLB_OK ||
         (!req->dry_run && (st = check_registered_topology(e, req, err)) != EPLB_OK) ||
         (st = check_gate(req, err)) != EPLB_OK ||
-        (st = check_wait_event(e, req->wait_event, req->wait_event_len, err)) != EPLB_OK)
+        (st = check_wait_event(e, req->wait_event, req->wait_event_len, err)) != EPLB_OK ||
+        (st = check_execution(e, req, err)) != EPLB_OK)
         goto out;
     logical = eplb_malloc(cells * sizeof *logical);
     if (!logical) {
@@ -552,8 +591,19 @@ eplb_status eplb_registry_rebalance(eplb_registry *r, const eplb_rebalance_reque
     }
     rebalance_gate gate = { req->knobs.min_improvement, req->force };
     eplb_rebalance_knobs knobs = merged_knobs(e, &req->knobs);
+    registry_engine_exec engine = { .max_staging_bytes = req->max_staging_bytes, .expert_bytes = knobs.expert_bytes,
+                                    .include_plan = req->include_transfer_plan };
+    if (req->execution == EPLB_EXEC_ENGINE) {
+        /* The bound needs the expert size (request's or model's): refused
+         * before anything is computed. */
+        uint32_t entries;
+        if ((st = eplb_transfer_staging_entries(engine.max_staging_bytes, engine.expert_bytes, &entries, err)) !=
+            EPLB_OK)
+            goto out;
+    }
     st = rebalance_locked(r, e, logical, &ps, req->slot_order, &knobs, req->dry_run, req->layers_per_step, req->wait_event,
-                          req->wait_event_len, &gate, out, err);
+                          req->wait_event_len, &gate,
+                          req->execution == EPLB_EXEC_ENGINE && !req->dry_run ? &engine : NULL, out, err);
 out:
     eplb_free(logical);
     registry_release(e);
@@ -570,14 +620,37 @@ eplb_status eplb_registry_continue_rebalance(eplb_registry *r, const char *model
 eplb_status eplb_registry_continue_rebalance_ev(eplb_registry *r, const char *model_id, const char *rebalance_id,
                                                 const uint8_t *wait_event, size_t wait_event_len,
                                                 eplb_rebalance_result *out, eplb_error *err) {
+    eplb_continue_request req = { .model_id = model_id, .rebalance_id = rebalance_id, .wait_event = wait_event,
+                                  .wait_event_len = wait_event_len };
+    return eplb_registry_continue(r, &req, out, err);
+}
+
+eplb_status eplb_registry_continue(eplb_registry *r, const eplb_continue_request *req, eplb_rebalance_result *out,
+                                   eplb_error *err) {
     memset(out, 0, sizeof *out);
+    const char *rebalance_id = req->rebalance_id;
+    const uint8_t *wait_event = req->wait_event;
+    size_t wait_event_len = req->wait_event_len;
     registry_entry *e;
-    eplb_status st = registry_acquire(r, model_id, &e, err);
+    eplb_status st = registry_acquire(r, req->model_id, &e, err);
     if (st != EPLB_OK)
         return st;
     const eplb_pending_rebalance *p = &e->rec.pending;
     if ((st = check_loaded(e, err)) != EPLB_OK)
         goto out;
+    if (p->id[0] && p->execution == EPLB_EXEC_ENGINE && strcmp(p->id, rebalance_id) == 0) {
+        if (wait_event_len) {
+            st = eplb_error_set(err, EPLB_EINVAL,
+                                "wait_event: rebalance %s is executed by the engine; eplbd copies nothing", p->id);
+            goto out;
+        }
+        st = registry_engine_continue(e, rebalance_id, req->include_transfer_plan, out, err);
+        goto out;
+    }
+    if (req->include_transfer_plan) {
+        st = eplb_error_set(err, EPLB_EINVAL, "include_transfer_plan is for an engine-executed rebalance");
+        goto out;
+    }
     if (!p->id[0] || strcmp(p->id, rebalance_id) != 0) {
         st = p->id[0] ? eplb_error_set(err, EPLB_ENOTFOUND,
                                        "model %s has no rebalance %s in progress (the one in progress is %s)",
@@ -683,7 +756,7 @@ eplb_status eplb_registry_record_load(eplb_registry *r, const eplb_record_reques
         /* The model's own policy, budgets and gate (ParallelConfig). */
         eplb_rebalance_knobs knobs = merged_knobs(e, &s->defaults);
         rebalance_gate gate = { knobs.min_improvement, false };
-        eplb_status ast = rebalance_locked(r, e, logical, &ps, order, &knobs, false, 0, NULL, 0, &gate, &res, &why);
+        eplb_status ast = rebalance_locked(r, e, logical, &ps, order, &knobs, false, 0, NULL, 0, &gate, NULL, &res, &why);
         out->rebalanced = ast == EPLB_OK;
         eplb_rebalance_result_free(&res);
         /* The pass is counted either way, so the call succeeds (a retried

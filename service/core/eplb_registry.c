@@ -48,6 +48,7 @@ void registry_entry_unref(registry_entry *e) {
     eplb_snapshot_unref(e->snap);
     eplb_placement_free(&e->rec.placement);
     eplb_pending_clear(&e->rec.pending);
+    eplb_transfer_plan_free(&e->xfer);
     eplb_load_window_free(&e->rec.window);
     pthread_mutex_destroy(&e->op_lock);
     pthread_mutex_destroy(&e->pub_lock);
@@ -231,6 +232,7 @@ void registry_view_of(registry_entry *e, eplb_model_view *out) {
     snprintf(out->state_reason, sizeof out->state_reason, "%s", e->state_reason);
     snprintf(out->pending_id, sizeof out->pending_id, "%s", e->pending_id);
     out->pending_layers_done = e->pending_done;
+    out->pending_execution = e->pending_id[0] ? e->pending_exec : 0;
     pthread_mutex_unlock(&e->pub_lock);
 }
 
@@ -238,6 +240,7 @@ void registry_publish_pending(registry_entry *e) {
     pthread_mutex_lock(&e->pub_lock);
     snprintf(e->pending_id, sizeof e->pending_id, "%s", e->rec.pending.id);
     e->pending_done = e->rec.pending.id[0] ? e->rec.pending.layers_done : 0;
+    e->pending_exec = e->rec.pending.id[0] ? e->rec.pending.execution : 0;
     pthread_mutex_unlock(&e->pub_lock);
 }
 
@@ -568,6 +571,7 @@ static eplb_status load_one(void *arg, eplb_model_record *rec, eplb_error *err) 
         }
         snprintf(e->pending_id, sizeof e->pending_id, "%s", pd->id);
         e->pending_done = pd->id[0] ? pd->layers_done : 0;
+        e->pending_exec = pd->id[0] ? pd->execution : 0;
     }
     e->visible = true;
     registry_list_insert(r, e);

@@ -22,6 +22,7 @@
 #include "eplb_move_state.h"
 #include "eplb_snapshot.h"
 #include "eplb_status.h"
+#include "eplb_transfer.h"
 
 typedef enum eplb_role {
     EPLB_ROLE_MAIN = 0,
@@ -36,6 +37,17 @@ typedef enum eplb_role {
  * transaction as each step's commit, so a restart knows which layers
  * moved (the served placement says it, row by row) and can continue. */
 
+/* Who moves the bytes of a committed rebalance (RebalanceRequest.execution). */
+typedef enum eplb_execution {
+    EPLB_EXEC_SERVER = 0, /* eplbd, on the weights it holds (or none attached) */
+    EPLB_EXEC_ENGINE = 1, /* the engine's ranks run a transfer plan, then CommitRebalance */
+} eplb_execution;
+
+/* An engine-executed rebalance (EPLB_EXEC_ENGINE) is pending the same way:
+ * target and steps as above, but nothing is committed until the engine
+ * calls CommitRebalance; the plan of the step awaiting it is derived from
+ * the served placement and the target (deterministic, so it is not
+ * stored: a restart rebuilds the same plan). */
 typedef struct eplb_pending_rebalance {
     char id[EPLB_REBALANCE_ID_MAX + 1]; /* "" = none pending */
     uint32_t layers_per_step;           /* >= 1 */
@@ -43,6 +55,9 @@ typedef struct eplb_pending_rebalance {
     bool with_weights;                  /* started with weights attached: continue only with them */
     double balancedness_before;         /* of the whole rebalance, on its load */
     double balancedness_after;
+    uint32_t execution;                 /* eplb_execution */
+    uint64_t max_staging_bytes;         /* ENGINE: the plan's staging bound per rank (0 = none) */
+    uint64_t expert_bytes;              /* ENGINE: one expert's bytes (0 = unknown), for the bound and counts */
     eplb_placement target;              /* arrays owned by the record */
 } eplb_pending_rebalance;
 
@@ -301,6 +316,13 @@ typedef struct eplb_rebalance_request {
      * device events, is EPLB_EINVAL before anything is computed. */
     const uint8_t *wait_event;
     size_t wait_event_len;
+    /* EPLB_EXEC_ENGINE: store the rebalance as pending and answer its plan
+     * (eplb_rebalance_engine.c); max_staging_bytes bounds each rank's
+     * staging (0: none), include_transfer_plan puts every rank's plan in
+     * the result.  Both are EPLB_EINVAL with EPLB_EXEC_SERVER. */
+    uint32_t execution;
+    uint64_t max_staging_bytes;
+    bool include_transfer_plan;
 } eplb_rebalance_request;
 
 typedef struct eplb_rebalance_result {
@@ -331,6 +353,12 @@ typedef struct eplb_rebalance_result {
      * device events and the record succeeded. */
     bool has_done_event;
     uint8_t done_event[EPLB_EVENT_BYTES];
+    /* EPLB_EXEC_ENGINE: the step's transfer plan (when asked for), from
+     * the placement of plan_base_epoch (the one served now). */
+    uint32_t execution;               /* eplb_execution of the rebalance */
+    bool has_plan;
+    eplb_transfer_plan plan;
+    uint64_t plan_base_epoch;
 } eplb_rebalance_result;
 
 /* Rebalance: compute a new placement from the request's load (or the
@@ -357,6 +385,72 @@ eplb_status eplb_registry_continue_rebalance(eplb_registry *r, const char *model
 eplb_status eplb_registry_continue_rebalance_ev(eplb_registry *r, const char *model_id, const char *rebalance_id,
                                                 const uint8_t *wait_event, size_t wait_event_len,
                                                 eplb_rebalance_result *out, eplb_error *err);
+
+/* ---- engine-executed rebalances (eplb_rebalance_engine.c) ------------------
+ * Rebalance(execution = EPLB_EXEC_ENGINE) stores the target as the model's
+ * pending rebalance and changes nothing else; the engine's ranks fetch
+ * their plans, run them, and one caller commits or aborts:
+ *
+ *   pending(ENGINE, step k) --CommitRebalance--> epoch + 1, served rows of
+ *      |                                         step k = target's; pending
+ *      |                                         (step k+1) or cleared
+ *      +--AbortRebalance(bytes_touched = 0)----> cleared, nothing else
+ *      +--AbortRebalance(bytes_touched > 0)----> cleared, NEEDS_RELOAD
+ * Every transition is one store transaction (model row + pending row). */
+
+/* Continue a pending rebalance: a server-executed one moves and commits its
+ * next step (as eplb_registry_continue_rebalance_ev); an engine-executed
+ * one only answers the step awaiting CommitRebalance (its layers, and its
+ * plan when include_transfer_plan), changing nothing. */
+typedef struct eplb_continue_request {
+    const char *model_id;
+    const char *rebalance_id;
+    const uint8_t *wait_event;
+    size_t wait_event_len;
+    bool include_transfer_plan;
+} eplb_continue_request;
+eplb_status eplb_registry_continue(eplb_registry *r, const eplb_continue_request *req, eplb_rebalance_result *out,
+                                   eplb_error *err);
+
+/* One rank's plan (or every rank's: rank EPLB_TRANSFER_ALL_RANKS) of the
+ * step awaiting CommitRebalance, copied out (free plan with
+ * eplb_transfer_plan_free). */
+#define EPLB_TRANSFER_ALL_RANKS UINT32_MAX
+typedef struct eplb_transfer_answer {
+    char rebalance_id[EPLB_REBALANCE_ID_MAX + 1];
+    uint64_t base_epoch;              /* the served placement the plan starts from */
+    uint64_t expert_bytes;            /* 0 = unknown */
+    eplb_transfer_plan plan;
+} eplb_transfer_answer;
+/* EPLB_ENOTFOUND (model, or no such rebalance pending); EPLB_EINVAL (rank
+ * >= ep_size); EPLB_EPRECONDITION (the rebalance is server-executed, the
+ * model needs a reload); EPLB_ENOMEM. */
+eplb_status eplb_registry_get_transfer_plan(eplb_registry *r, const char *model_id, const char *rebalance_id,
+                                            uint32_t rank, eplb_transfer_answer *out, eplb_error *err);
+
+/* CommitRebalance: the step every rank executed becomes the served
+ * placement (epoch + 1) with the pending record in one transaction.
+ * base_epoch (when has_base_epoch) must be the epoch the plan started
+ * from, so a retried commit cannot commit a step nobody ran.  out as
+ * ContinueRebalance's (placement now served, layers_moved, pending,
+ * layers_done).  EPLB_EABORTED when that rebalance is not the one pending
+ * (nothing changes) or base_epoch differs; EPLB_EPRECONDITION when it is
+ * server-executed or the model needs a reload; store errors change
+ * nothing. */
+eplb_status eplb_registry_commit_rebalance(eplb_registry *r, const char *model_id, const char *rebalance_id,
+                                           bool has_base_epoch, uint64_t base_epoch, eplb_rebalance_result *out,
+                                           eplb_error *err);
+
+typedef struct eplb_abort_result {
+    uint64_t epoch;
+    eplb_move_state state;
+} eplb_abort_result;
+/* AbortRebalance: bytes_touched 0 clears the pending rebalance (placement
+ * and epoch stay); > 0 also puts the model in NEEDS_RELOAD (the weights
+ * match no map), stored before the answer (published even when the store
+ * refuses: the bytes are what they are).  Errors as CommitRebalance's. */
+eplb_status eplb_registry_abort_rebalance(eplb_registry *r, const char *model_id, const char *rebalance_id,
+                                          uint64_t bytes_touched, eplb_abort_result *out, eplb_error *err);
 
 typedef struct eplb_record_request {
     const char *model_id;

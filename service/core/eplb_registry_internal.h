@@ -55,6 +55,7 @@ typedef struct registry_entry {
     char state_reason[EPLB_ERROR_MSG_MAX];
     char pending_id[EPLB_REBALANCE_ID_MAX + 1]; /* rec.pending as readers see it */
     uint32_t pending_done;
+    uint32_t pending_exec;       /* eplb_execution of rec.pending */
     /* Activity counters (eplb_model_stats, never stored).  The op_lock
      * holder updates them under pub_lock (registry_stats_*), so
      * eplb_registry_list copies them without waiting for an operation. */
@@ -67,6 +68,14 @@ typedef struct registry_entry {
     const eplb_weights_ops *weights;   /* NULL: placement only */
     void *weights_ctx;
     atomic_bool weights_attached;      /* weights != NULL, for readers without op_lock */
+    /* Under op_lock: the transfer plan of the engine-executed step that
+     * awaits CommitRebalance, built on first use for (pending id, served
+     * epoch) and dropped when either changes (a restart rebuilds it: the
+     * plan is a function of the served placement and the target). */
+    bool has_xfer;
+    eplb_transfer_plan xfer;
+    char xfer_id[EPLB_REBALANCE_ID_MAX + 1];
+    uint64_t xfer_epoch;
 } registry_entry;
 
 struct eplb_registry {
@@ -147,6 +156,35 @@ void registry_stats_rebalance(registry_entry *e, bool committed, const eplb_reba
                               uint64_t bytes);
 /* Count one recorded pass.  Caller holds op_lock; takes pub_lock. */
 void registry_stats_pass(registry_entry *e);
+
+/* ---- engine-executed rebalances (eplb_rebalance_engine.c) ---------------- */
+
+/* What a Rebalance asks of an engine execution. */
+typedef struct registry_engine_exec {
+    uint64_t max_staging_bytes;   /* per rank; 0 = no bound */
+    uint64_t expert_bytes;        /* request's or model's; 0 = unknown */
+    bool include_plan;
+} registry_engine_exec;
+
+/* Make next (ownership taken) e's pending engine-executed rebalance, in
+ * steps of layers_per_step changed layers (0: all at once): the first
+ * step's plan is built (a plan that cannot be, e.g. a staging bound below
+ * what a layer needs, refuses and stores nothing), then the pending record
+ * is stored with the unchanged placement.  Fills out (served placement,
+ * id, pending, the step's layers, the plan when asked).  Caller holds
+ * op_lock and has passed every check and the commit gate. */
+eplb_status registry_engine_start(eplb_registry *r, registry_entry *e, eplb_placement *next,
+                                  uint32_t layers_per_step, const registry_engine_exec *x,
+                                  eplb_rebalance_result *out, eplb_error *err);
+
+/* ContinueRebalance of an engine-executed rebalance: answer the step
+ * awaiting CommitRebalance (nothing moves or changes).  EPLB_ENOTFOUND when
+ * rebalance_id is not the pending one.  Caller holds op_lock. */
+eplb_status registry_engine_continue(registry_entry *e, const char *rebalance_id, bool include_plan,
+                                     eplb_rebalance_result *out, eplb_error *err);
+
+/* Forget the cached plan.  Caller holds op_lock. */
+void registry_engine_plan_drop(registry_entry *e);
 
 /* The current snapshot, for the op_lock holder (no reference taken: only
  * the op_lock holder replaces it). */

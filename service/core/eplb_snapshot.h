@@ -42,6 +42,7 @@ typedef struct eplb_model_view {
     char state_reason[EPLB_ERROR_MSG_MAX]; /* why NEEDS_RELOAD */
     char pending_id[EPLB_REBALANCE_ID_MAX + 1]; /* a stepped rebalance in progress ("" none) */
     uint32_t pending_layers_done;
+    uint32_t pending_execution;            /* eplb_execution of the pending rebalance */
 } eplb_model_view;
 
 /* Unreference view->snap and clear the view.  NULL snap is fine. */

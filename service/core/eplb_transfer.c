@@ -13,7 +13,7 @@ void eplb_transfer_plan_free(eplb_transfer_plan *plan) {
     if (!plan)
         return;
     if (plan->ranks)
-        for (uint32_t g = 0; g < plan->num_ranks; g++) {
+        for (uint32_t g = 0; g < plan->num_rank_plans; g++) {
             eplb_free(plan->ranks[g].ops);
             eplb_free(plan->ranks[g].step_first);
         }
@@ -39,6 +39,45 @@ eplb_status eplb_transfer_staging_entries(uint64_t max_staging_bytes, uint64_t e
                               (unsigned long long)max_staging_bytes, (unsigned long long)expert_bytes);
     *entries = n > UINT32_MAX ? UINT32_MAX : (uint32_t)n;
     return EPLB_OK;
+}
+
+eplb_status eplb_transfer_plan_copy(const eplb_transfer_plan *src, uint32_t rank, eplb_transfer_plan *out,
+                                    eplb_error *err) {
+    memset(out, 0, sizeof *out);
+    bool all = rank == UINT32_MAX;
+    if (!all && (rank < src->first_rank || rank - src->first_rank >= src->num_rank_plans))
+        return eplb_error_set(err, EPLB_EINVAL, "rank %u: the plan has ranks %u..%u of %u", rank, src->first_rank,
+                              src->first_rank + src->num_rank_plans - 1, src->num_ranks);
+    *out = *src;
+    out->first_rank = all ? src->first_rank : rank;
+    out->num_rank_plans = all ? src->num_rank_plans : 1;
+    out->layers = eplb_malloc(((size_t)src->num_layers + 1) * sizeof *out->layers);
+    out->steps = eplb_malloc(((size_t)src->num_steps + 1) * sizeof *out->steps);
+    out->ranks = eplb_calloc(out->num_rank_plans, sizeof *out->ranks);
+    if (!out->layers || !out->steps || !out->ranks)
+        goto nomem;
+    memcpy(out->layers, src->layers, (size_t)src->num_layers * sizeof *out->layers);
+    memcpy(out->steps, src->steps, (size_t)src->num_steps * sizeof *out->steps);
+    for (uint32_t i = 0; i < out->num_rank_plans; i++) {
+        const eplb_transfer_rank *from = &src->ranks[out->first_rank - src->first_rank + i];
+        eplb_transfer_rank *to = &out->ranks[i];
+        *to = *from;
+        to->ops = eplb_malloc(((size_t)from->num_ops + 1) * sizeof *to->ops);
+        to->step_first = eplb_malloc(((size_t)src->num_steps + 1) * sizeof *to->step_first);
+        if (!to->ops || !to->step_first) {
+            eplb_free(to->ops);
+            eplb_free(to->step_first);
+            to->ops = NULL;
+            to->step_first = NULL;
+            goto nomem;
+        }
+        memcpy(to->ops, from->ops, (size_t)from->num_ops * sizeof *to->ops);
+        memcpy(to->step_first, from->step_first, ((size_t)src->num_steps + 1) * sizeof *to->step_first);
+    }
+    return EPLB_OK;
+nomem:
+    eplb_transfer_plan_free(out);
+    return eplb_error_set(err, EPLB_ENOMEM, "out of memory copying a transfer plan");
 }
 
 /* Ops of one rank as they are built (sorted by step by construction). */
@@ -151,6 +190,7 @@ eplb_status eplb_transfer_build(uint32_t num_layers, uint32_t num_physical, uint
     out->ranks_per_node = ranks_per_node;
     out->num_local = P / G;
     out->num_physical = P;
+    out->num_rank_plans = G;
     builder b = { .out = out, .S = P / G, .rpn = ranks_per_node };
     eplb_status st = EPLB_OK;
     eplb_plan_chunks ch = { 0 };

@@ -92,7 +92,9 @@ typedef struct eplb_transfer_plan {
     uint32_t num_layers;
     eplb_transfer_step *steps;   /* [num_steps] */
     uint32_t num_steps;
-    eplb_transfer_rank *ranks;   /* [num_ranks] */
+    eplb_transfer_rank *ranks;   /* [num_rank_plans]: ranks[i] is rank first_rank + i */
+    uint32_t first_rank;         /* 0 for a built plan */
+    uint32_t num_rank_plans;     /* num_ranks for a built plan; 1 for one rank's copy */
     uint64_t copies_local;       /* COPY ops, all ranks */
     uint64_t copies_cross_gpu;   /* SEND/RECV pairs */
     uint64_t copies_cross_node;  /* of those, between nodes */
@@ -115,6 +117,13 @@ eplb_status eplb_transfer_build(uint32_t num_layers, uint32_t num_physical, uint
                                 uint32_t max_staging, eplb_transfer_plan *out, eplb_error *err);
 
 void eplb_transfer_plan_free(eplb_transfer_plan *plan);
+
+/* A deep copy of src with every rank (rank == UINT32_MAX) or only `rank`
+ * (< num_ranks): header, steps and layers always; the counters stay the
+ * whole plan's.  EPLB_EINVAL for a rank out of range or a src that does
+ * not hold it; EPLB_ENOMEM.  On error *out is empty. */
+eplb_status eplb_transfer_plan_copy(const eplb_transfer_plan *src, uint32_t rank, eplb_transfer_plan *out,
+                                    eplb_error *err);
 
 /* Staging entries a byte budget allows: max_staging_bytes / expert_bytes.
  * 0 bytes = no bound (*entries 0).  EPLB_EINVAL when a budget is given

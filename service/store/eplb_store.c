@@ -15,8 +15,11 @@
  * one more statement on rebalances (the pending row, or a primary-key
  * delete when none is pending); the same again per row at open.  Per
  * open: one committed write (the writability probe) and, once, a
- * migration: from schema 1 it rewrites every row, from 2 it only creates
- * the rebalances table. */
+ * migration, in one transaction: 1 -> 2 rewrites every row, 2 -> 3
+ * creates the rebalances table, 3 -> 4 rewrites the models and rebalances
+ * rows with the columns schema 4 added (the model's rebalance defaults; a
+ * pending rebalance's execution, staging bound and expert size), at their
+ * defaults. */
 #include "eplb_store.h"
 
 #include <errno.h>
@@ -33,7 +36,7 @@
 
 #include "eplb_alloc.h"
 
-#define STORE_SCHEMA_VERSION 3
+#define STORE_SCHEMA_VERSION 4
 
 /* ---- SQLite calls with a fault hook ------------------------------------- */
 
@@ -248,6 +251,12 @@ enum {
     MC_MODEL_ID, MC_ROLE, MC_MAIN, MC_ARCH, MC_PATH,
     MC_LAYERS, MC_LOGICAL, MC_PHYSICAL, MC_LOCAL, MC_REDUNDANT, MC_SHARED, MC_GROUPS, MC_EP_SIZE, MC_NODES,
     MC_WINDOW, MC_STEP, MC_AUTO, MC_EPOCH, MC_PPHYS, MC_VALID, MC_STATE, MC_REASON, MC_PHY2LOG,
+    MC_V2_COUNT, /* the columns of schemas 2 and 3 end here */
+    /* Schema 4: the model's rebalance defaults (eplb_model_shape.defaults,
+     * ParallelConfig): doubles as IEEE-754 bits, uint64s as their
+     * two's-complement int64, like the rebalances row's balancedness. */
+    MC_POLICY = MC_V2_COUNT, MC_TARGET, MC_MAX_BYTES, MC_MAX_SLOTS, MC_MIN_IMPROVEMENT, MC_COST_INTRA,
+    MC_COST_CROSS, MC_EXPERT_BYTES,
     MC_COUNT /* then the checksum */
 };
 static const col_def model_cols[MC_COUNT] = {
@@ -260,6 +269,10 @@ static const col_def model_cols[MC_COUNT] = {
     { "epoch", SQLITE_INTEGER }, { "placement_physical", SQLITE_INTEGER },
     { "num_valid_physical", SQLITE_INTEGER }, { "state", SQLITE_INTEGER }, { "state_reason", SQLITE_TEXT },
     { "phy2log", SQLITE_BLOB },
+    { "default_policy", SQLITE_INTEGER }, { "default_target_balancedness", SQLITE_INTEGER },
+    { "default_max_bytes_moved", SQLITE_INTEGER }, { "default_max_slots_moved", SQLITE_INTEGER },
+    { "default_min_improvement", SQLITE_INTEGER }, { "default_cost_intra_node", SQLITE_INTEGER },
+    { "default_cost_cross_node", SQLITE_INTEGER }, { "expert_bytes", SQLITE_INTEGER },
 };
 
 enum { WC_MODEL_ID, WC_PASSES, WC_COUNT_, WC_RECORDS, WC_COUNT };
@@ -277,6 +290,10 @@ static const col_def window_cols[WC_COUNT] = {
 enum {
     RC_MODEL_ID, RC_ID, RC_PER_STEP, RC_DONE, RC_WEIGHTS, RC_BEFORE, RC_AFTER,
     RC_LAYERS, RC_PHYSICAL, RC_VALID, RC_EPOCH, RC_PHY2LOG,
+    RC_V3_COUNT, /* the columns of schema 3 end here */
+    /* Schema 4: who executes it (eplb_execution) and, for the engine, the
+     * plan's staging bound and expert size (uint64s as int64 bits). */
+    RC_EXEC = RC_V3_COUNT, RC_STAGING, RC_EXPERT_BYTES,
     RC_COUNT /* then the checksum */
 };
 static const col_def rebalance_cols[RC_COUNT] = {
@@ -285,14 +302,16 @@ static const col_def rebalance_cols[RC_COUNT] = {
     { "balancedness_before", SQLITE_INTEGER }, { "balancedness_after", SQLITE_INTEGER },
     { "num_layers", SQLITE_INTEGER }, { "num_physical", SQLITE_INTEGER },
     { "num_valid_physical", SQLITE_INTEGER }, { "epoch", SQLITE_INTEGER }, { "phy2log", SQLITE_BLOB },
+    { "execution", SQLITE_INTEGER }, { "max_staging_bytes", SQLITE_INTEGER }, { "expert_bytes", SQLITE_INTEGER },
 };
 
-/* A tag names its table's row format, not the schema: models and windows
- * rows are unchanged since schema 2, so a v2 -> v3 migration reseals
- * nothing. */
-static const char models_tag[] = "eplbd.models.v2";
+/* A tag names its table's row format, not the schema: windows rows are
+ * unchanged since schema 2; models rows changed in 2 and 4, rebalances rows
+ * in 4 (a migration reseals the rows it rewrites with the new tag). */
+static const char models_v2_tag[] = "eplbd.models.v2";
+static const char models_tag[] = "eplbd.models.v4";
 static const char windows_tag[] = "eplbd.windows.v2";
-static const char rebalances_tag[] = "eplbd.rebalances.v3";
+static const char rebalances_tag[] = "eplbd.rebalances.v4";
 
 static const char *type_name(int t) {
     switch (t) {
@@ -428,6 +447,23 @@ static bool check_text(const col *c, const col_def *d, size_t min, size_t max, c
     return true;
 }
 
+static double bits_to_double(sqlite3_int64 v);
+static sqlite3_int64 double_to_bits(double d);
+
+/* The defaults columns of a models row (types checked by the caller). */
+static eplb_rebalance_knobs cols_to_knobs(const col *c) {
+    return (eplb_rebalance_knobs){
+        .policy = (uint32_t)c[MC_POLICY].i,
+        .target_balancedness = bits_to_double(c[MC_TARGET].i),
+        .max_bytes_moved = (uint64_t)c[MC_MAX_BYTES].i,
+        .max_slots_moved = (uint64_t)c[MC_MAX_SLOTS].i,
+        .min_improvement = bits_to_double(c[MC_MIN_IMPROVEMENT].i),
+        .cost_intra_node = bits_to_double(c[MC_COST_INTRA].i),
+        .cost_cross_node = bits_to_double(c[MC_COST_CROSS].i),
+        .expert_bytes = (uint64_t)c[MC_EXPERT_BYTES].i,
+    };
+}
+
 static bool check_model_cols(const col *c, char *why, size_t len) {
     const col_def *d = model_cols;
     if (!check_types(c, d, MC_COUNT, why, len))
@@ -515,6 +551,14 @@ static bool check_model_cols(const col *c, char *why, size_t len) {
                  (long long)P);
         return false;
     }
+    /* The defaults as registration checks them (ranges, NaN refused). */
+    eplb_rebalance_knobs k = cols_to_knobs(c);
+    if (!check_range(&c[MC_POLICY], &d[MC_POLICY], 0, UINT32_MAX, why, len))
+        return false;
+    if (eplb_rebalance_knobs_check(&k, "default ", &e) != EPLB_OK) {
+        snprintf(why, len, "%s", e.msg);
+        return false;
+    }
     return true;
 }
 
@@ -583,8 +627,14 @@ static bool check_rebalance_cols(const col *c, const char *model_id, uint32_t L,
         !check_range(&c[RC_DONE], &d[RC_DONE], 0, (sqlite3_int64)L - 1, why, len) ||
         !check_range(&c[RC_WEIGHTS], &d[RC_WEIGHTS], 0, 1, why, len) ||
         !check_range(&c[RC_VALID], &d[RC_VALID], 1, P, why, len) ||
-        !check_range(&c[RC_EPOCH], &d[RC_EPOCH], 0, INT64_MAX, why, len))
+        !check_range(&c[RC_EPOCH], &d[RC_EPOCH], 0, INT64_MAX, why, len) ||
+        !check_range(&c[RC_EXEC], &d[RC_EXEC], EPLB_EXEC_SERVER, EPLB_EXEC_ENGINE, why, len))
         return false;
+    /* eplbd moves nothing of an engine-executed rebalance. */
+    if (c[RC_EXEC].i == EPLB_EXEC_ENGINE && c[RC_WEIGHTS].i) {
+        snprintf(why, len, "an engine-executed rebalance marked with_weights");
+        return false;
+    }
     for (int k = RC_BEFORE; k <= RC_AFTER; k++) {
         double b = bits_to_double(c[k].i);
         if (!(b >= 0.0 && b <= 1.0 + 1e-6)) { /* false for NaN too */
@@ -646,7 +696,8 @@ static void unpack_i32(const unsigned char *b, int32_t *v, size_t n) {
 /* ---- schema ---------------------------------------------------------------- */
 
 /* Column order is the canonical order of eplb_store.h; checksum last. */
-#define MODELS_V2_COLUMNS                                                                   \
+#define MODELS_V2_COLUMNS MODELS_V2_HEAD "  checksum INTEGER NOT NULL"
+#define MODELS_V2_HEAD                                                                      \
     "  model_id TEXT PRIMARY KEY,"                                                          \
     "  role INTEGER NOT NULL,"                                                              \
     "  main_model_id TEXT NOT NULL,"                                                        \
@@ -664,7 +715,18 @@ static void unpack_i32(const unsigned char *b, int32_t *v, size_t n) {
     "  num_valid_physical INTEGER NOT NULL,"                                                \
     "  state INTEGER NOT NULL," /* eplb_move_state: 0 IDLE, 2 MOVING, 4 NEEDS_RELOAD */     \
     "  state_reason TEXT NOT NULL,"                                                         \
-    "  phy2log BLOB NOT NULL,"                                                              \
+    "  phy2log BLOB NOT NULL,"
+/* Schema 4: schema 2's columns, then the model's rebalance defaults. */
+#define MODELS_V4_COLUMNS                                                                   \
+    MODELS_V2_HEAD                                                                          \
+    "  default_policy INTEGER NOT NULL,"                                                    \
+    "  default_target_balancedness INTEGER NOT NULL,"                                       \
+    "  default_max_bytes_moved INTEGER NOT NULL,"                                           \
+    "  default_max_slots_moved INTEGER NOT NULL,"                                           \
+    "  default_min_improvement INTEGER NOT NULL,"                                           \
+    "  default_cost_intra_node INTEGER NOT NULL,"                                           \
+    "  default_cost_cross_node INTEGER NOT NULL,"                                           \
+    "  expert_bytes INTEGER NOT NULL,"                                                      \
     "  checksum INTEGER NOT NULL"
 /* The load window, oldest record first: [count][num_layers][num_logical]
  * little-endian int64s, and the number of passes ever counted. */
@@ -678,7 +740,15 @@ static void unpack_i32(const unsigned char *b, int32_t *v, size_t n) {
 /* A model's pending rebalance (schema 3); no row: none pending.  The
  * balancedness columns hold a double's IEEE-754 bits; phy2log is the
  * target's [num_layers][num_physical] little-endian int32s. */
-#define REBALANCES_V3_COLUMNS                                                               \
+#define REBALANCES_V3_COLUMNS REBALANCES_V3_HEAD "  checksum INTEGER NOT NULL"
+/* Schema 4: then who executes it, and the engine plan's bound and expert size. */
+#define REBALANCES_V4_COLUMNS                                                               \
+    REBALANCES_V3_HEAD                                                                      \
+    "  execution INTEGER NOT NULL,"                                                         \
+    "  max_staging_bytes INTEGER NOT NULL,"                                                 \
+    "  expert_bytes INTEGER NOT NULL,"                                                      \
+    "  checksum INTEGER NOT NULL"
+#define REBALANCES_V3_HEAD                                                                  \
     "  model_id TEXT PRIMARY KEY REFERENCES models(model_id),"                              \
     "  id TEXT NOT NULL,"                                                                   \
     "  layers_per_step INTEGER NOT NULL,"                                                   \
@@ -690,15 +760,14 @@ static void unpack_i32(const unsigned char *b, int32_t *v, size_t n) {
     "  num_physical INTEGER NOT NULL,"                                                      \
     "  num_valid_physical INTEGER NOT NULL,"                                                \
     "  epoch INTEGER NOT NULL,"                                                             \
-    "  phy2log BLOB NOT NULL,"                                                              \
-    "  checksum INTEGER NOT NULL"
+    "  phy2log BLOB NOT NULL,"
 
 static const char *const rebalances_v3_sql = "CREATE TABLE rebalances (" REBALANCES_V3_COLUMNS ");";
 
-static const char *const schema_v3_sql =
-    "CREATE TABLE models (" MODELS_V2_COLUMNS ");"
+static const char *const schema_v4_sql =
+    "CREATE TABLE models (" MODELS_V4_COLUMNS ");"
     "CREATE TABLE windows (" WINDOWS_V2_COLUMNS ");"
-    "CREATE TABLE rebalances (" REBALANCES_V3_COLUMNS ");";
+    "CREATE TABLE rebalances (" REBALANCES_V4_COLUMNS ");";
 
 static eplb_status open_fail(eplb_store *s, eplb_error *err, int rc) {
     int sys_errno = s->injected ? s->injected_errno : sqlite3_system_errno(s->db);
@@ -731,21 +800,27 @@ static eplb_status table_has(eplb_store *s, const char *name, const char *column
 
 /* Copy every row of select_sql (n columns, in canonical order) into
  * insert_sql's table with its checksum appended, values exactly as stored. */
+/* With old_tag (the select then ends with the row's old checksum, after the
+ * n columns): a row whose old checksum does not verify under old_tag over
+ * its first old_n columns is copied with a checksum that does not verify
+ * either, so an upgrade never launders a damaged row. */
 static eplb_status copy_sealed(eplb_store *s, const char *select_sql, const char *insert_sql, const char *tag,
-                               int n, eplb_error *err) {
+                               int n, const char *old_tag, int old_n, eplb_error *err) {
     sqlite3_stmt *in = NULL, *out = NULL;
-    col c[MC_COUNT + 1];
+    col c[MC_COUNT + 2];
     int rc = x_prepare(s, select_sql, &in);
     if (rc == SQLITE_OK)
         rc = x_prepare(s, insert_sql, &out);
     while (rc == SQLITE_OK && (rc = x_step(s, in)) == SQLITE_ROW) {
-        read_cols(in, 0, c, n);
-        c[n] = col_int((sqlite3_int64)row_checksum(tag, c, n));
+        read_cols(in, 0, c, old_tag ? n + 1 : n);
+        bool damaged = old_tag && (c[n].type != SQLITE_INTEGER ||
+                                   (uint64_t)c[n].i != row_checksum(old_tag, c, old_n));
+        c[n] = col_int((sqlite3_int64)(row_checksum(tag, c, n) ^ (damaged ? 1u : 0u)));
         rc = bind_cols(out, c, n + 1);
         if (rc == SQLITE_OK && (rc = x_step(s, out)) == SQLITE_DONE)
             rc = sqlite3_reset(out);
     }
-    eplb_status st = rc == SQLITE_DONE ? EPLB_OK : db_fail(s, err, rc, "migrating the database to schema 3");
+    eplb_status st = rc == SQLITE_DONE ? EPLB_OK : db_fail(s, err, rc, "migrating the database to schema 4");
     sqlite3_finalize(in);
     sqlite3_finalize(out);
     return st;
@@ -761,7 +836,7 @@ static eplb_status migrate_v1(eplb_store *s, bool has_windows, eplb_error *err) 
     int rc = x_exec(s, "CREATE TABLE models_v2 (" MODELS_V2_COLUMNS ");"
                        "CREATE TABLE windows_v2 (" WINDOWS_V2_COLUMNS ");");
     if (rc != SQLITE_OK)
-        return db_fail(s, err, rc, "migrating the database to schema 3");
+        return db_fail(s, err, rc, "migrating the database to schema 4");
     char cols[600], sel[900], ins[900];
     col_list(cols, sizeof cols, model_cols, MC_STATE);
     /* "IS 0": anything but a clean 0 (garbage included) errs on the side
@@ -771,11 +846,11 @@ static eplb_status migrate_v1(eplb_store *s, bool has_windows, eplb_error *err) 
              " CASE WHEN needs_weight_reload IS 0 THEN '' ELSE 'the weights needed a reload when this database"
              " was upgraded from schema 1 (which kept no reason)' END, phy2log FROM models",
              cols, EPLB_MOVE_IDLE, EPLB_MOVE_NEEDS_RELOAD);
-    col_list(cols, sizeof cols, model_cols, MC_COUNT);
+    col_list(cols, sizeof cols, model_cols, MC_V2_COUNT);
     char marks[2 * MC_COUNT + 2];
-    placeholders(marks, sizeof marks, MC_COUNT + 1);
+    placeholders(marks, sizeof marks, MC_V2_COUNT + 1);
     snprintf(ins, sizeof ins, "INSERT INTO models_v2 (%s, checksum) VALUES (%s)", cols, marks);
-    eplb_status st = copy_sealed(s, sel, ins, models_tag, MC_COUNT, err);
+    eplb_status st = copy_sealed(s, sel, ins, models_v2_tag, MC_V2_COUNT, NULL, 0, err);
     if (st != EPLB_OK)
         return st;
     if (has_windows) {
@@ -783,14 +858,49 @@ static eplb_status migrate_v1(eplb_store *s, bool has_windows, eplb_error *err) 
         snprintf(sel, sizeof sel, "SELECT %s FROM windows", cols);
         placeholders(marks, sizeof marks, WC_COUNT + 1);
         snprintf(ins, sizeof ins, "INSERT INTO windows_v2 (%s, checksum) VALUES (%s)", cols, marks);
-        if ((st = copy_sealed(s, sel, ins, windows_tag, WC_COUNT, err)) != EPLB_OK)
+        if ((st = copy_sealed(s, sel, ins, windows_tag, WC_COUNT, NULL, 0, err)) != EPLB_OK)
             return st;
         if ((rc = x_exec(s, "DROP TABLE windows")) != SQLITE_OK)
-            return db_fail(s, err, rc, "migrating the database to schema 3");
+            return db_fail(s, err, rc, "migrating the database to schema 4");
     }
     rc = x_exec(s, "DROP TABLE models; ALTER TABLE models_v2 RENAME TO models;"
                    " ALTER TABLE windows_v2 RENAME TO windows;");
-    return rc == SQLITE_OK ? EPLB_OK : db_fail(s, err, rc, "migrating the database to schema 3");
+    return rc == SQLITE_OK ? EPLB_OK : db_fail(s, err, rc, "migrating the database to schema 4");
+}
+
+/* Schema 3 -> 4, inside the open's transaction: models and rebalances are
+ * rebuilt with schema 4's columns at their defaults (no defaults stored:
+ * the registration's knobs were not kept before schema 4; a pending
+ * rebalance of schema 3 is eplbd-executed, no bound, size unknown) and
+ * every row resealed under its v4 tag; a row whose v3 checksum does not
+ * verify gets a v4 one that does not either (load_all then marks its model
+ * DATA_LOSS, as before the upgrade).  Cost: one pass over the models and rebalances rows (not the
+ * windows). */
+static eplb_status migrate_v3(eplb_store *s, eplb_error *err) {
+    int rc = x_exec(s, "CREATE TABLE models_v4 (" MODELS_V4_COLUMNS ");"
+                       "CREATE TABLE rebalances_v4 (" REBALANCES_V4_COLUMNS ");");
+    if (rc != SQLITE_OK)
+        return db_fail(s, err, rc, "migrating the database to schema 4");
+    char cols[900], sel[1200], ins[1200], marks[2 * MC_COUNT + 2];
+    col_list(cols, sizeof cols, model_cols, MC_V2_COUNT);
+    /* Defaults: policy 0 (DEEPSEEK), every double 0.0 (bits 0), no budget. */
+    snprintf(sel, sizeof sel, "SELECT %s, 0, 0, 0, 0, 0, 0, 0, 0, checksum FROM models", cols);
+    col_list(cols, sizeof cols, model_cols, MC_COUNT);
+    placeholders(marks, sizeof marks, MC_COUNT + 1);
+    snprintf(ins, sizeof ins, "INSERT INTO models_v4 (%s, checksum) VALUES (%s)", cols, marks);
+    eplb_status st = copy_sealed(s, sel, ins, models_tag, MC_COUNT, models_v2_tag, MC_V2_COUNT, err);
+    if (st != EPLB_OK)
+        return st;
+    col_list(cols, sizeof cols, rebalance_cols, RC_V3_COUNT);
+    snprintf(sel, sizeof sel, "SELECT %s, %d, 0, 0, checksum FROM rebalances", cols, EPLB_EXEC_SERVER);
+    col_list(cols, sizeof cols, rebalance_cols, RC_COUNT);
+    placeholders(marks, sizeof marks, RC_COUNT + 1);
+    snprintf(ins, sizeof ins, "INSERT INTO rebalances_v4 (%s, checksum) VALUES (%s)", cols, marks);
+    if ((st = copy_sealed(s, sel, ins, rebalances_tag, RC_COUNT, "eplbd.rebalances.v3", RC_V3_COUNT, err)) != EPLB_OK)
+        return st;
+    rc = x_exec(s, "DROP TABLE rebalances; DROP TABLE models; ALTER TABLE models_v4 RENAME TO models;"
+                   " ALTER TABLE rebalances_v4 RENAME TO rebalances;");
+    return rc == SQLITE_OK ? EPLB_OK : db_fail(s, err, rc, "migrating the database to schema 4");
 }
 
 /* Create, migrate or check the schema, and prove the file writable: one
@@ -812,11 +922,12 @@ static eplb_status prepare_schema(eplb_store *s, eplb_error *err) {
         st = open_fail(s, err, rc);
         goto out;
     }
-    bool has_models = false, v1_models = false, has_windows = false, has_rebalances = false;
+    bool has_models = false, v1_models = false, has_windows = false, has_rebalances = false, v4_models = false;
     if ((st = table_has(s, "models", NULL, &has_models, err)) != EPLB_OK ||
         (st = table_has(s, "models", "needs_weight_reload", &v1_models, err)) != EPLB_OK ||
         (st = table_has(s, "windows", NULL, &has_windows, err)) != EPLB_OK ||
-        (st = table_has(s, "rebalances", NULL, &has_rebalances, err)) != EPLB_OK)
+        (st = table_has(s, "rebalances", NULL, &has_rebalances, err)) != EPLB_OK ||
+        (st = table_has(s, "models", "default_policy", &v4_models, err)) != EPLB_OK)
         goto out;
     /* Version 0 with v1 tables: a v1 eplbd created them and died before it
      * set user_version (two separate statements then). */
@@ -825,18 +936,22 @@ static eplb_status prepare_schema(eplb_store *s, eplb_error *err) {
     /* Every upgrade runs in this one transaction: a failure anywhere leaves
      * the file at its old version, whole (v1 -> v3 included). */
     if (version == 0 && !has_models && !has_windows && !has_rebalances) {
-        rc = x_exec(s, schema_v3_sql);
+        rc = x_exec(s, schema_v4_sql);
         if (rc != SQLITE_OK)
             st = open_fail(s, err, rc);
     } else if ((version == 1 && has_models && v1_models && !has_rebalances) ||
-               (version == 2 && has_models && !v1_models && has_windows && !has_rebalances)) {
-        /* (v1's windows may be missing: it created its tables one by one) */
+               (version == 2 && has_models && !v1_models && !v4_models && has_windows && !has_rebalances) ||
+               (version == 3 && has_models && !v1_models && !v4_models && has_windows && has_rebalances)) {
+        /* Each step in turn (v1's windows may be missing: it created its
+         * tables one by one). */
         if (version == 1)
             st = migrate_v1(s, has_windows, err);
         /* 2 -> 3 adds an empty table: no row is read or resealed. */
-        if (st == EPLB_OK && (rc = x_exec(s, rebalances_v3_sql)) != SQLITE_OK)
-            st = db_fail(s, err, rc, "migrating the database to schema 3");
-    } else if (version == 3 && has_models && !v1_models && has_windows && has_rebalances) {
+        if (st == EPLB_OK && version <= 2 && (rc = x_exec(s, rebalances_v3_sql)) != SQLITE_OK)
+            st = db_fail(s, err, rc, "migrating the database to schema 4");
+        if (st == EPLB_OK)
+            st = migrate_v3(s, err);
+    } else if (version == 4 && has_models && !v1_models && v4_models && has_windows && has_rebalances) {
         /* current */
     } else if (version > STORE_SCHEMA_VERSION) {
         st = eplb_error_set(err, EPLB_EDATALOSS,
@@ -1085,13 +1200,13 @@ out:
 
 /* ---- save ------------------------------------------------------------------ */
 
-static char models_insert_sql[1000], models_select_sql[1000], windows_insert_sql[300], windows_select_sql[300];
+static char models_insert_sql[1600], models_select_sql[1600], windows_insert_sql[300], windows_select_sql[300];
 static char rebalances_insert_sql[600], rebalances_select_sql[600];
 static const char rebalances_delete_sql[] = "DELETE FROM rebalances WHERE model_id = ?";
 static pthread_once_t sql_once = PTHREAD_ONCE_INIT;
 
 static void sql_init(void) {
-    char cols[600], marks[2 * MC_COUNT + 2];
+    char cols[1200], marks[2 * MC_COUNT + 2];
     col_list(cols, sizeof cols, model_cols, MC_COUNT);
     placeholders(marks, sizeof marks, MC_COUNT + 1);
     snprintf(models_insert_sql, sizeof models_insert_sql, "INSERT OR REPLACE INTO models (%s, checksum) VALUES (%s)",
@@ -1153,6 +1268,9 @@ static eplb_status pending_row(const eplb_model_record *rec, col *pc, unsigned c
     pc[RC_VALID] = col_int(t->num_valid_physical);
     pc[RC_EPOCH] = col_int((sqlite3_int64)t->epoch);
     pc[RC_PHY2LOG] = col_blob(*blob, cells * 4);
+    pc[RC_EXEC] = col_int(pr->execution);
+    pc[RC_STAGING] = col_int((sqlite3_int64)pr->max_staging_bytes);
+    pc[RC_EXPERT_BYTES] = col_int((sqlite3_int64)pr->expert_bytes);
     if (!check_rebalance_cols(pc, rec->model_id, sh->num_layers, rec->placement.num_physical, why, sizeof why)) {
         eplb_free(*blob);
         *blob = NULL;
@@ -1216,6 +1334,14 @@ static eplb_status store_save(void *ctx, const eplb_model_record *rec, eplb_erro
         [MC_PPHYS] = col_int(p->num_physical), [MC_VALID] = col_int(p->num_valid_physical),
         [MC_STATE] = col_int(rec->state), [MC_REASON] = col_text(rec->state_reason),
         [MC_PHY2LOG] = col_blob(blob, cells * 4),
+        [MC_POLICY] = col_int(sh->defaults.policy),
+        [MC_TARGET] = col_int(double_to_bits(sh->defaults.target_balancedness)),
+        [MC_MAX_BYTES] = col_int((sqlite3_int64)sh->defaults.max_bytes_moved),
+        [MC_MAX_SLOTS] = col_int((sqlite3_int64)sh->defaults.max_slots_moved),
+        [MC_MIN_IMPROVEMENT] = col_int(double_to_bits(sh->defaults.min_improvement)),
+        [MC_COST_INTRA] = col_int(double_to_bits(sh->defaults.cost_intra_node)),
+        [MC_COST_CROSS] = col_int(double_to_bits(sh->defaults.cost_cross_node)),
+        [MC_EXPERT_BYTES] = col_int((sqlite3_int64)sh->defaults.expert_bytes),
     };
     col wc[WC_COUNT + 1] = {
         [WC_MODEL_ID] = col_text(rec->model_id), [WC_PASSES] = col_int((sqlite3_int64)w->passes),
@@ -1451,6 +1577,9 @@ static eplb_status load_pending(eplb_store *s, eplb_model_record *rec, eplb_erro
             pr->with_weights = c[RC_WEIGHTS].i != 0;
             pr->balancedness_before = bits_to_double(c[RC_BEFORE].i);
             pr->balancedness_after = bits_to_double(c[RC_AFTER].i);
+            pr->execution = (uint32_t)c[RC_EXEC].i;
+            pr->max_staging_bytes = (uint64_t)c[RC_STAGING].i;
+            pr->expert_bytes = (uint64_t)c[RC_EXPERT_BYTES].i;
             goto out;
         }
         snprintf(why, sizeof why, "target map: %s", e.msg);
@@ -1490,6 +1619,7 @@ static eplb_status row_to_record(eplb_store *s, sqlite3_stmt *q, eplb_model_reco
     for (int k = 0; k < (int)(sizeof shape_cols / sizeof shape_cols[0]); k++)
         *shape_cols[k] = (uint32_t)c[MC_LAYERS + k].i; /* ranges checked */
     sh->auto_rebalance = c[MC_AUTO].i != 0;
+    sh->defaults = cols_to_knobs(c);
 
     size_t cells = (size_t)sh->num_layers * sh->num_physical;
     int32_t *phy2log = eplb_malloc(cells * sizeof *phy2log);

@@ -2,13 +2,14 @@
  *
  * One row per model (identity, shape, epoch, move state, phy2log as a
  * little-endian int32 blob), one per load window and one per pending
- * rebalance (a rebalance committed in steps, with steps left: its id,
- * progress and full target map); every save is one transaction with
+ * rebalance (a rebalance committed in steps with steps left, or one the
+ * engine executes awaiting CommitRebalance: its id, progress, execution
+ * and full target map); every save is one transaction with
  * synchronous=FULL in WAL mode, so a crash at any moment leaves the last
  * committed record, never a half-written one: a step's new map and its
  * pending row commit together.  The schema is versioned with PRAGMA
- * user_version (3; a version-1 or -2 file is migrated in one transaction
- * at open; a newer one is refused).
+ * user_version (4; a version-1, -2 or -3 file is migrated in one
+ * transaction at open, step by step; a newer one is refused).
  *
  * Integrity: every row carries a CRC-64/XZ of a canonical encoding of all
  * its other columns (below), written by save and checked by load_all along
@@ -23,21 +24,31 @@
  *     TEXT     0x03, length as 8 bytes LE, the UTF-8 bytes (no NUL)
  *     BLOB     0x04, length as 8 bytes LE, the bytes
  *     NULL     0x05
- *   tag: "eplbd.models.v2", "eplbd.windows.v2" or "eplbd.rebalances.v3"
- *        (its bytes, no NUL; it names the row format, which for models
- *        and windows has not changed since schema 2)
+ *   tag: "eplbd.models.v4", "eplbd.windows.v2" or "eplbd.rebalances.v4"
+ *        (its bytes, no NUL; it names the row format: windows have not
+ *        changed since schema 2; schema 2-3 models rows were
+ *        "eplbd.models.v2" without the default_* and expert_bytes columns,
+ *        schema 3 rebalances rows "eplbd.rebalances.v3" without the last
+ *        three)
  *   models:  model_id, role, main_model_id, architecture, resolved_path,
  *            num_layers, num_logical, num_physical, num_local,
  *            num_redundant, num_shared, num_groups, ep_size, num_nodes,
  *            window_size, step_interval, auto_rebalance, epoch,
  *            placement_physical, num_valid_physical, state, state_reason,
- *            phy2log
+ *            phy2log, then the rebalance defaults (ParallelConfig):
+ *            default_policy, default_target_balancedness,
+ *            default_max_bytes_moved, default_max_slots_moved,
+ *            default_min_improvement, default_cost_intra_node,
+ *            default_cost_cross_node, expert_bytes (doubles as their
+ *            IEEE-754 bits, uint64s as the int64 of the same bits)
  *   windows: model_id, passes, count, records
  *   rebalances: model_id, id, layers_per_step, layers_done, with_weights,
  *            balancedness_before, balancedness_after (each the double's
  *            IEEE-754 bits as an INTEGER), num_layers, num_physical,
  *            num_valid_physical, epoch, phy2log (the target's, packed as
- *            in models); no row: none pending
+ *            in models), execution (0 eplbd, 1 the engine),
+ *            max_staging_bytes, expert_bytes (uint64 bits); no row: none
+ *            pending
  *   checksum column: the CRC as a signed 64-bit integer (same bits).
  *
  * Exclusive: a file database is locked for the store's lifetime with

@@ -226,11 +226,23 @@ static inline uint64_t row_crc(const char *tag, sqlite3_stmt *q, int n) {
 #define MODELS_COLUMNS                                                                                          \
     "model_id, role, main_model_id, architecture, resolved_path, num_layers, num_logical, num_physical,"         \
     " num_local, num_redundant, num_shared, num_groups, ep_size, num_nodes, window_size, step_interval,"         \
+    " auto_rebalance, epoch, placement_physical, num_valid_physical, state, state_reason, phy2log,"             \
+    " default_policy, default_target_balancedness, default_max_bytes_moved, default_max_slots_moved,"         \
+    " default_min_improvement, default_cost_intra_node, default_cost_cross_node, expert_bytes"
+/* Schemas 2 and 3 (tag "eplbd.models.v2", 23 columns) and schema 3's
+ * rebalances ("eplbd.rebalances.v3", 12): for files made as those eplbds
+ * made them. */
+#define MODELS_V2_COLUMNS                                                                                       \
+    "model_id, role, main_model_id, architecture, resolved_path, num_layers, num_logical, num_physical,"         \
+    " num_local, num_redundant, num_shared, num_groups, ep_size, num_nodes, window_size, step_interval,"         \
     " auto_rebalance, epoch, placement_physical, num_valid_physical, state, state_reason, phy2log"
+#define REBALANCES_V3_COLUMNS                                                                                   \
+    "model_id, id, layers_per_step, layers_done, with_weights, balancedness_before, balancedness_after,"        \
+    " num_layers, num_physical, num_valid_physical, epoch, phy2log"
 #define WINDOWS_COLUMNS "model_id, passes, count, records"
 #define REBALANCES_COLUMNS                                                                                      \
     "model_id, id, layers_per_step, layers_done, with_weights, balancedness_before, balancedness_after,"        \
-    " num_layers, num_physical, num_valid_physical, epoch, phy2log"
+    " num_layers, num_physical, num_valid_physical, epoch, phy2log, execution, max_staging_bytes, expert_bytes"
 
 /* For each row of table: compare (check = 1: count mismatches) or rewrite
  * (check = 0) its checksum column.  Returns the mismatches (check) or the
@@ -268,16 +280,16 @@ static inline int seal_table(const char *path, const char *table, const char *co
 
 /* Recompute every checksum, as a writer that knows the format would. */
 static inline void reseal(const char *path) {
-    seal_table(path, "models", MODELS_COLUMNS, 23, "eplbd.models.v2", 0);
+    seal_table(path, "models", MODELS_COLUMNS, 31, "eplbd.models.v4", 0);
     seal_table(path, "windows", WINDOWS_COLUMNS, 4, "eplbd.windows.v2", 0);
-    seal_table(path, "rebalances", REBALANCES_COLUMNS, 12, "eplbd.rebalances.v3", 0);
+    seal_table(path, "rebalances", REBALANCES_COLUMNS, 15, "eplbd.rebalances.v4", 0);
 }
 
 /* Rows whose checksum is not the documented one (0: all agree). */
 static inline int checksum_mismatches(const char *path) {
-    return seal_table(path, "models", MODELS_COLUMNS, 23, "eplbd.models.v2", 1) +
+    return seal_table(path, "models", MODELS_COLUMNS, 31, "eplbd.models.v4", 1) +
            seal_table(path, "windows", WINDOWS_COLUMNS, 4, "eplbd.windows.v2", 1) +
-           seal_table(path, "rebalances", REBALANCES_COLUMNS, 12, "eplbd.rebalances.v3", 1);
+           seal_table(path, "rebalances", REBALANCES_COLUMNS, 15, "eplbd.rebalances.v4", 1);
 }
 
 /* ---- a child process -----------------------------------------------------------

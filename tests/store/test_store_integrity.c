@@ -16,7 +16,7 @@ static eplb_store *open_store(void) {
     return s;
 }
 
-/* ---- schema 3 (models and windows as in 2) ------------------------------------ */
+/* ---- schema 4 (windows as in 2) ----------------------------------------------- */
 
 Test(schema, checksum_is_the_documented_crc64_xz) {
     /* The helper is CRC-64/XZ (its standard check value)... */
@@ -40,7 +40,7 @@ Test(schema, checksum_is_the_documented_crc64_xz) {
     cr_assert_eq(sql_int(tdb, "SELECT count(*) FROM models"), 2);
     cr_assert_eq(sql_int(tdb, "SELECT count(*) FROM windows"), 1);
     cr_assert_eq(checksum_mismatches(tdb), 0);
-    cr_assert_eq(sql_int(tdb, "PRAGMA user_version"), 3);
+    cr_assert_eq(sql_int(tdb, "PRAGMA user_version"), 4);
 }
 
 Test(schema, move_state_and_reason_survive_a_restart) {
@@ -152,7 +152,7 @@ Test(schema, v1_database_is_migrated_in_place) {
     make_v1_file();
     loaded l;
     reload(tdb, &l);
-    cr_assert_eq(sql_int(tdb, "PRAGMA user_version"), 3);
+    cr_assert_eq(sql_int(tdb, "PRAGMA user_version"), 4);
     cr_assert_eq(sql_int(tdb, "SELECT count(*) FROM rebalances"), 0, "schema 3's table, empty");
     cr_assert_eq(sql_int(tdb, "SELECT count(*) FROM pragma_table_info('models') WHERE name = 'needs_weight_reload'"), 0);
     cr_assert_eq(checksum_mismatches(tdb), 0, "migration seals every row with the documented checksum");
@@ -228,7 +228,7 @@ Test(schema, migration_is_all_or_nothing) {
         cr_assert_eq(sql_int(tdb, "SELECT count(*) FROM sqlite_master WHERE name = 'rebalances'"), 0, "fault %ld", n);
     }
     cr_assert_gt(failed, 10, "every SQLite call of an open with a migration is a fault point (%d)", failed);
-    cr_assert_eq(sql_int(tdb, "PRAGMA user_version"), 3);
+    cr_assert_eq(sql_int(tdb, "PRAGMA user_version"), 4);
     loaded l;
     reload(tdb, &l);
     cr_assert_eq(l.n, 2);
@@ -239,12 +239,12 @@ Test(schema, migration_is_all_or_nothing) {
 
 Test(schema, newer_schema_is_refused) {
     eplb_store_close(open_store());
-    sql(tdb, "PRAGMA user_version = 4");
+    sql(tdb, "PRAGMA user_version = 5");
     eplb_store *s;
     eplb_error err;
     cr_assert_eq(eplb_store_open(tdb, &s, &err), EPLB_EDATALOSS);
     cr_assert_null(s);
-    cr_assert_not_null(strstr(err.msg, "schema version 4, this eplbd knows up to 3"), "%s", err.msg);
+    cr_assert_not_null(strstr(err.msg, "schema version 5, this eplbd knows up to 4"), "%s", err.msg);
 }
 
 Test(schema, a_file_that_is_not_a_database_is_data_loss) {

@@ -1,4 +1,4 @@
-/* test_store_pending.c -- schema 3's pending rebalances: a rebalance
+/* test_store_pending.c -- schema 3's (and 4's) pending rebalances: a rebalance
  * committed in steps is stored with its model's row, in the same
  * transaction, and comes back whole after a restart (every field, the
  * target's arrays); clearing or removing it deletes its row; a schema-2
@@ -336,7 +336,7 @@ static void make_v2_file(void) {
     }
     strcat(text, "', 0)");
     sql(tdb, text);
-    cr_assert_eq(seal_table(tdb, "models", MODELS_COLUMNS, 23, "eplbd.models.v2", 0), 2);
+    cr_assert_eq(seal_table(tdb, "models", MODELS_V2_COLUMNS, 23, "eplbd.models.v2", 0), 2);
     cr_assert_eq(seal_table(tdb, "windows", WINDOWS_COLUMNS, 4, "eplbd.windows.v2", 0), 1);
 }
 
@@ -373,16 +373,31 @@ static void expect_v2_rows(loaded *l) {
     expect_none(b);
 }
 
+/* expect_v2_rows, for a file whose model a has a pending rebalance. */
+static void expect_v2_rows_but_pending(loaded *l) {
+    cr_assert_eq(l->n, 2);
+    eplb_model_record *a = find(l, "a"), *b = find(l, "b");
+    cr_assert(a && b);
+    cr_assert_str_empty(a->damaged, "%s", a->damaged);
+    cr_assert_str_empty(b->damaged, "%s", b->damaged);
+    cr_assert_eq(a->placement.epoch, 3);
+    cr_assert_eq(a->window.passes, 9);
+    cr_assert_eq(b->state, EPLB_MOVE_NEEDS_RELOAD);
+    expect_none(b);
+}
+
 Test(pending_schema, v2_database_gains_the_table_and_keeps_its_rows) {
     make_v2_file();
     char before[200], after[200];
     checksums(before, sizeof before);
     loaded l;
     reload(tdb, &l);
-    cr_assert_eq(sql_int(tdb, "PRAGMA user_version"), 3);
+    cr_assert_eq(sql_int(tdb, "PRAGMA user_version"), 4);
     cr_assert_eq(sql_int(tdb, "SELECT count(*) FROM rebalances"), 0);
     checksums(after, sizeof after);
-    cr_assert_str_eq(after, before, "2 -> 3 rewrites no row");
+    /* 3 -> 4 reseals the models rows (their defaults columns are new); the
+     * windows rows are not rewritten. */
+    cr_assert_str_neq(after, before, "3 -> 4 reseals the models rows");
     cr_assert_eq(checksum_mismatches(tdb), 0);
     expect_v2_rows(&l);
     loaded_free(&l);
@@ -431,7 +446,7 @@ Test(pending_schema, v2_to_v3_is_all_or_nothing) {
     /* open, WAL, synchronous, BEGIN, version, 4 table probes (2 calls
      * each), CREATE, version, COMMIT */
     cr_assert_geq(failed, 16, "every call of the upgrade is a fault point (%d)", failed);
-    cr_assert_eq(sql_int(tdb, "PRAGMA user_version"), 3);
+    cr_assert_eq(sql_int(tdb, "PRAGMA user_version"), 4);
     loaded l;
     reload(tdb, &l);
     expect_v2_rows(&l);
@@ -442,8 +457,8 @@ Test(pending_schema, inconsistent_tables_for_the_version_are_refused) {
     static const struct { const char *text, *want; } cases[] = {
         /* a v2 file that already has the table: not what any eplbd wrote */
         { "CREATE TABLE rebalances (x); PRAGMA user_version = 2", "schema version 2 but unexpected tables" },
-        /* a v3 file without it */
-        { "DROP TABLE rebalances", "schema version 3 but unexpected tables" },
+        /* a v4 file without it */
+        { "DROP TABLE rebalances", "schema version 4 but unexpected tables" },
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         tdir_clean();
@@ -765,4 +780,152 @@ Test(pending_faults, a_failure_at_any_call_of_a_load_with_pending_fails_it_clean
     cr_assert_geq(seen, 6, "%d", seen);
     expect_base(s, "after the faults");
     eplb_store_close(s);
+}
+
+/* ---- schema 4: execution of a pending rebalance, the model's defaults ------- */
+
+TestSuite(schema_v4, .init = tdir_setup, .fini = tdir_teardown);
+
+Test(schema_v4, engine_pending_and_defaults_round_trip) {
+    eplb_store *s = open_store();
+    eplb_model_record ds;
+    rec_ds(&ds, "ds");
+    rec_pend(&ds, "engine-1", 1, 2);
+    ds.pending.with_weights = false;
+    ds.pending.execution = EPLB_EXEC_ENGINE;
+    ds.pending.max_staging_bytes = UINT64_MAX - 5; /* past INT64_MAX: the bits round trip */
+    ds.pending.expert_bytes = 44040192;
+    ds.shape.defaults = (eplb_rebalance_knobs){ .policy = EPLB_POLICY_INCREMENTAL, .target_balancedness = 0.1,
+                                                .max_bytes_moved = UINT64_MAX, .max_slots_moved = 7,
+                                                .min_improvement = 0.02, .cost_intra_node = 1.5,
+                                                .cost_cross_node = 6.25, .expert_bytes = 123 };
+    eplb_error err;
+    cr_assert_eq(save(s, &ds, &err), EPLB_OK, "%s", err.msg);
+    eplb_rebalance_knobs want = ds.shape.defaults;
+    rec_free(&ds);
+    eplb_store_close(s);
+    cr_assert_eq(checksum_mismatches(tdb), 0);
+    cr_assert_eq(sql_int(tdb, "SELECT execution FROM rebalances"), EPLB_EXEC_ENGINE);
+    loaded l;
+    reload(tdb, &l);
+    eplb_model_record *r = find(&l, "ds");
+    cr_assert_str_empty(r->damaged, "%s", r->damaged);
+    cr_assert_eq(r->pending.execution, EPLB_EXEC_ENGINE);
+    cr_assert_eq(r->pending.max_staging_bytes, UINT64_MAX - 5);
+    cr_assert_eq(r->pending.expert_bytes, 44040192);
+    cr_assert_not(r->pending.with_weights);
+    const eplb_rebalance_knobs *k = &r->shape.defaults;
+    cr_assert_eq(k->policy, want.policy);
+    cr_assert(k->target_balancedness == 0.1 && k->min_improvement == 0.02 && k->cost_intra_node == 1.5 &&
+              k->cost_cross_node == 6.25);
+    cr_assert_eq(k->max_bytes_moved, UINT64_MAX);
+    cr_assert_eq(k->max_slots_moved, 7);
+    cr_assert_eq(k->expert_bytes, 123);
+    loaded_free(&l);
+}
+
+Test(schema_v4, out_of_range_values_are_damaged) {
+    static const char *const edits[] = {
+        "UPDATE rebalances SET execution = 2",
+        "UPDATE rebalances SET execution = 1, with_weights = 1",
+        "UPDATE models SET default_policy = 9 WHERE model_id = 'ds'",
+        "UPDATE models SET default_target_balancedness = 9221120237041090560 WHERE model_id = 'ds'", /* NaN */
+        "UPDATE models SET default_min_improvement = 4611686018427387904 WHERE model_id = 'ds'",    /* 2.0 */
+        "UPDATE models SET default_cost_cross_node = -4616189618054758400 WHERE model_id = 'ds'",   /* -1.0 */
+    };
+    for (size_t i = 0; i < sizeof edits / sizeof edits[0]; i++) {
+        tdir_clean();
+        eplb_store *s = open_store();
+        eplb_model_record ds;
+        rec_ds(&ds, "ds");
+        rec_pend(&ds, "p", 1, 2);
+        eplb_error err;
+        cr_assert_eq(save(s, &ds, &err), EPLB_OK, "%s", err.msg);
+        rec_free(&ds);
+        eplb_store_close(s);
+        sql(tdb, edits[i]);
+        reseal(tdb);
+        loaded l;
+        reload(tdb, &l);
+        cr_assert_str_not_empty(find(&l, "ds")->damaged, "edit %zu: %s", i, edits[i]);
+        loaded_free(&l);
+    }
+}
+
+/* A schema-3 file (make_v2_file's rows plus a rebalances table with a
+ * pending row for a, sealed as schema-3 eplbd sealed it). */
+static void make_v3_file(bool damage_pending) {
+    make_v2_file();
+    sql(tdb, "CREATE TABLE rebalances ("
+             "  model_id TEXT PRIMARY KEY REFERENCES models(model_id), id TEXT NOT NULL,"
+             "  layers_per_step INTEGER NOT NULL, layers_done INTEGER NOT NULL, with_weights INTEGER NOT NULL,"
+             "  balancedness_before INTEGER NOT NULL, balancedness_after INTEGER NOT NULL,"
+             "  num_layers INTEGER NOT NULL, num_physical INTEGER NOT NULL, num_valid_physical INTEGER NOT NULL,"
+             "  epoch INTEGER NOT NULL, phy2log BLOB NOT NULL, checksum INTEGER NOT NULL);"
+             "INSERT INTO rebalances VALUES ('a', 'r3', 1, 0, 1, 0, 4607182418800017408, 2, 6, 6, 4, "
+             "x'010000000000000002000000030000000000000001000000"
+             "000000000100000002000000030000000000000001000000', 0);"
+             "PRAGMA user_version = 3;");
+    cr_assert_eq(seal_table(tdb, "rebalances", REBALANCES_V3_COLUMNS, 12, "eplbd.rebalances.v3", 0), 1);
+    if (damage_pending)
+        sql(tdb, "UPDATE rebalances SET layers_per_step = 2"); /* not resealed: a v3 checksum mismatch */
+}
+
+Test(schema_v4, v3_database_is_migrated_with_its_pending_rebalance) {
+    make_v3_file(false);
+    loaded l;
+    reload(tdb, &l);
+    cr_assert_eq(sql_int(tdb, "PRAGMA user_version"), 4);
+    cr_assert_eq(checksum_mismatches(tdb), 0);
+    expect_v2_rows_but_pending(&l);
+    eplb_model_record *a = find(&l, "a");
+    cr_assert_str_eq(a->pending.id, "r3");
+    cr_assert_eq(a->pending.execution, EPLB_EXEC_SERVER);
+    cr_assert(a->pending.with_weights);
+    cr_assert_eq(a->pending.max_staging_bytes, 0);
+    cr_assert_eq(a->shape.defaults.policy, 0);
+    cr_assert(a->shape.defaults.target_balancedness == 0);
+    cr_assert_eq(a->shape.defaults.expert_bytes, 0);
+    loaded_free(&l);
+    /* A second open changes nothing. */
+    reload(tdb, &l);
+    cr_assert_str_eq(find(&l, "a")->pending.id, "r3");
+    loaded_free(&l);
+}
+
+Test(schema_v4, a_damaged_v3_row_stays_damaged_after_the_upgrade) {
+    make_v3_file(true);
+    loaded l;
+    reload(tdb, &l);
+    cr_assert_eq(sql_int(tdb, "PRAGMA user_version"), 4);
+    cr_assert_str_not_empty(find(&l, "a")->damaged);
+    cr_assert_not_null(strstr(find(&l, "a")->damaged, "checksum"), "%s", find(&l, "a")->damaged);
+    cr_assert_str_empty(find(&l, "b")->damaged);
+    loaded_free(&l);
+}
+
+Test(schema_v4, v3_to_v4_is_all_or_nothing) {
+    make_v3_file(false);
+    int failed = 0;
+    for (long n = 1; n < 200; n++) {
+        eplb_store *s;
+        eplb_error err;
+        eplb_store_set_fault(NULL, n, SQLITE_FULL, 0);
+        eplb_status st = eplb_store_open(tdb, &s, &err);
+        if (st == EPLB_OK) {
+            eplb_store_close(s);
+            break;
+        }
+        failed++;
+        cr_assert_eq(st, EPLB_ENOSPACE, "fault %ld: %s", n, err.msg);
+        cr_assert_eq(sql_int(tdb, "PRAGMA user_version"), 3, "fault %ld", n);
+        cr_assert_eq(seal_table(tdb, "rebalances", REBALANCES_V3_COLUMNS, 12, "eplbd.rebalances.v3", 1), 0);
+        cr_assert_eq(seal_table(tdb, "models", MODELS_V2_COLUMNS, 23, "eplbd.models.v2", 1), 0);
+    }
+    cr_assert_geq(failed, 16, "%d", failed);
+    cr_assert_eq(sql_int(tdb, "PRAGMA user_version"), 4);
+    loaded l;
+    reload(tdb, &l);
+    cr_assert_str_eq(find(&l, "a")->pending.id, "r3");
+    loaded_free(&l);
 }
