@@ -10,6 +10,10 @@
 - :mod:`eplb.weights`: shm-backed tensors and AttachWeights from tensors.
 - :mod:`eplb.vllm`: ``RemoteEplbController`` (Model Runner V2's
   EPLBController) and ``RemoteEplbPolicy`` (vLLM's policy interface).
+- :mod:`eplb.torch_exec`: engine-executed rebalances across nodes:
+  ``execute_plan`` (one rank's transfer plan with torch.distributed) and
+  ``EngineRebalancer`` (Rebalance -> plans -> barrier -> commit/abort on
+  every rank); :mod:`eplb.transfer`: the plans as dataclasses.
 
 torch is imported only by what needs it (tensors out, shm tensors, vllm).
 """
@@ -21,13 +25,15 @@ from .errors import (Aborted, AlreadyExists, Cancelled, DataLoss, DeadlineExceed
 from .handle import handle_from_module, is_mixture_of_experts, is_multimodal, unwrap_moe
 from .placement import EplbMaps, Placement
 from .recorder import LoadRecorder
+from .transfer import AbortResult, RankTransferPlan, TransferOp, TransferPlan, TransferStep
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Client", "TlsConfig", "RegisterResult", "RebalanceResult", "RecordResult", "AttachResult", "ModelSummary",
     "DEFAULT_TARGET", "default_target", "Placement", "EplbMaps", "LoadRecorder", "handle_from_module",
-    "is_mixture_of_experts", "is_multimodal", "unwrap_moe",
+    "is_mixture_of_experts", "is_multimodal", "unwrap_moe", "AbortResult", "TransferPlan", "RankTransferPlan",
+    "TransferStep", "TransferOp",
     "EplbError", "Cancelled", "Unknown", "InvalidArgument", "DeadlineExceeded", "NotFound", "AlreadyExists",
     "PermissionDenied", "ResourceExhausted", "FailedPrecondition", "Aborted", "OutOfRange", "Unimplemented",
     "Internal", "Unavailable", "DataLoss", "Unauthenticated", "__version__",

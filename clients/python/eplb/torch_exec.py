@@ -354,16 +354,22 @@ class EngineRebalanceError(RuntimeError):
     ``rebalance_id``; ``bytes_touched``: the sum over ranks (None when a rank
     could not be reached: then the abort counted the weights as touched);
     ``aborted``: the AbortRebalance answer on rank 0 (None elsewhere, or when
-    the abort itself failed); ``local_error``: this rank's own failure, if any.
+    the abort itself failed); ``local_error``: this rank's own failure, if any;
+    ``commit_failed``: every rank ran its plan (the weights hold the new
+    placement) but CommitRebalance failed (eplbd unreachable): retry
+    ``client.commit_rebalance(model_id, rebalance_id)`` on the leader and
+    install its placement everywhere, or reload -- do not serve with the old maps.
     """
 
     def __init__(self, message: str, *, rebalance_id: str, bytes_touched: Optional[int],
-                 aborted: Any = None, local_error: Optional[BaseException] = None) -> None:
+                 aborted: Any = None, local_error: Optional[BaseException] = None,
+                 commit_failed: bool = False) -> None:
         super().__init__(message)
         self.rebalance_id = rebalance_id
         self.bytes_touched = bytes_touched
         self.aborted = aborted
         self.local_error = local_error
+        self.commit_failed = commit_failed
 
 
 @dataclass
@@ -546,16 +552,20 @@ class EngineRebalancer:
                     outcome = {"committed": False, "aborted": a,
                                "error": "%d rank(s) failed; aborted with %d bytes touched" % (nfail, touched)}
             except Exception as e:
-                outcome = {"committed": False, "aborted": None,
+                outcome = {"committed": False, "aborted": None, "commit_failed": nfail == 0,
                            "error": "%s failed: %s: %s" % ("CommitRebalance" if nfail == 0 else "AbortRebalance",
                                                            type(e).__name__, e)}
+                if nfail == 0:
+                    outcome["error"] += ("; the weights hold the new placement: retry commit_rebalance(%r, %r) "
+                                         "or reload" % (self.model_id, rebalance_id))
         outcome = self._broadcast(outcome)
         if not outcome["committed"]:
             raise EngineRebalanceError("rank %d: rebalance %s not committed: %s%s"
                                        % (self.ep_rank, rebalance_id, outcome["error"],
                                           "; here: %s" % local_error if local_error else ""),
                                        rebalance_id=rebalance_id, bytes_touched=touched,
-                                       aborted=outcome.get("aborted"), local_error=local_error)
+                                       aborted=outcome.get("aborted"), local_error=local_error,
+                                       commit_failed=bool(outcome.get("commit_failed")))
         r = outcome["result"]
         if maps is not None:
             r.placement.install_into(maps)

@@ -106,6 +106,10 @@ class FakeClient:
         from eplb import RebalanceResult
 
         self.calls.append(["commit_rebalance", rebalance_id])
+        if self.spec.get("commit_fails"):
+            from eplb.errors import Unavailable
+
+            raise Unavailable("eplbd went away", method="CommitRebalance")
         return RebalanceResult(placement=self._placement(self.new, 1), committed=True, balancedness_before=0.5,
                                balancedness_after=0.9, layer_balancedness_before=[], layer_balancedness_after=[],
                                experts_moved=0, compute_ms=0, bytes_moved=0, move_ms=0, rebalance_id=rebalance_id,
@@ -142,6 +146,8 @@ def controller(spec, rank, res, on_step):
         res["error"] = str(e)
         res["bytes_touched"] = e.bytes_touched
         res["aborted"] = None if e.aborted is None else e.aborted.state
+        res["commit_failed"] = e.commit_failed
+        res["bad_if_new"] = check(spec, rank, layers, new)
     res["calls"] = client.calls
 
 

@@ -214,3 +214,12 @@ def test_controller_a_rank_dying_mid_plan_aborts_touched(tmp_path):
     last = res[0]["calls"][-1]
     assert last[:2] == ["abort_rebalance", "r1"] and last[2] >= 1
     assert res[0]["aborted"] == "MOVE_STATE_NEEDS_RELOAD"
+
+
+def test_controller_a_failed_commit_says_the_weights_moved(tmp_path):
+    res, rcs = run_ranks(tmp_path, mode="controller", world=2, P=8, N=6, ranks_per_node=1, commit_fails=True)
+    assert rcs == [0, 0]
+    for r in range(2):
+        assert not res[r]["ok"] and res[r]["commit_failed"], res[r]
+        assert "retry commit_rebalance('m', 'r1')" in res[r]["error"] and res[r]["bad_if_new"] == []
+    assert [c[0] for c in res[0]["calls"]] == ["rebalance", "get_transfer_plan", "commit_rebalance"]
