@@ -91,7 +91,8 @@ def main():
         try:
             if spec["mode"] == "rebalance":
                 outcome = rb.rebalance(layers, maps, on_step=on_step, physical_load=spec["load"],
-                                       max_staging_bytes=spec.get("max_staging_bytes", 0))
+                                       max_staging_bytes=spec.get("max_staging_bytes", 0),
+                                       layers_per_step=spec.get("layers_per_step", 0))
             else:
                 outcome = rb.execute(spec["rebalance_id"], layers, maps, on_step=on_step)
             res["committed"] = outcome.committed
@@ -102,6 +103,7 @@ def main():
             res["bad"] = wrong_slots(rank, S, layers, new)
             res["maps_installed"] = bool(torch.equal(maps["physical_to_logical_map"], torch.from_numpy(new)))
             res["stats"] = dataclasses.asdict(outcome.stats) if outcome.stats else None
+            res["commits"] = outcome.extra.get("commits", 1)
             res["ok"] = True
         except EngineRebalanceError as e:
             res["error"] = str(e)

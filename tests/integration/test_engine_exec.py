@@ -182,6 +182,26 @@ class EngineExecTest(unittest.TestCase):
         self.assertEqual(rb["plan_copies_cross_node"], plan["copies_cross_node"])
         self.assertEqual(rb["plan_bytes_cross_node"], plan["copies_cross_node"] * EXPERT_BYTES)
 
+    def test_in_steps_of_two_layers_each_step_committed(self):
+        start = self.placement()
+        res, rcs = self.ranks("steps", mode="rebalance", load=skewed_load(), layers_per_step=2)
+        self.assertEqual(rcs, [0] * G)
+        for r in range(G):
+            self.assertTrue(res[r]["ok"], "rank %d: %s" % (r, res[r].get("error")))
+            self.assertEqual(res[r]["bad"], [], "rank %d" % r)
+        final = self.placement()
+        commits = res[0]["commits"]
+        old, new = list(start.physical_to_logical), list(final.physical_to_logical)
+        changed = sum(1 for layer in range(L) if old[layer * P:(layer + 1) * P] != new[layer * P:(layer + 1) * P])
+        self.assertGreaterEqual(changed, 3)
+        self.assertEqual(commits, (changed + 1) // 2)  # one commit per step of 2 changed layers
+        self.assertEqual(final.epoch, start.epoch + commits)
+        self.assertEqual(final.pending_rebalance_id, "")
+        for r in range(G):
+            self.assertEqual([x for row in res[r]["new_physical_to_logical"] for x in row],
+                             list(final.physical_to_logical))
+            self.assertTrue(res[r]["maps_installed"])
+
     def test_a_rank_killed_mid_plan_leaves_the_model_needing_a_reload(self):
         start = self.placement()
         t0 = time.time()

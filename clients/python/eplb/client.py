@@ -448,12 +448,18 @@ class Client:
                                                   read=True))
 
     def commit_rebalance(self, model_id: str, rebalance_id: str, *, include_logical_to_physical: bool = False,
-                         timeout: Optional[float] = None) -> RebalanceResult:
+                         base_epoch: Optional[int] = None, timeout: Optional[float] = None) -> RebalanceResult:
         """CommitRebalance, after every rank ran its plan: the placement and the
-        epoch advance (``placement`` is the new one).  Not retried.  An id that
-        is not the pending one is :class:`eplb.Aborted` (nothing changes)."""
+        epoch advance (``placement`` is the new one; ``pending`` when steps
+        remain: their plans follow with :meth:`get_transfer_plan`).  Not
+        retried.  An id that is not the pending one is :class:`eplb.Aborted`
+        (nothing changes).  ``base_epoch``: the plan's ``base_epoch``, checked
+        by servers whose CommitRebalanceRequest has it (a retried commit then
+        cannot commit a step nobody ran); ignored by older ones."""
         req = eplb_pb2.CommitRebalanceRequest(model_id=model_id, rebalance_id=rebalance_id,
                                               include_logical_to_physical=include_logical_to_physical)
+        if base_epoch is not None and "base_epoch" in req.DESCRIPTOR.fields_by_name:
+            setattr(req, "base_epoch", base_epoch)
         return RebalanceResult.from_proto(self._call("CommitRebalance", self.stub.CommitRebalance, req, timeout))
 
     def abort_rebalance(self, model_id: str, rebalance_id: str, bytes_touched: int = 0, *,

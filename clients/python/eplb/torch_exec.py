@@ -345,6 +345,16 @@ def execute_plan(plan: Any, rank: int, expert_tensors: Sequence[Sequence[Any]], 
     return stats
 
 
+def _add_stats(a: Optional[ExecStats], b: Optional[ExecStats]) -> Optional[ExecStats]:
+    if a is None or b is None:
+        return b if a is None else a
+    out = ExecStats(rank=a.rank)
+    for f in ExecStats.__dataclass_fields__:
+        if f != "rank":
+            setattr(out, f, getattr(a, f) + getattr(b, f))
+    return out
+
+
 # ---- the controller ------------------------------------------------------------------
 
 
@@ -494,7 +504,24 @@ class EngineRebalancer:
                 on_step: Optional[Callable[[int, TransferStep], None]] = None) -> EngineRebalanceOutcome:
         """Run the pending engine-executed rebalance ``rebalance_id`` on every
         rank (collective): fetch, execute, barrier, commit or abort, install.
-        Raises :class:`EngineRebalanceError` (every rank) when it did not commit."""
+        A rebalance in steps (``layers_per_step``) runs step after step, each
+        committed (epoch + 1) and installed before the next one's plan is
+        fetched; the outcome's ``stats`` sum them (``extra["commits"]``).
+        Raises :class:`EngineRebalanceError` (every rank) when a step did not
+        commit (the steps before it stay committed and installed)."""
+        commits = 0
+        total: Optional[ExecStats] = None
+        while True:
+            out = self._execute_step(rebalance_id, expert_tensors, maps, on_step)
+            commits += 1
+            total = _add_stats(total, out.stats)
+            if not getattr(out.result, "pending", False):
+                out.stats = total
+                out.extra["commits"] = commits
+                return out
+
+    def _execute_step(self, rebalance_id: str, expert_tensors: Sequence[Sequence[Any]], maps: Any,
+                      on_step: Optional[Callable[[int, TransferStep], None]]) -> EngineRebalanceOutcome:
         plan = None
         local_error: Optional[BaseException] = None
         try:
@@ -545,7 +572,8 @@ class EngineRebalancer:
         if self.is_leader:
             try:
                 if nfail == 0:
-                    r = self.client.commit_rebalance(self.model_id, rebalance_id)
+                    base = getattr(self.last_plan, "base_epoch", None)
+                    r = self.client.commit_rebalance(self.model_id, rebalance_id, base_epoch=base)
                     outcome = {"committed": True, "result": r}
                 else:
                     a = self.client.abort_rebalance(self.model_id, rebalance_id, touched)

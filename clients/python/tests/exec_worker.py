@@ -102,7 +102,7 @@ class FakeClient:
 
         return TransferPlan.from_proto(one)
 
-    def commit_rebalance(self, model_id, rebalance_id):
+    def commit_rebalance(self, model_id, rebalance_id, **kw):
         from eplb import RebalanceResult
 
         self.calls.append(["commit_rebalance", rebalance_id])
