@@ -34,6 +34,7 @@
 static const char *const method_names[] = {
     "RegisterModel", "GetPlacement", "SetupFromMapping", "Rebalance",    "ContinueRebalance",
     "RecordLoad",    "AttachWeights", "DetachWeights",   "ListModels",   "DeleteModel",
+    "GetTransferPlan", "CommitRebalance", "AbortRebalance",
     "Health/Check",  "Health/Watch",  "ServerReflectionInfo", "ServerReflectionInfo/v1alpha",
     "unknown",
 };

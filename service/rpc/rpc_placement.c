@@ -6,12 +6,14 @@
  * "rebalance_plan", "record_load"); the checks cost one atomic load each
  * at info.  An automatic rebalance that RecordLoad triggers is logged at
  * info when it commits and at warn when it fails. */
+#include <stdio.h>
 #include <string.h>
 
 #include "eplb/v1/eplb.upb.h"
 #include "rpc_convert.h"
 #include "rpc_handlers.h"
 #include "rpc_log.h"
+#include "rpc_transfer.h"
 
 /* model_id of a request: present and a valid name, else *out set. */
 static const char *model_id_of(upb_StringView v, upb_Arena *arena, rpc_reply *out) {
@@ -86,9 +88,8 @@ void rpc_setup_from_mapping(rpc_context *ctx, upb_Arena *arena, const char *req,
     eplb_placement_free(&p);
 }
 
-/* The RebalanceResponse of a Rebalance or ContinueRebalance result. */
-static void reply_rebalance(rpc_context *ctx, const char *model_id, const eplb_rebalance_result *res,
-                            bool with_log2phy, upb_Arena *arena, rpc_reply *out) {
+void rpc_reply_rebalance(rpc_context *ctx, const char *model_id, const eplb_rebalance_result *res,
+                         bool with_log2phy, upb_Arena *arena, rpc_reply *out) {
     rpc_call_facts *f = &out->facts;
     f->rebalance = true;
     f->committed = res->committed;
@@ -120,6 +121,9 @@ static void reply_rebalance(rpc_context *ctx, const char *model_id, const eplb_r
             EPLB_TF_U("layers_moved", res->num_layers_moved),
             EPLB_TF_U("layers_done", res->layers_done),
             EPLB_TF_B("pending", res->pending),
+            EPLB_TF_S("execution", res->execution == EPLB_EXEC_ENGINE ? "engine" : "server"),
+            EPLB_TF_U("plan_steps", res->has_plan ? res->plan.num_steps : 0),
+            EPLB_TF_U("plan_copies_cross_gpu", res->has_plan ? res->plan.copies_cross_gpu : 0),
         };
         rpc_log_event(RPC_LOG_DEBUG, "rebalance_plan", model_id, d, EPLB_TRACE_N(d));
     }
@@ -147,6 +151,7 @@ static void reply_rebalance(rpc_context *ctx, const char *model_id, const eplb_r
         if (res->pending) {
             eplb_v1_Placement_set_pending_rebalance_id(pm, upb_StringView_FromString(rid));
             eplb_v1_Placement_set_pending_layers_done(pm, res->layers_done);
+            eplb_v1_Placement_set_pending_execution(pm, (int32_t)res->execution);
         }
         eplb_v1_RebalanceResponse_set_placement(resp, pm);
         eplb_v1_RebalanceResponse_set_balancedness_before(resp, res->balancedness_before);
@@ -184,6 +189,8 @@ static void reply_rebalance(rpc_context *ctx, const char *model_id, const eplb_r
             memcpy(ev, res->done_event, EPLB_EVENT_BYTES);
             eplb_v1_RebalanceResponse_set_done_event(resp, upb_StringView_FromDataAndSize(ev, EPLB_EVENT_BYTES));
         }
+        if (!rpc_transfer_attach_plan(ctx, model_id, res, resp, arena, out))
+            return;
         out->body = eplb_v1_RebalanceResponse_serialize(resp, arena, &out->body_len);
     }
     if (!out->body)
@@ -226,6 +233,9 @@ void rpc_rebalance(rpc_context *ctx, upb_Arena *arena, const char *req, size_t l
     upb_StringView wev = eplb_v1_RebalanceRequest_wait_event(m);
     r.wait_event = (const uint8_t *)wev.data;
     r.wait_event_len = wev.size;
+    r.execution = (uint32_t)eplb_v1_RebalanceRequest_execution(m); /* checked by the core */
+    r.max_staging_bytes = eplb_v1_RebalanceRequest_max_staging_bytes(m);
+    r.include_transfer_plan = eplb_v1_RebalanceRequest_include_transfer_plan(m);
     int32_t order = eplb_v1_RebalanceRequest_slot_order(m);
     if (order == eplb_v1_SLOT_ORDER_PRESERVE)
         r.slot_order = EPLB_SLOT_PRESERVE;
@@ -262,7 +272,22 @@ void rpc_rebalance(rpc_context *ctx, upb_Arena *arena, const char *req, size_t l
         rpc_reply_from_error(out, &err);
         return;
     }
-    reply_rebalance(ctx, r.model_id, &res, eplb_v1_RebalanceRequest_include_logical_to_physical(m), arena, out);
+    rpc_reply_rebalance(ctx, r.model_id, &res, eplb_v1_RebalanceRequest_include_logical_to_physical(m), arena, out);
+    if (out->status != 0 && res.execution == EPLB_EXEC_ENGINE && res.pending && !res.committed) {
+        /* The answer cannot be sent (too big): the engine would never learn
+         * the id, so the pending rebalance is withdrawn -- an error changes
+         * nothing. */
+        eplb_abort_result ab;
+        eplb_error aerr;
+        eplb_error_clear(&aerr);
+        char msg[sizeof out->message];
+        if (eplb_registry_abort_rebalance(ctx->registry, r.model_id, res.rebalance_id, 0, &ab, &aerr) == EPLB_OK)
+            snprintf(msg, sizeof msg, "%s; nothing is pending", out->message);
+        else
+            snprintf(msg, sizeof msg, "%s; rebalance %s is pending and could not be withdrawn (%s): abort it with "
+                     "AbortRebalance", out->message, res.rebalance_id, aerr.msg);
+        snprintf(out->message, sizeof out->message, "%s", msg);
+    }
     eplb_rebalance_result_free(&res);
 }
 
@@ -289,12 +314,14 @@ void rpc_continue_rebalance(rpc_context *ctx, upb_Arena *arena, const char *req,
     }
     eplb_rebalance_result res;
     upb_StringView wev = eplb_v1_ContinueRebalanceRequest_wait_event(m);
-    if (eplb_registry_continue_rebalance_ev(ctx->registry, id, rid, (const uint8_t *)wev.data, wev.size, &res,
-                                            &err) != EPLB_OK) {
+    eplb_continue_request cq = { .model_id = id, .rebalance_id = rid, .wait_event = (const uint8_t *)wev.data,
+                                 .wait_event_len = wev.size,
+                                 .include_transfer_plan = eplb_v1_ContinueRebalanceRequest_include_transfer_plan(m) };
+    if (eplb_registry_continue(ctx->registry, &cq, &res, &err) != EPLB_OK) {
         rpc_reply_from_error(out, &err);
         return;
     }
-    reply_rebalance(ctx, id, &res, eplb_v1_ContinueRebalanceRequest_include_logical_to_physical(m), arena, out);
+    rpc_reply_rebalance(ctx, id, &res, eplb_v1_ContinueRebalanceRequest_include_logical_to_physical(m), arena, out);
     eplb_rebalance_result_free(&res);
 }
 

@@ -120,6 +120,7 @@ void rpc_get_placement(rpc_context *ctx, upb_Arena *arena, const char *req, size
         if (rpc_arena_view(v.pending_id, arena, &pid)) {
             eplb_v1_Placement_set_pending_rebalance_id(pm, pid);
             eplb_v1_Placement_set_pending_layers_done(pm, v.pending_layers_done);
+            eplb_v1_Placement_set_pending_execution(pm, (int32_t)v.pending_execution);
         } else {
             pm = NULL;
         }

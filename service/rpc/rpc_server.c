@@ -136,6 +136,11 @@ static const rpc_method methods[] = {
     { "/eplb.v1.ExpertBalancer/SetupFromMapping", "SetupFromMapping", rpc_setup_from_mapping, LANE_WORK, STREAM_NONE },
     { "/eplb.v1.ExpertBalancer/Rebalance", "Rebalance", rpc_rebalance, LANE_WORK, STREAM_NONE },
     { "/eplb.v1.ExpertBalancer/ContinueRebalance", "ContinueRebalance", rpc_continue_rebalance, LANE_WORK, STREAM_NONE },
+    /* Per-rank plan fetches take the model's op_lock briefly (a copy of one
+     * rank's ops) and encode without it: worker lane like the rest. */
+    { "/eplb.v1.ExpertBalancer/GetTransferPlan", "GetTransferPlan", rpc_get_transfer_plan, LANE_WORK, STREAM_NONE },
+    { "/eplb.v1.ExpertBalancer/CommitRebalance", "CommitRebalance", rpc_commit_rebalance, LANE_WORK, STREAM_NONE },
+    { "/eplb.v1.ExpertBalancer/AbortRebalance", "AbortRebalance", rpc_abort_rebalance, LANE_WORK, STREAM_NONE },
     { "/eplb.v1.ExpertBalancer/RecordLoad", "RecordLoad", rpc_record_load, LANE_WORK, STREAM_NONE },
     { "/eplb.v1.ExpertBalancer/AttachWeights", "AttachWeights", rpc_attach_weights, LANE_WORK, STREAM_NONE },
     { "/eplb.v1.ExpertBalancer/DetachWeights", "DetachWeights", rpc_detach_weights, LANE_WORK, STREAM_NONE },
