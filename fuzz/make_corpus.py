@@ -142,6 +142,42 @@ def rebalance():
         # An engine's IPC event handle: 64 bytes (refused without device weights), and one too short.
         "wait_event": R(model_id="fuzz-a", physical_load=load_a, wait_event=bytes(range(64))),
         "wait_event_short": R(model_id="fuzz-a", physical_load=load_a, wait_event=b"\x01" * 63),
+        # Engine-executed: pending with every rank's plan; in steps with a staging bound; bad values.
+        "engine_plan": R(model_id="fuzz-a", physical_load=load_a, execution=pb.EXECUTION_ENGINE,
+                         include_transfer_plan=True, force=True),
+        "engine_steps_bound": R(model_id="fuzz-b", physical_load=load_b, execution=pb.EXECUTION_ENGINE,
+                                layers_per_step=1, max_staging_bytes=3000, expert_bytes=1000, force=True),
+        "engine_bound_no_size": R(model_id="fuzz-a", physical_load=load_a, execution=pb.EXECUTION_ENGINE,
+                                  max_staging_bytes=1),
+        "engine_bad_execution": R(model_id="fuzz-a", physical_load=load_a, execution=5),
+        "server_with_plan": R(model_id="fuzz-a", physical_load=load_a, include_transfer_plan=True),
+    }
+
+
+def get_transfer_plan():
+    G = pb.GetTransferPlanRequest
+    return {
+        "fuzz_a_rank0": G(model_id="fuzz-a", rebalance_id="0123456789abcdef", rank=0),
+        "fuzz_a_bad_rank": G(model_id="fuzz-a", rebalance_id="0123456789abcdef", rank=4294967295),
+        "no_id": G(model_id="fuzz-a"),
+    }
+
+
+def commit_rebalance():
+    C = pb.CommitRebalanceRequest
+    return {
+        "fuzz_a": C(model_id="fuzz-a", rebalance_id="0123456789abcdef", base_epoch=0),
+        "fuzz_a_l2p": C(model_id="fuzz-a", rebalance_id="0123456789abcdef", include_logical_to_physical=True),
+        "no_id": C(model_id="fuzz-a"),
+    }
+
+
+def abort_rebalance():
+    A = pb.AbortRebalanceRequest
+    return {
+        "fuzz_a_untouched": A(model_id="fuzz-a", rebalance_id="0123456789abcdef"),
+        "fuzz_a_touched": A(model_id="fuzz-a", rebalance_id="0123456789abcdef", bytes_touched=1 << 40),
+        "unknown_model": A(model_id="nope", rebalance_id="0123456789abcdef"),
     }
 
 
