@@ -54,15 +54,16 @@ def handle():
                              num_local_physical_experts=S, num_redundant_experts=P - N))
 
 
-def skewed_load():
-    """[L, P] under the initial map: one hot expert per layer, on node 0's
-    first rank, so every layer changes and bytes cross nodes."""
+def skewed_load(shift=0):
+    """[L, P] under the initial map: two hot experts per layer (on node 0
+    for shift 0), so every layer changes and bytes cross nodes."""
     rows = []
     for layer in range(L):
         row = []
         for s in range(P):
             e = s if s < N else s - N
-            row.append(3 + (e * 5 + layer) % 7 + (500 if e == layer else 0) + (200 if e == (layer + 2) % N else 0))
+            row.append(3 + (e * 5 + layer) % 7 + (500 if e == (layer + shift) % N else 0)
+                       + (200 if e == (layer + 2 + shift) % N else 0))
         rows.append(row)
     return rows
 
@@ -97,9 +98,9 @@ class EngineExecTest(unittest.TestCase):
     def placement(self):
         return self.stub.GetPlacement(eplb_pb2.GetPlacementRequest(model_id="m"), timeout=30)
 
-    def engine_rebalance(self, **kw):
+    def engine_rebalance(self, shift=0, **kw):
         return self.stub.Rebalance(eplb_pb2.RebalanceRequest(
-            model_id="m", physical_load=[x for row in skewed_load() for x in row],
+            model_id="m", physical_load=[x for row in skewed_load(shift) for x in row],
             execution=eplb_pb2.EXECUTION_ENGINE, **kw), timeout=60)
 
     def ranks(self, name, timeout=90, **spec):
@@ -236,7 +237,7 @@ class EngineExecTest(unittest.TestCase):
         self.assertEqual(rcs, [0] * G)
         final, _ = self.check_committed(res, start)
         # Another one, pending across a restart again, aborted untouched.
-        r2 = self.engine_rebalance(force=True)
+        r2 = self.engine_rebalance(shift=9, force=True)
         self.assertTrue(r2.pending)
         self.channel.close()
         self.server.proc.send_signal(signal.SIGKILL)
