@@ -24,7 +24,9 @@
  * median compute time (policy + the plans of all layers).  For "shift":
  * rel at the 1st and 2nd rebalance after the shift.
  *
- *   ./bench_incremental [rebalances]  */
+ *   ./bench_incremental [rebalances]
+ * BENCH_CASE=substring picks cases, BENCH_STRATEGY=name one strategy (plus
+ * MIN_TRAFFIC, the bytes reference). */
 #define _POSIX_C_SOURCE 200809L
 
 #include <math.h>
@@ -184,8 +186,11 @@ static int run(const bench_case *bc, const char *trace, double drift, int R) {
             }
             continue;
         }
+        const char *only = getenv("BENCH_STRATEGY");
         for (size_t k = 0; k < NSTRAT; k++) {
             const strategy *sg = &strategies[k];
+            if (only && strcmp(only, sg->name) != 0 && k != 1)
+                continue; /* MIN_TRAFFIC always runs: it is the bytes reference */
             eplb_next_request req = { .shape = *s, .order = sg->order, .cur_phy2log = cur[k], .cur_logcnt = cnt[k],
                                       .logical_load = load };
             req.knobs.policy = sg->policy;
@@ -224,6 +229,8 @@ static int run(const bench_case *bc, const char *trace, double drift, int R) {
     const double mt = a[1].gpu_bytes > 0 ? a[1].gpu_bytes : 1;
     for (size_t k = 0; k < NSTRAT; k++) {
         acc *x = &a[k];
+        if (!x->n)
+            continue;
         int n = x->n < 1024 ? x->n : 1024;
         qsort(x->ms, (size_t)n, sizeof x->ms[0], cmp_double);
         printf("%-24s %7.4f %7.4f %11.1f %11.1f %7.1f%% %6d %9.3f %8.3f", strategies[k].name, x->rel_sum / x->n,

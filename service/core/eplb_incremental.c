@@ -38,8 +38,11 @@
 #include "eplb_alloc.h"
 #include "eplb_incremental.h"
 
-/* A rewritten slot moves bytes at memory speed, ~20x cheaper than a link. */
-#define SLOT_COST 0.05
+/* A rewritten slot moves bytes at memory speed, several times cheaper than
+ * a link; not free, so that a free change of small gain does not go before
+ * a paid one of large gain (bench_incremental: 0.25 moved the fewest bytes
+ * of 0.05, 0.25 and 0.5 at the same balance). */
+#define SLOT_COST 0.25
 #define REPL_HOT 2
 #define REPL_COLD 8
 /* Gains below this fraction of the layer's max are rounding, not progress. */
@@ -75,7 +78,14 @@ typedef struct ctx {
     uint32_t N, P, G, S, gpn, nodes, groups, per_group;
     layer_state *ls;
     uint64_t copies_left, slots_left;   /* when the budget flags are set */
+    double min_link;                    /* the cheapest link between two GPUs */
+    uint32_t tick;                      /* stamps of the marks below */
+    uint32_t *on_g;                     /* [N] == tick: the busiest GPU holds the expert */
+    uint32_t *holds;                    /* [S][G] == tick: GPU h holds the expert of g's i-th slot */
     uint32_t *order;                    /* [G] GPUs by load, scratch of find_best */
+    double *x;                          /* [P] per-replica load of each slot, scratch of find_best */
+    double *lb;                         /* [S] cost bounds, scratch of find_best */
+    uint32_t *donors;                   /* [P] slots with cnt >= 2, scratch of find_best */
     /* Scratch of one evaluation: the GPUs a change touches. */
     uint32_t touched[64 + 2 * 1024];
     double touched_load[64 + 2 * 1024];
@@ -210,49 +220,86 @@ static void find_best(ctx *c, layer_state *L) {
         }
         order[j] = v;
     }
+    /* Per-replica load of every slot: the swaps' inner loop is then adds
+     * and compares only. */
+    double *x = c->x;
+    uint32_t ndonors = 0; /* slots whose expert has another replica: the only ones REPL may take */
+    for (uint32_t i = 0; i < P; i++) {
+        x[i] = L->w[L->row[i]] / L->cnt[L->row[i]];
+        if (L->cnt[L->row[i]] >= 2)
+            c->donors[ndonors++] = i;
+    }
     double xmax = 0;
     for (uint32_t s = g0; s < g0 + S; s++)
-        if (L->w[L->row[s]] / L->cnt[L->row[s]] > xmax)
-            xmax = L->w[L->row[s]] / L->cnt[L->row[s]];
+        xmax = x[s] > xmax ? x[s] : xmax;
+    const double thr = MIN_REL_GAIN * M;
+    /* Which copies would be free (the GPU already holds the expert): a
+     * lower bound of every candidate's cost before its exact one. */
+    if (++c->tick == 0) { /* wrapped: every old stamp could match again */
+        memset(c->on_g, 0, ((size_t)c->N + c->P) * sizeof *c->on_g);
+        c->tick = 1;
+    }
+    const uint32_t tick = c->tick;
+    for (uint32_t i = 0; i < S; i++) {
+        const int32_t a = L->row[g0 + i];
+        c->on_g[a] = tick;
+        for (int32_t u = L->head[a]; u >= 0; u = L->next[u])
+            c->holds[(size_t)i * c->G + gpu_of(c, (uint32_t)u)] = tick;
+    }
+    const double ml = c->min_link;
     for (uint32_t oi = 0; oi < c->G; oi++) {
         const uint32_t h = order[oi];
         if (h == g)
             continue;
         const double room = M - L->load[h];
-        if (!(room > 0) || (room / 2 < xmax ? room / 2 : xmax) / (2 * SLOT_COST) < best.score)
+        /* gain = M - max(M - d, load[h] + d) = min(d, room - d) <= room / 2 */
+        const double bound = room / 2 < xmax ? room / 2 : xmax;
+        if (!(room > 0) || bound / (2 * SLOT_COST) < best.score)
             break;
-        for (uint32_t s = g0; s < g0 + S; s++) {
-        const int32_t a = L->row[s];
-        const double xa = L->w[a] / L->cnt[a];
+        /* This GPU's cheapest swap: free halves only where h holds one of
+         * g's experts, and g one of h's. */
+        bool free_to_h = false, free_to_g = false;
+        for (uint32_t i = 0; i < S && !free_to_h; i++)
+            free_to_h = c->holds[(size_t)i * c->G + h] == tick;
+        for (uint32_t t = h * S; t < (h + 1) * S && !free_to_g; t++)
+            free_to_g = c->on_g[L->row[t]] == tick;
+        if (bound / (2 * SLOT_COST + (free_to_h ? 0 : ml) + (free_to_g ? 0 : ml)) < best.score)
+            continue;
+        /* The cost bound of each half: free where the GPU already holds
+         * the expert.  The inner loop is then a few flops per pair, and
+         * only a pair that could beat the best is priced exactly. */
+        double *to_h = c->lb;
+        for (uint32_t i = 0; i < S; i++)
+            to_h[i] = 2 * SLOT_COST + (c->holds[(size_t)i * c->G + h] == tick ? 0 : ml);
         for (uint32_t t = h * S; t < (h + 1) * S; t++) {
+            const double xb = x[t];
             const int32_t b = L->row[t];
-            if (b == a)
-                continue;
-            const double xb = L->w[b] / L->cnt[b];
-            const double d = xa - xb;
-            if (!(d > 0))
-                continue;
-            const double gh = L->load[h] + d, gg = M - d;
-            if (!(gh < M))
-                continue;
-            const double gain = M - (gh > gg ? gh : gg);
-            if (gain <= MIN_REL_GAIN * M || gain / (2 * SLOT_COST) < best.score)
-                continue; /* cannot beat the best even if free */
-            if (c->p->hierarchical && node_of(c, h) != node_of(c, g) &&
-                (!group_on_node(c, L, a, node_of(c, h)) || !group_on_node(c, L, b, node_of(c, g))))
-                continue;
-            uint32_t ca, cb;
-            const double cost = fetch_cost(c, L, a, h, &ca) + fetch_cost(c, L, b, g, &cb) + 2 * SLOT_COST;
-            if (!affordable(c, ca + cb, 2))
-                continue;
-            change ch = { .kind = CH_SWAP, .s = s, .t = t, .b = -1, .gain = gain, .score = gain / cost,
-                          .copies = ca + cb, .slots = 2 };
-            consider(&best, &ch);
-        }
+            const double to_g = c->on_g[b] == tick ? 0 : ml;
+            for (uint32_t i = 0; i < S; i++) {
+                const double d = x[g0 + i] - xb;
+                const double gain = d < room - d ? d : room - d;
+                if (!(gain > thr) || gain < best.score * (to_h[i] + to_g))
+                    continue;
+                const uint32_t s = g0 + i;
+                const int32_t a = L->row[s];
+                if (a == b)
+                    continue;
+                if (c->p->hierarchical && node_of(c, h) != node_of(c, g) &&
+                    (!group_on_node(c, L, a, node_of(c, h)) || !group_on_node(c, L, b, node_of(c, g))))
+                    continue;
+                uint32_t ca, cb;
+                const double cost = fetch_cost(c, L, a, h, &ca) + fetch_cost(c, L, b, g, &cb) + 2 * SLOT_COST;
+                if (!affordable(c, ca + cb, 2))
+                    continue;
+                change ch = { .kind = CH_SWAP, .s = s, .t = t, .b = -1, .gain = gain, .score = gain / cost,
+                              .copies = ca + cb, .slots = 2 };
+                consider(&best, &ch);
+            }
         }
     }
     /* REPL adding a replica of one of g's hottest experts anywhere. */
     int32_t hot[REPL_HOT];
+    uint32_t hot_slot[REPL_HOT]; /* a slot of g holding it: its row of holds */
     uint32_t nhot = 0;
     for (uint32_t s = g0; s < g0 + S; s++) {
         const int32_t a = L->row[s];
@@ -263,14 +310,17 @@ static void find_best(ctx *c, layer_state *L) {
         if (dup)
             continue;
         if (nhot < REPL_HOT) {
+            hot_slot[nhot] = s - g0;
             hot[nhot++] = a;
         } else {
             uint32_t k = 0; /* the coolest kept, replaced when a is hotter */
             for (uint32_t i = 1; i < nhot; i++)
                 if (L->w[hot[i]] / L->cnt[hot[i]] < L->w[hot[k]] / L->cnt[hot[k]])
                     k = i;
-            if (xa > L->w[hot[k]] / L->cnt[hot[k]])
+            if (xa > L->w[hot[k]] / L->cnt[hot[k]]) {
                 hot[k] = a;
+                hot_slot[k] = s - g0;
+            }
         }
     }
     for (uint32_t i = 0; i < nhot; i++) {
@@ -282,7 +332,11 @@ static void find_best(ctx *c, layer_state *L) {
         const double shed = on_g * (L->w[b] / L->cnt[b] - L->w[b] / (L->cnt[b] + 1));
         if (shed / SLOT_COST < best.score)
             continue;
-        for (uint32_t t = 0; t < P; t++) {
+        const uint32_t *held = c->holds + (size_t)hot_slot[i] * c->G;
+        for (uint32_t di = 0; di < ndonors; di++) {
+            const uint32_t t = c->donors[di];
+            if (shed < best.score * (SLOT_COST + (held[gpu_of(c, t)] == tick ? 0 : ml)))
+                continue; /* g sheds at most shed: cannot beat the best */
             change ch;
             eval_repl(c, L, g, M, t, hot[i], &ch);
             if (ch.kind != CH_NONE)
@@ -290,20 +344,23 @@ static void find_best(ctx *c, layer_state *L) {
         }
     }
     /* REPL dropping a replica on g for one of the lightest experts. */
+    /* The REPL_COLD experts lightest after one more replica, kept sorted
+     * (ties: the lower expert first). */
     int32_t cold[REPL_COLD];
+    double coldv[REPL_COLD];
     uint32_t ncold = 0;
     for (uint32_t e = 0; e < c->N; e++) {
-        const double xe = L->w[e] / (L->cnt[e] + 1);
-        if (ncold < REPL_COLD) {
-            cold[ncold++] = (int32_t)e;
+        const double v = L->w[e] / (L->cnt[e] + 1);
+        if (ncold == REPL_COLD && !(v < coldv[ncold - 1]))
             continue;
+        uint32_t j = ncold < REPL_COLD ? ncold++ : ncold - 1;
+        while (j > 0 && coldv[j - 1] > v) {
+            cold[j] = cold[j - 1];
+            coldv[j] = coldv[j - 1];
+            j--;
         }
-        uint32_t k = 0;
-        for (uint32_t i = 1; i < ncold; i++)
-            if (L->w[cold[i]] / (L->cnt[cold[i]] + 1) > L->w[cold[k]] / (L->cnt[cold[k]] + 1))
-                k = i;
-        if (xe < L->w[cold[k]] / (L->cnt[cold[k]] + 1))
-            cold[k] = (int32_t)e;
+        cold[j] = (int32_t)e;
+        coldv[j] = v;
     }
     for (uint32_t t = g0; t < g0 + S; t++)
         if (L->cnt[L->row[t]] >= 2)
@@ -406,7 +463,8 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
         return eplb_error_set(err, EPLB_EINVAL, "incremental rebalance: link costs must be >= 0");
     const uint32_t Lyr = p->shape.num_layers, N = p->shape.num_logical, P = p->shape.num_physical,
                    G = p->shape.num_gpus;
-    const uint32_t nodes = p->hierarchical ? p->shape.num_nodes : 1;
+    /* Nodes price links always; they constrain groups only when hierarchical. */
+    const uint32_t nodes = p->shape.num_nodes && G % p->shape.num_nodes == 0 ? p->shape.num_nodes : 1;
     const uint32_t groups = p->hierarchical ? p->shape.num_groups : 1;
     for (size_t i = 0; i < (size_t)Lyr * P; i++)
         if (phy2log[i] < 0 || (uint32_t)phy2log[i] >= N)
@@ -421,13 +479,18 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
     double *dbl = eplb_malloc(((size_t)Lyr * (N + G)) * sizeof(double));
     int32_t *ints = eplb_malloc(((size_t)Lyr * (N + P + (size_t)groups * nodes)) * sizeof(int32_t));
     uint32_t *heap = eplb_malloc((size_t)Lyr * sizeof *heap);
-    uint32_t *order = eplb_malloc((size_t)G * sizeof *order);
-    if (!c || !ls || !dbl || !ints || !heap || !order) {
+    uint32_t *order = eplb_malloc(((size_t)G + P) * sizeof *order);
+    double *x = eplb_malloc(((size_t)P + P / G) * sizeof *x);
+    uint32_t *marks = eplb_calloc((size_t)N + (size_t)P, sizeof *marks); /* on_g [N], holds [S][G] = [P] */
+    if (!c || !ls || !dbl || !ints || !heap || !order || !x || !marks) {
         st = eplb_error_set(err, EPLB_ENOMEM, "out of memory for an incremental %ux%u rebalance", Lyr, P);
         goto out;
     }
     *c = (ctx){ .p = p, .N = N, .P = P, .G = G, .S = P / G, .gpn = G / nodes, .nodes = nodes, .groups = groups,
-                .per_group = N / groups, .ls = ls, .order = order, .copies_left = p->max_copies, .slots_left = p->max_slots };
+                .per_group = N / groups, .ls = ls, .order = order, .donors = order + G, .x = x, .lb = x + P, .on_g = marks, .holds = marks + N, .copies_left = p->max_copies, .slots_left = p->max_slots };
+    c->min_link = nodes > 1 && p->cost_cross_node < p->cost_intra_node ? p->cost_cross_node : p->cost_intra_node;
+    if (nodes == G && G > 1)
+        c->min_link = p->cost_cross_node;
     for (uint32_t l = 0; l < Lyr; l++) {
         layer_state *L = &ls[l];
         L->row = phy2log + (size_t)l * P;
@@ -508,5 +571,7 @@ out:
     eplb_free(ints);
     eplb_free(heap);
     eplb_free(order);
+    eplb_free(x);
+    eplb_free(marks);
     return st;
 }

@@ -1,0 +1,373 @@
+/* test_incremental.c -- POLICY_INCREMENTAL (eplb_incremental.c) and the
+ * choice of the next placement around it (eplb_next.c).
+ *
+ * Golden cases small enough to check by hand, then properties over
+ * thousands of random shapes, loads and current placements: the
+ * invariants of a placement, never worse than the current placement (per
+ * layer), the budgets, the target when no budget binds, determinism, and
+ * on the hierarchical path no group spreading to another node. */
+#include <criterion/criterion.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "eplb_incremental.h"
+#include "eplb_next.h"
+#include "eplb_policy.h"
+
+static uint64_t rng_state;
+static uint64_t rnd(void) {
+    uint64_t z = (rng_state += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+static uint32_t rnd_below(uint32_t n) { return (uint32_t)(rnd() % n); }
+
+static void counts(uint32_t L, uint32_t N, uint32_t P, const int32_t *row, int32_t *cnt) {
+    memset(cnt, 0, (size_t)L * N * sizeof *cnt);
+    for (uint32_t l = 0; l < L; l++)
+        for (uint32_t i = 0; i < P; i++)
+            cnt[(size_t)l * N + row[(size_t)l * P + i]]++;
+}
+
+/* Hand-checked: GPU0 holds {0, 1}, GPU1 {2, 0}; loads 10, 80, 10, so with
+ * expert 0 replicated GPU0 carries 5 + 80 = 85 and GPU1 10 + 5 = 15.  No
+ * swap helps (80 and 10 swapped gives 15 / 85).  Re-replication does: the
+ * second replica of 0 (slot 3) becomes a replica of 1: both GPUs carry
+ * 10 + 40 = 50.  One copy of expert 1 crosses GPUs, one slot changes. */
+Test(incremental, golden_rereplication) {
+    eplb_policy_shape s = { .num_layers = 1, .num_logical = 3, .num_physical = 4, .num_groups = 1,
+                            .num_nodes = 1, .num_gpus = 2 };
+    int32_t row[4] = { 0, 1, 2, 0 }, cnt[3];
+    counts(1, 3, 4, row, cnt);
+    const int64_t load[3] = { 10, 80, 10 };
+    eplb_incremental_params p = { .shape = s, .logical_load = load, .cost_intra_node = 1, .cost_cross_node = 4 };
+    eplb_incremental_stats st;
+    eplb_error err;
+    cr_assert_eq(eplb_incremental_rebalance(&p, row, cnt, &st, &err), EPLB_OK, "%s", err.msg);
+    const int32_t want[4] = { 0, 1, 2, 1 };
+    cr_assert_arr_eq(row, want, sizeof want);
+    cr_assert_eq(cnt[0], 1);
+    cr_assert_eq(cnt[1], 2);
+    cr_assert_eq(cnt[2], 1);
+    cr_assert_eq(st.changes, 1);
+    cr_assert_eq(st.copies, 1);
+    double bal = eplb_policy_balancedness(1, 3, 4, 2, load, row, cnt, NULL);
+    cr_assert_float_eq(bal, 1.0, 1e-12);
+}
+
+/* Hand-checked swap: GPU0 {0, 1} loads 60 + 30, GPU1 {2, 3} loads 20 + 10.
+ * Max 90, mean 60.  Swapping 1 (30) with 3 (10) gives 70 / 50; 0 (60) with
+ * 2 (20) gives 50 / 70; 1 with 2 gives 80 / 40; 0 with 3 gives 40 / 80.
+ * Both best swaps reach max 70 at the same cost: the lower slot wins (0
+ * with 2).  Then no single change lowers 70 (every other swap or
+ * replacement leaves a GPU at >= 70), so it stops. */
+Test(incremental, golden_swap_and_stop) {
+    eplb_policy_shape s = { .num_layers = 1, .num_logical = 4, .num_physical = 4, .num_groups = 1,
+                            .num_nodes = 1, .num_gpus = 2 };
+    int32_t row[4] = { 0, 1, 2, 3 }, cnt[4];
+    counts(1, 4, 4, row, cnt);
+    const int64_t load[4] = { 60, 30, 20, 10 };
+    eplb_incremental_params p = { .shape = s, .logical_load = load, .cost_intra_node = 1, .cost_cross_node = 4 };
+    eplb_incremental_stats st;
+    cr_assert_eq(eplb_incremental_rebalance(&p, row, cnt, &st, NULL), EPLB_OK);
+    const int32_t want[4] = { 2, 1, 0, 3 };
+    cr_assert_arr_eq(row, want, sizeof want);
+    cr_assert_eq(st.changes, 1);
+    cr_assert_eq(st.copies, 2);
+}
+
+/* A layer already balanced is left alone: GPU0 {0, 1} and GPU1 {0, 2}
+ * carry 10 + 10 each. */
+Test(incremental, balanced_layer_untouched) {
+    eplb_policy_shape s = { .num_layers = 1, .num_logical = 3, .num_physical = 4, .num_groups = 1,
+                            .num_nodes = 1, .num_gpus = 2 };
+    int32_t row[4] = { 0, 1, 0, 2 }, cnt[3];
+    counts(1, 3, 4, row, cnt);
+    const int64_t load[3] = { 20, 10, 10 };
+    eplb_incremental_params p = { .shape = s, .logical_load = load, .cost_intra_node = 1, .cost_cross_node = 4 };
+    eplb_incremental_stats st;
+    cr_assert_eq(eplb_incremental_rebalance(&p, row, cnt, &st, NULL), EPLB_OK);
+    cr_assert_eq(st.changes, 0);
+    const int32_t want[4] = { 0, 1, 0, 2 };
+    cr_assert_arr_eq(row, want, sizeof want);
+}
+
+Test(incremental, refuses_bad_input) {
+    eplb_policy_shape s = { .num_layers = 1, .num_logical = 3, .num_physical = 4, .num_groups = 1,
+                            .num_nodes = 1, .num_gpus = 2 };
+    int32_t row[4] = { 0, 1, -1, 2 }, cnt[3] = { 1, 1, 1 };
+    const int64_t load[3] = { 1, 2, 3 };
+    eplb_incremental_params p = { .shape = s, .logical_load = load, .cost_intra_node = 1, .cost_cross_node = 4 };
+    eplb_incremental_stats st;
+    eplb_error err;
+    cr_assert_eq(eplb_incremental_rebalance(&p, row, cnt, &st, &err), EPLB_EINVAL);
+    cr_assert(strstr(err.msg, "slot 2 holds -1"), "%s", err.msg);
+    int32_t row2[4] = { 0, 1, 1, 1 }; /* expert 2 has no replica */
+    cr_assert_eq(eplb_incremental_rebalance(&p, row2, cnt, &st, &err), EPLB_EINVAL);
+    cr_assert(strstr(err.msg, "without a replica"), "%s", err.msg);
+}
+
+/* ---- properties ---------------------------------------------------------- */
+
+typedef struct random_case {
+    eplb_policy_shape s;
+    int64_t *load;
+    int32_t *cur, *cur_cnt;
+} random_case;
+
+static void random_case_free(random_case *c) {
+    free(c->load);
+    free(c->cur);
+    free(c->cur_cnt);
+}
+
+/* A random valid shape, load and current placement.  hierarchical: make
+ * the current placement DeepSeek's hierarchical one for another load, so
+ * every group's replicas sit on one node. */
+static void random_case_make(random_case *c, bool hierarchical) {
+    uint32_t nodes = 1 + rnd_below(hierarchical ? 3 : 2);
+    uint32_t gpus = nodes * (1 + rnd_below(4));
+    uint32_t S = 1 + rnd_below(6);
+    uint32_t P = gpus * S;
+    uint32_t groups = hierarchical ? nodes * (1 + rnd_below(2)) : 1 + rnd_below(2);
+    uint32_t per_group = 1 + rnd_below(P / groups > 1 ? P / groups : 1);
+    uint32_t N = groups * per_group;
+    while (N > P) {
+        if (per_group > 1)
+            per_group--;
+        N = groups * per_group;
+        if (N > P) { /* too many groups for the slots: fewer */
+            groups = 1;
+            per_group = P;
+            N = P;
+        }
+    }
+    c->s = (eplb_policy_shape){ .num_layers = 1 + rnd_below(3), .num_logical = N, .num_physical = P,
+                                .num_groups = groups, .num_nodes = nodes, .num_gpus = gpus };
+    const uint32_t L = c->s.num_layers;
+    c->load = malloc((size_t)L * N * sizeof *c->load);
+    c->cur = malloc((size_t)L * P * sizeof *c->cur);
+    c->cur_cnt = malloc((size_t)L * N * sizeof *c->cur_cnt);
+    for (size_t i = 0; i < (size_t)L * N; i++) {
+        uint64_t r = rnd();
+        c->load[i] = (r & 7) == 0 ? 0 : (int64_t)((r >> 8) % (1 + ((r >> 40) % 1000) * ((r >> 3) % 3 ? 1 : 50)));
+    }
+    if (hierarchical && eplb_policy_is_hierarchical(&c->s)) {
+        int64_t *other = malloc((size_t)L * N * sizeof *other);
+        for (size_t i = 0; i < (size_t)L * N; i++)
+            other[i] = (int64_t)rnd_below(1000);
+        cr_assert_eq(eplb_policy_rebalance(&c->s, other, c->cur, c->cur_cnt, NULL), EPLB_OK);
+        free(other);
+        return;
+    }
+    for (uint32_t l = 0; l < L; l++) {
+        int32_t *row = c->cur + (size_t)l * P;
+        for (uint32_t i = 0; i < P; i++)
+            row[i] = i < N ? (int32_t)i : (int32_t)rnd_below(N);
+        for (uint32_t i = P - 1; i > 0; i--) { /* shuffle */
+            uint32_t j = rnd_below(i + 1);
+            int32_t t = row[i];
+            row[i] = row[j];
+            row[j] = t;
+        }
+    }
+    counts(L, N, P, c->cur, c->cur_cnt);
+}
+
+/* Every group's replicas within one node, per layer. */
+static bool group_local(const eplb_policy_shape *s, const int32_t *row) {
+    const uint32_t S = s->num_physical / s->num_gpus, gpn = s->num_gpus / s->num_nodes;
+    const uint32_t per_group = s->num_logical / s->num_groups;
+    int32_t node_of_group[64];
+    for (uint32_t g = 0; g < s->num_groups; g++)
+        node_of_group[g] = -1;
+    for (uint32_t i = 0; i < s->num_physical; i++) {
+        uint32_t g = (uint32_t)row[i] / per_group, node = i / S / gpn;
+        if (node_of_group[g] < 0)
+            node_of_group[g] = (int32_t)node;
+        else if (node_of_group[g] != (int32_t)node)
+            return false;
+    }
+    return true;
+}
+
+static void check_case(random_case *c, bool hierarchical_check) {
+    const eplb_policy_shape *s = &c->s;
+    const uint32_t L = s->num_layers, N = s->num_logical, P = s->num_physical;
+    eplb_next_request req = { .shape = *s, .cur_phy2log = c->cur, .cur_logcnt = c->cur_cnt,
+                              .logical_load = c->load };
+    req.knobs.policy = EPLB_POLICY_INCREMENTAL;
+    req.knobs.target_balancedness = rnd_below(4) == 0 ? 0 : 0.8 + 0.2 * (double)rnd_below(1000) / 1000.0;
+    const bool budget_bytes = rnd_below(3) == 0, budget_slots = rnd_below(3) == 0;
+    if (budget_bytes) {
+        req.knobs.expert_bytes = 1000;
+        req.knobs.max_bytes_moved = 1000 * (uint64_t)rnd_below(P + 1) + rnd_below(1000);
+    }
+    if (budget_slots)
+        req.knobs.max_slots_moved = 1 + rnd_below(P);
+    if (rnd_below(2))
+        req.knobs.cost_cross_node = 1 + rnd_below(8);
+    int32_t *out = malloc((size_t)L * P * sizeof *out), *out2 = malloc((size_t)L * P * sizeof *out2);
+    int32_t *cnt = malloc((size_t)L * N * sizeof *cnt), *cnt2 = malloc((size_t)L * N * sizeof *cnt2);
+    int32_t *recount = malloc((size_t)L * N * sizeof *recount);
+    double *before = malloc(L * sizeof *before), *after = malloc(L * sizeof *after);
+    eplb_next_report rep, rep2;
+    eplb_error err;
+    cr_assert_eq(eplb_next_placement(&req, out, cnt, before, after, &rep, &err), EPLB_OK, "%s", err.msg);
+
+    /* Invariants: ids in range, counts match, every expert kept. */
+    for (size_t i = 0; i < (size_t)L * P; i++)
+        cr_assert(out[i] >= 0 && (uint32_t)out[i] < N, "slot %zu holds %d", i, out[i]);
+    counts(L, N, P, out, recount);
+    cr_assert_arr_eq(cnt, recount, (size_t)L * N * sizeof *cnt);
+    for (size_t i = 0; i < (size_t)L * N; i++)
+        cr_assert_geq(cnt[i], 1, "expert %zu lost its last replica", i % N);
+    /* Never worse, layer by layer. */
+    for (uint32_t l = 0; l < L; l++)
+        cr_assert_geq(after[l], before[l] - 1e-9, "layer %u: %.9f -> %.9f", l, before[l], after[l]);
+    cr_assert_geq(rep.balancedness_after, rep.balancedness_before - 1e-9);
+    /* Budgets. */
+    if (budget_bytes)
+        cr_assert_leq(rep.copies_cross_gpu, req.knobs.max_bytes_moved / req.knobs.expert_bytes,
+                      "%llu copies over a budget of %llu bytes", (unsigned long long)rep.copies_cross_gpu,
+                      (unsigned long long)req.knobs.max_bytes_moved);
+    if (budget_slots)
+        cr_assert_leq(rep.slots_moved, req.knobs.max_slots_moved);
+    /* The target, when no budget binds (a layer short of it takes the
+     * from-scratch row, which meets it by definition). */
+    const double target = req.knobs.target_balancedness ? req.knobs.target_balancedness : 0.99;
+    if (!budget_bytes && !budget_slots) {
+        double *ref_layer = malloc(L * sizeof *ref_layer);
+        int32_t *ref = malloc((size_t)L * P * sizeof *ref), *ref_cnt = malloc((size_t)L * N * sizeof *ref_cnt);
+        cr_assert_eq(eplb_policy_rebalance(s, c->load, ref, ref_cnt, NULL), EPLB_OK);
+        double refb = eplb_policy_balancedness(L, N, P, s->num_gpus, c->load, ref, ref_cnt, ref_layer);
+        cr_assert_float_eq(rep.balancedness_reference, refb, 1e-12);
+        for (uint32_t l = 0; l < L; l++)
+            cr_assert_geq(after[l], ref_layer[l] * target - 1e-9, "layer %u: %.9f < %.4f x %.9f", l, after[l],
+                          target, ref_layer[l]);
+        cr_assert_geq(rep.balancedness_after, refb * target - 1e-9);
+        free(ref_layer);
+        free(ref);
+        free(ref_cnt);
+    }
+    cr_assert(rep.policy_used == EPLB_POLICY_INCREMENTAL || rep.layers_from_scratch == L);
+    /* Deterministic. */
+    cr_assert_eq(eplb_next_placement(&req, out2, cnt2, NULL, NULL, &rep2, &err), EPLB_OK);
+    cr_assert_arr_eq(out, out2, (size_t)L * P * sizeof *out);
+    cr_assert_eq(rep.copies_cross_gpu, rep2.copies_cross_gpu);
+    /* Hierarchical: no group spreads to a second node. */
+    if (hierarchical_check)
+        for (uint32_t l = 0; l < L; l++)
+            cr_assert(group_local(s, out + (size_t)l * P), "layer %u: a group spread over nodes", l);
+    free(out);
+    free(out2);
+    free(cnt);
+    free(cnt2);
+    free(recount);
+    free(before);
+    free(after);
+}
+
+Test(incremental, properties_random_global) {
+    rng_state = 0x1234;
+    for (int k = 0; k < 3000; k++) {
+        random_case c;
+        random_case_make(&c, false);
+        check_case(&c, false);
+        random_case_free(&c);
+    }
+}
+
+Test(incremental, properties_random_hierarchical) {
+    rng_state = 0x9876;
+    int checked = 0;
+    for (int k = 0; k < 2000; k++) {
+        random_case c;
+        random_case_make(&c, true);
+        bool h = eplb_policy_is_hierarchical(&c.s) && c.s.num_nodes > 1;
+        bool local = h;
+        for (uint32_t l = 0; local && l < c.s.num_layers; l++)
+            local = group_local(&c.s, c.cur + (size_t)l * c.s.num_physical);
+        check_case(&c, local);
+        checked += local;
+        random_case_free(&c);
+    }
+    cr_assert_gt(checked, 200, "only %d hierarchical cases", checked);
+}
+
+/* Budgets of zero change nothing that costs: no copies, or no slots. */
+Test(incremental, zero_budgets) {
+    rng_state = 0x55;
+    for (int k = 0; k < 300; k++) {
+        random_case c;
+        random_case_make(&c, false);
+        const uint32_t L = c.s.num_layers, N = c.s.num_logical, P = c.s.num_physical;
+        int32_t *out = malloc((size_t)L * P * sizeof *out), *cnt = malloc((size_t)L * N * sizeof *cnt);
+        eplb_next_request req = { .shape = c.s, .cur_phy2log = c.cur, .cur_logcnt = c.cur_cnt,
+                                  .logical_load = c.load };
+        req.knobs.policy = EPLB_POLICY_INCREMENTAL;
+        req.knobs.max_slots_moved = 1; /* at most one slot: no swap (2 slots) */
+        eplb_next_report rep;
+        cr_assert_eq(eplb_next_placement(&req, out, cnt, NULL, NULL, &rep, NULL), EPLB_OK);
+        cr_assert_leq(rep.slots_moved, 1);
+        req.knobs.max_slots_moved = 0;
+        req.knobs.expert_bytes = 4096;
+        req.knobs.max_bytes_moved = 4095; /* less than one expert */
+        cr_assert_eq(eplb_next_placement(&req, out, cnt, NULL, NULL, &rep, NULL), EPLB_OK);
+        cr_assert_eq(rep.copies_cross_gpu, 0);
+        free(out);
+        free(cnt);
+        random_case_free(&c);
+    }
+}
+
+Test(incremental, knobs_checked) {
+    eplb_policy_shape s = { .num_layers = 1, .num_logical = 3, .num_physical = 4, .num_groups = 1,
+                            .num_nodes = 1, .num_gpus = 2 };
+    int32_t row[4] = { 0, 1, 2, 0 }, cnt[3] = { 2, 1, 1 }, out[4], ocnt[3];
+    const int64_t load[3] = { 10, 80, 10 };
+    eplb_next_request req = { .shape = s, .cur_phy2log = row, .cur_logcnt = cnt, .logical_load = load };
+    req.knobs.policy = EPLB_POLICY_INCREMENTAL;
+    eplb_next_report rep;
+    eplb_error err;
+    req.knobs.max_bytes_moved = 100;
+    cr_assert_eq(eplb_next_placement(&req, out, ocnt, NULL, NULL, &rep, &err), EPLB_EINVAL);
+    cr_assert(strstr(err.msg, "needs the size of an expert"), "%s", err.msg);
+    req.knobs.max_bytes_moved = 0;
+    req.knobs.target_balancedness = 1.5;
+    cr_assert_eq(eplb_next_placement(&req, out, ocnt, NULL, NULL, &rep, &err), EPLB_EINVAL);
+    cr_assert(strstr(err.msg, "target_balancedness 1.5"), "%s", err.msg);
+    req.knobs.target_balancedness = NAN;
+    cr_assert_eq(eplb_next_placement(&req, out, ocnt, NULL, NULL, &rep, &err), EPLB_EINVAL);
+    req.knobs.target_balancedness = 0;
+    req.knobs.policy = 7;
+    cr_assert_eq(eplb_next_placement(&req, out, ocnt, NULL, NULL, &rep, &err), EPLB_EINVAL);
+    cr_assert(strstr(err.msg, "policy 7"), "%s", err.msg);
+    req.knobs.policy = EPLB_POLICY_INCREMENTAL;
+    req.knobs.cost_cross_node = -1;
+    cr_assert_eq(eplb_next_placement(&req, out, ocnt, NULL, NULL, &rep, &err), EPLB_EINVAL);
+    req.knobs.cost_cross_node = 0;
+    cr_assert_eq(eplb_next_placement(&req, out, ocnt, NULL, NULL, &rep, &err), EPLB_OK, "%s", err.msg);
+    cr_assert_eq(rep.policy_used, EPLB_POLICY_INCREMENTAL);
+    cr_assert_float_eq(rep.balancedness_after, 1.0, 1e-12);
+    cr_assert_eq(rep.copies_cross_gpu, 1);
+    cr_assert_eq(rep.slots_moved, 1);
+}
+
+/* The copy count as plans make them: one per (GPU, expert) the GPU lacks,
+ * cross-node when its node lacks it too; moves within a GPU are free. */
+Test(incremental, copies_counted_like_plans) {
+    /* 2 nodes x 2 GPUs x 2 slots. */
+    const int32_t old_row[8] = { 0, 1, 2, 3, 4, 5, 6, 7 };
+    const int32_t new_row[8] = { 1, 0, 2, 2, 3, 3, 6, 0 };
+    uint64_t gpu, node;
+    eplb_next_copies(8, 4, 2, 8, old_row, new_row, &gpu, &node);
+    /* GPU0 {1,0}: nothing new.  GPU1 {2,2}: nothing new (2 is there).
+     * GPU2 {3,3}: 3 is new (from GPU1: node 0 -> cross node), once.
+     * GPU3 {6,0}: 6 from GPU3's own? no: GPU3 held {6,7}: 6 is there; 0
+     * is new, from node 0: cross node. */
+    cr_assert_eq(gpu, 2);
+    cr_assert_eq(node, 2);
+}
