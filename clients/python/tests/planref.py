@@ -5,7 +5,7 @@ first (same rank, same node, then another node), spread over senders; a
 slot's old contents that its step still reads after overwriting it are
 staged first.  Not eplbd's planner: it gives execute_plan's tests plans
 built without a server."""
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
