@@ -1,4 +1,5 @@
-/* bench_policy.c -- times eplb_policy_rebalance and eplb_policy_preserve_slots
+/* bench_policy.c -- times eplb_policy_rebalance, eplb_policy_preserve_slots and
+ * eplb_policy_balancedness
  * at DeepSeek-V3 size and at 2x and 4x that size.
  *
  * A standalone program, not a test: it checks nothing but that the calls
@@ -173,6 +174,16 @@ int main(int argc, char **argv) {
             ns[i] = now_ns() - t0;
         }
         report("preserve", cases[c].name, ns, n_runs);
+
+        volatile double sink = 0.0;
+        for (int i = 0; i < n_runs; i++) {
+            double t0 = now_ns();
+            sink += eplb_policy_balancedness(s->num_layers, s->num_logical, s->num_physical,
+                                             s->num_gpus, load, phy2log, logcnt, NULL);
+            ns[i] = now_ns() - t0;
+        }
+        (void)sink;
+        report("balance", cases[c].name, ns, n_runs);
 
         free(load);
         free(prev);

@@ -60,6 +60,9 @@
 #include <stdalign.h>
 #include <stdlib.h>
 #include <string.h>
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
 
 /* ---------------------------------------------------------------------------
  * Shapes
@@ -942,6 +945,48 @@ eplb_status eplb_policy_rebalance(const eplb_policy_shape *s, const int64_t *log
  * preserve_intragpu_slots
  * ------------------------------------------------------------------------- */
 
+#if defined(__SSE2__)
+/* One GPU of one layer with k <= 16 slots (DeepSeek-V3: 9), as
+ * preserve_gpu_small with the k entries in four SSE2 registers: the entries
+ * matching old[s] are one compare and mask extraction per register, and no
+ * step branches on the data.  cur[s] is written for every s; the fill pass
+ * then overwrites the slots that kept nothing. */
+static void preserve_gpu_16(size_t k, const int32_t *old, int32_t *cur) {
+    int32_t orig[16] = {0};
+    bool same = true;
+    for (size_t j = 0; j < k; j++) {
+        orig[j] = cur[j];
+        same &= cur[j] == old[j];
+    }
+    if (same)
+        return; /* every slot already keeps its expert */
+    __m128i o0 = _mm_loadu_si128((const __m128i *)(const void *)orig);
+    __m128i o1 = _mm_loadu_si128((const __m128i *)(const void *)(orig + 4));
+    __m128i o2 = _mm_loadu_si128((const __m128i *)(const void *)(orig + 8));
+    __m128i o3 = _mm_loadu_si128((const __m128i *)(const void *)(orig + 12));
+    uint32_t all = ((uint32_t)1 << k) - 1, used = 0, kept = 0;
+    for (size_t s = 0; s < k; s++) {
+        int32_t v = old[s];
+        __m128i vv = _mm_set1_epi32(v);
+        uint32_t match =
+            (uint32_t)_mm_movemask_ps(_mm_castsi128_ps(_mm_cmpeq_epi32(o0, vv))) |
+            (uint32_t)_mm_movemask_ps(_mm_castsi128_ps(_mm_cmpeq_epi32(o1, vv))) << 4 |
+            (uint32_t)_mm_movemask_ps(_mm_castsi128_ps(_mm_cmpeq_epi32(o2, vv))) << 8 |
+            (uint32_t)_mm_movemask_ps(_mm_castsi128_ps(_mm_cmpeq_epi32(o3, vv))) << 12;
+        match &= all & ~used;
+        used |= match & (0u - match); /* the first unused match */
+        kept |= (uint32_t)(match != 0) << s;
+        cur[s] = v;
+    }
+    uint32_t free_slots = ~kept & all, rest = ~used & all;
+    while (free_slots) {
+        cur[ctz64(free_slots)] = orig[ctz64(rest)];
+        free_slots &= free_slots - 1;
+        rest &= rest - 1;
+    }
+}
+#endif
+
 /* One GPU of one layer with k <= 64 slots: old [k], cur [k] in/out.  Used
  * and kept slots are bit masks. */
 static void preserve_gpu_small(size_t k, const int32_t *old, int32_t *cur) {
@@ -1054,6 +1099,13 @@ void eplb_policy_preserve_slots(uint32_t num_layers, uint32_t num_physical, uint
     size_t k = num_physical / num_gpus;
     if (k > EPLB_POLICY_MAX_EXPERTS)
         return;
+#if defined(__SSE2__)
+    if (k <= 16) {
+        for (size_t off = 0; off < (size_t)num_layers * num_physical; off += k)
+            preserve_gpu_16(k, old_phy2log + off, new_phy2log + off);
+        return;
+    }
+#endif
     if (k <= 64) {
         for (size_t off = 0; off < (size_t)num_layers * num_physical; off += k)
             preserve_gpu_small(k, old_phy2log + off, new_phy2log + off);
