@@ -185,6 +185,7 @@ Test(engine_rebalance, pending_plan_executes_to_the_target_and_commit_serves_it)
     v = view();
     cr_assert_str_empty(v.pending_id);
     eplb_model_view_release(&v);
+    eplb_rebalance_result_free(&c);
     /* Committed: the id is gone. */
     cr_assert_eq(eplb_registry_commit_rebalance(reg, "m", res.rebalance_id, false, 0, &c, &err), EPLB_EABORTED);
     free(bytes);
