@@ -369,6 +369,8 @@ class EngineRebalanceError(RuntimeError):
     placement) but CommitRebalance failed (eplbd unreachable): retry
     ``client.commit_rebalance(model_id, rebalance_id)`` on the leader and
     install its placement everywhere, or reload -- do not serve with the old maps.
+    ``steps_committed``: with ``layers_per_step``, the steps committed and
+    installed before the failing one (they stay: the maps match the bytes).
     """
 
     def __init__(self, message: str, *, rebalance_id: str, bytes_touched: Optional[int],
@@ -380,6 +382,8 @@ class EngineRebalanceError(RuntimeError):
         self.aborted = aborted
         self.local_error = local_error
         self.commit_failed = commit_failed
+        # A rebalance in steps: the steps committed (and installed) before this one failed.
+        self.steps_committed = 0
 
 
 @dataclass
@@ -512,7 +516,11 @@ class EngineRebalancer:
         commits = 0
         total: Optional[ExecStats] = None
         while True:
-            out = self._execute_step(rebalance_id, expert_tensors, maps, on_step)
+            try:
+                out = self._execute_step(rebalance_id, expert_tensors, maps, on_step)
+            except EngineRebalanceError as e:
+                e.steps_committed = commits
+                raise
             commits += 1
             total = _add_stats(total, out.stats)
             if not getattr(out.result, "pending", False):
