@@ -189,7 +189,7 @@ static int run(const bench_case *bc, const char *trace, double drift, int R) {
         const char *only = getenv("BENCH_STRATEGY");
         for (size_t k = 0; k < NSTRAT; k++) {
             const strategy *sg = &strategies[k];
-            if (only && strcmp(only, sg->name) != 0 && k != 1)
+            if (only && strcmp(only, sg->name) != 0 && (k != 1 || getenv("BENCH_NO_REFERENCE")))
                 continue; /* MIN_TRAFFIC always runs: it is the bytes reference */
             eplb_next_request req = { .shape = *s, .order = sg->order, .cur_phy2log = cur[k], .cur_logcnt = cnt[k],
                                       .logical_load = load };
@@ -226,7 +226,7 @@ static int run(const bench_case *bc, const char *trace, double drift, int R) {
            bc->name, trace, drift, R, L, N, P, G, s->num_nodes);
     printf("%-24s %7s %7s %11s %11s %8s %6s %9s %8s%s\n", "strategy", "rel", "rel_min", "GB/rebal",
            "xnode GB", "vs MT", "worse", "stall s", "ms p50", strcmp(trace, "shift") == 0 ? "  shift+1 shift+2" : "");
-    const double mt = a[1].gpu_bytes > 0 ? a[1].gpu_bytes : 1;
+    const double mt = a[1].gpu_bytes > 0 ? a[1].gpu_bytes : INFINITY;
     for (size_t k = 0; k < NSTRAT; k++) {
         acc *x = &a[k];
         if (!x->n)

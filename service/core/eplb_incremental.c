@@ -79,6 +79,9 @@ typedef struct ctx {
     layer_state *ls;
     uint64_t copies_left, slots_left;   /* when the budget flags are set */
     double min_link;                    /* the cheapest link between two GPUs */
+    double cap;                         /* the busiest GPU's load above the target: the most a change gains */
+    uint32_t eval_tick;                 /* stamps touch_tick: one per eval_repl */
+    uint32_t *touch_tick, *touch_at;    /* [G] each: GPU in the touched set when == eval_tick, at index */
     uint32_t tick;                      /* stamps of the marks below */
     uint32_t *on_g;                     /* [N] == tick: the busiest GPU holds the expert */
     uint32_t *holds;                    /* [S][G] == tick: GPU h holds the expert of g's i-th slot */
@@ -139,13 +142,15 @@ static uint32_t busiest(const ctx *c, const layer_state *L) {
     return g;
 }
 
-/* Add d to GPU g's load in the touched set (n entries). */
+/* Add d to GPU g's load in the touched set (n entries): O(1), the GPU's
+ * index in the set stamped with the evaluation's tick. */
 static uint32_t touch(ctx *c, const layer_state *L, uint32_t n, uint32_t g, double d) {
-    for (uint32_t i = 0; i < n; i++)
-        if (c->touched[i] == g) {
-            c->touched_load[i] += d;
-            return n;
-        }
+    if (c->touch_tick[g] == c->eval_tick) {
+        c->touched_load[c->touch_at[g]] += d;
+        return n;
+    }
+    c->touch_tick[g] = c->eval_tick;
+    c->touch_at[g] = n;
     c->touched[n] = g;
     c->touched_load[n] = L->load[g] + d;
     return n + 1;
@@ -168,6 +173,10 @@ static void eval_repl(ctx *c, const layer_state *L, uint32_t g, double M, uint32
     uint32_t n = 0;
     if ((uint32_t)L->cnt[b] + (uint32_t)L->cnt[a] + 1 > sizeof c->touched / sizeof c->touched[0])
         return;
+    if (++c->eval_tick == 0) {
+        memset(c->touch_tick, 0, c->G * sizeof *c->touch_tick);
+        c->eval_tick = 1;
+    }
     for (int32_t u = L->head[b]; u >= 0; u = L->next[u])
         n = touch(c, L, n, gpu_of(c, (uint32_t)u), xb_new - xb_old);
     for (int32_t u = L->head[a]; u >= 0; u = L->next[u])
@@ -183,9 +192,11 @@ static void eval_repl(ctx *c, const layer_state *L, uint32_t g, double M, uint32
     }
     if (!(g_new < M) || !(worst < M))
         return;
-    const double gain = M - (worst > g_new ? worst : g_new);
+    double gain = M - (worst > g_new ? worst : g_new);
     if (gain <= MIN_REL_GAIN * M)
         return;
+    if (gain > c->cap)
+        gain = c->cap; /* enough to reach the target: the cheapest such change wins */
     uint32_t copies;
     const double cost = fetch_cost(c, L, b, h, &copies) + SLOT_COST;
     if (!affordable(c, copies, 1))
@@ -233,6 +244,9 @@ static void find_best(ctx *c, layer_state *L) {
     for (uint32_t s = g0; s < g0 + S; s++)
         xmax = x[s] > xmax ? x[s] : xmax;
     const double thr = MIN_REL_GAIN * M;
+    /* Gains past the target are worth nothing more: with them capped,
+     * every change that brings g to the target scores by its cost alone. */
+    c->cap = L->target >= 0 ? M - L->target : INFINITY;
     /* Which copies would be free (the GPU already holds the expert): a
      * lower bound of every candidate's cost before its exact one. */
     if (++c->tick == 0) { /* wrapped: every old stamp could match again */
@@ -253,9 +267,22 @@ static void find_best(ctx *c, layer_state *L) {
             continue;
         const double room = M - L->load[h];
         /* gain = M - max(M - d, load[h] + d) = min(d, room - d) <= room / 2 */
-        const double bound = room / 2 < xmax ? room / 2 : xmax;
+        double bound = room / 2 < xmax ? room / 2 : xmax;
+        bound = bound < c->cap ? bound : c->cap;
         if (!(room > 0) || bound / (2 * SLOT_COST) < best.score)
             break;
+        if (c->p->hierarchical && node_of(c, h) != node_of(c, g)) {
+            /* Another node: only experts whose groups are already on both
+             * sides may cross.  With groups kept on one node (the usual
+             * case) no GPU of another node qualifies: skipped in O(S). */
+            bool to_h = false, to_g = false;
+            for (uint32_t i = 0; i < S && !to_h; i++)
+                to_h = group_on_node(c, L, L->row[g0 + i], node_of(c, h));
+            for (uint32_t t = h * S; t < (h + 1) * S && !to_g; t++)
+                to_g = group_on_node(c, L, L->row[t], node_of(c, g));
+            if (!to_h || !to_g)
+                continue;
+        }
         /* This GPU's cheapest swap: free halves only where h holds one of
          * g's experts, and g one of h's. */
         bool free_to_h = false, free_to_g = false;
@@ -277,7 +304,8 @@ static void find_best(ctx *c, layer_state *L) {
             const double to_g = c->on_g[b] == tick ? 0 : ml;
             for (uint32_t i = 0; i < S; i++) {
                 const double d = x[g0 + i] - xb;
-                const double gain = d < room - d ? d : room - d;
+                double gain = d < room - d ? d : room - d;
+                gain = gain < c->cap ? gain : c->cap;
                 if (!(gain > thr) || gain < best.score * (to_h[i] + to_g))
                     continue;
                 const uint32_t s = g0 + i;
@@ -329,7 +357,8 @@ static void find_best(ctx *c, layer_state *L) {
         uint32_t on_g = 0;
         for (uint32_t s = g0; s < g0 + S; s++)
             on_g += L->row[s] == b;
-        const double shed = on_g * (L->w[b] / L->cnt[b] - L->w[b] / (L->cnt[b] + 1));
+        double shed = on_g * (L->w[b] / L->cnt[b] - L->w[b] / (L->cnt[b] + 1));
+        shed = shed < c->cap ? shed : c->cap;
         if (shed / SLOT_COST < best.score)
             continue;
         const uint32_t *held = c->holds + (size_t)hot_slot[i] * c->G;
@@ -479,7 +508,7 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
     double *dbl = eplb_malloc(((size_t)Lyr * (N + G)) * sizeof(double));
     int32_t *ints = eplb_malloc(((size_t)Lyr * (N + P + (size_t)groups * nodes)) * sizeof(int32_t));
     uint32_t *heap = eplb_malloc((size_t)Lyr * sizeof *heap);
-    uint32_t *order = eplb_malloc(((size_t)G + P) * sizeof *order);
+    uint32_t *order = eplb_calloc((size_t)3 * G + P, sizeof *order); /* order, donors, touch_tick, touch_at */
     double *x = eplb_malloc(((size_t)P + P / G) * sizeof *x);
     uint32_t *marks = eplb_calloc((size_t)N + (size_t)P, sizeof *marks); /* on_g [N], holds [S][G] = [P] */
     if (!c || !ls || !dbl || !ints || !heap || !order || !x || !marks) {
@@ -487,7 +516,7 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
         goto out;
     }
     *c = (ctx){ .p = p, .N = N, .P = P, .G = G, .S = P / G, .gpn = G / nodes, .nodes = nodes, .groups = groups,
-                .per_group = N / groups, .ls = ls, .order = order, .donors = order + G, .x = x, .lb = x + P, .on_g = marks, .holds = marks + N, .copies_left = p->max_copies, .slots_left = p->max_slots };
+                .per_group = N / groups, .ls = ls, .order = order, .donors = order + G, .touch_tick = order + G + P, .touch_at = order + 2 * G + P, .x = x, .lb = x + P, .on_g = marks, .holds = marks + N, .copies_left = p->max_copies, .slots_left = p->max_slots };
     c->min_link = nodes > 1 && p->cost_cross_node < p->cost_intra_node ? p->cost_cross_node : p->cost_intra_node;
     if (nodes == G && G > 1)
         c->min_link = p->cost_cross_node;
