@@ -368,3 +368,57 @@ Test(engine_exec_rpc, sigkill_while_pending_then_restart_keeps_it_and_commit_wor
     upb_Arena_Free(a);
     stop();
 }
+
+/* Every rank's plan past --max-message-bytes: RESOURCE_EXHAUSTED naming
+ * GetTransferPlan, and the pending rebalance is withdrawn (nothing
+ * changes); without include_transfer_plan each rank's plan fits. */
+TestSuite(engine_exec_limits, .timeout = 300);
+
+Test(engine_exec_limits, a_plan_answer_too_big_is_refused_and_withdrawn) {
+    eplbd_proc big = { .extra = { "--max-message-bytes", "8192" } };
+    eplbd_tmpdir(&big);
+    eplbd_start(&big);
+    client = eplb_client_open(big.addr);
+    upb_Arena *a = upb_Arena_New();
+    /* 64 experts on 32 ranks of 2 slots, no redundancy: a skewed load
+     * moves most slots across ranks, so the plan outweighs the placement. */
+    enum { LL = 4, NN = 64, PP = 64, GG = 32 };
+    eplb_v1_RegisterModelRequest *rr = harness_moe_request(a, "m", LL, NN, PP, GG);
+    eplb_v1_ParallelConfig_set_num_nodes(eplb_v1_RegisterModelRequest_mutable_parallel(rr, a), 2);
+    size_t len;
+    char *bytes = eplb_v1_RegisterModelRequest_serialize(rr, a, &len), msg[512];
+    cr_assert_eq(harness_rpc(client, "RegisterModel", bytes, len, a, NULL, NULL, msg, sizeof msg), 0, "%s", msg);
+    eplb_v1_RebalanceRequest *req = eplb_v1_RebalanceRequest_new(a);
+    eplb_v1_RebalanceRequest_set_model_id(req, upb_StringView_FromString("m"));
+    int64_t *ld = eplb_v1_RebalanceRequest_resize_physical_load(req, LL * PP, a);
+    for (int l = 0; l < LL; l++)
+        for (int s = 0; s < PP; s++)
+            ld[l * PP + s] = 1 + ((s * 37 + l * 11) % 101) * ((s * 13 + l) % 7 + 1);
+    eplb_v1_RebalanceRequest_set_force(req, true);
+    eplb_v1_RebalanceRequest_set_execution(req, eplb_v1_EXECUTION_ENGINE);
+    eplb_v1_RebalanceRequest_set_include_transfer_plan(req, true);
+    bytes = eplb_v1_RebalanceRequest_serialize(req, a, &len);
+    cr_assert_eq(harness_rpc(client, "Rebalance", bytes, len, a, NULL, NULL, msg, sizeof msg), 8, "%s", msg);
+    cr_assert_not_null(strstr(msg, "GetTransferPlan"), "%s", msg);
+    cr_assert_not_null(strstr(msg, "nothing is pending"), "%s", msg);
+    eplb_v1_Placement *p = get(a);
+    cr_assert_eq(eplb_v1_Placement_pending_rebalance_id(p).size, 0);
+    cr_assert_eq(eplb_v1_Placement_epoch(p), 0);
+    /* Without the plan in the answer: pending, and each rank's plan fits. */
+    eplb_v1_RebalanceRequest_set_include_transfer_plan(req, false);
+    bytes = eplb_v1_RebalanceRequest_serialize(req, a, &len);
+    char *body = NULL;
+    size_t blen = 0;
+    cr_assert_eq(harness_rpc(client, "Rebalance", bytes, len, a, &body, &blen, msg, sizeof msg), 0, "%s", msg);
+    eplb_v1_RebalanceResponse *r = eplb_v1_RebalanceResponse_parse(body, blen, a);
+    const char *rid = rid_of(a, r);
+    for (uint32_t g = 0; g < GG; g++) {
+        eplb_v1_TransferPlan *plan;
+        cr_assert_eq(get_plan(a, rid, g, &plan, NULL, NULL, msg, sizeof msg), 0, "rank %u: %s", g, msg);
+    }
+    cr_assert_eq(commit(a, rid, true, 0, NULL, msg, sizeof msg), 0, "%s", msg);
+    upb_Arena_Free(a);
+    eplb_client_close(client);
+    cr_assert_eq(eplbd_stop(&big), 0);
+    eplbd_cleanup(&big);
+}
