@@ -62,6 +62,37 @@ def wrong_slots(rank, S, layers, p2l):
     return bad
 
 
+def sequence(spec, rank, S, client, rb, layers, maps, res):
+    """Rebalances one after another with the knobs of spec["sequence"]; after
+    each, whatever happened, every slot must hold the served placement."""
+    import numpy as np
+
+    L, P = spec["L"], spec["P"]
+    res["steps"] = []
+    for k, knobs in enumerate(spec["sequence"]):
+        rng = np.random.default_rng(100 + k)
+        load = rng.integers(1, 20, (L, P))
+        for layer in range(L):
+            load[layer, rng.integers(0, P, 3)] += rng.integers(100, 900, 3)
+        entry = {"k": k}
+        try:
+            out = rb.rebalance(layers, maps, physical_load=load, **knobs)
+            entry.update(committed=out.committed, commits=out.extra.get("commits", 0))
+        except EngineRebalanceError as e:
+            entry.update(error=str(e)[:400], steps_committed=e.steps_committed,
+                         touched=e.bytes_touched)
+        except eplb.EplbError as e:  # the leader's own Rebalance refused
+            entry.update(error=str(e)[:400], code=e.code.name)
+        served = client.get_placement("m")
+        entry["epoch"] = served.epoch
+        entry["state"] = served.state
+        entry["bad"] = len(wrong_slots(rank, S, layers, served.physical_to_logical))
+        entry["maps_installed"] = bool(torch.equal(maps["physical_to_logical_map"],
+                                                   torch.from_numpy(served.physical_to_logical)))
+        res["steps"].append(entry)
+    res["ok"] = True
+
+
 def main():
     spec = json.load(open(sys.argv[1]))
     rank = int(sys.argv[2])
@@ -88,6 +119,9 @@ def main():
 
         rb = EngineRebalancer(client, "m")
         t0 = time.monotonic()
+        if spec["mode"] == "sequence":
+            sequence(spec, rank, S, client, rb, layers, maps, res)
+            raise SystemExit
         try:
             if spec["mode"] == "rebalance":
                 outcome = rb.rebalance(layers, maps, on_step=on_step, physical_load=spec["load"],
@@ -129,6 +163,8 @@ def main():
                                 "plan_copies_cross_node": r.plan_copies_cross_node,
                                 "plan_copies_cross_gpu": r.plan_copies_cross_gpu, "pending": r.pending}
         client.close()
+    except SystemExit:
+        pass
     except Exception:
         res["error"] = traceback.format_exc()
     with open(out + ".tmp", "w") as f:

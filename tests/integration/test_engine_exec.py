@@ -203,6 +203,34 @@ class EngineExecTest(unittest.TestCase):
                              list(final.physical_to_logical))
             self.assertTrue(res[r]["maps_installed"])
 
+    def test_a_sequence_of_rebalances_with_varied_knobs(self):
+        """Staging bounds (none, 1, 2, 5 experts), steps, policies, slot
+        orders: after every call -- committed, kept by the gate, or refused
+        -- every slot holds the served placement and the maps are installed."""
+        eb = EXPERT_BYTES
+        seq = [dict(max_staging_bytes=0),
+               dict(max_staging_bytes=eb, layers_per_step=1, policy="incremental", force=True),
+               dict(max_staging_bytes=2 * eb, slot_order="algorithm"),
+               dict(max_staging_bytes=5 * eb, layers_per_step=3, policy="incremental", force=True),
+               dict(max_staging_bytes=0, slot_order="min_traffic", layers_per_step=2),
+               dict(max_staging_bytes=eb, policy="incremental", force=True)]
+        start = self.placement()
+        res, rcs = self.ranks("sequence", mode="sequence", sequence=seq)
+        self.assertEqual(rcs, [0] * G)
+        commits = 0
+        for r in range(G):
+            self.assertTrue(res[r].get("ok"), "rank %d: %s" % (r, res[r].get("error")))
+            for e in res[r]["steps"]:
+                self.assertEqual(e["bad"], 0, "rank %d after rebalance %s" % (r, e))
+                self.assertTrue(e["maps_installed"], "rank %d after rebalance %s" % (r, e))
+                self.assertEqual(e["state"], "MOVE_STATE_IDLE", e)
+                self.assertEqual(e.get("touched", 0), 0, e)
+            self.assertEqual([e["epoch"] for e in res[r]["steps"]], [e["epoch"] for e in res[0]["steps"]])
+        steps = res[0]["steps"]
+        commits = sum(e.get("commits", 0) + e.get("steps_committed", 0) for e in steps)
+        self.assertEqual(self.placement().epoch, start.epoch + commits)
+        self.assertGreaterEqual(sum(1 for e in steps if e.get("committed")), 4, steps)
+
     def test_a_rank_killed_mid_plan_leaves_the_model_needing_a_reload(self):
         start = self.placement()
         t0 = time.time()
