@@ -129,7 +129,11 @@ typedef struct policy_dims {
     uint32_t phy_per_node;    /* P / nodes */
     uint32_t gpus_per_node;   /* num_gpus / nodes */
     uint32_t phy_per_gpu;     /* P / num_gpus */
+    uint32_t batch;           /* layers whose replicas are packed together (pack_lanes) */
 } policy_dims;
+
+/* Independent packings interleaved by pack_lanes. */
+#define PACK_LANES 4
 
 static policy_dims policy_dims_of(const eplb_policy_shape *s) {
     policy_dims d;
@@ -144,6 +148,11 @@ static policy_dims policy_dims_of(const eplb_policy_shape *s) {
     d.phy_per_node = d.n_phy / d.nodes;
     d.gpus_per_node = s->num_gpus / d.nodes;
     d.phy_per_gpu = d.n_phy / s->num_gpus;
+    /* Enough layers that PACK_LANES packings (one per node and layer) run
+     * side by side, never more layers than there are. */
+    d.batch = d.nodes >= PACK_LANES ? 1 : (PACK_LANES + d.nodes - 1) / d.nodes;
+    if (d.batch > s->num_layers)
+        d.batch = s->num_layers;
     return d;
 }
 
@@ -173,7 +182,8 @@ typedef struct policy_scratch {
     policy_item *tmp;       /* [max(G, P/nodes)] merge sort buffer */
     double *group_w;        /* [G] load of each group */
     double *tok;            /* [N] load of each expert, node-major (mlog) order */
-    double *order_w;        /* [max(G, P/nodes)] weight of each item in visiting order */
+    double *order_w;        /* [batch * P] weight of each replica in visiting order, per layer and node */
+    double *gorder_w;       /* [G] weight of each group in visiting order */
     uint64_t *pack_key;     /* [2 * pow2(max(nodes, gpus/node))] pack winner tree */
     uint64_t *rep_key;      /* [2 * pow2(min(N, P - N) / nodes)] replicated-expert tree */
     uint64_t *rkey;         /* [N] radix keys: ascending = heaviest expert first */
@@ -185,12 +195,16 @@ typedef struct policy_scratch {
     int32_t *sorted;        /* [N] per node: its experts (node-local ids), heaviest first */
     int32_t *node_fill;     /* [nodes] fill position per node while splitting */
     int32_t *node_of;       /* [N] node of each node-major id (set once per call) */
-    int32_t *mlog2log;      /* [N] logical id of each node-major id */
+    int32_t *mlog2log;      /* [batch * N] logical id of each node-major id, per layer */
     int32_t *gslot;         /* [G] node * groups_per_node + rank of each group */
     int32_t *cnt;           /* [N/nodes] replicas of each node-local expert */
-    int32_t *phy2mlog;      /* [P/nodes] node-local expert of each replica */
-    int32_t *order;         /* [max(G, P/nodes)] items in visiting order */
-    int32_t *slot;          /* [P/nodes] GPU * P/num_gpus + rank of each replica */
+    int32_t *phy2mlog;      /* [batch * P] node-local expert of each replica, per layer and node */
+    int32_t *order;         /* [batch * P] replicas in visiting order, per layer and node */
+    int32_t *gorder;        /* [G] groups in visiting order */
+    int32_t *slot;          /* [batch * P] GPU * P/num_gpus + rank of each replica, per layer and node */
+    uint64_t *lane_key;     /* [batch * nodes * 2 * pow2(gpus/node)] pack_lanes' trees */
+    int32_t *lane_id;       /* [batch * nodes * 2 * pow2(gpus/node)] their ids */
+    int32_t *lane_n;        /* [batch * nodes * gpus/node] items in each of their packs */
     int32_t *pack_id;       /* [2 * pow2(max(nodes, gpus/node))] its ids */
     int32_t *pack_n;        /* [max(nodes, gpus/node)] items in each pack */
     int32_t *rep_id;        /* [2 * pow2(min(N, P - N) / nodes)] its ids */
@@ -217,7 +231,11 @@ static size_t policy_scratch_layout(const policy_dims *d, void *base, policy_scr
     PLACE(tmp, policy_item, n_items);
     PLACE(group_w, double, d->groups);
     PLACE(tok, double, d->n_log);
-    PLACE(order_w, double, n_items);
+    size_t bp = (size_t)d->batch * d->n_phy, chains = (size_t)d->batch * d->nodes;
+    size_t lane_leaves = pow2_at_least(d->gpus_per_node);
+    PLACE(order_w, double, bp);
+    PLACE(gorder_w, double, d->groups);
+    PLACE(lane_key, uint64_t, chains * 2 * lane_leaves);
     PLACE(pack_key, uint64_t, 2 * pack_leaves);
     PLACE(rep_key, uint64_t, 2 * rep_leaves);
     PLACE(rkey, uint64_t, d->n_log);
@@ -229,12 +247,15 @@ static size_t policy_scratch_layout(const policy_dims *d, void *base, policy_scr
     PLACE(sorted, int32_t, d->n_log);
     PLACE(node_fill, int32_t, d->nodes);
     PLACE(node_of, int32_t, d->n_log);
-    PLACE(mlog2log, int32_t, d->n_log);
+    PLACE(mlog2log, int32_t, (size_t)d->batch * d->n_log);
     PLACE(gslot, int32_t, d->groups);
     PLACE(cnt, int32_t, d->log_per_node);
-    PLACE(phy2mlog, int32_t, d->phy_per_node);
-    PLACE(order, int32_t, n_items);
-    PLACE(slot, int32_t, d->phy_per_node);
+    PLACE(phy2mlog, int32_t, bp);
+    PLACE(order, int32_t, bp);
+    PLACE(gorder, int32_t, d->groups);
+    PLACE(slot, int32_t, bp);
+    PLACE(lane_id, int32_t, chains * 2 * lane_leaves);
+    PLACE(lane_n, int32_t, chains * d->gpus_per_node);
     PLACE(pack_id, int32_t, 2 * pack_leaves);
     PLACE(pack_n, int32_t, n_packs);
     PLACE(rep_id, int32_t, 2 * rep_leaves);
@@ -630,6 +651,87 @@ static void pack_in_order(const int32_t *order, const double *w, uint32_t n, uin
     }
 }
 
+/* c ? a : b without a branch: a plain ?: in a winner tree's replay is compiled
+ * to a jump on a comparison of pack loads, a coin toss for the predictor, and
+ * each miss would also throw away the other lanes' work in flight. */
+static inline uint64_t select_u64(bool c, uint64_t a, uint64_t b) {
+    uint64_t m = (uint64_t)0 - (uint64_t)c;
+    return (a & m) | (b & ~m);
+}
+
+static inline int32_t select_i32(bool c, int32_t a, int32_t b) {
+    uint32_t m = (uint32_t)0 - (uint32_t)c;
+    return (int32_t)(((uint32_t)a & m) | ((uint32_t)b & ~m));
+}
+
+#if defined(__GNUC__) || defined(__clang__)
+#define POLICY_NOINLINE __attribute__((noinline))
+#else
+#define POLICY_NOINLINE
+#endif
+
+/* pack_in_order for PACK_LANES independent packings at once, each of n items
+ * into m packs (n/m > 1): lane c packs order[c][0..n) with weights w[c][]
+ * into slot[c][], with its own winner tree (key and id from c * 2M, M
+ * leaves) and pack counts (cnt from c * m).
+ *
+ * One packing is a single chain of dependent steps: an item's pack is known
+ * only once the previous item's tree replay is done (tens of cycles, most of
+ * a layer's time).  Here the lanes advance together, item by item and tree
+ * level by level (all the trees have the same depth), with no data-dependent
+ * branch, so the core overlaps their chains.  Each lane computes exactly
+ * what pack_in_order computes.  Not inlined: on its own it keeps the lanes
+ * in registers. */
+static POLICY_NOINLINE void pack_lanes(int32_t *const order[], double *const w[], uint32_t n,
+                                       uint32_t m, int32_t *const slot[], uint64_t *key,
+                                       int32_t *id, int32_t *cnt) {
+    size_t M = pow2_at_least(m), M2 = 2 * M;
+    unsigned depth = bit_width64(M) - 1;
+    int32_t per_pack = (int32_t)(n / m);
+    int32_t p[PACK_LANES];    /* each lane's lightest pack with room */
+    uint64_t pk[PACK_LANES];  /* its load */
+    for (uint32_t c = 0; c < PACK_LANES; c++) {
+        winner_tree t = {key + c * M2, id + c * M2, M};
+        tree_init(&t, m, key_ascending(0.0));
+        for (uint32_t q = 0; q < m; q++)
+            cnt[c * m + q] = 0;
+        p[c] = 0;
+        pk[c] = key_ascending(0.0);
+    }
+    for (uint32_t k = 0; k < n; k++) {
+        uint64_t kk[PACK_LANES];
+        int32_t ii[PACK_LANES];
+        for (uint32_t c = 0; c < PACK_LANES; c++) {
+            int32_t *cn = cnt + c * m;
+            int32_t cc = cn[p[c]];
+            slot[c][order[c][k]] = p[c] * per_pack + cc;
+            cn[p[c]] = cc + 1;
+            double load;
+            memcpy(&load, &pk[c], sizeof load);
+            uint64_t full = (uint64_t)0 - (uint64_t)(cc + 1 == per_pack);
+            kk[c] = (TREE_ABSENT & full) | (key_ascending(load + w[c][k]) & ~full);
+            ii[c] = p[c];
+            key[c * M2 + M + (size_t)p[c]] = kk[c];
+        }
+        for (unsigned lvl = 0; lvl < depth; lvl++) {
+            for (uint32_t c = 0; c < PACK_LANES; c++) {
+                size_t i = (M + (size_t)p[c]) >> lvl, sib = c * M2 + (i ^ 1);
+                uint64_t ks = key[sib];
+                int32_t is = id[sib];
+                bool win = ks < kk[c] + (i & 1); /* a left sibling wins ties */
+                kk[c] = select_u64(win, ks, kk[c]);
+                ii[c] = select_i32(win, is, ii[c]);
+                key[c * M2 + (i >> 1)] = kk[c];
+                id[c * M2 + (i >> 1)] = ii[c];
+            }
+        }
+        for (uint32_t c = 0; c < PACK_LANES; c++) {
+            p[c] = ii[c];
+            pk[c] = kk[c];
+        }
+    }
+}
+
 /* balanced_packing of w[0..n) into m packs (m divides n), for the groups:
  * slot[i] = pack * (n/m) + rank in pack. */
 static void balanced_packing(const double *w, uint32_t n, uint32_t m, int32_t *slot,
@@ -645,10 +747,10 @@ static void balanced_packing(const double *w, uint32_t n, uint32_t m, int32_t *s
     }
     sort_items(sc->items, sc->tmp, n);
     for (uint32_t k = 0; k < n; k++) {
-        sc->order[k] = sc->items[k].idx;
-        sc->order_w[k] = sc->items[k].w;
+        sc->gorder[k] = sc->items[k].idx;
+        sc->gorder_w[k] = sc->items[k].w;
     }
-    pack_in_order(sc->order, sc->order_w, n, m, slot, sc);
+    pack_in_order(sc->gorder, sc->gorder_w, n, m, slot, sc);
 }
 
 /* ---------------------------------------------------------------------------
@@ -714,7 +816,8 @@ static uint32_t replicate_experts(const double *tok, const int32_t *sorted, uint
  * case all their replicas are sorted one by one.  Both lists then merge. */
 static void order_replicas(const double *tok, const int32_t *sorted, uint32_t n_rep,
                            uint32_t n_log, uint32_t n_phy, const int32_t *phy2mlog,
-                           const int32_t *cnt, policy_scratch *sc) {
+                           const int32_t *cnt, int32_t *order, double *order_w,
+                           policy_scratch *sc) {
     policy_item *b = sc->items; /* [n_rep + redundant] replicas of replicated experts */
     uint32_t nb = 0;
     policy_item *ex = sc->tmp; /* [n_rep] replicated experts */
@@ -768,8 +871,6 @@ static void order_replicas(const double *tok, const int32_t *sorted, uint32_t n_
         sort_items(b, sc->tmp, nb);
     }
 
-    int32_t *order = sc->order;
-    double *order_w = sc->order_w;
     uint32_t ia = n_rep, ib = 0, k = 0;
     while (ia < n_log && ib < nb) {
         policy_item a = {tok[sorted[ia]], sorted[ia]};
@@ -801,10 +902,16 @@ static void order_replicas(const double *tok, const int32_t *sorted, uint32_t n_
  * reference's sequential double sum. */
 #define GROUP_SUM_MASK (((int64_t)1 << 33) - 1)
 
-/* One layer: load [N] -> out [P], logcnt [N].  Returns false, having
- * written nothing, when a load is negative. */
-static bool rebalance_layer(const policy_dims *d, const int64_t *load, int32_t *out,
-                            int32_t *logcnt, policy_scratch *sc) {
+/* One layer, all but packing its replicas onto GPUs: load [N] -> logcnt [N],
+ * and for batch slot b its node-major relabelling (mlog2log), and per node
+ * its replicas (phy2mlog) and their visiting order (order, order_w) for
+ * pack_lanes; with one slot per GPU there is nothing to pack, and out [P] is
+ * written here.  Returns false, having written nothing, when a load is
+ * negative. */
+static bool prepare_layer(const policy_dims *d, const int64_t *load, int32_t *out,
+                          int32_t *logcnt, policy_scratch *sc, uint32_t b) {
+    int32_t *mlog2log = sc->mlog2log + (size_t)b * d->n_log;
+    size_t bp = (size_t)b * d->n_phy;
     /* Step 1: groups onto nodes; node-major relabelling.  (The group sums
      * also catch a negative load.) */
     int64_t any = 0;
@@ -834,14 +941,14 @@ static bool rebalance_layer(const policy_dims *d, const int64_t *load, int32_t *
     for (uint32_t g = 0; g < d->groups; g++) {
         size_t base = (size_t)sc->gslot[g] * d->group_size;
         for (uint32_t j = 0; j < d->group_size; j++)
-            sc->mlog2log[base + j] = (int32_t)(g * d->group_size + j);
+            mlog2log[base + j] = (int32_t)(g * d->group_size + j);
     }
 
     /* All experts heaviest first (ties: lower mlog first), split by node
      * keeping that order, as node-local ids. */
     uint32_t fmin = UINT32_MAX, fmax = 0;
     for (uint32_t m = 0; m < d->n_log; m++) {
-        double t = (double)load[sc->mlog2log[m]];
+        double t = (double)load[mlog2log[m]];
         uint32_t b = float_image(t);
         sc->tok[m] = t;
         sc->fbits[m] = b;
@@ -862,32 +969,67 @@ static bool rebalance_layer(const policy_dims *d, const int64_t *load, int32_t *
     }
 
     for (uint32_t node = 0; node < d->nodes; node++) {
-        const int32_t *m2l = sc->mlog2log + (size_t)node * d->log_per_node;
+        const int32_t *m2l = mlog2log + (size_t)node * d->log_per_node;
         const double *tok = sc->tok + (size_t)node * d->log_per_node;
         const int32_t *sorted = sc->sorted + (size_t)node * d->log_per_node;
-        int32_t *node_out = out + (size_t)node * d->phy_per_node;
+        size_t at = bp + (size_t)node * d->phy_per_node;
+        int32_t *phy2mlog = sc->phy2mlog + at;
 
         /* Step 2: replicas within the node. */
         uint32_t n_rep = replicate_experts(tok, sorted, d->log_per_node, d->phy_per_node,
-                                           sc->phy2mlog, sc->cnt, sc);
+                                           phy2mlog, sc->cnt, sc);
 
-        /* Step 3: replicas onto the node's GPUs. */
+        /* Step 3 (the packing is pack_lanes'): replicas onto the node's GPUs. */
         if (d->phy_per_gpu == 1) {
+            int32_t *node_out = out + (size_t)node * d->phy_per_node;
             for (uint32_t p = 0; p < d->phy_per_node; p++)
-                node_out[p] = m2l[sc->phy2mlog[p]];
+                node_out[p] = m2l[phy2mlog[p]];
         } else {
-            order_replicas(tok, sorted, n_rep, d->log_per_node, d->phy_per_node, sc->phy2mlog,
-                           sc->cnt, sc);
-            pack_in_order(sc->order, sc->order_w, d->phy_per_node, d->gpus_per_node, sc->slot,
-                          sc);
-            /* Step 4: back to logical ids. */
-            for (uint32_t p = 0; p < d->phy_per_node; p++)
-                node_out[sc->slot[p]] = m2l[sc->phy2mlog[p]];
+            order_replicas(tok, sorted, n_rep, d->log_per_node, d->phy_per_node, phy2mlog,
+                           sc->cnt, sc->order + at, sc->order_w + at, sc);
         }
         for (uint32_t k = 0; k < d->log_per_node; k++)
             logcnt[m2l[k]] = sc->cnt[k];
     }
     return true;
+}
+
+/* Steps 3 and 4 for the nb layers prepared in batch slots 0..nb: pack every
+ * (layer, node)'s replicas onto its GPUs, PACK_LANES packings at a time, and
+ * map them back to logical ids into out [nb][P]. */
+static void finish_layers(const policy_dims *d, uint32_t nb, int32_t *out, policy_scratch *sc) {
+    if (d->phy_per_gpu == 1)
+        return;
+    uint32_t chains = nb * d->nodes, ppn = d->phy_per_node, m = d->gpus_per_node;
+    size_t tree = 2 * pow2_at_least(m);
+    uint32_t c0 = 0;
+    for (; c0 + PACK_LANES <= chains; c0 += PACK_LANES) {
+        int32_t *order[PACK_LANES], *slot[PACK_LANES];
+        double *w[PACK_LANES];
+        for (uint32_t c = 0; c < PACK_LANES; c++) {
+            size_t at = (size_t)(c0 + c) * ppn; /* chain = layer * nodes + node */
+            order[c] = sc->order + at;
+            w[c] = sc->order_w + at;
+            slot[c] = sc->slot + at;
+        }
+        pack_lanes(order, w, ppn, m, slot, sc->lane_key + c0 * tree, sc->lane_id + c0 * tree,
+                   sc->lane_n + (size_t)c0 * m);
+    }
+    for (; c0 < chains; c0++) { /* the rest one by one */
+        size_t at = (size_t)c0 * ppn;
+        pack_in_order(sc->order + at, sc->order_w + at, ppn, m, sc->slot + at, sc);
+    }
+    for (uint32_t b = 0; b < nb; b++) {
+        const int32_t *mlog2log = sc->mlog2log + (size_t)b * d->n_log;
+        for (uint32_t node = 0; node < d->nodes; node++) {
+            const int32_t *m2l = mlog2log + (size_t)node * d->log_per_node;
+            size_t at = (size_t)b * d->n_phy + (size_t)node * ppn;
+            const int32_t *slot = sc->slot + at, *phy2mlog = sc->phy2mlog + at;
+            int32_t *node_out = out + (size_t)b * d->n_phy + (size_t)node * ppn;
+            for (uint32_t p = 0; p < ppn; p++)
+                node_out[slot[p]] = m2l[phy2mlog[p]];
+        }
+    }
 }
 
 eplb_status eplb_policy_rebalance_scratch(const eplb_policy_shape *s, const int64_t *logical_load,
@@ -912,16 +1054,21 @@ eplb_status eplb_policy_rebalance_scratch(const eplb_policy_shape *s, const int6
         for (uint32_t k = 0; k < d.log_per_node; k++)
             sc.node_of[node * d.log_per_node + k] = (int32_t)node;
 
-    for (uint32_t l = 0; l < s->num_layers; l++) {
-        const int64_t *load = logical_load + (size_t)l * d.n_log;
-        if (!rebalance_layer(&d, load, phy2log + (size_t)l * d.n_phy,
-                             logcnt + (size_t)l * d.n_log, &sc)) {
-            uint32_t e = 0;
-            while (load[e] >= 0) e++;
-            return eplb_error_set(err, EPLB_EINVAL,
-                                  "logical_load[%u][%u] is %lld; loads must be >= 0", l, e,
-                                  (long long)load[e]);
+    for (uint32_t l0 = 0; l0 < s->num_layers; l0 += d.batch) {
+        uint32_t nb = s->num_layers - l0 < d.batch ? s->num_layers - l0 : d.batch;
+        for (uint32_t b = 0; b < nb; b++) {
+            uint32_t l = l0 + b;
+            const int64_t *load = logical_load + (size_t)l * d.n_log;
+            if (!prepare_layer(&d, load, phy2log + (size_t)l * d.n_phy,
+                               logcnt + (size_t)l * d.n_log, &sc, b)) {
+                uint32_t e = 0;
+                while (load[e] >= 0) e++;
+                return eplb_error_set(err, EPLB_EINVAL,
+                                      "logical_load[%u][%u] is %lld; loads must be >= 0", l, e,
+                                      (long long)load[e]);
+            }
         }
+        finish_layers(&d, nb, phy2log + (size_t)l0 * d.n_phy, &sc);
     }
     return EPLB_OK;
 }
