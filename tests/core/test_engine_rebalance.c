@@ -406,3 +406,86 @@ Test(engine_rebalance, store_failures_change_nothing) {
     eplb_rebalance_result_free(&c);
     eplb_rebalance_result_free(&res);
 }
+
+#include "eplb_alloc.h"
+
+/* Every allocation of each engine call, failed in turn: a clean
+ * EPLB_ENOMEM that stores and publishes nothing, then success. */
+Test(engine_rebalance, every_allocation_failure_is_clean) {
+    eplb_error err;
+    eplb_rebalance_result res;
+    int walked = 0;
+    for (long n = 1;; n++) {
+        int saves = store.saves;
+        eplb_rebalance_request req = engine_request(2);
+        eplb_alloc_fail_at(n, 0);
+        eplb_status st = eplb_registry_rebalance(reg, &req, &res, &err);
+        eplb_alloc_fail_at(0, 0);
+        if (st == EPLB_OK)
+            break;
+        cr_assert_eq(st, EPLB_ENOMEM, "allocation %ld: %s", n, err.msg);
+        cr_assert_eq(store.saves, saves, "allocation %ld: stored anyway", n);
+        eplb_model_view v = view();
+        cr_assert_str_empty(v.pending_id, "allocation %ld: pending anyway", n);
+        eplb_model_view_release(&v);
+        walked++;
+    }
+    cr_assert_gt(walked, 5);
+    char id[EPLB_REBALANCE_ID_MAX + 1];
+    snprintf(id, sizeof id, "%s", res.rebalance_id);
+    eplb_rebalance_result_free(&res);
+    for (long n = 1;; n++) {
+        eplb_transfer_answer a;
+        eplb_alloc_fail_at(n, 0);
+        eplb_status st = eplb_registry_get_transfer_plan(reg, "m", id, 3, &a, &err);
+        eplb_alloc_fail_at(0, 0);
+        if (st == EPLB_OK) {
+            eplb_transfer_plan_free(&a.plan);
+            break;
+        }
+        cr_assert_eq(st, EPLB_ENOMEM, "allocation %ld: %s", n, err.msg);
+    }
+    for (long n = 1;; n++) {
+        eplb_continue_request cq = { .model_id = "m", .rebalance_id = id, .include_transfer_plan = true };
+        eplb_alloc_fail_at(n, 0);
+        eplb_status st = eplb_registry_continue(reg, &cq, &res, &err);
+        eplb_alloc_fail_at(0, 0);
+        if (st == EPLB_OK) {
+            eplb_rebalance_result_free(&res);
+            break;
+        }
+        cr_assert_eq(st, EPLB_ENOMEM, "allocation %ld: %s", n, err.msg);
+    }
+    for (long n = 1;; n++) {
+        int saves = store.saves;
+        eplb_alloc_fail_at(n, 0);
+        eplb_status st = eplb_registry_commit_rebalance(reg, "m", id, true, 0, &res, &err);
+        eplb_alloc_fail_at(0, 0);
+        if (st == EPLB_OK) {
+            cr_assert_eq(res.placement.epoch, 1);
+            eplb_rebalance_result_free(&res);
+            break;
+        }
+        cr_assert_eq(st, EPLB_ENOMEM, "allocation %ld: %s", n, err.msg);
+        cr_assert_eq(store.saves, saves, "allocation %ld: stored anyway", n);
+        eplb_model_view v = view();
+        cr_assert_eq(v.snap->placement.epoch, 0, "allocation %ld: committed anyway", n);
+        cr_assert_str_eq(v.pending_id, id);
+        eplb_model_view_release(&v);
+    }
+    /* The next step's plan is built on demand: its failures are clean too. */
+    for (long n = 1;; n++) {
+        eplb_abort_result ab;
+        eplb_alloc_fail_at(n, 0);
+        eplb_status st = eplb_registry_abort_rebalance(reg, "m", id, 0, &ab, &err);
+        eplb_alloc_fail_at(0, 0);
+        if (st == EPLB_OK) {
+            cr_assert_eq(ab.epoch, 1);
+            break;
+        }
+        cr_assert_eq(st, EPLB_ENOMEM, "allocation %ld: %s", n, err.msg);
+    }
+    eplb_model_view v = view();
+    cr_assert_str_empty(v.pending_id);
+    eplb_model_view_release(&v);
+}
