@@ -57,6 +57,12 @@ static const command commands[] = {
       eplb_v1_RebalanceResponse_getmsgdef, "rebalance JSON       RebalanceRequest" },
     { "continue", "ContinueRebalance", eplb_v1_ContinueRebalanceRequest_getmsgdef,
       eplb_v1_RebalanceResponse_getmsgdef, "continue JSON        ContinueRebalanceRequest (the next step of a stepped rebalance)" },
+    { "transfer-plan", "GetTransferPlan", eplb_v1_GetTransferPlanRequest_getmsgdef, eplb_v1_TransferPlan_getmsgdef,
+      "transfer-plan JSON   GetTransferPlanRequest (one rank's plan of an engine-executed rebalance)" },
+    { "commit", "CommitRebalance", eplb_v1_CommitRebalanceRequest_getmsgdef, eplb_v1_RebalanceResponse_getmsgdef,
+      "commit JSON          CommitRebalanceRequest (after every rank ran its plan)" },
+    { "abort", "AbortRebalance", eplb_v1_AbortRebalanceRequest_getmsgdef, eplb_v1_AbortRebalanceResponse_getmsgdef,
+      "abort JSON           AbortRebalanceRequest (bytes_touched > 0: the model needs a reload)" },
     { "record-load", "RecordLoad", eplb_v1_RecordLoadRequest_getmsgdef,
       eplb_v1_RecordLoadResponse_getmsgdef, "record-load JSON     RecordLoadRequest" },
     { "attach", "AttachWeights", eplb_v1_AttachWeightsRequest_getmsgdef,
@@ -74,7 +80,7 @@ static void usage(FILE *f) {
     fprintf(f, "usage: eplbctl [OPTIONS] COMMAND [ARG]\n"
                "  --addr HOST:PORT|unix:PATH  (default $EPLBD_ADDR or 127.0.0.1:50051)\n"
                "  --timeout SECONDS     per call (default 30)\n"
-               "  --summary             get/setup/rebalance/continue/register: epoch, shape, state, replica\n"
+               "  --summary             get/setup/rebalance/continue/commit/register: epoch, shape, state, replica\n"
                "                        histogram, balancedness per layer, pending rebalance, not the maps\n"
                "  --allow-unregistered  register: exit 0 when the answer is \"registered\": false (default 3)\n"
                "  --tls-ca PEM          CA of the server's certificate: use TLS\n"
@@ -403,6 +409,10 @@ static void summary_placement(sbuf *b, const eplb_v1_Placement *p, const char *i
     sb_printf(b, "%s\"pending_rebalance_id\": ", ind);
     sb_json_sv(b, pend);
     sb_printf(b, ",\n%s\"pending_layers_done\": %u", ind, eplb_v1_Placement_pending_layers_done(p));
+    if (pend.size)
+        sb_printf(b, ",\n%s\"pending_execution\": \"%s\"", ind,
+                  eplb_v1_Placement_pending_execution(p) == eplb_v1_EXECUTION_ENGINE ? "EXECUTION_ENGINE"
+                                                                                    : "EXECUTION_SERVER");
 }
 
 static void summary_rebalance(sbuf *b, const eplb_v1_RebalanceResponse *r) {
@@ -443,7 +453,8 @@ static int print_summary(const char *method, const char *body, size_t len) {
     upb_Arena *arena = upb_Arena_New();
     sbuf b = { 0 };
     int rc = 0;
-    if (strcmp(method, "Rebalance") == 0 || strcmp(method, "ContinueRebalance") == 0) {
+    if (strcmp(method, "Rebalance") == 0 || strcmp(method, "ContinueRebalance") == 0 ||
+        strcmp(method, "CommitRebalance") == 0) {
         const eplb_v1_RebalanceResponse *r = eplb_v1_RebalanceResponse_parse(body, len, arena);
         if (r)
             summary_rebalance(&b, r);
@@ -494,6 +505,7 @@ static int print_summary(const char *method, const char *body, size_t len) {
 
 static bool has_summary(const char *method) {
     return strcmp(method, "Rebalance") == 0 || strcmp(method, "ContinueRebalance") == 0 ||
+           strcmp(method, "CommitRebalance") == 0 ||
            strcmp(method, "RegisterModel") == 0 || strcmp(method, "GetPlacement") == 0 ||
            strcmp(method, "SetupFromMapping") == 0;
 }
