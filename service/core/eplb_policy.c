@@ -60,7 +60,8 @@
 #include <stdalign.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__SSE2__)
+#if defined(__SSE2__) && !defined(EPLB_POLICY_PORTABLE)
+#define POLICY_SSE2 1
 #include <emmintrin.h>
 #endif
 
@@ -202,7 +203,7 @@ typedef struct policy_scratch {
     int32_t *order;         /* [batch * P] replicas in visiting order, per layer and node */
     int32_t *gorder;        /* [G] groups in visiting order */
     int32_t *slot;          /* [batch * P] GPU * P/num_gpus + rank of each replica, per layer and node */
-    uint64_t *lane_key;     /* [batch * nodes * 2 * pow2(gpus/node)] pack_lanes' trees */
+    uint64_t *lane_key;     /* [batch * nodes * 2 * pow2(gpus/node)] pack_lanes' trees (4 interleaved) */
     int32_t *lane_id;       /* [batch * nodes * 2 * pow2(gpus/node)] their ids */
     int32_t *lane_n;        /* [batch * nodes * gpus/node] items in each of their packs */
     int32_t *pack_id;       /* [2 * pow2(max(nodes, gpus/node))] its ids */
@@ -651,6 +652,30 @@ static void pack_in_order(const int32_t *order, const double *w, uint32_t n, uin
     }
 }
 
+#if defined(__GNUC__) || defined(__clang__)
+#define POLICY_NOINLINE __attribute__((noinline))
+#else
+#define POLICY_NOINLINE
+#endif
+
+/* One winner-tree level for a lane: if the sibling (ks, is) beats (k, id),
+ * i.e. ks < kt where kt = k + 1 for a left sibling (it wins ties) and k for a
+ * right one, take it.  Two conditional moves on x86-64 (gcc turns a ?: here
+ * into a jump, and a mask select costs more instructions). */
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__) && !defined(EPLB_POLICY_PORTABLE)
+static inline void lane_step(uint64_t ks, int32_t is, uint64_t kt, uint64_t *k, int32_t *id) {
+    uint64_t kv = *k;
+    int32_t iv = *id;
+    __asm__("cmpq %[kt], %[ks]\n\t"
+            "cmovbq %[ks], %[kv]\n\t"
+            "cmovbl %[is], %[iv]"
+            : [kv] "+r"(kv), [iv] "+r"(iv)
+            : [ks] "r"(ks), [is] "r"(is), [kt] "r"(kt)
+            : "cc");
+    *k = kv;
+    *id = iv;
+}
+#else
 /* c ? a : b without a branch: a plain ?: in a winner tree's replay is compiled
  * to a jump on a comparison of pack loads, a coin toss for the predictor, and
  * each miss would also throw away the other lanes' work in flight. */
@@ -664,16 +689,18 @@ static inline int32_t select_i32(bool c, int32_t a, int32_t b) {
     return (int32_t)(((uint32_t)a & m) | ((uint32_t)b & ~m));
 }
 
-#if defined(__GNUC__) || defined(__clang__)
-#define POLICY_NOINLINE __attribute__((noinline))
-#else
-#define POLICY_NOINLINE
+static inline void lane_step(uint64_t ks, int32_t is, uint64_t kt, uint64_t *k, int32_t *id) {
+    bool win = ks < kt;
+    *k = select_u64(win, ks, *k);
+    *id = select_i32(win, is, *id);
+}
 #endif
 
 /* pack_in_order for PACK_LANES independent packings at once, each of n items
  * into m packs (n/m > 1): lane c packs order[c][0..n) with weights w[c][]
- * into slot[c][], with its own winner tree (key and id from c * 2M, M
- * leaves) and pack counts (cnt from c * m).
+ * into slot[c][].  The lanes' winner trees are interleaved: node x of lane c
+ * at key[x * PACK_LANES + c] and id[...] (2M nodes, M leaves), as are their
+ * pack counts (cnt[pack * PACK_LANES + c]).
  *
  * One packing is a single chain of dependent steps: an item's pack is known
  * only once the previous item's tree replay is done (tens of cycles, most of
@@ -685,47 +712,56 @@ static inline int32_t select_i32(bool c, int32_t a, int32_t b) {
 static POLICY_NOINLINE void pack_lanes(int32_t *const order[], double *const w[], uint32_t n,
                                        uint32_t m, int32_t *const slot[], uint64_t *key,
                                        int32_t *id, int32_t *cnt) {
-    size_t M = pow2_at_least(m), M2 = 2 * M;
+    enum { NL = PACK_LANES };
+    size_t M = pow2_at_least(m);
     unsigned depth = bit_width64(M) - 1;
     int32_t per_pack = (int32_t)(n / m);
-    int32_t p[PACK_LANES];    /* each lane's lightest pack with room */
-    uint64_t pk[PACK_LANES];  /* its load */
-    for (uint32_t c = 0; c < PACK_LANES; c++) {
-        winner_tree t = {key + c * M2, id + c * M2, M};
-        tree_init(&t, m, key_ascending(0.0));
-        for (uint32_t q = 0; q < m; q++)
-            cnt[c * m + q] = 0;
+    for (size_t x = 0; x < M; x++)
+        for (uint32_t c = 0; c < NL; c++) {
+            key[(M + x) * NL + c] = x < m ? key_ascending(0.0) : TREE_ABSENT;
+            id[(M + x) * NL + c] = (int32_t)x;
+        }
+    for (size_t x = M - 1; x >= 1; x--)
+        for (uint32_t c = 0; c < NL; c++) {
+            key[x * NL + c] = key[2 * x * NL + c];
+            id[x * NL + c] = id[2 * x * NL + c];
+        }
+    for (size_t q = 0; q < (size_t)m * NL; q++)
+        cnt[q] = 0;
+    int32_t p[NL];    /* each lane's lightest pack with room */
+    uint64_t pk[NL];  /* its load */
+    for (uint32_t c = 0; c < NL; c++) {
         p[c] = 0;
         pk[c] = key_ascending(0.0);
     }
     for (uint32_t k = 0; k < n; k++) {
-        uint64_t kk[PACK_LANES];
-        int32_t ii[PACK_LANES];
-        for (uint32_t c = 0; c < PACK_LANES; c++) {
-            int32_t *cn = cnt + c * m;
-            int32_t cc = cn[p[c]];
+        uint64_t kk[NL];
+        int32_t ii[NL];
+        size_t pos[NL];
+        for (uint32_t c = 0; c < NL; c++) {
+            int32_t *cn = cnt + (size_t)p[c] * NL + c;
+            int32_t cc = *cn;
             slot[c][order[c][k]] = p[c] * per_pack + cc;
-            cn[p[c]] = cc + 1;
+            *cn = cc + 1;
             double load;
             memcpy(&load, &pk[c], sizeof load);
             uint64_t full = (uint64_t)0 - (uint64_t)(cc + 1 == per_pack);
             kk[c] = (TREE_ABSENT & full) | (key_ascending(load + w[c][k]) & ~full);
             ii[c] = p[c];
-            key[c * M2 + M + (size_t)p[c]] = kk[c];
+            pos[c] = M + (size_t)p[c];
+            key[pos[c] * NL + c] = kk[c];
         }
         for (unsigned lvl = 0; lvl < depth; lvl++) {
-            for (uint32_t c = 0; c < PACK_LANES; c++) {
-                size_t i = (M + (size_t)p[c]) >> lvl, sib = c * M2 + (i ^ 1);
-                uint64_t ks = key[sib];
-                int32_t is = id[sib];
-                bool win = ks < kk[c] + (i & 1); /* a left sibling wins ties */
-                kk[c] = select_u64(win, ks, kk[c]);
-                ii[c] = select_i32(win, is, ii[c]);
-                key[c * M2 + (i >> 1)] = kk[c];
-                id[c * M2 + (i >> 1)] = ii[c];
+            for (uint32_t c = 0; c < NL; c++) {
+                size_t i = pos[c], sib = (i ^ 1) * NL + c;
+                lane_step(key[sib], id[sib], kk[c] + (i & 1), &kk[c], &ii[c]);
+                i >>= 1;
+                key[i * NL + c] = kk[c];
+                id[i * NL + c] = ii[c];
+                pos[c] = i;
             }
         }
-        for (uint32_t c = 0; c < PACK_LANES; c++) {
+        for (uint32_t c = 0; c < NL; c++) {
             p[c] = ii[c];
             pk[c] = kk[c];
         }
@@ -1092,7 +1128,7 @@ eplb_status eplb_policy_rebalance(const eplb_policy_shape *s, const int64_t *log
  * preserve_intragpu_slots
  * ------------------------------------------------------------------------- */
 
-#if defined(__SSE2__)
+#if defined(POLICY_SSE2)
 /* One GPU of one layer with k <= 16 slots (DeepSeek-V3: 9), as
  * preserve_gpu_small with the k entries in four SSE2 registers: the entries
  * matching old[s] are one compare and mask extraction per register, and no
@@ -1246,7 +1282,7 @@ void eplb_policy_preserve_slots(uint32_t num_layers, uint32_t num_physical, uint
     size_t k = num_physical / num_gpus;
     if (k > EPLB_POLICY_MAX_EXPERTS)
         return;
-#if defined(__SSE2__)
+#if defined(POLICY_SSE2)
     if (k <= 16) {
         for (size_t off = 0; off < (size_t)num_layers * num_physical; off += k)
             preserve_gpu_16(k, old_phy2log + off, new_phy2log + off);

@@ -62,8 +62,9 @@ eplb_status eplb_policy_check(const eplb_policy_shape *s, eplb_error *err);
 /* True when a valid shape takes the hierarchical path (G % num_nodes == 0). */
 bool eplb_policy_is_hierarchical(const eplb_policy_shape *s);
 
-/* Bytes of scratch eplb_policy_rebalance_scratch() needs for shape s (one
- * layer's worth, reused for every layer: O(N + P)); 0 if s is invalid. */
+/* Bytes of scratch eplb_policy_rebalance_scratch() needs for shape s (a few
+ * layers' worth, reused for every batch of layers: O(N + P)); 0 if s is
+ * invalid. */
 size_t eplb_policy_scratch_size(const eplb_policy_shape *s);
 
 /* Rebalance every layer.
