@@ -21,7 +21,8 @@
  * MIN_TRAFFIC's, rebalances that made balancedness worse (must be 0 for
  * INCREMENTAL), the stall an engine would see at 50 GB/s per GPU (the
  * slowest GPU's bytes in + out, from eplb_plan_build's sources), and the
- * median compute time (policy + the plans of all layers).  For "shift":
+ * median compute time (policy + the plans of all layers), and the layers
+ * per rebalance that took the from-scratch row (fb).  For "shift":
  * rel at the 1st and 2nd rebalance after the shift.
  *
  *   ./bench_incremental [rebalances]
@@ -83,6 +84,8 @@ static const strategy strategies[] = {
     { "incremental t=0.90", EPLB_POLICY_INCREMENTAL, EPLB_SLOT_PRESERVE, 0.90, 0 },
     { "incr t=0.99 slots<=2%", EPLB_POLICY_INCREMENTAL, EPLB_SLOT_PRESERVE, 0.99, 0.02 },
     { "incr t=0.99 slots<=5%", EPLB_POLICY_INCREMENTAL, EPLB_SLOT_PRESERVE, 0.99, 0.05 },
+    /* No rebalance at all: the stale placement's balancedness. */
+    { "stale (never moves)", EPLB_POLICY_INCREMENTAL, EPLB_SLOT_PRESERVE, 0.99, -1 },
 };
 #define NSTRAT (sizeof strategies / sizeof strategies[0])
 
@@ -92,7 +95,7 @@ typedef struct bench_case {
 } bench_case;
 
 typedef struct acc {
-    double rel_sum, rel_min, gpu_bytes, node_bytes, stall_s_sum;
+    double rel_sum, rel_min, gpu_bytes, node_bytes, stall_s_sum, from_scratch;
     int worse, n;
     double rel_after_shift[2];
     double ms[1024];
@@ -196,6 +199,11 @@ static int run(const bench_case *bc, const char *trace, double drift, int R) {
             req.knobs.policy = sg->policy;
             req.knobs.target_balancedness = sg->target;
             req.knobs.max_slots_moved = sg->budget_frac > 0 ? (uint64_t)(sg->budget_frac * (double)np) : 0;
+            if (sg->budget_frac < 0) { /* stale: a budget of nothing */
+                req.knobs.expert_bytes = 1;
+                req.knobs.max_bytes_moved = 1;
+                req.knobs.max_slots_moved = 1;
+            }
             eplb_next_report rep;
             double t0 = now_ms();
             if (eplb_next_placement(&req, next, ncnt, NULL, NULL, &rep, &err) != EPLB_OK) {
@@ -211,6 +219,7 @@ static int run(const bench_case *bc, const char *trace, double drift, int R) {
             double rel = rep.balancedness_after / ref;
             x->rel_sum += rel;
             x->rel_min = x->n == 0 || rel < x->rel_min ? rel : x->rel_min;
+            x->from_scratch += rep.layers_from_scratch;
             x->worse += rep.balancedness_after < rep.balancedness_before - 1e-12;
             x->gpu_bytes += (double)rep.copies_cross_gpu * BYTES_PER_EXPERT;
             x->node_bytes += (double)rep.copies_cross_node * BYTES_PER_EXPERT;
@@ -224,8 +233,8 @@ static int run(const bench_case *bc, const char *trace, double drift, int R) {
     }
     printf("\n%s, trace %s (drift %.2f), %d rebalances, %u layers x %u experts x %u slots, %u GPUs / %u nodes\n",
            bc->name, trace, drift, R, L, N, P, G, s->num_nodes);
-    printf("%-24s %7s %7s %11s %11s %8s %6s %9s %8s%s\n", "strategy", "rel", "rel_min", "GB/rebal",
-           "xnode GB", "vs MT", "worse", "stall s", "ms p50", strcmp(trace, "shift") == 0 ? "  shift+1 shift+2" : "");
+    printf("%-24s %7s %7s %11s %11s %8s %6s %9s %8s %6s%s\n", "strategy", "rel", "rel_min", "GB/rebal",
+           "xnode GB", "vs MT", "worse", "stall s", "ms p50", "fb", strcmp(trace, "shift") == 0 ? "  shift+1 shift+2" : "");
     const double mt = a[1].gpu_bytes > 0 ? a[1].gpu_bytes : INFINITY;
     for (size_t k = 0; k < NSTRAT; k++) {
         acc *x = &a[k];
@@ -233,9 +242,9 @@ static int run(const bench_case *bc, const char *trace, double drift, int R) {
             continue;
         int n = x->n < 1024 ? x->n : 1024;
         qsort(x->ms, (size_t)n, sizeof x->ms[0], cmp_double);
-        printf("%-24s %7.4f %7.4f %11.1f %11.1f %7.1f%% %6d %9.3f %8.3f", strategies[k].name, x->rel_sum / x->n,
-               x->rel_min, x->gpu_bytes / x->n / 1e9, x->node_bytes / x->n / 1e9, 100.0 * x->gpu_bytes / mt,
-               x->worse, x->stall_s_sum / x->n, x->ms[n / 2]);
+        printf("%-24s %7.4f %7.4f %11.1f %11.1f %7.1f%% %6d %9.3f %8.3f %6.1f", strategies[k].name,
+               x->rel_sum / x->n, x->rel_min, x->gpu_bytes / x->n / 1e9, x->node_bytes / x->n / 1e9,
+               100.0 * x->gpu_bytes / mt, x->worse, x->stall_s_sum / x->n, x->ms[n / 2], x->from_scratch / x->n);
         if (strcmp(trace, "shift") == 0)
             printf("  %7.4f %7.4f", x->rel_after_shift[0], x->rel_after_shift[1]);
         printf("\n");

@@ -67,7 +67,7 @@ typedef struct layer_state {
     int32_t *head;       /* [N] first slot of each expert, -1 none */
     int32_t *next;       /* [P] next slot of the same expert, -1 end */
     int32_t *grp_node;   /* [groups][nodes], hierarchical only */
-    double target;       /* stop once max <= target */
+    double target;       /* the layer's floor: gains below it do not count, done at it */
     uint32_t changes;    /* applied so far; at most P (then every slot could have been rewritten) */
     bool done;
     change best;
@@ -494,6 +494,7 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
                    G = p->shape.num_gpus;
     /* Nodes price links always; they constrain groups only when hierarchical. */
     const uint32_t nodes = p->shape.num_nodes && G % p->shape.num_nodes == 0 ? p->shape.num_nodes : 1;
+    double total = 0; /* sum over layers of the max GPU load: balancedness = sum of means / this */
     const uint32_t groups = p->hierarchical ? p->shape.num_groups : 1;
     for (size_t i = 0; i < (size_t)Lyr * P; i++)
         if (phy2log[i] < 0 || (uint32_t)phy2log[i] >= N)
@@ -529,7 +530,7 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
         L->head = ints + (size_t)l * (N + P + (size_t)groups * nodes);
         L->next = L->head + N;
         L->grp_node = L->next + P;
-        L->target = p->target_max ? p->target_max[l] : -1;
+        L->target = p->layer_floor ? p->layer_floor[l] : -1;
         for (uint32_t e = 0; e < N; e++) {
             L->w[e] = (double)p->logical_load[(size_t)l * N + e];
             L->head[e] = -1;
@@ -551,6 +552,7 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
             goto out;
         }
         recompute_loads(c, L);
+        total += L->load[busiest(c, L)];
     }
     /* The current placement may not be hierarchical (say, registered with
      * the initial map): then the constraint is only "do not spread a group
@@ -558,15 +560,13 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
     uint32_t n = 0;
     for (uint32_t l = 0; l < Lyr; l++) {
         find_best(c, &ls[l]);
-        if (ls[l].done) {
-            stats->layers_at_target += ls[l].target >= 0 && ls[l].load[busiest(c, &ls[l])] <= ls[l].target;
-            continue;
-        }
-        heap[n++] = l;
+        if (!ls[l].done)
+            heap[n++] = l;
     }
     for (uint32_t i = n / 2; i-- > 0;)
         heap_down(ls, heap, n, i);
-    while (n) {
+    /* total is kept exact enough: each step swaps one layer's max. */
+    while (n && !(p->total_target >= 0 && total <= p->total_target * (1 + 1e-12))) {
         const uint32_t l = heap[0];
         layer_state *L = &ls[l];
         if (!affordable(c, L->best.copies, L->best.slots)) {
@@ -574,7 +574,9 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
             stats->budget_exhausted = true;
             find_best(c, L);
         } else {
+            const double before = L->load[busiest(c, L)];
             apply(c, L, &L->best);
+            total += L->load[busiest(c, L)] - before;
             L->changes++;
             stats->changes++;
             stats->slots_moved += L->best.slots;
@@ -585,14 +587,14 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
                 c->slots_left -= L->best.slots;
             find_best(c, L);
         }
-        if (L->done) {
-            stats->layers_at_target += L->target >= 0 && L->load[busiest(c, L)] <= L->target;
+        if (L->done)
             heap[0] = heap[--n];
-        }
         heap_down(ls, heap, n, 0);
     }
+    stats->total_max = total;
+    stats->reached = p->total_target >= 0 && total <= p->total_target * (1 + 1e-12);
     if ((p->copies_budget && c->copies_left == 0) || (p->slots_budget && c->slots_left < 2))
-        stats->budget_exhausted = stats->budget_exhausted || stats->layers_at_target < Lyr;
+        stats->budget_exhausted = stats->budget_exhausted || !stats->reached;
 out:
     eplb_free(c);
     eplb_free(ls);

@@ -23,9 +23,10 @@
  * spreads to another node); no layer's max GPU load ever rises, so the
  * result is never less balanced than the current placement, layer by layer.
  *
- * It stops a layer when its max load is within the target (a fraction of
- * the from-scratch max, given per layer by the caller), when no change
- * lowers it, or when the budget left cannot pay for its next change.
+ * It stops when the model's balancedness reaches the target (the sum over
+ * layers of the max GPU load is within total_target), and a layer when no
+ * change lowers its max (or none below its floor), or when the budget left
+ * cannot pay for its next change.
  * Deterministic: ties break by layer, then slot, then expert index. */
 #ifndef EPLB_INCREMENTAL_H
 #define EPLB_INCREMENTAL_H
@@ -39,7 +40,14 @@
 typedef struct eplb_incremental_params {
     eplb_policy_shape shape;
     const int64_t *logical_load;  /* [L][N] */
-    const double *target_max;     /* [L]: stop a layer once its max GPU load <= this; NULL: never early */
+    /* The target is on the whole model: balancedness is (sum over layers of
+     * the mean GPU load) / (sum of the max), so it stops once the sum of
+     * the layers' max loads is <= total_target (< 0: only when nothing
+     * improves).  layer_floor [L] (NULL: none): a layer's max below which
+     * gains count for nothing (the from-scratch max: past it, bytes buy
+     * balance elsewhere more cheaply). */
+    double total_target;
+    const double *layer_floor;
     double cost_intra_node;       /* > 0 */
     double cost_cross_node;       /* > 0 */
     uint64_t max_copies;          /* budget in cross-GPU copies, when copies_budget */
@@ -52,7 +60,8 @@ typedef struct eplb_incremental_stats {
     uint64_t changes;             /* swaps + re-replications applied */
     uint64_t slots_moved;         /* slot rewrites (a slot rewritten twice counts twice) */
     uint64_t copies;              /* cross-GPU copies spent (the budget's unit) */
-    uint32_t layers_at_target;    /* layers that reached target_max */
+    double total_max;             /* sum over layers of the max GPU load, after */
+    bool reached;                 /* total_max <= total_target */
     bool budget_exhausted;        /* some layer stopped for the budget */
 } eplb_incremental_stats;
 

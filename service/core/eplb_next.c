@@ -133,7 +133,10 @@ static eplb_status incremental(const eplb_next_request *req, int32_t *phy2log, i
     double *ref_layer = eplb_malloc((size_t)L * sizeof *ref_layer);
     double *target_max = eplb_malloc((size_t)L * sizeof *target_max);
     double *inc_layer = eplb_malloc((size_t)L * sizeof *inc_layer);
-    uint64_t *inc_copies = eplb_malloc((size_t)L * 2 * sizeof *inc_copies); /* [L] copies, [L] slots */
+    /* Per layer: incremental copies, its slots, then the reference's
+     * copies + 1 (0 = not counted yet, UINT64_MAX = taken or not better)
+     * and slots. */
+    uint64_t *inc_copies = eplb_calloc((size_t)L * 4, sizeof *inc_copies);
     copy_marks m = { 0 };
     eplb_status st = EPLB_OK;
     if (!ref || !ref_cnt || !ref_layer || !target_max || !inc_layer || !inc_copies || !marks_init(&m, N)) {
@@ -153,13 +156,20 @@ static eplb_status incremental(const eplb_next_request *req, int32_t *phy2log, i
         copies_layer(&m, P, G, gpn, N, req->cur_phy2log + (size_t)l * P, ref + (size_t)l * P,
                      &rep->reference_copies_cross_gpu, &node);
     }
-    /* Per layer: max = mean / balancedness, and mean (total / G) is fixed. */
+    /* Per layer: max = mean / balancedness, and mean (total / G) is fixed.
+     * The target is on the model's balancedness, sum of means / sum of
+     * maxes: the sum of the layers' max loads must come within
+     * sum(from-scratch max) / target.  target_max holds each layer's
+     * from-scratch max (its floor). */
+    double ref_total = 0;
     for (uint32_t l = 0; l < L; l++) {
-        double total = 0;
+        double sum = 0;
         for (uint32_t e = 0; e < N; e++)
-            total += (double)req->logical_load[(size_t)l * N + e];
-        target_max[l] = total > 0 ? total / G / ref_layer[l] / target : 0;
+            sum += (double)req->logical_load[(size_t)l * N + e];
+        target_max[l] = sum > 0 ? sum / G / ref_layer[l] : 0;
+        ref_total += target_max[l];
     }
+    const double total_target = ref_total / target;
 
     memcpy(phy2log, req->cur_phy2log, (size_t)L * P * sizeof *phy2log);
     memcpy(logcnt, req->cur_logcnt, (size_t)L * N * sizeof *logcnt);
@@ -168,7 +178,8 @@ static eplb_status incremental(const eplb_next_request *req, int32_t *phy2log, i
     eplb_incremental_params ip = {
         .shape = *s,
         .logical_load = req->logical_load,
-        .target_max = target_max,
+        .total_target = total_target,
+        .layer_floor = target_max,
         .cost_intra_node = k->cost_intra_node > 0 ? k->cost_intra_node : EPLB_DEFAULT_COST_INTRA_NODE,
         .cost_cross_node = k->cost_cross_node > 0 ? k->cost_cross_node : EPLB_DEFAULT_COST_CROSS_NODE,
         .max_copies = max_copies,
@@ -194,48 +205,84 @@ static eplb_status incremental(const eplb_next_request *req, int32_t *phy2log, i
         used_copies += inc_copies[l];
         used_slots += slots;
     }
-    /* Fallback, layer by layer in order: a layer short of its target takes
-     * the reference row (min-traffic order) when that is better balanced
-     * and what is left of the budget allows it. */
-    uint32_t short_layers = 0;
-    const uint32_t reassign_nodes = eplb_policy_is_hierarchical(s) ? s->num_nodes : 1;
-    for (uint32_t l = 0; l < L; l++) {
-        const size_t off = (size_t)l * P;
-        if (!(inc_layer[l] < ref_layer[l] * target - 1e-12))
-            continue;
-        if (!(ref_layer[l] > inc_layer[l])) {
-            short_layers++;
-            continue;
+    /* Short of the target: layers take the reference row (min-traffic
+     * order), the most max load saved per copy first, while it is better
+     * than the layer's incremental row and the budget allows. */
+    double total = is.total_max;
+    bool reached = is.reached || L == 0;
+    if (!reached) {
+        const uint32_t reassign_nodes = eplb_policy_is_hierarchical(s) ? s->num_nodes : 1;
+        for (;;) {
+            int32_t pick = -1;
+            double pick_score = 0, pick_gain = 0;
+            uint64_t pick_rg = 0, pick_rslots = 0;
+            for (uint32_t l = 0; l < L; l++) {
+                if (inc_copies[2 * L + l] == UINT64_MAX)
+                    continue; /* taken, or not better */
+                const double inc_max = inc_layer[l] > 0 ? target_max[l] * ref_layer[l] / inc_layer[l] : 0;
+                const double gain = inc_max - target_max[l];
+                if (!(gain > 0)) {
+                    inc_copies[2 * L + l] = UINT64_MAX;
+                    continue;
+                }
+                const size_t off = (size_t)l * P;
+                int32_t *row = ref + off;
+                if (inc_copies[2 * L + l] == 0) { /* first look: order the row, count its copies */
+                    if (gpn <= NEXT_MIN_TRAFFIC_MAX_GPUS_PER_NODE)
+                        eplb_plan_reassign_gpus(1, P, G, reassign_nodes, req->cur_phy2log + off, row);
+                    eplb_policy_preserve_slots(1, P, G, req->cur_phy2log + off, row);
+                    uint64_t rg = 0, rn = 0, rslots = 0;
+                    copies_layer(&m, P, G, gpn, N, req->cur_phy2log + off, row, &rg, &rn);
+                    for (uint32_t i = 0; i < P; i++)
+                        rslots += req->cur_phy2log[off + i] != row[i];
+                    inc_copies[2 * L + l] = 1 + rg;           /* copies + 1: 0 means not looked at */
+                    inc_copies[3 * L + l] = rslots;
+                }
+                const uint64_t rg = inc_copies[2 * L + l] - 1, rslots = inc_copies[3 * L + l];
+                if ((copies_budget && used_copies - inc_copies[l] + rg > max_copies) ||
+                    (slots_budget && used_slots - inc_copies[L + l] + rslots > k->max_slots_moved))
+                    continue;
+                const double extra = rg > inc_copies[l] ? (double)(rg - inc_copies[l]) : 0;
+                const double score = gain / (1 + extra);
+                if (pick < 0 || score > pick_score) {
+                    pick = (int32_t)l;
+                    pick_score = score;
+                    pick_gain = gain;
+                    pick_rg = rg;
+                    pick_rslots = rslots;
+                }
+            }
+            if (pick < 0)
+                break;
+            const uint32_t l = (uint32_t)pick;
+            const size_t off = (size_t)l * P;
+            used_copies = used_copies - inc_copies[l] + pick_rg;
+            used_slots = used_slots - inc_copies[L + l] + pick_rslots;
+            memcpy(phy2log + off, ref + off, (size_t)P * sizeof *phy2log);
+            memcpy(logcnt + (size_t)l * N, ref_cnt + (size_t)l * N, (size_t)N * sizeof *logcnt);
+            inc_copies[2 * L + l] = UINT64_MAX;
+            rep->layers_from_scratch++;
+            total -= pick_gain;
+            if (total <= total_target * (1 + 1e-12)) {
+                reached = true;
+                break;
+            }
         }
-        int32_t *row = ref + off;
-        if (gpn <= NEXT_MIN_TRAFFIC_MAX_GPUS_PER_NODE)
-            eplb_plan_reassign_gpus(1, P, G, reassign_nodes, req->cur_phy2log + off, row);
-        eplb_policy_preserve_slots(1, P, G, req->cur_phy2log + off, row);
-        uint64_t rg = 0, rn = 0, rslots = 0;
-        copies_layer(&m, P, G, gpn, N, req->cur_phy2log + off, row, &rg, &rn);
-        for (uint32_t i = 0; i < P; i++)
-            rslots += req->cur_phy2log[off + i] != row[i];
-        if ((copies_budget && used_copies - inc_copies[l] + rg > max_copies) ||
-            (slots_budget && used_slots - inc_copies[L + l] + rslots > k->max_slots_moved)) {
-            short_layers++;
-            continue;
-        }
-        used_copies = used_copies - inc_copies[l] + rg;
-        used_slots = used_slots - inc_copies[L + l] + rslots;
-        memcpy(phy2log + off, row, (size_t)P * sizeof *phy2log);
-        memcpy(logcnt + (size_t)l * N, ref_cnt + (size_t)l * N, (size_t)N * sizeof *logcnt);
-        rep->layers_from_scratch++;
     }
     rep->policy_used = rep->layers_from_scratch == L ? EPLB_POLICY_DEEPSEEK : EPLB_POLICY_INCREMENTAL;
     if (rep->layers_from_scratch == L)
         snprintf(rep->reason, sizeof rep->reason,
                  "every layer fell back to the from-scratch placement (min-traffic order): local changes could "
                  "not reach the target %.4f of its balancedness", target);
-    else if (rep->layers_from_scratch || short_layers)
+    else if (!reached)
         snprintf(rep->reason, sizeof rep->reason,
-                 "%u of %u layers fell back to the from-scratch placement (min-traffic order); %u stayed short of "
-                 "the target %.4f of its balancedness%s", rep->layers_from_scratch, L, short_layers, target,
-                 short_layers && is.budget_exhausted ? " (budget)" : "");
+                 "short of the target %.4f of the from-scratch balancedness%s; %u of %u layers took the "
+                 "from-scratch placement (min-traffic order)", target,
+                 copies_budget || slots_budget ? " within the budget" : "", rep->layers_from_scratch, L);
+    else if (rep->layers_from_scratch)
+        snprintf(rep->reason, sizeof rep->reason,
+                 "%u of %u layers took the from-scratch placement (min-traffic order) to reach the target %.4f",
+                 rep->layers_from_scratch, L, target);
 out:
     eplb_free(m.old_gpu);
     eplb_free(inc_copies);

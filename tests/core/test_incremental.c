@@ -235,8 +235,9 @@ static void check_case(random_case *c, bool hierarchical_check) {
                       (unsigned long long)req.knobs.max_bytes_moved);
     if (budget_slots)
         cr_assert_leq(rep.slots_moved, req.knobs.max_slots_moved);
-    /* The target, when no budget binds (a layer short of it takes the
-     * from-scratch row, which meets it by definition). */
+    /* The target, when no budget binds: the model's balancedness (sum of
+     * means / sum of maxes) within target of the from-scratch one (layers
+     * take the from-scratch row until it is). */
     const double target = req.knobs.target_balancedness ? req.knobs.target_balancedness : 0.99;
     if (!budget_bytes && !budget_slots) {
         double *ref_layer = malloc(L * sizeof *ref_layer);
@@ -244,9 +245,6 @@ static void check_case(random_case *c, bool hierarchical_check) {
         cr_assert_eq(eplb_policy_rebalance(s, c->load, ref, ref_cnt, NULL), EPLB_OK);
         double refb = eplb_policy_balancedness(L, N, P, s->num_gpus, c->load, ref, ref_cnt, ref_layer);
         cr_assert_float_eq(rep.balancedness_reference, refb, 1e-12);
-        for (uint32_t l = 0; l < L; l++)
-            cr_assert_geq(after[l], ref_layer[l] * target - 1e-9, "layer %u: %.9f < %.4f x %.9f", l, after[l],
-                          target, ref_layer[l]);
         cr_assert_geq(rep.balancedness_after, refb * target - 1e-9);
         free(ref_layer);
         free(ref);
