@@ -13,8 +13,8 @@ from typing import Any, List, Optional, Union
 
 from ._proto.eplb.v1 import eplb_pb2
 
-__all__ = ["TransferOp", "TransferStep", "RankTransferPlan", "TransferPlan", "AbortResult",
-           "COPY", "SEND", "RECV", "as_rank_plan"]
+__all__ = ["TransferOp", "TransferStep", "RankTransferPlan", "TransferPlan", "AbortResult", "simulate_plan",
+           "PlanMismatch", "COPY", "SEND", "RECV", "as_rank_plan"]
 
 COPY, SEND, RECV = "copy", "send", "recv"
 _KIND_NAMES = {eplb_pb2.TRANSFER_OP_COPY: COPY, eplb_pb2.TRANSFER_OP_SEND: SEND, eplb_pb2.TRANSFER_OP_RECV: RECV}
@@ -171,3 +171,100 @@ def as_rank_plan(plan: Any, rank: Optional[int] = None) -> RankTransferPlan:
             raise ValueError("the plan is rank %d's, not rank %d's" % (plan.rank, rank))
         return plan
     raise TypeError("plan must be a (Rank)TransferPlan message or dataclass, got %s" % type(plan).__name__)
+
+
+class PlanMismatch(ValueError):
+    """:func:`simulate_plan` found a plan that does not do what it says: a
+    send without its receive, an op whose ``expert`` is not what it moves."""
+
+
+def simulate_plan(plan: Any, physical_to_logical: Any) -> Any:
+    """Run a whole plan (every rank's part) on expert ids instead of bytes, in
+    :func:`eplb.torch_exec.execute_plan`'s order, and return the
+    physical-to-logical map [L, P] (numpy int64) the slots hold afterwards.
+
+    ``physical_to_logical``: the map the plan starts from (its base_epoch's).
+    Each rank's part is checked first as execute_plan checks it
+    (:class:`eplb.torch_exec.PlanError`); then every SEND must meet exactly
+    one RECV of its peer in the same step with the same tag, and every op's
+    ``expert`` must be the expert it moves (:class:`PlanMismatch`).  No
+    torch needed: for tests, and to check a plan before running it."""
+    import numpy as np
+
+    from .torch_exec import validate_rank_plan
+
+    if isinstance(plan, eplb_pb2.TransferPlan):
+        plan = TransferPlan.from_proto(plan)
+    cur = np.array(physical_to_logical, dtype=np.int64, copy=True)
+    L, P = cur.shape
+    R = plan.num_ranks
+    S = plan.num_local_physical_experts or P // max(R, 1)
+    if R * S != P:
+        raise ValueError("the plan has %d ranks x %d slots, the map %d slots" % (R, S, P))
+    ranks = {r.rank: r for r in plan.ranks}
+    if sorted(ranks) != list(range(R)):
+        raise ValueError("simulate_plan needs every rank's part, the plan has %s" % sorted(ranks))
+    for r in ranks.values():
+        validate_rank_plan(r, S, R, num_layers=L, rank=r.rank)
+    nsteps = {len(r.steps) for r in ranks.values()}
+    if len(nsteps) != 1:
+        raise PlanMismatch("ranks have different step counts: %s" % sorted(nsteps))
+    staging = {r: {} for r in range(R)}
+    for i in range(nsteps.pop()):
+        steps = [ranks[r].steps[i] for r in range(R)]
+        layers = {s.layer for s in steps if s.ops}
+        if len(layers) > 1:
+            raise PlanMismatch("step %d: ranks move different layers %s" % (i, sorted(layers)))
+        if not layers:
+            continue
+        layer = layers.pop()
+        row = cur[layer]
+
+        def read(r: int, stg: bool, idx: int, what: str) -> int:
+            if stg:
+                if idx not in staging[r]:
+                    raise PlanMismatch("%s: rank %d reads staging %d, never written" % (what, r, idx))
+                return staging[r][idx]
+            return int(row[r * S + idx])
+
+        for r in range(R):  # (1) into staging
+            for j, op in enumerate(steps[r].ops):
+                if op.kind == COPY and op.dst_staging:
+                    v = read(r, op.src_staging, op.src, "step %d rank %d op %d" % (i, r, j))
+                    if op.expert >= 0 and v != op.expert:
+                        raise PlanMismatch("step %d rank %d op %d: stages expert %d, says %d"
+                                           % (i, r, j, v, op.expert))
+                    staging[r][op.dst] = v
+        sends, recvs = {}, {}
+        for r in range(R):  # (2) the batch: reads, then writes
+            for j, op in enumerate(steps[r].ops):
+                if op.kind == SEND:
+                    v = read(r, op.src_staging, op.src, "step %d rank %d op %d" % (i, r, j))
+                    if op.expert >= 0 and v != op.expert:
+                        raise PlanMismatch("step %d rank %d op %d: sends expert %d, says %d"
+                                           % (i, r, j, v, op.expert))
+                    sends[(r, op.peer_rank, op.tag)] = (v, op.cross_node)
+                elif op.kind == RECV:
+                    recvs[(op.peer_rank, r, op.tag)] = op
+        if set(sends) != set(recvs):
+            odd = sorted(set(sends) ^ set(recvs))[0]
+            raise PlanMismatch("step %d (layer %d): (from, to, tag) %s has no %s" %
+                               (i, layer, odd, "receive" if odd in sends else "send"))
+        for key, op in recvs.items():
+            v, xnode = sends[key]
+            if op.expert >= 0 and v != op.expert:
+                raise PlanMismatch("step %d: rank %d receives expert %d from rank %d, says %d"
+                                   % (i, key[1], v, key[0], op.expert))
+            if op.dst_staging:
+                staging[key[1]][op.dst] = v
+            else:
+                row[key[1] * S + op.dst] = v
+        for r in range(R):  # (3) copies into slots, in order
+            for j, op in enumerate(steps[r].ops):
+                if op.kind == COPY and not op.dst_staging:
+                    v = read(r, op.src_staging, op.src, "step %d rank %d op %d" % (i, r, j))
+                    if op.expert >= 0 and v != op.expert:
+                        raise PlanMismatch("step %d rank %d op %d: copies expert %d, says %d"
+                                           % (i, r, j, v, op.expert))
+                    row[r * S + op.dst] = v
+    return cur

@@ -206,3 +206,55 @@ def test_engine_abort_untouched_and_touched(client):
     assert a.needs_weight_reload and a.state == "MOVE_STATE_NEEDS_RELOAD"
     p = client.get_placement("a")
     assert p.needs_weight_reload and p.state == "MOVE_STATE_NEEDS_RELOAD" and p.pending_rebalance_id == ""
+
+
+@pytest.mark.parametrize("staging_experts,layers_per_step", [(0, 0), (4, 0), (3, 20)])
+def test_deepseek_v3_plans_simulated_reach_the_committed_placement(client, staging_experts, layers_per_step):
+    """DeepSeek-V3 at 4 nodes x 8 GPUs (58 layers, 256 + 32 experts, 42 MiB
+    each): every rank's plan of every step, run on expert ids in
+    execute_plan's order (eplb.transfer.simulate_plan), gives what
+    CommitRebalance then serves; cross-node flags and counters agree."""
+    from eplb.transfer import simulate_plan
+
+    L, N, P, G, nodes, eb = 58, 256, 288, 32, 4, 42 << 20
+    moe = {"architecture": "DeepseekV3ForCausalLM", "interfaces": ["MIXTURE_OF_EXPERTS"],
+           "moe": {"num_moe_layers": L, "num_logical_experts": N, "num_physical_experts": P,
+                   "num_local_physical_experts": P // G, "num_redundant_experts": P - N, "num_expert_groups": 8}}
+    client.register_model("ds", moe, ep_size=G, num_nodes=nodes, expert_bytes=eb)
+    try:
+        client.get_transfer_plan("ds", "0", 0)
+    except eplb.Unimplemented:  # pragma: no cover
+        pytest.skip("this eplbd does not implement engine-executed rebalances")
+    except eplb.EplbError:
+        pass
+    rng = np.random.default_rng(staging_experts)
+    load = rng.zipf(1.3, (L, N)).clip(max=10000)
+    r = client.rebalance("ds", logical_load=load, execution="engine", include_transfer_plan=True,
+                         max_staging_bytes=staging_experts * eb, layers_per_step=layers_per_step)
+    assert r.pending and r.rebalance_id
+    served = client.get_placement("ds").physical_to_logical
+    commits = 0
+    while True:
+        tp = r.transfer_plan if commits == 0 else client.get_transfer_plan("ds", r.rebalance_id, 0)
+        if commits:  # the other ranks' parts, one call each (as 32 ranks would)
+            from dataclasses import replace
+
+            tp = replace(tp, ranks=[client.get_transfer_plan("ds", r.rebalance_id, g).rank_plan(g) for g in range(G)])
+        assert tp.num_ranks == G and tp.ranks_per_node == G // nodes and tp.expert_bytes == eb
+        if staging_experts:
+            assert max(x.max_staging_slots for x in tp.ranks) <= staging_experts
+        xnode = sum(1 for x in tp.ranks for s in x.steps for o in s.ops if o.kind == SEND and o.cross_node)
+        assert xnode == tp.copies_cross_node
+        assert all(o.cross_node == (o.peer_rank // 8 != x.rank // 8)
+                   for x in tp.ranks for s in x.steps for o in s.ops if o.kind != "copy")
+        assert sum(x.slots_sent for x in tp.ranks) == tp.copies_cross_gpu
+        after = simulate_plan(tp, served)
+        done = client.commit_rebalance("ds", r.rebalance_id)
+        commits += 1
+        assert np.array_equal(after, done.placement.physical_to_logical), "step %d" % commits
+        served = done.placement.physical_to_logical
+        if not done.pending:
+            break
+    if layers_per_step:
+        assert commits > 1
+    assert client.get_placement("ds").epoch == commits

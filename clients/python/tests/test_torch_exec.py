@@ -222,3 +222,34 @@ def test_controller_a_failed_commit_says_the_weights_moved(tmp_path):
         assert not res[r]["ok"] and res[r]["commit_failed"], res[r]
         assert "retry commit_rebalance('m', 'r1')" in res[r]["error"] and res[r]["bad_if_new"] == []
     assert [c[0] for c in res[0]["calls"]] == ["rebalance", "get_transfer_plan", "commit_rebalance"]
+
+
+def test_simulate_plan_runs_reference_plans_and_finds_broken_ones():
+    from dataclasses import replace
+
+    from eplb.transfer import PlanMismatch, simulate_plan
+
+    for seed, chunk in ((1, None), (2, 3), (3, 1)):
+        old, new = random_placements(seed, 4, 12, 16)
+        plan = build_plan(old, new, 4, 2, max_moves_per_chunk=chunk, empty_steps=True)
+        assert (simulate_plan(plan, old) == new).all()
+        assert (simulate_plan(plan.to_proto(), old) == new).all()
+    # a receive left out
+    r1 = plan.ranks[1]
+    i, step = next((i, s) for i, s in enumerate(r1.steps) if any(o.kind == RECV for o in s.ops))
+    ops = list(step.ops)
+    ops.remove(next(o for o in ops if o.kind == RECV))
+    steps = list(r1.steps)
+    steps[i] = replace(step, ops=ops)
+    broken = replace(plan, ranks=[replace(r, steps=steps) if r.rank == 1 else r for r in plan.ranks])
+    with pytest.raises(PlanMismatch, match="has no receive"):
+        simulate_plan(broken, old)
+    # an op that says it moves another expert
+    r0 = plan.ranks[0]
+    i, step = next((i, s) for i, s in enumerate(r0.steps) if s.ops)
+    ops = [replace(step.ops[0], expert=99)] + list(step.ops[1:])
+    steps = list(r0.steps)
+    steps[i] = replace(step, ops=ops)
+    liar = replace(plan, ranks=[replace(r0, steps=steps)] + list(plan.ranks[1:]))
+    with pytest.raises(PlanMismatch, match="says 99"):
+        simulate_plan(liar, old)
