@@ -56,8 +56,12 @@ eplb_status eplb_transfer_plan_copy(const eplb_transfer_plan *src, uint32_t rank
     out->ranks = eplb_calloc(out->num_rank_plans, sizeof *out->ranks);
     if (!out->layers || !out->steps || !out->ranks)
         goto nomem;
-    memcpy(out->layers, src->layers, (size_t)src->num_layers * sizeof *out->layers);
-    memcpy(out->steps, src->steps, (size_t)src->num_steps * sizeof *out->steps);
+    /* A rank without ops (or a plan without steps) has NULL arrays: memcpy
+     * must not see them even for 0 bytes. */
+    if (src->num_layers)
+        memcpy(out->layers, src->layers, (size_t)src->num_layers * sizeof *out->layers);
+    if (src->num_steps)
+        memcpy(out->steps, src->steps, (size_t)src->num_steps * sizeof *out->steps);
     for (uint32_t i = 0; i < out->num_rank_plans; i++) {
         const eplb_transfer_rank *from = &src->ranks[out->first_rank - src->first_rank + i];
         eplb_transfer_rank *to = &out->ranks[i];
@@ -71,7 +75,8 @@ eplb_status eplb_transfer_plan_copy(const eplb_transfer_plan *src, uint32_t rank
             to->step_first = NULL;
             goto nomem;
         }
-        memcpy(to->ops, from->ops, (size_t)from->num_ops * sizeof *to->ops);
+        if (from->num_ops)
+            memcpy(to->ops, from->ops, (size_t)from->num_ops * sizeof *to->ops);
         memcpy(to->step_first, from->step_first, ((size_t)src->num_steps + 1) * sizeof *to->step_first);
     }
     return EPLB_OK;

@@ -257,6 +257,16 @@ Test(transfer, equal_maps_have_no_steps) {
     cr_assert_eq(p.num_layers, 0);
     for (uint32_t g = 0; g < 4; g++)
         cr_assert_eq(p.ranks[g].num_ops, 0);
+    /* Copies of a plan without steps or ops (NULL arrays). */
+    eplb_transfer_plan c;
+    cr_assert_eq(eplb_transfer_plan_copy(&p, 2, &c, &err), EPLB_OK);
+    cr_assert_eq(c.num_rank_plans, 1);
+    cr_assert_eq(c.first_rank, 2);
+    eplb_transfer_plan_free(&c);
+    cr_assert_eq(eplb_transfer_plan_copy(&p, UINT32_MAX, &c, &err), EPLB_OK);
+    cr_assert_eq(c.num_rank_plans, 4);
+    eplb_transfer_plan_free(&c);
+    cr_assert_eq(eplb_transfer_plan_copy(&p, 4, &c, &err), EPLB_EINVAL);
     eplb_transfer_plan_free(&p);
 }
 
