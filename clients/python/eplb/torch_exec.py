@@ -34,6 +34,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from .errors import EplbError
 from .transfer import COPY, RECV, SEND, RankTransferPlan, TransferStep, as_rank_plan
 
 __all__ = ["execute_plan", "validate_rank_plan", "ExecStats", "StagingPool", "PlanError",
@@ -488,20 +489,29 @@ class EngineRebalancer:
                 r = self.client.rebalance(self.model_id, **kw)
                 self.last_rebalance = r
                 start = {"ok": True, "rebalance_id": r.rebalance_id if r.pending else "", "reason": r.reason,
-                         "placement": r.placement}
+                         "placement": r.placement, "result": None if r.pending else r}
             except Exception as e:  # every rank must hear of it, or they wait in the broadcast
                 exc = e
-                start = {"ok": False, "error": "%s: %s" % (type(e).__name__, e)}
+                start = {"ok": False, "error": "%s: %s" % (type(e).__name__, e),
+                         "code": e.code.name if isinstance(e, EplbError) else ""}
         got = self._broadcast(start)
         if not got["ok"]:
             if exc is not None:
                 raise exc
+            if got.get("code"):  # the same error class on every rank (Aborted: resync everywhere)
+                import grpc
+
+                from .errors import _BY_CODE
+
+                code = grpc.StatusCode[got["code"]]
+                raise _BY_CODE.get(code, EplbError)("the leader's Rebalance failed: %s" % got["error"], code=code,
+                                                    method="Rebalance")
             raise EngineRebalanceError("rank %d: the leader's Rebalance failed: %s" % (self.ep_rank, got["error"]),
                                        rebalance_id="", bytes_touched=0)
         if not got["rebalance_id"]:
             # Not pending: the commit gate kept the placement (reason says why).
-            return EngineRebalanceOutcome(committed=False, rebalance_id="", placement=got["placement"], result=r,
-                                          reason=got["reason"] or "nothing to move")
+            return EngineRebalanceOutcome(committed=False, rebalance_id="", placement=got["placement"],
+                                          result=got["result"], reason=got["reason"] or "nothing to move")
         return self.execute(got["rebalance_id"], expert_tensors, maps, on_step=on_step)
 
     def execute(self, rebalance_id: str, expert_tensors: Sequence[Sequence[Any]], maps: Any = None, *,

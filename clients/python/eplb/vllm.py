@@ -131,12 +131,30 @@ class RemoteEplbController:
         attach_weights: attach the model's ``expert_weights`` when they are shm/CUDA tensors.
         slot_order: the rebalance's slot order ("preserve", "algorithm", "min_traffic").
         keep_local_window: also keep vLLM's expert_load_window on the device.
+        execution: "server" (default: eplbd moves attached weights, or the
+            engine's mover uses :attr:`last_rearrangement`) or "engine": one
+            controller per EP rank, and ``rearrange`` is collective: the
+            ranks run eplbd's transfer plan on the model's ``expert_weights``
+            with torch.distributed (:class:`eplb.torch_exec.EngineRebalancer`
+            over ``ep_group``) and every rank installs the committed maps
+            (weights are not attached; steps of ``layers_per_step`` run back
+            to back within ``rearrange``).  Every rank records its own load:
+            the server's window holds ep_size passes per step.
+        ep_group: the EP process group of ``execution="engine"`` (default world).
+        max_staging_bytes: ``execution="engine"``: the staging a rank's plan may need.
     """
 
     def __init__(self, parallel_config: Any, device: Any = "cpu", *, client: Optional[Client] = None,
                  target: Optional[str] = None, model_name: Optional[str] = None, num_nodes: int = 1,
                  layers_per_step: int = 0, attach_weights: bool = True, slot_order: str = "preserve",
-                 keep_local_window: bool = False, recorder_max_pending: int = 256) -> None:
+                 keep_local_window: bool = False, recorder_max_pending: int = 256, execution: str = "server",
+                 ep_group: Any = None, max_staging_bytes: int = 0) -> None:
+        if execution not in ("server", "engine"):
+            raise ValueError("execution must be 'server' or 'engine', got %r" % (execution,))
+        self.execution = execution
+        self.ep_group = ep_group
+        self.max_staging_bytes = max_staging_bytes
+        self._rebalancers: Dict[str, Any] = {}
         self.parallel_config = parallel_config
         self.device = device
         self._own_client = client is None
@@ -144,7 +162,7 @@ class RemoteEplbController:
         self.model_name = model_name
         self.num_nodes = num_nodes
         self.layers_per_step = layers_per_step
-        self.attach = attach_weights
+        self.attach = attach_weights and execution == "server"
         self.slot_order = slot_order
         self.keep_local_window = keep_local_window
         self.recorder_max_pending = recorder_max_pending
@@ -287,6 +305,9 @@ class RemoteEplbController:
             if global_expert_loads is not None:
                 kw["logical_load"] = global_expert_loads[i]
             old = m.placement.physical_to_logical.copy()
+            if self.execution == "engine" and not is_profile:
+                out.append(self._rearrange_engine(m, old, kw))
+                continue
             r = self.client.rebalance(m.model_id, expected_epoch=m.placement.epoch, dry_run=is_profile,
                                       slot_order=self.slot_order,
                                       layers_per_step=0 if is_profile else self.layers_per_step, **kw)
@@ -333,7 +354,13 @@ class RemoteEplbController:
         self._allocate(st, moe)
         self.models[name] = st
         self._maybe_attach(st, moe)
-        if p.pending_rebalance_id:  # left pending by an earlier engine: continue it
+        if p.pending_rebalance_id and p.pending_execution == "engine":
+            # An engine-executed rebalance left by an earlier engine: only its
+            # ranks know what they wrote.  Rebalances are refused until it is
+            # executed or aborted (EngineRebalancer.execute / .recover).
+            logger.warning("eplb: model %s has engine-executed rebalance %s pending; EngineRebalancer.execute() "
+                           "or .recover() it", name, p.pending_rebalance_id)
+        elif p.pending_rebalance_id:  # left pending by an earlier engine: continue it
             self._resume(st)
         return st
 
@@ -372,6 +399,26 @@ class RemoteEplbController:
             rank = int(getattr(moe, "ep_rank", 0))
             weights.attach(self.client, st.model_id, layers, first_rank=rank, num_ranks=1 if ep_size > 1 else 0)
         st.weights_attached = True
+
+    def _rearrange_engine(self, m: ModelState, old: np.ndarray, kw: Dict[str, Any]) -> Rearrangement:
+        import torch.distributed as dist
+
+        from .torch_exec import EngineRebalancer
+
+        rb = self._rebalancers.get(m.model_id)
+        if rb is None:
+            rb = self._rebalancers[m.model_id] = EngineRebalancer(self.client, m.model_id, group=self.ep_group)
+        # every rank's passes are in eplbd's window before the leader asks
+        dist.barrier(group=self.ep_group)
+        layers = getattr(m.model, "expert_weights", None)
+        if not layers:
+            raise ValueError("execution='engine' needs the model's expert_weights (per layer, this rank's tensors)")
+        tensors = [list(x.values()) if isinstance(x, dict) else list(x) for x in layers]
+        outcome = rb.rebalance(tensors, m, expected_epoch=m.placement.epoch, slot_order=self.slot_order,
+                               layers_per_step=self.layers_per_step, max_staging_bytes=self.max_staging_bytes, **kw)
+        m.placement = outcome.placement
+        m.pending = None
+        return Rearrangement(m.model_id, old, outcome.result, engine_moves_weights=False)
 
     def _install(self, st: ModelState, r: RebalanceResult) -> None:
         layers = r.layers_moved if self.layers_per_step else None
