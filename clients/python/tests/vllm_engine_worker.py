@@ -44,7 +44,8 @@ def main():
 
         def wrong(p2l):
             return [[li, i, ti] for li, ts in enumerate(moe.expert_weights) for ti, t in enumerate(ts)
-                    for i in range(S) if not torch.all(t[i].float() == expert_value(li, ti, int(p2l[li][rank * S + i])))]
+                    for i in range(S)
+                    if not torch.all(t[i].float() == expert_value(li, ti, int(p2l[li][rank * S + i])))]
 
         client = eplb.Client(spec["addr"], timeout=30)
         cfg = Cfg(enable_eplb=True, enable_elastic_ep=False,
