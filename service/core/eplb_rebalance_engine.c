@@ -73,11 +73,15 @@ static eplb_status engine_plan(registry_entry *e, const eplb_transfer_plan **out
     eplb_free(layers);
     if (st != EPLB_OK) {
         if (st == EPLB_EPRECONDITION && p->max_staging_bytes && err) {
-            /* The bound is the request's: say which it was. */
+            /* The bound is the request's, not --max-staging-mib (the
+             * chunker's advice is for eplbd's own moves): say which. */
+            char *advice = strstr(err->msg, ": raise --max-staging-mib");
+            if (advice)
+                *advice = '\0';
             char msg[EPLB_ERROR_MSG_MAX];
-            snprintf(msg, sizeof msg, "max_staging_bytes %llu (%u experts of %llu bytes per rank): %s",
-                     (unsigned long long)p->max_staging_bytes, entries, (unsigned long long)p->expert_bytes,
-                     err->msg);
+            snprintf(msg, sizeof msg, "max_staging_bytes %llu (%u experts of %llu bytes per rank): %s; raise "
+                     "max_staging_bytes", (unsigned long long)p->max_staging_bytes, entries,
+                     (unsigned long long)p->expert_bytes, err->msg);
             eplb_error_set(err, st, "%s", msg);
         }
         return st;

@@ -265,6 +265,7 @@ Test(engine_rebalance, a_staging_bound_cuts_chunks_and_one_too_small_refuses) {
     if (st != EPLB_OK) {
         cr_assert_eq(st, EPLB_EPRECONDITION, "%s", err.msg);
         cr_assert(strstr(err.msg, "max_staging_bytes 100"), "%s", err.msg);
+        cr_assert_null(strstr(err.msg, "--max-staging-mib"), "the engine's bound is the request's: %s", err.msg);
         eplb_model_view v = view();
         cr_assert_str_empty(v.pending_id, "refused: nothing pending");
         eplb_model_view_release(&v);
