@@ -422,3 +422,57 @@ Test(engine_exec_limits, a_plan_answer_too_big_is_refused_and_withdrawn) {
     cr_assert_eq(eplbd_stop(&big), 0);
     eplbd_cleanup(&big);
 }
+
+/* The registration's rebalance defaults are stored (schema 4): after a
+ * SIGKILL and a restart the same registration is idempotent, and an engine
+ * rebalance bounded by max_staging_bytes finds the model's expert_bytes. */
+Test(engine_exec_rpc, registration_defaults_survive_a_restart) {
+    upb_Arena *a = upb_Arena_New();
+    eplb_v1_RegisterModelRequest *r = harness_moe_request(a, "m", L, N, P, G);
+    eplb_v1_ParallelConfig *par = eplb_v1_RegisterModelRequest_mutable_parallel(r, a);
+    eplb_v1_ParallelConfig_set_num_nodes(par, 2);
+    eplb_v1_ParallelConfig_set_expert_bytes(par, 1000);
+    eplb_v1_ParallelConfig_set_target_balancedness(par, 0.95);
+    eplb_v1_ParallelConfig_set_min_improvement(par, 0.01);
+    eplb_v1_ParallelConfig_set_default_policy(par, eplb_v1_POLICY_INCREMENTAL);
+    size_t len;
+    char *bytes = eplb_v1_RegisterModelRequest_serialize(r, a, &len), msg[512];
+    cr_assert_eq(harness_rpc(client, "RegisterModel", bytes, len, a, NULL, NULL, msg, sizeof msg), 0, "%s", msg);
+    eplb_client_close(client);
+    kill(srv.pid, SIGKILL);
+    waitpid(srv.pid, NULL, 0);
+    eplbd_start(&srv);
+    client = eplb_client_open(srv.addr);
+    char *body = NULL;
+    size_t blen = 0;
+    cr_assert_eq(harness_rpc(client, "RegisterModel", bytes, len, a, &body, &blen, msg, sizeof msg), 0, "%s", msg);
+    eplb_v1_RegisterModelResponse *rr = eplb_v1_RegisterModelResponse_parse(body, blen, a);
+    cr_assert(eplb_v1_RegisterModelResponse_registered(rr));
+    upb_StringView why = eplb_v1_RegisterModelResponse_reason(rr);
+    char reason[512];
+    snprintf(reason, sizeof reason, "%.*s", (int)why.size, why.data);
+    cr_assert_not_null(strstr(reason, "already registered"), "%s", reason);
+    /* max_staging_bytes with no expert_bytes in the request: the model's. */
+    make_load();
+    eplb_v1_RebalanceRequest *req = eplb_v1_RebalanceRequest_new(a);
+    eplb_v1_RebalanceRequest_set_model_id(req, upb_StringView_FromString("m"));
+    int64_t *dst = eplb_v1_RebalanceRequest_resize_physical_load(req, L * P, a);
+    memcpy(dst, load, sizeof load);
+    eplb_v1_RebalanceRequest_set_force(req, true);
+    eplb_v1_RebalanceRequest_set_execution(req, eplb_v1_EXECUTION_ENGINE);
+    eplb_v1_RebalanceRequest_set_max_staging_bytes(req, 3000);
+    eplb_v1_RebalanceRequest_set_include_transfer_plan(req, true);
+    bytes = eplb_v1_RebalanceRequest_serialize(req, a, &len);
+    cr_assert_eq(harness_rpc(client, "Rebalance", bytes, len, a, &body, &blen, msg, sizeof msg), 0, "%s", msg);
+    eplb_v1_RebalanceResponse *resp = eplb_v1_RebalanceResponse_parse(body, blen, a);
+    const eplb_v1_TransferPlan *plan = eplb_v1_RebalanceResponse_transfer_plan(resp);
+    cr_assert_not_null(plan);
+    cr_assert_eq(eplb_v1_TransferPlan_expert_bytes(plan), 1000);
+    size_t nr;
+    const eplb_v1_RankTransferPlan *const *ranks = eplb_v1_TransferPlan_ranks(plan, &nr);
+    cr_assert_eq(nr, G);
+    for (size_t g = 0; g < nr; g++)
+        cr_assert_leq(eplb_v1_RankTransferPlan_max_staging_slots(ranks[g]), 3);
+    upb_Arena_Free(a);
+    stop();
+}
