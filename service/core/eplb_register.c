@@ -55,6 +55,32 @@ static const char *registration_difference(const eplb_model_record *old, const e
             snprintf(buf, len, "%s %u (registered) != %u", f[i].name, f[i].was, f[i].now);
             return buf;
         }
+    /* The automatic rebalances' knobs are part of the registration too: a
+     * second registration that asks for others is told, not ignored. */
+    const eplb_rebalance_knobs *ka = &a->defaults, *kb = &b->defaults;
+    struct { const char *name; uint64_t was, now; } ki[] = {
+        { "parallel.default_policy", ka->policy, kb->policy },
+        { "parallel.max_bytes_moved", ka->max_bytes_moved, kb->max_bytes_moved },
+        { "parallel.max_slots_moved", ka->max_slots_moved, kb->max_slots_moved },
+        { "parallel.expert_bytes", ka->expert_bytes, kb->expert_bytes },
+    };
+    for (size_t i = 0; i < sizeof ki / sizeof ki[0]; i++)
+        if (ki[i].was != ki[i].now) {
+            snprintf(buf, len, "%s %llu (registered) != %llu", ki[i].name, (unsigned long long)ki[i].was,
+                     (unsigned long long)ki[i].now);
+            return buf;
+        }
+    struct { const char *name; double was, now; } kd[] = {
+        { "parallel.target_balancedness", ka->target_balancedness, kb->target_balancedness },
+        { "parallel.min_improvement", ka->min_improvement, kb->min_improvement },
+        { "parallel.link_costs.intra_node", ka->cost_intra_node, kb->cost_intra_node },
+        { "parallel.link_costs.cross_node", ka->cost_cross_node, kb->cost_cross_node },
+    };
+    for (size_t i = 0; i < sizeof kd / sizeof kd[0]; i++)
+        if (kd[i].was != kd[i].now) {
+            snprintf(buf, len, "%s %g (registered) != %g", kd[i].name, kd[i].was, kd[i].now);
+            return buf;
+        }
     if (strcmp(old->main_model_id, new->main_model_id) != 0) {
         snprintf(buf, len, "main_model_id '%s' (registered) != '%s'", old->main_model_id,
                  new->main_model_id);

@@ -150,3 +150,27 @@ Test(gate, a_different_topology_is_dry_run_only) {
     eplb_rebalance_result_free(&res);
     cr_assert_eq(epoch_now(), 1);
 }
+
+/* The automatic rebalances' knobs are part of the registration: asking for
+ * other ones under the same name is refused, naming the field. */
+Test(gate, registration_with_other_rebalance_defaults_is_refused) {
+    eplb_register_request req = { .model_name = "m", .model = &moe, .main_model_id = "",
+                                  .parallel = { .enable_eplb = true, .ep_size = 4, .num_nodes = 1, .window_size = 4,
+                                                .step_interval = 1, .auto_rebalance = true } };
+    eplb_register_result res;
+    eplb_error err;
+    req.parallel.defaults.policy = EPLB_POLICY_INCREMENTAL;
+    cr_assert_eq(eplb_registry_register(reg, &req, &res, &err), EPLB_EEXIST);
+    cr_assert(strstr(err.msg, "parallel.default_policy 0 (registered) != 1"), "%s", err.msg);
+    req.parallel.defaults.policy = EPLB_POLICY_DEEPSEEK;
+    req.parallel.defaults.target_balancedness = 0.9;
+    cr_assert_eq(eplb_registry_register(reg, &req, &res, &err), EPLB_EEXIST);
+    cr_assert(strstr(err.msg, "parallel.target_balancedness 0 (registered) != 0.9"), "%s", err.msg);
+    req.parallel.defaults.target_balancedness = 2;
+    cr_assert_eq(eplb_registry_register(reg, &req, &res, &err), EPLB_EINVAL);
+    cr_assert(strstr(err.msg, "parallel.target_balancedness 2"), "%s", err.msg);
+    req.parallel.defaults.target_balancedness = 0;
+    cr_assert_eq(eplb_registry_register(reg, &req, &res, &err), EPLB_OK, "%s", err.msg);
+    cr_assert(res.registered);
+    eplb_model_view_release(&res.view);
+}
