@@ -93,6 +93,19 @@ def sequence(spec, rank, S, client, rb, layers, maps, res):
     res["ok"] = True
 
 
+def held(S, layers):
+    """The expert each slot holds [layer][slot], read back from its bytes (-1: neither tensor agrees)."""
+    out = []
+    for layer, (t0, t1) in enumerate(layers):
+        row = []
+        for j in range(S):
+            e = (int(t0[j][0, 0].item()) - layer * 1000) // 10
+            ok = torch.equal(t0[j], expected(layer, e, 0)) and torch.equal(t1[j], expected(layer, e, 1))
+            row.append(e if ok else -1)
+        out.append(row)
+    return out
+
+
 def main():
     spec = json.load(open(sys.argv[1]))
     rank = int(sys.argv[2])
@@ -112,10 +125,16 @@ def main():
                 "logical_to_physical_map": torch.full((L, N, P - N + 1), -7, dtype=torch.int64),
                 "logical_replica_count": torch.zeros((L, N), dtype=torch.int64)}
         die = {int(k): v for k, v in spec.get("die_at_step", {}).items()}
+        pause = {int(k): v for k, v in spec.get("pause_at_step", {}).items()}
 
         def on_step(i, step):
             if die.get(rank) == i:
                 os._exit(3)  # killed mid-plan: no barrier, no goodbye
+            if pause.get(rank) == i:  # the test does something to eplbd meanwhile
+                open(os.path.join(spec["out"], "paused.%d" % rank), "w").close()
+                deadline = time.time() + 60
+                while not os.path.exists(os.path.join(spec["out"], "resume")) and time.time() < deadline:
+                    time.sleep(0.02)
 
         rb = EngineRebalancer(client, "m")
         t0 = time.monotonic()
@@ -141,6 +160,8 @@ def main():
             res["ok"] = True
         except EngineRebalanceError as e:
             res["error"] = str(e)
+            res["commit_failed"] = e.commit_failed
+            res["held"] = held(S, layers)
             res["bytes_touched"] = e.bytes_touched
             res["aborted"] = dataclasses.asdict(e.aborted) if e.aborted is not None else None
             res["stats"] = dataclasses.asdict(rb.last_stats) if rb.last_stats else None

@@ -13,6 +13,10 @@ authority, driven by eplb.torch_exec.EngineRebalancer on every rank
 - eplbd killed while a rebalance is pending: after a restart on the same
   --db it is still pending, and the ranks execute and commit it (and a
   later one aborts untouched);
+- eplbd lost after the ranks fetched their plans: they move the bytes, the
+  commit fails on every rank (commit_failed), and after a restart the
+  commit serves exactly what the ranks hold;
+- stepped rebalances, and a sequence of rebalances with varied knobs;
 - a commit with a wrong id is ABORTED and changes nothing; a plan for a rank
   that does not exist is INVALID_ARGUMENT.
 
@@ -105,6 +109,9 @@ class EngineExecTest(unittest.TestCase):
 
     def ranks(self, name, timeout=90, **spec):
         """Run the 4 ranks; their JSON results by rank (a rank that died has none)."""
+        return self.wait_ranks(self.start_ranks(name, **spec), timeout)
+
+    def start_ranks(self, name, **spec):
         out = os.path.join(self.tmp, name)
         os.makedirs(out)
         spec = dict(dict(addr=self.server.addr, init="tcp://127.0.0.1:%d" % free_port(), world=G,
@@ -114,6 +121,10 @@ class EngineExecTest(unittest.TestCase):
             json.dump(spec, f)
         procs = [subprocess.Popen([sys.executable, os.path.join(HERE, "engine_exec_rank.py"), path, str(r)])
                  for r in range(G)]
+        return out, procs
+
+    def wait_ranks(self, started, timeout=90):
+        out, procs = started
         deadline = time.time() + timeout
         try:
             for p in procs:
@@ -279,6 +290,44 @@ class EngineExecTest(unittest.TestCase):
         p = self.placement()
         self.assertEqual((p.epoch, p.pending_rebalance_id, list(p.physical_to_logical)),
                          (final.epoch, "", list(final.physical_to_logical)))
+
+    def test_eplbd_lost_before_the_commit_then_committed_after_its_restart(self):
+        """The ranks fetched their plans, then eplbd dies; they move the bytes,
+        the commit cannot reach it: every rank says so (commit_failed) and
+        holds the target.  After a restart on the same --db the rebalance
+        is still pending and its commit serves exactly what the ranks hold."""
+        start = self.placement()
+        started = self.start_ranks("lost", mode="rebalance", load=skewed_load(),
+                                   pause_at_step={str(r): 0 for r in range(G)})
+        out = started[0]
+        deadline = time.time() + 60
+        while not all(os.path.exists(os.path.join(out, "paused.%d" % r)) for r in range(G)):
+            self.assertLess(time.time(), deadline, "the ranks did not reach their first step")
+            time.sleep(0.02)
+        pending = self.placement().pending_rebalance_id
+        self.assertTrue(pending)
+        self.channel.close()
+        self.server.proc.send_signal(signal.SIGKILL)
+        self.server.proc.wait(timeout=30)
+        open(os.path.join(out, "resume"), "w").close()
+        res, rcs = self.wait_ranks(started)
+        self.assertEqual(rcs, [0] * G)
+        for r in range(G):
+            self.assertFalse(res[r]["ok"])
+            self.assertTrue(res[r]["commit_failed"], res[r]["error"])
+            self.assertIn("retry commit_rebalance", res[r]["error"])
+        self.server.start()
+        self.connect()
+        p = self.placement()
+        self.assertEqual((p.epoch, p.pending_rebalance_id), (start.epoch, pending))
+        done = self.stub.CommitRebalance(eplb_pb2.CommitRebalanceRequest(model_id="m", rebalance_id=pending),
+                                         timeout=30)
+        self.assertTrue(done.committed)
+        new = list(self.placement().physical_to_logical)
+        self.assertNotEqual(new, list(start.physical_to_logical))
+        for r in range(G):
+            self.assertEqual([e for row in res[r]["held"] for e in row],
+                             [new[layer * P + r * S + j] for layer in range(L) for j in range(S)], "rank %d" % r)
 
     def test_wrong_ids_and_ranks_are_refused_and_change_nothing(self):
         start = self.placement()
