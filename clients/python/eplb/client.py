@@ -25,7 +25,8 @@ _SLOT_ORDERS = {"preserve": eplb_pb2.SLOT_ORDER_PRESERVE, "algorithm": eplb_pb2.
                 "min_traffic": eplb_pb2.SLOT_ORDER_MIN_TRAFFIC}
 _POLICIES = {"deepseek": eplb_pb2.POLICY_DEEPSEEK, "incremental": eplb_pb2.POLICY_INCREMENTAL}
 _POLICY_NAMES = {v: k for k, v in _POLICIES.items()}
-_EXECUTIONS = {"server": eplb_pb2.EXECUTION_SERVER, "engine": eplb_pb2.EXECUTION_ENGINE}
+_EXECUTIONS = {"server": eplb_pb2.EXECUTION_SERVER, "engine": eplb_pb2.EXECUTION_ENGINE,
+               "execution_server": eplb_pb2.EXECUTION_SERVER, "execution_engine": eplb_pb2.EXECUTION_ENGINE}
 _ROLES = {"main": eplb_pb2.MODEL_ROLE_MAIN, "speculator": eplb_pb2.MODEL_ROLE_SPECULATOR}
 _KINDS = {"shm": eplb_pb2.BUFFER_KIND_SHM, "hip_ipc": eplb_pb2.BUFFER_KIND_HIP_IPC,
           "cuda_ipc": eplb_pb2.BUFFER_KIND_CUDA_IPC}

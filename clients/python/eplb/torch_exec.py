@@ -222,7 +222,7 @@ def execute_plan(plan: Any, rank: int, expert_tensors: Sequence[Sequence[Any]], 
     (GetTransferPlan's answer; this rank's part is taken).
     ``expert_tensors[layer]``: that layer's expert tensors on this rank, each
     [num_local_physical_experts, ...] (w13, w2, scales...; every tensor of an
-    expert moves with it).  ``group``: the EP process group (default: the
+    expert moves with it; a list, or a dict of name -> tensor).  ``group``: the EP process group (default: the
     world); the plan's peers are EP ranks, mapped to global ranks with
     ``dist.get_global_rank`` unless ``global_ranks`` (EP rank -> global rank)
     is given.  ``staging``: a :class:`StagingPool` to reuse across calls.
@@ -239,7 +239,7 @@ def execute_plan(plan: Any, rank: int, expert_tensors: Sequence[Sequence[Any]], 
     rp = as_rank_plan(plan, rank) if not isinstance(plan, RankTransferPlan) else plan
     if rp.rank != rank:
         raise PlanError("the plan is rank %d's, not rank %d's" % (rp.rank, rank))
-    layers = [list(ts) for ts in expert_tensors]
+    layers = [list(ts.values()) if isinstance(ts, dict) else list(ts) for ts in expert_tensors]
     num_local = None
     for li, ts in enumerate(layers):
         for ti, t in enumerate(ts):

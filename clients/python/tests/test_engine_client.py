@@ -103,6 +103,9 @@ def test_requests_and_answers(fake):
         assert fake.requests["Rebalance"][2].execution == eplb_pb2.EXECUTION_SERVER
         with pytest.raises(ValueError, match="execution"):
             c.rebalance("x", execution="gpu")
+        for v in ("ENGINE", "EXECUTION_ENGINE", eplb_pb2.EXECUTION_ENGINE):
+            c.rebalance("x", execution=v)
+            assert fake.requests["Rebalance"][-1].execution == eplb_pb2.EXECUTION_ENGINE
 
         p = c.get_transfer_plan("x", "r7", 3)
         assert fake.requests["GetTransferPlan"][0] == eplb_pb2.GetTransferPlanRequest(model_id="x", rebalance_id="r7",

@@ -116,10 +116,10 @@ def test_local_only_plan_needs_no_process_group():
     assert t[0][:, 0].tolist() == [4.0, 0.0, 0.0] and t[1][:, 0].tolist() == [11, 10, 10]
     assert st.copies == 4 and st.bytes_staged == 16 + 8 and st.bytes_touched == 3 * 24 and st.bytes_sent == 0
     assert pool.nbytes == 16 + 8
-    # the proto form runs the same
+    # the proto form runs the same, and a layer's tensors may be a dict
     t2 = [torch.arange(12, dtype=torch.float32).reshape(3, 4), torch.tensor([[10], [11], [12]])]
-    execute_plan(rp.to_proto(), 0, [[torch.zeros(3, 4)], t2])
-    assert torch.equal(t[0], t2[0])
+    execute_plan(rp.to_proto(), 0, [[torch.zeros(3, 4)], {"w13": t2[0], "w2": t2[1]}])
+    assert torch.equal(t[0], t2[0]) and torch.equal(t[1], t2[1])
 
 
 def test_hazards_are_refused_before_anything_moves():
