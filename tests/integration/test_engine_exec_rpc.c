@@ -476,3 +476,43 @@ Test(engine_exec_rpc, registration_defaults_survive_a_restart) {
     upb_Arena_Free(a);
     stop();
 }
+
+/* Every rank fetches at once (as G engine processes do), racing a commit
+ * attempt with a stale base epoch: every fetch is OK, the stale commit is
+ * ABORTED, and the real commit then lands. */
+Test(engine_exec_rpc, ranks_fetch_concurrently) {
+    upb_Arena *a = upb_Arena_New();
+    register_model(a);
+    make_load();
+    eplb_v1_RebalanceResponse *r = rebalance(a, true, false, 0, 0);
+    const char *rid = rid_of(a, r);
+    harness_call calls[2 * G + 1];
+    for (uint32_t i = 0; i < 2 * G; i++) {
+        eplb_v1_GetTransferPlanRequest *req = eplb_v1_GetTransferPlanRequest_new(a);
+        eplb_v1_GetTransferPlanRequest_set_model_id(req, upb_StringView_FromString("m"));
+        eplb_v1_GetTransferPlanRequest_set_rebalance_id(req, upb_StringView_FromString(rid));
+        eplb_v1_GetTransferPlanRequest_set_rank(req, i % G);
+        size_t len;
+        char *bytes = eplb_v1_GetTransferPlanRequest_serialize(req, a, &len);
+        harness_call_start(&calls[i], client, "/eplb.v1.ExpertBalancer/GetTransferPlan", bytes, len,
+                           call_timeout_ms());
+    }
+    eplb_v1_CommitRebalanceRequest *cr = eplb_v1_CommitRebalanceRequest_new(a);
+    eplb_v1_CommitRebalanceRequest_set_model_id(cr, upb_StringView_FromString("m"));
+    eplb_v1_CommitRebalanceRequest_set_rebalance_id(cr, upb_StringView_FromString(rid));
+    eplb_v1_CommitRebalanceRequest_set_base_epoch(cr, 5);
+    size_t len;
+    char *bytes = eplb_v1_CommitRebalanceRequest_serialize(cr, a, &len);
+    harness_call_start(&calls[2 * G], client, "/eplb.v1.ExpertBalancer/CommitRebalance", bytes, len,
+                       call_timeout_ms());
+    for (uint32_t i = 0; i <= 2 * G; i++) {
+        harness_call_join(&calls[i]);
+        cr_assert_eq(calls[i].rc, 0);
+        cr_assert_eq(calls[i].status, i < 2 * G ? 0 : 10, "call %u: %s", i, calls[i].message);
+    }
+    char msg[512];
+    cr_assert_eq(commit(a, rid, true, 0, NULL, msg, sizeof msg), 0, "%s", msg);
+    cr_assert_eq(eplb_v1_Placement_epoch(get(a)), 1);
+    upb_Arena_Free(a);
+    stop();
+}
