@@ -261,70 +261,6 @@ static void find_best(ctx *c, layer_state *L) {
             c->holds[(size_t)i * c->G + gpu_of(c, (uint32_t)u)] = tick;
     }
     const double ml = c->min_link;
-    for (uint32_t oi = 0; oi < c->G; oi++) {
-        const uint32_t h = order[oi];
-        if (h == g)
-            continue;
-        const double room = M - L->load[h];
-        /* gain = M - max(M - d, load[h] + d) = min(d, room - d) <= room / 2 */
-        double bound = room / 2 < xmax ? room / 2 : xmax;
-        bound = bound < c->cap ? bound : c->cap;
-        if (!(room > 0) || bound / (2 * SLOT_COST) < best.score)
-            break;
-        if (c->p->hierarchical && node_of(c, h) != node_of(c, g)) {
-            /* Another node: only experts whose groups are already on both
-             * sides may cross.  With groups kept on one node (the usual
-             * case) no GPU of another node qualifies: skipped in O(S). */
-            bool to_h = false, to_g = false;
-            for (uint32_t i = 0; i < S && !to_h; i++)
-                to_h = group_on_node(c, L, L->row[g0 + i], node_of(c, h));
-            for (uint32_t t = h * S; t < (h + 1) * S && !to_g; t++)
-                to_g = group_on_node(c, L, L->row[t], node_of(c, g));
-            if (!to_h || !to_g)
-                continue;
-        }
-        /* This GPU's cheapest swap: free halves only where h holds one of
-         * g's experts, and g one of h's. */
-        bool free_to_h = false, free_to_g = false;
-        for (uint32_t i = 0; i < S && !free_to_h; i++)
-            free_to_h = c->holds[(size_t)i * c->G + h] == tick;
-        for (uint32_t t = h * S; t < (h + 1) * S && !free_to_g; t++)
-            free_to_g = c->on_g[L->row[t]] == tick;
-        if (bound / (2 * SLOT_COST + (free_to_h ? 0 : ml) + (free_to_g ? 0 : ml)) < best.score)
-            continue;
-        /* The cost bound of each half: free where the GPU already holds
-         * the expert.  The inner loop is then a few flops per pair, and
-         * only a pair that could beat the best is priced exactly. */
-        double *to_h = c->lb;
-        for (uint32_t i = 0; i < S; i++)
-            to_h[i] = 2 * SLOT_COST + (c->holds[(size_t)i * c->G + h] == tick ? 0 : ml);
-        for (uint32_t t = h * S; t < (h + 1) * S; t++) {
-            const double xb = x[t];
-            const int32_t b = L->row[t];
-            const double to_g = c->on_g[b] == tick ? 0 : ml;
-            for (uint32_t i = 0; i < S; i++) {
-                const double d = x[g0 + i] - xb;
-                double gain = d < room - d ? d : room - d;
-                gain = gain < c->cap ? gain : c->cap;
-                if (!(gain > thr) || gain < best.score * (to_h[i] + to_g))
-                    continue;
-                const uint32_t s = g0 + i;
-                const int32_t a = L->row[s];
-                if (a == b)
-                    continue;
-                if (c->p->hierarchical && node_of(c, h) != node_of(c, g) &&
-                    (!group_on_node(c, L, a, node_of(c, h)) || !group_on_node(c, L, b, node_of(c, g))))
-                    continue;
-                uint32_t ca, cb;
-                const double cost = fetch_cost(c, L, a, h, &ca) + fetch_cost(c, L, b, g, &cb) + 2 * SLOT_COST;
-                if (!affordable(c, ca + cb, 2))
-                    continue;
-                change ch = { .kind = CH_SWAP, .s = s, .t = t, .b = -1, .gain = gain, .score = gain / cost,
-                              .copies = ca + cb, .slots = 2 };
-                consider(&best, &ch);
-            }
-        }
-    }
     /* REPL adding a replica of one of g's hottest experts anywhere. */
     int32_t hot[REPL_HOT];
     uint32_t hot_slot[REPL_HOT]; /* a slot of g holding it: its row of holds */
@@ -399,6 +335,72 @@ static void find_best(ctx *c, layer_state *L) {
                 if (ch.kind != CH_NONE)
                     consider(&best, &ch);
             }
+    /* Swaps last: the re-replications (a few hundred evaluations) have
+     * set a best score by then, which prunes most of the S x P pairs. */
+    for (uint32_t oi = 0; oi < c->G; oi++) {
+        const uint32_t h = order[oi];
+        if (h == g)
+            continue;
+        const double room = M - L->load[h];
+        /* gain = M - max(M - d, load[h] + d) = min(d, room - d) <= room / 2 */
+        double bound = room / 2 < xmax ? room / 2 : xmax;
+        bound = bound < c->cap ? bound : c->cap;
+        if (!(room > 0) || bound / (2 * SLOT_COST) < best.score)
+            break;
+        if (c->p->hierarchical && node_of(c, h) != node_of(c, g)) {
+            /* Another node: only experts whose groups are already on both
+             * sides may cross.  With groups kept on one node (the usual
+             * case) no GPU of another node qualifies: skipped in O(S). */
+            bool to_h = false, to_g = false;
+            for (uint32_t i = 0; i < S && !to_h; i++)
+                to_h = group_on_node(c, L, L->row[g0 + i], node_of(c, h));
+            for (uint32_t t = h * S; t < (h + 1) * S && !to_g; t++)
+                to_g = group_on_node(c, L, L->row[t], node_of(c, g));
+            if (!to_h || !to_g)
+                continue;
+        }
+        /* This GPU's cheapest swap: free halves only where h holds one of
+         * g's experts, and g one of h's. */
+        bool free_to_h = false, free_to_g = false;
+        for (uint32_t i = 0; i < S && !free_to_h; i++)
+            free_to_h = c->holds[(size_t)i * c->G + h] == tick;
+        for (uint32_t t = h * S; t < (h + 1) * S && !free_to_g; t++)
+            free_to_g = c->on_g[L->row[t]] == tick;
+        if (bound / (2 * SLOT_COST + (free_to_h ? 0 : ml) + (free_to_g ? 0 : ml)) < best.score)
+            continue;
+        /* The cost bound of each half: free where the GPU already holds
+         * the expert.  The inner loop is then a few flops per pair, and
+         * only a pair that could beat the best is priced exactly. */
+        double *to_h = c->lb;
+        for (uint32_t i = 0; i < S; i++)
+            to_h[i] = 2 * SLOT_COST + (c->holds[(size_t)i * c->G + h] == tick ? 0 : ml);
+        for (uint32_t t = h * S; t < (h + 1) * S; t++) {
+            const double xb = x[t];
+            const int32_t b = L->row[t];
+            const double to_g = c->on_g[b] == tick ? 0 : ml;
+            for (uint32_t i = 0; i < S; i++) {
+                const double d = x[g0 + i] - xb;
+                double gain = d < room - d ? d : room - d;
+                gain = gain < c->cap ? gain : c->cap;
+                if (!(gain > thr) || gain < best.score * (to_h[i] + to_g))
+                    continue;
+                const uint32_t s = g0 + i;
+                const int32_t a = L->row[s];
+                if (a == b)
+                    continue;
+                if (c->p->hierarchical && node_of(c, h) != node_of(c, g) &&
+                    (!group_on_node(c, L, a, node_of(c, h)) || !group_on_node(c, L, b, node_of(c, g))))
+                    continue;
+                uint32_t ca, cb;
+                const double cost = fetch_cost(c, L, a, h, &ca) + fetch_cost(c, L, b, g, &cb) + 2 * SLOT_COST;
+                if (!affordable(c, ca + cb, 2))
+                    continue;
+                change ch = { .kind = CH_SWAP, .s = s, .t = t, .b = -1, .gain = gain, .score = gain / cost,
+                              .copies = ca + cb, .slots = 2 };
+                consider(&best, &ch);
+            }
+        }
+    }
     L->best = best;
     if (best.kind == CH_NONE)
         L->done = true;

@@ -136,7 +136,7 @@ static eplb_status incremental(const eplb_next_request *req, int32_t *phy2log, i
     /* Per layer: incremental copies, its slots, then the reference's
      * copies + 1 (0 = not counted yet, UINT64_MAX = taken or not better)
      * and slots. */
-    uint64_t *inc_copies = eplb_calloc((size_t)L * 4, sizeof *inc_copies);
+    uint64_t *inc_copies = eplb_calloc((size_t)L * 6, sizeof *inc_copies); /* + cross-node: [4L) inc, [5L) ref */
     copy_marks m = { 0 };
     eplb_status st = EPLB_OK;
     if (!ref || !ref_cnt || !ref_layer || !target_max || !inc_layer || !inc_copies || !marks_init(&m, N)) {
@@ -202,6 +202,7 @@ static eplb_status incremental(const eplb_next_request *req, int32_t *phy2log, i
         for (uint32_t i = 0; i < P; i++)
             slots += req->cur_phy2log[off + i] != phy2log[off + i];
         inc_copies[L + l] = slots;
+        inc_copies[4 * L + l] = node;
         used_copies += inc_copies[l];
         used_slots += slots;
     }
@@ -237,6 +238,7 @@ static eplb_status incremental(const eplb_next_request *req, int32_t *phy2log, i
                         rslots += req->cur_phy2log[off + i] != row[i];
                     inc_copies[2 * L + l] = 1 + rg;           /* copies + 1: 0 means not looked at */
                     inc_copies[3 * L + l] = rslots;
+                    inc_copies[5 * L + l] = rn;
                 }
                 const uint64_t rg = inc_copies[2 * L + l] - 1, rslots = inc_copies[3 * L + l];
                 if ((copies_budget && used_copies - inc_copies[l] + rg > max_copies) ||
@@ -260,6 +262,9 @@ static eplb_status incremental(const eplb_next_request *req, int32_t *phy2log, i
             used_slots = used_slots - inc_copies[L + l] + pick_rslots;
             memcpy(phy2log + off, ref + off, (size_t)P * sizeof *phy2log);
             memcpy(logcnt + (size_t)l * N, ref_cnt + (size_t)l * N, (size_t)N * sizeof *logcnt);
+            inc_copies[l] = pick_rg; /* the layer's row is the reference's now */
+            inc_copies[L + l] = pick_rslots;
+            inc_copies[4 * L + l] = inc_copies[5 * L + l];
             inc_copies[2 * L + l] = UINT64_MAX;
             rep->layers_from_scratch++;
             total -= pick_gain;
@@ -268,6 +273,12 @@ static eplb_status incremental(const eplb_next_request *req, int32_t *phy2log, i
                 break;
             }
         }
+    }
+    /* What the answer copies, from the per-layer counts (no second pass). */
+    for (uint32_t l = 0; l < L; l++) {
+        rep->copies_cross_gpu += inc_copies[l];
+        rep->slots_moved += inc_copies[L + l];
+        rep->copies_cross_node += inc_copies[4 * L + l];
     }
     rep->policy_used = rep->layers_from_scratch == L ? EPLB_POLICY_DEEPSEEK : EPLB_POLICY_INCREMENTAL;
     if (rep->layers_from_scratch == L)
@@ -320,8 +331,11 @@ eplb_status eplb_next_placement(const eplb_next_request *req, int32_t *phy2log, 
     rep->balancedness_before =
         eplb_policy_balancedness(L, N, P, G, req->logical_load, req->cur_phy2log, req->cur_logcnt, layer_before);
     rep->balancedness_after = eplb_policy_balancedness(L, N, P, G, req->logical_load, phy2log, logcnt, layer_after);
-    if (req->knobs.policy != EPLB_POLICY_INCREMENTAL)
+    if (req->knobs.policy != EPLB_POLICY_INCREMENTAL) {
         rep->balancedness_reference = rep->balancedness_after;
-    count_copies(s, req->cur_phy2log, phy2log, &rep->copies_cross_gpu, &rep->copies_cross_node, &rep->slots_moved);
+        if (!count_copies(s, req->cur_phy2log, phy2log, &rep->copies_cross_gpu, &rep->copies_cross_node,
+                          &rep->slots_moved))
+            return eplb_error_set(err, EPLB_ENOMEM, "out of memory counting a rebalance's copies");
+    }
     return EPLB_OK;
 }

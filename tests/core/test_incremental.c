@@ -228,6 +228,20 @@ static void check_case(random_case *c, bool hierarchical_check) {
     for (uint32_t l = 0; l < L; l++)
         cr_assert_geq(after[l], before[l] - 1e-9, "layer %u: %.9f -> %.9f", l, before[l], after[l]);
     cr_assert_geq(rep.balancedness_after, rep.balancedness_before - 1e-9);
+    /* The reported copies and slots are the answer's. */
+    uint64_t cg = 0, cn = 0, sl = 0;
+    for (uint32_t l = 0; l < L; l++) {
+        uint64_t a, b;
+        eplb_next_copies(P, s->num_gpus, s->num_gpus / s->num_nodes, N, c->cur + (size_t)l * P, out + (size_t)l * P,
+                         &a, &b);
+        cg += a;
+        cn += b;
+    }
+    for (size_t i = 0; i < (size_t)L * P; i++)
+        sl += c->cur[i] != out[i];
+    cr_assert_eq(rep.copies_cross_gpu, cg);
+    cr_assert_eq(rep.copies_cross_node, cn);
+    cr_assert_eq(rep.slots_moved, sl);
     /* Budgets. */
     if (budget_bytes)
         cr_assert_leq(rep.copies_cross_gpu, req.knobs.max_bytes_moved / req.knobs.expert_bytes,
