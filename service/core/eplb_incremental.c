@@ -81,6 +81,9 @@ typedef struct ctx {
     double min_link;                    /* the cheapest link between two GPUs */
     double cap;                         /* the busiest GPU's load above the target: the most a change gains */
     uint32_t eval_tick;                 /* stamps touch_tick: one per eval_repl */
+    uint32_t b_tick;                    /* stamps b_stamp: one per b_prepare */
+    uint32_t *b_stamp, *b_gpus;         /* [G] each */
+    double *b_load;                     /* [G] */
     uint32_t *touch_tick, *touch_at;    /* [G] each: GPU in the touched set when == eval_tick, at index */
     uint32_t tick;                      /* stamps of the marks below */
     uint32_t *on_g;                     /* [N] == tick: the busiest GPU holds the expert */
@@ -205,6 +208,123 @@ static void eval_repl(ctx *c, const layer_state *L, uint32_t g, double M, uint32
                     .copies = copies, .slots = 1 };
 }
 
+/* REPL(t, b) for a fixed b tried against many slots t: b's side of the
+ * change (its replicas' GPUs get lighter) is the same for every t, so it
+ * is computed once (b_prepare) and each t adds only its own expert's
+ * replicas and its GPU: O(cnt[a]) per t instead of O(cnt[a] + cnt[b]). */
+#define B_TOP 4
+typedef struct b_part {
+    int32_t b;
+    uint32_t tick;            /* c->b_stamp[q] == tick: q holds b, its load after is c->b_load[q] */
+    uint32_t ngpus;
+    uint32_t top[B_TOP];      /* b's GPUs with the highest loads after, descending */
+    uint32_t ntop;
+} b_part;
+
+static void b_prepare(ctx *c, const layer_state *L, int32_t b, b_part *bp) {
+    if (++c->b_tick == 0) {
+        memset(c->b_stamp, 0, c->G * sizeof *c->b_stamp);
+        c->b_tick = 1;
+    }
+    bp->b = b;
+    bp->tick = c->b_tick;
+    bp->ngpus = 0;
+    bp->ntop = 0;
+    const double db = L->w[b] / (L->cnt[b] + 1) - L->w[b] / L->cnt[b];
+    for (int32_t u = L->head[b]; u >= 0; u = L->next[u]) {
+        const uint32_t q = gpu_of(c, (uint32_t)u);
+        if (c->b_stamp[q] != bp->tick) {
+            c->b_stamp[q] = bp->tick;
+            c->b_load[q] = L->load[q];
+            c->b_gpus[bp->ngpus++] = q;
+        }
+        c->b_load[q] += db;
+    }
+    for (uint32_t i = 0; i < bp->ngpus; i++) { /* keep the B_TOP heaviest, descending */
+        const uint32_t q = c->b_gpus[i];
+        uint32_t j = bp->ntop < B_TOP ? bp->ntop++ : B_TOP - 1;
+        if (j == B_TOP - 1 && bp->ntop == B_TOP && i >= B_TOP && !(c->b_load[q] > c->b_load[bp->top[j]]))
+            continue;
+        while (j > 0 && c->b_load[bp->top[j - 1]] < c->b_load[q]) {
+            bp->top[j] = bp->top[j - 1];
+            j--;
+        }
+        bp->top[j] = q;
+    }
+}
+
+static inline double base_load(const ctx *c, const layer_state *L, const b_part *bp, uint32_t q) {
+    return c->b_stamp[q] == bp->tick ? c->b_load[q] : L->load[q];
+}
+
+/* eval_repl with b's side prepared: the same answer. */
+static void eval_repl_b(ctx *c, const layer_state *L, uint32_t g, double M, uint32_t t, const b_part *bp,
+                        change *ch) {
+    ch->kind = CH_NONE;
+    const int32_t a = L->row[t], b = bp->b;
+    if (a == b || L->cnt[a] < 2)
+        return;
+    const uint32_t h = gpu_of(c, t);
+    if (c->p->hierarchical && !group_on_node(c, L, b, node_of(c, h)))
+        return;
+    const double wa = L->w[a];
+    const double xa_old = wa / L->cnt[a], da = wa / (L->cnt[a] - 1) - xa_old;
+    const double xb_new = L->w[b] / (L->cnt[b] + 1);
+    if (++c->eval_tick == 0) {
+        memset(c->touch_tick, 0, c->G * sizeof *c->touch_tick);
+        c->eval_tick = 1;
+    }
+    /* a's side and t's GPU, on top of b's side. */
+    uint32_t n = 0;
+    for (int32_t u = L->head[a]; u >= 0; u = L->next[u]) {
+        if ((uint32_t)u == t)
+            continue;
+        const uint32_t q = gpu_of(c, (uint32_t)u);
+        if (c->touch_tick[q] != c->eval_tick) {
+            c->touch_tick[q] = c->eval_tick;
+            c->touch_at[q] = n;
+            c->touched[n] = q;
+            c->touched_load[n++] = base_load(c, L, bp, q);
+        }
+        c->touched_load[c->touch_at[q]] += da;
+    }
+    if (c->touch_tick[h] != c->eval_tick) {
+        c->touch_tick[h] = c->eval_tick;
+        c->touch_at[h] = n;
+        c->touched[n] = h;
+        c->touched_load[n++] = base_load(c, L, bp, h);
+    }
+    c->touched_load[c->touch_at[h]] += xb_new - xa_old;
+    double worst = -INFINITY;
+    for (uint32_t i = 0; i < n; i++)
+        worst = c->touched_load[i] > worst ? c->touched_load[i] : worst;
+    /* b's GPUs not touched by a's side: the heaviest of them. */
+    bool found = false;
+    for (uint32_t i = 0; i < bp->ntop && !found; i++)
+        if (c->touch_tick[bp->top[i]] != c->eval_tick) {
+            worst = c->b_load[bp->top[i]] > worst ? c->b_load[bp->top[i]] : worst;
+            found = true;
+        }
+    if (!found && bp->ngpus > bp->ntop)
+        for (uint32_t i = 0; i < bp->ngpus; i++)
+            if (c->touch_tick[c->b_gpus[i]] != c->eval_tick)
+                worst = c->b_load[c->b_gpus[i]] > worst ? c->b_load[c->b_gpus[i]] : worst;
+    const double g_new = c->touch_tick[g] == c->eval_tick ? c->touched_load[c->touch_at[g]] : base_load(c, L, bp, g);
+    if (!(g_new < M) || !(worst < M))
+        return;
+    double gain = M - (worst > g_new ? worst : g_new);
+    if (gain <= MIN_REL_GAIN * M)
+        return;
+    if (gain > c->cap)
+        gain = c->cap;
+    uint32_t copies;
+    const double cost = fetch_cost(c, L, b, h, &copies) + SLOT_COST;
+    if (!affordable(c, copies, 1))
+        return;
+    *ch = (change){ .kind = CH_REPL, .s = t, .t = t, .b = b, .gain = gain, .score = gain / cost,
+                    .copies = copies, .slots = 1 };
+}
+
 /* The layer's best change now (kind NONE when none improves or fits). */
 static void find_best(ctx *c, layer_state *L) {
     change best = { .kind = CH_NONE, .score = -INFINITY };
@@ -298,12 +418,14 @@ static void find_best(ctx *c, layer_state *L) {
         if (shed / SLOT_COST < best.score)
             continue;
         const uint32_t *held = c->holds + (size_t)hot_slot[i] * c->G;
+        b_part bp;
+        b_prepare(c, L, b, &bp);
         for (uint32_t di = 0; di < ndonors; di++) {
             const uint32_t t = c->donors[di];
             if (shed < best.score * (SLOT_COST + (held[gpu_of(c, t)] == tick ? 0 : ml)))
                 continue; /* g sheds at most shed: cannot beat the best */
             change ch;
-            eval_repl(c, L, g, M, t, hot[i], &ch);
+            eval_repl_b(c, L, g, M, t, &bp, &ch);
             if (ch.kind != CH_NONE)
                 consider(&best, &ch);
         }
@@ -511,15 +633,15 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
     double *dbl = eplb_malloc(((size_t)Lyr * (N + G)) * sizeof(double));
     int32_t *ints = eplb_malloc(((size_t)Lyr * (N + P + (size_t)groups * nodes)) * sizeof(int32_t));
     uint32_t *heap = eplb_malloc((size_t)Lyr * sizeof *heap);
-    uint32_t *order = eplb_calloc((size_t)3 * G + P, sizeof *order); /* order, donors, touch_tick, touch_at */
-    double *x = eplb_malloc(((size_t)P + P / G) * sizeof *x);
+    uint32_t *order = eplb_calloc((size_t)5 * G + P, sizeof *order); /* order, donors, touch_tick, touch_at, b_stamp, b_gpus */
+    double *x = eplb_malloc(((size_t)P + P / G + G) * sizeof *x); /* x [P], lb [S], b_load [G] */
     uint32_t *marks = eplb_calloc((size_t)N + (size_t)P, sizeof *marks); /* on_g [N], holds [S][G] = [P] */
     if (!c || !ls || !dbl || !ints || !heap || !order || !x || !marks) {
         st = eplb_error_set(err, EPLB_ENOMEM, "out of memory for an incremental %ux%u rebalance", Lyr, P);
         goto out;
     }
     *c = (ctx){ .p = p, .N = N, .P = P, .G = G, .S = P / G, .gpn = G / nodes, .nodes = nodes, .groups = groups,
-                .per_group = N / groups, .ls = ls, .order = order, .donors = order + G, .touch_tick = order + G + P, .touch_at = order + 2 * G + P, .x = x, .lb = x + P, .on_g = marks, .holds = marks + N, .copies_left = p->max_copies, .slots_left = p->max_slots };
+                .per_group = N / groups, .ls = ls, .order = order, .donors = order + G, .touch_tick = order + G + P, .touch_at = order + 2 * G + P, .b_stamp = order + 3 * G + P, .b_gpus = order + 4 * G + P, .x = x, .lb = x + P, .b_load = x + P + P / G, .on_g = marks, .holds = marks + N, .copies_left = p->max_copies, .slots_left = p->max_slots };
     c->min_link = nodes > 1 && p->cost_cross_node < p->cost_intra_node ? p->cost_cross_node : p->cost_intra_node;
     if (nodes == G && G > 1)
         c->min_link = p->cost_cross_node;
