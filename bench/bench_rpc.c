@@ -5,7 +5,9 @@
  * request (Zipf-like, seeded) on its own channel, as fast as it can, for a
  * fixed number of calls.  Prints p50/p90/p99/max per mode.
  *
- * usage: bench_rpc ADDR [clients] [calls-per-client] [layers experts slots groups nodes gpus] */
+ * usage: bench_rpc ADDR [clients] [calls-per-client] [layers experts slots groups nodes gpus]
+ * BENCH_RPC_MODES=dry-run (or commit) runs only that mode at the given clients;
+ * by default: dry-run and commit at the given clients, then commit at 1. */
 #include <math.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -166,7 +168,12 @@ int main(int argc, char **argv) {
     if (argc > 9)
         s = (shape){ (uint32_t)atoi(argv[4]), (uint32_t)atoi(argv[5]), (uint32_t)atoi(argv[6]),
                      (uint32_t)atoi(argv[7]), (uint32_t)atoi(argv[8]), (uint32_t)atoi(argv[9]) };
+    const char *modes = getenv("BENCH_RPC_MODES");
     int errors = 0;
+    if (modes && strcmp(modes, "dry-run") == 0)
+        return run(argv[1], clients, calls, 1, s, 0) ? 1 : 0;
+    if (modes && strcmp(modes, "commit") == 0)
+        return run(argv[1], clients, calls, 0, s, 1) ? 1 : 0;
     errors += run(argv[1], clients, calls, 1, s, 0);
     errors += run(argv[1], clients, calls, 0, s, 1);
     errors += run(argv[1], 1, calls, 0, s, 2);
