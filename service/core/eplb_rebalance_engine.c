@@ -49,6 +49,22 @@ static eplb_status next_step(const registry_entry *e, eplb_placement *step, uint
     return eplb_pending_step(&registry_current(e)->placement, &p->target, p->layers_per_step, step, layers, n, err);
 }
 
+/* A plan refused for the request's staging bound: say that it is the
+ * request's bound (not --max-staging-mib, which the chunker's advice is
+ * for: eplbd's own moves). */
+static void staging_refusal(const eplb_pending_rebalance *p, uint32_t entries, eplb_status st, eplb_error *err) {
+    if (st != EPLB_EPRECONDITION || !p->max_staging_bytes || !err)
+        return;
+    char *advice = strstr(err->msg, ": raise --max-staging-mib");
+    if (advice)
+        *advice = '\0';
+    char msg[EPLB_ERROR_MSG_MAX];
+    snprintf(msg, sizeof msg, "max_staging_bytes %llu (%u experts of %llu bytes per rank): %s; raise "
+             "max_staging_bytes", (unsigned long long)p->max_staging_bytes, entries,
+             (unsigned long long)p->expert_bytes, err->msg);
+    eplb_error_set(err, st, "%s", msg);
+}
+
 /* The cached plan of the step awaiting commit, built when missing. */
 static eplb_status engine_plan(registry_entry *e, const eplb_transfer_plan **out, eplb_error *err) {
     const eplb_pending_rebalance *p = &e->rec.pending;
@@ -72,18 +88,7 @@ static eplb_status engine_plan(registry_entry *e, const eplb_transfer_plan **out
     eplb_placement_free(&step);
     eplb_free(layers);
     if (st != EPLB_OK) {
-        if (st == EPLB_EPRECONDITION && p->max_staging_bytes && err) {
-            /* The bound is the request's, not --max-staging-mib (the
-             * chunker's advice is for eplbd's own moves): say which. */
-            char *advice = strstr(err->msg, ": raise --max-staging-mib");
-            if (advice)
-                *advice = '\0';
-            char msg[EPLB_ERROR_MSG_MAX];
-            snprintf(msg, sizeof msg, "max_staging_bytes %llu (%u experts of %llu bytes per rank): %s; raise "
-                     "max_staging_bytes", (unsigned long long)p->max_staging_bytes, entries,
-                     (unsigned long long)p->expert_bytes, err->msg);
-            eplb_error_set(err, st, "%s", msg);
-        }
+        staging_refusal(p, entries, st, err);
         return st;
     }
     e->has_xfer = true;
@@ -166,8 +171,29 @@ eplb_status registry_engine_start(eplb_registry *r, registry_entry *e, eplb_plac
     memset(next, 0, sizeof *next);
     p->layers_done = eplb_pending_layers_done(&registry_current(e)->placement, &p->target);
     /* The plan first: one that cannot be built refuses before anything is
-     * stored. */
-    eplb_status st = answer_pending(e, x->include_plan, out, err);
+     * stored.  In steps under a staging bound, every later step's layers
+     * must fit too, or the engine would find out half-way: each layer
+     * moves from its served row to its target whatever the step, so one
+     * plan of the whole move checks them all (one more build, ~1-2 ms at
+     * DeepSeek-V3 size; only here). */
+    eplb_status st = EPLB_OK;
+    const uint32_t changed = L - p->layers_done;
+    if (p->max_staging_bytes && p->layers_per_step < changed) {
+        uint32_t entries = 0;
+        st = eplb_transfer_staging_entries(p->max_staging_bytes, p->expert_bytes, &entries, err);
+        if (st == EPLB_OK) {
+            const eplb_snapshot *cur = registry_current(e);
+            const eplb_model_shape *s = &cur->shape;
+            eplb_transfer_plan whole;
+            st = eplb_transfer_build(L, cur->placement.num_physical, s->ep_size, s->ep_size / s->num_nodes,
+                                     cur->placement.phy2log, p->target.phy2log, entries, &whole, err);
+            if (st == EPLB_OK)
+                eplb_transfer_plan_free(&whole);
+            staging_refusal(p, entries, st, err);
+        }
+    }
+    if (st == EPLB_OK)
+        st = answer_pending(e, x->include_plan, out, err);
     if (st == EPLB_OK)
         st = save_pending(r, e, p, e->rec.state, e->rec.state_reason, err);
     if (st != EPLB_OK) {

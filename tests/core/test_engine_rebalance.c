@@ -490,3 +490,87 @@ Test(engine_rebalance, every_allocation_failure_is_clean) {
     cr_assert_str_empty(v.pending_id);
     eplb_model_view_release(&v);
 }
+
+/* The least staging entries per rank a layer's move needs (0: it does not
+ * change; UINT32_MAX: none up to max fits). */
+static uint32_t staging_need(uint32_t p, uint32_t g, const int32_t *old_row, const int32_t *new_row, uint32_t max) {
+    if (memcmp(old_row, new_row, p * sizeof *old_row) == 0)
+        return 0;
+    for (uint32_t k = 1; k <= max; k++) {
+        eplb_transfer_plan t;
+        if (eplb_transfer_build(1, p, g, g / 2, old_row, new_row, k, &t, NULL) == EPLB_OK) {
+            eplb_transfer_plan_free(&t);
+            return k;
+        }
+    }
+    return UINT32_MAX;
+}
+
+/* In steps under a staging bound, a layer of a later step that cannot fit
+ * refuses the Rebalance at once (nothing pending), not its step's
+ * GetTransferPlan half-way through.  A model with 6 slots per rank (so
+ * layers differ in the staging they need), and loads searched for one
+ * whose first changed layer fits a bound a later one does not. */
+Test(engine_rebalance, steps_under_a_staging_bound_check_every_layer_up_front) {
+    enum { WL = 6, WN = 16, WP = 24, WG = 4, WS = WP / WG };
+    eplb_handle wm = { .architecture = "WideMoE", .interfaces = EPLB_IFACE_MOE, .has_moe = true,
+                       .moe = { .num_moe_layers = WL, .num_logical_experts = WN, .num_physical_experts = WP,
+                                .num_local_physical_experts = WS, .num_redundant_experts = WP - WN,
+                                .num_expert_groups = 4 } };
+    eplb_register_request rr = { .model_name = "w", .model = &wm, .main_model_id = "",
+                                 .parallel = { .enable_eplb = true, .ep_size = WG, .num_nodes = 2, .window_size = 4,
+                                               .step_interval = 100 } };
+    eplb_register_result rres;
+    cr_assert_eq(eplb_registry_register(reg, &rr, &rres, NULL), EPLB_OK);
+    eplb_model_view_release(&rres.view);
+    eplb_placement before;
+    cr_assert_eq(get_placement(reg, "w", &before, NULL, NULL), EPLB_OK);
+    int64_t load[WL * WN];
+    bool found = false;
+    uint64_t rng = 34;
+    for (int seed = 0; seed < 500 && !found; seed++) {
+        for (int i = 0; i < WL * WN; i++) {
+            rng = rng * 6364136223846793005ull + 1442695040888963407ull;
+            load[i] = 1 + (int64_t)((rng >> 33) % 1000) * ((rng >> 20) % 4 == 0 ? 20 : 1);
+        }
+        eplb_rebalance_request req = { .model_id = "w", .logical_load = load, .logical_load_len = WL * WN,
+                                       .slot_order = EPLB_SLOT_PRESERVE, .dry_run = true };
+        eplb_rebalance_result res;
+        cr_assert_eq(eplb_registry_rebalance(reg, &req, &res, NULL), EPLB_OK);
+        uint32_t first = 0, worst = 0;
+        for (int l = 0; l < WL; l++) {
+            uint32_t need = staging_need(WP, WG, before.phy2log + l * WP, res.placement.phy2log + l * WP, WS + 1);
+            if (need && !first)
+                first = need;
+            if (need > worst)
+                worst = need;
+        }
+        eplb_rebalance_result_free(&res);
+        if (!first || worst <= first || worst == UINT32_MAX)
+            continue;
+        found = true;
+        req.dry_run = false;
+        req.execution = EPLB_EXEC_ENGINE;
+        req.layers_per_step = 1;
+        req.knobs.expert_bytes = 1000;
+        req.max_staging_bytes = 1000ull * first; /* the first step fits, a later one does not */
+        eplb_error err;
+        cr_assert_eq(eplb_registry_rebalance(reg, &req, &res, &err), EPLB_EPRECONDITION, "bound %u, worst %u",
+                     first, worst);
+        cr_assert(strstr(err.msg, "max_staging_bytes"), "%s", err.msg);
+        eplb_model_view v;
+        cr_assert_eq(eplb_registry_view(reg, "w", &v, NULL), EPLB_OK);
+        cr_assert_str_empty(v.pending_id, "refused: nothing pending");
+        cr_assert_eq(v.snap->placement.epoch, before.epoch);
+        eplb_model_view_release(&v);
+        /* With room for the worst layer it is accepted, and aborted clean. */
+        req.max_staging_bytes = 1000ull * worst;
+        cr_assert_eq(eplb_registry_rebalance(reg, &req, &res, &err), EPLB_OK, "%s", err.msg);
+        cr_assert(res.pending);
+        eplb_abort_result ab;
+        cr_assert_eq(eplb_registry_abort_rebalance(reg, "w", res.rebalance_id, 0, &ab, &err), EPLB_OK, "%s", err.msg);
+        eplb_rebalance_result_free(&res);
+    }
+    cr_assert(found, "no load in the search had a later layer needing more staging than the first");
+    eplb_placement_free(&before);
+}
