@@ -151,6 +151,17 @@ def rebalance():
                                   max_staging_bytes=1),
         "engine_bad_execution": R(model_id="fuzz-a", physical_load=load_a, execution=5),
         "server_with_plan": R(model_id="fuzz-a", physical_load=load_a, include_transfer_plan=True),
+        # Cost-aware: INCREMENTAL with a target, budgets, link costs; bad knobs.
+        "incremental": R(model_id="fuzz-a", physical_load=load_a, policy=pb.POLICY_INCREMENTAL,
+                         target_balancedness=0.95),
+        "incremental_budgets": R(model_id="fuzz-b", physical_load=load_b, policy=pb.POLICY_INCREMENTAL,
+                                 max_bytes_moved=3000, expert_bytes=1000, max_slots_moved=2,
+                                 link_costs=pb.LinkCosts(intra_node=2, cross_node=8)),
+        "incremental_engine": R(model_id="fuzz-b", physical_load=load_b, policy=pb.POLICY_INCREMENTAL,
+                                execution=pb.EXECUTION_ENGINE, layers_per_step=1, force=True),
+        "incremental_bad_knobs": R(model_id="fuzz-a", physical_load=load_a, policy=pb.POLICY_INCREMENTAL,
+                                   target_balancedness=float("nan"), max_bytes_moved=5),
+        "bad_policy": R(model_id="fuzz-a", physical_load=load_a, policy=9),
     }
 
 
