@@ -27,11 +27,26 @@
  * falls below the busiest GPU's load M (a change must lower g's load and
  * leave every GPU it touches below M, so a layer's max never rises).  With
  * several GPUs tied at M the layer's max falls only after each is relieved;
- * the local gain still ranks the changes that get there.
+ * the local gain still ranks the changes that get there.  Gains are
+ * capped at M - the layer's floor (the from-scratch max): past it a change
+ * buys nothing, so among changes that reach it the cheapest wins.
  * Cost: per expert copied to a GPU that does not hold it, the cheapest
  * link from a GPU that does (cost_intra_node in the node, cost_cross_node
  * across); a copy from the same GPU is free.  Every slot rewritten costs
- * SLOT_COST besides, so that free changes are still ranked by gain. */
+ * SLOT_COST besides, so that free changes are still ranked by gain.
+ *
+ * Search order and pruning: re-replications first (a few hundred
+ * evaluations), then swaps with GPUs lightest first; a pair is priced
+ * exactly only when its gain over a lower bound of its cost (free where
+ * the GPU already holds the expert) could beat the best so far, and a GPU
+ * whose bound cannot is skipped (another node's GPU in O(S) when no group
+ * could cross).
+ *
+ * The loop: a max-heap of layers by their best change's score; the top
+ * layer's change is applied (when the budget still pays for it) and its
+ * next best found; it ends when the sum over layers of the max load is
+ * within total_target, or no layer has a change left.  Applied changes
+ * per layer are capped at P. */
 #include <math.h>
 #include <string.h>
 
