@@ -154,7 +154,11 @@ eplb_status eplb_placement_copy(eplb_placement *dst, const eplb_placement *src, 
     size_t L = src->num_layers;
     memcpy(dst->phy2log, src->phy2log, L * src->num_physical * sizeof *dst->phy2log);
     memcpy(dst->logcnt, src->logcnt, L * src->num_logical * sizeof *dst->logcnt);
-    memcpy(dst->log2phy, src->log2phy, L * src->num_logical * src->max_replicas * sizeof *dst->log2phy);
+    if (src->log2phy)
+        memcpy(dst->log2phy, src->log2phy, L * src->num_logical * src->max_replicas * sizeof *dst->log2phy);
+    else /* a dry run's answer without it: the copy is whole again */
+        eplb_placement_rebuild(src->num_layers, src->num_logical, src->num_physical, src->max_replicas, src->phy2log,
+                               dst->logcnt, dst->log2phy);
     dst->num_valid_physical = src->num_valid_physical;
     dst->epoch = src->epoch;
     return EPLB_OK;

@@ -303,6 +303,7 @@ typedef struct eplb_rebalance_request {
     bool has_expected_epoch;
     uint64_t expected_epoch;
     bool dry_run;                     /* compute, change nothing */
+    bool without_log2phy;             /* dry run: the answer's log2phy may be NULL (not wanted) */
     eplb_slot_order slot_order;
     uint32_t layers_per_step;         /* commit in steps of this many changed layers; 0: all at once */
     /* Policy, target, budgets, link costs, expert size, and the commit

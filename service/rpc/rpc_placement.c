@@ -216,6 +216,7 @@ void rpc_rebalance(rpc_context *ctx, upb_Arena *arena, const char *req, size_t l
     r.has_expected_epoch = eplb_v1_RebalanceRequest_has_expected_epoch(m);
     r.expected_epoch = eplb_v1_RebalanceRequest_expected_epoch(m);
     r.dry_run = eplb_v1_RebalanceRequest_dry_run(m);
+    r.without_log2phy = !eplb_v1_RebalanceRequest_include_logical_to_physical(m);
     r.layers_per_step = eplb_v1_RebalanceRequest_layers_per_step(m);
     r.force = eplb_v1_RebalanceRequest_force(m);
     eplb_rebalance_knobs *k = &r.knobs;

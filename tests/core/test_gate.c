@@ -174,3 +174,33 @@ Test(gate, registration_with_other_rebalance_defaults_is_refused) {
     cr_assert(res.registered);
     eplb_model_view_release(&res.view);
 }
+
+/* A dry run answers with the policy's maps; without_log2phy leaves the
+ * largest one out, and a copy of that answer is whole again (the same
+ * log2phy as the answer that built it). */
+Test(gate, dry_run_without_log2phy_answers_the_same_maps) {
+    const int64_t hot[4] = { 1000, 10, 10, 10 };
+    eplb_rebalance_request req = { .model_id = "m", .logical_load = hot, .logical_load_len = 4, .dry_run = true };
+    eplb_rebalance_result with, without;
+    eplb_error err;
+    cr_assert_eq(eplb_registry_rebalance(reg, &req, &with, &err), EPLB_OK, "%s", err.msg);
+    req.without_log2phy = true;
+    cr_assert_eq(eplb_registry_rebalance(reg, &req, &without, &err), EPLB_OK, "%s", err.msg);
+    cr_assert_not_null(with.placement.log2phy);
+    cr_assert_null(without.placement.log2phy);
+    cr_assert_eq(with.placement.max_replicas, without.placement.max_replicas);
+    cr_assert_arr_eq(with.placement.phy2log, without.placement.phy2log, 8 * sizeof(int32_t));
+    cr_assert_arr_eq(with.placement.logcnt, without.placement.logcnt, 4 * sizeof(int32_t));
+    eplb_placement copy;
+    cr_assert_eq(eplb_placement_copy(&copy, &without.placement, &err), EPLB_OK);
+    cr_assert_arr_eq(copy.log2phy, with.placement.log2phy, 4 * with.placement.max_replicas * sizeof(int32_t));
+    /* And the policy's answer is what a checked assign makes of it. */
+    eplb_placement checked = { .num_layers = 1, .num_logical = 4 };
+    cr_assert_eq(eplb_placement_assign(&checked, 8, 8, without.placement.phy2log, &err), EPLB_OK, "%s", err.msg);
+    cr_assert_arr_eq(checked.log2phy, with.placement.log2phy, 4 * with.placement.max_replicas * sizeof(int32_t));
+    cr_assert_eq(epoch_now(), 0);
+    eplb_placement_free(&checked);
+    eplb_placement_free(&copy);
+    eplb_rebalance_result_free(&with);
+    eplb_rebalance_result_free(&without);
+}
