@@ -13,6 +13,7 @@
 #include "rpc_convert.h"
 #include "rpc_handlers.h"
 #include "rpc_log.h"
+#include "rpc_packed.h"
 #include "rpc_transfer.h"
 
 /* model_id of a request: present and a valid name, else *out set. */
@@ -200,7 +201,16 @@ void rpc_reply_rebalance(rpc_context *ctx, const char *model_id, const eplb_reba
 void rpc_rebalance(rpc_context *ctx, upb_Arena *arena, const char *req, size_t len, rpc_reply *out) {
     eplb_error err;
     eplb_error_clear(&err);
-    const eplb_v1_RebalanceRequest *m = eplb_v1_RebalanceRequest_parse(req, len, arena);
+    /* The loads (physical_load = 2, logical_load = 11) decoded directly,
+     * the rest by upb (rpc_packed.h); upb alone when that declines. */
+    static const uint32_t load_fields[2] = { 2, 11 };
+    int64_t *loads[2] = { NULL, NULL };
+    size_t nloads[2] = { 0, 0 };
+    char *rest;
+    size_t rest_len;
+    const bool split = rpc_packed_split(req, len, load_fields, 2, arena, &rest, &rest_len, loads, nloads);
+    const eplb_v1_RebalanceRequest *m = split ? eplb_v1_RebalanceRequest_parse(rest, rest_len, arena)
+                                              : eplb_v1_RebalanceRequest_parse(req, len, arena);
     if (!m) {
         rpc_reply_malformed(out, "eplb.v1.RebalanceRequest");
         return;
@@ -208,8 +218,15 @@ void rpc_rebalance(rpc_context *ctx, upb_Arena *arena, const char *req, size_t l
     eplb_rebalance_request r = { 0 };
     if (!(r.model_id = model_id_of(eplb_v1_RebalanceRequest_model_id(m), arena, out)))
         return;
-    r.physical_load = eplb_v1_RebalanceRequest_physical_load(m, &r.physical_load_len);
-    r.logical_load = eplb_v1_RebalanceRequest_logical_load(m, &r.logical_load_len);
+    if (split) {
+        r.physical_load = loads[0];
+        r.physical_load_len = nloads[0];
+        r.logical_load = loads[1];
+        r.logical_load_len = nloads[1];
+    } else {
+        r.physical_load = eplb_v1_RebalanceRequest_physical_load(m, &r.physical_load_len);
+        r.logical_load = eplb_v1_RebalanceRequest_logical_load(m, &r.logical_load_len);
+    }
     r.num_groups = eplb_v1_RebalanceRequest_num_groups(m);
     r.num_nodes = eplb_v1_RebalanceRequest_num_nodes(m);
     r.num_gpus = eplb_v1_RebalanceRequest_num_gpus(m);
@@ -329,7 +346,14 @@ void rpc_continue_rebalance(rpc_context *ctx, upb_Arena *arena, const char *req,
 void rpc_record_load(rpc_context *ctx, upb_Arena *arena, const char *req, size_t len, rpc_reply *out) {
     eplb_error err;
     eplb_error_clear(&err);
-    const eplb_v1_RecordLoadRequest *m = eplb_v1_RecordLoadRequest_parse(req, len, arena);
+    static const uint32_t load_field = 2; /* physical_load: rpc_packed.h */
+    int64_t *load = NULL;
+    size_t nload = 0;
+    char *rest;
+    size_t rest_len;
+    const bool split = rpc_packed_split(req, len, &load_field, 1, arena, &rest, &rest_len, &load, &nload);
+    const eplb_v1_RecordLoadRequest *m = split ? eplb_v1_RecordLoadRequest_parse(rest, rest_len, arena)
+                                               : eplb_v1_RecordLoadRequest_parse(req, len, arena);
     if (!m) {
         rpc_reply_malformed(out, "eplb.v1.RecordLoadRequest");
         return;
@@ -337,7 +361,12 @@ void rpc_record_load(rpc_context *ctx, upb_Arena *arena, const char *req, size_t
     eplb_record_request r = { 0 };
     if (!(r.model_id = model_id_of(eplb_v1_RecordLoadRequest_model_id(m), arena, out)))
         return;
-    r.physical_load = eplb_v1_RecordLoadRequest_physical_load(m, &r.physical_load_len);
+    if (split) {
+        r.physical_load = load;
+        r.physical_load_len = nload;
+    } else {
+        r.physical_load = eplb_v1_RecordLoadRequest_physical_load(m, &r.physical_load_len);
+    }
     r.num_passes = eplb_v1_RecordLoadRequest_num_passes(m);
     r.is_dummy = eplb_v1_RecordLoadRequest_is_dummy(m);
     eplb_record_result res;
