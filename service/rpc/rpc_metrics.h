@@ -91,7 +91,7 @@ static inline size_t rpc_metrics_escape_label(char *buf, size_t at, size_t cap, 
             int ok = want && k == want && !(c == 0xE0 && p[1] < 0xA0) && !(c == 0xED && p[1] > 0x9F) &&
                      !(c == 0xF0 && p[1] < 0x90) && !(c == 0xF4 && p[1] > 0x8F);
             if (ok) {
-                for (size_t i = 0; i < want; i++)
+                for (size_t i = 0; i < want && i < sizeof tmp; i++) /* want <= 4; said for gcc -O3 */
                     tmp[i] = (char)p[i];
                 n = adv = want;
             } else {
