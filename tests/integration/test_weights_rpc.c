@@ -372,7 +372,7 @@ Test(weights_rpc, scale_up_fills_the_new_ranks_at_the_next_rebalance, .timeout =
     eplb_call_result_free(&r);
     cr_assert_eq(attach(a, MAXG, NULL, NULL, 0), 0);
 
-    eplb_v1_RebalanceResponse *resp;
+    eplb_v1_RebalanceResponse *resp = NULL;
     cr_assert_eq(rebalance(a, 24, 0, &resp, NULL, 0), 0);
     size_t n;
     const int32_t *now = eplb_v1_Placement_physical_to_logical(eplb_v1_RebalanceResponse_placement(resp), &n);
