@@ -282,6 +282,8 @@ static void eval_repl_b(ctx *c, const layer_state *L, uint32_t g, double M, uint
     const uint32_t h = gpu_of(c, t);
     if (c->p->hierarchical && !group_on_node(c, L, b, node_of(c, h)))
         return;
+    if ((uint32_t)L->cnt[a] + 1 > sizeof c->touched / sizeof c->touched[0])
+        return; /* more replicas than the touched set holds: not a candidate */
     const double wa = L->w[a];
     const double xa_old = wa / L->cnt[a], da = wa / (L->cnt[a] - 1) - xa_old;
     const double xb_new = L->w[b] / (L->cnt[b] + 1);

@@ -383,3 +383,32 @@ Test(incremental, copies_counted_like_plans) {
     cr_assert_eq(gpu, 2);
     cr_assert_eq(node, 2);
 }
+
+/* An expert with more replicas than a change's touched set holds (2112):
+ * such re-replications are skipped, nothing overflows, the answer is a
+ * valid placement no worse than before. */
+Test(incremental, experts_with_thousands_of_replicas) {
+    enum { NN = 3, PP = 4800, GG = 4 };
+    eplb_policy_shape s = { .num_layers = 1, .num_logical = NN, .num_physical = PP, .num_groups = 1,
+                            .num_nodes = 1, .num_gpus = GG };
+    int32_t *row = malloc(PP * sizeof *row), cnt[NN];
+    for (int i = 0; i < PP; i++)
+        row[i] = i < 2 ? i + 1 : 0; /* expert 0: 4798 replicas */
+    counts(1, NN, PP, row, cnt);
+    const int64_t load[NN] = { 1000, 900000, 5 };
+    eplb_next_request req = { .shape = s, .cur_phy2log = row, .cur_logcnt = cnt, .logical_load = load };
+    req.knobs.policy = EPLB_POLICY_INCREMENTAL;
+    int32_t *out = malloc(PP * sizeof *out), ocnt[NN];
+    double before, after;
+    eplb_next_report rep;
+    eplb_error err;
+    cr_assert_eq(eplb_next_placement(&req, out, ocnt, &before, &after, &rep, &err), EPLB_OK, "%s", err.msg);
+    int32_t recount[NN];
+    counts(1, NN, PP, out, recount);
+    cr_assert_arr_eq(recount, ocnt, sizeof ocnt);
+    for (int e = 0; e < NN; e++)
+        cr_assert_geq(ocnt[e], 1);
+    cr_assert_geq(after, before - 1e-9);
+    free(row);
+    free(out);
+}
