@@ -60,6 +60,12 @@
 #define SLOT_COST 0.25
 #define REPL_HOT 2
 #define REPL_COLD 8
+/* The most candidate evaluations one call makes (~1-2 s on this machine
+ * class): a hostile shape (1024 layers x 8192 slots, one GPU) must not hold
+ * the model's lock for minutes.  DeepSeek-V3 and Kimi-K2 sizes use 1-5% of
+ * it; past it the greedy stops and eplb_next.c's fallback (from-scratch
+ * rows) finishes. */
+#define INCREMENTAL_MAX_WORK 300000000ull
 /* Gains below this fraction of the layer's max are rounding, not progress. */
 #define MIN_REL_GAIN 1e-9
 
@@ -103,6 +109,7 @@ typedef struct ctx {
     uint32_t tick;                      /* stamps of the marks below */
     uint32_t *on_g;                     /* [N] == tick: the busiest GPU holds the expert */
     uint32_t *holds;                    /* [S][G] == tick: GPU h holds the expert of g's i-th slot */
+    uint64_t work;                      /* candidate evaluations so far (INCREMENTAL_MAX_WORK) */
     uint32_t *order;                    /* [G] GPUs by load, scratch of find_best */
     double *x;                          /* [P] per-replica load of each slot, scratch of find_best */
     double *lb;                         /* [S] cost bounds, scratch of find_best */
@@ -348,7 +355,7 @@ static void find_best(ctx *c, layer_state *L) {
     L->best = best;
     const uint32_t g = busiest(c, L);
     const double M = L->load[g];
-    if (L->done || !(M > 0) || M <= L->target || L->changes >= c->P) {
+    if (L->done || !(M > 0) || M <= L->target || L->changes >= c->P || c->work > INCREMENTAL_MAX_WORK) {
         L->done = true;
         return;
     }
@@ -437,6 +444,7 @@ static void find_best(ctx *c, layer_state *L) {
         const uint32_t *held = c->holds + (size_t)hot_slot[i] * c->G;
         b_part bp;
         b_prepare(c, L, b, &bp);
+        c->work += ndonors;
         for (uint32_t di = 0; di < ndonors; di++) {
             const uint32_t t = c->donors[di];
             if (shed < best.score * (SLOT_COST + (held[gpu_of(c, t)] == tick ? 0 : ml)))
@@ -466,6 +474,7 @@ static void find_best(ctx *c, layer_state *L) {
         cold[j] = (int32_t)e;
         coldv[j] = v;
     }
+    c->work += (uint64_t)S * ncold;
     for (uint32_t t = g0; t < g0 + S; t++)
         if (L->cnt[L->row[t]] >= 2)
             for (uint32_t i = 0; i < ncold; i++) {
@@ -513,6 +522,7 @@ static void find_best(ctx *c, layer_state *L) {
         double *to_h = c->lb;
         for (uint32_t i = 0; i < S; i++)
             to_h[i] = 2 * SLOT_COST + (c->holds[(size_t)i * c->G + h] == tick ? 0 : ml);
+        c->work += (uint64_t)S * S;
         for (uint32_t t = h * S; t < (h + 1) * S; t++) {
             const double xb = x[t];
             const int32_t b = L->row[t];
@@ -708,6 +718,10 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
         heap_down(ls, heap, n, i);
     /* total is kept exact enough: each step swaps one layer's max. */
     while (n && !(p->total_target >= 0 && total <= p->total_target * (1 + 1e-12))) {
+        if (c->work > INCREMENTAL_MAX_WORK) {
+            stats->work_exhausted = true; /* the caller's fallback takes over */
+            break;
+        }
         const uint32_t l = heap[0];
         layer_state *L = &ls[l];
         if (!affordable(c, L->best.copies, L->best.slots)) {

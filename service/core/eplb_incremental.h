@@ -62,6 +62,7 @@ typedef struct eplb_incremental_stats {
     uint64_t copies;              /* cross-GPU copies spent (the budget's unit) */
     double total_max;             /* sum over layers of the max GPU load, after */
     bool reached;                 /* total_max <= total_target */
+    bool work_exhausted;          /* stopped at the compute bound (eplb_incremental.c) */
     bool budget_exhausted;        /* some layer stopped for the budget */
 } eplb_incremental_stats;
 

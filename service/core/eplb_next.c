@@ -284,12 +284,17 @@ static eplb_status incremental(const eplb_next_request *req, int32_t *phy2log, i
     if (rep->layers_from_scratch == L)
         snprintf(rep->reason, sizeof rep->reason,
                  "every layer fell back to the from-scratch placement (min-traffic order): local changes could "
-                 "not reach the target %.4f of its balancedness", target);
+                 "not reach the target %.4f of its balancedness%s", target,
+                 is.work_exhausted ? " within the compute bound" : "");
     else if (!reached)
         snprintf(rep->reason, sizeof rep->reason,
                  "short of the target %.4f of the from-scratch balancedness%s; %u of %u layers took the "
                  "from-scratch placement (min-traffic order)", target,
                  copies_budget || slots_budget ? " within the budget" : "", rep->layers_from_scratch, L);
+    else if (is.work_exhausted)
+        snprintf(rep->reason, sizeof rep->reason,
+                 "local changes stopped at the compute bound; %u of %u layers took the from-scratch placement "
+                 "(min-traffic order) to reach the target %.4f", rep->layers_from_scratch, L, target);
     else if (rep->layers_from_scratch)
         snprintf(rep->reason, sizeof rep->reason,
                  "%u of %u layers took the from-scratch placement (min-traffic order) to reach the target %.4f",
