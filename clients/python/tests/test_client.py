@@ -244,3 +244,27 @@ def test_stopped_server_reads_retry_then_raise(eplbd):
             c.record_load("m", LOAD)
         with pytest.raises(eplb.Unavailable):
             c.delete_model("m")
+
+
+def test_rebalance_incremental_policy_fields(client):
+    """POLICY_INCREMENTAL through the client: what the answer reports, budgets, bad knobs."""
+    client.register_model("inc", MOE, ep_size=2)
+    r = client.rebalance("inc", physical_load=LOAD, policy="incremental", target_balancedness=0.99, dry_run=True)
+    assert r.policy_used == "incremental" and not r.committed
+    assert r.balancedness_after >= r.balancedness_before - 1e-12
+    assert r.balancedness_after >= 0.99 * r.balancedness_reference - 1e-9
+    assert r.slots_moved == r.experts_moved
+    assert r.plan_copies_cross_gpu <= r.slots_moved
+    budget = client.rebalance("inc", physical_load=LOAD, policy="incremental", max_slots_moved=1,
+                              expert_bytes=1 << 20, max_bytes_moved=1 << 20, link_costs={"cross_node": 8},
+                              dry_run=True)
+    assert budget.slots_moved <= 1 and budget.plan_copies_cross_gpu <= 1
+    assert budget.plan_bytes_cross_gpu == budget.plan_copies_cross_gpu << 20
+    d = client.rebalance("inc", physical_load=LOAD, dry_run=True)
+    assert d.policy_used == "deepseek" and d.balancedness_reference == pytest.approx(d.balancedness_after)
+    with pytest.raises(eplb.InvalidArgument) as e:
+        client.rebalance("inc", physical_load=LOAD, policy="incremental", max_bytes_moved=10)
+    assert "expert_bytes" in e.value.message
+    with pytest.raises(ValueError):
+        client.rebalance("inc", physical_load=LOAD, policy="fastest")
+    assert client.get_placement("inc").epoch == 0
