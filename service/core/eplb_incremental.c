@@ -639,8 +639,14 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
         return st;
     if (!p->logical_load || !phy2log || !logcnt)
         return eplb_error_set(err, EPLB_EINVAL, "incremental rebalance: NULL array");
-    if (!(p->cost_intra_node >= 0) || !(p->cost_cross_node >= 0))
-        return eplb_error_set(err, EPLB_EINVAL, "incremental rebalance: link costs must be >= 0");
+    if (!(p->cost_intra_node > 0) || !(p->cost_cross_node > 0))
+        return eplb_error_set(err, EPLB_EINVAL, "incremental rebalance: link costs must be > 0");
+    /* The group constraint indexes groups x nodes: only on a shape whose
+     * groups divide the experts and whose nodes divide the GPUs. */
+    if (p->hierarchical && !(eplb_policy_is_hierarchical(&p->shape) && p->shape.num_nodes > 1))
+        return eplb_error_set(err, EPLB_EINVAL,
+                              "incremental rebalance: hierarchical needs num_groups %% num_nodes == 0 and more than "
+                              "one node (num_groups %u, num_nodes %u)", p->shape.num_groups, p->shape.num_nodes);
     const uint32_t Lyr = p->shape.num_layers, N = p->shape.num_logical, P = p->shape.num_physical,
                    G = p->shape.num_gpus;
     /* Nodes price links always; they constrain groups only when hierarchical. */

@@ -325,7 +325,22 @@ eplb_status eplb_next_placement(const eplb_next_request *req, int32_t *phy2log, 
                               "max_bytes_moved %llu needs the size of an expert: set expert_bytes (in the request "
                               "or ParallelConfig)", (unsigned long long)req->knobs.max_bytes_moved);
     const uint32_t L = s->num_layers, N = s->num_logical, P = s->num_physical, G = s->num_gpus;
-    if (req->knobs.policy == EPLB_POLICY_INCREMENTAL) {
+    /* Empty slots (a SetupFromMapping scale-up not rebalanced yet) are not
+     * a placement INCREMENTAL can start from: from scratch, which fills
+     * them, in min-traffic order. */
+    bool empty_slots = false;
+    for (size_t i = 0; i < (size_t)L * P && !empty_slots; i++)
+        empty_slots = req->cur_phy2log[i] < 0;
+    if (req->knobs.policy == EPLB_POLICY_INCREMENTAL && empty_slots) {
+        const eplb_slot_order order =
+            gpus_per_node_of(s) <= NEXT_MIN_TRAFFIC_MAX_GPUS_PER_NODE ? EPLB_SLOT_MIN_TRAFFIC : EPLB_SLOT_PRESERVE;
+        st = from_scratch(s, order, req->cur_phy2log, req->logical_load, phy2log, logcnt, err);
+        rep->policy_used = EPLB_POLICY_DEEPSEEK;
+        rep->layers_from_scratch = L;
+        snprintf(rep->reason, sizeof rep->reason,
+                 "the current placement has empty slots (scaled up, not rebalanced yet): from scratch, min-traffic "
+                 "order, fills them");
+    } else if (req->knobs.policy == EPLB_POLICY_INCREMENTAL) {
         st = incremental(req, phy2log, logcnt, rep, err);
     } else {
         st = from_scratch(s, req->order, req->cur_phy2log, req->logical_load, phy2log, logcnt, err);
@@ -336,7 +351,7 @@ eplb_status eplb_next_placement(const eplb_next_request *req, int32_t *phy2log, 
     rep->balancedness_before =
         eplb_policy_balancedness(L, N, P, G, req->logical_load, req->cur_phy2log, req->cur_logcnt, layer_before);
     rep->balancedness_after = eplb_policy_balancedness(L, N, P, G, req->logical_load, phy2log, logcnt, layer_after);
-    if (req->knobs.policy != EPLB_POLICY_INCREMENTAL) {
+    if (req->knobs.policy != EPLB_POLICY_INCREMENTAL || empty_slots) {
         rep->balancedness_reference = rep->balancedness_after;
         if (!count_copies(s, req->cur_phy2log, phy2log, &rep->copies_cross_gpu, &rep->copies_cross_node,
                           &rep->slots_moved))

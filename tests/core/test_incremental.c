@@ -412,3 +412,43 @@ Test(incremental, experts_with_thousands_of_replicas) {
     free(row);
     free(out);
 }
+
+/* Review findings: a hierarchical constraint on a shape that is not
+ * hierarchical, and zero link costs, are refused by the direct API; a
+ * current placement with empty slots (a scale-up not rebalanced yet) is
+ * answered from scratch, filling them. */
+Test(incremental, review_edge_cases) {
+    eplb_policy_shape s = { .num_layers = 1, .num_logical = 10, .num_physical = 12, .num_groups = 4,
+                            .num_nodes = 3, .num_gpus = 6 };
+    int32_t row[12], cnt[10];
+    for (int i = 0; i < 12; i++)
+        row[i] = i % 10;
+    counts(1, 10, 12, row, cnt);
+    int64_t load[10];
+    for (int e = 0; e < 10; e++)
+        load[e] = 10 + e * e;
+    eplb_incremental_params p = { .shape = s, .logical_load = load, .cost_intra_node = 1, .cost_cross_node = 4,
+                                  .hierarchical = true };
+    eplb_incremental_stats st;
+    eplb_error err;
+    cr_assert_eq(eplb_incremental_rebalance(&p, row, cnt, &st, &err), EPLB_EINVAL);
+    cr_assert(strstr(err.msg, "hierarchical needs"), "%s", err.msg);
+    p.hierarchical = false;
+    p.cost_intra_node = 0;
+    cr_assert_eq(eplb_incremental_rebalance(&p, row, cnt, &st, &err), EPLB_EINVAL);
+    cr_assert(strstr(err.msg, "link costs must be > 0"), "%s", err.msg);
+
+    row[11] = -1; /* an empty slot */
+    counts(1, 10, 11, row, cnt); /* the first 11 slots */
+    eplb_next_request req = { .shape = s, .cur_phy2log = row, .cur_logcnt = cnt, .logical_load = load };
+    req.knobs.policy = EPLB_POLICY_INCREMENTAL;
+    int32_t out[12], ocnt[10];
+    eplb_next_report rep;
+    cr_assert_eq(eplb_next_placement(&req, out, ocnt, NULL, NULL, &rep, &err), EPLB_OK, "%s", err.msg);
+    for (int i = 0; i < 12; i++)
+        cr_assert(out[i] >= 0 && out[i] < 10, "slot %d holds %d", i, out[i]);
+    cr_assert_eq(rep.policy_used, EPLB_POLICY_DEEPSEEK);
+    cr_assert_eq(rep.layers_from_scratch, 1);
+    cr_assert(strstr(rep.reason, "empty slots"), "%s", rep.reason);
+    cr_assert_float_eq(rep.balancedness_reference, rep.balancedness_after, 1e-12);
+}
