@@ -525,7 +525,15 @@ if [ -n "$asan" ] && want asan; then
     export UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1:exitcode=66:log_path=$reports_dir/ubsan"
     for t in "$asan"/tests/test_*; do
         [ -x "$t" ] || continue
-        criterion "$(basename "$t") (asan+ubsan)" "$t"
+        # test_cpu_backend's SIGBUS tests end workers by a signal; with two
+        # workers, Criterion 2.4.1's runner leaks 48 bytes of its own (a
+        # calloc in libcriterion, no frame of ours) in ~1 run of 8, which
+        # LeakSanitizer reports.  One worker: 0 in 28 runs.  Its tests take
+        # a second either way.
+        one=""
+        [ "$(basename "$t")" = test_cpu_backend ] && one="--jobs 1"
+        # shellcheck disable=SC2086
+        criterion "$(basename "$t") (asan+ubsan)" "$t" $one
         count_reports "$(basename "$t") (asan+ubsan)"
     done
     python_suite "python grpcio client (asan+ubsan eplbd)" "$root/tests/integration/test_python_client.py" "$asan"
