@@ -101,7 +101,7 @@ typedef struct ctx {
     uint64_t copies_left, slots_left;   /* when the budget flags are set */
     double min_link;                    /* the cheapest link between two GPUs */
     double cap;                         /* the busiest GPU's load above the target: the most a change gains */
-    uint32_t eval_tick;                 /* stamps touch_tick: one per eval_repl */
+    uint32_t eval_tick;                 /* stamps touch_tick: one per eval_repl_b */
     uint32_t b_tick;                    /* stamps b_stamp: one per b_prepare */
     uint32_t *b_stamp, *b_gpus;         /* [G] each */
     double *b_load;                     /* [G] */
@@ -167,69 +167,6 @@ static uint32_t busiest(const ctx *c, const layer_state *L) {
     return g;
 }
 
-/* Add d to GPU g's load in the touched set (n entries): O(1), the GPU's
- * index in the set stamped with the evaluation's tick. */
-static uint32_t touch(ctx *c, const layer_state *L, uint32_t n, uint32_t g, double d) {
-    if (c->touch_tick[g] == c->eval_tick) {
-        c->touched_load[c->touch_at[g]] += d;
-        return n;
-    }
-    c->touch_tick[g] = c->eval_tick;
-    c->touch_at[g] = n;
-    c->touched[n] = g;
-    c->touched_load[n] = L->load[g] + d;
-    return n + 1;
-}
-
-/* REPL(t, b) against the layer's max M on GPU g: fills *ch, or kind NONE
- * when it does not lower g's load below M with all touched GPUs below M. */
-static void eval_repl(ctx *c, const layer_state *L, uint32_t g, double M, uint32_t t, int32_t b, change *ch) {
-    ch->kind = CH_NONE;
-    const int32_t a = L->row[t];
-    if (a == b || L->cnt[a] < 2)
-        return;
-    const uint32_t h = gpu_of(c, t);
-    if (c->p->hierarchical && !group_on_node(c, L, b, node_of(c, h)))
-        return;
-    /* Replica lists are bounded by P; the touched set by the lists. */
-    const double wb = L->w[b], wa = L->w[a];
-    const double xb_old = wb / L->cnt[b], xb_new = wb / (L->cnt[b] + 1);
-    const double xa_old = wa / L->cnt[a], xa_new = wa / (L->cnt[a] - 1);
-    uint32_t n = 0;
-    if ((uint32_t)L->cnt[b] + (uint32_t)L->cnt[a] + 1 > sizeof c->touched / sizeof c->touched[0])
-        return;
-    if (++c->eval_tick == 0) {
-        memset(c->touch_tick, 0, c->G * sizeof *c->touch_tick);
-        c->eval_tick = 1;
-    }
-    for (int32_t u = L->head[b]; u >= 0; u = L->next[u])
-        n = touch(c, L, n, gpu_of(c, (uint32_t)u), xb_new - xb_old);
-    for (int32_t u = L->head[a]; u >= 0; u = L->next[u])
-        if ((uint32_t)u != t)
-            n = touch(c, L, n, gpu_of(c, (uint32_t)u), xa_new - xa_old);
-    n = touch(c, L, n, h, xb_new - xa_old);
-    double worst = -INFINITY, g_new = L->load[g];
-    for (uint32_t i = 0; i < n; i++) {
-        if (c->touched[i] == g)
-            g_new = c->touched_load[i];
-        if (c->touched_load[i] > worst)
-            worst = c->touched_load[i];
-    }
-    if (!(g_new < M) || !(worst < M))
-        return;
-    double gain = M - (worst > g_new ? worst : g_new);
-    if (gain <= MIN_REL_GAIN * M)
-        return;
-    if (gain > c->cap)
-        gain = c->cap; /* enough to reach the target: the cheapest such change wins */
-    uint32_t copies;
-    const double cost = fetch_cost(c, L, b, h, &copies) + SLOT_COST;
-    if (!affordable(c, copies, 1))
-        return;
-    *ch = (change){ .kind = CH_REPL, .s = t, .t = t, .b = b, .gain = gain, .score = gain / cost,
-                    .copies = copies, .slots = 1 };
-}
-
 /* REPL(t, b) for a fixed b tried against many slots t: b's side of the
  * change (its replicas' GPUs get lighter) is the same for every t, so it
  * is computed once (b_prepare) and each t adds only its own expert's
@@ -279,7 +216,9 @@ static inline double base_load(const ctx *c, const layer_state *L, const b_part 
     return c->b_stamp[q] == bp->tick ? c->b_load[q] : L->load[q];
 }
 
-/* eval_repl with b's side prepared: the same answer. */
+/* REPL(t, b) against the layer's max M on GPU g, b's side prepared: fills
+ * *ch, or kind NONE when it does not lower g's load below M with every GPU
+ * it touches below M. */
 static void eval_repl_b(ctx *c, const layer_state *L, uint32_t g, double M, uint32_t t, const b_part *bp,
                         change *ch) {
     ch->kind = CH_NONE;
@@ -475,14 +414,16 @@ static void find_best(ctx *c, layer_state *L) {
         coldv[j] = v;
     }
     c->work += (uint64_t)S * ncold;
-    for (uint32_t t = g0; t < g0 + S; t++)
-        if (L->cnt[L->row[t]] >= 2)
-            for (uint32_t i = 0; i < ncold; i++) {
-                change ch;
-                eval_repl(c, L, g, M, t, cold[i], &ch);
-                if (ch.kind != CH_NONE)
-                    consider(&best, &ch);
-            }
+    for (uint32_t i = 0; i < ncold; i++) {
+        b_part bp;
+        b_prepare(c, L, cold[i], &bp);
+        for (uint32_t t = g0; t < g0 + S; t++) {
+            change ch;
+            eval_repl_b(c, L, g, M, t, &bp, &ch); /* refuses t whose expert has one replica */
+            if (ch.kind != CH_NONE)
+                consider(&best, &ch);
+        }
+    }
     /* Swaps last: the re-replications (a few hundred evaluations) have
      * set a best score by then, which prunes most of the S x P pairs. */
     for (uint32_t oi = 0; oi < c->G; oi++) {
