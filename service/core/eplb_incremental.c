@@ -60,6 +60,14 @@
 #define SLOT_COST 0.25
 #define REPL_HOT 2
 #define REPL_COLD 8
+/* ITEM_SLACK: the item bound over the largest from-scratch replica load
+ * (eplb_incremental.h, reference_cnt).  bench_incremental, 1 node x 32
+ * GPUs, bytes per rebalance at t=0.99 / t=0.95: no bound 130 / 89 GB;
+ * exact from-scratch counts 85 / 37; slack 1.05 79 / 33, 1.15 73 / 30,
+ * 1.3 70 / 28, 1.6 73 / 27, 2.0 125 / 50.  A tighter bound re-replicates
+ * for counts that barely matter, a looser one lets slots drift to cold
+ * experts again. */
+#define ITEM_SLACK EPLB_INCREMENTAL_ITEM_SLACK
 /* The most candidate evaluations one call makes (~1-2 s on this machine
  * class): a hostile shape (1024 layers x 8192 slots, one GPU) must not hold
  * the model's lock for minutes.  DeepSeek-V3 and Kimi-K2 sizes use 1-5% of
@@ -89,7 +97,11 @@ typedef struct layer_state {
     int32_t *next;       /* [P] next slot of the same expert, -1 end */
     int32_t *grp_node;   /* [groups][nodes], hierarchical only */
     double target;       /* the layer's floor: gains below it do not count, done at it */
+    double item_bound;   /* no change makes a replica's load exceed it (INFINITY: no bound) */
+    double start_max;    /* the max load before any change: the result never exceeds it */
+    int32_t *saved;      /* row [P] then counts [N] before the splits, NULL when none happened */
     uint32_t changes;    /* applied so far; at most P (then every slot could have been rewritten) */
+    uint32_t copies, slots; /* what they copied and rewrote, for stats */
     bool done;
     change best;
 } layer_state;
@@ -216,21 +228,24 @@ static inline double base_load(const ctx *c, const layer_state *L, const b_part 
     return c->b_stamp[q] == bp->tick ? c->b_load[q] : L->load[q];
 }
 
-/* REPL(t, b) against the layer's max M on GPU g, b's side prepared: fills
- * *ch, or kind NONE when it does not lower g's load below M with every GPU
- * it touches below M. */
-static void eval_repl_b(ctx *c, const layer_state *L, uint32_t g, double M, uint32_t t, const b_part *bp,
-                        change *ch) {
-    ch->kind = CH_NONE;
+/* The loads after REPL(t, b), b's side prepared: *worst, the heaviest GPU
+ * the change touches (g included when it does), *g_new, GPU g's load.
+ * false when the change is not allowed: t's expert is b or has a single
+ * replica, b's group is not on t's node (hierarchical), or t's expert's
+ * other replicas would exceed the item bound. */
+static bool repl_loads(ctx *c, const layer_state *L, uint32_t g, uint32_t t, const b_part *bp, double *worst,
+                       double *g_new) {
     const int32_t a = L->row[t], b = bp->b;
     if (a == b || L->cnt[a] < 2)
-        return;
+        return false;
     const uint32_t h = gpu_of(c, t);
     if (c->p->hierarchical && !group_on_node(c, L, b, node_of(c, h)))
-        return;
+        return false;
     if ((uint32_t)L->cnt[a] + 1 > sizeof c->touched / sizeof c->touched[0])
-        return; /* more replicas than the touched set holds: not a candidate */
+        return false; /* more replicas than the touched set holds: not a candidate */
     const double wa = L->w[a];
+    if (wa / (L->cnt[a] - 1) > L->item_bound)
+        return false;
     const double xa_old = wa / L->cnt[a], da = wa / (L->cnt[a] - 1) - xa_old;
     const double xb_new = L->w[b] / (L->cnt[b] + 1);
     if (++c->eval_tick == 0) {
@@ -258,21 +273,34 @@ static void eval_repl_b(ctx *c, const layer_state *L, uint32_t g, double M, uint
         c->touched_load[n++] = base_load(c, L, bp, h);
     }
     c->touched_load[c->touch_at[h]] += xb_new - xa_old;
-    double worst = -INFINITY;
+    double w = -INFINITY;
     for (uint32_t i = 0; i < n; i++)
-        worst = c->touched_load[i] > worst ? c->touched_load[i] : worst;
+        w = c->touched_load[i] > w ? c->touched_load[i] : w;
     /* b's GPUs not touched by a's side: the heaviest of them. */
     bool found = false;
     for (uint32_t i = 0; i < bp->ntop && !found; i++)
         if (c->touch_tick[bp->top[i]] != c->eval_tick) {
-            worst = c->b_load[bp->top[i]] > worst ? c->b_load[bp->top[i]] : worst;
+            w = c->b_load[bp->top[i]] > w ? c->b_load[bp->top[i]] : w;
             found = true;
         }
     if (!found && bp->ngpus > bp->ntop)
         for (uint32_t i = 0; i < bp->ngpus; i++)
             if (c->touch_tick[c->b_gpus[i]] != c->eval_tick)
-                worst = c->b_load[c->b_gpus[i]] > worst ? c->b_load[c->b_gpus[i]] : worst;
-    const double g_new = c->touch_tick[g] == c->eval_tick ? c->touched_load[c->touch_at[g]] : base_load(c, L, bp, g);
+                w = c->b_load[c->b_gpus[i]] > w ? c->b_load[c->b_gpus[i]] : w;
+    *worst = w;
+    *g_new = c->touch_tick[g] == c->eval_tick ? c->touched_load[c->touch_at[g]] : base_load(c, L, bp, g);
+    return true;
+}
+
+/* REPL(t, b) against the layer's max M on GPU g, b's side prepared: fills
+ * *ch, or kind NONE when it does not lower g's load below M with every GPU
+ * it touches below M. */
+static void eval_repl_b(ctx *c, const layer_state *L, uint32_t g, double M, uint32_t t, const b_part *bp,
+                        change *ch) {
+    ch->kind = CH_NONE;
+    double worst, g_new;
+    if (!repl_loads(c, L, g, t, bp, &worst, &g_new))
+        return;
     if (!(g_new < M) || !(worst < M))
         return;
     double gain = M - (worst > g_new ? worst : g_new);
@@ -281,10 +309,10 @@ static void eval_repl_b(ctx *c, const layer_state *L, uint32_t g, double M, uint
     if (gain > c->cap)
         gain = c->cap;
     uint32_t copies;
-    const double cost = fetch_cost(c, L, b, h, &copies) + SLOT_COST;
+    const double cost = fetch_cost(c, L, bp->b, gpu_of(c, t), &copies) + SLOT_COST;
     if (!affordable(c, copies, 1))
         return;
-    *ch = (change){ .kind = CH_REPL, .s = t, .t = t, .b = b, .gain = gain, .score = gain / cost,
+    *ch = (change){ .kind = CH_REPL, .s = t, .t = t, .b = bp->b, .gain = gain, .score = gain / cost,
                     .copies = copies, .slots = 1 };
 }
 
@@ -549,6 +577,75 @@ static void apply(ctx *c, layer_state *L, const change *ch) {
     recompute_loads(c, L);
 }
 
+/* Apply ch and account for it: the layer's max load after minus before. */
+static double take(ctx *c, layer_state *L, const change *ch, eplb_incremental_stats *stats) {
+    const double before = L->load[busiest(c, L)];
+    apply(c, L, ch);
+    L->changes++;
+    L->copies += ch->copies;
+    L->slots += ch->slots;
+    stats->changes++;
+    stats->slots_moved += ch->slots;
+    stats->copies += ch->copies;
+    if (c->p->copies_budget)
+        c->copies_left -= ch->copies;
+    if (c->p->slots_budget)
+        c->slots_left -= ch->slots;
+    return L->load[busiest(c, L)] - before;
+}
+
+/* Before the search: split every replica heavier than the layer's item
+ * bound, heaviest first.  One slot t, whose expert keeps its replicas
+ * under the bound without it, takes another replica of the heavy expert
+ * b: of all such slots the one whose touched GPUs end lightest, then the
+ * cheapest copy, then the lowest slot.  A split may lift the layer's max
+ * for the search to bring down again (forbidding it cost 25% more bytes
+ * at 1 x 32, t=0.99: splits then stall behind the busiest GPU); a layer
+ * that ends above its start_max takes its saved row back.  An expert no
+ * slot can split stops the phase (the search then works around it).
+ * Each split is O(P x replicas). */
+static void split_heavy(ctx *c, layer_state *L, int32_t *save, eplb_incremental_stats *stats) {
+    while (L->changes < c->P && c->work <= INCREMENTAL_MAX_WORK) {
+        int32_t b = -1;
+        double xb = L->item_bound;
+        for (uint32_t e = 0; e < c->N; e++)
+            if (L->w[e] / L->cnt[e] > xb) {
+                xb = L->w[e] / L->cnt[e];
+                b = (int32_t)e;
+            }
+        if (b < 0)
+            return;
+        b_part bp;
+        b_prepare(c, L, b, &bp);
+        change best = { .kind = CH_NONE };
+        double best_worst = INFINITY, best_cost = INFINITY;
+        c->work += c->P;
+        for (uint32_t t = 0; t < c->P; t++) {
+            double worst, t_new;
+            if (!repl_loads(c, L, gpu_of(c, t), t, &bp, &worst, &t_new))
+                continue;
+            uint32_t copies;
+            const double cost = fetch_cost(c, L, b, gpu_of(c, t), &copies);
+            if (!affordable(c, copies, 1))
+                continue;
+            if (worst < best_worst || (worst == best_worst && cost < best_cost)) {
+                best = (change){ .kind = CH_REPL, .s = t, .t = t, .b = b, .copies = copies, .slots = 1 };
+                best_worst = worst;
+                best_cost = cost;
+            }
+        }
+        if (best.kind == CH_NONE)
+            return;
+        if (!L->saved) {
+            L->saved = save;
+            memcpy(save, L->row, c->P * sizeof *save);
+            memcpy(save + c->P, L->cnt, c->N * sizeof *save);
+        }
+        take(c, L, &best, stats);
+        stats->splits++;
+    }
+}
+
 /* ---- a max-heap of layers by their best change's score ---------------- */
 
 static bool heap_before(const layer_state *ls, uint32_t x, uint32_t y) {
@@ -610,7 +707,8 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
     uint32_t *order = eplb_calloc((size_t)5 * G + P, sizeof *order); /* order, donors, touch_tick, touch_at, b_stamp, b_gpus */
     double *x = eplb_malloc(((size_t)P + P / G + G) * sizeof *x); /* x [P], lb [S], b_load [G] */
     uint32_t *marks = eplb_calloc((size_t)N + (size_t)P, sizeof *marks); /* on_g [N], holds [S][G] = [P] */
-    if (!c || !ls || !dbl || !ints || !heap || !order || !x || !marks) {
+    int32_t *saved = p->reference_cnt ? eplb_malloc((size_t)Lyr * (P + N) * sizeof *saved) : NULL;
+    if (!c || !ls || !dbl || !ints || !heap || !order || !x || !marks || (p->reference_cnt && !saved)) {
         st = eplb_error_set(err, EPLB_ENOMEM, "out of memory for an incremental %ux%u rebalance", Lyr, P);
         goto out;
     }
@@ -629,6 +727,7 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
         L->next = L->head + N;
         L->grp_node = L->next + P;
         L->target = p->layer_floor ? p->layer_floor[l] : -1;
+        L->item_bound = INFINITY;
         for (uint32_t e = 0; e < N; e++) {
             L->w[e] = (double)p->logical_load[(size_t)l * N + e];
             L->head[e] = -1;
@@ -650,6 +749,25 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
             goto out;
         }
         recompute_loads(c, L);
+    }
+    /* Every layer is valid: only now may one change. */
+    for (uint32_t l = 0; l < Lyr; l++) {
+        layer_state *L = &ls[l];
+        /* Under a budget every slot goes to the max load now: splits, which
+         * pay slots now for fewer later, and the bound that keeps them
+         * (both below) only when nothing is budgeted (bench_incremental
+         * with slots <= 2%: balancedness 0.889 with them, 0.895 without). */
+        if (p->reference_cnt && !p->copies_budget && !p->slots_budget) {
+            double x = 0;
+            for (uint32_t e = 0; e < N; e++) {
+                const int32_t rc = p->reference_cnt[(size_t)l * N + e];
+                if (rc > 0 && L->w[e] / rc > x)
+                    x = L->w[e] / rc;
+            }
+            L->item_bound = x * ITEM_SLACK;
+            L->start_max = L->load[busiest(c, L)];
+            split_heavy(c, L, saved + (size_t)l * (P + N), stats);
+        }
         total += L->load[busiest(c, L)];
     }
     /* The current placement may not be hierarchical (say, registered with
@@ -676,22 +794,27 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
             stats->budget_exhausted = true;
             find_best(c, L);
         } else {
-            const double before = L->load[busiest(c, L)];
-            apply(c, L, &L->best);
-            total += L->load[busiest(c, L)] - before;
-            L->changes++;
-            stats->changes++;
-            stats->slots_moved += L->best.slots;
-            stats->copies += L->best.copies;
-            if (p->copies_budget)
-                c->copies_left -= L->best.copies;
-            if (p->slots_budget)
-                c->slots_left -= L->best.slots;
+            total += take(c, L, &L->best, stats);
             find_best(c, L);
         }
         if (L->done)
             heap[0] = heap[--n];
         heap_down(ls, heap, n, 0);
+    }
+    /* A layer the splits left above its starting max goes back to its row
+     * before them: no layer ends worse than it started. */
+    for (uint32_t l = 0; l < Lyr; l++) {
+        layer_state *L = &ls[l];
+        const double now = L->load[busiest(c, L)];
+        if (L->saved && now > L->start_max) {
+            memcpy(L->row, L->saved, P * sizeof *L->row);
+            memcpy(L->cnt, L->saved + P, N * sizeof *L->cnt);
+            total += L->start_max - now;
+            stats->reverted++;
+            stats->changes -= L->changes;
+            stats->copies -= L->copies;
+            stats->slots_moved -= L->slots;
+        }
     }
     stats->total_max = total;
     stats->reached = p->total_target >= 0 && total <= p->total_target * (1 + 1e-12);
@@ -706,5 +829,6 @@ out:
     eplb_free(order);
     eplb_free(x);
     eplb_free(marks);
+    eplb_free(saved);
     return st;
 }

@@ -23,6 +23,10 @@
  * spreads to another node); no layer's max GPU load ever rises, so the
  * result is never less balanced than the current placement, layer by layer.
  *
+ * Replica counts follow the load: a layer given the from-scratch counts
+ * keeps every replica's load under a bound derived from them (see
+ * reference_cnt), splitting the ones above it first.
+ *
  * It stops when the model's balancedness reaches the target (the sum over
  * layers of the max GPU load is within total_target), and a layer when no
  * change lowers its max (or none below its floor), or when the budget left
@@ -37,6 +41,10 @@
 #include "eplb_policy.h"
 #include "eplb_status.h"
 
+/* The item bound's slack over the largest from-scratch replica load (see
+ * reference_cnt; eplb_incremental.c says how it was chosen). */
+#define EPLB_INCREMENTAL_ITEM_SLACK 1.3
+
 typedef struct eplb_incremental_params {
     eplb_policy_shape shape;
     const int64_t *logical_load;  /* [L][N] */
@@ -48,6 +56,19 @@ typedef struct eplb_incremental_params {
      * balance elsewhere more cheaply). */
     double total_target;
     const double *layer_floor;
+    /* reference_cnt [L][N] (NULL: no bound): the from-scratch replica
+     * counts.  When no budget is set, a layer's item bound is ITEM_SLACK
+     * times its largest from-scratch replica load (max over e of load /
+     * reference_cnt); no change makes a replica heavier than the bound,
+     * and before the search every replica above it is split (one slot of
+     * an expert whose replicas stay under it takes another copy of it).
+     * A layer that ends above its starting max takes its row from before
+     * the splits back (stats.reverted).  Without this the
+     * counts drift with the load and the search spends slots on cold
+     * experts: over 50 rebalances at 1 node x 32 GPUs the largest replica
+     * grew from 0.5 to 0.96 of a GPU's mean load and the bytes per
+     * rebalance from 19 to 130 GB (eplb_incremental.c). */
+    const int32_t *reference_cnt;
     double cost_intra_node;       /* > 0 */
     double cost_cross_node;       /* > 0 */
     uint64_t max_copies;          /* budget in cross-GPU copies, when copies_budget */
@@ -57,7 +78,9 @@ typedef struct eplb_incremental_params {
 } eplb_incremental_params;
 
 typedef struct eplb_incremental_stats {
-    uint64_t changes;             /* swaps + re-replications applied */
+    uint64_t changes;             /* swaps + re-replications in the answer (splits included) */
+    uint64_t splits;              /* of which re-replications that split a replica above the item bound */
+    uint32_t reverted;            /* layers that ended above their start after splits, and took their row back */
     uint64_t slots_moved;         /* slot rewrites (a slot rewritten twice counts twice) */
     uint64_t copies;              /* cross-GPU copies spent (the budget's unit) */
     double total_max;             /* sum over layers of the max GPU load, after */

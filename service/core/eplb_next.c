@@ -180,6 +180,7 @@ static eplb_status incremental(const eplb_next_request *req, int32_t *phy2log, i
         .logical_load = req->logical_load,
         .total_target = total_target,
         .layer_floor = target_max,
+        .reference_cnt = ref_cnt,
         .cost_intra_node = k->cost_intra_node > 0 ? k->cost_intra_node : EPLB_DEFAULT_COST_INTRA_NODE,
         .cost_cross_node = k->cost_cross_node > 0 ? k->cost_cross_node : EPLB_DEFAULT_COST_CROSS_NODE,
         .max_copies = max_copies,

@@ -78,6 +78,62 @@ Test(incremental, golden_swap_and_stop) {
     cr_assert_eq(st.copies, 2);
 }
 
+/* Splitting a heavy replica (reference_cnt), hand-checked.  GPU0 {0, 3, 3},
+ * GPU1 {1, 2, 3}; loads 40, 25, 25, 30 (expert 3's three replicas carry
+ * 10 each): both GPUs at 60, the mean, so no change lowers the max.  The
+ * reference counts {2, 1, 1, 2} give replicas of at most 25: the bound is
+ * 1.3 x 25 = 32.5, and expert 0 (40 on one replica) is above it.  Expert 3
+ * can give a slot (its two left carry 15).  Slot 1 or 2 -> 0: GPU0 20 + 20
+ * + 15 = 55, GPU1 25 + 25 + 15 = 65; slot 5 -> 0: GPU0 20 + 15 + 15 = 50,
+ * GPU1 70.  Slot 1 wins (lightest worst GPU, then free: GPU0 holds 0, then
+ * lower slot).  The max rose to 65; the search then swaps 1 (25, slot 3)
+ * with 0 (20, slot 0): 60 / 60 again, two copies. */
+Test(incremental, golden_split_heavy_replica) {
+    eplb_policy_shape s = { .num_layers = 1, .num_logical = 4, .num_physical = 6, .num_groups = 1,
+                            .num_nodes = 1, .num_gpus = 2 };
+    int32_t row[6] = { 0, 3, 3, 1, 2, 3 }, cnt[4];
+    counts(1, 4, 6, row, cnt);
+    const int64_t load[4] = { 40, 25, 25, 30 };
+    const int32_t ref_cnt[4] = { 2, 1, 1, 2 };
+    eplb_incremental_params p = { .shape = s, .logical_load = load, .cost_intra_node = 1, .cost_cross_node = 4,
+                                  .total_target = -1, .reference_cnt = ref_cnt };
+    eplb_incremental_stats st;
+    eplb_error err;
+    cr_assert_eq(eplb_incremental_rebalance(&p, row, cnt, &st, &err), EPLB_OK, "%s", err.msg);
+    const int32_t want[6] = { 1, 0, 3, 0, 2, 3 };
+    cr_assert_arr_eq(row, want, sizeof want);
+    const int32_t want_cnt[4] = { 2, 1, 1, 2 };
+    cr_assert_arr_eq(cnt, want_cnt, sizeof want_cnt);
+    cr_assert_eq(st.splits, 1);
+    cr_assert_eq(st.changes, 2);
+    cr_assert_eq(st.copies, 2);
+    cr_assert_eq(st.reverted, 0);
+    cr_assert_float_eq(eplb_policy_balancedness(1, 4, 6, 2, load, row, cnt, NULL), 1.0, 1e-12);
+
+    /* Without the reference counts nothing lowers the max: untouched. */
+    int32_t row2[6] = { 0, 3, 3, 1, 2, 3 };
+    counts(1, 4, 6, row2, cnt);
+    p.reference_cnt = NULL;
+    cr_assert_eq(eplb_incremental_rebalance(&p, row2, cnt, &st, &err), EPLB_OK, "%s", err.msg);
+    cr_assert_eq(st.changes, 0);
+
+    /* A target already met stops the search before it brings the max back
+     * from 65: the layer ends above its start and takes its row back. */
+    int32_t row3[6] = { 0, 3, 3, 1, 2, 3 };
+    counts(1, 4, 6, row3, cnt);
+    p.reference_cnt = ref_cnt;
+    p.total_target = 1000;
+    cr_assert_eq(eplb_incremental_rebalance(&p, row3, cnt, &st, &err), EPLB_OK, "%s", err.msg);
+    const int32_t same[6] = { 0, 3, 3, 1, 2, 3 };
+    cr_assert_arr_eq(row3, same, sizeof same);
+    const int32_t same_cnt[4] = { 1, 1, 1, 3 };
+    cr_assert_arr_eq(cnt, same_cnt, sizeof same_cnt);
+    cr_assert_eq(st.reverted, 1);
+    cr_assert_eq(st.changes, 0);
+    cr_assert_eq(st.copies, 0);
+    cr_assert_float_eq(st.total_max, 60, 1e-9);
+}
+
 /* A layer already balanced is left alone: GPU0 {0, 1} and GPU1 {0, 2}
  * carry 10 + 10 each. */
 Test(incremental, balanced_layer_untouched) {
@@ -260,6 +316,21 @@ static void check_case(random_case *c, bool hierarchical_check) {
         double refb = eplb_policy_balancedness(L, N, P, s->num_gpus, c->load, ref, ref_cnt, ref_layer);
         cr_assert_float_eq(rep.balancedness_reference, refb, 1e-12);
         cr_assert_geq(rep.balancedness_after, refb * target - 1e-9);
+        /* No replica heavier than the item bound unless it already was:
+         * splits and re-replications keep under it; swaps do not change
+         * replica loads. */
+        for (uint32_t l = 0; l < L; l++) {
+            double ref_item = 0, in_item = 0, out_item = 0;
+            for (uint32_t e = 0; e < N; e++) {
+                const double w = (double)c->load[(size_t)l * N + e];
+                ref_item = fmax(ref_item, w / ref_cnt[(size_t)l * N + e]);
+                in_item = fmax(in_item, w / c->cur_cnt[(size_t)l * N + e]);
+                out_item = fmax(out_item, w / cnt[(size_t)l * N + e]);
+            }
+            cr_assert_leq(out_item, fmax(ref_item * EPLB_INCREMENTAL_ITEM_SLACK, in_item) * (1 + 1e-12),
+                          "layer %u: a replica of load %.3f (bound %.3f, before %.3f)", l, out_item,
+                          ref_item * EPLB_INCREMENTAL_ITEM_SLACK, in_item);
+        }
         free(ref_layer);
         free(ref);
         free(ref_cnt);
