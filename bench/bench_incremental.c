@@ -41,32 +41,10 @@
 #include "eplb_placement.h"
 #include "eplb_plan.h"
 #include "eplb_policy.h"
+#include "bench_util.h"
 
 #define BYTES_PER_EXPERT 44040192.0 /* 42 MiB: DeepSeek-V3 / Kimi-K2 fp8 expert */
 #define GPU_BYTES_PER_S 50e9
-
-static uint64_t rng_next(uint64_t *s) {
-    uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-static double rng_unit(uint64_t *s) { return (double)(rng_next(s) >> 11) * 0x1.0p-53; }
-static double rng_normal(uint64_t *s) {
-    double u = rng_unit(s), v = rng_unit(s);
-    if (u < 1e-300)
-        u = 1e-300;
-    return sqrt(-2.0 * log(u)) * cos(6.283185307179586 * v);
-}
-static double now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
-}
-static int cmp_double(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
-}
 
 typedef struct strategy {
     const char *name;

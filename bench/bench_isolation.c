@@ -20,6 +20,7 @@
 
 #include "eplb/v1/eplb.upb.h"
 #include "eplb_client.h"
+#include "bench_util.h"
 
 typedef struct shape {
     uint32_t layers, experts, slots, gpus;
@@ -29,12 +30,6 @@ static const char *addr;
 static shape big = { 256, 512, 1024, 32 };
 static atomic_int stop;
 static atomic_long slow_calls, slow_errors;
-
-static double now_ms(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec * 1e3 + (double)t.tv_nsec / 1e6;
-}
 
 static int call(eplb_client *c, const char *path, const char *bytes, size_t len) {
     eplb_call_result r;
@@ -105,11 +100,6 @@ static void *busy_main(void *arg) {
     upb_Arena_Free(a);
     eplb_client_close(c);
     return NULL;
-}
-
-static int cmp_double(const void *x, const void *y) {
-    double a = *(const double *)x, b = *(const double *)y;
-    return (a > b) - (a < b);
 }
 
 static void report(const char *what, double *v, size_t n) {

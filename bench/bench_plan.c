@@ -40,6 +40,7 @@
 #include "eplb_placement.h"
 #include "eplb_plan.h"
 #include "eplb_policy.h"
+#include "bench_util.h"
 
 #define BYTES_PER_EXPERT 44040192.0
 #define NSTRAT 4
@@ -55,22 +56,6 @@ typedef struct totals {
     double written, cross_gpu, cross_node, local, staging_max;
     double plan_ns, reassign_ns;
 } totals;
-
-static uint64_t rng_next(uint64_t *state) {
-    uint64_t z = (*state += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
-static double rng_unit(uint64_t *state) { return (double)(rng_next(state) >> 11) * 0x1.0p-53; }
-
-static double rng_normal(uint64_t *state) {
-    double u = rng_unit(state), v = rng_unit(state);
-    if (u < 1e-300)
-        u = 1e-300;
-    return sqrt(-2.0 * log(u)) * cos(6.283185307179586 * v);
-}
 
 static double now_ns(void) {
     struct timespec ts;

@@ -36,6 +36,7 @@
 #include <time.h>
 
 #include "eplb_policy.h"
+#include "bench_util.h"
 
 typedef struct bench_case {
     const char *name;
@@ -44,14 +45,6 @@ typedef struct bench_case {
 } bench_case;
 
 /* splitmix64: small, seeded, good enough for loads. */
-static uint64_t rng_next(uint64_t *state) {
-    uint64_t z = (*state += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-
-static double rng_unit(uint64_t *state) { return (double)(rng_next(state) >> 11) * 0x1.0p-53; }
 
 /* Zipf-like load [L][N]. */
 static void fill_zipf(int64_t *load, uint32_t layers, uint32_t n, uint64_t seed) {
@@ -82,11 +75,6 @@ static double now_ns(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return (double)ts.tv_sec * 1e9 + (double)ts.tv_nsec;
-}
-
-static int cmp_double(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
 }
 
 static void report(const char *what, const char *name, double *ns, int runs) {

@@ -17,6 +17,7 @@
 
 #include "eplb/v1/eplb.upb.h"
 #include "eplb_client.h"
+#include "bench_util.h"
 
 typedef struct shape {
     uint32_t layers, experts, slots, groups, nodes, gpus;
@@ -31,12 +32,6 @@ typedef struct worker {
     double *lat_ms;   /* [calls] */
     int errors;
 } worker;
-
-static double now_ms(void) {
-    struct timespec t;
-    clock_gettime(CLOCK_MONOTONIC, &t);
-    return (double)t.tv_sec * 1e3 + (double)t.tv_nsec / 1e6;
-}
 
 static int call(eplb_client *c, const char *method, const char *bytes, size_t len) {
     char path[128];
@@ -121,11 +116,6 @@ static void *worker_main(void *arg) {
     upb_Arena_Free(a);
     eplb_client_close(c);
     return NULL;
-}
-
-static int cmp_double(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return (x > y) - (x < y);
 }
 
 static int run(const char *addr, int clients, int calls, int dry_run, shape s, int round) {

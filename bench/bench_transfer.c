@@ -37,27 +37,9 @@
 #include "eplb_plan.h"
 #include "eplb_policy.h"
 #include "eplb_transfer.h"
+#include "bench_util.h"
 
 #define EXPERT_BYTES 44040192ull
-
-static uint64_t rng_next(uint64_t *s) {
-    uint64_t z = (*s += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-}
-static double rng_unit(uint64_t *s) { return (double)(rng_next(s) >> 11) * 0x1.0p-53; }
-static double rng_normal(uint64_t *s) {
-    double u = rng_unit(s), v = rng_unit(s);
-    if (u < 1e-300)
-        u = 1e-300;
-    return sqrt(-2.0 * log(u)) * cos(6.283185307179586 * v);
-}
-static double now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec / 1e6;
-}
 
 /* ---- proto3 wire sizes of rpc_transfer.c's messages ----------------------- */
 static uint64_t vsz(uint64_t v) {

@@ -36,9 +36,11 @@ static bool marks_init(copy_marks *m, uint32_t N) {
     return m->old_gpu != NULL;
 }
 
-/* O(P): each slot is looked at a constant number of times. */
+/* Adds one layer's copies across GPUs and nodes, and (slots not NULL) its
+ * slots rewritten.  O(P): each slot is looked at a constant number of
+ * times. */
 static void copies_layer(copy_marks *m, uint32_t P, uint32_t G, uint32_t gpn, uint32_t N, const int32_t *old_row,
-                         const int32_t *new_row, uint64_t *cross_gpu, uint64_t *cross_node) {
+                         const int32_t *new_row, uint64_t *cross_gpu, uint64_t *cross_node, uint64_t *slots) {
     const uint32_t S = P / G;
     for (uint32_t n0 = 0; n0 < G; n0 += gpn) {
         const uint32_t tn = ++m->tick_node;
@@ -52,6 +54,8 @@ static void copies_layer(copy_marks *m, uint32_t P, uint32_t G, uint32_t gpn, ui
                     m->old_gpu[old_row[i]] = tg;
             for (uint32_t i = g * S; i < (g + 1) * S; i++) {
                 const int32_t e = new_row[i];
+                if (slots)
+                    *slots += old_row[i] != e;
                 if (e < 0 || (uint32_t)e >= N || m->old_gpu[e] == tg || m->new_gpu[e] == tg)
                     continue;
                 m->new_gpu[e] = tg; /* one copy per (GPU, expert) */
@@ -70,7 +74,8 @@ void eplb_next_copies(uint32_t num_physical, uint32_t num_gpus, uint32_t gpus_pe
     copy_marks m;
     if (!marks_init(&m, num_logical))
         return;
-    copies_layer(&m, num_physical, num_gpus, gpus_per_node, num_logical, old_row, new_row, cross_gpu, cross_node);
+    copies_layer(&m, num_physical, num_gpus, gpus_per_node, num_logical, old_row, new_row, cross_gpu, cross_node,
+                 NULL);
     eplb_free(m.old_gpu);
 }
 
@@ -92,12 +97,9 @@ static bool count_copies(const eplb_policy_shape *s, const int32_t *old, const i
         uint64_t a = 0, b = 0;
         const size_t off = (size_t)l * s->num_physical;
         copies_layer(&m, s->num_physical, s->num_gpus, gpus_per_node_of(s), s->num_logical, old + off, new + off,
-                     &a, &b);
+                     &a, &b, slots);
         *gpu += a;
         *node += b;
-        if (slots)
-            for (uint32_t i = 0; i < s->num_physical; i++)
-                *slots += old[off + i] != new[off + i];
     }
     eplb_free(m.old_gpu);
     return true;
@@ -131,7 +133,7 @@ static eplb_status incremental(const eplb_next_request *req, int32_t *phy2log, i
     int32_t *ref = eplb_malloc((size_t)L * P * sizeof *ref);
     int32_t *ref_cnt = eplb_malloc((size_t)L * N * sizeof *ref_cnt);
     double *ref_layer = eplb_malloc((size_t)L * sizeof *ref_layer);
-    double *target_max = eplb_malloc((size_t)L * sizeof *target_max);
+    double *layer_floor = eplb_malloc((size_t)L * sizeof *layer_floor);
     double *inc_layer = eplb_malloc((size_t)L * sizeof *inc_layer);
     /* Per layer: incremental copies, its slots, then the reference's
      * copies + 1 (0 = not counted yet, UINT64_MAX = taken or not better)
@@ -139,7 +141,7 @@ static eplb_status incremental(const eplb_next_request *req, int32_t *phy2log, i
     uint64_t *inc_copies = eplb_calloc((size_t)L * 6, sizeof *inc_copies); /* + cross-node: [4L) inc, [5L) ref */
     copy_marks m = { 0 };
     eplb_status st = EPLB_OK;
-    if (!ref || !ref_cnt || !ref_layer || !target_max || !inc_layer || !inc_copies || !marks_init(&m, N)) {
+    if (!ref || !ref_cnt || !ref_layer || !layer_floor || !inc_layer || !inc_copies || !marks_init(&m, N)) {
         st = eplb_error_set(err, EPLB_ENOMEM, "out of memory for an incremental %ux%u rebalance", L, P);
         goto out;
     }
@@ -154,20 +156,20 @@ static eplb_status incremental(const eplb_next_request *req, int32_t *phy2log, i
     for (uint32_t l = 0; l < L; l++) {
         uint64_t node = 0;
         copies_layer(&m, P, G, gpn, N, req->cur_phy2log + (size_t)l * P, ref + (size_t)l * P,
-                     &rep->reference_copies_cross_gpu, &node);
+                     &rep->reference_copies_cross_gpu, &node, NULL);
     }
     /* Per layer: max = mean / balancedness, and mean (total / G) is fixed.
      * The target is on the model's balancedness, sum of means / sum of
      * maxes: the sum of the layers' max loads must come within
-     * sum(from-scratch max) / target.  target_max holds each layer's
-     * from-scratch max (its floor). */
+     * sum(from-scratch max) / target.  layer_floor: each layer's
+     * from-scratch max. */
     double ref_total = 0;
     for (uint32_t l = 0; l < L; l++) {
         double sum = 0;
         for (uint32_t e = 0; e < N; e++)
             sum += (double)req->logical_load[(size_t)l * N + e];
-        target_max[l] = sum > 0 ? sum / G / ref_layer[l] : 0;
-        ref_total += target_max[l];
+        layer_floor[l] = sum > 0 ? sum / G / ref_layer[l] : 0;
+        ref_total += layer_floor[l];
     }
     const double total_target = ref_total / target;
 
@@ -179,7 +181,7 @@ static eplb_status incremental(const eplb_next_request *req, int32_t *phy2log, i
         .shape = *s,
         .logical_load = req->logical_load,
         .total_target = total_target,
-        .layer_floor = target_max,
+        .layer_floor = layer_floor,
         .reference_cnt = ref_cnt,
         .cost_intra_node = k->cost_intra_node > 0 ? k->cost_intra_node : EPLB_DEFAULT_COST_INTRA_NODE,
         .cost_cross_node = k->cost_cross_node > 0 ? k->cost_cross_node : EPLB_DEFAULT_COST_CROSS_NODE,
@@ -199,9 +201,7 @@ static eplb_status incremental(const eplb_next_request *req, int32_t *phy2log, i
         const size_t off = (size_t)l * P;
         uint64_t node = 0, slots = 0;
         inc_copies[l] = 0;
-        copies_layer(&m, P, G, gpn, N, req->cur_phy2log + off, phy2log + off, &inc_copies[l], &node);
-        for (uint32_t i = 0; i < P; i++)
-            slots += req->cur_phy2log[off + i] != phy2log[off + i];
+        copies_layer(&m, P, G, gpn, N, req->cur_phy2log + off, phy2log + off, &inc_copies[l], &node, &slots);
         inc_copies[L + l] = slots;
         inc_copies[4 * L + l] = node;
         used_copies += inc_copies[l];
@@ -221,8 +221,8 @@ static eplb_status incremental(const eplb_next_request *req, int32_t *phy2log, i
             for (uint32_t l = 0; l < L; l++) {
                 if (inc_copies[2 * L + l] == UINT64_MAX)
                     continue; /* taken, or not better */
-                const double inc_max = inc_layer[l] > 0 ? target_max[l] * ref_layer[l] / inc_layer[l] : 0;
-                const double gain = inc_max - target_max[l];
+                const double inc_max = inc_layer[l] > 0 ? layer_floor[l] * ref_layer[l] / inc_layer[l] : 0;
+                const double gain = inc_max - layer_floor[l];
                 if (!(gain > 0)) {
                     inc_copies[2 * L + l] = UINT64_MAX;
                     continue;
@@ -234,9 +234,7 @@ static eplb_status incremental(const eplb_next_request *req, int32_t *phy2log, i
                         eplb_plan_reassign_gpus(1, P, G, reassign_nodes, req->cur_phy2log + off, row);
                     eplb_policy_preserve_slots(1, P, G, req->cur_phy2log + off, row);
                     uint64_t rg = 0, rn = 0, rslots = 0;
-                    copies_layer(&m, P, G, gpn, N, req->cur_phy2log + off, row, &rg, &rn);
-                    for (uint32_t i = 0; i < P; i++)
-                        rslots += req->cur_phy2log[off + i] != row[i];
+                    copies_layer(&m, P, G, gpn, N, req->cur_phy2log + off, row, &rg, &rn, &rslots);
                     inc_copies[2 * L + l] = 1 + rg;           /* copies + 1: 0 means not looked at */
                     inc_copies[3 * L + l] = rslots;
                     inc_copies[5 * L + l] = rn;
@@ -306,7 +304,7 @@ out:
     eplb_free(ref);
     eplb_free(ref_cnt);
     eplb_free(ref_layer);
-    eplb_free(target_max);
+    eplb_free(layer_floor);
     eplb_free(inc_layer);
     return st;
 }
