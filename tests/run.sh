@@ -411,13 +411,6 @@ load_suite() { # NAME EPLBD
     fi
     timeout 600 "$bench" "$addr" 4 25 2 16 20 1 1 4
     brc=$?
-    # DeepSeek-V3 size too, dry runs (a model of it takes 231 MiB of state):
-    # large enough that the policy shares its layers with the helper thread
-    # (eplb_helper.c) while other calls run.
-    if [ "$brc" -eq 0 ]; then
-        BENCH_RPC_MODES=dry-run timeout 600 "$bench" "$addr" 4 10
-        brc=$?
-    fi
     kill -TERM "$pid"
     wait "$pid"
     erc=$?

@@ -54,12 +54,10 @@
  * Loads are int64 >= 0 converted to double (exact below 2^53), so every
  * weight is +0 or positive and its IEEE bit pattern orders like the value. */
 #include "eplb_alloc.h"
-#include "eplb_helper.h"
 #include "eplb_policy.h"
 
 #include <math.h>
 #include <stdalign.h>
-#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #if defined(__SSE2__) && !defined(EPLB_POLICY_PORTABLE)
@@ -1070,41 +1068,6 @@ static void finish_layers(const policy_dims *d, uint32_t nb, int32_t *out, polic
     }
 }
 
-/* Layers [l_begin, l_end) (l_begin a multiple of d->batch) with scratch
- * laid out and node_of set.  false at a negative load, its layer in *bad. */
-static bool policy_layers(const policy_dims *d, uint32_t num_layers, const int64_t *logical_load, int32_t *phy2log,
-                          int32_t *logcnt, policy_scratch *sc, uint32_t l_begin, uint32_t l_end, uint32_t *bad) {
-    for (uint32_t l0 = l_begin; l0 < l_end; l0 += d->batch) {
-        uint32_t nb = l_end - l0 < d->batch ? l_end - l0 : d->batch;
-        for (uint32_t b = 0; b < nb; b++) {
-            uint32_t l = l0 + b;
-            if (!prepare_layer(d, logical_load + (size_t)l * d->n_log, phy2log + (size_t)l * d->n_phy,
-                               logcnt + (size_t)l * d->n_log, sc, b)) {
-                *bad = l;
-                return false;
-            }
-        }
-        finish_layers(d, nb, phy2log + (size_t)l0 * d->n_phy, sc);
-    }
-    (void)num_layers;
-    return true;
-}
-
-static void scratch_setup(const policy_dims *d, void *scratch, policy_scratch *sc) {
-    policy_scratch_layout(d, scratch, sc);
-    for (uint32_t node = 0; node < d->nodes; node++)
-        for (uint32_t k = 0; k < d->log_per_node; k++)
-            sc->node_of[node * d->log_per_node + k] = (int32_t)node;
-}
-
-static eplb_status bad_load_error(const int64_t *logical_load, const policy_dims *d, uint32_t l, eplb_error *err) {
-    const int64_t *load = logical_load + (size_t)l * d->n_log;
-    uint32_t e = 0;
-    while (load[e] >= 0) e++;
-    return eplb_error_set(err, EPLB_EINVAL, "logical_load[%u][%u] is %lld; loads must be >= 0", l, e,
-                          (long long)load[e]);
-}
-
 eplb_status eplb_policy_rebalance_scratch(const eplb_policy_shape *s, const int64_t *logical_load,
                                           int32_t *phy2log, int32_t *logcnt, void *scratch,
                                           size_t scratch_size, eplb_error *err) {
@@ -1122,50 +1085,28 @@ eplb_status eplb_policy_rebalance_scratch(const eplb_policy_shape *s, const int6
     if (((uintptr_t)scratch & (alignof(double) - 1)) != 0)
         return eplb_error_set(err, EPLB_EINVAL, "rebalance: scratch is not aligned for double");
     policy_scratch sc;
-    scratch_setup(&d, scratch, &sc);
-    uint32_t bad;
-    if (!policy_layers(&d, s->num_layers, logical_load, phy2log, logcnt, &sc, 0, s->num_layers, &bad))
-        return bad_load_error(logical_load, &d, bad, err);
-    return EPLB_OK;
-}
+    policy_scratch_layout(&d, scratch, &sc);
+    for (uint32_t node = 0; node < d.nodes; node++)
+        for (uint32_t k = 0; k < d.log_per_node; k++)
+            sc.node_of[node * d.log_per_node + k] = (int32_t)node;
 
-/* Below this many slots (layers x P) the caller works alone: sharing costs
- * a wake and a join, more than half of a small call saves.  DeepSeek-V3
- * is 58 x 288 = 16704. */
-#define POLICY_SHARE_MIN_SLOTS 4096
-
-/* A call shared with the helper (eplb_helper.h): both take chunks of
- * layers from next; each thread has its own scratch (taken by its turn). */
-typedef struct policy_shared {
-    const policy_dims *d;
-    const eplb_policy_shape *s;
-    const int64_t *load;
-    int32_t *phy2log, *logcnt;
-    char *scratch;            /* [2][need] */
-    size_t need;
-    uint32_t chunk;           /* layers per take: a multiple of d->batch */
-    atomic_uint next;         /* the next chunk's first layer */
-    atomic_uint turn;         /* 0: the first thread in, 1: the second */
-    atomic_bool failed;       /* a negative load: the caller redoes it alone for the message */
-} policy_shared;
-
-static void policy_shared_work(void *arg) {
-    policy_shared *w = arg;
-    const unsigned who = atomic_fetch_add(&w->turn, 1);
-    policy_scratch sc;
-    scratch_setup(w->d, w->scratch + (size_t)(who & 1) * w->need, &sc);
-    const uint32_t L = w->s->num_layers;
-    for (;;) {
-        const uint32_t l0 = atomic_fetch_add(&w->next, w->chunk);
-        if (l0 >= L || atomic_load(&w->failed))
-            return;
-        const uint32_t l1 = L - l0 < w->chunk ? L : l0 + w->chunk;
-        uint32_t bad;
-        if (!policy_layers(w->d, L, w->load, w->phy2log, w->logcnt, &sc, l0, l1, &bad)) {
-            atomic_store(&w->failed, true);
-            return;
+    for (uint32_t l0 = 0; l0 < s->num_layers; l0 += d.batch) {
+        uint32_t nb = s->num_layers - l0 < d.batch ? s->num_layers - l0 : d.batch;
+        for (uint32_t b = 0; b < nb; b++) {
+            uint32_t l = l0 + b;
+            const int64_t *load = logical_load + (size_t)l * d.n_log;
+            if (!prepare_layer(&d, load, phy2log + (size_t)l * d.n_phy,
+                               logcnt + (size_t)l * d.n_log, &sc, b)) {
+                uint32_t e = 0;
+                while (load[e] >= 0) e++;
+                return eplb_error_set(err, EPLB_EINVAL,
+                                      "logical_load[%u][%u] is %lld; loads must be >= 0", l, e,
+                                      (long long)load[e]);
+            }
         }
+        finish_layers(&d, nb, phy2log + (size_t)l0 * d.n_phy, &sc);
     }
+    return EPLB_OK;
 }
 
 eplb_status eplb_policy_rebalance(const eplb_policy_shape *s, const int64_t *logical_load,
@@ -1174,28 +1115,10 @@ eplb_status eplb_policy_rebalance(const eplb_policy_shape *s, const int64_t *log
     if (st != EPLB_OK)
         return st;
     size_t need = eplb_policy_scratch_size(s);
-    const policy_dims d = policy_dims_of(s);
-    const bool share = logical_load && phy2log && logcnt && s->num_layers > d.batch &&
-                       (size_t)s->num_layers * s->num_physical >= POLICY_SHARE_MIN_SLOTS;
-    void *scratch = eplb_malloc(share ? 2 * need : need);
+    void *scratch = eplb_malloc(need);
     if (!scratch)
         return eplb_error_set(err, EPLB_ENOMEM, "rebalance: cannot allocate %zu bytes of scratch",
-                              share ? 2 * need : need);
-    if (share) {
-        /* Chunks of at least two layers (~10 us at DeepSeek-V3 size): the
-         * caller waits for at most one of the helper's at the end. */
-        policy_shared w = { .d = &d, .s = s, .load = logical_load, .phy2log = phy2log, .logcnt = logcnt,
-                            .scratch = scratch, .need = need, .chunk = d.batch >= 2 ? d.batch : 2 };
-        atomic_init(&w.next, 0);
-        atomic_init(&w.turn, 0);
-        atomic_init(&w.failed, false);
-        eplb_helper_share(policy_shared_work, &w);
-        if (!atomic_load(&w.failed)) {
-            eplb_free(scratch);
-            return EPLB_OK;
-        }
-        /* A negative load: the serial pass below names the first one. */
-    }
+                              need);
     st = eplb_policy_rebalance_scratch(s, logical_load, phy2log, logcnt, scratch, need, err);
     eplb_free(scratch);
     return st;

@@ -9,12 +9,10 @@
 #include <criterion/criterion.h>
 
 #include <math.h>
-#include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#include "eplb_helper.h"
 #include "eplb_policy.h"
 
 #include "../vectors/policy_vectors.h"
@@ -1036,119 +1034,4 @@ Test(policy, preserve_slots_4096_per_gpu_real_placements) {
     free(c2);
     free(want);
     free(before);
-}
-
-
-/* ---------------------------------------------------------------------------
- * Calls large enough to share their layers with the helper thread
- * (eplb_helper.h): the same answer as one thread, whoever takes which
- * layers, with the helper on or off and with callers at once.
- * ------------------------------------------------------------------------- */
-
-static const eplb_policy_shape shared_shapes[] = {
-    { 58, 256, 288, 8, 4, 32 },  /* DeepSeek-V3, 4 nodes: hierarchical, batch 1 */
-    { 58, 256, 288, 8, 1, 32 },  /* one node: batch 4 */
-    { 58, 256, 288, 8, 3, 24 },  /* global fallback */
-    { 61, 384, 416, 1, 4, 32 },  /* Kimi-K2-like */
-    { 15, 256, 288, 8, 4, 32 },  /* an odd layer count */
-};
-
-static void serial_answer(const eplb_policy_shape *s, const int64_t *load, int32_t *p, int32_t *c) {
-    size_t need = eplb_policy_scratch_size(s);
-    double *scratch = malloc(need);
-    cr_assert_eq(eplb_policy_rebalance_scratch(s, load, p, c, scratch, need, NULL), EPLB_OK);
-    free(scratch);
-}
-
-Test(policy, shared_calls_equal_one_thread) {
-    prng r = {77};
-    for (size_t k = 0; k < sizeof shared_shapes / sizeof shared_shapes[0]; k++) {
-        const eplb_policy_shape *s = &shared_shapes[k];
-        const size_t nl = (size_t)s->num_layers * s->num_logical, np = (size_t)s->num_layers * s->num_physical;
-        for (int kind = 0; kind < LOAD_KINDS; kind++) {
-            int64_t *load = malloc(nl * sizeof *load);
-            fill_load(&r, kind, load, nl);
-            int32_t *want_p = malloc(np * sizeof *want_p), *want_c = malloc(nl * sizeof *want_c);
-            serial_answer(s, load, want_p, want_c);
-            for (int on = 0; on < 2; on++) {
-                eplb_helper_set_enabled(on);
-                for (int rep = 0; rep < 3; rep++) {
-                    int32_t *p, *c;
-                    run_ok(s, load, &p, &c);
-                    assert_i32_eq(p, want_p, np, "phy2log shared");
-                    assert_i32_eq(c, want_c, nl, "logcnt shared");
-                    free(p);
-                    free(c);
-                }
-            }
-            eplb_helper_set_enabled(true);
-            free(want_p);
-            free(want_c);
-            free(load);
-        }
-    }
-}
-
-typedef struct policy_caller {
-    const eplb_policy_shape *s;
-    const int64_t *load;
-    const int32_t *want_p, *want_c;
-    int mismatches;
-} policy_caller;
-
-static void *policy_caller_main(void *arg) {
-    policy_caller *pc = arg;
-    const eplb_policy_shape *s = pc->s;
-    const size_t nl = (size_t)s->num_layers * s->num_logical, np = (size_t)s->num_layers * s->num_physical;
-    int32_t *p = malloc(np * sizeof *p), *c = malloc(nl * sizeof *c);
-    for (int i = 0; i < 20; i++) {
-        if (eplb_policy_rebalance(s, pc->load, p, c, NULL) != EPLB_OK || memcmp(p, pc->want_p, np * sizeof *p) ||
-            memcmp(c, pc->want_c, nl * sizeof *c))
-            pc->mismatches++;
-    }
-    free(p);
-    free(c);
-    return NULL;
-}
-
-/* Callers at once: one owns the helper, the others work alone. */
-Test(policy, concurrent_shared_calls) {
-    prng r = {78};
-    const eplb_policy_shape *s = &shared_shapes[0];
-    const size_t nl = (size_t)s->num_layers * s->num_logical, np = (size_t)s->num_layers * s->num_physical;
-    int64_t *load = malloc(nl * sizeof *load);
-    fill_load(&r, LOAD_ZIPF, load, nl);
-    int32_t *want_p = malloc(np * sizeof *want_p), *want_c = malloc(nl * sizeof *want_c);
-    serial_answer(s, load, want_p, want_c);
-    policy_caller pc[3];
-    pthread_t th[3];
-    for (int i = 0; i < 3; i++) {
-        pc[i] = (policy_caller){ .s = s, .load = load, .want_p = want_p, .want_c = want_c };
-        cr_assert_eq(pthread_create(&th[i], NULL, policy_caller_main, &pc[i]), 0);
-    }
-    for (int i = 0; i < 3; i++) {
-        pthread_join(th[i], NULL);
-        cr_assert_eq(pc[i].mismatches, 0, "caller %d: %d answers differ from one thread's", i, pc[i].mismatches);
-    }
-    free(load);
-    free(want_p);
-    free(want_c);
-}
-
-/* A negative load deep in a shared call is named as one thread names it. */
-Test(policy, negative_load_in_a_shared_call) {
-    const eplb_policy_shape *s = &shared_shapes[0];
-    const size_t nl = (size_t)s->num_layers * s->num_logical, np = (size_t)s->num_layers * s->num_physical;
-    int64_t *load = malloc(nl * sizeof *load);
-    for (size_t i = 0; i < nl; i++)
-        load[i] = 1 + (int64_t)(i % 97);
-    load[40 * s->num_logical + 7] = -3;
-    load[50 * s->num_logical + 1] = -1;
-    int32_t *p = malloc(np * sizeof *p), *c = malloc(nl * sizeof *c);
-    eplb_error err;
-    cr_assert_eq(eplb_policy_rebalance(s, load, p, c, &err), EPLB_EINVAL);
-    cr_assert(strstr(err.msg, "logical_load[40][7] is -3"), "message: %s", err.msg);
-    free(load);
-    free(p);
-    free(c);
 }
