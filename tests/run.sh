@@ -411,6 +411,13 @@ load_suite() { # NAME EPLBD
     fi
     timeout 600 "$bench" "$addr" 4 25 2 16 20 1 1 4
     brc=$?
+    # DeepSeek-V3 size too, dry runs only (a model of that size takes
+    # 231 MiB of state): the policy's and the packed decoder's full-size
+    # paths under the sanitizers, with calls at once.
+    if [ "$brc" -eq 0 ]; then
+        BENCH_RPC_MODES=dry-run timeout 600 "$bench" "$addr" 4 10
+        brc=$?
+    fi
     kill -TERM "$pid"
     wait "$pid"
     erc=$?
