@@ -248,6 +248,7 @@ static bool repl_loads(ctx *c, const layer_state *L, uint32_t g, uint32_t t, con
         return false;
     const double xa_old = wa / L->cnt[a], da = wa / (L->cnt[a] - 1) - xa_old;
     const double xb_new = L->w[b] / (L->cnt[b] + 1);
+    c->work += (uint32_t)L->cnt[a]; /* a's replicas visited: an expert with thousands costs thousands */
     if (++c->eval_tick == 0) {
         memset(c->touch_tick, 0, c->G * sizeof *c->touch_tick);
         c->eval_tick = 1;
@@ -283,10 +284,12 @@ static bool repl_loads(ctx *c, const layer_state *L, uint32_t g, uint32_t t, con
             w = c->b_load[bp->top[i]] > w ? c->b_load[bp->top[i]] : w;
             found = true;
         }
-    if (!found && bp->ngpus > bp->ntop)
+    if (!found && bp->ngpus > bp->ntop) {
+        c->work += bp->ngpus;
         for (uint32_t i = 0; i < bp->ngpus; i++)
             if (c->touch_tick[c->b_gpus[i]] != c->eval_tick)
                 w = c->b_load[c->b_gpus[i]] > w ? c->b_load[c->b_gpus[i]] : w;
+    }
     *worst = w;
     *g_new = c->touch_tick[g] == c->eval_tick ? c->touched_load[c->touch_at[g]] : base_load(c, L, bp, g);
     return true;
@@ -563,24 +566,56 @@ static void recompute_loads(ctx *c, layer_state *L) {
     }
 }
 
-static void apply(ctx *c, layer_state *L, const change *ch) {
+/* One GPU's load from its slots: O(S), and exact (no running sums), so
+ * loads never depend on the order of the changes that led to them. */
+static void recompute_gpu(ctx *c, layer_state *L, uint32_t g) {
+    double sum = 0;
+    for (uint32_t i = g * c->S; i < (g + 1) * c->S; i++)
+        sum += L->w[L->row[i]] / L->cnt[L->row[i]];
+    L->load[g] = sum;
+}
+
+/* Recompute g once per change (touch_tick marks the ones done). */
+static uint32_t recompute_once(ctx *c, layer_state *L, uint32_t g) {
+    if (c->touch_tick[g] == c->eval_tick)
+        return 0;
+    c->touch_tick[g] = c->eval_tick;
+    recompute_gpu(c, L, g);
+    return 1;
+}
+
+/* Applies ch; only the GPUs it touches change load (a swap's two; a
+ * re-replication's GPUs of both experts' replicas), and only they are
+ * recomputed.  Returns how many were (the work it cost, in units of S). */
+static uint32_t apply(ctx *c, layer_state *L, const change *ch) {
+    if (++c->eval_tick == 0) {
+        memset(c->touch_tick, 0, c->G * sizeof *c->touch_tick);
+        c->eval_tick = 1;
+    }
+    uint32_t n = 0;
     if (ch->kind == CH_SWAP) {
         const int32_t a = L->row[ch->s], b = L->row[ch->t];
         set_slot(c, L, ch->s, a, b);
         set_slot(c, L, ch->t, b, a);
+        n += recompute_once(c, L, gpu_of(c, ch->s));
+        n += recompute_once(c, L, gpu_of(c, ch->t));
     } else {
         const int32_t a = L->row[ch->t];
         set_slot(c, L, ch->t, a, ch->b);
         L->cnt[a]--;
         L->cnt[ch->b]++;
+        for (int32_t u = L->head[a]; u >= 0; u = L->next[u])
+            n += recompute_once(c, L, gpu_of(c, (uint32_t)u));
+        for (int32_t u = L->head[ch->b]; u >= 0; u = L->next[u]) /* t's GPU among them */
+            n += recompute_once(c, L, gpu_of(c, (uint32_t)u));
     }
-    recompute_loads(c, L);
+    return n;
 }
 
 /* Apply ch and account for it: the layer's max load after minus before. */
 static double take(ctx *c, layer_state *L, const change *ch, eplb_incremental_stats *stats) {
     const double before = L->load[busiest(c, L)];
-    apply(c, L, ch);
+    c->work += (uint64_t)apply(c, L, ch) * c->S + c->G; /* the loads redone, and busiest's scans */
     L->changes++;
     L->copies += ch->copies;
     L->slots += ch->slots;
@@ -619,8 +654,8 @@ static void split_heavy(ctx *c, layer_state *L, int32_t *save, eplb_incremental_
         b_prepare(c, L, b, &bp);
         change best = { .kind = CH_NONE };
         double best_worst = INFINITY, best_cost = INFINITY;
-        c->work += c->P;
-        for (uint32_t t = 0; t < c->P; t++) {
+        c->work += (uint64_t)c->P + c->N; /* the scan for b and the slots tried */
+        for (uint32_t t = 0; t < c->P && c->work <= INCREMENTAL_MAX_WORK; t++) {
             double worst, t_new;
             if (!repl_loads(c, L, gpu_of(c, t), t, &bp, &worst, &t_new))
                 continue;
@@ -816,6 +851,7 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
             stats->slots_moved -= L->slots;
         }
     }
+    stats->work_exhausted = stats->work_exhausted || c->work > INCREMENTAL_MAX_WORK; /* the splits may have spent it */
     stats->total_max = total;
     stats->reached = p->total_target >= 0 && total <= p->total_target * (1 + 1e-12);
     if ((p->copies_budget && c->copies_left == 0) || (p->slots_budget && c->slots_left < 2))

@@ -523,3 +523,46 @@ Test(incremental, review_edge_cases) {
     cr_assert(strstr(rep.reason, "empty slots"), "%s", rep.reason);
     cr_assert_float_eq(rep.balancedness_reference, rep.balancedness_after, 1e-12);
 }
+
+/* A shape whose replicas number in the hundreds per expert (4096 slots for
+ * 2048 experts on 2 GPUs, counts from another Zipf load): each split and
+ * re-replication visits every replica, so the compute bound (300M
+ * replica visits) is what ends the search, after about a second.  The
+ * answer is still a valid placement, no layer worse, the target met (the
+ * layers left take the from-scratch row), and the reason says why. */
+Test(incremental, compute_bound_on_hostile_replica_counts, .timeout = 120) {
+    const eplb_policy_shape s = { .num_layers = 2, .num_logical = 2048, .num_physical = 4096, .num_groups = 1,
+                                  .num_nodes = 1, .num_gpus = 2 };
+    const uint32_t L = s.num_layers, N = s.num_logical, P = s.num_physical;
+    int64_t *load = malloc((size_t)L * N * sizeof *load), *old_load = malloc((size_t)L * N * sizeof *old_load);
+    int32_t *cur = malloc((size_t)L * P * sizeof *cur), *cur_cnt = malloc((size_t)L * N * sizeof *cur_cnt);
+    int32_t *out = malloc((size_t)L * P * sizeof *out), *cnt = malloc((size_t)L * N * sizeof *cnt);
+    double before[2], after[2];
+    rng_state = 0x51;
+    for (size_t i = 0; i < (size_t)L * N; i++) {
+        old_load[i] = (int64_t)(1e6 / pow(1.0 + (double)rnd_below(N), 1.1));
+        load[i] = (int64_t)(1e6 / pow(1.0 + (double)rnd_below(N), 1.1));
+    }
+    cr_assert_eq(eplb_policy_rebalance(&s, old_load, cur, cur_cnt, NULL), EPLB_OK);
+    eplb_next_request req = { .shape = s, .cur_phy2log = cur, .cur_logcnt = cur_cnt, .logical_load = load };
+    req.knobs.policy = EPLB_POLICY_INCREMENTAL;
+    eplb_next_report rep;
+    eplb_error err;
+    cr_assert_eq(eplb_next_placement(&req, out, cnt, before, after, &rep, &err), EPLB_OK, "%s", err.msg);
+    cr_assert(strstr(rep.reason, "compute bound"), "reason: %s", rep.reason);
+    int32_t *recount = malloc((size_t)L * N * sizeof *recount);
+    counts(L, N, P, out, recount);
+    cr_assert_arr_eq(cnt, recount, (size_t)L * N * sizeof *cnt);
+    for (size_t i = 0; i < (size_t)L * N; i++)
+        cr_assert_geq(cnt[i], 1);
+    for (uint32_t l = 0; l < L; l++)
+        cr_assert_geq(after[l], before[l] - 1e-9, "layer %u: %.9f -> %.9f", l, before[l], after[l]);
+    cr_assert_geq(rep.balancedness_after, rep.balancedness_reference * 0.99 - 1e-9);
+    free(load);
+    free(old_load);
+    free(cur);
+    free(cur_cnt);
+    free(out);
+    free(cnt);
+    free(recount);
+}
