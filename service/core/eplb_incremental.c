@@ -101,7 +101,7 @@ typedef struct layer_state {
     double start_max;    /* the max load before any change: the result never exceeds it */
     int32_t *saved;      /* row [P] then counts [N] before the splits, NULL when none happened */
     uint32_t changes;    /* applied so far; at most P (then every slot could have been rewritten) */
-    uint32_t copies, slots; /* what they copied and rewrote, for stats */
+    uint32_t copies, slots, splits; /* what they copied and rewrote, and how many were splits: for stats */
     bool done;
     change best;
 } layer_state;
@@ -678,6 +678,7 @@ static void split_heavy(ctx *c, layer_state *L, int32_t *save, eplb_incremental_
         }
         take(c, L, &best, stats);
         stats->splits++;
+        L->splits++;
     }
 }
 
@@ -849,6 +850,7 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
             stats->changes -= L->changes;
             stats->copies -= L->copies;
             stats->slots_moved -= L->slots;
+            stats->splits -= L->splits;
         }
     }
     stats->work_exhausted = stats->work_exhausted || c->work > INCREMENTAL_MAX_WORK; /* the splits may have spent it */

@@ -129,6 +129,7 @@ Test(incremental, golden_split_heavy_replica) {
     const int32_t same_cnt[4] = { 1, 1, 1, 3 };
     cr_assert_arr_eq(cnt, same_cnt, sizeof same_cnt);
     cr_assert_eq(st.reverted, 1);
+    cr_assert_eq(st.splits, 0);
     cr_assert_eq(st.changes, 0);
     cr_assert_eq(st.copies, 0);
     cr_assert_float_eq(st.total_max, 60, 1e-9);
