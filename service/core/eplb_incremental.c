@@ -116,6 +116,7 @@ typedef struct ctx {
     uint32_t eval_tick;                 /* stamps touch_tick: one per eval_repl_b */
     uint32_t b_tick;                    /* stamps b_stamp: one per b_prepare */
     uint32_t *b_stamp, *b_gpus;         /* [G] each */
+    uint32_t *bn_stamp, *bn_cnt;        /* [nodes] each: bn_stamp == b_tick, b's replicas on the node */
     double *b_load;                     /* [G] */
     uint32_t *touch_tick, *touch_at;    /* [G] each: GPU in the touched set when == eval_tick, at index */
     uint32_t tick;                      /* stamps of the marks below */
@@ -195,6 +196,7 @@ typedef struct b_part {
 static void b_prepare(ctx *c, const layer_state *L, int32_t b, b_part *bp) {
     if (++c->b_tick == 0) {
         memset(c->b_stamp, 0, c->G * sizeof *c->b_stamp);
+        memset(c->bn_stamp, 0, c->nodes * sizeof *c->bn_stamp);
         c->b_tick = 1;
     }
     bp->b = b;
@@ -210,7 +212,14 @@ static void b_prepare(ctx *c, const layer_state *L, int32_t b, b_part *bp) {
             c->b_gpus[bp->ngpus++] = q;
         }
         c->b_load[q] += db;
+        const uint32_t nd = node_of(c, q);
+        if (c->bn_stamp[nd] != bp->tick) {
+            c->bn_stamp[nd] = bp->tick;
+            c->bn_cnt[nd] = 0;
+        }
+        c->bn_cnt[nd]++;
     }
+    c->work += (uint32_t)L->cnt[b];
     for (uint32_t i = 0; i < bp->ngpus; i++) { /* keep the B_TOP heaviest, descending */
         const uint32_t q = c->b_gpus[i];
         uint32_t j = bp->ntop < B_TOP ? bp->ntop++ : B_TOP - 1;
@@ -226,6 +235,24 @@ static void b_prepare(ctx *c, const layer_state *L, int32_t b, b_part *bp) {
 
 static inline double base_load(const ctx *c, const layer_state *L, const b_part *bp, uint32_t q) {
     return c->b_stamp[q] == bp->tick ? c->b_load[q] : L->load[q];
+}
+
+/* fetch_cost of the prepared expert b to GPU h in O(1): free when h holds
+ * it; else the cheaper of a GPU of h's node (if b has one there) and one
+ * of another node (if b has one there), as fetch_cost's minimum is. */
+static double b_fetch_cost(const ctx *c, const layer_state *L, const b_part *bp, uint32_t h, uint32_t *copies) {
+    *copies = 0;
+    if (c->b_stamp[h] == bp->tick)
+        return 0;
+    *copies = 1;
+    const uint32_t nd = node_of(c, h);
+    const uint32_t on_node = c->bn_stamp[nd] == bp->tick ? c->bn_cnt[nd] : 0;
+    double best = INFINITY;
+    if (on_node > 0)
+        best = c->p->cost_intra_node;
+    if ((uint32_t)L->cnt[bp->b] > on_node && c->p->cost_cross_node < best)
+        best = c->p->cost_cross_node;
+    return best;
 }
 
 /* The loads after REPL(t, b), b's side prepared: *worst, the heaviest GPU
@@ -312,7 +339,7 @@ static void eval_repl_b(ctx *c, const layer_state *L, uint32_t g, double M, uint
     if (gain > c->cap)
         gain = c->cap;
     uint32_t copies;
-    const double cost = fetch_cost(c, L, bp->b, gpu_of(c, t), &copies) + SLOT_COST;
+    const double cost = b_fetch_cost(c, L, bp, gpu_of(c, t), &copies) + SLOT_COST;
     if (!affordable(c, copies, 1))
         return;
     *ch = (change){ .kind = CH_REPL, .s = t, .t = t, .b = bp->b, .gain = gain, .score = gain / cost,
@@ -371,6 +398,7 @@ static void find_best(ctx *c, layer_state *L) {
     for (uint32_t i = 0; i < S; i++) {
         const int32_t a = L->row[g0 + i];
         c->on_g[a] = tick;
+        c->work += (uint32_t)L->cnt[a];
         for (int32_t u = L->head[a]; u >= 0; u = L->next[u])
             c->holds[(size_t)i * c->G + gpu_of(c, (uint32_t)u)] = tick;
     }
@@ -513,6 +541,7 @@ static void find_best(ctx *c, layer_state *L) {
                     (!group_on_node(c, L, a, node_of(c, h)) || !group_on_node(c, L, b, node_of(c, g))))
                     continue;
                 uint32_t ca, cb;
+                c->work += (uint32_t)L->cnt[a] + (uint32_t)L->cnt[b]; /* the two fetch_costs' walks */
                 const double cost = fetch_cost(c, L, a, h, &ca) + fetch_cost(c, L, b, g, &cb) + 2 * SLOT_COST;
                 if (!affordable(c, ca + cb, 2))
                     continue;
@@ -660,7 +689,7 @@ static void split_heavy(ctx *c, layer_state *L, int32_t *save, eplb_incremental_
             if (!repl_loads(c, L, gpu_of(c, t), t, &bp, &worst, &t_new))
                 continue;
             uint32_t copies;
-            const double cost = fetch_cost(c, L, b, gpu_of(c, t), &copies);
+            const double cost = b_fetch_cost(c, L, &bp, gpu_of(c, t), &copies);
             if (!affordable(c, copies, 1))
                 continue;
             if (worst < best_worst || (worst == best_worst && cost < best_cost)) {
@@ -740,7 +769,7 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
     double *dbl = eplb_malloc(((size_t)Lyr * (N + G)) * sizeof(double));
     int32_t *ints = eplb_malloc(((size_t)Lyr * (N + P + (size_t)groups * nodes)) * sizeof(int32_t));
     uint32_t *heap = eplb_malloc((size_t)Lyr * sizeof *heap);
-    uint32_t *order = eplb_calloc((size_t)5 * G + P, sizeof *order); /* order, donors, touch_tick, touch_at, b_stamp, b_gpus */
+    uint32_t *order = eplb_calloc((size_t)7 * G + P, sizeof *order); /* order, donors, touch_tick, touch_at, b_stamp, b_gpus, bn_stamp, bn_cnt */
     double *x = eplb_malloc(((size_t)P + P / G + G) * sizeof *x); /* x [P], lb [S], b_load [G] */
     uint32_t *marks = eplb_calloc((size_t)N + (size_t)P, sizeof *marks); /* on_g [N], holds [S][G] = [P] */
     int32_t *saved = p->reference_cnt ? eplb_malloc((size_t)Lyr * (P + N) * sizeof *saved) : NULL;
@@ -749,7 +778,7 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
         goto out;
     }
     *c = (ctx){ .p = p, .N = N, .P = P, .G = G, .S = P / G, .gpn = G / nodes, .nodes = nodes, .groups = groups,
-                .per_group = N / groups, .ls = ls, .order = order, .donors = order + G, .touch_tick = order + G + P, .touch_at = order + 2 * G + P, .b_stamp = order + 3 * G + P, .b_gpus = order + 4 * G + P, .x = x, .lb = x + P, .b_load = x + P + P / G, .on_g = marks, .holds = marks + N, .copies_left = p->max_copies, .slots_left = p->max_slots };
+                .per_group = N / groups, .ls = ls, .order = order, .donors = order + G, .touch_tick = order + G + P, .touch_at = order + 2 * G + P, .b_stamp = order + 3 * G + P, .b_gpus = order + 4 * G + P, .bn_stamp = order + 5 * G + P, .bn_cnt = order + 6 * G + P, .x = x, .lb = x + P, .b_load = x + P + P / G, .on_g = marks, .holds = marks + N, .copies_left = p->max_copies, .slots_left = p->max_slots };
     c->min_link = nodes > 1 && p->cost_cross_node < p->cost_intra_node ? p->cost_cross_node : p->cost_intra_node;
     if (nodes == G && G > 1)
         c->min_link = p->cost_cross_node;
@@ -800,7 +829,7 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
                 if (rc > 0 && L->w[e] / rc > x)
                     x = L->w[e] / rc;
             }
-            L->item_bound = x * ITEM_SLACK;
+            L->item_bound = x > 0 ? x * ITEM_SLACK : INFINITY; /* no loaded expert counted: no bound */
             L->start_max = L->load[busiest(c, L)];
             split_heavy(c, L, saved + (size_t)l * (P + N), stats);
         }

@@ -567,3 +567,40 @@ Test(incremental, compute_bound_on_hostile_replica_counts, .timeout = 120) {
     free(cnt);
     free(recount);
 }
+
+/* Half of 8192 slots on 1024 GPUs hold expert 0, which carries all the load
+ * (a review's reproducer): every split prices copies of an expert with
+ * thousands of replicas.  Priced in O(1) and counted by the compute bound,
+ * the call takes about two seconds; priced by walking the replicas it took
+ * nearly ten minutes for this one layer.  The timeout catches a hang, not
+ * a speed: the numbers are bench's. */
+Test(incremental, splits_of_an_expert_with_thousands_of_replicas, .timeout = 120) {
+    const eplb_policy_shape s = { .num_layers = 1, .num_logical = 256, .num_physical = 8192, .num_groups = 1,
+                                  .num_nodes = 1, .num_gpus = 1024 };
+    const uint32_t N = s.num_logical, P = s.num_physical;
+    int32_t *cur = malloc(P * sizeof *cur), *cur_cnt = calloc(N, sizeof *cur_cnt);
+    int32_t *out = malloc(P * sizeof *out), *cnt = malloc(N * sizeof *cnt);
+    int64_t *load = calloc(N, sizeof *load);
+    for (uint32_t i = 0; i < P; i++) {
+        cur[i] = i < P / 2 ? 0 : (int32_t)(1 + (i - P / 2) % (N - 1));
+        cur_cnt[cur[i]]++;
+    }
+    load[0] = 1000000000;
+    eplb_next_request req = { .shape = s, .cur_phy2log = cur, .cur_logcnt = cur_cnt, .logical_load = load };
+    req.knobs.policy = EPLB_POLICY_INCREMENTAL;
+    eplb_next_report rep;
+    eplb_error err;
+    double before, after;
+    cr_assert_eq(eplb_next_placement(&req, out, cnt, &before, &after, &rep, &err), EPLB_OK, "%s", err.msg);
+    cr_assert_geq(after, before);
+    cr_assert_geq(rep.balancedness_after, rep.balancedness_reference * 0.99 - 1e-9);
+    int32_t *recount = malloc(N * sizeof *recount);
+    counts(1, N, P, out, recount);
+    cr_assert_arr_eq(cnt, recount, N * sizeof *cnt);
+    free(cur);
+    free(cur_cnt);
+    free(out);
+    free(cnt);
+    free(load);
+    free(recount);
+}
