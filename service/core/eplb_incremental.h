@@ -63,11 +63,11 @@ typedef struct eplb_incremental_params {
      * and before the search every replica above it is split (one slot of
      * an expert whose replicas stay under it takes another copy of it).
      * A layer that ends above its starting max takes its row from before
-     * the splits back (stats.reverted).  Without this the
-     * counts drift with the load and the search spends slots on cold
-     * experts: over 50 rebalances at 1 node x 32 GPUs the largest replica
-     * grew from 0.5 to 0.96 of a GPU's mean load and the bytes per
-     * rebalance from 19 to 130 GB (eplb_incremental.c). */
+     * the splits back (stats.reverted).  Without this the counts drift
+     * with the load and the search spends slots on cold experts: over 50
+     * rebalances at 1 node x 32 GPUs (t=0.95) the largest replica grew
+     * from 0.56 to 0.96 of a GPU's mean load and the bytes per rebalance
+     * from 19 to 130 GB (docs/benchmarks.md). */
     const int32_t *reference_cnt;
     double cost_intra_node;       /* > 0 */
     double cost_cross_node;       /* > 0 */
