@@ -42,11 +42,18 @@
  * whose bound cannot is skipped (another node's GPU in O(S) when no group
  * could cross).
  *
+ * Replica counts (reference_cnt given, no budget): each layer's item
+ * bound is ITEM_SLACK x its heaviest from-scratch replica; REPL may not
+ * make the donor's replicas heavier than it, and before the loop
+ * split_heavy re-replicates every replica above it.  A layer whose max the
+ * splits lifted and the loop did not bring back takes its saved row.
+ *
  * The loop: a max-heap of layers by their best change's score; the top
  * layer's change is applied (when the budget still pays for it) and its
  * next best found; it ends when the sum over layers of the max load is
  * within total_target, or no layer has a change left.  Applied changes
- * per layer are capped at P. */
+ * per layer are capped at P, and all work (replicas visited, loads
+ * redone) at INCREMENTAL_MAX_WORK per call. */
 #include <math.h>
 #include <string.h>
 
