@@ -142,6 +142,15 @@ typedef struct ctx {
 static inline uint32_t gpu_of(const ctx *c, uint32_t slot) { return slot / c->S; }
 static inline uint32_t node_of(const ctx *c, uint32_t gpu) { return gpu / c->gpn; }
 
+/* A fresh touched set: touch_tick[g] == eval_tick marks g in it (the
+ * stamps cleared when the tick wraps). */
+static void new_touch_set(ctx *c) {
+    if (++c->eval_tick == 0) {
+        memset(c->touch_tick, 0, c->G * sizeof *c->touch_tick);
+        c->eval_tick = 1;
+    }
+}
+
 static double link_cost(const ctx *c, uint32_t from, uint32_t to) {
     if (from == to)
         return 0;
@@ -283,10 +292,7 @@ static bool repl_loads(ctx *c, const layer_state *L, uint32_t g, uint32_t t, con
     const double xa_old = wa / L->cnt[a], da = wa / (L->cnt[a] - 1) - xa_old;
     const double xb_new = L->w[b] / (L->cnt[b] + 1);
     c->work += (uint32_t)L->cnt[a]; /* a's replicas visited: an expert with thousands costs thousands */
-    if (++c->eval_tick == 0) {
-        memset(c->touch_tick, 0, c->G * sizeof *c->touch_tick);
-        c->eval_tick = 1;
-    }
+    new_touch_set(c);
     /* a's side and t's GPU, on top of b's side. */
     uint32_t n = 0;
     for (int32_t u = L->head[a]; u >= 0; u = L->next[u]) {
@@ -592,16 +598,6 @@ static void set_slot(ctx *c, layer_state *L, uint32_t t, int32_t old, int32_t e)
     }
 }
 
-/* Loads from scratch after a change: O(P), exact (no drift of sums). */
-static void recompute_loads(ctx *c, layer_state *L) {
-    for (uint32_t g = 0; g < c->G; g++) {
-        double sum = 0;
-        for (uint32_t i = g * c->S; i < (g + 1) * c->S; i++)
-            sum += L->w[L->row[i]] / L->cnt[L->row[i]];
-        L->load[g] = sum;
-    }
-}
-
 /* One GPU's load from its slots: O(S), and exact (no running sums), so
  * loads never depend on the order of the changes that led to them. */
 static void recompute_gpu(ctx *c, layer_state *L, uint32_t g) {
@@ -609,6 +605,12 @@ static void recompute_gpu(ctx *c, layer_state *L, uint32_t g) {
     for (uint32_t i = g * c->S; i < (g + 1) * c->S; i++)
         sum += L->w[L->row[i]] / L->cnt[L->row[i]];
     L->load[g] = sum;
+}
+
+/* Every GPU's load: O(P). */
+static void recompute_loads(ctx *c, layer_state *L) {
+    for (uint32_t g = 0; g < c->G; g++)
+        recompute_gpu(c, L, g);
 }
 
 /* Recompute g once per change (touch_tick marks the ones done). */
@@ -624,10 +626,7 @@ static uint32_t recompute_once(ctx *c, layer_state *L, uint32_t g) {
  * re-replication's GPUs of both experts' replicas), and only they are
  * recomputed.  Returns how many were (the work it cost, in units of S). */
 static uint32_t apply(ctx *c, layer_state *L, const change *ch) {
-    if (++c->eval_tick == 0) {
-        memset(c->touch_tick, 0, c->G * sizeof *c->touch_tick);
-        c->eval_tick = 1;
-    }
+    new_touch_set(c);
     uint32_t n = 0;
     if (ch->kind == CH_SWAP) {
         const int32_t a = L->row[ch->s], b = L->row[ch->t];
@@ -695,10 +694,8 @@ static void split_heavy(ctx *c, layer_state *L, int32_t *save, eplb_incremental_
             double worst, t_new;
             if (!repl_loads(c, L, gpu_of(c, t), t, &bp, &worst, &t_new))
                 continue;
-            uint32_t copies;
+            uint32_t copies; /* no budget here: splits run only without one */
             const double cost = b_fetch_cost(c, L, &bp, gpu_of(c, t), &copies);
-            if (!affordable(c, copies, 1))
-                continue;
             if (worst < best_worst || (worst == best_worst && cost < best_cost)) {
                 best = (change){ .kind = CH_REPL, .s = t, .t = t, .b = b, .copies = copies, .slots = 1 };
                 best_worst = worst;
