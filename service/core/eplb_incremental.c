@@ -99,6 +99,11 @@ typedef struct layer_state {
     int32_t *row;        /* [P] into the caller's phy2log */
     int32_t *cnt;        /* [N] into the caller's logcnt */
     double *w;           /* [N] */
+    double *xr;          /* [N] w / cnt, a replica's load, and */
+    double *xup, *xdn;   /* [N] w / (cnt + 1) and w / (cnt - 1) (INFINITY at cnt 1): kept with cnt
+                            (set_counts), so no search divides */
+    uint32_t *order;     /* [G] GPUs by load, ascending (ties: lower GPU): kept between searches,
+                            where a change moves a few GPUs, so the insertion sort is O(G) then */
     double *load;        /* [G] */
     int32_t *head;       /* [N] first slot of each expert, -1 none */
     int32_t *next;       /* [P] next slot of the same expert, -1 end */
@@ -110,6 +115,7 @@ typedef struct layer_state {
     uint32_t changes;    /* applied so far; at most P (then every slot could have been rewritten) */
     uint32_t copies, slots, splits; /* what they copied and rewrote, and how many were splits: for stats */
     bool done;
+    bool stale;          /* best.score is only an upper bound (prime); find_best not run yet */
     change best;
 } layer_state;
 
@@ -129,8 +135,8 @@ typedef struct ctx {
     uint32_t tick;                      /* stamps of the marks below */
     uint32_t *on_g;                     /* [N] == tick: the busiest GPU holds the expert */
     uint32_t *holds;                    /* [S][G] == tick: GPU h holds the expert of g's i-th slot */
+    uint32_t *shares;                   /* [G] == tick: GPU h holds one of the busiest GPU's experts */
     uint64_t work;                      /* candidate evaluations so far (INCREMENTAL_MAX_WORK) */
-    uint32_t *order;                    /* [G] GPUs by load, scratch of find_best */
     double *x;                          /* [P] per-replica load of each slot, scratch of find_best */
     double *lb;                         /* [S] cost bounds, scratch of find_best */
     uint32_t *donors;                   /* [P] slots with cnt >= 2, scratch of find_best */
@@ -219,7 +225,7 @@ static void b_prepare(ctx *c, const layer_state *L, int32_t b, b_part *bp) {
     bp->tick = c->b_tick;
     bp->ngpus = 0;
     bp->ntop = 0;
-    const double db = L->w[b] / (L->cnt[b] + 1) - L->w[b] / L->cnt[b];
+    const double db = L->xup[b] - L->xr[b];
     for (int32_t u = L->head[b]; u >= 0; u = L->next[u]) {
         const uint32_t q = gpu_of(c, (uint32_t)u);
         if (c->b_stamp[q] != bp->tick) {
@@ -286,11 +292,10 @@ static bool repl_loads(ctx *c, const layer_state *L, uint32_t g, uint32_t t, con
         return false;
     if ((uint32_t)L->cnt[a] + 1 > sizeof c->touched / sizeof c->touched[0])
         return false; /* more replicas than the touched set holds: not a candidate */
-    const double wa = L->w[a];
-    if (wa / (L->cnt[a] - 1) > L->item_bound)
+    if (L->xdn[a] > L->item_bound)
         return false;
-    const double xa_old = wa / L->cnt[a], da = wa / (L->cnt[a] - 1) - xa_old;
-    const double xb_new = L->w[b] / (L->cnt[b] + 1);
+    const double xa_old = L->xr[a], da = L->xdn[a] - xa_old;
+    const double xb_new = L->xup[b];
     c->work += (uint32_t)L->cnt[a]; /* a's replicas visited: an expert with thousands costs thousands */
     new_touch_set(c);
     /* a's side and t's GPU, on top of b's side. */
@@ -359,10 +364,32 @@ static void eval_repl_b(ctx *c, const layer_state *L, uint32_t g, double M, uint
                     .copies = copies, .slots = 1 };
 }
 
+/* Whether REPL(t, b), b's side prepared, could beat the best: an upper
+ * bound of its score in O(1), before repl_loads walks the replicas of t's
+ * expert a.  Its gain is at most the cap, `shed` (what g can shed), and M
+ * minus the load t's GPU ends with at least (a's other replicas there only
+ * add); its cost at least cost_lb.  false when it cannot beat the best, or
+ * only tie it and lose the tie (a later slot): once a change reaches the
+ * cap, that is every later slot of the same cost.  The slack (1e-12 of M)
+ * keeps rounding in those loads from ruling out a better change; the cap's
+ * term is exact, as the gain's is.  At 1 x 32 this and the item-bound
+ * filter of the donors skip 3 of 4 evaluations. */
+static bool repl_may_beat(const ctx *c, const layer_state *L, const b_part *bp, double M, uint32_t t, double shed,
+                          double cost_lb, const change *best) {
+    const double h_low = base_load(c, L, bp, gpu_of(c, t)) + L->xup[bp->b] - c->x[t];
+    if (h_low > M * (1 + 1e-12))
+        return false; /* t's GPU would end at or above M */
+    double ub = M - h_low + 1e-12 * M;
+    ub = ub < shed + 1e-12 * M ? ub : shed + 1e-12 * M;
+    ub = (ub < c->cap ? ub : c->cap) / cost_lb;
+    return !(ub < best->score || (ub == best->score && best->kind == CH_REPL && best->s < t));
+}
+
 /* The layer's best change now (kind NONE when none improves or fits). */
 static void find_best(ctx *c, layer_state *L) {
     change best = { .kind = CH_NONE, .score = -INFINITY };
     L->best = best;
+    L->stale = false;
     const uint32_t g = busiest(c, L);
     const double M = L->load[g];
     if (L->done || !(M > 0) || M <= L->target || L->changes >= c->P || c->work > INCREMENTAL_MAX_WORK) {
@@ -373,10 +400,8 @@ static void find_best(ctx *c, layer_state *L) {
     /* SWAP: s on g, t elsewhere.  GPUs lightest first: a swap with h gains
      * at most (M - load[h]) / 2, so once that cannot beat the best even
      * at the least cost, no heavier GPU can either. */
-    uint32_t *order = c->order;
-    for (uint32_t h = 0; h < c->G; h++)
-        order[h] = h;
-    for (uint32_t i = 1; i < c->G; i++) { /* insertion sort: G is small, and nearly sorted between calls */
+    uint32_t *order = L->order;
+    for (uint32_t i = 1; i < c->G; i++) { /* insertion sort: nearly sorted since the last search */
         uint32_t v = order[i], j = i;
         while (j > 0 && (L->load[order[j - 1]] > L->load[v] ||
                          (L->load[order[j - 1]] == L->load[v] && order[j - 1] > v))) {
@@ -388,10 +413,13 @@ static void find_best(ctx *c, layer_state *L) {
     /* Per-replica load of every slot: the swaps' inner loop is then adds
      * and compares only. */
     double *x = c->x;
-    uint32_t ndonors = 0; /* slots whose expert has another replica: the only ones REPL may take */
+    uint32_t ndonors = 0; /* slots whose expert has another replica and may lose one: the only ones REPL may take */
     for (uint32_t i = 0; i < P; i++) {
-        x[i] = L->w[L->row[i]] / L->cnt[L->row[i]];
-        if (L->cnt[L->row[i]] >= 2)
+        const int32_t a = L->row[i];
+        x[i] = L->xr[a];
+        /* repl_loads refuses the rest: about half the slots with two or
+         * more replicas, whose expert would exceed the item bound. */
+        if (L->cnt[a] >= 2 && !(L->xdn[a] > L->item_bound))
             c->donors[ndonors++] = i;
     }
     double xmax = 0;
@@ -404,7 +432,7 @@ static void find_best(ctx *c, layer_state *L) {
     /* Which copies would be free (the GPU already holds the expert): a
      * lower bound of every candidate's cost before its exact one. */
     if (++c->tick == 0) { /* wrapped: every old stamp could match again */
-        memset(c->on_g, 0, ((size_t)c->N + c->P) * sizeof *c->on_g);
+        memset(c->on_g, 0, ((size_t)c->N + c->P + c->G) * sizeof *c->on_g);
         c->tick = 1;
     }
     const uint32_t tick = c->tick;
@@ -413,7 +441,11 @@ static void find_best(ctx *c, layer_state *L) {
         c->on_g[a] = tick;
         c->work += (uint32_t)L->cnt[a];
         for (int32_t u = L->head[a]; u >= 0; u = L->next[u])
-            c->holds[(size_t)i * c->G + gpu_of(c, (uint32_t)u)] = tick;
+        {
+            const uint32_t q = gpu_of(c, (uint32_t)u);
+            c->holds[(size_t)i * c->G + q] = tick;
+            c->shares[q] = tick;
+        }
     }
     const double ml = c->min_link;
     /* REPL adding a replica of one of g's hottest experts anywhere. */
@@ -422,7 +454,7 @@ static void find_best(ctx *c, layer_state *L) {
     uint32_t nhot = 0;
     for (uint32_t s = g0; s < g0 + S; s++) {
         const int32_t a = L->row[s];
-        const double xa = L->w[a] / L->cnt[a];
+        const double xa = L->xr[a];
         bool dup = false;
         for (uint32_t i = 0; i < nhot; i++)
             dup = dup || hot[i] == a;
@@ -434,9 +466,9 @@ static void find_best(ctx *c, layer_state *L) {
         } else {
             uint32_t k = 0; /* the coolest kept, replaced when a is hotter */
             for (uint32_t i = 1; i < nhot; i++)
-                if (L->w[hot[i]] / L->cnt[hot[i]] < L->w[hot[k]] / L->cnt[hot[k]])
+                if (L->xr[hot[i]] < L->xr[hot[k]])
                     k = i;
-            if (xa > L->w[hot[k]] / L->cnt[hot[k]]) {
+            if (xa > L->xr[hot[k]]) {
                 hot[k] = a;
                 hot_slot[k] = s - g0;
             }
@@ -448,7 +480,7 @@ static void find_best(ctx *c, layer_state *L) {
         uint32_t on_g = 0;
         for (uint32_t s = g0; s < g0 + S; s++)
             on_g += L->row[s] == b;
-        double shed = on_g * (L->w[b] / L->cnt[b] - L->w[b] / (L->cnt[b] + 1));
+        double shed = on_g * (L->xr[b] - L->xup[b]);
         shed = shed < c->cap ? shed : c->cap;
         if (shed / SLOT_COST < best.score)
             continue;
@@ -457,9 +489,14 @@ static void find_best(ctx *c, layer_state *L) {
         b_prepare(c, L, b, &bp);
         c->work += ndonors;
         for (uint32_t di = 0; di < ndonors; di++) {
-            const uint32_t t = c->donors[di];
-            if (shed < best.score * (SLOT_COST + (held[gpu_of(c, t)] == tick ? 0 : ml)))
+            const uint32_t t = c->donors[di], h = gpu_of(c, t);
+            if (c->p->hierarchical && !group_on_node(c, L, b, node_of(c, h)))
+                continue; /* repl_loads would refuse it: b's group is not on t's node */
+            const double cost_lb = SLOT_COST + (held[h] == tick ? 0 : ml);
+            if (shed < best.score * cost_lb)
                 continue; /* g sheds at most shed: cannot beat the best */
+            if (!repl_may_beat(c, L, &bp, M, t, shed, cost_lb, &best))
+                continue;
             change ch;
             eval_repl_b(c, L, g, M, t, &bp, &ch);
             if (ch.kind != CH_NONE)
@@ -473,7 +510,7 @@ static void find_best(ctx *c, layer_state *L) {
     double coldv[REPL_COLD];
     uint32_t ncold = 0;
     for (uint32_t e = 0; e < c->N; e++) {
-        const double v = L->w[e] / (L->cnt[e] + 1);
+        const double v = L->xup[e];
         if (ncold == REPL_COLD && !(v < coldv[ncold - 1]))
             continue;
         uint32_t j = ncold < REPL_COLD ? ncold++ : ncold - 1;
@@ -490,8 +527,14 @@ static void find_best(ctx *c, layer_state *L) {
         b_part bp;
         b_prepare(c, L, cold[i], &bp);
         for (uint32_t t = g0; t < g0 + S; t++) {
+            const int32_t a = L->row[t];
+            if (a == cold[i] || L->cnt[a] < 2 || L->xdn[a] > L->item_bound)
+                continue; /* repl_loads would refuse it */
+            uint32_t copies;
+            if (!repl_may_beat(c, L, &bp, M, t, INFINITY, b_fetch_cost(c, L, &bp, g, &copies) + SLOT_COST, &best))
+                continue;
             change ch;
-            eval_repl_b(c, L, g, M, t, &bp, &ch); /* refuses t whose expert has one replica */
+            eval_repl_b(c, L, g, M, t, &bp, &ch);
             if (ch.kind != CH_NONE)
                 consider(&best, &ch);
         }
@@ -521,13 +564,9 @@ static void find_best(ctx *c, layer_state *L) {
                 continue;
         }
         /* This GPU's cheapest swap: free halves only where h holds one of
-         * g's experts, and g one of h's. */
-        bool free_to_h = false, free_to_g = false;
-        for (uint32_t i = 0; i < S && !free_to_h; i++)
-            free_to_h = c->holds[(size_t)i * c->G + h] == tick;
-        for (uint32_t t = h * S; t < (h + 1) * S && !free_to_g; t++)
-            free_to_g = c->on_g[L->row[t]] == tick;
-        if (bound / (2 * SLOT_COST + (free_to_h ? 0 : ml) + (free_to_g ? 0 : ml)) < best.score)
+         * g's experts, and g one of h's: both are "an expert on both". */
+        const bool shared = c->shares[h] == tick;
+        if (bound / (2 * SLOT_COST + (shared ? 0 : ml) + (shared ? 0 : ml)) < best.score)
             continue;
         /* The cost bound of each half: free where the GPU already holds
          * the expert.  The inner loop is then a few flops per pair, and
@@ -586,6 +625,13 @@ static void list_add(layer_state *L, int32_t e, uint32_t slot) {
     *pp = (int32_t)slot;
 }
 
+/* Expert e's per-replica loads after its count changed. */
+static void set_counts(layer_state *L, int32_t e) {
+    L->xr[e] = L->w[e] / L->cnt[e];
+    L->xup[e] = L->w[e] / (L->cnt[e] + 1);
+    L->xdn[e] = L->cnt[e] >= 2 ? L->w[e] / (L->cnt[e] - 1) : INFINITY;
+}
+
 /* Put expert e in slot t (its old expert's bookkeeping already removed). */
 static void set_slot(ctx *c, layer_state *L, uint32_t t, int32_t old, int32_t e) {
     list_remove(L, old, t);
@@ -603,7 +649,7 @@ static void set_slot(ctx *c, layer_state *L, uint32_t t, int32_t old, int32_t e)
 static void recompute_gpu(ctx *c, layer_state *L, uint32_t g) {
     double sum = 0;
     for (uint32_t i = g * c->S; i < (g + 1) * c->S; i++)
-        sum += L->w[L->row[i]] / L->cnt[L->row[i]];
+        sum += L->xr[L->row[i]];
     L->load[g] = sum;
 }
 
@@ -639,6 +685,8 @@ static uint32_t apply(ctx *c, layer_state *L, const change *ch) {
         set_slot(c, L, ch->t, a, ch->b);
         L->cnt[a]--;
         L->cnt[ch->b]++;
+        set_counts(L, a);
+        set_counts(L, ch->b);
         for (int32_t u = L->head[a]; u >= 0; u = L->next[u])
             n += recompute_once(c, L, gpu_of(c, (uint32_t)u));
         for (int32_t u = L->head[ch->b]; u >= 0; u = L->next[u]) /* t's GPU among them */
@@ -679,8 +727,8 @@ static void split_heavy(ctx *c, layer_state *L, int32_t *save, eplb_incremental_
         int32_t b = -1;
         double xb = L->item_bound;
         for (uint32_t e = 0; e < c->N; e++)
-            if (L->w[e] / L->cnt[e] > xb) {
-                xb = L->w[e] / L->cnt[e];
+            if (L->xr[e] > xb) {
+                xb = L->xr[e];
                 b = (int32_t)e;
             }
         if (b < 0)
@@ -713,6 +761,26 @@ static void split_heavy(ctx *c, layer_state *L, int32_t *save, eplb_incremental_
         stats->splits++;
         L->splits++;
     }
+}
+
+/* A layer's key before its first search: every gain is capped at
+ * M - target and every change costs at least SLOT_COST (one slot
+ * rewritten, its copy free), so its best score is at most
+ * (M - target) / SLOT_COST.  The loop searches a layer only when that
+ * bound reaches the heap's top (a lazy greedy): a searched top whose score
+ * is at least every other key beats every other layer's actual best, so the
+ * changes taken are the ones an eager search of every layer takes, in the
+ * same order, and a layer the loop never reaches is never searched (at
+ * 4 x 8, t=0.99, 43 of 58 layers were searched and 30 changed at all).
+ * Without a target there is no bound: the layer is searched now. */
+static void prime(ctx *c, layer_state *L) {
+    const double M = L->load[busiest(c, L)];
+    if (L->target < 0 || !(M > L->target) || L->done) {
+        find_best(c, L);
+        return;
+    }
+    L->best = (change){ .kind = CH_NONE, .score = (M - L->target) / SLOT_COST };
+    L->stale = true;
 }
 
 /* ---- a max-heap of layers by their best change's score ---------------- */
@@ -770,19 +838,20 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
 
     ctx *c = eplb_malloc(sizeof *c);
     layer_state *ls = eplb_calloc(Lyr, sizeof *ls);
-    double *dbl = eplb_malloc(((size_t)Lyr * (N + G)) * sizeof(double));
+    double *dbl = eplb_malloc(((size_t)Lyr * (4 * (size_t)N + G)) * sizeof(double)); /* w, xr, xup, xdn, load */
     int32_t *ints = eplb_malloc(((size_t)Lyr * (N + P + (size_t)groups * nodes)) * sizeof(int32_t));
     uint32_t *heap = eplb_malloc((size_t)Lyr * sizeof *heap);
-    uint32_t *order = eplb_calloc((size_t)7 * G + P, sizeof *order); /* order, donors, touch_tick, touch_at, b_stamp, b_gpus, bn_stamp, bn_cnt */
+    uint32_t *order = eplb_malloc((size_t)Lyr * G * sizeof *order); /* each layer's GPU order */
+    uint32_t *scr = eplb_calloc((size_t)6 * G + P, sizeof *scr); /* donors, touch_tick, touch_at, b_stamp, b_gpus, bn_stamp, bn_cnt */
     double *x = eplb_malloc(((size_t)P + P / G + G) * sizeof *x); /* x [P], lb [S], b_load [G] */
-    uint32_t *marks = eplb_calloc((size_t)N + (size_t)P, sizeof *marks); /* on_g [N], holds [S][G] = [P] */
+    uint32_t *marks = eplb_calloc((size_t)N + (size_t)P + G, sizeof *marks); /* on_g [N], holds [S][G] = [P], shares [G] */
     int32_t *saved = p->reference_cnt ? eplb_malloc((size_t)Lyr * (P + N) * sizeof *saved) : NULL;
-    if (!c || !ls || !dbl || !ints || !heap || !order || !x || !marks || (p->reference_cnt && !saved)) {
+    if (!c || !ls || !dbl || !ints || !heap || !order || !scr || !x || !marks || (p->reference_cnt && !saved)) {
         st = eplb_error_set(err, EPLB_ENOMEM, "out of memory for an incremental %ux%u rebalance", Lyr, P);
         goto out;
     }
     *c = (ctx){ .p = p, .N = N, .P = P, .G = G, .S = P / G, .gpn = G / nodes, .nodes = nodes, .groups = groups,
-                .per_group = N / groups, .ls = ls, .order = order, .donors = order + G, .touch_tick = order + G + P, .touch_at = order + 2 * G + P, .b_stamp = order + 3 * G + P, .b_gpus = order + 4 * G + P, .bn_stamp = order + 5 * G + P, .bn_cnt = order + 6 * G + P, .x = x, .lb = x + P, .b_load = x + P + P / G, .on_g = marks, .holds = marks + N, .copies_left = p->max_copies, .slots_left = p->max_slots };
+                .per_group = N / groups, .ls = ls, .donors = scr, .touch_tick = scr + P, .touch_at = scr + G + P, .b_stamp = scr + 2 * G + P, .b_gpus = scr + 3 * G + P, .bn_stamp = scr + 4 * G + P, .bn_cnt = scr + 5 * G + P, .x = x, .lb = x + P, .b_load = x + P + P / G, .on_g = marks, .holds = marks + N, .shares = marks + N + P, .copies_left = p->max_copies, .slots_left = p->max_slots };
     c->min_link = nodes > 1 && p->cost_cross_node < p->cost_intra_node ? p->cost_cross_node : p->cost_intra_node;
     if (nodes == G && G > 1)
         c->min_link = p->cost_cross_node;
@@ -790,8 +859,14 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
         layer_state *L = &ls[l];
         L->row = phy2log + (size_t)l * P;
         L->cnt = logcnt + (size_t)l * N;
-        L->w = dbl + (size_t)l * (N + G);
-        L->load = L->w + N;
+        L->w = dbl + (size_t)l * (4 * (size_t)N + G);
+        L->xr = L->w + N;
+        L->xup = L->xr + N;
+        L->xdn = L->xup + N;
+        L->load = L->xdn + N;
+        L->order = order + (size_t)l * G;
+        for (uint32_t g = 0; g < G; g++)
+            L->order[g] = g;
         L->head = ints + (size_t)l * (N + P + (size_t)groups * nodes);
         L->next = L->head + N;
         L->grp_node = L->next + P;
@@ -817,6 +892,8 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
             st = eplb_error_set(err, EPLB_EINVAL, "incremental rebalance: layer %u has an expert without a replica", l);
             goto out;
         }
+        for (uint32_t e = 0; e < N; e++)
+            set_counts(L, (int32_t)e);
         recompute_loads(c, L);
     }
     /* Every layer is valid: only now may one change. */
@@ -844,7 +921,7 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
      * further", which grp_node enforces as it is. */
     uint32_t n = 0;
     for (uint32_t l = 0; l < Lyr; l++) {
-        find_best(c, &ls[l]);
+        prime(c, &ls[l]);
         if (!ls[l].done)
             heap[n++] = l;
     }
@@ -858,7 +935,9 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
         }
         const uint32_t l = heap[0];
         layer_state *L = &ls[l];
-        if (!affordable(c, L->best.copies, L->best.slots)) {
+        if (L->stale) {
+            find_best(c, L); /* its first search: the key falls to its actual best */
+        } else if (!affordable(c, L->best.copies, L->best.slots)) {
             /* The budget shrank since it was found: look again. */
             stats->budget_exhausted = true;
             find_best(c, L);
@@ -898,6 +977,7 @@ out:
     eplb_free(ints);
     eplb_free(heap);
     eplb_free(order);
+    eplb_free(scr);
     eplb_free(x);
     eplb_free(marks);
     eplb_free(saved);
