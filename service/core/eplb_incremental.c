@@ -27,9 +27,10 @@
  * falls below the busiest GPU's load M (a change must lower g's load and
  * leave every GPU it touches below M, so a layer's max never rises).  With
  * several GPUs tied at M the layer's max falls only after each is relieved;
- * the local gain still ranks the changes that get there.  Gains are
- * capped at M - the layer's floor (the from-scratch max): past it a change
- * buys nothing, so among changes that reach it the cheapest wins.
+ * the local gain still ranks the changes that get there, and the heap's key
+ * counts them.  Gains are capped at M - FIX_DEPTH x the layer's floor (the
+ * from-scratch max): past it a change buys nothing, so among changes that
+ * reach it the cheapest wins.
  * Cost: per expert copied to a GPU that does not hold it, the cheapest
  * link from a GPU that does (cost_intra_node in the node, cost_cross_node
  * across); a copy from the same GPU is free.  Every slot rewritten costs
@@ -48,10 +49,13 @@
  * split_heavy re-replicates every replica above it.  A layer whose max the
  * splits lifted and the loop did not bring back takes its saved row.
  *
- * The loop: a max-heap of layers by their best change's score; the top
- * layer's change is applied (when the budget still pays for it) and its
- * next best found; it ends when the sum over layers of the max load is
- * within total_target, or no layer has a change left.  Applied changes
+ * The loop: a max-heap of layers keyed by how much each layer's max falls
+ * per cost, counting the GPUs near the top that must be relieved before it
+ * falls at all (level_key); a layer is first searched when a bound of its
+ * key reaches the top (prime).  The top layer's change is applied (when
+ * the budget still pays for it) and its next best found; it ends when the
+ * sum over layers of the max load is within total_target, or no layer has
+ * a change left.  Gains count down to FIX_DEPTH x the layer's floor.  Applied changes
  * per layer are capped at P, and all work (replicas visited, loads
  * redone) at INCREMENTAL_MAX_WORK per call. */
 #include <math.h>
@@ -62,9 +66,15 @@
 
 /* A rewritten slot moves bytes at memory speed, several times cheaper than
  * a link; not free, so that a free change of small gain does not go before
- * a paid one of large gain (bench_incremental: 0.25 moved the fewest bytes
- * of 0.05, 0.25 and 0.5 at the same balance). */
-#define SLOT_COST 0.25
+ * a paid one of large gain, and few large changes go before many small
+ * ones.  bench_incremental, slow drift, bytes as a share of MIN_TRAFFIC's
+ * at t=0.99 / t=0.95 (with level_key and FIX_DEPTH): 0.1: 10.7% / 4.2% at
+ * 1 x 32 and 10.9% / 3.5% for Kimi-K2-like; 0.25: 10.7 / 4.2 and 10.4 /
+ * 3.4; 0.5: 10.6 / 4.1 and 9.9 / 3.2; 0.75: 10.5 / 4.1 and 9.6 / 3.2;
+ * 1.0: 10.5 / 4.1 and 9.3 / 3.1, but Kimi-K2-like's cross-node bytes grow
+ * with it (12.5, 13.3, 13.6 GB per rebalance at 0.25, 0.75, 1.0): the
+ * slots then outweigh the links' prices. */
+#define SLOT_COST 0.75
 #define REPL_HOT 2
 #define REPL_COLD 8
 /* ITEM_SLACK: the item bound over the largest from-scratch replica load
@@ -81,6 +91,15 @@
  * it; past it the greedy stops and eplb_next.c's fallback (from-scratch
  * rows) finishes. */
 #define INCREMENTAL_MAX_WORK 300000000ull
+/* How deep below the layer's floor (the from-scratch max) gains still
+ * count: a GPU a change relieves is brought this far when that costs no
+ * more, so the next drift step does not lift it over the floor again at
+ * once.  bench_incremental, slow drift, with level_key, bytes as a share
+ * of MIN_TRAFFIC's at t=0.99 / t=0.95: 1.0 (the floor itself) 11.6% /
+ * 4.2% at 1 x 32 and 12.7% / 3.5% for Kimi-K2-like; 0.96: 11.0 / 4.2 and
+ * 11.2 / 3.4; 0.9: 10.7 / 4.2 and 10.4 / 3.4; 0.8: 11.3 / 4.2 and 11.0 /
+ * 3.5.  The loop still stops at the model's target (total_target). */
+#define FIX_DEPTH 0.9
 /* Gains below this fraction of the layer's max are rounding, not progress. */
 #define MIN_REL_GAIN 1e-9
 
@@ -90,7 +109,7 @@ typedef struct change {
     int kind;
     uint32_t s, t;       /* SWAP: slots; REPL: t is the slot */
     int32_t b;           /* REPL: the expert t takes */
-    double gain, score;
+    double gain, cost, score; /* score = gain / cost */
     uint32_t copies;     /* cross-GPU copies (the byte budget's unit) */
     uint32_t slots;      /* slots rewritten */
 } change;
@@ -108,7 +127,7 @@ typedef struct layer_state {
     int32_t *head;       /* [N] first slot of each expert, -1 none */
     int32_t *next;       /* [P] next slot of the same expert, -1 end */
     int32_t *grp_node;   /* [groups][nodes], hierarchical only */
-    double target;       /* the layer's floor: gains below it do not count, done at it */
+    double target;       /* FIX_DEPTH x the layer's floor: gains below it do not count, done at it */
     double item_bound;   /* no change makes a replica's load exceed it (INFINITY: no bound) */
     double start_max;    /* the max load before any change: the result never exceeds it */
     int32_t *saved;      /* row [P] then counts [N] before the splits, NULL when none happened */
@@ -117,6 +136,7 @@ typedef struct layer_state {
     bool done;
     bool stale;          /* best.score is only an upper bound (prime); find_best not run yet */
     change best;
+    double key;          /* the heap's order: level_key of best, or prime's bound */
 } layer_state;
 
 typedef struct ctx {
@@ -360,7 +380,7 @@ static void eval_repl_b(ctx *c, const layer_state *L, uint32_t g, double M, uint
     const double cost = b_fetch_cost(c, L, bp, gpu_of(c, t), &copies) + SLOT_COST;
     if (!affordable(c, copies, 1))
         return;
-    *ch = (change){ .kind = CH_REPL, .s = t, .t = t, .b = bp->b, .gain = gain, .score = gain / cost,
+    *ch = (change){ .kind = CH_REPL, .s = t, .t = t, .b = bp->b, .gain = gain, .cost = cost, .score = gain / cost,
                     .copies = copies, .slots = 1 };
 }
 
@@ -385,10 +405,40 @@ static bool repl_may_beat(const ctx *c, const layer_state *L, const b_part *bp, 
     return !(ub < best->score || (ub == best->score && best->kind == CH_REPL && best->s < t));
 }
 
+/* The heap's key of a layer whose best change is `best`: how much the
+ * layer's max falls per cost, counting the GPUs that must be relieved with
+ * the busiest before it falls at all.  Dropping the max to the (k+1)-th
+ * busiest GPU's load (or the target) takes this change and k - 1 more,
+ * priced as swaps; each drop counts at most what this change gains.  The
+ * key is the best ratio over k.  A layer whose top GPUs are nearly tied
+ * then waits behind layers where a change lowers the max now, instead of
+ * taking changes that do not lower its max before the model reaches its
+ * target (bench_incremental, slow drift at t=0.99, bytes as a share of
+ * MIN_TRAFFIC's: 12.5% -> 11.6% at 1 x 32, 13.2% -> 12.7% for
+ * Kimi-K2-like; with FIX_DEPTH 0.9 10.7% and 10.4%).  It is at most
+ * best->score (k = 1 is the largest term's bound), so prime's bound is
+ * still a bound.  O(G), with L->order sorted. */
+static double level_key(const ctx *c, const layer_state *L, double M, const change *best) {
+    const double swap_cost = 2 * SLOT_COST + 2 * c->min_link;
+    double key = 0;
+    for (uint32_t k = 1; k <= c->G; k++) {
+        const double next = k < c->G ? L->load[L->order[c->G - 1 - k]] : -INFINITY;
+        const double level = next > L->target ? next : L->target;
+        double drop = M - level;
+        drop = drop < best->gain ? drop : best->gain;
+        const double e = drop / (best->cost + (k - 1) * swap_cost);
+        key = e > key ? e : key;
+        if (!(next > L->target))
+            break;
+    }
+    return key;
+}
+
 /* The layer's best change now (kind NONE when none improves or fits). */
 static void find_best(ctx *c, layer_state *L) {
     change best = { .kind = CH_NONE, .score = -INFINITY };
     L->best = best;
+    L->key = -INFINITY;
     L->stale = false;
     const uint32_t g = busiest(c, L);
     const double M = L->load[g];
@@ -597,13 +647,14 @@ static void find_best(ctx *c, layer_state *L) {
                 const double cost = fetch_cost(c, L, a, h, &ca) + fetch_cost(c, L, b, g, &cb) + 2 * SLOT_COST;
                 if (!affordable(c, ca + cb, 2))
                     continue;
-                change ch = { .kind = CH_SWAP, .s = s, .t = t, .b = -1, .gain = gain, .score = gain / cost,
+                change ch = { .kind = CH_SWAP, .s = s, .t = t, .b = -1, .gain = gain, .cost = cost, .score = gain / cost,
                               .copies = ca + cb, .slots = 2 };
                 consider(&best, &ch);
             }
         }
     }
     L->best = best;
+    L->key = best.kind == CH_NONE ? -INFINITY : level_key(c, L, M, &best);
     if (best.kind == CH_NONE)
         L->done = true;
 }
@@ -765,14 +816,14 @@ static void split_heavy(ctx *c, layer_state *L, int32_t *save, eplb_incremental_
 
 /* A layer's key before its first search: every gain is capped at
  * M - target and every change costs at least SLOT_COST (one slot
- * rewritten, its copy free), so its best score is at most
- * (M - target) / SLOT_COST.  The loop searches a layer only when that
- * bound reaches the heap's top (a lazy greedy): a searched top whose score
- * is at least every other key beats every other layer's actual best, so the
- * changes taken are the ones an eager search of every layer takes, in the
- * same order, and a layer the loop never reaches is never searched (at
- * 4 x 8, t=0.99, 43 of 58 layers were searched and 30 changed at all).
- * Without a target there is no bound: the layer is searched now. */
+ * rewritten, its copy free), so its best score, and so its key
+ * (level_key), is at most (M - target) / SLOT_COST.  The loop searches a
+ * layer only when that bound reaches the heap's top (a lazy greedy): a
+ * searched top whose key is at least every other key beats every other
+ * layer's actual key, so the changes taken are the ones an eager search of
+ * every layer takes, in the same order, and a layer the loop never reaches
+ * is never searched (6% of find_best's instructions at 4 x 8).  Without a
+ * target there is no bound: the layer is searched now. */
 static void prime(ctx *c, layer_state *L) {
     const double M = L->load[busiest(c, L)];
     if (L->target < 0 || !(M > L->target) || L->done) {
@@ -780,13 +831,14 @@ static void prime(ctx *c, layer_state *L) {
         return;
     }
     L->best = (change){ .kind = CH_NONE, .score = (M - L->target) / SLOT_COST };
+    L->key = L->best.score;
     L->stale = true;
 }
 
 /* ---- a max-heap of layers by their best change's score ---------------- */
 
 static bool heap_before(const layer_state *ls, uint32_t x, uint32_t y) {
-    const double a = ls[x].best.score, b = ls[y].best.score;
+    const double a = ls[x].key, b = ls[y].key;
     return a > b || (a == b && x < y);
 }
 
@@ -870,7 +922,7 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
         L->head = ints + (size_t)l * (N + P + (size_t)groups * nodes);
         L->next = L->head + N;
         L->grp_node = L->next + P;
-        L->target = p->layer_floor ? p->layer_floor[l] : -1;
+        L->target = p->layer_floor ? p->layer_floor[l] * FIX_DEPTH : -1;
         L->item_bound = INFINITY;
         for (uint32_t e = 0; e < N; e++) {
             L->w[e] = (double)p->logical_load[(size_t)l * N + e];

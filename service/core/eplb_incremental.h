@@ -13,8 +13,9 @@
  * its cost is the bytes it copies, weighted by link class: free within a
  * GPU (the expert is already there), cost_intra_node between GPUs of a node,
  * cost_cross_node between nodes.  Layers are independent; one heap over all
- * layers picks the globally best next change, so a budget goes where it
- * pays most.
+ * layers picks the next change where the model's balancedness rises most
+ * per byte (a layer's max falls only once all its GPUs above the new max
+ * are relieved), so a budget goes where it pays most.
  *
  * Invariants of every output: each logical expert keeps >= 1 replica, each
  * GPU keeps its P / num_gpus slots, total replicas stay P; on the
@@ -51,9 +52,11 @@ typedef struct eplb_incremental_params {
     /* The target is on the whole model: balancedness is (sum over layers of
      * the mean GPU load) / (sum of the max), so it stops once the sum of
      * the layers' max loads is <= total_target (< 0: only when nothing
-     * improves).  layer_floor [L] (NULL: none): a layer's max below which
-     * gains count for nothing (the from-scratch max: past it, bytes buy
-     * balance elsewhere more cheaply). */
+     * improves).  layer_floor [L] (NULL: none): the from-scratch max of
+     * each layer.  Gains count down to 0.9 of it (eplb_incremental.c,
+     * FIX_DEPTH: a GPU brought that far stays under the floor through the
+     * next drift step); past that, bytes buy balance elsewhere more
+     * cheaply. */
     double total_target;
     const double *layer_floor;
     /* reference_cnt [L][N] (NULL: no bound): the from-scratch replica

@@ -135,6 +135,44 @@ Test(incremental, golden_split_heavy_replica) {
     cr_assert_float_eq(st.total_max, 60, 1e-9);
 }
 
+/* The heap's key counts the GPUs a layer's max waits for (level_key),
+ * hand-checked.  Two layers of 4 GPUs x 2 slots, one replica per expert
+ * (no re-replication), floors 14 and 10 (targets 0.9 x: 12.6 and 9), and
+ * the model's target 33.5 against 20 + 18 now.
+ *   Layer 0: GPU0 {10, 10}, GPU1 {5, 5}, GPU2 {6, 4}, GPU3 {5, 5}.  The
+ *   best change swaps a 10 with a 5 (slots 0 and 2, the lowest): 15 / 15,
+ *   the layer's max 20 -> 15, gain 5 for 2 copies.
+ *   Layer 1: GPU0 {9, 9}, GPU1 {9, 9}, GPU2 {1, 1}, GPU3 {1, 1}.  Its best
+ *   change swaps a 9 of GPU0 with a 1 of GPU2 (gain 8: a better score than
+ *   layer 0's), but GPU1 still carries 18: the max falls only after a
+ *   second swap, to 10.
+ * Key of layer 0: 5 / cost.  Key of layer 1: at k = 1 the drop is 0 (GPU1
+ * at 18), at k = 2 it is 8 for two swaps: 8 / (2 cost) = 4 / cost.  So
+ * layer 0 goes first, and its one swap reaches 15 + 18 = 33 <= 33.5: two
+ * copies, layer 1 untouched.  Keyed by the change's score alone, layer 1
+ * would take both its swaps first (four copies) to reach 20 + 10. */
+Test(incremental, golden_level_key_waits_for_tied_gpus) {
+    eplb_policy_shape s = { .num_layers = 2, .num_logical = 8, .num_physical = 8, .num_groups = 1,
+                            .num_nodes = 1, .num_gpus = 4 };
+    int32_t row[16], cnt[16];
+    for (int i = 0; i < 16; i++)
+        row[i] = i % 8;
+    counts(2, 8, 8, row, cnt);
+    const int64_t load[16] = { 10, 10, 5, 5, 6, 4, 5, 5, /* layer 1 */ 9, 9, 9, 9, 1, 1, 1, 1 };
+    const double floor[2] = { 14, 10 };
+    eplb_incremental_params p = { .shape = s, .logical_load = load, .cost_intra_node = 1, .cost_cross_node = 4,
+                                  .total_target = 33.5, .layer_floor = floor };
+    eplb_incremental_stats st;
+    eplb_error err;
+    cr_assert_eq(eplb_incremental_rebalance(&p, row, cnt, &st, &err), EPLB_OK, "%s", err.msg);
+    const int32_t want[16] = { 2, 1, 0, 3, 4, 5, 6, 7, /* layer 1 */ 0, 1, 2, 3, 4, 5, 6, 7 };
+    cr_assert_arr_eq(row, want, sizeof want);
+    cr_assert_eq(st.changes, 1);
+    cr_assert_eq(st.copies, 2);
+    cr_assert(st.reached);
+    cr_assert_float_eq(st.total_max, 33.0, 1e-9);
+}
+
 /* A layer already balanced is left alone: GPU0 {0, 1} and GPU1 {0, 2}
  * carry 10 + 10 each. */
 Test(incremental, balanced_layer_untouched) {
