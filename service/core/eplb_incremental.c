@@ -161,7 +161,7 @@ typedef struct ctx {
     bool budget_stopped;                /* a layer's search found nothing else: it stopped for the budget */
     double *x;                          /* [P] per-replica load of each slot, scratch of find_best */
     double *lb;                         /* [S] cost bounds, scratch of find_best */
-    uint32_t *donors;                   /* [P] slots with cnt >= 2, scratch of find_best */
+    uint32_t *donors;                   /* [P] slots that may give up their replica, scratch of find_best */
     /* Scratch of one evaluation: the GPUs a change touches. */
     uint32_t touched[64 + 2 * 1024];
     double touched_load[64 + 2 * 1024];
@@ -495,8 +495,7 @@ static void find_best(ctx *c, layer_state *L) {
         const int32_t a = L->row[g0 + i];
         c->on_g[a] = tick;
         c->work += (uint32_t)L->cnt[a];
-        for (int32_t u = L->head[a]; u >= 0; u = L->next[u])
-        {
+        for (int32_t u = L->head[a]; u >= 0; u = L->next[u]) {
             const uint32_t q = gpu_of(c, (uint32_t)u);
             c->holds[(size_t)i * c->G + q] = tick;
             c->shares[q] = tick;
