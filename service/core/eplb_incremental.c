@@ -55,9 +55,9 @@
  * key reaches the top (prime).  The top layer's change is applied (when
  * the budget still pays for it) and its next best found; it ends when the
  * sum over layers of the max load is within total_target, or no layer has
- * a change left.  Gains count down to FIX_DEPTH x the layer's floor.  Applied changes
- * per layer are capped at P, and all work (replicas visited, loads
- * redone) at INCREMENTAL_MAX_WORK per call. */
+ * a change left.  Gains count down to FIX_DEPTH x the layer's floor.
+ * Applied changes per layer are capped at P, and all work (replicas
+ * visited, loads redone) at INCREMENTAL_MAX_WORK per call. */
 #include <math.h>
 #include <string.h>
 
@@ -203,6 +203,12 @@ static bool group_on_node(const ctx *c, const layer_state *L, int32_t e, uint32_
     return L->grp_node[(size_t)((uint32_t)e / c->per_group) * c->nodes + node] > 0;
 }
 
+/* Whether one of expert a's replicas may go to another expert: a keeps one,
+ * and its others stay under the item bound. */
+static inline bool can_give_replica(const layer_state *L, int32_t a) {
+    return L->cnt[a] >= 2 && !(L->xdn[a] > L->item_bound);
+}
+
 static bool affordable(const ctx *c, uint32_t copies, uint32_t slots) {
     return (!c->p->copies_budget || copies <= c->copies_left) && (!c->p->slots_budget || slots <= c->slots_left);
 }
@@ -307,15 +313,13 @@ static double b_fetch_cost(const ctx *c, const layer_state *L, const b_part *bp,
 static bool repl_loads(ctx *c, const layer_state *L, uint32_t g, uint32_t t, const b_part *bp, double *worst,
                        double *g_new) {
     const int32_t a = L->row[t], b = bp->b;
-    if (a == b || L->cnt[a] < 2)
+    if (a == b || !can_give_replica(L, a))
         return false;
     const uint32_t h = gpu_of(c, t);
     if (c->p->hierarchical && !group_on_node(c, L, b, node_of(c, h)))
         return false;
     if ((uint32_t)L->cnt[a] + 1 > sizeof c->touched / sizeof c->touched[0])
         return false; /* more replicas than the touched set holds: not a candidate */
-    if (L->xdn[a] > L->item_bound)
-        return false;
     const double xa_old = L->xr[a], da = L->xdn[a] - xa_old;
     const double xb_new = L->xup[b];
     c->work += (uint32_t)L->cnt[a]; /* a's replicas visited: an expert with thousands costs thousands */
@@ -474,7 +478,7 @@ static void find_best(ctx *c, layer_state *L) {
         x[i] = L->xr[a];
         /* repl_loads refuses the rest: about half the slots with two or
          * more replicas, whose expert would exceed the item bound. */
-        if (L->cnt[a] >= 2 && !(L->xdn[a] > L->item_bound))
+        if (can_give_replica(L, a))
             c->donors[ndonors++] = i;
     }
     double xmax = 0;
@@ -589,7 +593,7 @@ static void find_best(ctx *c, layer_state *L) {
         b_prepare(c, L, cold[i], &bp);
         for (uint32_t t = g0; t < g0 + S; t++) {
             const int32_t a = L->row[t];
-            if (a == cold[i] || L->cnt[a] < 2 || L->xdn[a] > L->item_bound)
+            if (a == cold[i] || !can_give_replica(L, a))
                 continue; /* repl_loads would refuse it */
             uint32_t copies;
             if (!repl_may_beat(c, L, &bp, M, t, INFINITY, b_fetch_cost(c, L, &bp, g, &copies) + SLOT_COST, &best))
@@ -851,7 +855,7 @@ static void prime(ctx *c, layer_state *L) {
     L->stale = true;
 }
 
-/* ---- a max-heap of layers by their best change's score ---------------- */
+/* ---- a max-heap of layers by their key (level_key, or prime's bound) -- */
 
 static bool heap_before(const layer_state *ls, uint32_t x, uint32_t y) {
     const double a = ls[x].key, b = ls[y].key;
@@ -1024,7 +1028,6 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
     for (uint32_t i = n / 2; i-- > 0;)
         heap_down(ls, heap, n, i);
     /* total is kept exact enough: each step swaps one layer's max. */
-    bool took = false;
     while (n && !(p->total_target >= 0 && total <= p->total_target * (1 + 1e-12))) {
         if (c->work > INCREMENTAL_MAX_WORK) {
             stats->work_exhausted = true; /* the caller's fallback takes over */
@@ -1032,6 +1035,7 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
         }
         const uint32_t l = heap[0];
         layer_state *L = &ls[l];
+        bool took = false;
         if (L->stale) {
             find_best(c, L); /* its first search: the key falls to its actual best */
         } else if (!affordable(c, L->best.copies, L->best.slots)) {
@@ -1046,10 +1050,8 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
         if (L->done)
             heap[0] = heap[--n];
         heap_down(ls, heap, n, 0);
-        if (took && (p->copies_budget || p->slots_budget)) {
-            took = false;
+        if (took && (p->copies_budget || p->slots_budget))
             reprime_unaffordable(c, ls, heap, &n);
-        }
     }
     stats->budget_exhausted = stats->budget_exhausted || c->budget_stopped;
     /* A layer the splits left above its starting max goes back to its row
