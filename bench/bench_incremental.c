@@ -22,7 +22,9 @@
  * INCREMENTAL), the stall an engine would see at 50 GB/s per GPU (the
  * slowest GPU's bytes in + out, from eplb_plan_build's sources), and the
  * median compute time (policy + the plans of all layers), and the layers
- * per rebalance that took the from-scratch row (fb).  For "shift":
+ * per rebalance that took the from-scratch row (fb).  "deepseek, one step
+ * late": DeepSeek's placement of the previous load on this one (what a
+ * single drift step costs even a from-scratch placement).  For "shift":
  * rel at the 1st and 2nd rebalance after the shift.
  *
  *   ./bench_incremental [rebalances]
@@ -74,6 +76,7 @@ typedef struct bench_case {
 
 typedef struct acc {
     double rel_sum, rel_min, gpu_bytes, node_bytes, stall_s_sum, from_scratch;
+    double late_sum, late_min;  /* the placement before the rebalance, as a fraction of DeepSeek's */
     int worse, n;
     double rel_after_shift[2];
     double ms[1024];
@@ -197,6 +200,9 @@ static int run(const bench_case *bc, const char *trace, double drift, int R) {
             double rel = rep.balancedness_after / ref;
             x->rel_sum += rel;
             x->rel_min = x->n == 0 || rel < x->rel_min ? rel : x->rel_min;
+            const double late = rep.balancedness_before / ref;
+            x->late_sum += late;
+            x->late_min = x->n == 0 || late < x->late_min ? late : x->late_min;
             x->from_scratch += rep.layers_from_scratch;
             x->worse += rep.balancedness_after < rep.balancedness_before - 1e-12;
             x->gpu_bytes += (double)rep.copies_cross_gpu * BYTES_PER_EXPERT;
@@ -227,6 +233,11 @@ static int run(const bench_case *bc, const char *trace, double drift, int R) {
             printf("  %7.4f %7.4f", x->rel_after_shift[0], x->rel_after_shift[1]);
         printf("\n");
     }
+    /* MIN_TRAFFIC's placement before each rebalance is DeepSeek's of the
+     * previous load: what one drift step costs a from-scratch placement. */
+    if (a[1].n)
+        printf("%-24s %7.4f %7.4f   (DeepSeek's placement of the previous load, on this one)\n",
+               "deepseek, one step late", a[1].late_sum / a[1].n, a[1].late_min);
     for (size_t k = 0; k < NSTRAT; k++) {
         free(cur[k]);
         free(cnt[k]);
@@ -248,6 +259,14 @@ int main(int argc, char **argv) {
         { "DeepSeek-V3 4 nodes x 8 GPUs", { 58, 256, 288, 8, 4, 32 } },
         { "DeepSeek-V3 1 node x 32 GPUs", { 58, 256, 288, 8, 1, 32 } },
         { "Kimi-K2-like 32 GPUs (4 x 8)", { 61, 384, 416, 1, 4, 32 } },
+        /* Shapes beyond the issue's three: other EP sizes, and a model
+         * with fewer, more numerous layers (Qwen3-235B-A22B-like: 94
+         * layers x 128 experts, no groups). */
+        { "DeepSeek-V3 1 node x 8 GPUs", { 58, 256, 288, 8, 1, 8 } },
+        { "DeepSeek-V3 2 nodes x 8 GPUs", { 58, 256, 288, 8, 2, 16 } },
+        { "DeepSeek-V3 8 nodes x 8 GPUs, 320 slots", { 58, 256, 320, 8, 8, 64 } },
+        { "Qwen3-like 1 node x 16 GPUs", { 94, 128, 160, 1, 1, 16 } },
+        { "Qwen3-like 2 nodes x 8 GPUs", { 94, 128, 144, 1, 2, 16 } },
     };
     const char *only = getenv("BENCH_CASE");
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {

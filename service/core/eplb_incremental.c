@@ -31,15 +31,16 @@
  * counts them.  Gains are capped at M - FIX_DEPTH x the layer's floor (the
  * from-scratch max): past it a change buys nothing, so among changes that
  * reach it the cheapest wins.
- * Cost: per expert copied to a GPU that does not hold it, the cheapest
- * link from a GPU that does (cost_intra_node in the node, cost_cross_node
- * across); a copy from the same GPU is free.  Every slot rewritten costs
+ * Cost: per expert copied to a GPU that neither holds it nor held it when
+ * the call began, the cheapest link from a GPU that held it then (the
+ * plan's sources: cost_intra_node in the node, cost_cross_node across);
+ * a copy within a GPU is free (source_link).  Every slot rewritten costs
  * SLOT_COST besides, so that free changes are still ranked by gain.
  *
  * Search order and pruning: re-replications first (a few hundred
  * evaluations), then swaps with GPUs lightest first; a pair is priced
  * exactly only when its gain over a lower bound of its cost (free where
- * the GPU already holds the expert) could beat the best so far, and a GPU
+ * the GPU holds or held the expert) could beat the best so far, and a GPU
  * whose bound cannot is skipped (another node's GPU in O(S) when no group
  * could cross).
  *
@@ -126,6 +127,10 @@ typedef struct layer_state {
     double *load;        /* [G] */
     int32_t *head;       /* [N] first slot of each expert, -1 none */
     int32_t *next;       /* [P] next slot of the same expert, -1 end */
+    int32_t *irow;       /* [P] the row as the call got it: the plan's sources */
+    int32_t *ihead;      /* [N] irow's slots of each expert, and */
+    int32_t *inext;      /* [P] their links (head and next as they started) */
+    uint64_t *inodes;    /* [N] bit n: the expert had a replica on node n then (NULL past 64 nodes) */
     int32_t *grp_node;   /* [groups][nodes], hierarchical only */
     double target;       /* FIX_DEPTH x the layer's floor: gains below it do not count, done at it */
     double item_bound;   /* no change makes a replica's load exceed it (INFINITY: no bound) */
@@ -149,7 +154,8 @@ typedef struct ctx {
     uint32_t eval_tick;                 /* stamps touch_tick: one per eval_repl_b */
     uint32_t b_tick;                    /* stamps b_stamp: one per b_prepare */
     uint32_t *b_stamp, *b_gpus;         /* [G] each */
-    uint32_t *bn_stamp, *bn_cnt;        /* [nodes] each: bn_stamp == b_tick, b's replicas on the node */
+    uint32_t *bn_stamp, *bn_cnt;        /* [nodes] each: bn_stamp == b_tick, b's first replicas on the node */
+    uint32_t *bf_stamp;                 /* [G] == b_tick: b reaches the GPU free (it holds or held b) */
     double *b_load;                     /* [G] */
     uint32_t *touch_tick, *touch_at;    /* [G] each: GPU in the touched set when == eval_tick, at index */
     uint32_t tick;                      /* stamps of the marks below */
@@ -179,23 +185,35 @@ static void new_touch_set(ctx *c) {
     }
 }
 
-static double link_cost(const ctx *c, uint32_t from, uint32_t to) {
-    if (from == to)
-        return 0;
-    return node_of(c, from) == node_of(c, to) ? c->p->cost_intra_node : c->p->cost_cross_node;
-}
-
-/* The cheapest way to bring expert e to GPU g: 0 when g holds it. */
-static double fetch_cost(const ctx *c, const layer_state *L, int32_t e, uint32_t g, uint32_t *copies) {
-    double best = INFINITY;
-    for (int32_t u = L->head[e]; u >= 0; u = L->next[u]) {
-        double k = link_cost(c, gpu_of(c, (uint32_t)u), g);
-        if (k < best)
-            best = k;
-        if (best == 0)
-            break;
+/* How copies are priced: as the plan makes them.  Its sources are the
+ * bytes the GPUs held when the call began (eplb_plan.h, 1 and 5), and a
+ * GPU copies an expert at most once (6).  So bringing expert e to GPU g is
+ * free when g holds e now (an earlier change of this call paid for the
+ * copy) or held it then (a copy within the GPU); find_best's marks (holds,
+ * on_g) and b_prepare's stamps say which.  Otherwise it costs the cheapest
+ * link from a GPU that held e then: source_link.  Pricing from the current
+ * holders only, as this did before, charged a copy for bringing an expert
+ * back to a GPU it had just left, and priced links from GPUs whose copy
+ * was made in the same call (docs/benchmarks.md). */
+static double source_link(const ctx *c, const layer_state *L, int32_t e, uint32_t g) {
+    const uint32_t nd = node_of(c, g);
+    bool here = false, away = false;
+    if (L->inodes) { /* up to 64 nodes: O(1) */
+        const uint64_t m = L->inodes[e];
+        here = (m >> nd) & 1;
+        away = (m & ~(1ull << nd)) != 0;
+    } else {
+        for (int32_t u = L->ihead[e]; u >= 0 && !(here && away); u = L->inext[u]) {
+            const bool same = node_of(c, gpu_of(c, (uint32_t)u)) == nd;
+            here = here || same;
+            away = away || !same;
+        }
     }
-    *copies = best > 0;
+    double best = INFINITY;
+    if (here)
+        best = c->p->cost_intra_node;
+    if (away && c->p->cost_cross_node < best)
+        best = c->p->cost_cross_node;
     return best;
 }
 
@@ -239,6 +257,7 @@ typedef struct b_part {
     int32_t b;
     uint32_t tick;            /* c->b_stamp[q] == tick: q holds b, its load after is c->b_load[q] */
     uint32_t ngpus;
+    uint32_t icnt;            /* b's replicas when the call began (the plan's sources) */
     uint32_t top[B_TOP];      /* b's GPUs with the highest loads after, descending */
     uint32_t ntop;
 } b_part;
@@ -247,6 +266,7 @@ static void b_prepare(ctx *c, const layer_state *L, int32_t b, b_part *bp) {
     if (++c->b_tick == 0) {
         memset(c->b_stamp, 0, c->G * sizeof *c->b_stamp);
         memset(c->bn_stamp, 0, c->nodes * sizeof *c->bn_stamp);
+        memset(c->bf_stamp, 0, c->G * sizeof *c->bf_stamp);
         c->b_tick = 1;
     }
     bp->b = b;
@@ -262,14 +282,20 @@ static void b_prepare(ctx *c, const layer_state *L, int32_t b, b_part *bp) {
             c->b_gpus[bp->ngpus++] = q;
         }
         c->b_load[q] += db;
-        const uint32_t nd = node_of(c, q);
+        c->bf_stamp[q] = bp->tick;
+    }
+    bp->icnt = 0;
+    for (int32_t u = L->ihead[b]; u >= 0; u = L->inext[u]) { /* the plan's sources */
+        const uint32_t q = gpu_of(c, (uint32_t)u), nd = node_of(c, q);
+        c->bf_stamp[q] = bp->tick;
         if (c->bn_stamp[nd] != bp->tick) {
             c->bn_stamp[nd] = bp->tick;
             c->bn_cnt[nd] = 0;
         }
         c->bn_cnt[nd]++;
+        bp->icnt++;
     }
-    c->work += (uint32_t)L->cnt[b];
+    c->work += (uint32_t)L->cnt[b] + bp->icnt;
     for (uint32_t i = 0; i < bp->ngpus; i++) { /* keep the B_TOP heaviest, descending */
         const uint32_t q = c->b_gpus[i];
         uint32_t j = bp->ntop < B_TOP ? bp->ntop++ : B_TOP - 1;
@@ -287,12 +313,13 @@ static inline double base_load(const ctx *c, const layer_state *L, const b_part 
     return c->b_stamp[q] == bp->tick ? c->b_load[q] : L->load[q];
 }
 
-/* fetch_cost of the prepared expert b to GPU h in O(1): free when h holds
- * it; else the cheaper of a GPU of h's node (if b has one there) and one
- * of another node (if b has one there), as fetch_cost's minimum is. */
+/* What bringing the prepared expert b to GPU h costs, in O(1): free when
+ * h holds or held it; else source_link's, from b_prepare's counts of the
+ * GPUs that held b per node. */
 static double b_fetch_cost(const ctx *c, const layer_state *L, const b_part *bp, uint32_t h, uint32_t *copies) {
+    (void)L;
     *copies = 0;
-    if (c->b_stamp[h] == bp->tick)
+    if (c->bf_stamp[h] == bp->tick)
         return 0;
     *copies = 1;
     const uint32_t nd = node_of(c, h);
@@ -300,7 +327,7 @@ static double b_fetch_cost(const ctx *c, const layer_state *L, const b_part *bp,
     double best = INFINITY;
     if (on_node > 0)
         best = c->p->cost_intra_node;
-    if ((uint32_t)L->cnt[bp->b] > on_node && c->p->cost_cross_node < best)
+    if (bp->icnt > on_node && c->p->cost_cross_node < best)
         best = c->p->cost_cross_node;
     return best;
 }
@@ -488,8 +515,9 @@ static void find_best(ctx *c, layer_state *L) {
     /* Gains past the target are worth nothing more: with them capped,
      * every change that brings g to the target scores by its cost alone. */
     c->cap = L->target >= 0 ? M - L->target : INFINITY;
-    /* Which copies would be free (the GPU already holds the expert): a
-     * lower bound of every candidate's cost before its exact one. */
+    /* Which copies are free (the GPU holds or held the expert,
+     * source_link's comment): a lower bound of every candidate's cost before its
+     * exact one. */
     if (++c->tick == 0) { /* wrapped: every old stamp could match again */
         memset(c->on_g, 0, ((size_t)c->N + c->P + c->G) * sizeof *c->on_g);
         c->tick = 1;
@@ -504,6 +532,22 @@ static void find_best(ctx *c, layer_state *L) {
             c->holds[(size_t)i * c->G + q] = tick;
             c->shares[q] = tick;
         }
+        for (int32_t u = L->ihead[a]; u >= 0; u = L->inext[u]) {
+            const uint32_t q = gpu_of(c, (uint32_t)u);
+            c->holds[(size_t)i * c->G + q] = tick;
+            c->shares[q] = tick;
+        }
+    }
+    /* An expert g held when the call began comes back to it free; the GPUs
+     * that hold it now could swap it back. */
+    for (uint32_t i = 0; i < S; i++) {
+        const int32_t a = L->irow[g0 + i];
+        if (c->on_g[a] == tick)
+            continue; /* g holds it: marked above */
+        c->on_g[a] = tick;
+        c->work += (uint32_t)L->cnt[a];
+        for (int32_t u = L->head[a]; u >= 0; u = L->next[u])
+            c->shares[gpu_of(c, (uint32_t)u)] = tick;
     }
     const double ml = c->min_link;
     /* REPL adding a replica of one of g's hottest experts anywhere. */
@@ -657,9 +701,12 @@ static void find_best(ctx *c, layer_state *L) {
                 if (c->p->hierarchical && node_of(c, h) != node_of(c, g) &&
                     (!group_on_node(c, L, a, node_of(c, h)) || !group_on_node(c, L, b, node_of(c, g))))
                     continue;
-                uint32_t ca, cb;
-                c->work += (uint32_t)L->cnt[a] + (uint32_t)L->cnt[b]; /* the two fetch_costs' walks */
-                const double cost = fetch_cost(c, L, a, h, &ca) + fetch_cost(c, L, b, g, &cb) + 2 * SLOT_COST;
+                /* The marks say which half is free (source_link's comment). */
+                const uint32_t ca = c->holds[(size_t)i * c->G + h] != tick, cb = c->on_g[b] != tick;
+                if (!L->inodes)
+                    c->work += (uint32_t)L->cnt[a] + (uint32_t)L->cnt[b]; /* source_link's walks */
+                const double cost = (ca ? source_link(c, L, a, h) : 0) + (cb ? source_link(c, L, b, g) : 0) +
+                                    2 * SLOT_COST;
                 if (!affordable(c, ca + cb, 2)) {
                     c->budget_refused = true;
                     continue;
@@ -939,19 +986,22 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
     ctx *c = eplb_malloc(sizeof *c);
     layer_state *ls = eplb_calloc(Lyr, sizeof *ls);
     double *dbl = eplb_malloc(((size_t)Lyr * (4 * (size_t)N + G)) * sizeof(double)); /* w, xr, xup, xdn, load */
-    int32_t *ints = eplb_malloc(((size_t)Lyr * (N + P + (size_t)groups * nodes)) * sizeof(int32_t));
+    /* head, next, grp_node; irow, ihead, inext */
+    int32_t *ints = eplb_malloc(((size_t)Lyr * (2 * (size_t)N + 3 * (size_t)P + (size_t)groups * nodes)) * sizeof(int32_t));
     uint32_t *heap = eplb_malloc((size_t)Lyr * sizeof *heap);
     uint32_t *order = eplb_malloc((size_t)Lyr * G * sizeof *order); /* each layer's GPU order */
-    uint32_t *scr = eplb_calloc((size_t)6 * G + P, sizeof *scr); /* donors, touch_tick, touch_at, b_stamp, b_gpus, bn_stamp, bn_cnt */
+    uint32_t *scr = eplb_calloc((size_t)7 * G + P, sizeof *scr); /* donors, touch_tick, touch_at, b_stamp, b_gpus, bn_stamp, bn_cnt, bf_stamp */
     double *x = eplb_malloc(((size_t)P + P / G + G) * sizeof *x); /* x [P], lb [S], b_load [G] */
     uint32_t *marks = eplb_calloc((size_t)N + (size_t)P + G, sizeof *marks); /* on_g [N], holds [S][G] = [P], shares [G] */
     int32_t *saved = p->reference_cnt ? eplb_malloc((size_t)Lyr * (P + N) * sizeof *saved) : NULL;
-    if (!c || !ls || !dbl || !ints || !heap || !order || !scr || !x || !marks || (p->reference_cnt && !saved)) {
+    uint64_t *inodes = nodes <= 64 ? eplb_calloc((size_t)Lyr * N, sizeof *inodes) : NULL;
+    if (!c || !ls || !dbl || !ints || !heap || !order || !scr || !x || !marks || (p->reference_cnt && !saved) ||
+        (nodes <= 64 && !inodes)) {
         st = eplb_error_set(err, EPLB_ENOMEM, "out of memory for an incremental %ux%u rebalance", Lyr, P);
         goto out;
     }
     *c = (ctx){ .p = p, .N = N, .P = P, .G = G, .S = P / G, .gpn = G / nodes, .nodes = nodes, .groups = groups,
-                .per_group = N / groups, .ls = ls, .donors = scr, .touch_tick = scr + P, .touch_at = scr + G + P, .b_stamp = scr + 2 * G + P, .b_gpus = scr + 3 * G + P, .bn_stamp = scr + 4 * G + P, .bn_cnt = scr + 5 * G + P, .x = x, .lb = x + P, .b_load = x + P + P / G, .on_g = marks, .holds = marks + N, .shares = marks + N + P, .copies_left = p->max_copies, .slots_left = p->max_slots };
+                .per_group = N / groups, .ls = ls, .donors = scr, .touch_tick = scr + P, .touch_at = scr + G + P, .b_stamp = scr + 2 * G + P, .b_gpus = scr + 3 * G + P, .bn_stamp = scr + 4 * G + P, .bn_cnt = scr + 5 * G + P, .bf_stamp = scr + 6 * G + P, .x = x, .lb = x + P, .b_load = x + P + P / G, .on_g = marks, .holds = marks + N, .shares = marks + N + P, .copies_left = p->max_copies, .slots_left = p->max_slots };
     c->min_link = nodes > 1 && p->cost_cross_node < p->cost_intra_node ? p->cost_cross_node : p->cost_intra_node;
     if (nodes == G && G > 1)
         c->min_link = p->cost_cross_node;
@@ -967,9 +1017,12 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
         L->order = order + (size_t)l * G;
         for (uint32_t g = 0; g < G; g++)
             L->order[g] = g;
-        L->head = ints + (size_t)l * (N + P + (size_t)groups * nodes);
+        L->head = ints + (size_t)l * (2 * (size_t)N + 3 * (size_t)P + (size_t)groups * nodes);
         L->next = L->head + N;
-        L->grp_node = L->next + P;
+        L->irow = L->next + P;
+        L->ihead = L->irow + P;
+        L->inext = L->ihead + N;
+        L->grp_node = L->inext + P;
         L->target = p->layer_floor ? p->layer_floor[l] * FIX_DEPTH : -1;
         L->item_bound = INFINITY;
         for (uint32_t e = 0; e < N; e++) {
@@ -995,6 +1048,14 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
         for (uint32_t e = 0; e < N; e++)
             set_counts(L, (int32_t)e);
         recompute_loads(c, L);
+        memcpy(L->irow, L->row, P * sizeof *L->irow);
+        memcpy(L->ihead, L->head, N * sizeof *L->ihead);
+        memcpy(L->inext, L->next, P * sizeof *L->inext);
+        if (inodes) {
+            L->inodes = inodes + (size_t)l * N;
+            for (uint32_t i = 0; i < P; i++)
+                L->inodes[L->row[i]] |= 1ull << node_of(c, gpu_of(c, i));
+        }
     }
     /* Every layer is valid: only now may one change. */
     for (uint32_t l = 0; l < Lyr; l++) {
@@ -1086,5 +1147,6 @@ out:
     eplb_free(x);
     eplb_free(marks);
     eplb_free(saved);
+    eplb_free(inodes);
     return st;
 }

@@ -175,6 +175,41 @@ Test(incremental, golden_level_key_waits_for_tied_gpus) {
 
 /* A layer already balanced is left alone: GPU0 {0, 1} and GPU1 {0, 2}
  * carry 10 + 10 each. */
+/* Copies are priced as the plan makes them: from the bytes the GPUs held
+ * when the call began.  GPU0 {1, 0}, GPU1 {2, 0}; loads 26, 19, 59, so
+ * expert 0's two replicas weigh 13: GPU0 32, GPU1 72.
+ *   1. REPL: slot 3 (expert 0) takes expert 2, which GPU1 holds (free, one
+ *      slot): GPU1 {2, 2} 59, GPU0 19 + 26 = 45.  Max 72 -> 59.
+ *   2. GPU1 swaps one replica of 2 (29.5) with GPU0's 1 (19) or 0 (26):
+ *      either leaves max 55.5 (48.5 / 55.5 or 55.5 / 48.5).  Expert 2 costs
+ *      a copy to GPU0 either way.  Expert 1 would cost a copy to GPU1, but
+ *      expert 0 is free there: GPU1 held it at the start (slot 3's old
+ *      bytes, which the plan reads before it writes).
+ * So the answer is {1, 2} {0, 2} with one copy.  Pricing from the current
+ * holders only (as before) charged expert 0's return too and took 1 with
+ * two copies: {2, 0} {1, 2}.  Without a target it stops when nothing
+ * lowers 55.5. */
+Test(incremental, golden_copy_back_is_free) {
+    eplb_policy_shape s = { .num_layers = 1, .num_logical = 3, .num_physical = 4, .num_groups = 1,
+                            .num_nodes = 1, .num_gpus = 2 };
+    int32_t row[4] = { 1, 0, 2, 0 }, cnt[3];
+    counts(1, 3, 4, row, cnt);
+    const int64_t load[3] = { 26, 19, 59 };
+    eplb_incremental_params p = { .shape = s, .logical_load = load, .total_target = -1, .cost_intra_node = 1,
+                                  .cost_cross_node = 4 };
+    eplb_incremental_stats st;
+    eplb_error err;
+    cr_assert_eq(eplb_incremental_rebalance(&p, row, cnt, &st, &err), EPLB_OK, "%s", err.msg);
+    const int32_t want[4] = { 1, 2, 0, 2 };
+    cr_assert_arr_eq(row, want, sizeof want);
+    cr_assert_eq(st.changes, 2);
+    cr_assert_eq(st.copies, 1);
+    const int32_t start[4] = { 1, 0, 2, 0 };
+    uint64_t gpu = 0, node = 0;
+    eplb_next_copies(4, 2, 2, 3, start, row, &gpu, &node);
+    cr_assert_eq(gpu, 1, "the plan copies %llu experts", (unsigned long long)gpu);
+}
+
 Test(incremental, balanced_layer_untouched) {
     eplb_policy_shape s = { .num_layers = 1, .num_logical = 3, .num_physical = 4, .num_groups = 1,
                             .num_nodes = 1, .num_gpus = 2 };
