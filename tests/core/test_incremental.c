@@ -31,21 +31,30 @@ static void counts(uint32_t L, uint32_t N, uint32_t P, const int32_t *row, int32
             cnt[(size_t)l * N + row[(size_t)l * P + i]]++;
 }
 
+/* One layer, 3 experts in 4 slots on 2 GPUs of one node, default link
+ * costs and no target: the search runs until no change lowers the max.
+ * Fills cnt from row, rebalances both in place. */
+static eplb_incremental_stats small_layer(int32_t row[4], int32_t cnt[3], const int64_t load[3]) {
+    const eplb_policy_shape s = { .num_layers = 1, .num_logical = 3, .num_physical = 4, .num_groups = 1,
+                                  .num_nodes = 1, .num_gpus = 2 };
+    counts(1, 3, 4, row, cnt);
+    const eplb_incremental_params p = { .shape = s, .logical_load = load, .total_target = -1, .cost_intra_node = 1,
+                                        .cost_cross_node = 4 };
+    eplb_incremental_stats st;
+    eplb_error err;
+    cr_assert_eq(eplb_incremental_rebalance(&p, row, cnt, &st, &err), EPLB_OK, "%s", err.msg);
+    return st;
+}
+
 /* Hand-checked: GPU0 holds {0, 1}, GPU1 {2, 0}; loads 10, 80, 10, so with
  * expert 0 replicated GPU0 carries 5 + 80 = 85 and GPU1 10 + 5 = 15.  No
  * swap helps (80 and 10 swapped gives 15 / 85).  Re-replication does: the
  * second replica of 0 (slot 3) becomes a replica of 1: both GPUs carry
  * 10 + 40 = 50.  One copy of expert 1 crosses GPUs, one slot changes. */
 Test(incremental, golden_rereplication) {
-    eplb_policy_shape s = { .num_layers = 1, .num_logical = 3, .num_physical = 4, .num_groups = 1,
-                            .num_nodes = 1, .num_gpus = 2 };
     int32_t row[4] = { 0, 1, 2, 0 }, cnt[3];
-    counts(1, 3, 4, row, cnt);
     const int64_t load[3] = { 10, 80, 10 };
-    eplb_incremental_params p = { .shape = s, .logical_load = load, .cost_intra_node = 1, .cost_cross_node = 4 };
-    eplb_incremental_stats st;
-    eplb_error err;
-    cr_assert_eq(eplb_incremental_rebalance(&p, row, cnt, &st, &err), EPLB_OK, "%s", err.msg);
+    const eplb_incremental_stats st = small_layer(row, cnt, load);
     const int32_t want[4] = { 0, 1, 2, 1 };
     cr_assert_arr_eq(row, want, sizeof want);
     cr_assert_eq(cnt[0], 1);
@@ -190,16 +199,9 @@ Test(incremental, golden_level_key_waits_for_tied_gpus) {
  * two copies: {2, 0} {1, 2}.  Without a target it stops when nothing
  * lowers 55.5. */
 Test(incremental, golden_copy_back_is_free) {
-    eplb_policy_shape s = { .num_layers = 1, .num_logical = 3, .num_physical = 4, .num_groups = 1,
-                            .num_nodes = 1, .num_gpus = 2 };
     int32_t row[4] = { 1, 0, 2, 0 }, cnt[3];
-    counts(1, 3, 4, row, cnt);
     const int64_t load[3] = { 26, 19, 59 };
-    eplb_incremental_params p = { .shape = s, .logical_load = load, .total_target = -1, .cost_intra_node = 1,
-                                  .cost_cross_node = 4 };
-    eplb_incremental_stats st;
-    eplb_error err;
-    cr_assert_eq(eplb_incremental_rebalance(&p, row, cnt, &st, &err), EPLB_OK, "%s", err.msg);
+    const eplb_incremental_stats st = small_layer(row, cnt, load);
     const int32_t want[4] = { 1, 2, 0, 2 };
     cr_assert_arr_eq(row, want, sizeof want);
     cr_assert_eq(st.changes, 2);
