@@ -29,7 +29,8 @@
  *
  *   ./bench_incremental [rebalances]
  * BENCH_CASE=substring picks cases, BENCH_STRATEGY=name one strategy (plus
- * MIN_TRAFFIC, the bytes reference). */
+ * MIN_TRAFFIC, the bytes reference).  BENCH_ZIPF (default 1.1) and
+ * BENCH_NOISE (default 0.1) make other traces. */
 #define _POSIX_C_SOURCE 200809L
 
 #include <math.h>
@@ -120,6 +121,10 @@ static double plans_ms(const eplb_policy_shape *s, const int32_t *cur, const int
     return now_ms() - t0;
 }
 
+/* The popularity's Zipf exponent and the window's noise (+-), from
+ * BENCH_ZIPF and BENCH_NOISE: other traces than the tables' (1.1, 0.1). */
+static double zipf_s = 1.1, noise = 0.1;
+
 static void draw_popularity(uint64_t *st, uint32_t L, uint32_t N, double *logw) {
     uint32_t *perm = malloc(N * sizeof *perm);
     for (uint32_t l = 0; l < L; l++) {
@@ -131,7 +136,7 @@ static void draw_popularity(uint64_t *st, uint32_t L, uint32_t N, double *logw) 
             perm[j] = t;
         }
         for (uint32_t r = 0; r < N; r++)
-            logw[(size_t)l * N + perm[r]] = -1.1 * log((double)(r + 1));
+            logw[(size_t)l * N + perm[r]] = -zipf_s * log((double)(r + 1));
     }
     free(perm);
 }
@@ -158,7 +163,8 @@ static int run(const bench_case *bc, const char *trace, double drift, int R) {
                 sum += exp(*w);
             }
             for (uint32_t e = 0; e < N; e++)
-                load[(size_t)l * N + e] = (int64_t)(1e6 * exp(logw[(size_t)l * N + e]) / sum * (0.9 + 0.2 * rng_unit(&st)));
+                load[(size_t)l * N + e] =
+                    (int64_t)(1e6 * exp(logw[(size_t)l * N + e]) / sum * (1 - noise + 2 * noise * rng_unit(&st)));
         }
         if (step < 0) { /* everyone starts from DeepSeek's placement of the first load */
             eplb_policy_rebalance(s, load, next, ncnt, &err);
@@ -268,6 +274,14 @@ int main(int argc, char **argv) {
         { "Qwen3-like 1 node x 16 GPUs", { 94, 128, 160, 1, 1, 16 } },
         { "Qwen3-like 2 nodes x 8 GPUs", { 94, 128, 144, 1, 2, 16 } },
     };
+    if (getenv("BENCH_ZIPF"))
+        zipf_s = atof(getenv("BENCH_ZIPF"));
+    if (getenv("BENCH_NOISE"))
+        noise = atof(getenv("BENCH_NOISE"));
+    if (!(zipf_s >= 0) || !(noise >= 0 && noise < 1)) {
+        fprintf(stderr, "BENCH_ZIPF must be >= 0 and BENCH_NOISE in [0, 1)\n");
+        return 2;
+    }
     const char *only = getenv("BENCH_CASE");
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         if (only && !strstr(cases[i].name, only))
