@@ -19,6 +19,7 @@
 #include "eplb_alloc.h"
 #include "eplb_incremental.h"
 #include "eplb_next.h"
+#include "eplb_node_repair.h"
 #include "eplb_plan.h"
 
 /* Scratch of the copy count: per expert, the last GPU / node (as a tick)
@@ -123,6 +124,52 @@ static eplb_status from_scratch(const eplb_policy_shape *s, eplb_slot_order orde
     return EPLB_OK;
 }
 
+/* One layer's max load: the heaviest GPU's sum of load / count. */
+static double layer_max(uint32_t P, uint32_t G, const int64_t *load, const int32_t *row, const int32_t *cnt) {
+    const uint32_t S = P / G;
+    double m = 0;
+    for (uint32_t g = 0; g < G; g++) {
+        double sum = 0;
+        for (uint32_t i = g * S; i < (g + 1) * S; i++)
+            sum += (double)load[row[i]] / cnt[row[i]];
+        m = sum > m ? sum : m;
+    }
+    return m;
+}
+
+/* The node repair of layer l (eplb_node_repair.h) as the fallback's second
+ * candidate: its row and counts, its max, and its copies + 1, slots and
+ * cross-node copies against the current row (copies + 1 = UINT64_MAX:
+ * no repair). */
+static eplb_status node_repair_layer(const eplb_next_request *req, const eplb_incremental_params *ip, uint32_t l,
+                                     double floor, double target_max, const int32_t *ref_cnt, copy_marks *m,
+                                     int32_t *row, int32_t *cnt, double *max, uint64_t *stats, eplb_error *err) {
+    const eplb_policy_shape *s = &req->shape;
+    const uint32_t N = s->num_logical, P = s->num_physical, G = s->num_gpus;
+    const eplb_node_repair_params np = {
+        .shape = *s,
+        .load = req->logical_load + (size_t)l * N,
+        .row = req->cur_phy2log + (size_t)l * P,
+        .ref_cnt = ref_cnt,
+        .floor = floor,
+        .target_max = target_max,
+        .cost_intra_node = ip->cost_intra_node,
+        .cost_cross_node = ip->cost_cross_node,
+    };
+    bool repaired;
+    eplb_status st = eplb_node_repair(&np, row, cnt, &repaired, err);
+    stats[0] = UINT64_MAX;
+    if (st != EPLB_OK || !repaired)
+        return st;
+    *max = layer_max(P, G, np.load, row, cnt);
+    uint64_t copies = 0, node = 0, slots = 0;
+    copies_layer(m, P, G, gpus_per_node_of(s), N, np.row, row, &copies, &node, &slots);
+    stats[0] = copies + 1;
+    stats[1] = slots;
+    stats[2] = node;
+    return EPLB_OK;
+}
+
 static eplb_status incremental(const eplb_next_request *req, int32_t *phy2log, int32_t *logcnt,
                                eplb_next_report *rep, eplb_error *err) {
     const eplb_policy_shape *s = &req->shape;
@@ -140,6 +187,10 @@ static eplb_status incremental(const eplb_next_request *req, int32_t *phy2log, i
      * and slots. */
     uint64_t *inc_copies = eplb_calloc((size_t)L * 6, sizeof *inc_copies); /* + cross-node: [4L) inc, [5L) ref */
     copy_marks m = { 0 };
+    int32_t *fix_row = NULL, *fix_cnt = NULL; /* [L][P], [L][N]: node repairs (hierarchical, short of the target) */
+    double *fix_max = NULL;                   /* [L] their max loads */
+    uint64_t *fix_stats = NULL;               /* [L][3] */
+    bool *fix_taken = NULL;                   /* [L] the layer's row is its repair */
     eplb_status st = EPLB_OK;
     if (!ref || !ref_cnt || !ref_layer || !layer_floor || !inc_layer || !inc_copies || !marks_init(&m, N)) {
         st = eplb_error_set(err, EPLB_ENOMEM, "out of memory for an incremental %ux%u rebalance", L, P);
@@ -207,17 +258,34 @@ static eplb_status incremental(const eplb_next_request *req, int32_t *phy2log, i
         used_copies += inc_copies[l];
         used_slots += slots;
     }
-    /* Short of the target: layers take the reference row (min-traffic
-     * order), the most max load saved per copy first, while it is better
-     * than the layer's incremental row and the budget allows. */
+    /* Short of the target: layers take another row, the most max load
+     * saved per copy first, while it is better than the layer's
+     * incremental row and the budget allows.  Two candidates per layer:
+     * the reference row (min-traffic order), and on the hierarchical path
+     * the node repair (one group swapped between two nodes, then
+     * INCREMENTAL within the nodes; eplb_node_repair.h), which rewrites far
+     * fewer slots when the nodes' loads are what keeps the layer up. */
     double total = is.total_max;
     bool reached = is.reached || L == 0;
+    const bool repairable = eplb_policy_is_hierarchical(s) && s->num_nodes > 1 && G % s->num_nodes == 0;
+    if (!reached && repairable) {
+        fix_row = eplb_malloc((size_t)L * P * sizeof *fix_row);
+        fix_cnt = eplb_malloc((size_t)L * N * sizeof *fix_cnt);
+        fix_max = eplb_malloc((size_t)L * sizeof *fix_max);
+        fix_stats = eplb_calloc((size_t)L * 3, sizeof *fix_stats); /* copies + 1 (UINT64_MAX = none or taken), slots, cross-node */
+        fix_taken = eplb_calloc(L, sizeof *fix_taken);
+        if (!fix_row || !fix_cnt || !fix_max || !fix_stats || !fix_taken) {
+            st = eplb_error_set(err, EPLB_ENOMEM, "out of memory for an incremental %ux%u rebalance", L, P);
+            goto out;
+        }
+    }
     if (!reached) {
         const uint32_t reassign_nodes = eplb_policy_is_hierarchical(s) ? s->num_nodes : 1;
         for (;;) {
             int32_t pick = -1;
+            bool pick_fix = false;
             double pick_score = 0, pick_gain = 0;
-            uint64_t pick_rg = 0, pick_rslots = 0;
+            uint64_t pick_rg = 0, pick_rslots = 0, pick_rn = 0;
             for (uint32_t l = 0; l < L; l++) {
                 if (inc_copies[2 * L + l] == UINT64_MAX)
                     continue; /* taken, or not better */
@@ -238,19 +306,44 @@ static eplb_status incremental(const eplb_next_request *req, int32_t *phy2log, i
                     inc_copies[2 * L + l] = 1 + rg;           /* copies + 1: 0 means not looked at */
                     inc_copies[3 * L + l] = rslots;
                     inc_copies[5 * L + l] = rn;
+                    if (fix_stats && (st = node_repair_layer(req, &ip, l, layer_floor[l], layer_floor[l] / target,
+                                                             ref_cnt + (size_t)l * N, &m, fix_row + off,
+                                                             fix_cnt + (size_t)l * N, &fix_max[l],
+                                                             fix_stats + 3 * (size_t)l, err)) != EPLB_OK)
+                        goto out;
                 }
-                const uint64_t rg = inc_copies[2 * L + l] - 1, rslots = inc_copies[3 * L + l];
-                if ((copies_budget && used_copies - inc_copies[l] + rg > max_copies) ||
-                    (slots_budget && used_slots - inc_copies[L + l] + rslots > k->max_slots_moved))
-                    continue;
-                const double extra = rg > inc_copies[l] ? (double)(rg - inc_copies[l]) : 0;
-                const double score = gain / (1 + extra);
-                if (pick < 0 || score > pick_score) {
-                    pick = (int32_t)l;
-                    pick_score = score;
-                    pick_gain = gain;
-                    pick_rg = rg;
-                    pick_rslots = rslots;
+                for (int c = 0; c < 2; c++) { /* the reference, then the repair */
+                    uint64_t rg, rslots, rn;
+                    double cand_gain;
+                    if (c == 0) {
+                        rg = inc_copies[2 * L + l] - 1;
+                        rslots = inc_copies[3 * L + l];
+                        rn = inc_copies[5 * L + l];
+                        cand_gain = gain;
+                    } else {
+                        if (!fix_stats || fix_stats[3 * (size_t)l] == UINT64_MAX)
+                            continue;
+                        rg = fix_stats[3 * (size_t)l] - 1;
+                        rslots = fix_stats[3 * (size_t)l + 1];
+                        rn = fix_stats[3 * (size_t)l + 2];
+                        cand_gain = inc_max - fix_max[l];
+                        if (!(cand_gain > 0))
+                            continue;
+                    }
+                    if ((copies_budget && used_copies - inc_copies[l] + rg > max_copies) ||
+                        (slots_budget && used_slots - inc_copies[L + l] + rslots > k->max_slots_moved))
+                        continue;
+                    const double extra = rg > inc_copies[l] ? (double)(rg - inc_copies[l]) : 0;
+                    const double score = cand_gain / (1 + extra);
+                    if (pick < 0 || score > pick_score) {
+                        pick = (int32_t)l;
+                        pick_fix = c == 1;
+                        pick_score = score;
+                        pick_gain = cand_gain;
+                        pick_rg = rg;
+                        pick_rslots = rslots;
+                        pick_rn = rn;
+                    }
                 }
             }
             if (pick < 0)
@@ -259,13 +352,26 @@ static eplb_status incremental(const eplb_next_request *req, int32_t *phy2log, i
             const size_t off = (size_t)l * P;
             used_copies = used_copies - inc_copies[l] + pick_rg;
             used_slots = used_slots - inc_copies[L + l] + pick_rslots;
-            memcpy(phy2log + off, ref + off, (size_t)P * sizeof *phy2log);
-            memcpy(logcnt + (size_t)l * N, ref_cnt + (size_t)l * N, (size_t)N * sizeof *logcnt);
-            inc_copies[l] = pick_rg; /* the layer's row is the reference's now */
+            memcpy(phy2log + off, (pick_fix ? fix_row : ref) + off, (size_t)P * sizeof *phy2log);
+            memcpy(logcnt + (size_t)l * N, (pick_fix ? fix_cnt : ref_cnt) + (size_t)l * N, (size_t)N * sizeof *logcnt);
+            inc_copies[l] = pick_rg; /* the layer's row is the candidate's now */
             inc_copies[L + l] = pick_rslots;
-            inc_copies[4 * L + l] = inc_copies[5 * L + l];
-            inc_copies[2 * L + l] = UINT64_MAX;
-            rep->layers_from_scratch++;
+            inc_copies[4 * L + l] = pick_rn;
+            if (pick_fix) {
+                /* The reference stays a candidate: still short of the
+                 * target, the layer may take it over the repair. */
+                fix_stats[3 * (size_t)l] = UINT64_MAX;
+                fix_taken[l] = true;
+                inc_layer[l] = layer_floor[l] * ref_layer[l] / fix_max[l];
+                rep->layers_node_repaired++;
+            } else {
+                inc_copies[2 * L + l] = UINT64_MAX;
+                if (fix_taken && fix_taken[l]) {
+                    fix_taken[l] = false;
+                    rep->layers_node_repaired--;
+                }
+                rep->layers_from_scratch++;
+            }
             total -= pick_gain;
             if (total <= total_target * (1 + 1e-12)) {
                 reached = true;
@@ -280,26 +386,35 @@ static eplb_status incremental(const eplb_next_request *req, int32_t *phy2log, i
         rep->copies_cross_node += inc_copies[4 * L + l];
     }
     rep->policy_used = rep->layers_from_scratch == L ? EPLB_POLICY_DEEPSEEK : EPLB_POLICY_INCREMENTAL;
+    /* Which rows the layers short of the target took. */
+    char took[160];
+    if (rep->layers_node_repaired)
+        snprintf(took, sizeof took,
+                 "%u of %u layers took the from-scratch placement (min-traffic order) and %u swapped a group "
+                 "between nodes (node repair)", rep->layers_from_scratch, L, rep->layers_node_repaired);
+    else
+        snprintf(took, sizeof took, "%u of %u layers took the from-scratch placement (min-traffic order)",
+                 rep->layers_from_scratch, L);
     if (rep->layers_from_scratch == L)
         snprintf(rep->reason, sizeof rep->reason,
                  "every layer fell back to the from-scratch placement (min-traffic order): local changes could "
                  "not reach the target %.4f of its balancedness%s", target,
                  is.work_exhausted ? " within the compute bound" : "");
     else if (!reached)
-        snprintf(rep->reason, sizeof rep->reason,
-                 "short of the target %.4f of the from-scratch balancedness%s; %u of %u layers took the "
-                 "from-scratch placement (min-traffic order)", target,
-                 copies_budget || slots_budget ? " within the budget" : "", rep->layers_from_scratch, L);
+        snprintf(rep->reason, sizeof rep->reason, "short of the target %.4f of the from-scratch balancedness%s; %s",
+                 target, copies_budget || slots_budget ? " within the budget" : "", took);
     else if (is.work_exhausted)
-        snprintf(rep->reason, sizeof rep->reason,
-                 "local changes stopped at the compute bound; %u of %u layers took the from-scratch placement "
-                 "(min-traffic order) to reach the target %.4f", rep->layers_from_scratch, L, target);
-    else if (rep->layers_from_scratch)
-        snprintf(rep->reason, sizeof rep->reason,
-                 "%u of %u layers took the from-scratch placement (min-traffic order) to reach the target %.4f",
-                 rep->layers_from_scratch, L, target);
+        snprintf(rep->reason, sizeof rep->reason, "local changes stopped at the compute bound; %s to reach the "
+                 "target %.4f", took, target);
+    else if (rep->layers_from_scratch || rep->layers_node_repaired)
+        snprintf(rep->reason, sizeof rep->reason, "%s to reach the target %.4f", took, target);
 out:
     eplb_free(m.old_gpu);
+    eplb_free(fix_row);
+    eplb_free(fix_cnt);
+    eplb_free(fix_max);
+    eplb_free(fix_stats);
+    eplb_free(fix_taken);
     eplb_free(inc_copies);
     eplb_free(ref);
     eplb_free(ref_cnt);
