@@ -22,7 +22,8 @@
  * INCREMENTAL), the stall an engine would see at 50 GB/s per GPU (the
  * slowest GPU's bytes in + out, from eplb_plan_build's sources), and the
  * median compute time (policy + the plans of all layers), and the layers
- * per rebalance that took the from-scratch row (fb).  "deepseek, one step
+ * per rebalance that took the from-scratch row (fb) or a node repair
+ * (nr, eplb_node_repair.h).  "deepseek, one step
  * late": DeepSeek's placement of the previous load on this one (what a
  * single drift step costs even a from-scratch placement).  For "shift":
  * rel at the 1st and 2nd rebalance after the shift.
@@ -76,7 +77,7 @@ typedef struct bench_case {
 } bench_case;
 
 typedef struct acc {
-    double rel_sum, rel_min, gpu_bytes, node_bytes, stall_s_sum, from_scratch;
+    double rel_sum, rel_min, gpu_bytes, node_bytes, stall_s_sum, from_scratch, node_repaired;
     double late_sum, late_min;  /* the placement before the rebalance, as a fraction of DeepSeek's */
     int worse, n;
     double rel_after_shift[2];
@@ -210,6 +211,7 @@ static int run(const bench_case *bc, const char *trace, double drift, int R) {
             x->late_sum += late;
             x->late_min = x->n == 0 || late < x->late_min ? late : x->late_min;
             x->from_scratch += rep.layers_from_scratch;
+            x->node_repaired += rep.layers_node_repaired;
             x->worse += rep.balancedness_after < rep.balancedness_before - 1e-12;
             x->gpu_bytes += (double)rep.copies_cross_gpu * BYTES_PER_EXPERT;
             x->node_bytes += (double)rep.copies_cross_node * BYTES_PER_EXPERT;
@@ -223,8 +225,8 @@ static int run(const bench_case *bc, const char *trace, double drift, int R) {
     }
     printf("\n%s, trace %s (drift %.2f), %d rebalances, %u layers x %u experts x %u slots, %u GPUs / %u nodes\n",
            bc->name, trace, drift, R, L, N, P, G, s->num_nodes);
-    printf("%-24s %7s %7s %11s %11s %8s %6s %9s %8s %6s%s\n", "strategy", "rel", "rel_min", "GB/rebal",
-           "xnode GB", "vs MT", "worse", "stall s", "ms p50", "fb", strcmp(trace, "shift") == 0 ? "  shift+1 shift+2" : "");
+    printf("%-24s %7s %7s %11s %11s %8s %6s %9s %8s %6s %5s%s\n", "strategy", "rel", "rel_min", "GB/rebal",
+           "xnode GB", "vs MT", "worse", "stall s", "ms p50", "fb", "nr", strcmp(trace, "shift") == 0 ? "  shift+1 shift+2" : "");
     const double mt = a[1].gpu_bytes > 0 ? a[1].gpu_bytes : INFINITY;
     for (size_t k = 0; k < NSTRAT; k++) {
         acc *x = &a[k];
@@ -232,9 +234,10 @@ static int run(const bench_case *bc, const char *trace, double drift, int R) {
             continue;
         int n = x->n < 1024 ? x->n : 1024;
         qsort(x->ms, (size_t)n, sizeof x->ms[0], cmp_double);
-        printf("%-24s %7.4f %7.4f %11.1f %11.1f %7.1f%% %6d %9.3f %8.3f %6.1f", strategies[k].name,
+        printf("%-24s %7.4f %7.4f %11.1f %11.1f %7.1f%% %6d %9.3f %8.3f %6.1f %5.1f", strategies[k].name,
                x->rel_sum / x->n, x->rel_min, x->gpu_bytes / x->n / 1e9, x->node_bytes / x->n / 1e9,
-               100.0 * x->gpu_bytes / mt, x->worse, x->stall_s_sum / x->n, x->ms[n / 2], x->from_scratch / x->n);
+               100.0 * x->gpu_bytes / mt, x->worse, x->stall_s_sum / x->n, x->ms[n / 2], x->from_scratch / x->n,
+               x->node_repaired / x->n);
         if (strcmp(trace, "shift") == 0)
             printf("  %7.4f %7.4f", x->rel_after_shift[0], x->rel_after_shift[1]);
         printf("\n");

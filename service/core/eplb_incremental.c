@@ -4,6 +4,9 @@
  *   w[N]        the expert's load (double)
  *   load[G]     each GPU's load: sum over its slots of w[e] / cnt[e]
  *   head[N], next[P]  the slots of each expert, a linked list
+ *   irow[P], ihead[N], inext[P], inodes[N]  the same as the call got
+ *                     them, and each expert's nodes then: the plan's
+ *                     sources, which price copies (source_link)
  *   grp_node[groups][nodes]  replicas of each group on each node
  *                            (hierarchical path only)
  * and the layer's best change, cached until the layer changes.
@@ -159,9 +162,9 @@ typedef struct ctx {
     double *b_load;                     /* [G] */
     uint32_t *touch_tick, *touch_at;    /* [G] each: GPU in the touched set when == eval_tick, at index */
     uint32_t tick;                      /* stamps of the marks below */
-    uint32_t *on_g;                     /* [N] == tick: the busiest GPU holds the expert */
-    uint32_t *holds;                    /* [S][G] == tick: GPU h holds the expert of g's i-th slot */
-    uint32_t *shares;                   /* [G] == tick: GPU h holds one of the busiest GPU's experts */
+    uint32_t *on_g;                     /* [N] == tick: the expert reaches the busiest GPU g free (g holds or held it) */
+    uint32_t *holds;                    /* [S][G] == tick: g's i-th slot's expert reaches GPU h free */
+    uint32_t *shares;                   /* [G] == tick: some swap with h may have a free half */
     uint64_t work;                      /* candidate evaluations so far (INCREMENTAL_MAX_WORK) */
     bool budget_refused;                /* this search refused a change the budget cannot pay for */
     bool budget_stopped;                /* a layer's search found nothing else: it stopped for the budget */
@@ -186,7 +189,9 @@ static void new_touch_set(ctx *c) {
 }
 
 /* How copies are priced: as the plan makes them.  Its sources are the
- * bytes the GPUs held when the call began (eplb_plan.h, 1 and 5), and a
+ * bytes the GPUs held when the call began (eplb_plan.h, 1 and 5: the row
+ * the caller passed; eplb_node_repair passes its own row, with two groups
+ * already swapped, and eplb_next recounts the real copies), and a
  * GPU copies an expert at most once (6).  So bringing expert e to GPU g is
  * free when g holds e now (an earlier change of this call paid for the
  * copy) or held it then (a copy within the GPU); find_best's marks (holds,
@@ -316,8 +321,7 @@ static inline double base_load(const ctx *c, const layer_state *L, const b_part 
 /* What bringing the prepared expert b to GPU h costs, in O(1): free when
  * h holds or held it; else source_link's, from b_prepare's counts of the
  * GPUs that held b per node. */
-static double b_fetch_cost(const ctx *c, const layer_state *L, const b_part *bp, uint32_t h, uint32_t *copies) {
-    (void)L;
+static double b_fetch_cost(const ctx *c, const b_part *bp, uint32_t h, uint32_t *copies) {
     *copies = 0;
     if (c->bf_stamp[h] == bp->tick)
         return 0;
@@ -410,7 +414,7 @@ static void eval_repl_b(ctx *c, const layer_state *L, uint32_t g, double M, uint
     if (gain > c->cap)
         gain = c->cap;
     uint32_t copies;
-    const double cost = b_fetch_cost(c, L, bp, gpu_of(c, t), &copies) + SLOT_COST;
+    const double cost = b_fetch_cost(c, bp, gpu_of(c, t), &copies) + SLOT_COST;
     if (!affordable(c, copies, 1)) {
         c->budget_refused = true;
         return;
@@ -536,6 +540,7 @@ static void find_best(ctx *c, layer_state *L) {
             const uint32_t q = gpu_of(c, (uint32_t)u);
             c->holds[(size_t)i * c->G + q] = tick;
             c->shares[q] = tick;
+            c->work++;
         }
     }
     /* An expert g held when the call began comes back to it free; the GPUs
@@ -587,8 +592,8 @@ static void find_best(ctx *c, layer_state *L) {
          * new one: at most xmax - xup[b] more. */
         const double on_g_extra = xmax - L->xup[b] > 0 ? xmax - L->xup[b] : 0;
         const double shed_max = shed_off_g + on_g_extra < c->cap ? shed_off_g + on_g_extra : c->cap;
-        if (shed_max / SLOT_COST < best.score)
-            continue;
+        if ((shed_max + 1e-12 * M) / SLOT_COST < best.score)
+            continue; /* the slack: shed is summed apart from a candidate's gain, and may round below it */
         const uint32_t *held = c->holds + (size_t)hot_slot[i] * c->G;
         b_part bp;
         b_prepare(c, L, b, &bp);
@@ -602,8 +607,8 @@ static void find_best(ctx *c, layer_state *L) {
             if (h == g && x[t] > L->xup[b])
                 shed += x[t] - L->xup[b];
             shed = shed < c->cap ? shed : c->cap;
-            if (shed < best.score * cost_lb)
-                continue; /* g sheds at most shed: cannot beat the best */
+            if (shed + 1e-12 * M < best.score * cost_lb)
+                continue; /* g sheds at most shed: cannot beat the best (the slack as above) */
             if (!repl_may_beat(c, L, &bp, M, t, shed, cost_lb, &best))
                 continue;
             change ch;
@@ -640,7 +645,7 @@ static void find_best(ctx *c, layer_state *L) {
             if (a == cold[i] || !can_give_replica(L, a))
                 continue; /* repl_loads would refuse it */
             uint32_t copies;
-            if (!repl_may_beat(c, L, &bp, M, t, INFINITY, b_fetch_cost(c, L, &bp, g, &copies) + SLOT_COST, &best))
+            if (!repl_may_beat(c, L, &bp, M, t, INFINITY, b_fetch_cost(c, &bp, g, &copies) + SLOT_COST, &best))
                 continue;
             change ch;
             eval_repl_b(c, L, g, M, t, &bp, &ch);
@@ -672,12 +677,12 @@ static void find_best(ctx *c, layer_state *L) {
             if (!to_h || !to_g)
                 continue;
         }
-        /* This GPU's cheapest swap: free halves only where h holds one of
-         * g's experts, and g one of h's: both are "an expert on both". */
+        /* This GPU's cheapest swap: a half is free only where h holds or
+         * held one of g's experts, or g one of h's (shares). */
         const bool shared = c->shares[h] == tick;
         if (bound / (2 * SLOT_COST + (shared ? 0 : ml) + (shared ? 0 : ml)) < best.score)
             continue;
-        /* The cost bound of each half: free where the GPU already holds
+        /* The cost bound of each half: free where the GPU holds or held
          * the expert.  The inner loop is then a few flops per pair, and
          * only a pair that could beat the best is priced exactly. */
         double *to_h = c->lb;
@@ -692,7 +697,10 @@ static void find_best(ctx *c, layer_state *L) {
                 const double d = x[g0 + i] - xb;
                 double gain = d < room - d ? d : room - d;
                 gain = gain < c->cap ? gain : c->cap;
-                if (!(gain > thr) || gain < best.score * (to_h[i] + to_g))
+                /* score * cost may round above gain when gain / cost equals
+                 * the score: the slack keeps such ties, which the exact
+                 * score and consider's order then settle. */
+                if (!(gain > thr) || gain < best.score * (to_h[i] + to_g) * (1 - 1e-12))
                     continue;
                 const uint32_t s = g0 + i;
                 const int32_t a = L->row[s];
@@ -703,8 +711,8 @@ static void find_best(ctx *c, layer_state *L) {
                     continue;
                 /* The marks say which half is free (source_link's comment). */
                 const uint32_t ca = c->holds[(size_t)i * c->G + h] != tick, cb = c->on_g[b] != tick;
-                if (!L->inodes)
-                    c->work += (uint32_t)L->cnt[a] + (uint32_t)L->cnt[b]; /* source_link's walks */
+                if (!L->inodes) /* source_link walks the first replicas (about cnt of them) */
+                    c->work += (ca ? (uint32_t)L->cnt[a] : 0) + (cb ? (uint32_t)L->cnt[b] : 0);
                 const double cost = (ca ? source_link(c, L, a, h) : 0) + (cb ? source_link(c, L, b, g) : 0) +
                                     2 * SLOT_COST;
                 if (!affordable(c, ca + cb, 2)) {
@@ -734,7 +742,7 @@ static void list_remove(layer_state *L, int32_t e, uint32_t slot) {
 }
 
 static void list_add(layer_state *L, int32_t e, uint32_t slot) {
-    /* Kept ascending, so ties (fetch sources) break by slot. */
+    /* Kept ascending: walks (and so ties among them) go by slot. */
     int32_t *pp = &L->head[e];
     while (*pp >= 0 && (uint32_t)*pp < slot)
         pp = &L->next[*pp];
@@ -860,7 +868,7 @@ static void split_heavy(ctx *c, layer_state *L, int32_t *save, eplb_incremental_
             if (!repl_loads(c, L, gpu_of(c, t), t, &bp, &worst, &t_new))
                 continue;
             uint32_t copies; /* no budget here: splits run only without one */
-            const double cost = b_fetch_cost(c, L, &bp, gpu_of(c, t), &copies);
+            const double cost = b_fetch_cost(c, &bp, gpu_of(c, t), &copies);
             if (worst < best_worst || (worst == best_worst && cost < best_cost)) {
                 best = (change){ .kind = CH_REPL, .s = t, .t = t, .b = b, .copies = copies, .slots = 1 };
                 best_worst = worst;

@@ -11,7 +11,8 @@
  * The gain of a change is how much it lowers the sum over layers of the
  * busiest GPU's load (balancedness = mean / max, and the mean is fixed);
  * its cost is the bytes it copies, weighted by link class: free within a
- * GPU (the expert is already there), cost_intra_node between GPUs of a node,
+ * GPU (the expert is there, or was when the call began: the plan copies
+ * from the old bytes), cost_intra_node between GPUs of a node,
  * cost_cross_node between nodes.  Layers are independent; one heap over all
  * layers picks the next change where the model's balancedness rises most
  * per byte (a layer's max falls only once all its GPUs above the new max

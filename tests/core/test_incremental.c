@@ -182,8 +182,6 @@ Test(incremental, golden_level_key_waits_for_tied_gpus) {
     cr_assert_float_eq(st.total_max, 33.0, 1e-9);
 }
 
-/* A layer already balanced is left alone: GPU0 {0, 1} and GPU1 {0, 2}
- * carry 10 + 10 each. */
 /* Copies are priced as the plan makes them: from the bytes the GPUs held
  * when the call began.  GPU0 {1, 0}, GPU1 {2, 0}; loads 26, 19, 59, so
  * expert 0's two replicas weigh 13: GPU0 32, GPU1 72.
@@ -212,6 +210,40 @@ Test(incremental, golden_copy_back_is_free) {
     cr_assert_eq(gpu, 1, "the plan copies %llu experts", (unsigned long long)gpu);
 }
 
+/* Exact ties go to the lower slot, as consider() orders them, even where
+ * score x cost rounds above the gain (a reviewer's case).  GPU0 {0, 1, 3},
+ * GPU1 {0, 1, 2}; loads 384, 0, 22, 113; from-scratch counts 3, 3, 2, 3,
+ * so the item bound is 1.3 x 128 = 166.4 and e0's replicas (192) split
+ * first: of e1's slots, slot 4 leaves the touched GPUs lighter (GPU0 241,
+ * GPU1 278, against 369 with slot 1).  Then GPU1 {0, 0, 2} is the
+ * busiest, and two swaps tie at gain 15 (max 263) and cost 1.8 (two
+ * slots, one copy at 0.3; the other half is free):
+ *   e0 (slot 3) with GPU0's e3: e0 is on GPU0 already;
+ *   e2 (slot 5) with GPU0's e1: GPU1 held e1 when the call began.
+ * 15 / 1.8 times 1.8 rounds above 15, so a bound written as a product
+ * skipped the first one.  The lower slot, 3, wins: {0, 1, 0} {3, 0, 2}
+ * (256 / 263), after which no change lowers 263. */
+Test(incremental, golden_ties_go_to_the_lower_slot) {
+    const eplb_policy_shape s = { .num_layers = 1, .num_logical = 4, .num_physical = 6, .num_groups = 2,
+                                  .num_nodes = 1, .num_gpus = 2 };
+    int32_t row[6] = { 0, 1, 3, 0, 1, 2 }, cnt[4];
+    counts(1, 4, 6, row, cnt);
+    const int64_t load[4] = { 384, 0, 22, 113 };
+    const int32_t ref[4] = { 3, 3, 2, 3 };
+    const eplb_incremental_params p = { .shape = s, .logical_load = load, .total_target = -1, .reference_cnt = ref,
+                                        .cost_intra_node = 0.3, .cost_cross_node = 7 };
+    eplb_incremental_stats st;
+    eplb_error err;
+    cr_assert_eq(eplb_incremental_rebalance(&p, row, cnt, &st, &err), EPLB_OK, "%s", err.msg);
+    const int32_t want[6] = { 0, 1, 0, 3, 0, 2 };
+    cr_assert_arr_eq(row, want, sizeof want);
+    cr_assert_eq(st.splits, 1);
+    cr_assert_eq(st.changes, 2);
+    cr_assert_float_eq(st.total_max, 263.0, 1e-9);
+}
+
+/* A layer already balanced is left alone: GPU0 {0, 1} and GPU1 {0, 2}
+ * carry 10 + 10 each. */
 Test(incremental, balanced_layer_untouched) {
     eplb_policy_shape s = { .num_layers = 1, .num_logical = 3, .num_physical = 4, .num_groups = 1,
                             .num_nodes = 1, .num_gpus = 2 };
