@@ -94,7 +94,7 @@
  * the model's lock for minutes.  DeepSeek-V3 and Kimi-K2 sizes use 1-5% of
  * it; past it the greedy stops and eplb_next.c's fallback (from-scratch
  * rows) finishes. */
-#define INCREMENTAL_MAX_WORK 300000000ull
+#define INCREMENTAL_MAX_WORK EPLB_INCREMENTAL_MAX_WORK
 /* How deep below the layer's floor (the from-scratch max) gains still
  * count: a GPU a change relieves is brought this far when that costs no
  * more, so the next drift step does not lift it over the floor again at
@@ -165,7 +165,8 @@ typedef struct ctx {
     uint32_t *on_g;                     /* [N] == tick: the expert reaches the busiest GPU g free (g holds or held it) */
     uint32_t *holds;                    /* [S][G] == tick: g's i-th slot's expert reaches GPU h free */
     uint32_t *shares;                   /* [G] == tick: some swap with h may have a free half */
-    uint64_t work;                      /* candidate evaluations so far (INCREMENTAL_MAX_WORK) */
+    uint64_t work;                      /* candidate evaluations so far, and */
+    uint64_t work_max;                  /* their bound: p->max_work, or INCREMENTAL_MAX_WORK */
     bool budget_refused;                /* this search refused a change the budget cannot pay for */
     bool budget_stopped;                /* a layer's search found nothing else: it stopped for the budget */
     double *x;                          /* [P] per-replica load of each slot, scratch of find_best */
@@ -482,7 +483,7 @@ static void find_best(ctx *c, layer_state *L) {
     c->budget_refused = false;
     const uint32_t g = busiest(c, L);
     const double M = L->load[g];
-    if (L->done || !(M > 0) || M <= L->target || L->changes >= c->P || c->work > INCREMENTAL_MAX_WORK) {
+    if (L->done || !(M > 0) || M <= L->target || L->changes >= c->P || c->work > c->work_max) {
         L->done = true;
         return;
     }
@@ -848,7 +849,7 @@ static double take(ctx *c, layer_state *L, const change *ch, eplb_incremental_st
  * slot can split stops the phase (the search then works around it).
  * Each split is O(P x replicas). */
 static void split_heavy(ctx *c, layer_state *L, int32_t *save, eplb_incremental_stats *stats) {
-    while (L->changes < c->P && c->work <= INCREMENTAL_MAX_WORK) {
+    while (L->changes < c->P && c->work <= c->work_max) {
         int32_t b = -1;
         double xb = L->item_bound;
         for (uint32_t e = 0; e < c->N; e++)
@@ -863,7 +864,7 @@ static void split_heavy(ctx *c, layer_state *L, int32_t *save, eplb_incremental_
         change best = { .kind = CH_NONE };
         double best_worst = INFINITY, best_cost = INFINITY;
         c->work += (uint64_t)c->P + c->N; /* the scan for b and the slots tried */
-        for (uint32_t t = 0; t < c->P && c->work <= INCREMENTAL_MAX_WORK; t++) {
+        for (uint32_t t = 0; t < c->P && c->work <= c->work_max; t++) {
             double worst, t_new;
             if (!repl_loads(c, L, gpu_of(c, t), t, &bp, &worst, &t_new))
                 continue;
@@ -1010,6 +1011,7 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
     }
     *c = (ctx){ .p = p, .N = N, .P = P, .G = G, .S = P / G, .gpn = G / nodes, .nodes = nodes, .groups = groups,
                 .per_group = N / groups, .ls = ls, .donors = scr, .touch_tick = scr + P, .touch_at = scr + G + P, .b_stamp = scr + 2 * G + P, .b_gpus = scr + 3 * G + P, .bn_stamp = scr + 4 * G + P, .bn_cnt = scr + 5 * G + P, .bf_stamp = scr + 6 * G + P, .x = x, .lb = x + P, .b_load = x + P + P / G, .on_g = marks, .holds = marks + N, .shares = marks + N + P, .copies_left = p->max_copies, .slots_left = p->max_slots };
+    c->work_max = p->max_work ? p->max_work : INCREMENTAL_MAX_WORK;
     c->min_link = nodes > 1 && p->cost_cross_node < p->cost_intra_node ? p->cost_cross_node : p->cost_intra_node;
     if (nodes == G && G > 1)
         c->min_link = p->cost_cross_node;
@@ -1098,7 +1100,7 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
         heap_down(ls, heap, n, i);
     /* total is kept exact enough: each step swaps one layer's max. */
     while (n && !(p->total_target >= 0 && total <= p->total_target * (1 + 1e-12))) {
-        if (c->work > INCREMENTAL_MAX_WORK) {
+        if (c->work > c->work_max) {
             stats->work_exhausted = true; /* the caller's fallback takes over */
             break;
         }
@@ -1139,8 +1141,9 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
             stats->splits -= L->splits;
         }
     }
-    stats->work_exhausted = stats->work_exhausted || c->work > INCREMENTAL_MAX_WORK; /* the splits may have spent it */
+    stats->work_exhausted = stats->work_exhausted || c->work > c->work_max; /* the splits may have spent it */
     stats->total_max = total;
+    stats->work = c->work;
     stats->reached = p->total_target >= 0 && total <= p->total_target * (1 + 1e-12);
     if ((p->copies_budget && c->copies_left == 0) || (p->slots_budget && c->slots_left < 2))
         stats->budget_exhausted = stats->budget_exhausted || !stats->reached;

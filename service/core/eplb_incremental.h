@@ -47,6 +47,12 @@
  * reference_cnt; eplb_incremental.c says how it was chosen). */
 #define EPLB_INCREMENTAL_ITEM_SLACK 1.3
 
+/* The most work (candidate evaluations, replicas visited, loads redone)
+ * one call does by default (~1-2 s on the 2-core machine class; see
+ * eplb_incremental.c).  A caller that makes several calls for one
+ * rebalance (eplb_next's node repairs) shares it out with max_work. */
+#define EPLB_INCREMENTAL_MAX_WORK 300000000ull
+
 typedef struct eplb_incremental_params {
     eplb_policy_shape shape;
     const int64_t *logical_load;  /* [L][N] */
@@ -79,6 +85,7 @@ typedef struct eplb_incremental_params {
     uint64_t max_slots;           /* budget in slots rewritten, when slots_budget */
     bool copies_budget, slots_budget;
     bool hierarchical;            /* keep each group's replicas on the nodes they are on */
+    uint64_t max_work;            /* the compute bound; 0: EPLB_INCREMENTAL_MAX_WORK */
 } eplb_incremental_params;
 
 typedef struct eplb_incremental_stats {
@@ -91,6 +98,7 @@ typedef struct eplb_incremental_stats {
     bool reached;                 /* total_max <= total_target */
     bool work_exhausted;          /* stopped at the compute bound (eplb_incremental.c) */
     bool budget_exhausted;        /* some layer stopped for the budget */
+    uint64_t work;                /* work spent (see max_work) */
 } eplb_incremental_stats;
 
 /* Improve phy2log [L][P] in place (logcnt [L][N] kept in step; both must

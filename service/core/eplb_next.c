@@ -140,10 +140,14 @@ static double layer_max(uint32_t P, uint32_t G, const int64_t *load, const int32
 /* The node repair of layer l (eplb_node_repair.h) as the fallback's second
  * candidate: its row and counts, its max, and its copies + 1, slots and
  * cross-node copies against the current row (copies + 1 = UINT64_MAX:
- * no repair). */
+ * no repair).  *work_left: what is left of the call's compute bound
+ * (EPLB_INCREMENTAL_MAX_WORK, shared with the search and every repair), so
+ * a hostile shape whose every layer falls back still ends in about the
+ * time one search may take; none left, no repair. */
 static eplb_status node_repair_layer(const eplb_next_request *req, const eplb_incremental_params *ip, uint32_t l,
                                      double floor, double target_max, const int32_t *ref_cnt, copy_marks *m,
-                                     int32_t *row, int32_t *cnt, double *max, uint64_t *stats, eplb_error *err) {
+                                     int32_t *row, int32_t *cnt, double *max, uint64_t *stats, uint64_t *work_left,
+                                     uint64_t *work_spent, eplb_error *err) {
     const eplb_policy_shape *s = &req->shape;
     const uint32_t N = s->num_logical, P = s->num_physical, G = s->num_gpus;
     const eplb_node_repair_params np = {
@@ -155,10 +159,16 @@ static eplb_status node_repair_layer(const eplb_next_request *req, const eplb_in
         .target_max = target_max,
         .cost_intra_node = ip->cost_intra_node,
         .cost_cross_node = ip->cost_cross_node,
+        .max_work = *work_left,
     };
-    bool repaired;
-    eplb_status st = eplb_node_repair(&np, row, cnt, &repaired, err);
     stats[0] = UINT64_MAX;
+    if (*work_left == 0)
+        return EPLB_OK;
+    bool repaired;
+    uint64_t work = 0;
+    eplb_status st = eplb_node_repair(&np, row, cnt, &repaired, &work, err);
+    *work_left -= work < *work_left ? work : *work_left;
+    *work_spent += work;
     if (st != EPLB_OK || !repaired)
         return st;
     *max = layer_max(P, G, np.load, row, cnt);
@@ -279,6 +289,8 @@ static eplb_status incremental(const eplb_next_request *req, int32_t *phy2log, i
             goto out;
         }
     }
+    uint64_t work_left = is.work < EPLB_INCREMENTAL_MAX_WORK ? EPLB_INCREMENTAL_MAX_WORK - is.work : 0;
+    rep->work = is.work; /* and the repairs' (node_repair_layer) */
     if (!reached) {
         const uint32_t reassign_nodes = eplb_policy_is_hierarchical(s) ? s->num_nodes : 1;
         for (;;) {
@@ -309,7 +321,8 @@ static eplb_status incremental(const eplb_next_request *req, int32_t *phy2log, i
                     if (fix_stats && (st = node_repair_layer(req, &ip, l, layer_floor[l], layer_floor[l] / target,
                                                              ref_cnt + (size_t)l * N, &m, fix_row + off,
                                                              fix_cnt + (size_t)l * N, &fix_max[l],
-                                                             fix_stats + 3 * (size_t)l, err)) != EPLB_OK)
+                                                             fix_stats + 3 * (size_t)l, &work_left, &rep->work,
+                                                             err)) != EPLB_OK)
                         goto out;
                 }
                 for (int c = 0; c < 2; c++) { /* the reference, then the repair */
@@ -390,8 +403,8 @@ static eplb_status incremental(const eplb_next_request *req, int32_t *phy2log, i
     char took[160];
     if (rep->layers_node_repaired)
         snprintf(took, sizeof took,
-                 "%u of %u layers took the from-scratch placement (min-traffic order) and %u swapped a group "
-                 "between nodes (node repair)", rep->layers_from_scratch, L, rep->layers_node_repaired);
+                 "%u of %u layers swapped a group between nodes (node repair) and %u took the from-scratch "
+                 "placement (min-traffic order)", rep->layers_node_repaired, L, rep->layers_from_scratch);
     else
         snprintf(took, sizeof took, "%u of %u layers took the from-scratch placement (min-traffic order)",
                  rep->layers_from_scratch, L);

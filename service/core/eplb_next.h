@@ -36,6 +36,7 @@ typedef struct eplb_next_report {
     double balancedness_reference; /* from scratch (DeepSeek) on the same load */
     uint32_t layers_from_scratch;  /* INCREMENTAL: layers that fell back */
     uint32_t layers_node_repaired; /* INCREMENTAL, hierarchical: layers that took a node repair (eplb_node_repair.h) */
+    uint64_t work;                 /* INCREMENTAL: compute spent, search and repairs (EPLB_INCREMENTAL_MAX_WORK's units) */
     uint64_t slots_moved;          /* slots whose expert changes */
     uint64_t copies_cross_gpu;     /* (GPU, expert) pairs the GPU must fetch from another GPU */
     uint64_t copies_cross_node;    /* of those, fetched from another node */

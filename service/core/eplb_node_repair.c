@@ -6,8 +6,9 @@
  *      it is) and each node's load (sum over its slots of load / count);
  *   2. none when the heaviest node's mean GPU load is within target_max
  *      (changes inside the nodes can get there); else the pair of groups
- *      A (node a), B (node b) whose swap gives the lowest heaviest-node
- *      load, ties to the lower A then B; none when no swap lowers it;
+ *      A (on the heaviest node: no other swap lowers it) and B (another
+ *      node) whose swap gives the lowest heaviest-node load, ties to the
+ *      lower A then B; none when no swap lowers it;
  *   3. B takes A's slots and A takes B's: each moved expert keeps one
  *      replica, and the slots left over go one at a time to the moved
  *      expert with the heaviest replica (as DeepSeek's replication does);
@@ -157,8 +158,10 @@ static bool move_group(const eplb_policy_shape *s, const int64_t *w, const int32
 }
 
 eplb_status eplb_node_repair(const eplb_node_repair_params *p, int32_t *out_row, int32_t *out_cnt, bool *repaired,
-                             eplb_error *err) {
+                             uint64_t *work, eplb_error *err) {
     *repaired = false;
+    if (work)
+        *work = 0;
     eplb_policy_shape s = p->shape;
     s.num_layers = 1;
     eplb_status st = eplb_policy_check(&s, err);
@@ -242,10 +245,20 @@ eplb_status eplb_node_repair(const eplb_node_repair_params *p, int32_t *out_row,
         eplb_free(mem);
         return EPLB_OK;
     }
+    /* Only a swap with a group of the heaviest node can lower its load. */
+    uint64_t on_top = 0;
+    for (uint32_t A = 0; A < groups; A++)
+        on_top += sc.grp_node[A] == (int32_t)top[0];
+    if (on_top * groups > EPLB_NODE_REPAIR_MAX_PAIRS) {
+        eplb_free(mem);
+        return EPLB_OK;
+    }
+    if (work)
+        *work += (uint64_t)P + on_top * groups;
     double best = before;
     uint32_t bestA = UINT32_MAX, bestB = UINT32_MAX;
     for (uint32_t A = 0; A < groups; A++) {
-        if (sc.grp_node[A] < 0)
+        if (sc.grp_node[A] != (int32_t)top[0])
             continue;
         const uint32_t na = (uint32_t)sc.grp_node[A];
         for (uint32_t B = 0; B < groups; B++) {
@@ -296,9 +309,12 @@ eplb_status eplb_node_repair(const eplb_node_repair_params *p, int32_t *out_row,
         .cost_intra_node = p->cost_intra_node,
         .cost_cross_node = p->cost_cross_node,
         .hierarchical = true,
+        .max_work = p->max_work,
     };
     eplb_incremental_stats is;
     st = eplb_incremental_rebalance(&ip, out_row, out_cnt, &is, err);
+    if (work)
+        *work += is.work;
     eplb_free(mem);
     if (st == EPLB_OK)
         *repaired = true;

@@ -14,8 +14,9 @@
  * eplb_next offers the result as a second candidate for the layer and takes
  * whichever gains more per copy.  docs/benchmarks.md has the numbers.
  *
- * Cost: O(groups^2) for the pair, O(P log P) for the placement, plus one
- * INCREMENTAL call on the one layer.  No gRPC, storage or GPU code. */
+ * Cost: O(groups^2 / nodes) for the pair (at most EPLB_NODE_REPAIR_MAX_PAIRS),
+ * O(P log P) for the placement, plus one INCREMENTAL call on the one layer
+ * (within max_work).  No gRPC, storage or GPU code. */
 #ifndef EPLB_NODE_REPAIR_H
 #define EPLB_NODE_REPAIR_H
 
@@ -35,14 +36,23 @@ typedef struct eplb_node_repair_params {
     double floor;                 /* the layer's from-scratch max load (INCREMENTAL's floor) */
     double target_max;            /* the max load INCREMENTAL stops at */
     double cost_intra_node, cost_cross_node; /* > 0 */
+    uint64_t max_work;            /* INCREMENTAL's compute bound for the polish (0: its default) */
 } eplb_node_repair_params;
 
 /* Writes the repaired row [P] and its counts [N], and sets *repaired.
  * *repaired is false (and the outputs unspecified) when the heaviest
- * node's mean GPU load is within target_max already, or no swap of two
- * groups, each on one node, lowers the heaviest node's load.  EPLB_OK,
- * EPLB_EINVAL (not a hierarchical shape, a bad row), or EPLB_ENOMEM. */
+ * node's mean GPU load is within target_max already, no swap of two
+ * groups, each on one node, lowers the heaviest node's load, or there are
+ * more pairs to try than EPLB_NODE_REPAIR_MAX_PAIRS.  *work (may be NULL)
+ * gets the work spent, in INCREMENTAL's units (pairs tried count one
+ * each).  EPLB_OK, EPLB_EINVAL (not a hierarchical shape, a bad row), or
+ * EPLB_ENOMEM. */
 eplb_status eplb_node_repair(const eplb_node_repair_params *p, int32_t *out_row, int32_t *out_cnt, bool *repaired,
-                             eplb_error *err);
+                             uint64_t *work, eplb_error *err);
+
+/* The most group pairs one repair tries: (groups on the heaviest node) x
+ * (groups elsewhere).  DeepSeek-V3 has 4 x 4 at 2 nodes; a hostile shape
+ * with a million groups is not repaired. */
+#define EPLB_NODE_REPAIR_MAX_PAIRS (1u << 22)
 
 #endif
