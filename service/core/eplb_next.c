@@ -8,10 +8,12 @@
  * (with MIN_TRAFFIC order): it is the reference of the target and the
  * fallback.  Then, from the current placement, eplb_incremental_rebalance
  * runs until every layer is within target of the reference, or the budget
- * ends.  A layer it could not bring to the target takes the reference's
- * row instead when that is better balanced and fits what is left of the
- * budget.  Cost: the from-scratch policy plus O(changes x candidates);
- * memory: two more [L][P] + [L][N] arrays. */
+ * ends.  Short of the target, layers take the reference's row, or on the
+ * hierarchical path a node repair (eplb_node_repair.h), when that is
+ * better balanced and fits what is left of the budget.  Cost: the
+ * from-scratch policy plus O(changes x candidates), the repairs within
+ * the same compute bound; memory: two more [L][P] + [L][N] arrays, three
+ * when layers are repaired. */
 #include <math.h>
 #include <stdio.h>
 #include <string.h>

@@ -17,9 +17,11 @@
  *      (its lowest such slot);
  *   5. INCREMENTAL on this layer alone moves replicas within the nodes
  *      from there, until the layer's max is within target_max.
- * Two binary heaps keep steps 3 and 4 at O(k log k) for k moved slots, so
- * a hostile shape (a million slots on two nodes) costs what its size
- * does. */
+ * Two binary heaps keep steps 3 and 4 at O(k log k) for k moved slots.
+ * Step 2 is O(groups on the heaviest node x groups), at most
+ * EPLB_NODE_REPAIR_MAX_PAIRS (a shape with more groups is not repaired),
+ * and counted in *work with P, so eplb_next's shared compute bound covers
+ * it. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -189,7 +191,7 @@ eplb_status eplb_node_repair(const eplb_node_repair_params *p, int32_t *out_row,
     const uint32_t hn = per > G ? per : G;
     void *mem = eplb_malloc((size_t)groups * (sizeof(int32_t) + sizeof(double)) + (size_t)nodes * sizeof(double) +
                             (size_t)G * (sizeof(double) + 2 * sizeof(uint32_t)) + (size_t)hn * sizeof(uint32_t) +
-                            (size_t)P * (sizeof(uint32_t) + sizeof(replica)) + 16 * sizeof(double));
+                            (size_t)P * (sizeof(uint32_t) + sizeof(replica)));
     if (!mem)
         return eplb_error_set(err, EPLB_ENOMEM, "out of memory for a node repair of %u slots", P);
     /* Doubles and replicas first, so every array stays aligned. */

@@ -45,14 +45,15 @@ typedef struct eplb_node_repair_params {
  * groups, each on one node, lowers the heaviest node's load, or there are
  * more pairs to try than EPLB_NODE_REPAIR_MAX_PAIRS.  *work (may be NULL)
  * gets the work spent, in INCREMENTAL's units (pairs tried count one
- * each).  EPLB_OK, EPLB_EINVAL (not a hierarchical shape, a bad row), or
- * EPLB_ENOMEM. */
+ * each).  EPLB_OK, EPLB_EINVAL (not a hierarchical shape, a slot outside
+ * [0, N), an expert without a replica, a negative load), or EPLB_ENOMEM. */
 eplb_status eplb_node_repair(const eplb_node_repair_params *p, int32_t *out_row, int32_t *out_cnt, bool *repaired,
                              uint64_t *work, eplb_error *err);
 
 /* The most group pairs one repair tries: (groups on the heaviest node) x
  * (groups elsewhere).  DeepSeek-V3 has 4 x 4 at 2 nodes; a hostile shape
- * with a million groups is not repaired. */
-#define EPLB_NODE_REPAIR_MAX_PAIRS (1u << 22)
+ * with thousands of groups is not repaired (a million pairs take a few
+ * milliseconds). */
+#define EPLB_NODE_REPAIR_MAX_PAIRS (1u << 20)
 
 #endif

@@ -201,3 +201,29 @@ Test(node_repair, repairs_share_the_compute_bound, .timeout = 120) {
     free(out);
     free(ocnt);
 }
+
+/* More pairs than EPLB_NODE_REPAIR_MAX_PAIRS: no repair, at once.  2,048
+ * groups of one expert on 2 nodes x 1 GPU: 1,024 x 2,048 pairs. */
+Test(node_repair, gives_up_past_the_pair_bound, .timeout = 10) {
+    const uint32_t N = 2048;
+    const eplb_policy_shape s = { .num_layers = 1, .num_logical = N, .num_physical = N, .num_groups = N,
+                                  .num_nodes = 2, .num_gpus = 2 };
+    int64_t *load = malloc(N * sizeof *load);
+    int32_t *cur = malloc(N * sizeof *cur), *row = malloc(N * sizeof *row), *cnt = malloc(N * sizeof *cnt);
+    for (uint32_t e = 0; e < N; e++) {
+        cur[e] = (int32_t)e;
+        load[e] = e < N / 2 ? 100 : 1; /* node 0 carries nearly everything */
+    }
+    eplb_node_repair_params p = { .shape = s, .load = load, .row = cur, .floor = 1, .target_max = 1,
+                                  .cost_intra_node = 1, .cost_cross_node = 4 };
+    bool repaired = true;
+    uint64_t work = 1;
+    eplb_error err;
+    cr_assert_eq(eplb_node_repair(&p, row, cnt, &repaired, &work, &err), EPLB_OK, "%s", err.msg);
+    cr_assert_not(repaired);
+    cr_assert_eq(work, 0);
+    free(load);
+    free(cur);
+    free(row);
+    free(cnt);
+}
