@@ -4,9 +4,9 @@
  *   w[N]        the expert's load (double)
  *   load[G]     each GPU's load: sum over its slots of w[e] / cnt[e]
  *   head[N], next[P]  the slots of each expert, a linked list
- *   irow[P], ihead[N], inext[P], inodes[N]  the same as the call got
- *                     them, and each expert's nodes then: the plan's
- *                     sources, which price copies (source_link)
+ *   irow[P], ihead[N], inext[P]  the row the plan copies from (the
+ *                     caller's initial_row, or the row as the call got
+ *                     it) and its lists: they price copies (source_link)
  *   grp_node[groups][nodes]  replicas of each group on each node
  *                            (hierarchical path only)
  * and the layer's best change, cached until the layer changes.
@@ -130,10 +130,9 @@ typedef struct layer_state {
     double *load;        /* [G] */
     int32_t *head;       /* [N] first slot of each expert, -1 none */
     int32_t *next;       /* [P] next slot of the same expert, -1 end */
-    int32_t *irow;       /* [P] the row as the call got it: the plan's sources */
+    const int32_t *irow; /* [P] the plan's sources: p->initial_row's row, or a copy of row as the call got it */
     int32_t *ihead;      /* [N] irow's slots of each expert, and */
-    int32_t *inext;      /* [P] their links (head and next as they started) */
-    uint64_t *inodes;    /* [N] bit n: the expert had a replica on node n then (NULL past 64 nodes) */
+    int32_t *inext;      /* [P] their links */
     int32_t *grp_node;   /* [groups][nodes], hierarchical only */
     double target;       /* FIX_DEPTH x the layer's floor: gains below it do not count, done at it */
     double item_bound;   /* no change makes a replica's load exceed it (INFINITY: no bound) */
@@ -204,16 +203,12 @@ static void new_touch_set(ctx *c) {
 static double source_link(const ctx *c, const layer_state *L, int32_t e, uint32_t g) {
     const uint32_t nd = node_of(c, g);
     bool here = false, away = false;
-    if (L->inodes) { /* up to 64 nodes: O(1) */
-        const uint64_t m = L->inodes[e];
-        here = (m >> nd) & 1;
-        away = (m & ~(1ull << nd)) != 0;
-    } else {
-        for (int32_t u = L->ihead[e]; u >= 0 && !(here && away); u = L->inext[u]) {
-            const bool same = node_of(c, gpu_of(c, (uint32_t)u)) == nd;
-            here = here || same;
-            away = away || !same;
-        }
+    /* A walk of the expert's first replicas: a per-expert node mask
+     * (tried) saved few instructions, and its memory cost page faults. */
+    for (int32_t u = L->ihead[e]; u >= 0 && !(here && away); u = L->inext[u]) {
+        const bool same = node_of(c, gpu_of(c, (uint32_t)u)) == nd;
+        here = here || same;
+        away = away || !same;
     }
     double best = INFINITY;
     if (here)
@@ -712,8 +707,8 @@ static void find_best(ctx *c, layer_state *L) {
                     continue;
                 /* The marks say which half is free (source_link's comment). */
                 const uint32_t ca = c->holds[(size_t)i * c->G + h] != tick, cb = c->on_g[b] != tick;
-                if (!L->inodes) /* source_link walks the first replicas (about cnt of them) */
-                    c->work += (ca ? (uint32_t)L->cnt[a] : 0) + (cb ? (uint32_t)L->cnt[b] : 0);
+                /* source_link walks the first replicas (about cnt of them) */
+                c->work += (ca ? (uint32_t)L->cnt[a] : 0) + (cb ? (uint32_t)L->cnt[b] : 0);
                 const double cost = (ca ? source_link(c, L, a, h) : 0) + (cb ? source_link(c, L, b, g) : 0) +
                                     2 * SLOT_COST;
                 if (!affordable(c, ca + cb, 2)) {
@@ -988,6 +983,11 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
         if (phy2log[i] < 0 || (uint32_t)phy2log[i] >= N)
             return eplb_error_set(err, EPLB_EINVAL, "incremental rebalance: layer %zu slot %zu holds %d", i / P,
                                   i % P, phy2log[i]);
+    if (p->initial_row)
+        for (size_t i = 0; i < (size_t)Lyr * P; i++)
+            if (p->initial_row[i] < 0 || (uint32_t)p->initial_row[i] >= N)
+                return eplb_error_set(err, EPLB_EINVAL, "incremental rebalance: initial_row layer %zu slot %zu holds %d",
+                                      i / P, i % P, p->initial_row[i]);
     for (size_t i = 0; i < (size_t)Lyr * N; i++)
         if (p->logical_load[i] < 0)
             return eplb_error_set(err, EPLB_EINVAL, "incremental rebalance: negative load at %zu", i);
@@ -995,17 +995,16 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
     ctx *c = eplb_malloc(sizeof *c);
     layer_state *ls = eplb_calloc(Lyr, sizeof *ls);
     double *dbl = eplb_malloc(((size_t)Lyr * (4 * (size_t)N + G)) * sizeof(double)); /* w, xr, xup, xdn, load */
-    /* head, next, grp_node; irow, ihead, inext */
-    int32_t *ints = eplb_malloc(((size_t)Lyr * (2 * (size_t)N + 3 * (size_t)P + (size_t)groups * nodes)) * sizeof(int32_t));
+    /* head, next, grp_node; ihead, inext; irow when the caller gives no initial_row */
+    const size_t per_layer = 2 * (size_t)N + (p->initial_row ? 2 : 3) * (size_t)P + (size_t)groups * nodes;
+    int32_t *ints = eplb_malloc((size_t)Lyr * per_layer * sizeof(int32_t));
     uint32_t *heap = eplb_malloc((size_t)Lyr * sizeof *heap);
     uint32_t *order = eplb_malloc((size_t)Lyr * G * sizeof *order); /* each layer's GPU order */
     uint32_t *scr = eplb_calloc((size_t)7 * G + P, sizeof *scr); /* donors, touch_tick, touch_at, b_stamp, b_gpus, bn_stamp, bn_cnt, bf_stamp */
     double *x = eplb_malloc(((size_t)P + P / G + G) * sizeof *x); /* x [P], lb [S], b_load [G] */
     uint32_t *marks = eplb_calloc((size_t)N + (size_t)P + G, sizeof *marks); /* on_g [N], holds [S][G] = [P], shares [G] */
     int32_t *saved = p->reference_cnt ? eplb_malloc((size_t)Lyr * (P + N) * sizeof *saved) : NULL;
-    uint64_t *inodes = nodes <= 64 ? eplb_calloc((size_t)Lyr * N, sizeof *inodes) : NULL;
-    if (!c || !ls || !dbl || !ints || !heap || !order || !scr || !x || !marks || (p->reference_cnt && !saved) ||
-        (nodes <= 64 && !inodes)) {
+    if (!c || !ls || !dbl || !ints || !heap || !order || !scr || !x || !marks || (p->reference_cnt && !saved)) {
         st = eplb_error_set(err, EPLB_ENOMEM, "out of memory for an incremental %ux%u rebalance", Lyr, P);
         goto out;
     }
@@ -1027,10 +1026,9 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
         L->order = order + (size_t)l * G;
         for (uint32_t g = 0; g < G; g++)
             L->order[g] = g;
-        L->head = ints + (size_t)l * (2 * (size_t)N + 3 * (size_t)P + (size_t)groups * nodes);
+        L->head = ints + (size_t)l * per_layer;
         L->next = L->head + N;
-        L->irow = L->next + P;
-        L->ihead = L->irow + P;
+        L->ihead = L->next + P;
         L->inext = L->ihead + N;
         L->grp_node = L->inext + P;
         L->target = p->layer_floor ? p->layer_floor[l] * FIX_DEPTH : -1;
@@ -1058,13 +1056,20 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
         for (uint32_t e = 0; e < N; e++)
             set_counts(L, (int32_t)e);
         recompute_loads(c, L);
-        memcpy(L->irow, L->row, P * sizeof *L->irow);
-        memcpy(L->ihead, L->head, N * sizeof *L->ihead);
-        memcpy(L->inext, L->next, P * sizeof *L->inext);
-        if (inodes) {
-            L->inodes = inodes + (size_t)l * N;
-            for (uint32_t i = 0; i < P; i++)
-                L->inodes[L->row[i]] |= 1ull << node_of(c, gpu_of(c, i));
+        if (p->initial_row) {
+            L->irow = p->initial_row + (size_t)l * P;
+            for (uint32_t e = 0; e < N; e++)
+                L->ihead[e] = -1;
+            for (uint32_t i = P; i-- > 0;) { /* ascending, as head's */
+                L->inext[i] = L->ihead[L->irow[i]];
+                L->ihead[L->irow[i]] = (int32_t)i;
+            }
+        } else {
+            int32_t *copy = L->grp_node + (size_t)groups * nodes;
+            memcpy(copy, L->row, P * sizeof *copy);
+            L->irow = copy;
+            memcpy(L->ihead, L->head, N * sizeof *L->ihead);
+            memcpy(L->inext, L->next, P * sizeof *L->inext);
         }
     }
     /* Every layer is valid: only now may one change. */
@@ -1158,6 +1163,5 @@ out:
     eplb_free(x);
     eplb_free(marks);
     eplb_free(saved);
-    eplb_free(inodes);
     return st;
 }

@@ -86,6 +86,11 @@ typedef struct eplb_incremental_params {
     bool copies_budget, slots_budget;
     bool hierarchical;            /* keep each group's replicas on the nodes they are on */
     uint64_t max_work;            /* the compute bound; 0: EPLB_INCREMENTAL_MAX_WORK */
+    /* initial_row [L][P] (NULL: phy2log as given): the row the plan will
+     * copy from, which prices copies (free where a GPU held the expert in
+     * it).  eplb_node_repair passes the current row while the search
+     * starts from its swapped one. */
+    const int32_t *initial_row;
 } eplb_incremental_params;
 
 typedef struct eplb_incremental_stats {

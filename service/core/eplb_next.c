@@ -253,6 +253,7 @@ static eplb_status incremental(const eplb_next_request *req, int32_t *phy2log, i
         .copies_budget = copies_budget,
         .slots_budget = slots_budget,
         .hierarchical = eplb_policy_is_hierarchical(s) && s->num_nodes > 1,
+        .initial_row = req->cur_phy2log, /* the same as phy2log now: no copy of it */
     };
     eplb_incremental_stats is;
     if ((st = eplb_incremental_rebalance(&ip, phy2log, logcnt, &is, err)) != EPLB_OK)

@@ -312,6 +312,7 @@ eplb_status eplb_node_repair(const eplb_node_repair_params *p, int32_t *out_row,
         .cost_cross_node = p->cost_cross_node,
         .hierarchical = true,
         .max_work = p->max_work,
+        .initial_row = p->row, /* the plan copies from the current row, not the swapped one */
     };
     eplb_incremental_stats is;
     st = eplb_incremental_rebalance(&ip, out_row, out_cnt, &is, err);
