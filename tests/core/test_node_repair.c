@@ -18,6 +18,14 @@
 static const eplb_policy_shape four_groups = { .num_layers = 1, .num_logical = 8, .num_physical = 8,
                                                .num_groups = 4, .num_nodes = 2, .num_gpus = 4 };
 static const int32_t four_groups_row[8] = { 0, 2, 1, 3, 4, 6, 5, 7 };
+/* Groups 80, 20, 20, 10 on it: node 0 carries 100, node 1 30. */
+static const int64_t four_groups_skewed[8] = { 40, 40, 10, 10, 10, 10, 5, 5 };
+
+/* A repair of the four-group layer aiming at `floor`. */
+static eplb_node_repair_params four_groups_repair(const int64_t *load, double floor) {
+    return (eplb_node_repair_params){ .shape = four_groups, .load = load, .row = four_groups_row, .floor = floor,
+                                      .target_max = floor, .cost_intra_node = 1, .cost_cross_node = 4 };
+}
 
 /* Loads 40 40 | 10 10 | 10 10 | 5 5: groups 80, 20, 20, 10, nodes 100 and
  * 30 (GPUs 50, 50, 15, 15).  Swaps: g0-g2 gives nodes 40 / 90, g0-g3
@@ -28,9 +36,7 @@ static const int32_t four_groups_row[8] = { 0, 2, 1, 3, 4, 6, 5, 7 };
  * GPU2, e1 to GPU3, 45 / 45.  The max is 45, the target: INCREMENTAL has
  * nothing left to do. */
 Test(node_repair, golden_swaps_the_best_pair) {
-    const int64_t load[8] = { 40, 40, 10, 10, 10, 10, 5, 5 };
-    eplb_node_repair_params p = { .shape = four_groups, .load = load, .row = four_groups_row, .floor = 45,
-                                  .target_max = 45, .cost_intra_node = 1, .cost_cross_node = 4 };
+    const eplb_node_repair_params p = four_groups_repair(four_groups_skewed, 45);
     int32_t row[8], cnt[8];
     bool repaired;
     eplb_error err;
@@ -75,8 +81,7 @@ Test(node_repair, golden_counts_follow_the_load) {
 /* Nodes already even (every expert 10): nothing to repair. */
 Test(node_repair, none_when_the_nodes_are_even) {
     const int64_t load[8] = { 10, 10, 10, 10, 10, 10, 10, 10 };
-    eplb_node_repair_params p = { .shape = four_groups, .load = load, .row = four_groups_row, .floor = 20,
-                                  .target_max = 20, .cost_intra_node = 1, .cost_cross_node = 4 };
+    const eplb_node_repair_params p = four_groups_repair(load, 20);
     int32_t row[8], cnt[8];
     bool repaired = true;
     eplb_error err;
@@ -85,9 +90,7 @@ Test(node_repair, none_when_the_nodes_are_even) {
 }
 
 Test(node_repair, refuses_what_it_cannot_repair) {
-    const int64_t load[8] = { 40, 40, 10, 10, 10, 10, 5, 5 };
-    eplb_node_repair_params p = { .shape = four_groups, .load = load, .row = four_groups_row, .floor = 45,
-                                  .target_max = 45, .cost_intra_node = 1, .cost_cross_node = 4 };
+    eplb_node_repair_params p = four_groups_repair(four_groups_skewed, 45);
     int32_t row[8], cnt[8];
     bool repaired;
     eplb_error err;
