@@ -189,9 +189,10 @@ static void new_touch_set(ctx *c) {
 }
 
 /* How copies are priced: as the plan makes them.  Its sources are the
- * bytes the GPUs held when the call began (eplb_plan.h, 1 and 5: the row
- * the caller passed; eplb_node_repair passes its own row, with two groups
- * already swapped, and eplb_next recounts the real copies), and a
+ * bytes the GPUs held when the call began (eplb_plan.h, 1 and 5: the
+ * caller's initial_row, or the row it passed; eplb_node_repair passes its
+ * own row, two groups already swapped, and eplb_next recounts the real
+ * copies), and a
  * GPU copies an expert at most once (6).  So bringing expert e to GPU g is
  * free when g holds e now (an earlier change of this call paid for the
  * copy) or held it then (a copy within the GPU); find_best's marks (holds,

@@ -88,8 +88,7 @@ typedef struct eplb_incremental_params {
     uint64_t max_work;            /* the compute bound; 0: EPLB_INCREMENTAL_MAX_WORK */
     /* initial_row [L][P] (NULL: phy2log as given): the row the plan will
      * copy from, which prices copies (free where a GPU held the expert in
-     * it).  eplb_node_repair passes the current row while the search
-     * starts from its swapped one. */
+     * it).  eplb_next passes the current row, which saves a copy of it. */
     const int32_t *initial_row;
 } eplb_incremental_params;
 
