@@ -1065,6 +1065,12 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
                 L->inext[i] = L->ihead[L->irow[i]];
                 L->ihead[L->irow[i]] = (int32_t)i;
             }
+            for (uint32_t e = 0; e < N && st == EPLB_OK; e++)
+                if (L->ihead[e] < 0) /* no source to copy it from */
+                    st = eplb_error_set(err, EPLB_EINVAL,
+                                        "incremental rebalance: initial_row layer %u has no replica of expert %u", l, e);
+            if (st != EPLB_OK)
+                goto out;
         } else {
             int32_t *copy = L->grp_node + (size_t)groups * nodes;
             memcpy(copy, L->row, P * sizeof *copy);

@@ -88,7 +88,8 @@ typedef struct eplb_incremental_params {
     uint64_t max_work;            /* the compute bound; 0: EPLB_INCREMENTAL_MAX_WORK */
     /* initial_row [L][P] (NULL: phy2log as given): the row the plan will
      * copy from, which prices copies (free where a GPU held the expert in
-     * it).  eplb_next passes the current row, which saves a copy of it. */
+     * it); every expert needs a replica in it (EINVAL).  eplb_next passes
+     * the current row, which saves a copy of it. */
     const int32_t *initial_row;
 } eplb_incremental_params;
 

@@ -271,6 +271,17 @@ Test(incremental, refuses_bad_input) {
     int32_t row2[4] = { 0, 1, 1, 1 }; /* expert 2 has no replica */
     cr_assert_eq(eplb_incremental_rebalance(&p, row2, cnt, &st, &err), EPLB_EINVAL);
     cr_assert(strstr(err.msg, "without a replica"), "%s", err.msg);
+    /* The plan's sources: in range, and a replica of every expert. */
+    int32_t row3[4] = { 0, 1, 2, 0 };
+    const int32_t bad_initial[4] = { 0, 1, 3, 0 }, short_initial[4] = { 0, 1, 1, 0 };
+    p.initial_row = bad_initial;
+    cr_assert_eq(eplb_incremental_rebalance(&p, row3, cnt, &st, &err), EPLB_EINVAL);
+    cr_assert(strstr(err.msg, "initial_row layer 0 slot 2 holds 3"), "%s", err.msg);
+    p.initial_row = short_initial;
+    cr_assert_eq(eplb_incremental_rebalance(&p, row3, cnt, &st, &err), EPLB_EINVAL);
+    cr_assert(strstr(err.msg, "no replica of expert 2"), "%s", err.msg);
+    const int32_t same[4] = { 0, 1, 2, 0 };
+    cr_assert_arr_eq(row3, same, sizeof same); /* refused: nothing changed */
 }
 
 /* ---- properties ---------------------------------------------------------- */
