@@ -23,9 +23,9 @@
  * slowest GPU's bytes in + out, from eplb_plan_build's sources), and the
  * median compute time (policy + the plans of all layers), and the layers
  * per rebalance that took the from-scratch row (fb) or a node repair
- * (nr, eplb_node_repair.h).  "deepseek, one step
- * late": DeepSeek's placement of the previous load on this one (what a
- * single drift step costs even a from-scratch placement).  For "shift":
+ * (nr, eplb_node_repair.h).  "deepseek, one step late": DeepSeek's
+ * placement of the previous load on this one (what a single drift step
+ * costs even a from-scratch placement).  For "shift":
  * rel at the 1st and 2nd rebalance after the shift.
  *
  *   ./bench_incremental [rebalances]
@@ -275,7 +275,7 @@ int main(int argc, char **argv) {
         { "DeepSeek-V3 1 node x 32 GPUs", { 58, 256, 288, 8, 1, 32 } },
         { "Kimi-K2-like 32 GPUs (4 x 8)", { 61, 384, 416, 1, 4, 32 } },
         /* Shapes beyond the issue's three: other EP sizes, and a model
-         * with fewer, more numerous layers (Qwen3-235B-A22B-like: 94
+         * with more layers and fewer experts (Qwen3-235B-A22B-like: 94
          * layers x 128 experts, no groups). */
         { "DeepSeek-V3 1 node x 8 GPUs", { 58, 256, 288, 8, 1, 8 } },
         { "DeepSeek-V3 2 nodes x 8 GPUs", { 58, 256, 288, 8, 2, 16 } },

@@ -192,8 +192,8 @@ static void new_touch_set(ctx *c) {
  * bytes the GPUs held when the call began (eplb_plan.h, 1 and 5: the
  * caller's initial_row, or the row it passed; eplb_node_repair passes its
  * own row, two groups already swapped, and eplb_next recounts the real
- * copies), and a
- * GPU copies an expert at most once (6).  So bringing expert e to GPU g is
+ * copies), and a GPU copies an expert at most once (6).  So bringing
+ * expert e to GPU g is
  * free when g holds e now (an earlier change of this call paid for the
  * copy) or held it then (a copy within the GPU); find_best's marks (holds,
  * on_g) and b_prepare's stamps say which.  Otherwise it costs the cheapest
@@ -201,6 +201,17 @@ static void new_touch_set(ctx *c) {
  * holders only, as this did before, charged a copy for bringing an expert
  * back to a GPU it had just left, and priced links from GPUs whose copy
  * was made in the same call (docs/benchmarks.md). */
+/* The cheaper link to a GPU from the GPUs that held an expert: one of its
+ * node (here) or of another node (away); INFINITY with neither. */
+static double cheapest_link(const ctx *c, bool here, bool away) {
+    double best = INFINITY;
+    if (here)
+        best = c->p->cost_intra_node;
+    if (away && c->p->cost_cross_node < best)
+        best = c->p->cost_cross_node;
+    return best;
+}
+
 static double source_link(const ctx *c, const layer_state *L, int32_t e, uint32_t g) {
     const uint32_t nd = node_of(c, g);
     bool here = false, away = false;
@@ -211,12 +222,7 @@ static double source_link(const ctx *c, const layer_state *L, int32_t e, uint32_
         here = here || same;
         away = away || !same;
     }
-    double best = INFINITY;
-    if (here)
-        best = c->p->cost_intra_node;
-    if (away && c->p->cost_cross_node < best)
-        best = c->p->cost_cross_node;
-    return best;
+    return cheapest_link(c, here, away);
 }
 
 static bool group_on_node(const ctx *c, const layer_state *L, int32_t e, uint32_t node) {
@@ -325,12 +331,7 @@ static double b_fetch_cost(const ctx *c, const b_part *bp, uint32_t h, uint32_t 
     *copies = 1;
     const uint32_t nd = node_of(c, h);
     const uint32_t on_node = c->bn_stamp[nd] == bp->tick ? c->bn_cnt[nd] : 0;
-    double best = INFINITY;
-    if (on_node > 0)
-        best = c->p->cost_intra_node;
-    if (bp->icnt > on_node && c->p->cost_cross_node < best)
-        best = c->p->cost_cross_node;
-    return best;
+    return cheapest_link(c, on_node > 0, bp->icnt > on_node);
 }
 
 /* The loads after REPL(t, b), b's side prepared: *worst, the heaviest GPU
@@ -470,6 +471,20 @@ static double level_key(const ctx *c, const layer_state *L, double M, const chan
     return key;
 }
 
+/* Marks the GPUs on expert a's list (head, next: its slots now, or when
+ * the call began) in holds_row and shares: a reaches them free, and a swap
+ * with them may have a free half.  Returns the slots walked. */
+static uint32_t mark_free_to(ctx *c, const int32_t *head, const int32_t *next, int32_t a, uint32_t *holds_row,
+                             uint32_t tick) {
+    uint32_t n = 0;
+    for (int32_t u = head[a]; u >= 0; u = next[u], n++) {
+        const uint32_t q = gpu_of(c, (uint32_t)u);
+        holds_row[q] = tick;
+        c->shares[q] = tick;
+    }
+    return n;
+}
+
 /* The layer's best change now (kind NONE when none improves or fits). */
 static void find_best(ctx *c, layer_state *L) {
     change best = { .kind = CH_NONE, .score = -INFINITY };
@@ -516,9 +531,9 @@ static void find_best(ctx *c, layer_state *L) {
     /* Gains past the target are worth nothing more: with them capped,
      * every change that brings g to the target scores by its cost alone. */
     c->cap = L->target >= 0 ? M - L->target : INFINITY;
-    /* Which copies are free (the GPU holds or held the expert,
-     * source_link's comment): a lower bound of every candidate's cost before its
-     * exact one. */
+    /* Which copies are free (the GPU holds or held the expert:
+     * source_link's comment): a lower bound of every candidate's cost
+     * before its exact one. */
     if (++c->tick == 0) { /* wrapped: every old stamp could match again */
         memset(c->on_g, 0, ((size_t)c->N + c->P + c->G) * sizeof *c->on_g);
         c->tick = 1;
@@ -527,18 +542,8 @@ static void find_best(ctx *c, layer_state *L) {
     for (uint32_t i = 0; i < S; i++) {
         const int32_t a = L->row[g0 + i];
         c->on_g[a] = tick;
-        c->work += (uint32_t)L->cnt[a];
-        for (int32_t u = L->head[a]; u >= 0; u = L->next[u]) {
-            const uint32_t q = gpu_of(c, (uint32_t)u);
-            c->holds[(size_t)i * c->G + q] = tick;
-            c->shares[q] = tick;
-        }
-        for (int32_t u = L->ihead[a]; u >= 0; u = L->inext[u]) {
-            const uint32_t q = gpu_of(c, (uint32_t)u);
-            c->holds[(size_t)i * c->G + q] = tick;
-            c->shares[q] = tick;
-            c->work++;
-        }
+        c->work += mark_free_to(c, L->head, L->next, a, c->holds + (size_t)i * c->G, tick); /* cnt[a] */
+        c->work += mark_free_to(c, L->ihead, L->inext, a, c->holds + (size_t)i * c->G, tick);
     }
     /* An expert g held when the call began comes back to it free; the GPUs
      * that hold it now could swap it back. */
@@ -727,6 +732,17 @@ static void find_best(ctx *c, layer_state *L) {
     if (best.kind == CH_NONE) {
         L->done = true;
         c->budget_stopped = c->budget_stopped || c->budget_refused;
+    }
+}
+
+/* Each expert's slots in row [P], as head [N] / next [P] lists, ascending
+ * (prepending in reverse keeps them so); head -1 for an expert row lacks. */
+static void link_slots(const int32_t *row, uint32_t P, uint32_t N, int32_t *head, int32_t *next) {
+    for (uint32_t e = 0; e < N; e++)
+        head[e] = -1;
+    for (uint32_t i = P; i-- > 0;) {
+        next[i] = head[row[i]];
+        head[row[i]] = (int32_t)i;
     }
 }
 
@@ -1036,14 +1052,12 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
         L->item_bound = INFINITY;
         for (uint32_t e = 0; e < N; e++) {
             L->w[e] = (double)p->logical_load[(size_t)l * N + e];
-            L->head[e] = -1;
             L->cnt[e] = 0;
         }
+        link_slots(L->row, P, N, L->head, L->next);
         memset(L->grp_node, 0, (size_t)groups * nodes * sizeof *L->grp_node);
-        for (uint32_t i = P; i-- > 0;) { /* prepending in reverse keeps lists ascending */
+        for (uint32_t i = 0; i < P; i++) {
             const int32_t e = L->row[i];
-            L->next[i] = L->head[e];
-            L->head[e] = (int32_t)i;
             L->cnt[e]++;
             L->grp_node[(size_t)((uint32_t)e / c->per_group) * nodes + node_of(c, gpu_of(c, i))]++;
         }
@@ -1059,25 +1073,18 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
         recompute_loads(c, L);
         if (p->initial_row) {
             L->irow = p->initial_row + (size_t)l * P;
-            for (uint32_t e = 0; e < N; e++)
-                L->ihead[e] = -1;
-            for (uint32_t i = P; i-- > 0;) { /* ascending, as head's */
-                L->inext[i] = L->ihead[L->irow[i]];
-                L->ihead[L->irow[i]] = (int32_t)i;
-            }
-            for (uint32_t e = 0; e < N && st == EPLB_OK; e++)
-                if (L->ihead[e] < 0) /* no source to copy it from */
-                    st = eplb_error_set(err, EPLB_EINVAL,
-                                        "incremental rebalance: initial_row layer %u has no replica of expert %u", l, e);
-            if (st != EPLB_OK)
-                goto out;
         } else {
             int32_t *copy = L->grp_node + (size_t)groups * nodes;
             memcpy(copy, L->row, P * sizeof *copy);
             L->irow = copy;
-            memcpy(L->ihead, L->head, N * sizeof *L->ihead);
-            memcpy(L->inext, L->next, P * sizeof *L->inext);
         }
+        link_slots(L->irow, P, N, L->ihead, L->inext);
+        for (uint32_t e = 0; e < N && st == EPLB_OK; e++)
+            if (L->ihead[e] < 0) /* initial_row only: no source to copy it from */
+                st = eplb_error_set(err, EPLB_EINVAL,
+                                    "incremental rebalance: initial_row layer %u has no replica of expert %u", l, e);
+        if (st != EPLB_OK)
+            goto out;
     }
     /* Every layer is valid: only now may one change. */
     for (uint32_t l = 0; l < Lyr; l++) {

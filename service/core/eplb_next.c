@@ -126,21 +126,14 @@ static eplb_status from_scratch(const eplb_policy_shape *s, eplb_slot_order orde
     return EPLB_OK;
 }
 
-/* One layer's max load: the heaviest GPU's sum of load / count. */
-static double layer_max(uint32_t P, uint32_t G, const int64_t *load, const int32_t *row, const int32_t *cnt) {
-    const uint32_t S = P / G;
-    double m = 0;
-    for (uint32_t g = 0; g < G; g++) {
-        double sum = 0;
-        for (uint32_t i = g * S; i < (g + 1) * S; i++)
-            sum += (double)load[row[i]] / cnt[row[i]];
-        m = sum > m ? sum : m;
-    }
-    return m;
+/* A layer's max load from its balancedness: the mean (floor x the
+ * reference's balancedness) over it; 0 for an empty layer. */
+static double max_of(double floor, double ref_bal, double bal) {
+    return bal > 0 ? floor * ref_bal / bal : 0;
 }
 
 /* The node repair of layer l (eplb_node_repair.h) as the fallback's second
- * candidate: its row and counts, its max, and its copies + 1, slots and
+ * candidate: its row and counts, its balancedness, and its copies + 1, slots and
  * cross-node copies against the current row (copies + 1 = UINT64_MAX:
  * no repair).  *work_left: what is left of the call's compute bound
  * (EPLB_INCREMENTAL_MAX_WORK, shared with the search and every repair), so
@@ -148,7 +141,7 @@ static double layer_max(uint32_t P, uint32_t G, const int64_t *load, const int32
  * time one search may take; none left, no repair. */
 static eplb_status node_repair_layer(const eplb_next_request *req, const eplb_incremental_params *ip, uint32_t l,
                                      double floor, double target_max, const int32_t *ref_cnt, copy_marks *m,
-                                     int32_t *row, int32_t *cnt, double *max, uint64_t *stats, uint64_t *work_left,
+                                     int32_t *row, int32_t *cnt, double *bal, uint64_t *stats, uint64_t *work_left,
                                      uint64_t *work_spent, eplb_error *err) {
     const eplb_policy_shape *s = &req->shape;
     const uint32_t N = s->num_logical, P = s->num_physical, G = s->num_gpus;
@@ -173,7 +166,7 @@ static eplb_status node_repair_layer(const eplb_next_request *req, const eplb_in
     *work_spent += work;
     if (st != EPLB_OK || !repaired)
         return st;
-    *max = layer_max(P, G, np.load, row, cnt);
+    *bal = eplb_policy_balancedness(1, N, P, G, np.load, row, cnt, NULL);
     uint64_t copies = 0, node = 0, slots = 0;
     copies_layer(m, P, G, gpus_per_node_of(s), N, np.row, row, &copies, &node, &slots);
     stats[0] = copies + 1;
@@ -200,7 +193,7 @@ static eplb_status incremental(const eplb_next_request *req, int32_t *phy2log, i
     uint64_t *inc_copies = eplb_calloc((size_t)L * 6, sizeof *inc_copies); /* + cross-node: [4L) inc, [5L) ref */
     copy_marks m = { 0 };
     int32_t *fix_row = NULL, *fix_cnt = NULL; /* [L][P], [L][N]: node repairs (hierarchical, short of the target) */
-    double *fix_max = NULL;                   /* [L] their max loads */
+    double *fix_bal = NULL;                   /* [L] their balancedness */
     uint64_t *fix_stats = NULL;               /* [L][3] */
     bool *fix_taken = NULL;                   /* [L] the layer's row is its repair */
     eplb_status st = EPLB_OK;
@@ -284,10 +277,10 @@ static eplb_status incremental(const eplb_next_request *req, int32_t *phy2log, i
     if (!reached && repairable) {
         fix_row = eplb_malloc((size_t)L * P * sizeof *fix_row);
         fix_cnt = eplb_malloc((size_t)L * N * sizeof *fix_cnt);
-        fix_max = eplb_malloc((size_t)L * sizeof *fix_max);
+        fix_bal = eplb_malloc((size_t)L * sizeof *fix_bal);
         fix_stats = eplb_calloc((size_t)L * 3, sizeof *fix_stats); /* copies + 1 (UINT64_MAX = none or taken), slots, cross-node */
         fix_taken = eplb_calloc(L, sizeof *fix_taken);
-        if (!fix_row || !fix_cnt || !fix_max || !fix_stats || !fix_taken) {
+        if (!fix_row || !fix_cnt || !fix_bal || !fix_stats || !fix_taken) {
             st = eplb_error_set(err, EPLB_ENOMEM, "out of memory for an incremental %ux%u rebalance", L, P);
             goto out;
         }
@@ -304,7 +297,7 @@ static eplb_status incremental(const eplb_next_request *req, int32_t *phy2log, i
             for (uint32_t l = 0; l < L; l++) {
                 if (inc_copies[2 * L + l] == UINT64_MAX)
                     continue; /* taken, or not better */
-                const double inc_max = inc_layer[l] > 0 ? layer_floor[l] * ref_layer[l] / inc_layer[l] : 0;
+                const double inc_max = max_of(layer_floor[l], ref_layer[l], inc_layer[l]);
                 const double gain = inc_max - layer_floor[l];
                 if (!(gain > 0)) {
                     inc_copies[2 * L + l] = UINT64_MAX;
@@ -323,7 +316,7 @@ static eplb_status incremental(const eplb_next_request *req, int32_t *phy2log, i
                     inc_copies[5 * L + l] = rn;
                     if (fix_stats && (st = node_repair_layer(req, &ip, l, layer_floor[l], layer_floor[l] / target,
                                                              ref_cnt + (size_t)l * N, &m, fix_row + off,
-                                                             fix_cnt + (size_t)l * N, &fix_max[l],
+                                                             fix_cnt + (size_t)l * N, &fix_bal[l],
                                                              fix_stats + 3 * (size_t)l, &work_left, &rep->work,
                                                              err)) != EPLB_OK)
                         goto out;
@@ -342,7 +335,7 @@ static eplb_status incremental(const eplb_next_request *req, int32_t *phy2log, i
                         rg = fix_stats[3 * (size_t)l] - 1;
                         rslots = fix_stats[3 * (size_t)l + 1];
                         rn = fix_stats[3 * (size_t)l + 2];
-                        cand_gain = inc_max - fix_max[l];
+                        cand_gain = inc_max - max_of(layer_floor[l], ref_layer[l], fix_bal[l]);
                         if (!(cand_gain > 0))
                             continue;
                     }
@@ -378,7 +371,7 @@ static eplb_status incremental(const eplb_next_request *req, int32_t *phy2log, i
                  * target, the layer may take it over the repair. */
                 fix_stats[3 * (size_t)l] = UINT64_MAX;
                 fix_taken[l] = true;
-                inc_layer[l] = layer_floor[l] * ref_layer[l] / fix_max[l];
+                inc_layer[l] = fix_bal[l];
                 rep->layers_node_repaired++;
             } else {
                 inc_copies[2 * L + l] = UINT64_MAX;
@@ -428,7 +421,7 @@ out:
     eplb_free(m.old_gpu);
     eplb_free(fix_row);
     eplb_free(fix_cnt);
-    eplb_free(fix_max);
+    eplb_free(fix_bal);
     eplb_free(fix_stats);
     eplb_free(fix_taken);
     eplb_free(inc_copies);

@@ -240,29 +240,25 @@ eplb_status eplb_node_repair(const eplb_node_repair_params *p, int32_t *out_row,
                 v = t;
             }
     }
-    const double before = sc.node_load[top[0]];
-    if (!(before / gpn > p->target_max)) {
-        /* The heaviest node's mean GPU is within the target: changes
-         * inside the nodes can get there, no group needs to move. */
-        eplb_free(mem);
-        return EPLB_OK;
-    }
+    /* The heaviest node's mean GPU within the target: changes inside the
+     * nodes can get there, no group needs to move. */
+    const uint32_t na = top[0];
+    const double before = sc.node_load[na];
+    if (!(before / gpn > p->target_max))
+        goto done;
     /* Only a swap with a group of the heaviest node can lower its load. */
     uint64_t on_top = 0;
     for (uint32_t A = 0; A < groups; A++)
-        on_top += sc.grp_node[A] == (int32_t)top[0];
-    if (on_top * groups > EPLB_NODE_REPAIR_MAX_PAIRS) {
-        eplb_free(mem);
-        return EPLB_OK;
-    }
+        on_top += sc.grp_node[A] == (int32_t)na;
+    if (on_top * groups > EPLB_NODE_REPAIR_MAX_PAIRS)
+        goto done;
     if (work)
         *work += (uint64_t)P + on_top * groups;
     double best = before;
     uint32_t bestA = UINT32_MAX, bestB = UINT32_MAX;
     for (uint32_t A = 0; A < groups; A++) {
-        if (sc.grp_node[A] != (int32_t)top[0])
+        if (sc.grp_node[A] != (int32_t)na)
             continue;
-        const uint32_t na = (uint32_t)sc.grp_node[A];
         for (uint32_t B = 0; B < groups; B++) {
             if (sc.grp_node[B] < 0 || (uint32_t)sc.grp_node[B] == na)
                 continue;
@@ -282,13 +278,11 @@ eplb_status eplb_node_repair(const eplb_node_repair_params *p, int32_t *out_row,
             }
         }
     }
-    if (bestA == UINT32_MAX || !(best < before * (1 - 1e-9))) {
-        eplb_free(mem);
-        return EPLB_OK; /* no swap lowers the heaviest node */
-    }
+    if (bestA == UINT32_MAX || !(best < before * (1 - 1e-9)))
+        goto done; /* no swap lowers the heaviest node */
 
     /* Steps 3 and 4.  Each node's GPU loads without the slots it frees. */
-    const uint32_t na = (uint32_t)sc.grp_node[bestA], nb = (uint32_t)sc.grp_node[bestB];
+    const uint32_t nb = (uint32_t)sc.grp_node[bestB];
     memcpy(out_row, p->row, P * sizeof *out_row);
     for (uint32_t i = 0; i < P; i++) {
         const uint32_t e = (uint32_t)p->row[i], x = e / per;
@@ -296,10 +290,8 @@ eplb_status eplb_node_repair(const eplb_node_repair_params *p, int32_t *out_row,
             sc.gpu_load[i / S] -= (double)p->load[e] / out_cnt[e];
     }
     if (!move_group(&s, p->load, p->row, out_row, out_cnt, bestA, bestB, na, &sc) ||
-        !move_group(&s, p->load, p->row, out_row, out_cnt, bestB, bestA, nb, &sc)) {
-        eplb_free(mem);
-        return EPLB_OK;
-    }
+        !move_group(&s, p->load, p->row, out_row, out_cnt, bestB, bestA, nb, &sc))
+        goto done;
 
     /* Step 5. */
     eplb_incremental_params ip = {
@@ -324,8 +316,8 @@ eplb_status eplb_node_repair(const eplb_node_repair_params *p, int32_t *out_row,
     st = eplb_incremental_rebalance(&ip, out_row, out_cnt, &is, err);
     if (work)
         *work += is.work;
+    *repaired = st == EPLB_OK;
+done:
     eplb_free(mem);
-    if (st == EPLB_OK)
-        *repaired = true;
     return st;
 }
