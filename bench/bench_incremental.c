@@ -31,7 +31,9 @@
  *   ./bench_incremental [rebalances]
  * BENCH_CASE=substring picks cases, BENCH_STRATEGY=name one strategy (plus
  * MIN_TRAFFIC, the bytes reference).  BENCH_ZIPF (default 1.1) and
- * BENCH_NOISE (default 0.1) make other traces. */
+ * BENCH_NOISE (default 0.1) make other traces; BENCH_HASH=1 prints a hash
+ * of every placement each strategy chose (to check that a change gives the
+ * same answers). */
 #define _POSIX_C_SOURCE 200809L
 
 #include <malloc.h>
@@ -81,9 +83,17 @@ typedef struct acc {
     double rel_sum, rel_min, gpu_bytes, node_bytes, stall_s_sum, from_scratch, node_repaired;
     double late_sum, late_min;  /* the placement before the rebalance, as a fraction of DeepSeek's */
     int worse, n;
+    uint64_t hash;              /* FNV-1a of every placement it chose (BENCH_HASH): "same answers" checks */
     double rel_after_shift[2];
     double ms[1024];
 } acc;
+
+static uint64_t fnv1a(uint64_t h, const void *p, size_t n) {
+    const unsigned char *b = p;
+    for (size_t i = 0; i < n; i++)
+        h = (h ^ b[i]) * 0x100000001b3ull;
+    return h;
+}
 
 /* The slowest GPU's bytes in + out for cur -> next, from the real plans. */
 static double stall_bytes(const eplb_policy_shape *s, const int32_t *cur, const int32_t *next, double *io) {
@@ -219,6 +229,8 @@ static int run(const bench_case *bc, const char *trace, double drift, int R) {
             x->stall_s_sum += stall_bytes(s, cur[k], next, io) / GPU_BYTES_PER_S;
             if (strcmp(trace, "shift") == 0 && (step == R / 2 || step == R / 2 + 1))
                 x->rel_after_shift[step - R / 2] = rel;
+            x->hash = fnv1a(x->n ? x->hash : 0xcbf29ce484222325ull, next, np * sizeof *next);
+            x->hash = fnv1a(x->hash, ncnt, nl * sizeof *ncnt);
             x->n++;
             memcpy(cur[k], next, np * sizeof *next);
             memcpy(cnt[k], ncnt, nl * sizeof *ncnt);
@@ -243,6 +255,10 @@ static int run(const bench_case *bc, const char *trace, double drift, int R) {
             printf("  %7.4f %7.4f", x->rel_after_shift[0], x->rel_after_shift[1]);
         printf("\n");
     }
+    if (getenv("BENCH_HASH"))
+        for (size_t k = 0; k < NSTRAT; k++)
+            if (a[k].n)
+                printf("hash %-24s %016llx\n", strategies[k].name, (unsigned long long)a[k].hash);
     /* MIN_TRAFFIC's placement before each rebalance is DeepSeek's of the
      * previous load: what one drift step costs a from-scratch placement. */
     if (a[1].n)
