@@ -125,6 +125,10 @@ typedef struct layer_state {
     double *xr;          /* [N] w / cnt, a replica's load, and */
     double *xup, *xdn;   /* [N] w / (cnt + 1) and w / (cnt - 1) (INFINITY at cnt 1): kept with cnt
                             (set_counts), so no search divides */
+    double *x;           /* [P] xr of each slot's expert: kept with row and cnt (set_slot, set_counts) */
+    int32_t cold[REPL_COLD]; /* find_best's REPL_COLD coldest experts, valid while cold_ok */
+    uint32_t ncold;
+    bool cold_ok;        /* cleared by set_counts */
     uint32_t *order;     /* [G] GPUs by load, ascending (ties: lower GPU): kept between searches,
                             where a change moves a few GPUs, so the insertion sort is O(G) then */
     double *load;        /* [G] */
@@ -168,8 +172,9 @@ typedef struct ctx {
     uint64_t work_max;                  /* their bound: p->max_work, or INCREMENTAL_MAX_WORK */
     bool budget_refused;                /* this search refused a change the budget cannot pay for */
     bool budget_stopped;                /* a layer's search found nothing else: it stopped for the budget */
-    double *x;                          /* [P] per-replica load of each slot, scratch of find_best */
     double *lb;                         /* [S] cost bounds, scratch of find_best */
+    double *xs;                         /* [S] g's per-replica loads, descending, and */
+    uint32_t *si;                       /* [S] their slots on g: scratch of find_best */
     uint32_t *donors;                   /* [P] slots that may give up their replica, scratch of find_best */
     /* Scratch of one evaluation: the GPUs a change touches. */
     uint32_t touched[64 + 2 * 1024];
@@ -421,6 +426,27 @@ static void eval_repl_b(ctx *c, const layer_state *L, uint32_t g, double M, uint
                     .copies = copies, .slots = 1 };
 }
 
+/* A lower bound of the loads REPL(t, b) leaves on the GPUs of t's
+ * expert a's other replicas (off t's GPU; -INFINITY when none), b's side
+ * prepared: each ends at least da heavier than its base load, and that
+ * sum is repl_loads' first add there, so it compares exactly.  It stops
+ * at the first GPU at or above `stop`.  O(cnt[a]), counted as work. */
+static inline double a_side_low(ctx *c, const layer_state *L, const b_part *bp, uint32_t t, double stop) {
+    const int32_t a = L->row[t];
+    const uint32_t h = gpu_of(c, t);
+    const double da = L->xdn[a] - L->xr[a];
+    double low = -INFINITY;
+    c->work += (uint32_t)L->cnt[a];
+    for (int32_t u = L->head[a]; u >= 0 && low < stop; u = L->next[u]) {
+        const uint32_t q = gpu_of(c, (uint32_t)u);
+        if (q != h) {
+            const double v = base_load(c, L, bp, q) + da;
+            low = v > low ? v : low;
+        }
+    }
+    return low;
+}
+
 /* Whether REPL(t, b), b's side prepared, could beat the best: an upper
  * bound of its score in O(1), before repl_loads walks the replicas of t's
  * expert a.  Its gain is at most the cap, `shed` (what g can shed), and M
@@ -431,12 +457,17 @@ static void eval_repl_b(ctx *c, const layer_state *L, uint32_t g, double M, uint
  * keeps rounding in those loads from ruling out a better change; the cap's
  * term is exact, as the gain's is.  At 1 x 32 this and the item-bound
  * filter of the donors skip 3 of 4 evaluations. */
-static bool repl_may_beat(const ctx *c, const layer_state *L, const b_part *bp, double M, uint32_t t, double shed,
+static bool repl_may_beat(ctx *c, const layer_state *L, const b_part *bp, double M, uint32_t t, double shed,
                           double cost_lb, const change *best) {
-    const double h_low = base_load(c, L, bp, gpu_of(c, t)) + L->xup[bp->b] - c->x[t];
+    const double h_low = base_load(c, L, bp, gpu_of(c, t)) + L->xup[bp->b] - L->x[t];
     if (h_low > M * (1 + 1e-12))
         return false; /* t's GPU would end at or above M */
-    double ub = M - h_low + 1e-12 * M;
+    /* Most candidates fail here, before any best is set: a donor's other
+     * replica sits on a GPU near the top. */
+    const double a_low = a_side_low(c, L, bp, t, M);
+    if (!(a_low < M))
+        return false;
+    double ub = M - (h_low > a_low ? h_low : a_low) + 1e-12 * M;
     ub = ub < shed + 1e-12 * M ? ub : shed + 1e-12 * M;
     ub = (ub < c->cap ? ub : c->cap) / cost_lb;
     return !(ub < best->score || (ub == best->score && best->kind == CH_REPL && best->s < t));
@@ -485,6 +516,28 @@ static uint32_t mark_free_to(ctx *c, const int32_t *head, const int32_t *next, i
     return n;
 }
 
+/* xs [n] descending, si [n] alongside (ties in any order: the search's
+ * answer does not depend on the order it meets candidates in, consider's
+ * order settles ties).  Shell sort with Knuth's gaps: no scratch, and
+ * O(n^1.5) for the thousands of slots per GPU a hostile shape has. */
+static void sort_desc(double *xs, uint32_t *si, uint32_t n) {
+    uint32_t gap = 1;
+    while (gap < n / 3)
+        gap = 3 * gap + 1;
+    for (; gap > 0; gap /= 3)
+        for (uint32_t i = gap; i < n; i++) {
+            const double v = xs[i];
+            const uint32_t k = si[i];
+            uint32_t j = i;
+            for (; j >= gap && xs[j - gap] < v; j -= gap) {
+                xs[j] = xs[j - gap];
+                si[j] = si[j - gap];
+            }
+            xs[j] = v;
+            si[j] = k;
+        }
+}
+
 /* The layer's best change now (kind NONE when none improves or fits). */
 static void find_best(ctx *c, layer_state *L) {
     change best = { .kind = CH_NONE, .score = -INFINITY };
@@ -512,13 +565,12 @@ static void find_best(ctx *c, layer_state *L) {
         }
         order[j] = v;
     }
-    /* Per-replica load of every slot: the swaps' inner loop is then adds
-     * and compares only. */
-    double *x = c->x;
+    /* Per-replica load of every slot (kept with the row): the swaps' inner
+     * loop is then adds and compares only. */
+    const double *x = L->x;
     uint32_t ndonors = 0; /* slots whose expert has another replica and may lose one: the only ones REPL may take */
     for (uint32_t i = 0; i < P; i++) {
         const int32_t a = L->row[i];
-        x[i] = L->xr[a];
         /* repl_loads refuses the rest: about half the slots with two or
          * more replicas, whose expert would exceed the item bound. */
         if (can_give_replica(L, a))
@@ -621,23 +673,29 @@ static void find_best(ctx *c, layer_state *L) {
     }
     /* REPL dropping a replica on g for one of the lightest experts. */
     /* The REPL_COLD experts lightest after one more replica, kept sorted
-     * (ties: the lower expert first). */
-    int32_t cold[REPL_COLD];
-    double coldv[REPL_COLD];
-    uint32_t ncold = 0;
-    for (uint32_t e = 0; e < c->N; e++) {
-        const double v = L->xup[e];
-        if (ncold == REPL_COLD && !(v < coldv[ncold - 1]))
-            continue;
-        uint32_t j = ncold < REPL_COLD ? ncold++ : ncold - 1;
-        while (j > 0 && coldv[j - 1] > v) {
-            cold[j] = cold[j - 1];
-            coldv[j] = coldv[j - 1];
-            j--;
+     * (ties: the lower expert first).  Kept with the counts (set_counts
+     * clears cold_ok): swaps, most changes, leave them as they are. */
+    int32_t *cold = L->cold;
+    if (!L->cold_ok) {
+        double coldv[REPL_COLD];
+        uint32_t nc = 0;
+        for (uint32_t e = 0; e < c->N; e++) {
+            const double v = L->xup[e];
+            if (nc == REPL_COLD && !(v < coldv[nc - 1]))
+                continue;
+            uint32_t j = nc < REPL_COLD ? nc++ : nc - 1;
+            while (j > 0 && coldv[j - 1] > v) {
+                cold[j] = cold[j - 1];
+                coldv[j] = coldv[j - 1];
+                j--;
+            }
+            cold[j] = (int32_t)e;
+            coldv[j] = v;
         }
-        cold[j] = (int32_t)e;
-        coldv[j] = v;
+        L->ncold = nc;
+        L->cold_ok = true;
     }
+    const uint32_t ncold = L->ncold;
     c->work += (uint64_t)S * ncold;
     for (uint32_t i = 0; i < ncold; i++) {
         b_part bp;
@@ -657,6 +715,14 @@ static void find_best(ctx *c, layer_state *L) {
     }
     /* Swaps last: the re-replications (a few hundred evaluations) have
      * set a best score by then, which prunes most of the S x P pairs. */
+    double *xs = c->xs;
+    uint32_t *si = c->si;
+    for (uint32_t i = 0; i < S; i++) {
+        xs[i] = x[g0 + i];
+        si[i] = i;
+    }
+    sort_desc(xs, si, S);
+    c->work += S;
     for (uint32_t oi = 0; oi < c->G; oi++) {
         const uint32_t h = order[oi];
         if (h == g)
@@ -690,13 +756,25 @@ static void find_best(ctx *c, layer_state *L) {
         double *to_h = c->lb;
         for (uint32_t i = 0; i < S; i++)
             to_h[i] = 2 * SLOT_COST + (c->holds[(size_t)i * c->G + h] == tick ? 0 : ml);
-        c->work += (uint64_t)S * S;
         for (uint32_t t = h * S; t < (h + 1) * S; t++) {
             const double xb = x[t];
             const int32_t b = L->row[t];
             const double to_g = c->on_g[b] == tick ? 0 : ml;
-            for (uint32_t i = 0; i < S; i++) {
-                const double d = x[g0 + i] - xb;
+            /* g's replicas heaviest first: d falls with j.  A pair gains
+             * at most min(d, room - d), and its cost is at least
+             * 2 SLOT_COST + to_g, so once d is below what that cost needs
+             * no later one passes the test below (the same products:
+             * rounding cannot let one through that this stops); past
+             * ones with room - d below it are skipped. */
+            const double need = best.score * (2 * SLOT_COST + to_g) * (1 - 1e-12);
+            uint32_t j = 0;
+            for (; j < S; j++) {
+                const double d = xs[j] - xb;
+                if (d < need)
+                    break;
+                if (room - d < need)
+                    continue;
+                const uint32_t i = si[j];
                 double gain = d < room - d ? d : room - d;
                 gain = gain < c->cap ? gain : c->cap;
                 /* score * cost may round above gain when gain / cost equals
@@ -725,6 +803,7 @@ static void find_best(ctx *c, layer_state *L) {
                               .copies = ca + cb, .slots = 2 };
                 consider(&best, &ch);
             }
+            c->work += j + 1;
         }
     }
     L->best = best;
@@ -768,6 +847,9 @@ static void set_counts(layer_state *L, int32_t e) {
     L->xr[e] = L->w[e] / L->cnt[e];
     L->xup[e] = L->w[e] / (L->cnt[e] + 1);
     L->xdn[e] = L->cnt[e] >= 2 ? L->w[e] / (L->cnt[e] - 1) : INFINITY;
+    for (int32_t u = L->head[e]; u >= 0; u = L->next[u])
+        L->x[u] = L->xr[e];
+    L->cold_ok = false;
 }
 
 /* Put expert e in slot t (its old expert's bookkeeping already removed). */
@@ -775,6 +857,7 @@ static void set_slot(ctx *c, layer_state *L, uint32_t t, int32_t old, int32_t e)
     list_remove(L, old, t);
     list_add(L, e, t);
     L->row[t] = e;
+    L->x[t] = L->xr[e];
     if (c->p->hierarchical) {
         const uint32_t nd = node_of(c, gpu_of(c, t));
         L->grp_node[(size_t)((uint32_t)old / c->per_group) * c->nodes + nd]--;
@@ -878,6 +961,13 @@ static void split_heavy(ctx *c, layer_state *L, int32_t *save, eplb_incremental_
         c->work += (uint64_t)c->P + c->N; /* the scan for b and the slots tried */
         for (uint32_t t = 0; t < c->P && c->work <= c->work_max; t++) {
             double worst, t_new;
+            /* worst is at least t's GPU's load after (rounded otherwise
+             * than repl_loads', hence the slack): past the best's, t
+             * cannot win; at it, it may tie and win on cost.  This skips
+             * about 3 in 5 of repl_loads' walks at 1 x 32. */
+            if (best.kind != CH_NONE && base_load(c, L, &bp, gpu_of(c, t)) + L->xup[b] - L->xr[L->row[t]] >
+                                            best_worst * (1 + 1e-12))
+                continue;
             if (!repl_loads(c, L, gpu_of(c, t), t, &bp, &worst, &t_new))
                 continue;
             uint32_t copies; /* no budget here: splits run only without one */
@@ -1011,14 +1101,14 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
 
     ctx *c = eplb_malloc(sizeof *c);
     layer_state *ls = eplb_calloc(Lyr, sizeof *ls);
-    double *dbl = eplb_malloc(((size_t)Lyr * (4 * (size_t)N + G)) * sizeof(double)); /* w, xr, xup, xdn, load */
+    double *dbl = eplb_malloc(((size_t)Lyr * (4 * (size_t)N + G + P)) * sizeof(double)); /* w, xr, xup, xdn, load, x */
     /* head, next, grp_node; ihead, inext; irow when the caller gives no initial_row */
     const size_t per_layer = 2 * (size_t)N + (p->initial_row ? 2 : 3) * (size_t)P + (size_t)groups * nodes;
     int32_t *ints = eplb_malloc((size_t)Lyr * per_layer * sizeof(int32_t));
     uint32_t *heap = eplb_malloc((size_t)Lyr * sizeof *heap);
     uint32_t *order = eplb_malloc((size_t)Lyr * G * sizeof *order); /* each layer's GPU order */
-    uint32_t *scr = eplb_calloc((size_t)7 * G + P, sizeof *scr); /* donors, touch_tick, touch_at, b_stamp, b_gpus, bn_stamp, bn_cnt, bf_stamp */
-    double *x = eplb_malloc(((size_t)P + P / G + G) * sizeof *x); /* x [P], lb [S], b_load [G] */
+    uint32_t *scr = eplb_calloc((size_t)7 * G + P + P / G, sizeof *scr); /* donors, touch_tick, touch_at, b_stamp, b_gpus, bn_stamp, bn_cnt, bf_stamp, si */
+    double *x = eplb_malloc((2 * (size_t)(P / G) + G) * sizeof *x); /* lb [S], b_load [G], xs [S] */
     uint32_t *marks = eplb_calloc((size_t)N + (size_t)P + G, sizeof *marks); /* on_g [N], holds [S][G] = [P], shares [G] */
     int32_t *saved = p->reference_cnt ? eplb_malloc((size_t)Lyr * (P + N) * sizeof *saved) : NULL;
     if (!c || !ls || !dbl || !ints || !heap || !order || !scr || !x || !marks || (p->reference_cnt && !saved)) {
@@ -1026,7 +1116,7 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
         goto out;
     }
     *c = (ctx){ .p = p, .N = N, .P = P, .G = G, .S = P / G, .gpn = G / nodes, .nodes = nodes, .groups = groups,
-                .per_group = N / groups, .ls = ls, .donors = scr, .touch_tick = scr + P, .touch_at = scr + G + P, .b_stamp = scr + 2 * G + P, .b_gpus = scr + 3 * G + P, .bn_stamp = scr + 4 * G + P, .bn_cnt = scr + 5 * G + P, .bf_stamp = scr + 6 * G + P, .x = x, .lb = x + P, .b_load = x + P + P / G, .on_g = marks, .holds = marks + N, .shares = marks + N + P, .copies_left = p->max_copies, .slots_left = p->max_slots };
+                .per_group = N / groups, .ls = ls, .donors = scr, .touch_tick = scr + P, .touch_at = scr + G + P, .b_stamp = scr + 2 * G + P, .b_gpus = scr + 3 * G + P, .bn_stamp = scr + 4 * G + P, .bn_cnt = scr + 5 * G + P, .bf_stamp = scr + 6 * G + P, .si = scr + 7 * G + P, .lb = x, .b_load = x + P / G, .xs = x + P / G + G, .on_g = marks, .holds = marks + N, .shares = marks + N + P, .copies_left = p->max_copies, .slots_left = p->max_slots };
     c->work_max = p->max_work ? p->max_work : INCREMENTAL_MAX_WORK;
     c->min_link = nodes > 1 && p->cost_cross_node < p->cost_intra_node ? p->cost_cross_node : p->cost_intra_node;
     if (nodes == G && G > 1)
@@ -1035,11 +1125,12 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
         layer_state *L = &ls[l];
         L->row = phy2log + (size_t)l * P;
         L->cnt = logcnt + (size_t)l * N;
-        L->w = dbl + (size_t)l * (4 * (size_t)N + G);
+        L->w = dbl + (size_t)l * (4 * (size_t)N + G + P);
         L->xr = L->w + N;
         L->xup = L->xr + N;
         L->xdn = L->xup + N;
         L->load = L->xdn + N;
+        L->x = L->load + G;
         L->order = order + (size_t)l * G;
         for (uint32_t g = 0; g < G; g++)
             L->order[g] = g;
