@@ -175,6 +175,7 @@ typedef struct ctx {
     double *lb;                         /* [S] cost bounds, scratch of find_best */
     double *xs;                         /* [S] g's per-replica loads, descending, and */
     uint32_t *si;                       /* [S] their slots on g: scratch of find_best */
+    uint32_t *to_node;                  /* [nodes] swaps' scratch: 1 some group of g's experts is on the node, 2 none, 0 not known */
     uint32_t *donors;                   /* [P] slots that may give up their replica, scratch of find_best */
     /* Scratch of one evaluation: the GPUs a change touches. */
     uint32_t touched[64 + 2 * 1024];
@@ -723,6 +724,8 @@ static void find_best(ctx *c, layer_state *L) {
     }
     sort_desc(xs, si, S);
     c->work += S;
+    if (c->p->hierarchical)
+        memset(c->to_node, 0, c->nodes * sizeof *c->to_node);
     for (uint32_t oi = 0; oi < c->G; oi++) {
         const uint32_t h = order[oi];
         if (h == g)
@@ -737,12 +740,19 @@ static void find_best(ctx *c, layer_state *L) {
             /* Another node: only experts whose groups are already on both
              * sides may cross.  With groups kept on one node (the usual
              * case) no GPU of another node qualifies: skipped in O(S). */
-            bool to_h = false, to_g = false;
-            for (uint32_t i = 0; i < S && !to_h; i++)
-                to_h = group_on_node(c, L, L->row[g0 + i], node_of(c, h));
+            const uint32_t nd = node_of(c, h);
+            if (c->to_node[nd] == 0) { /* once per node: whether a group of g's experts is on it */
+                bool to_h = false;
+                for (uint32_t i = 0; i < S && !to_h; i++)
+                    to_h = group_on_node(c, L, L->row[g0 + i], nd);
+                c->to_node[nd] = to_h ? 1 : 2;
+            }
+            if (c->to_node[nd] == 2)
+                continue;
+            bool to_g = false;
             for (uint32_t t = h * S; t < (h + 1) * S && !to_g; t++)
                 to_g = group_on_node(c, L, L->row[t], node_of(c, g));
-            if (!to_h || !to_g)
+            if (!to_g)
                 continue;
         }
         /* This GPU's cheapest swap: a half is free only where h holds or
@@ -1107,7 +1117,7 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
     int32_t *ints = eplb_malloc((size_t)Lyr * per_layer * sizeof(int32_t));
     uint32_t *heap = eplb_malloc((size_t)Lyr * sizeof *heap);
     uint32_t *order = eplb_malloc((size_t)Lyr * G * sizeof *order); /* each layer's GPU order */
-    uint32_t *scr = eplb_calloc((size_t)7 * G + P + P / G, sizeof *scr); /* donors, touch_tick, touch_at, b_stamp, b_gpus, bn_stamp, bn_cnt, bf_stamp, si */
+    uint32_t *scr = eplb_calloc((size_t)8 * G + P + P / G, sizeof *scr); /* donors, touch_tick, touch_at, b_stamp, b_gpus, bn_stamp, bn_cnt, bf_stamp, si, to_node */
     double *x = eplb_malloc((2 * (size_t)(P / G) + G) * sizeof *x); /* lb [S], b_load [G], xs [S] */
     uint32_t *marks = eplb_calloc((size_t)N + (size_t)P + G, sizeof *marks); /* on_g [N], holds [S][G] = [P], shares [G] */
     int32_t *saved = p->reference_cnt ? eplb_malloc((size_t)Lyr * (P + N) * sizeof *saved) : NULL;
@@ -1116,7 +1126,7 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
         goto out;
     }
     *c = (ctx){ .p = p, .N = N, .P = P, .G = G, .S = P / G, .gpn = G / nodes, .nodes = nodes, .groups = groups,
-                .per_group = N / groups, .ls = ls, .donors = scr, .touch_tick = scr + P, .touch_at = scr + G + P, .b_stamp = scr + 2 * G + P, .b_gpus = scr + 3 * G + P, .bn_stamp = scr + 4 * G + P, .bn_cnt = scr + 5 * G + P, .bf_stamp = scr + 6 * G + P, .si = scr + 7 * G + P, .lb = x, .b_load = x + P / G, .xs = x + P / G + G, .on_g = marks, .holds = marks + N, .shares = marks + N + P, .copies_left = p->max_copies, .slots_left = p->max_slots };
+                .per_group = N / groups, .ls = ls, .donors = scr, .touch_tick = scr + P, .touch_at = scr + G + P, .b_stamp = scr + 2 * G + P, .b_gpus = scr + 3 * G + P, .bn_stamp = scr + 4 * G + P, .bn_cnt = scr + 5 * G + P, .bf_stamp = scr + 6 * G + P, .si = scr + 7 * G + P, .to_node = scr + 7 * G + P + P / G, .lb = x, .b_load = x + P / G, .xs = x + P / G + G, .on_g = marks, .holds = marks + N, .shares = marks + N + P, .copies_left = p->max_copies, .slots_left = p->max_slots };
     c->work_max = p->max_work ? p->max_work : INCREMENTAL_MAX_WORK;
     c->min_link = nodes > 1 && p->cost_cross_node < p->cost_intra_node ? p->cost_cross_node : p->cost_intra_node;
     if (nodes == G && G > 1)
