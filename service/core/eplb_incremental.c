@@ -175,6 +175,7 @@ typedef struct ctx {
     double *lb;                         /* [S] cost bounds, scratch of find_best */
     double *xs;                         /* [S] g's per-replica loads, descending, and */
     uint32_t *si;                       /* [S] their slots on g: scratch of find_best */
+    uint32_t *a_gpu;                    /* [2N] find_best's: each donor expert's two heaviest GPUs (UINT32_MAX none) */
     uint32_t *to_node;                  /* [nodes] swaps' scratch: 1 some group of g's experts is on the node, 2 none, 0 not known */
     uint32_t *donors;                   /* [P] slots that may give up their replica, scratch of find_best */
     /* Scratch of one evaluation: the GPUs a change touches. */
@@ -429,23 +430,14 @@ static void eval_repl_b(ctx *c, const layer_state *L, uint32_t g, double M, uint
 
 /* A lower bound of the loads REPL(t, b) leaves on the GPUs of t's
  * expert a's other replicas (off t's GPU; -INFINITY when none), b's side
- * prepared: each ends at least da heavier than its base load, and that
- * sum is repl_loads' first add there, so it compares exactly.  It stops
- * at the first GPU at or above `stop`.  O(cnt[a]), counted as work. */
-static inline double a_side_low(ctx *c, const layer_state *L, const b_part *bp, uint32_t t, double stop) {
+ * prepared, in O(1): the heavier of a's two heaviest GPUs (find_best's
+ * a_gpu) that is not t's ends at least da heavier than its base load, and
+ * that sum is repl_loads' first add there, so it compares exactly. */
+static inline double a_side_low(const ctx *c, const layer_state *L, const b_part *bp, uint32_t t) {
     const int32_t a = L->row[t];
-    const uint32_t h = gpu_of(c, t);
-    const double da = L->xdn[a] - L->xr[a];
-    double low = -INFINITY;
-    c->work += (uint32_t)L->cnt[a];
-    for (int32_t u = L->head[a]; u >= 0 && low < stop; u = L->next[u]) {
-        const uint32_t q = gpu_of(c, (uint32_t)u);
-        if (q != h) {
-            const double v = base_load(c, L, bp, q) + da;
-            low = v > low ? v : low;
-        }
-    }
-    return low;
+    const uint32_t h = gpu_of(c, t), q1 = c->a_gpu[2 * (uint32_t)a], q2 = c->a_gpu[2 * (uint32_t)a + 1];
+    const uint32_t q = q1 != h ? q1 : q2;
+    return q == UINT32_MAX ? -INFINITY : base_load(c, L, bp, q) + L->xdn[a] - L->xr[a];
 }
 
 /* Whether REPL(t, b), b's side prepared, could beat the best: an upper
@@ -458,14 +450,14 @@ static inline double a_side_low(ctx *c, const layer_state *L, const b_part *bp, 
  * keeps rounding in those loads from ruling out a better change; the cap's
  * term is exact, as the gain's is.  At 1 x 32 this and the item-bound
  * filter of the donors skip 3 of 4 evaluations. */
-static bool repl_may_beat(ctx *c, const layer_state *L, const b_part *bp, double M, uint32_t t, double shed,
+static bool repl_may_beat(const ctx *c, const layer_state *L, const b_part *bp, double M, uint32_t t, double shed,
                           double cost_lb, const change *best) {
     const double h_low = base_load(c, L, bp, gpu_of(c, t)) + L->xup[bp->b] - L->x[t];
     if (h_low > M * (1 + 1e-12))
         return false; /* t's GPU would end at or above M */
     /* Most candidates fail here, before any best is set: a donor's other
      * replica sits on a GPU near the top. */
-    const double a_low = a_side_low(c, L, bp, t, M);
+    const double a_low = a_side_low(c, L, bp, t);
     if (!(a_low < M))
         return false;
     double ub = M - (h_low > a_low ? h_low : a_low) + 1e-12 * M;
@@ -552,7 +544,7 @@ static void find_best(ctx *c, layer_state *L) {
         L->done = true;
         return;
     }
-    const uint32_t S = c->S, P = c->P, g0 = g * S;
+    const uint32_t S = c->S, g0 = g * S;
     /* SWAP: s on g, t elsewhere.  GPUs lightest first: a swap with h gains
      * at most (M - load[h]) / 2, so once that cannot beat the best even
      * at the least cost, no heavier GPU can either. */
@@ -569,14 +561,32 @@ static void find_best(ctx *c, layer_state *L) {
     /* Per-replica load of every slot (kept with the row): the swaps' inner
      * loop is then adds and compares only. */
     const double *x = L->x;
-    uint32_t ndonors = 0; /* slots whose expert has another replica and may lose one: the only ones REPL may take */
-    for (uint32_t i = 0; i < P; i++) {
-        const int32_t a = L->row[i];
-        /* repl_loads refuses the rest: about half the slots with two or
-         * more replicas, whose expert would exceed the item bound. */
-        if (can_give_replica(L, a))
-            c->donors[ndonors++] = i;
+    /* The donors: slots whose expert a has another replica and may lose
+     * one, the only ones REPL may take (repl_loads refuses the rest: about
+     * half the slots with two or more replicas, whose expert would exceed
+     * the item bound); by expert, and each expert's two heaviest GPUs for
+     * a_side_low. */
+    uint32_t ndonors = 0;
+    for (uint32_t a = 0; a < c->N; a++) {
+        if (!can_give_replica(L, (int32_t)a))
+            continue;
+        uint32_t q1 = UINT32_MAX, q2 = UINT32_MAX;
+        for (int32_t u = L->head[a]; u >= 0; u = L->next[u]) {
+            const uint32_t q = gpu_of(c, (uint32_t)u);
+            c->donors[ndonors++] = (uint32_t)u;
+            if (q == q1 || q == q2)
+                continue;
+            if (q1 == UINT32_MAX || L->load[q] > L->load[q1]) {
+                q2 = q1;
+                q1 = q;
+            } else if (q2 == UINT32_MAX || L->load[q] > L->load[q2]) {
+                q2 = q;
+            }
+        }
+        c->a_gpu[2 * a] = q1;
+        c->a_gpu[2 * a + 1] = q2;
     }
+    c->work += c->N + ndonors;
     double xmax = 0;
     for (uint32_t s = g0; s < g0 + S; s++)
         xmax = x[s] > xmax ? x[s] : xmax;
@@ -1117,7 +1127,7 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
     int32_t *ints = eplb_malloc((size_t)Lyr * per_layer * sizeof(int32_t));
     uint32_t *heap = eplb_malloc((size_t)Lyr * sizeof *heap);
     uint32_t *order = eplb_malloc((size_t)Lyr * G * sizeof *order); /* each layer's GPU order */
-    uint32_t *scr = eplb_calloc((size_t)8 * G + P + P / G, sizeof *scr); /* donors, touch_tick, touch_at, b_stamp, b_gpus, bn_stamp, bn_cnt, bf_stamp, si, to_node */
+    uint32_t *scr = eplb_calloc((size_t)8 * G + P + P / G + 2 * (size_t)N, sizeof *scr); /* donors, touch_tick, touch_at, b_stamp, b_gpus, bn_stamp, bn_cnt, bf_stamp, si, to_node, a_gpu */
     double *x = eplb_malloc((2 * (size_t)(P / G) + G) * sizeof *x); /* lb [S], b_load [G], xs [S] */
     uint32_t *marks = eplb_calloc((size_t)N + (size_t)P + G, sizeof *marks); /* on_g [N], holds [S][G] = [P], shares [G] */
     int32_t *saved = p->reference_cnt ? eplb_malloc((size_t)Lyr * (P + N) * sizeof *saved) : NULL;
@@ -1126,7 +1136,7 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
         goto out;
     }
     *c = (ctx){ .p = p, .N = N, .P = P, .G = G, .S = P / G, .gpn = G / nodes, .nodes = nodes, .groups = groups,
-                .per_group = N / groups, .ls = ls, .donors = scr, .touch_tick = scr + P, .touch_at = scr + G + P, .b_stamp = scr + 2 * G + P, .b_gpus = scr + 3 * G + P, .bn_stamp = scr + 4 * G + P, .bn_cnt = scr + 5 * G + P, .bf_stamp = scr + 6 * G + P, .si = scr + 7 * G + P, .to_node = scr + 7 * G + P + P / G, .lb = x, .b_load = x + P / G, .xs = x + P / G + G, .on_g = marks, .holds = marks + N, .shares = marks + N + P, .copies_left = p->max_copies, .slots_left = p->max_slots };
+                .per_group = N / groups, .ls = ls, .donors = scr, .touch_tick = scr + P, .touch_at = scr + G + P, .b_stamp = scr + 2 * G + P, .b_gpus = scr + 3 * G + P, .bn_stamp = scr + 4 * G + P, .bn_cnt = scr + 5 * G + P, .bf_stamp = scr + 6 * G + P, .si = scr + 7 * G + P, .to_node = scr + 7 * G + P + P / G, .a_gpu = scr + 8 * G + P + P / G, .lb = x, .b_load = x + P / G, .xs = x + P / G + G, .on_g = marks, .holds = marks + N, .shares = marks + N + P, .copies_left = p->max_copies, .slots_left = p->max_slots };
     c->work_max = p->max_work ? p->max_work : INCREMENTAL_MAX_WORK;
     c->min_link = nodes > 1 && p->cost_cross_node < p->cost_intra_node ? p->cost_cross_node : p->cost_intra_node;
     if (nodes == G && G > 1)
