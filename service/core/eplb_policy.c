@@ -716,25 +716,44 @@ static POLICY_NOINLINE void pack_lanes(int32_t *const order[], double *const w[]
     size_t M = pow2_at_least(m);
     unsigned depth = bit_width64(M) - 1;
     int32_t per_pack = (int32_t)(n / m);
-    for (size_t x = 0; x < M; x++)
-        for (uint32_t c = 0; c < NL; c++) {
-            key[(M + x) * NL + c] = x < m ? key_ascending(0.0) : TREE_ABSENT;
-            id[(M + x) * NL + c] = (int32_t)x;
-        }
-    for (size_t x = M - 1; x >= 1; x--)
-        for (uint32_t c = 0; c < NL; c++) {
-            key[x * NL + c] = key[2 * x * NL + c];
-            id[x * NL + c] = id[2 * x * NL + c];
-        }
+    /* The first items go one per pack, in pack order, while each weighs
+     * more than 0: an empty pack (load 0, the lower index first) beats
+     * every pack holding one.  Those m of the n items need no tree replay
+     * (1 node x 32 GPUs at DeepSeek-V3 size: 32 of 288), and the tree is
+     * built once from its leaves after them; a winner tree's nodes are a
+     * function of its leaves, so the replays that follow see the same tree. */
+    uint32_t n0 = m;
+    for (uint32_t c = 0; c < NL; c++)
+        for (uint32_t k = 0; k < n0; k++)
+            if (!(w[c][k] > 0)) {
+                n0 = k + 1; /* item k still goes to pack k; the next may not */
+                break;
+            }
     for (size_t q = 0; q < (size_t)m * NL; q++)
         cnt[q] = 0;
+    for (size_t x = 0; x < M; x++)
+        for (uint32_t c = 0; c < NL; c++) {
+            key[(M + x) * NL + c] = x < n0 ? key_ascending(0.0 + w[c][x]) : x < m ? key_ascending(0.0) : TREE_ABSENT;
+            id[(M + x) * NL + c] = (int32_t)x;
+        }
+    for (uint32_t k = 0; k < n0; k++)
+        for (uint32_t c = 0; c < NL; c++) {
+            slot[c][order[c][k]] = (int32_t)k * per_pack; /* per_pack > 1: not full */
+            cnt[(size_t)k * NL + c] = 1;
+        }
+    for (size_t x = M - 1; x >= 1; x--) /* each node the lighter child, the left one on ties */
+        for (uint32_t c = 0; c < NL; c++) {
+            const size_t l = 2 * x * NL + c, r = (2 * x + 1) * NL + c, t = key[r] < key[l] ? r : l;
+            key[x * NL + c] = key[t];
+            id[x * NL + c] = id[t];
+        }
     int32_t p[NL];    /* each lane's lightest pack with room */
     uint64_t pk[NL];  /* its load */
     for (uint32_t c = 0; c < NL; c++) {
-        p[c] = 0;
-        pk[c] = key_ascending(0.0);
+        p[c] = id[NL + c];
+        pk[c] = key[NL + c];
     }
-    for (uint32_t k = 0; k < n; k++) {
+    for (uint32_t k = n0; k < n; k++) {
         uint64_t kk[NL];
         int32_t ii[NL];
         size_t pos[NL];
