@@ -33,7 +33,8 @@
  * MIN_TRAFFIC, the bytes reference).  BENCH_ZIPF (default 1.1) and
  * BENCH_NOISE (default 0.1) make other traces; BENCH_HASH=1 prints a hash
  * of every placement each strategy chose (to check that a change gives the
- * same answers). */
+ * same answers); BENCH_SHAPE=layers,experts,slots,groups,nodes,gpus runs
+ * one shape of the caller's instead of the list. */
 #define _POSIX_C_SOURCE 200809L
 
 #include <malloc.h>
@@ -306,6 +307,18 @@ int main(int argc, char **argv) {
     if (!(zipf_s >= 0) || !(noise >= 0 && noise < 1)) {
         fprintf(stderr, "BENCH_ZIPF must be >= 0 and BENCH_NOISE in [0, 1)\n");
         return 2;
+    }
+    const char *shape = getenv("BENCH_SHAPE");
+    if (shape) { /* one shape of the caller's: "layers,experts,slots,groups,nodes,gpus" */
+        bench_case bc = { "BENCH_SHAPE", { 0 } };
+        eplb_policy_shape *s = &bc.shape;
+        eplb_error err;
+        if (sscanf(shape, "%u,%u,%u,%u,%u,%u", &s->num_layers, &s->num_logical, &s->num_physical, &s->num_groups,
+                   &s->num_nodes, &s->num_gpus) != 6 || eplb_policy_check(s, &err) != EPLB_OK) {
+            fprintf(stderr, "BENCH_SHAPE: want layers,experts,slots,groups,nodes,gpus of a valid shape\n");
+            return 2;
+        }
+        return run(&bc, "slow", 0.15, R) || run(&bc, "fast", 0.50, R) || run(&bc, "shift", 0.15, R);
     }
     const char *only = getenv("BENCH_CASE");
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
