@@ -171,6 +171,7 @@ void rpc_reply_rebalance(rpc_context *ctx, const char *model_id, const eplb_reba
         eplb_v1_RebalanceResponse_set_policy_used(resp, (int32_t)nx->policy_used);
         eplb_v1_RebalanceResponse_set_balancedness_reference(resp, nx->balancedness_reference);
         eplb_v1_RebalanceResponse_set_layers_from_scratch(resp, nx->layers_from_scratch);
+        eplb_v1_RebalanceResponse_set_layers_node_repaired(resp, nx->layers_node_repaired);
         eplb_v1_RebalanceResponse_set_slots_moved(resp, nx->slots_moved);
         eplb_v1_RebalanceResponse_set_plan_copies_cross_gpu(resp, nx->copies_cross_gpu);
         eplb_v1_RebalanceResponse_set_plan_copies_cross_node(resp, nx->copies_cross_node);

@@ -166,6 +166,42 @@ Test(policy_rpc, incremental_meets_target_and_reports) {
     upb_Arena_Free(a);
 }
 
+/* A layer whose nodes drift apart takes a node repair, and the answer
+ * counts it.  DeepSeek's placement of the first load puts groups 0 and 3 on
+ * one node (group loads 400 300 200 100: LPT packs 400 + 100 and 300 +
+ * 200); the second load makes both of them hot (400 100 100 400).  No
+ * change inside the nodes can help then, and swapping one group between
+ * the nodes copies far fewer experts than DeepSeek's row re-packing all. */
+Test(policy_rpc, node_repairs_are_reported) {
+    upb_Arena *a = upb_Arena_New();
+    register_model(a, "nr", false, 0);
+    int64_t first[L_ * N_], second[L_ * N_];
+    const int64_t ga[4] = { 400, 300, 200, 100 }, gb[4] = { 400, 100, 100, 400 };
+    for (int l = 0; l < L_; l++)
+        for (int e = 0; e < N_; e++) {
+            first[l * N_ + e] = ga[e / 8] * (1 + (e + l) % 8);
+            second[l * N_ + e] = gb[e / 8] * (1 + (e + 3 * l) % 8);
+        }
+    eplb_v1_RebalanceResponse *r = rebalance(a, "nr", first, (knobs){ .policy = eplb_v1_POLICY_DEEPSEEK }, 0, NULL, 0);
+    cr_assert(eplb_v1_RebalanceResponse_committed(r));
+    cr_assert_eq(eplb_v1_RebalanceResponse_layers_node_repaired(r), 0);
+    r = rebalance(a, "nr", second, (knobs){ .policy = eplb_v1_POLICY_INCREMENTAL, .dry_run = 1 }, 0, NULL, 0);
+    cr_assert_eq(eplb_v1_RebalanceResponse_layers_node_repaired(r), L_, "%u",
+                 eplb_v1_RebalanceResponse_layers_node_repaired(r));
+    cr_assert_eq(eplb_v1_RebalanceResponse_layers_from_scratch(r), 0);
+    cr_assert_eq(eplb_v1_RebalanceResponse_policy_used(r), eplb_v1_POLICY_INCREMENTAL);
+    upb_StringView why = eplb_v1_RebalanceResponse_reason(r);
+    char reason[512];
+    snprintf(reason, sizeof reason, "%.*s", (int)why.size, why.data);
+    cr_assert(strstr(reason, "node repair"), "%s", reason);
+    cr_assert_geq(eplb_v1_RebalanceResponse_balancedness_after(r),
+                  0.99 * eplb_v1_RebalanceResponse_balancedness_reference(r) - 1e-9);
+    cr_assert_lt(eplb_v1_RebalanceResponse_plan_copies_cross_gpu(r),
+                 eplb_v1_RebalanceResponse_reference_copies_cross_gpu(r));
+    stop();
+    upb_Arena_Free(a);
+}
+
 Test(policy_rpc, budgets_are_respected_and_bytes_reported) {
     upb_Arena *a = upb_Arena_New();
     register_model(a, "m", false, 0);

@@ -130,6 +130,7 @@ class RebalanceResult:
     plan_bytes_cross_node: int = 0
     reference_copies_cross_gpu: int = 0
     transfer_plan: Optional[TransferPlan] = None
+    layers_node_repaired: int = 0
 
     @classmethod
     def from_proto(cls, r: "eplb_pb2.RebalanceResponse") -> "RebalanceResult":
@@ -147,7 +148,8 @@ class RebalanceResult:
                    plan_copies_cross_node=r.plan_copies_cross_node, plan_bytes_cross_gpu=r.plan_bytes_cross_gpu,
                    plan_bytes_cross_node=r.plan_bytes_cross_node,
                    reference_copies_cross_gpu=r.reference_copies_cross_gpu,
-                   transfer_plan=TransferPlan.from_proto(r.transfer_plan) if r.HasField("transfer_plan") else None)
+                   transfer_plan=TransferPlan.from_proto(r.transfer_plan) if r.HasField("transfer_plan") else None,
+                   layers_node_repaired=r.layers_node_repaired)
 
 
 @dataclass

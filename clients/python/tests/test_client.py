@@ -246,6 +246,24 @@ def test_stopped_server_reads_retry_then_raise(eplbd):
             c.delete_model("m")
 
 
+def test_rebalance_reports_node_repairs(client):
+    """A layer whose nodes drift apart takes a node repair (one group swapped
+    between the nodes), and the answer counts it: DeepSeek's placement of the
+    first load puts groups 0 and 3 on one node, the second makes both hot."""
+    moe = {"architecture": "DeepseekV3ForCausalLM", "interfaces": ["MIXTURE_OF_EXPERTS"],
+           "moe": {"num_moe_layers": 4, "num_logical_experts": 32, "num_physical_experts": 40,
+                   "num_local_physical_experts": 5, "num_redundant_experts": 8, "num_expert_groups": 4}}
+    client.register_model("nr", moe, ep_size=8, num_nodes=2)
+    first = [[(400, 300, 200, 100)[e // 8] * (1 + (e + l) % 8) for e in range(32)] for l in range(4)]
+    second = [[(400, 100, 100, 400)[e // 8] * (1 + (e + 3 * l) % 8) for e in range(32)] for l in range(4)]
+    assert client.rebalance("nr", logical_load=first).committed
+    r = client.rebalance("nr", logical_load=second, policy="incremental", dry_run=True)
+    assert r.layers_node_repaired == 4 and r.layers_from_scratch == 0, r.reason
+    assert r.policy_used == "incremental" and "node repair" in r.reason
+    assert r.balancedness_after >= 0.99 * r.balancedness_reference - 1e-9
+    assert r.plan_copies_cross_gpu < r.reference_copies_cross_gpu
+
+
 def test_rebalance_incremental_policy_fields(client):
     """POLICY_INCREMENTAL through the client: what the answer reports, budgets, bad knobs."""
     client.register_model("inc", MOE, ep_size=2)
