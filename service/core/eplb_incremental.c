@@ -1015,12 +1015,14 @@ static void split_heavy(ctx *c, layer_state *L, int32_t *save, eplb_incremental_
         c->work += (uint64_t)c->P + c->N; /* the scan for b and the slots tried */
         for (uint32_t t = 0; t < c->P && c->work <= c->work_max; t++) {
             double worst, t_new;
-            /* worst is at least t's GPU's load after (rounded otherwise
-             * than repl_loads', hence the slack): past the best's, t
+            /* worst is at least t's GPU's load after: past the best's, t
              * cannot win; at it, it may tie and win on cost.  This skips
-             * about 3 in 5 of repl_loads' walks at 1 x 32. */
-            if (best.kind != CH_NONE && base_load(c, L, &bp, gpu_of(c, t)) + L->xup[b] - L->xr[L->row[t]] >
-                                            best_worst * (1 + 1e-12))
+             * about 3 in 5 of repl_loads' walks at 1 x 32.  The sum is
+             * rounded otherwise than repl_loads' (base + (xup - xr)), by
+             * a few ulps of base + xup, hence a slack relative to that:
+             * the difference can be far smaller than its terms. */
+            const double up = base_load(c, L, &bp, gpu_of(c, t)) + L->xup[b];
+            if (best.kind != CH_NONE && up - L->xr[L->row[t]] > best_worst + 1e-12 * up)
                 continue;
             if (!repl_loads(c, L, gpu_of(c, t), t, &bp, &worst, &t_new))
                 continue;
