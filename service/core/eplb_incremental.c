@@ -1203,10 +1203,13 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
         }
         link_slots(L->row, P, N, L->head, L->next);
         memset(L->grp_node, 0, (size_t)groups * nodes * sizeof *L->grp_node);
-        for (uint32_t i = 0; i < P; i++) {
-            const int32_t e = L->row[i];
-            L->cnt[e]++;
-            L->grp_node[(size_t)((uint32_t)e / c->per_group) * nodes + node_of(c, gpu_of(c, i))]++;
+        for (uint32_t g = 0; g < G; g++) { /* by GPU: one division per GPU, not three per slot */
+            const uint32_t node = node_of(c, g);
+            for (uint32_t i = g * c->S; i < (g + 1) * c->S; i++) {
+                const int32_t e = L->row[i];
+                L->cnt[e]++;
+                L->grp_node[(groups > 1 ? (size_t)((uint32_t)e / c->per_group) * nodes : 0) + node]++;
+            }
         }
         bool ok = true;
         for (uint32_t e = 0; e < N; e++)
@@ -1215,8 +1218,16 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
             st = eplb_error_set(err, EPLB_EINVAL, "incremental rebalance: layer %u has an expert without a replica", l);
             goto out;
         }
-        for (uint32_t e = 0; e < N; e++)
-            set_counts(L, (int32_t)e);
+        /* set_counts of every expert, with x filled by slot rather than
+         * by each expert's replica list (the same values). */
+        for (uint32_t e = 0; e < N; e++) {
+            L->xr[e] = L->w[e] / L->cnt[e];
+            L->xup[e] = L->w[e] / (L->cnt[e] + 1);
+            L->xdn[e] = L->cnt[e] >= 2 ? L->w[e] / (L->cnt[e] - 1) : INFINITY;
+        }
+        for (uint32_t i = 0; i < P; i++)
+            L->x[i] = L->xr[L->row[i]];
+        L->cold_ok = false;
         recompute_loads(c, L);
         if (p->initial_row) {
             L->irow = p->initial_row + (size_t)l * P;
