@@ -36,7 +36,7 @@ packages=(
 )
 test_packages=(
     python3-grpcio python3-protobuf valgrind
-    python3-numpy python3-torch python3-pytest python3-pip python3-setuptools python3-venv
+    python3-numpy python3-torch python3-pytest python3-matplotlib python3-pip python3-setuptools python3-venv
     clang-14 libclang-rt-14-dev llvm-14
     hipcc libamdhip64-dev
 )

@@ -428,6 +428,16 @@ class Report(Base):
         self.assertEqual(r.returncode, 1)
         self.assertIn("FAILED_PRECONDITION", r.stderr)  # no load recorded: said, not drawn
         self.client.record_load("win", np.array(LOAD))
+        # without matplotlib: one line that says what to install, no traceback, no file
+        code = ("import sys; sys.modules['matplotlib'] = None; from eplb.__main__ import main; "
+                "sys.exit(main(sys.argv[1:]))")
+        r = subprocess.run([sys.executable, "-c", code, "--addr", self.server.addr, "report", "win", "--out",
+                            self.path("nompl.png")], capture_output=True, text=True, timeout=120,
+                           env=dict(os.environ, PYTHONPATH=PKG))
+        self.assertEqual(r.returncode, 1, r.stderr)
+        self.assertEqual(len(r.stderr.strip().splitlines()), 1, r.stderr)
+        self.assertIn("python3-matplotlib", r.stderr)
+        self.assertFalse(os.path.exists(self.path("nompl.png")))
         r = self.py("report", "win", "--out", self.path("w.png"))
         self.assertEqual(r.returncode, 0, r.stderr)
         png_size(self.path("w.png"))

@@ -83,7 +83,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except EplbError as e:
         print("python3 -m eplb: %s" % e, file=sys.stderr)
         return 1
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, ImportError) as e:
         print("python3 -m eplb: %s" % e, file=sys.stderr)
         return 1
     return 0

@@ -179,7 +179,11 @@ def _ticks(n: int, target: int = 16) -> Sequence[int]:
 
 def render(data: ReportData, out: PathLike, *, dpi: int = 100) -> None:
     """Draw ``data`` into ``out``: .png, or .html (the PNG inline and the per-layer numbers)."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError as e:  # the report is the package's only user of it: said, not a traceback
+        raise ImportError("drawing a report needs matplotlib (Debian: apt-get install python3-matplotlib; "
+                          "pip: matplotlib): %s" % e) from e
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
