@@ -469,6 +469,12 @@ Test(plan, bad_arguments) {
     cr_assert_eq(eplb_plan_build(4, 2, 1, row, bad, 0, 2, &p, &err), EPLB_EINVAL);
     cr_assert(strstr(err.msg, "new_row[1] = -2"), "%s", err.msg);
     cr_assert_eq(eplb_plan_build(4, 2, 1, bad, row, 0, 2, &p, NULL), EPLB_EINVAL);
+    /* Both rows bad: the old row's entry is named, even at a later slot
+     * (the rows are checked in one pass, the message as before). */
+    const int32_t bad_late[] = {0, 1, 2, (int32_t)EPLB_POLICY_MAX_EXPERTS};
+    cr_assert_eq(eplb_plan_build(4, 2, 1, bad_late, bad, 0, 2, &p, &err), EPLB_EINVAL);
+    cr_assert(strstr(err.msg, "old_row[3] = "), "%s", err.msg);
+    cr_assert_eq(p.num_gather + p.num_scatter + p.slots_written, 0);
 }
 
 /* ---------------------------------------------------------------------------
