@@ -136,6 +136,8 @@ typedef struct layer_state {
     int32_t cold[REPL_COLD]; /* find_best's REPL_COLD coldest experts, valid while cold_ok */
     uint32_t ncold;
     bool cold_ok;        /* cleared by set_counts */
+    uint64_t *multi;     /* [N/64 rounded up] bit e: cnt[e] >= 2, kept with cnt (set_counts): find_best's
+                          * donors come from these few experts, not from a pass over all N */
     uint32_t *order;     /* [G] GPUs by load, ascending (ties: lower GPU): kept between searches,
                             where a change moves a few GPUs, so the insertion sort is O(G) then */
     double *load;        /* [G] */
@@ -185,12 +187,27 @@ typedef struct ctx {
     uint32_t *a_gpu;                    /* [2N] find_best's: each donor expert's two heaviest GPUs (UINT32_MAX none) */
     uint32_t *to_node;                  /* [nodes] swaps' scratch: 1 some group of g's experts is on the node, 2 none, 0 not known */
     uint32_t *donors;                   /* [P] slots that may give up their replica, scratch of find_best */
+    uint32_t *slot_gpu;                 /* [P] slot / S: gpu_of is a load, not a division (about 4M a call at
+                                         * 1 x 32, on a 20-90 cycle divider) */
     /* Scratch of one evaluation: the GPUs a change touches. */
     uint32_t touched[64 + 2 * 1024];
     double touched_load[64 + 2 * 1024];
 } ctx;
 
-static inline uint32_t gpu_of(const ctx *c, uint32_t slot) { return slot / c->S; }
+static inline uint32_t ctz_u64(uint64_t x) { /* x != 0 */
+#if defined(__GNUC__) || defined(__clang__)
+    return (uint32_t)__builtin_ctzll(x);
+#else
+    uint32_t n = 0;
+    while (!(x & 1)) {
+        x >>= 1;
+        n++;
+    }
+    return n;
+#endif
+}
+
+static inline uint32_t gpu_of(const ctx *c, uint32_t slot) { return c->slot_gpu[slot]; }
 static inline uint32_t node_of(const ctx *c, uint32_t gpu) { return gpu / c->gpn; }
 
 /* A fresh touched set: touch_tick[g] == eval_tick marks g in it (the
@@ -682,24 +699,27 @@ static void find_best(ctx *c, layer_state *L) {
      * the item bound); by expert, and each expert's two heaviest GPUs for
      * a_side_low. */
     uint32_t ndonors = 0;
-    for (uint32_t a = 0; a < c->N; a++) {
-        if (!can_give_replica(L, (int32_t)a))
-            continue;
-        uint32_t q1 = UINT32_MAX, q2 = UINT32_MAX;
-        for (int32_t u = L->head[a]; u >= 0; u = L->next[u]) {
-            const uint32_t q = gpu_of(c, (uint32_t)u);
-            c->donors[ndonors++] = (uint32_t)u;
-            if (q == q1 || q == q2)
+    for (uint32_t wd = 0; wd < (c->N + 63) / 64; wd++) {
+        for (uint64_t bits = L->multi[wd]; bits; bits &= bits - 1) { /* experts with cnt >= 2, ascending */
+            const uint32_t a = wd * 64 + (uint32_t)ctz_u64(bits);
+            if (!can_give_replica(L, (int32_t)a))
                 continue;
-            if (q1 == UINT32_MAX || L->load[q] > L->load[q1]) {
-                q2 = q1;
-                q1 = q;
-            } else if (q2 == UINT32_MAX || L->load[q] > L->load[q2]) {
-                q2 = q;
+            uint32_t q1 = UINT32_MAX, q2 = UINT32_MAX;
+            for (int32_t u = L->head[a]; u >= 0; u = L->next[u]) {
+                const uint32_t q = gpu_of(c, (uint32_t)u);
+                c->donors[ndonors++] = (uint32_t)u;
+                if (q == q1 || q == q2)
+                    continue;
+                if (q1 == UINT32_MAX || L->load[q] > L->load[q1]) {
+                    q2 = q1;
+                    q1 = q;
+                } else if (q2 == UINT32_MAX || L->load[q] > L->load[q2]) {
+                    q2 = q;
+                }
             }
+            c->a_gpu[2 * a] = q1;
+            c->a_gpu[2 * a + 1] = q2;
         }
-        c->a_gpu[2 * a] = q1;
-        c->a_gpu[2 * a + 1] = q2;
     }
     c->work += c->N + ndonors;
     double xmax = 0;
@@ -901,6 +921,8 @@ static void set_counts(layer_state *L, int32_t e) {
     L->xr[e] = L->w[e] / L->cnt[e];
     L->xup[e] = L->w[e] / (L->cnt[e] + 1);
     L->xdn[e] = L->cnt[e] >= 2 ? L->w[e] / (L->cnt[e] - 1) : INFINITY;
+    const uint64_t bit = (uint64_t)1 << ((uint32_t)e % 64);
+    L->multi[(uint32_t)e / 64] = L->cnt[e] >= 2 ? L->multi[(uint32_t)e / 64] | bit : L->multi[(uint32_t)e / 64] & ~bit;
     for (int32_t u = L->head[e]; u >= 0; u = L->next[u])
         L->x[u] = L->xr[e];
     L->cold_ok = false;
@@ -1163,17 +1185,20 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
     int32_t *ints = eplb_malloc((size_t)Lyr * per_layer * sizeof(int32_t));
     uint32_t *heap = eplb_malloc((size_t)Lyr * sizeof *heap);
     uint32_t *order = eplb_malloc((size_t)Lyr * G * sizeof *order); /* each layer's GPU order */
-    uint32_t *scr = eplb_calloc((size_t)8 * G + P + P / G + 2 * (size_t)N, sizeof *scr); /* donors, touch_tick, touch_at, b_stamp, b_gpus, bn_stamp, bn_cnt, bf_stamp, si, to_node, a_gpu */
+    uint32_t *scr = eplb_calloc((size_t)8 * G + 2 * (size_t)P + P / G + 2 * (size_t)N, sizeof *scr); /* donors, touch_tick, touch_at, b_stamp, b_gpus, bn_stamp, bn_cnt, bf_stamp, si, to_node, a_gpu, slot_gpu */
     double *x = eplb_malloc((2 * (size_t)(P / G) + G) * sizeof *x); /* lb [S], b_load [G], xs [S] */
     uint32_t *marks = eplb_calloc((size_t)N + (size_t)P + G, sizeof *marks); /* on_g [N], holds [S][G] = [P], shares [G] */
     int32_t *saved = p->reference_cnt ? eplb_malloc((size_t)Lyr * (P + N) * sizeof *saved) : NULL;
-    if (!c || !ls || !dbl || !ints || !heap || !order || !scr || !x || !marks || (p->reference_cnt && !saved)) {
+    uint64_t *multi = eplb_calloc((size_t)Lyr * ((N + 63) / 64), sizeof *multi); /* each layer's L->multi */
+    if (!c || !ls || !dbl || !ints || !heap || !order || !scr || !x || !marks || (p->reference_cnt && !saved) || !multi) {
         st = eplb_error_set(err, EPLB_ENOMEM, "out of memory for an incremental %ux%u rebalance", Lyr, P);
         goto out;
     }
     *c = (ctx){ .p = p, .N = N, .P = P, .G = G, .S = P / G, .gpn = G / nodes, .nodes = nodes, .groups = groups,
-                .per_group = N / groups, .ls = ls, .donors = scr, .touch_tick = scr + P, .touch_at = scr + G + P, .b_stamp = scr + 2 * G + P, .b_gpus = scr + 3 * G + P, .bn_stamp = scr + 4 * G + P, .bn_cnt = scr + 5 * G + P, .bf_stamp = scr + 6 * G + P, .si = scr + 7 * G + P, .to_node = scr + 7 * G + P + P / G, .a_gpu = scr + 8 * G + P + P / G, .lb = x, .b_load = x + P / G, .xs = x + P / G + G, .on_g = marks, .holds = marks + N, .shares = marks + N + P, .copies_left = p->max_copies, .slots_left = p->max_slots };
+                .per_group = N / groups, .ls = ls, .donors = scr, .touch_tick = scr + P, .touch_at = scr + G + P, .b_stamp = scr + 2 * G + P, .b_gpus = scr + 3 * G + P, .bn_stamp = scr + 4 * G + P, .bn_cnt = scr + 5 * G + P, .bf_stamp = scr + 6 * G + P, .si = scr + 7 * G + P, .to_node = scr + 7 * G + P + P / G, .a_gpu = scr + 8 * G + P + P / G, .slot_gpu = scr + 8 * G + P + P / G + 2 * N, .lb = x, .b_load = x + P / G, .xs = x + P / G + G, .on_g = marks, .holds = marks + N, .shares = marks + N + P, .copies_left = p->max_copies, .slots_left = p->max_slots };
     c->work_max = p->max_work ? p->max_work : INCREMENTAL_MAX_WORK;
+    for (uint32_t i = 0; i < P; i++)
+        c->slot_gpu[i] = i / c->S;
     c->min_link = nodes > 1 && p->cost_cross_node < p->cost_intra_node ? p->cost_cross_node : p->cost_intra_node;
     if (nodes == G && G > 1)
         c->min_link = p->cost_cross_node;
@@ -1227,6 +1252,10 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
         }
         for (uint32_t i = 0; i < P; i++)
             L->x[i] = L->xr[L->row[i]];
+        L->multi = multi + (size_t)l * ((N + 63) / 64);
+        for (uint32_t e = 0; e < N; e++)
+            if (L->cnt[e] >= 2)
+                L->multi[e / 64] |= (uint64_t)1 << (e % 64);
         L->cold_ok = false;
         recompute_loads(c, L);
         if (p->initial_row) {
@@ -1335,5 +1364,6 @@ out:
     eplb_free(x);
     eplb_free(marks);
     eplb_free(saved);
+    eplb_free(multi);
     return st;
 }
