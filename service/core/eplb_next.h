@@ -45,7 +45,8 @@ typedef struct eplb_next_report {
 } eplb_next_report;
 
 /* Compute the next placement of every layer into phy2log [L][P] and logcnt
- * [L][N].  layer_before / layer_after [L] (may be NULL) get per-layer
+ * [L][N].  layer_before / layer_after [L] (may be NULL; two separate
+ * arrays: they are written in either order) get per-layer
  * balancedness.  EPLB_OK; EPLB_EINVAL for a bad shape or knobs (the
  * message names them), or max_bytes_moved without expert_bytes;
  * EPLB_ENOMEM.  The input arrays are never modified. */
