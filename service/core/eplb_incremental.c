@@ -73,6 +73,7 @@
 #include <string.h>
 
 #include "eplb_alloc.h"
+#include "eplb_bits.h"
 #include "eplb_incremental.h"
 
 /* A rewritten slot moves bytes at memory speed, several times cheaper than
@@ -193,19 +194,6 @@ typedef struct ctx {
     uint32_t touched[64 + 2 * 1024];
     double touched_load[64 + 2 * 1024];
 } ctx;
-
-static inline uint32_t ctz_u64(uint64_t x) { /* x != 0 */
-#if defined(__GNUC__) || defined(__clang__)
-    return (uint32_t)__builtin_ctzll(x);
-#else
-    uint32_t n = 0;
-    while (!(x & 1)) {
-        x >>= 1;
-        n++;
-    }
-    return n;
-#endif
-}
 
 static inline uint32_t gpu_of(const ctx *c, uint32_t slot) { return c->slot_gpu[slot]; }
 static inline uint32_t node_of(const ctx *c, uint32_t gpu) { return gpu / c->gpn; }
@@ -701,7 +689,7 @@ static void find_best(ctx *c, layer_state *L) {
     uint32_t ndonors = 0;
     for (uint32_t wd = 0; wd < (c->N + 63) / 64; wd++) {
         for (uint64_t bits = L->multi[wd]; bits; bits &= bits - 1) { /* experts with cnt >= 2, ascending */
-            const uint32_t a = wd * 64 + (uint32_t)ctz_u64(bits);
+            const uint32_t a = wd * 64 + eplb_ctz64(bits);
             if (!can_give_replica(L, (int32_t)a))
                 continue;
             uint32_t q1 = UINT32_MAX, q2 = UINT32_MAX;

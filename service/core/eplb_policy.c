@@ -54,6 +54,7 @@
  * Loads are int64 >= 0 converted to double (exact below 2^53), so every
  * weight is +0 or positive and its IEEE bit pattern orders like the value. */
 #include "eplb_alloc.h"
+#include "eplb_bits.h"
 #include "eplb_policy.h"
 
 #include <math.h>
@@ -318,18 +319,6 @@ static void sort_items(policy_item *a, policy_item *tmp, size_t n) {
         memcpy(a, src, n * sizeof *a);
 }
 
-static inline unsigned ctz64(uint64_t x) {
-#if defined(__GNUC__) || defined(__clang__)
-    return (unsigned)__builtin_ctzll(x);
-#else
-    unsigned n = 0;
-    while (!(x & 1)) {
-        x >>= 1;
-        n++;
-    }
-    return n;
-#endif
-}
 
 static inline unsigned bit_width64(uint64_t x) {
 #if defined(__GNUC__) || defined(__clang__)
@@ -430,7 +419,7 @@ static void radix_sort_keys(uint32_t n, int32_t *out, policy_scratch *sc) {
             out[i] = (int32_t)i;
         return;
     }
-    unsigned lo = ctz64(differ), span = bit_width64(differ) - lo;
+    unsigned lo = eplb_ctz64(differ), span = bit_width64(differ) - lo;
     unsigned pos_bits = bit_width64(n - 1);
     if (span + pos_bits <= 64) {
         uint64_t mask = span == 64 ? ~(uint64_t)0 : (((uint64_t)1 << span) - 1);
@@ -1182,7 +1171,7 @@ static void preserve_gpu_16(size_t k, const int32_t *old, int32_t *cur) {
     }
     uint32_t free_slots = ~kept & all, rest = ~used & all;
     while (free_slots) {
-        cur[ctz64(free_slots)] = orig[ctz64(rest)];
+        cur[eplb_ctz64(free_slots)] = orig[eplb_ctz64(rest)];
         free_slots &= free_slots - 1;
         rest &= rest - 1;
     }
@@ -1216,7 +1205,7 @@ static void preserve_gpu_small(size_t k, const int32_t *old, int32_t *cur) {
     }
     uint64_t free_slots = ~kept & all, rest = ~used & all;
     while (free_slots) {
-        cur[ctz64(free_slots)] = orig[ctz64(rest)];
+        cur[eplb_ctz64(free_slots)] = orig[eplb_ctz64(rest)];
         free_slots &= free_slots - 1;
         rest &= rest - 1;
     }
