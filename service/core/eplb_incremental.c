@@ -1023,8 +1023,33 @@ static void split_heavy(ctx *c, layer_state *L, int32_t *save, eplb_incremental_
         change best = { .kind = CH_NONE };
         double best_worst = INFINITY, best_cost = INFINITY;
         c->work += (uint64_t)c->P + c->N; /* the scan for b and the slots tried */
+        /* Each donor expert's two heaviest GPUs (a_gpu, as find_best keeps
+         * them) for the a-side bound below: from the few experts with two
+         * or more replicas. */
+        for (uint32_t wd = 0; wd < (c->N + 63) / 64; wd++) {
+            for (uint64_t bits = L->multi[wd]; bits; bits &= bits - 1) {
+                const uint32_t a = wd * 64 + eplb_ctz64(bits);
+                uint32_t q1 = UINT32_MAX, q2 = UINT32_MAX;
+                for (int32_t u = L->head[a]; u >= 0; u = L->next[u]) {
+                    const uint32_t q = gpu_of(c, (uint32_t)u);
+                    if (q == q1 || q == q2)
+                        continue;
+                    if (q1 == UINT32_MAX || L->load[q] > L->load[q1]) {
+                        q2 = q1;
+                        q1 = q;
+                    } else if (q2 == UINT32_MAX || L->load[q] > L->load[q2]) {
+                        q2 = q;
+                    }
+                }
+                c->a_gpu[2 * a] = q1;
+                c->a_gpu[2 * a + 1] = q2;
+            }
+        }
         for (uint32_t t = 0; t < c->P && c->work <= c->work_max; t++) {
             double worst, t_new;
+            const int32_t a = L->row[t];
+            if (a == b || !can_give_replica(L, a))
+                continue; /* repl_loads would refuse it */
             /* worst is at least t's GPU's load after: past the best's, t
              * cannot win; at it, it may tie and win on cost.  This skips
              * about 3 in 5 of repl_loads' walks at 1 x 32.  The sum is
@@ -1033,6 +1058,12 @@ static void split_heavy(ctx *c, layer_state *L, int32_t *save, eplb_incremental_
              * the difference can be far smaller than its terms. */
             const double up = base_load(c, L, &bp, gpu_of(c, t)) + L->xup[b];
             if (best.kind != CH_NONE && up - L->xr[L->row[t]] > best_worst + 1e-12 * up)
+                continue;
+            /* And at least what a GPU of a's other replicas ends with
+             * (a_side_low: (base + xdn) - xr, where repl_loads sums base +
+             * (xdn - xr), so the slack is relative to base + xdn). */
+            const double a_low = a_side_low(c, L, &bp, t);
+            if (best.kind != CH_NONE && a_low > best_worst + 1e-12 * (a_low + L->xr[a]))
                 continue;
             if (!repl_loads(c, L, gpu_of(c, t), t, &bp, &worst, &t_new))
                 continue;
