@@ -465,7 +465,7 @@ static inline double a_side_low(const ctx *c, const layer_state *L, const b_part
  * cost.  The slack (1e-12 of M)
  * keeps rounding in those loads from ruling out a better change; the cap's
  * term is exact, as the gain's is. */
-static bool repl_may_beat(const ctx *c, const layer_state *L, const b_part *bp, double M, uint32_t t, double shed,
+static inline bool repl_may_beat(const ctx *c, const layer_state *L, const b_part *bp, double M, uint32_t t, double shed,
                           double cost_lb, const change *best) {
     const double h_low = base_load(c, L, bp, gpu_of(c, t)) + L->xup[bp->b] - L->x[t];
     if (h_low > M * (1 + 1e-12))
