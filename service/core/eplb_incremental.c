@@ -831,7 +831,28 @@ static void find_best(ctx *c, layer_state *L) {
     }
     const uint32_t ncold = L->ncold;
     c->work += (uint64_t)S * ncold;
-    for (uint32_t i = 0; i < ncold; i++) {
+    /* g's heaviest replica it may give up: g sheds at most that minus
+     * the cold expert's new replica (when g does not hold the cold one, whose
+     * other replicas on g would shed too), and the cold ones come
+     * lightest first, so once that cannot beat the best at the least cost
+     * no later one g does not hold can (the slack as for the hot ones).
+     * The best only rises, so a bound that failed stays failed. */
+    double xdon = -INFINITY;
+    for (uint32_t t = g0; t < g0 + S; t++)
+        if (can_give_replica(L, L->row[t]) && x[t] > xdon)
+            xdon = x[t];
+    bool rest_out = false; /* the cold ones g does not hold, from here on, cannot beat the best */
+    for (uint32_t i = 0; i < ncold && xdon > -INFINITY; i++) {
+        if (c->on_g[cold[i]] != tick) {
+            if (rest_out)
+                continue;
+            double shed = xdon - L->xup[cold[i]];
+            shed = shed < c->cap ? shed : c->cap;
+            if (best.kind != CH_NONE && (shed + 1e-12 * M) / SLOT_COST < best.score) {
+                rest_out = true;
+                continue;
+            }
+        }
         b_part bp;
         b_prepare(c, L, cold[i], &bp);
         for (uint32_t t = g0; t < g0 + S; t++) {
