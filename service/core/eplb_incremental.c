@@ -652,6 +652,39 @@ static bool swaps_with(ctx *c, const layer_state *L, const swap_view *v, uint32_
 }
 
 /* The layer's best change now (kind NONE when none improves or fits). */
+/* The experts that may give up a replica (can_give_replica), from the
+ * bitmap of those with two or more, ascending: each one's two heaviest
+ * GPUs into c->a_gpu (UINT32_MAX none; for a_side_low) and, donors not
+ * NULL, their slots into donors.  Returns the slots. */
+static uint32_t find_donors(ctx *c, const layer_state *L, uint32_t *donors) {
+    uint32_t n = 0;
+    for (uint32_t wd = 0; wd < (c->N + 63) / 64; wd++) {
+        for (uint64_t bits = L->multi[wd]; bits; bits &= bits - 1) {
+            const uint32_t a = wd * 64 + eplb_ctz64(bits);
+            if (!can_give_replica(L, (int32_t)a))
+                continue;
+            uint32_t q1 = UINT32_MAX, q2 = UINT32_MAX;
+            for (int32_t u = L->head[a]; u >= 0; u = L->next[u]) {
+                const uint32_t q = gpu_of(c, (uint32_t)u);
+                if (donors)
+                    donors[n] = (uint32_t)u;
+                n++;
+                if (q == q1 || q == q2)
+                    continue;
+                if (q1 == UINT32_MAX || L->load[q] > L->load[q1]) {
+                    q2 = q1;
+                    q1 = q;
+                } else if (q2 == UINT32_MAX || L->load[q] > L->load[q2]) {
+                    q2 = q;
+                }
+            }
+            c->a_gpu[2 * a] = q1;
+            c->a_gpu[2 * a + 1] = q2;
+        }
+    }
+    return n;
+}
+
 static void find_best(ctx *c, layer_state *L) {
     change best = { .kind = CH_NONE, .score = -INFINITY };
     L->best = best;
@@ -686,29 +719,7 @@ static void find_best(ctx *c, layer_state *L) {
      * half the slots with two or more replicas, whose expert would exceed
      * the item bound); by expert, and each expert's two heaviest GPUs for
      * a_side_low. */
-    uint32_t ndonors = 0;
-    for (uint32_t wd = 0; wd < (c->N + 63) / 64; wd++) {
-        for (uint64_t bits = L->multi[wd]; bits; bits &= bits - 1) { /* experts with cnt >= 2, ascending */
-            const uint32_t a = wd * 64 + eplb_ctz64(bits);
-            if (!can_give_replica(L, (int32_t)a))
-                continue;
-            uint32_t q1 = UINT32_MAX, q2 = UINT32_MAX;
-            for (int32_t u = L->head[a]; u >= 0; u = L->next[u]) {
-                const uint32_t q = gpu_of(c, (uint32_t)u);
-                c->donors[ndonors++] = (uint32_t)u;
-                if (q == q1 || q == q2)
-                    continue;
-                if (q1 == UINT32_MAX || L->load[q] > L->load[q1]) {
-                    q2 = q1;
-                    q1 = q;
-                } else if (q2 == UINT32_MAX || L->load[q] > L->load[q2]) {
-                    q2 = q;
-                }
-            }
-            c->a_gpu[2 * a] = q1;
-            c->a_gpu[2 * a + 1] = q2;
-        }
-    }
+    const uint32_t ndonors = find_donors(c, L, c->donors);
     c->work += c->N + ndonors;
     double xmax = 0;
     for (uint32_t s = g0; s < g0 + S; s++)
@@ -1047,25 +1058,7 @@ static void split_heavy(ctx *c, layer_state *L, int32_t *save, eplb_incremental_
         /* Each donor expert's two heaviest GPUs (a_gpu, as find_best keeps
          * them) for the a-side bound below: from the few experts with two
          * or more replicas. */
-        for (uint32_t wd = 0; wd < (c->N + 63) / 64; wd++) {
-            for (uint64_t bits = L->multi[wd]; bits; bits &= bits - 1) {
-                const uint32_t a = wd * 64 + eplb_ctz64(bits);
-                uint32_t q1 = UINT32_MAX, q2 = UINT32_MAX;
-                for (int32_t u = L->head[a]; u >= 0; u = L->next[u]) {
-                    const uint32_t q = gpu_of(c, (uint32_t)u);
-                    if (q == q1 || q == q2)
-                        continue;
-                    if (q1 == UINT32_MAX || L->load[q] > L->load[q1]) {
-                        q2 = q1;
-                        q1 = q;
-                    } else if (q2 == UINT32_MAX || L->load[q] > L->load[q2]) {
-                        q2 = q;
-                    }
-                }
-                c->a_gpu[2 * a] = q1;
-                c->a_gpu[2 * a + 1] = q2;
-            }
-        }
+        find_donors(c, L, NULL);
         for (uint32_t t = 0; t < c->P && c->work <= c->work_max; t++) {
             double worst, t_new;
             const int32_t a = L->row[t];
