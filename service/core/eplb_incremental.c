@@ -651,7 +651,6 @@ static bool swaps_with(ctx *c, const layer_state *L, const swap_view *v, uint32_
     return true;
 }
 
-/* The layer's best change now (kind NONE when none improves or fits). */
 /* The experts that may give up a replica (can_give_replica), from the
  * bitmap of those with two or more, ascending: each one's two heaviest
  * GPUs into c->a_gpu (UINT32_MAX none; for a_side_low) and, donors not
@@ -685,6 +684,7 @@ static uint32_t find_donors(ctx *c, const layer_state *L, uint32_t *donors) {
     return n;
 }
 
+/* The layer's best change now (kind NONE when none improves or fits). */
 static void find_best(ctx *c, layer_state *L) {
     change best = { .kind = CH_NONE, .score = -INFINITY };
     L->best = best;
@@ -937,12 +937,17 @@ static void list_add(layer_state *L, int32_t e, uint32_t slot) {
 }
 
 /* Expert e's per-replica loads after its count changed. */
-static void set_counts(layer_state *L, int32_t e) {
+/* Expert e's per-replica loads and its bit in multi, from its count. */
+static void set_expert_loads(layer_state *L, int32_t e) {
     L->xr[e] = L->w[e] / L->cnt[e];
     L->xup[e] = L->w[e] / (L->cnt[e] + 1);
     L->xdn[e] = L->cnt[e] >= 2 ? L->w[e] / (L->cnt[e] - 1) : INFINITY;
     const uint64_t bit = (uint64_t)1 << ((uint32_t)e % 64);
     L->multi[(uint32_t)e / 64] = L->cnt[e] >= 2 ? L->multi[(uint32_t)e / 64] | bit : L->multi[(uint32_t)e / 64] & ~bit;
+}
+
+static void set_counts(layer_state *L, int32_t e) {
+    set_expert_loads(L, e);
     for (int32_t u = L->head[e]; u >= 0; u = L->next[u])
         L->x[u] = L->xr[e];
     L->cold_ok = false;
@@ -1071,7 +1076,7 @@ static void split_heavy(ctx *c, layer_state *L, int32_t *save, eplb_incremental_
              * a few ulps of base + xup, hence a slack relative to that:
              * the difference can be far smaller than its terms. */
             const double up = base_load(c, L, &bp, gpu_of(c, t)) + L->xup[b];
-            if (best.kind != CH_NONE && up - L->xr[L->row[t]] > best_worst + 1e-12 * up)
+            if (best.kind != CH_NONE && up - L->xr[a] > best_worst + 1e-12 * up)
                 continue;
             /* And at least what a GPU of a's other replicas ends with
              * (a_side_low: (base + xdn) - xr, where repl_loads sums base +
@@ -1278,17 +1283,11 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
         }
         /* set_counts of every expert, with x filled by slot rather than
          * by each expert's replica list (the same values). */
-        for (uint32_t e = 0; e < N; e++) {
-            L->xr[e] = L->w[e] / L->cnt[e];
-            L->xup[e] = L->w[e] / (L->cnt[e] + 1);
-            L->xdn[e] = L->cnt[e] >= 2 ? L->w[e] / (L->cnt[e] - 1) : INFINITY;
-        }
-        for (uint32_t i = 0; i < P; i++)
-            L->x[i] = L->xr[L->row[i]];
         L->multi = multi + (size_t)l * ((N + 63) / 64);
         for (uint32_t e = 0; e < N; e++)
-            if (L->cnt[e] >= 2)
-                L->multi[e / 64] |= (uint64_t)1 << (e % 64);
+            set_expert_loads(L, (int32_t)e);
+        for (uint32_t i = 0; i < P; i++)
+            L->x[i] = L->xr[L->row[i]];
         L->cold_ok = false;
         recompute_loads(c, L);
         if (p->initial_row) {

@@ -149,22 +149,20 @@ eplb_status eplb_plan_build(uint32_t num_physical, uint32_t num_gpus, uint32_t g
         return eplb_error_set(err, EPLB_EINVAL,
                               "local GPUs [%u, %u + %u) exceed num_gpus %u", first_gpu, first_gpu,
                               num_local_gpus, num_gpus);
-    /* One pass checks both rows and finds the largest id and the slots
-     * written (a rebalance plans every layer, most of them unchanged at a
-     * small target: three passes were a third of such a layer's cost); a
-     * bad entry goes through check_row for its message, the old row's
-     * first. */
+    /* One pass checks both rows and finds the largest id (a rebalance
+     * plans every layer, most of them unchanged at a small target, where
+     * a pass per row was a third of the cost); a bad entry goes through
+     * check_row for its message, the old row's first. */
     const uint32_t P = num_physical, G = num_gpus, S = P / G, gpn = gpus_per_node;
     const uint32_t lo = first_gpu, hi = first_gpu + num_local_gpus;
     int32_t max_e = -1;
-    uint32_t bad = 0, changed = 0;
+    uint32_t bad = 0;
     for (uint32_t s = 0; s < P; s++) {
         const int32_t a = old_row[s], b = new_row[s];
         bad |= (uint32_t)(a < -1 || a >= (int32_t)EPLB_POLICY_MAX_EXPERTS) |
                (uint32_t)(b < -1 || b >= (int32_t)EPLB_POLICY_MAX_EXPERTS);
         max_e = a > max_e ? a : max_e;
         max_e = b > max_e ? b : max_e;
-        changed |= (uint32_t)(a != b);
     }
     if (bad) {
         int32_t unused = -1;
@@ -176,12 +174,7 @@ eplb_status eplb_plan_build(uint32_t num_physical, uint32_t num_gpus, uint32_t g
 
     /* Counters, and every written slot on a GPU this server holds. */
     uint32_t written = 0;
-    if (!changed) { /* the rows are equal: nothing is written */
-        for (uint32_t s = 0; s < P; s++)
-            out->slots_empty += new_row[s] == -1;
-        out->slots_unchanged = P - out->slots_empty;
-    }
-    for (uint32_t s = 0; s < P && changed; s++) {
+    for (uint32_t s = 0; s < P; s++) {
         if (new_row[s] == -1) {
             out->slots_empty++;
         } else if (new_row[s] == old_row[s]) {

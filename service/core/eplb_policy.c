@@ -319,7 +319,6 @@ static void sort_items(policy_item *a, policy_item *tmp, size_t n) {
         memcpy(a, src, n * sizeof *a);
 }
 
-
 static inline unsigned bit_width64(uint64_t x) {
 #if defined(__GNUC__) || defined(__clang__)
     return x ? 64u - (unsigned)__builtin_clzll(x) : 0u;
