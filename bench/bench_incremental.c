@@ -34,7 +34,11 @@
  * BENCH_NOISE (default 0.1) make other traces; BENCH_HASH=1 prints a hash
  * of every placement each strategy chose (to check that a change gives the
  * same answers); BENCH_SHAPE=layers,experts,slots,groups,nodes,gpus runs
- * one shape of the caller's instead of the list. */
+ * one shape of the caller's instead of the list.  The curve of balance
+ * against bytes: BENCH_TARGETS=0.8,0.97 adds INCREMENTAL rows at those
+ * targets, BENCH_BUDGETS=0.01,0.1 rows at t=0.99 under those fractions of
+ * the slots, and BENCH_CSV=FILE appends one row per rebalance of every
+ * strategy to FILE (bench/plot_incremental.py draws it). */
 #define _POSIX_C_SOURCE 200809L
 
 #include <malloc.h>
@@ -62,7 +66,9 @@ typedef struct strategy {
     double budget_frac; /* max_slots_moved as a fraction of L*P; 0 = none */
 } strategy;
 
-static const strategy strategies[] = {
+/* The table's rows; BENCH_TARGETS and BENCH_BUDGETS append more (the curve). */
+#define NSTRAT_MAX 40
+static strategy strategies[NSTRAT_MAX] = {
     { "deepseek/preserve", EPLB_POLICY_DEEPSEEK, EPLB_SLOT_PRESERVE, 0, 0 },
     { "deepseek/min_traffic", EPLB_POLICY_DEEPSEEK, EPLB_SLOT_MIN_TRAFFIC, 0, 0 },
     { "incremental t=0.99", EPLB_POLICY_INCREMENTAL, EPLB_SLOT_PRESERVE, 0.99, 0 },
@@ -73,7 +79,10 @@ static const strategy strategies[] = {
     /* No rebalance at all: the stale placement's balancedness. */
     { "stale (never moves)", EPLB_POLICY_INCREMENTAL, EPLB_SLOT_PRESERVE, 0.99, -1 },
 };
-#define NSTRAT (sizeof strategies / sizeof strategies[0])
+static size_t nstrat = 8; /* the rows above */
+static char extra_names[NSTRAT_MAX][48];
+/* BENCH_CSV: one row per rebalance of every strategy (bench/plot_incremental.py). */
+static FILE *csv;
 
 typedef struct bench_case {
     const char *name;
@@ -160,8 +169,8 @@ static int run(const bench_case *bc, const char *trace, double drift, int R) {
     const size_t nl = (size_t)L * N, np = (size_t)L * P;
     double *logw = malloc(nl * sizeof *logw), *io = malloc(G * sizeof *io);
     int64_t *load = malloc(nl * sizeof *load);
-    int32_t *cur[NSTRAT], *cnt[NSTRAT], *next = malloc(np * sizeof *next), *ncnt = malloc(nl * sizeof *ncnt);
-    acc *a = calloc(NSTRAT, sizeof *a);
+    int32_t *cur[NSTRAT_MAX], *cnt[NSTRAT_MAX], *next = malloc(np * sizeof *next), *ncnt = malloc(nl * sizeof *ncnt);
+    acc *a = calloc(nstrat, sizeof *a);
     uint64_t st = 0x5EEDull ^ (uint64_t)P ^ ((uint64_t)L << 20);
     draw_popularity(&st, L, N, logw);
     eplb_error err;
@@ -181,7 +190,7 @@ static int run(const bench_case *bc, const char *trace, double drift, int R) {
         }
         if (step < 0) { /* everyone starts from DeepSeek's placement of the first load */
             eplb_policy_rebalance(s, load, next, ncnt, &err);
-            for (size_t k = 0; k < NSTRAT; k++) {
+            for (size_t k = 0; k < nstrat; k++) {
                 cur[k] = malloc(np * sizeof *next);
                 cnt[k] = malloc(nl * sizeof *ncnt);
                 memcpy(cur[k], next, np * sizeof *next);
@@ -190,7 +199,7 @@ static int run(const bench_case *bc, const char *trace, double drift, int R) {
             continue;
         }
         const char *only = getenv("BENCH_STRATEGY");
-        for (size_t k = 0; k < NSTRAT; k++) {
+        for (size_t k = 0; k < nstrat; k++) {
             const strategy *sg = &strategies[k];
             if (only && strcmp(only, sg->name) != 0 && (k != 1 || getenv("BENCH_NO_REFERENCE")))
                 continue; /* MIN_TRAFFIC always runs: it is the bytes reference */
@@ -199,7 +208,7 @@ static int run(const bench_case *bc, const char *trace, double drift, int R) {
             req.knobs.policy = sg->policy;
             req.knobs.target_balancedness = sg->target;
             req.knobs.max_slots_moved = sg->budget_frac > 0 ? (uint64_t)(sg->budget_frac * (double)np) : 0;
-            if (sg->budget_frac < 0) { /* stale: a budget of nothing */
+            if (sg->budget_frac < 0) { /* stale: the smallest budget (one byte, one slot), then kept as it was */
                 req.knobs.expert_bytes = 1;
                 req.knobs.max_bytes_moved = 1;
                 req.knobs.max_slots_moved = 1;
@@ -209,6 +218,13 @@ static int run(const bench_case *bc, const char *trace, double drift, int R) {
             if (eplb_next_placement(&req, next, ncnt, NULL, NULL, &rep, &err) != EPLB_OK) {
                 fprintf(stderr, "%s %s: %s\n", bc->name, sg->name, err.msg);
                 return 1;
+            }
+            if (sg->budget_frac < 0) { /* the call gave the reference; the budget still let one slot move */
+                memcpy(next, cur[k], np * sizeof *next);
+                memcpy(ncnt, cnt[k], nl * sizeof *ncnt);
+                rep.balancedness_after = rep.balancedness_before;
+                rep.copies_cross_gpu = rep.copies_cross_node = 0;
+                rep.layers_from_scratch = rep.layers_node_repaired = 0;
             }
             double ms = now_ms() - t0 + plans_ms(s, cur[k], next);
             acc *x = &a[k];
@@ -227,7 +243,13 @@ static int run(const bench_case *bc, const char *trace, double drift, int R) {
             x->worse += rep.balancedness_after < rep.balancedness_before - 1e-12;
             x->gpu_bytes += (double)rep.copies_cross_gpu * BYTES_PER_EXPERT;
             x->node_bytes += (double)rep.copies_cross_node * BYTES_PER_EXPERT;
-            x->stall_s_sum += stall_bytes(s, cur[k], next, io) / GPU_BYTES_PER_S;
+            const double stall_s = stall_bytes(s, cur[k], next, io) / GPU_BYTES_PER_S;
+            x->stall_s_sum += stall_s;
+            if (csv)
+                fprintf(csv, "\"%s\",%s,\"%s\",%d,%.6f,%.6f,%llu,%llu,%.0f,%.6f,%u\n", bc->name, trace, sg->name,
+                        step, rel, late, (unsigned long long)rep.copies_cross_gpu,
+                        (unsigned long long)rep.copies_cross_node, (double)rep.copies_cross_gpu * BYTES_PER_EXPERT,
+                        stall_s, rep.layers_from_scratch);
             if (strcmp(trace, "shift") == 0 && (step == R / 2 || step == R / 2 + 1))
                 x->rel_after_shift[step - R / 2] = rel;
             x->hash = fnv1a(x->n ? x->hash : 0xcbf29ce484222325ull, next, np * sizeof *next);
@@ -242,7 +264,7 @@ static int run(const bench_case *bc, const char *trace, double drift, int R) {
     printf("%-24s %7s %7s %11s %11s %8s %6s %9s %8s %6s %5s%s\n", "strategy", "rel", "rel_min", "GB/rebal",
            "xnode GB", "vs MT", "worse", "stall s", "ms p50", "fb", "nr", strcmp(trace, "shift") == 0 ? "  shift+1 shift+2" : "");
     const double mt = a[1].gpu_bytes > 0 ? a[1].gpu_bytes : INFINITY;
-    for (size_t k = 0; k < NSTRAT; k++) {
+    for (size_t k = 0; k < nstrat; k++) {
         acc *x = &a[k];
         if (!x->n)
             continue;
@@ -257,7 +279,7 @@ static int run(const bench_case *bc, const char *trace, double drift, int R) {
         printf("\n");
     }
     if (getenv("BENCH_HASH"))
-        for (size_t k = 0; k < NSTRAT; k++)
+        for (size_t k = 0; k < nstrat; k++)
             if (a[k].n)
                 printf("hash %-24s %016llx\n", strategies[k].name, (unsigned long long)a[k].hash);
     /* MIN_TRAFFIC's placement before each rebalance is DeepSeek's of the
@@ -265,7 +287,7 @@ static int run(const bench_case *bc, const char *trace, double drift, int R) {
     if (a[1].n)
         printf("%-24s %7.4f %7.4f   (DeepSeek's placement of the previous load, on this one)\n",
                "deepseek, one step late", a[1].late_sum / a[1].n, a[1].late_min);
-    for (size_t k = 0; k < NSTRAT; k++) {
+    for (size_t k = 0; k < nstrat; k++) {
         free(cur[k]);
         free(cnt[k]);
     }
@@ -275,6 +297,46 @@ static int run(const bench_case *bc, const char *trace, double drift, int R) {
     free(load);
     free(next);
     free(ncnt);
+    return 0;
+}
+
+/* The exit status, once BENCH_CSV's rows are all written. */
+static int finish(int rc) {
+    if (csv && (ferror(csv) | fclose(csv)) != 0) {
+        fprintf(stderr, "BENCH_CSV: write failed\n");
+        return 1;
+    }
+    return rc;
+}
+
+/* BENCH_TARGETS "0.97,0.98": INCREMENTAL rows at those targets;
+ * BENCH_BUDGETS "0.01,0.1": rows at t=0.99 with max_slots_moved that
+ * fraction of all slots.  Each value in (0, 1]; at most NSTRAT_MAX rows in
+ * all.  Returns 0, or 2 after saying what is wrong. */
+static int add_strategies(const char *list, bool budgets) {
+    const char *what = budgets ? "BENCH_BUDGETS" : "BENCH_TARGETS";
+    for (const char *p = list; list && *list;) {
+        char *end;
+        double v = strtod(p, &end);
+        if (end == p || (*end && *end != ',') || !(v > 0 && v <= 1)) {
+            fprintf(stderr, "%s: want comma-separated numbers in (0, 1], got \"%s\"\n", what, list);
+            return 2;
+        }
+        if (nstrat == NSTRAT_MAX) {
+            fprintf(stderr, "%s: at most %d strategies in all\n", what, NSTRAT_MAX);
+            return 2;
+        }
+        char *name = extra_names[nstrat];
+        if (budgets)
+            snprintf(name, sizeof extra_names[0], "incr t=0.99 slots<=%g%%", 100 * v);
+        else
+            snprintf(name, sizeof extra_names[0], "incremental t=%g", v);
+        strategies[nstrat++] = (strategy){ name, EPLB_POLICY_INCREMENTAL, EPLB_SLOT_PRESERVE, budgets ? 0.99 : v,
+                                           budgets ? v : 0 };
+        if (!*end)
+            break;
+        p = end + 1; /* past the comma: another number must follow */
+    }
     return 0;
 }
 
@@ -308,6 +370,19 @@ int main(int argc, char **argv) {
         fprintf(stderr, "BENCH_ZIPF must be >= 0 and BENCH_NOISE in [0, 1)\n");
         return 2;
     }
+    if (add_strategies(getenv("BENCH_TARGETS"), false) != 0 || add_strategies(getenv("BENCH_BUDGETS"), true) != 0)
+        return 2;
+    const char *csv_path = getenv("BENCH_CSV");
+    if (csv_path && *csv_path) {
+        csv = fopen(csv_path, "a");
+        if (!csv) {
+            fprintf(stderr, "BENCH_CSV: cannot open %s\n", csv_path);
+            return 2;
+        }
+        if (ftell(csv) == 0)
+            fprintf(csv, "case,trace,strategy,rebalance,rel,rel_before,copies_cross_gpu,copies_cross_node,"
+                         "bytes_cross_gpu,stall_s,layers_from_scratch\n");
+    }
     const char *shape = getenv("BENCH_SHAPE");
     if (shape) { /* one shape of the caller's: "layers,experts,slots,groups,nodes,gpus" */
         bench_case bc = { "BENCH_SHAPE", { 0 } };
@@ -318,14 +393,14 @@ int main(int argc, char **argv) {
             fprintf(stderr, "BENCH_SHAPE: want layers,experts,slots,groups,nodes,gpus of a valid shape\n");
             return 2;
         }
-        return run(&bc, "slow", 0.15, R) || run(&bc, "fast", 0.50, R) || run(&bc, "shift", 0.15, R);
+        return finish(run(&bc, "slow", 0.15, R) || run(&bc, "fast", 0.50, R) || run(&bc, "shift", 0.15, R));
     }
     const char *only = getenv("BENCH_CASE");
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         if (only && !strstr(cases[i].name, only))
             continue;
         if (run(&cases[i], "slow", 0.15, R) || run(&cases[i], "fast", 0.50, R) || run(&cases[i], "shift", 0.15, R))
-            return 1;
+            return finish(1);
     }
-    return 0;
+    return finish(0);
 }

@@ -481,6 +481,7 @@ python_suite "health watch and reflection" "$root/tests/integration/test_discove
 python_suite "engine-held weights, stepped rebalance" "$root/tests/integration/test_weights_engine.py" "$build"
 python_suite "placement files, report, eplbctl" "$root/tests/integration/test_placement_files.py" "$build"
 python_suite "engine-executed rebalances, 4 gloo ranks" "$root/tests/integration/test_engine_exec.py" "$build"
+python_suite "bench_incremental's curve (CSV, plot)" "$root/tests/integration/test_bench_curve.py" "$build"
 # The eplb Python package (clients/python) against this build's eplbd:
 # pytest writes JUnit, counted like the others.
 suite "python package eplb (pytest)" junit "$results/junit.xml" \

@@ -67,7 +67,7 @@ typedef struct eplb_incremental_params {
     double total_target;
     const double *layer_floor;
     /* reference_cnt [L][N] (NULL: no bound): the from-scratch replica
-     * counts.  When no budget is set, a layer's item bound is ITEM_SLACK
+     * counts.  A layer's item bound is ITEM_SLACK
      * times its largest from-scratch replica load (max over e of load /
      * reference_cnt); no change makes a replica heavier than the bound,
      * and before the search every replica above it is split (one slot of

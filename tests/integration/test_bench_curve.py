@@ -1,0 +1,184 @@
+"""bench_incremental's curve of balance against bytes: its per-rebalance CSV
+(BENCH_CSV) and the extra rows (BENCH_TARGETS, BENCH_BUDGETS) against the
+table it prints, and bench/plot_incremental.py on that CSV.
+
+- Every CSV row belongs to a rebalance the table counts, and the table's
+  mean balancedness and GB per rebalance are the CSV's means.
+- The CSV's rows hold the policy's promises: INCREMENTAL never below the
+  placement it started from, each target met, budgets respected; the stale
+  row copies nothing and keeps its balancedness.
+- Bad BENCH_TARGETS / BENCH_BUDGETS / BENCH_CSV: exit 2, one line.
+- The plot: a PNG per case, the curve's points printed; a file that is not
+  such a CSV, exit 2 and one line; without matplotlib, exit 1 and one line.
+
+Run: /usr/bin/python3 tests/integration/test_bench_curve.py BUILD_DIR
+"""
+import csv
+import os
+import re
+import shutil
+import struct
+import subprocess
+import sys
+import tempfile
+import unittest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BUILD = os.path.abspath(sys.argv.pop(1) if len(sys.argv) > 1 else os.path.join(ROOT, "build"))
+BENCH = os.path.join(BUILD, "bench", "bench_incremental")
+PLOT = os.path.join(ROOT, "bench", "plot_incremental.py")
+SHAPE = "6,32,40,4,2,8"  # hierarchical: 2 nodes x 4 GPUs, 4 groups
+R = 8
+EXPERT_BYTES = 44040192  # bench_incremental's 42 MiB
+ROW = re.compile(r"^(\S.*?)\s+(\d\.\d{4})\s+(\d\.\d{4})\s+(\d+\.\d)\s+(\d+\.\d)\s+")
+
+
+def bench(env, rebalances=R):
+    return subprocess.run([BENCH, str(rebalances)], capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, BENCH_SHAPE=SHAPE, **env))
+
+
+def png_size(path):
+    with open(path, "rb") as f:
+        head = f.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    assert head[12:16] == b"IHDR"
+    return struct.unpack(">II", head[16:24])
+
+
+class Curve(unittest.TestCase):
+    @classmethod
+    def setUpClass(cls):
+        cls.dir = tempfile.mkdtemp(prefix="eplb-curve-")
+        cls.csv = os.path.join(cls.dir, "inc.csv")
+        r = bench({"BENCH_TARGETS": "0.97,0.8", "BENCH_BUDGETS": "0.1", "BENCH_CSV": cls.csv})
+        assert r.returncode == 0, r.stderr
+        cls.out = r.stdout
+        with open(cls.csv, newline="") as f:
+            cls.rows = list(csv.DictReader(f))
+
+    @classmethod
+    def tearDownClass(cls):
+        shutil.rmtree(cls.dir, ignore_errors=True)
+
+    def table(self):
+        """{(trace, strategy): (rel, rel_min, GB per rebalance)} from the printed tables."""
+        t, trace = {}, None
+        for line in self.out.splitlines():
+            m = re.search(r", trace (\w+) \(", line)
+            if m:
+                trace = m.group(1)
+                continue
+            m = ROW.match(line)
+            if m and trace and not line.startswith("deepseek, one step late"):
+                t[(trace, m.group(1))] = (float(m.group(2)), float(m.group(3)), float(m.group(4)))
+        return t
+
+    def by(self):
+        g = {}
+        for row in self.rows:
+            g.setdefault((row["trace"], row["strategy"]), []).append(row)
+        return g
+
+    def test_rows_are_the_tables_rebalances(self):
+        table, groups = self.table(), self.by()
+        self.assertIn(("slow", "incremental t=0.97"), table)
+        self.assertIn(("shift", "incremental t=0.8"), table)
+        self.assertIn(("fast", "incr t=0.99 slots<=10%"), table)
+        self.assertEqual(set(table), set(groups))
+        self.assertEqual(len(table), 3 * 11)  # 3 traces x (8 rows + 3 added)
+        for key, rows in groups.items():
+            self.assertEqual(sorted(int(r["rebalance"]) for r in rows), list(range(R)), key)
+            self.assertTrue(all(r["case"] == "BENCH_SHAPE" for r in rows))
+            rel, rel_min, gb = table[key]
+            rels = [float(r["rel"]) for r in rows]
+            self.assertAlmostEqual(sum(rels) / R, rel, delta=6e-5, msg=key)
+            self.assertAlmostEqual(min(rels), rel_min, delta=6e-5, msg=key)
+            bytes_ = [int(r["bytes_cross_gpu"]) for r in rows]
+            self.assertAlmostEqual(sum(bytes_) / R / 1e9, gb, delta=0.051, msg=key)
+            for r in rows:
+                self.assertEqual(int(r["bytes_cross_gpu"]), int(r["copies_cross_gpu"]) * EXPERT_BYTES)
+                self.assertLessEqual(int(r["copies_cross_node"]), int(r["copies_cross_gpu"]))
+
+    def test_rows_keep_the_policys_promises(self):
+        slots = 6 * 40
+        for (trace, name), rows in self.by().items():
+            for r in rows:
+                rel, before = float(r["rel"]), float(r["rel_before"])
+                copies = int(r["copies_cross_gpu"])
+                if name.startswith("deepseek"):
+                    self.assertAlmostEqual(rel, 1.0, places=9)
+                elif name.startswith("stale"):
+                    self.assertEqual(copies, 0)
+                    self.assertEqual(rel, before)
+                else:
+                    self.assertGreaterEqual(rel, before - 1e-9, (trace, name, r["rebalance"]))
+                m = re.fullmatch(r"incremental t=([0-9.]+)", name)
+                if m:
+                    self.assertGreaterEqual(rel, float(m.group(1)) - 1e-9, (trace, name, r["rebalance"]))
+                m = re.fullmatch(r"incr t=0.99 slots<=([0-9.]+)%", name)
+                if m:  # a copy rewrites a slot: copies <= the slot budget
+                    self.assertLessEqual(copies, int(float(m.group(1)) / 100 * slots), (trace, name))
+        # the added rows are not copies of others: t=0.8 moves less than t=0.97
+        g = self.by()
+        low = sum(int(r["copies_cross_gpu"]) for r in g[("slow", "incremental t=0.8")])
+        high = sum(int(r["copies_cross_gpu"]) for r in g[("slow", "incremental t=0.97")])
+        self.assertLess(low, high)
+
+    def test_bad_settings_exit_2_with_one_line(self):
+        for env, word in (({"BENCH_TARGETS": "1.5"}, "BENCH_TARGETS"), ({"BENCH_TARGETS": "0.9,"}, "BENCH_TARGETS"),
+                          ({"BENCH_BUDGETS": "0.1,x"}, "BENCH_BUDGETS"), ({"BENCH_BUDGETS": "0"}, "BENCH_BUDGETS"),
+                          ({"BENCH_TARGETS": ",".join(["0.9"] * 40)}, "at most"),
+                          ({"BENCH_CSV": os.path.join(self.dir, "no", "such", "dir.csv")}, "BENCH_CSV")):
+            r = bench(env, 4)
+            self.assertEqual(r.returncode, 2, (env, r.stderr))
+            self.assertEqual(len(r.stderr.strip().splitlines()), 1, r.stderr)
+            self.assertIn(word, r.stderr)
+            self.assertEqual(r.stdout, "")
+
+    def test_csv_appends_under_one_header(self):
+        path = os.path.join(self.dir, "twice.csv")
+        for _ in range(2):
+            self.assertEqual(bench({"BENCH_CSV": path, "BENCH_STRATEGY": "incremental t=0.95"}, 4).returncode, 0)
+        with open(path) as f:
+            lines = f.read().splitlines()
+        self.assertEqual(sum(line.startswith("case,") for line in lines), 1)
+        self.assertEqual(len(lines), 1 + 2 * 3 * 2 * 4)  # 2 runs x 3 traces x (t=0.95 + MIN_TRAFFIC) x 4
+
+    def plot(self, *args, code=None):
+        cmd = [sys.executable, PLOT, *args] if code is None else [sys.executable, "-c", code, *args]
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+    def test_plot_draws_each_case(self):
+        out = os.path.join(self.dir, "img")
+        r = self.plot(self.csv, out)
+        self.assertEqual(r.returncode, 0, r.stderr)
+        w, h = png_size(os.path.join(out, "incremental-bench-shape.png"))
+        self.assertGreater(w, 500)
+        self.assertGreater(h, 200)
+        # the printed curve is the table's: t=0.97 on the slow trace
+        rel, _, gb = self.table()[("slow", "incremental t=0.97")]
+        self.assertRegex(r.stdout, r"slow .*t=0\.97 %.4f/%.1f" % (rel, gb))
+
+    def test_plot_refuses_what_it_cannot_draw(self):
+        bad = os.path.join(self.dir, "bad.csv")
+        lines = open(self.csv).read().splitlines(keepends=True)
+        nan_rel = lines[1].split(",")
+        nan_rel[4] = "x"  # rel
+        for text in ("a,b,c\n1,2,3\n", "", lines[0], lines[0] + ",".join(nan_rel) + "".join(lines[2:])):
+            with open(bad, "w") as f:
+                f.write(text)
+            r = self.plot(bad, os.path.join(self.dir, "img-bad"))
+            self.assertEqual(r.returncode, 2, (text[:60], r.stderr))
+            self.assertEqual(len(r.stderr.strip().splitlines()), 1, r.stderr)
+            self.assertFalse(os.path.exists(os.path.join(self.dir, "img-bad")))
+        r = self.plot(self.csv, os.path.join(self.dir, "img-nompl"), code="import sys; sys.modules['matplotlib'] = None; sys.argv[0] = %r; "
+                                     "exec(compile(open(%r).read(), %r, 'exec'))" % (PLOT, PLOT, PLOT))
+        self.assertEqual(r.returncode, 1, r.stderr)
+        self.assertIn("python3-matplotlib", r.stderr)
+        self.assertEqual(len(r.stderr.strip().splitlines()), 1, r.stderr)
+        self.assertFalse(os.path.exists(os.path.join(self.dir, "img-nompl")))
+
+
+if __name__ == "__main__":
+    unittest.main(verbosity=2)
