@@ -142,6 +142,28 @@ Test(incremental, golden_split_heavy_replica) {
     cr_assert_eq(st.changes, 0);
     cr_assert_eq(st.copies, 0);
     cr_assert_float_eq(st.total_max, 60, 1e-9);
+
+    /* Under a slot budget the split is paid from it, with a quarter of it
+     * at most.  4 slots: the split may take 1 (its copy is free), the swap
+     * takes 2 more: the unbudgeted answer, 3 slots. */
+    p.total_target = -1;
+    p.slots_budget = true;
+    p.max_slots = 4;
+    int32_t row4[6] = { 0, 3, 3, 1, 2, 3 };
+    counts(1, 4, 6, row4, cnt);
+    cr_assert_eq(eplb_incremental_rebalance(&p, row4, cnt, &st, &err), EPLB_OK, "%s", err.msg);
+    cr_assert_arr_eq(row4, want, sizeof want);
+    cr_assert_eq(st.splits, 1);
+    cr_assert_eq(st.slots_moved, 3);
+    /* 3 slots would pay for the same, but a quarter of 3 is no slot: no
+     * split, and without it nothing lowers the max. */
+    p.max_slots = 3;
+    int32_t row5[6] = { 0, 3, 3, 1, 2, 3 };
+    counts(1, 4, 6, row5, cnt);
+    cr_assert_eq(eplb_incremental_rebalance(&p, row5, cnt, &st, &err), EPLB_OK, "%s", err.msg);
+    cr_assert_arr_eq(row5, same, sizeof same);
+    cr_assert_eq(st.splits, 0);
+    cr_assert_eq(st.changes, 0);
 }
 
 /* The heap's key counts the GPUs a layer's max waits for (level_key),
