@@ -41,6 +41,7 @@
  * strategy to FILE (bench/plot_incremental.py draws it). */
 #define _POSIX_C_SOURCE 200809L
 
+#include <errno.h>
 #include <malloc.h>
 #include <math.h>
 #include <stdint.h>
@@ -79,7 +80,7 @@ static strategy strategies[NSTRAT_MAX] = {
     /* No rebalance at all: the stale placement's balancedness. */
     { "stale (never moves)", EPLB_POLICY_INCREMENTAL, EPLB_SLOT_PRESERVE, 0.99, -1 },
 };
-static size_t nstrat = 8; /* the rows above */
+static size_t nstrat; /* rows in use: the ones above (main counts them), then the added ones */
 static char extra_names[NSTRAT_MAX][48];
 /* BENCH_CSV: one row per rebalance of every strategy (bench/plot_incremental.py). */
 static FILE *csv;
@@ -370,13 +371,15 @@ int main(int argc, char **argv) {
         fprintf(stderr, "BENCH_ZIPF must be >= 0 and BENCH_NOISE in [0, 1)\n");
         return 2;
     }
+    while (nstrat < NSTRAT_MAX && strategies[nstrat].name)
+        nstrat++;
     if (add_strategies(getenv("BENCH_TARGETS"), false) != 0 || add_strategies(getenv("BENCH_BUDGETS"), true) != 0)
         return 2;
     const char *csv_path = getenv("BENCH_CSV");
     if (csv_path && *csv_path) {
         csv = fopen(csv_path, "a");
         if (!csv) {
-            fprintf(stderr, "BENCH_CSV: cannot open %s\n", csv_path);
+            fprintf(stderr, "BENCH_CSV: cannot open %s: %s\n", csv_path, strerror(errno));
             return 2;
         }
         if (ftell(csv) == 0)
