@@ -145,25 +145,24 @@ Test(incremental, golden_split_heavy_replica) {
 
     /* Under a slot budget the split is paid from it, with a quarter of it
      * at most.  4 slots: the split may take 1 (its copy is free), the swap
-     * takes 2 more: the unbudgeted answer, 3 slots. */
+     * takes 2 more: the unbudgeted answer, 3 slots.  3 slots would pay for
+     * the same, but a quarter of 3 is no slot: no split, and without it
+     * nothing lowers the max. */
     p.total_target = -1;
     p.slots_budget = true;
-    p.max_slots = 4;
-    int32_t row4[6] = { 0, 3, 3, 1, 2, 3 };
-    counts(1, 4, 6, row4, cnt);
-    cr_assert_eq(eplb_incremental_rebalance(&p, row4, cnt, &st, &err), EPLB_OK, "%s", err.msg);
-    cr_assert_arr_eq(row4, want, sizeof want);
-    cr_assert_eq(st.splits, 1);
-    cr_assert_eq(st.slots_moved, 3);
-    /* 3 slots would pay for the same, but a quarter of 3 is no slot: no
-     * split, and without it nothing lowers the max. */
-    p.max_slots = 3;
-    int32_t row5[6] = { 0, 3, 3, 1, 2, 3 };
-    counts(1, 4, 6, row5, cnt);
-    cr_assert_eq(eplb_incremental_rebalance(&p, row5, cnt, &st, &err), EPLB_OK, "%s", err.msg);
-    cr_assert_arr_eq(row5, same, sizeof same);
-    cr_assert_eq(st.splits, 0);
-    cr_assert_eq(st.changes, 0);
+    const struct { uint64_t max_slots; const int32_t *row; uint64_t splits, slots; } budgeted[] = {
+        { 4, want, 1, 3 },
+        { 3, same, 0, 0 },
+    };
+    for (size_t i = 0; i < sizeof budgeted / sizeof budgeted[0]; i++) {
+        int32_t r[6] = { 0, 3, 3, 1, 2, 3 };
+        counts(1, 4, 6, r, cnt);
+        p.max_slots = budgeted[i].max_slots;
+        cr_assert_eq(eplb_incremental_rebalance(&p, r, cnt, &st, &err), EPLB_OK, "%s", err.msg);
+        cr_assert_arr_eq(r, budgeted[i].row, sizeof r, "max_slots %llu", (unsigned long long)budgeted[i].max_slots);
+        cr_assert_eq(st.splits, budgeted[i].splits);
+        cr_assert_eq(st.slots_moved, budgeted[i].slots);
+    }
 }
 
 /* The heap's key counts the GPUs a layer's max waits for (level_key),

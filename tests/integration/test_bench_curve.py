@@ -17,11 +17,13 @@ import csv
 import os
 import re
 import shutil
-import struct
 import subprocess
 import sys
 import tempfile
 import unittest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from pngfile import png_size  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BUILD = os.path.abspath(sys.argv.pop(1) if len(sys.argv) > 1 else os.path.join(ROOT, "build"))
@@ -36,14 +38,6 @@ ROW = re.compile(r"^(\S.*?)\s+(\d\.\d{4})\s+(\d\.\d{4})\s+(\d+\.\d)\s+(\d+\.\d)\
 def bench(env, rebalances=R):
     return subprocess.run([BENCH, str(rebalances)], capture_output=True, text=True, timeout=600,
                           env=dict(os.environ, BENCH_SHAPE=SHAPE, **env))
-
-
-def png_size(path):
-    with open(path, "rb") as f:
-        head = f.read(24)
-    assert head[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
-    assert head[12:16] == b"IHDR"
-    return struct.unpack(">II", head[16:24])
 
 
 class Curve(unittest.TestCase):
