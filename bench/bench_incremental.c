@@ -41,9 +41,11 @@
  * strategy to FILE (bench/plot_incremental.py draws it). */
 #define _POSIX_C_SOURCE 200809L
 
+#include <ctype.h>
 #include <errno.h>
 #include <malloc.h>
 #include <math.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -208,7 +210,8 @@ static int run(const bench_case *bc, const char *trace, double drift, int R) {
                                       .logical_load = load };
             req.knobs.policy = sg->policy;
             req.knobs.target_balancedness = sg->target;
-            req.knobs.max_slots_moved = sg->budget_frac > 0 ? (uint64_t)(sg->budget_frac * (double)np) : 0;
+            /* At least one slot: 0 would mean no budget. */
+            req.knobs.max_slots_moved = sg->budget_frac > 0 ? (uint64_t)fmax(1, sg->budget_frac * (double)np) : 0;
             if (sg->budget_frac < 0) { /* stale: the smallest budget (one byte, one slot), then kept as it was */
                 req.knobs.expert_bytes = 1;
                 req.knobs.max_bytes_moved = 1;
@@ -303,7 +306,10 @@ static int run(const bench_case *bc, const char *trace, double drift, int R) {
 
 /* The exit status, once BENCH_CSV's rows are all written. */
 static int finish(int rc) {
-    if (csv && (ferror(csv) | fclose(csv)) != 0) {
+    if (!csv)
+        return rc;
+    const bool failed = ferror(csv) != 0;
+    if (fclose(csv) != 0 || failed) {
         fprintf(stderr, "BENCH_CSV: write failed\n");
         return 1;
     }
@@ -317,9 +323,9 @@ static int finish(int rc) {
 static int add_strategies(const char *list, bool budgets) {
     const char *what = budgets ? "BENCH_BUDGETS" : "BENCH_TARGETS";
     for (const char *p = list; list && *list;) {
-        char *end;
-        double v = strtod(p, &end);
-        if (end == p || (*end && *end != ',') || !(v > 0 && v <= 1)) {
+        char *end = (char *)p;
+        double v = isspace((unsigned char)*p) ? NAN : strtod(p, &end);
+        if (isnan(v) || end == p || (*end && *end != ',') || !(v > 0 && v <= 1)) {
             fprintf(stderr, "%s: want comma-separated numbers in (0, 1], got \"%s\"\n", what, list);
             return 2;
         }
@@ -332,6 +338,11 @@ static int add_strategies(const char *list, bool budgets) {
             snprintf(name, sizeof extra_names[0], "incr t=0.99 slots<=%g%%", 100 * v);
         else
             snprintf(name, sizeof extra_names[0], "incremental t=%g", v);
+        for (size_t k = 0; k < nstrat; k++)
+            if (strcmp(strategies[k].name, name) == 0) {
+                fprintf(stderr, "%s: %g gives the row \"%s\", which is there already\n", what, v, name);
+                return 2;
+            }
         strategies[nstrat++] = (strategy){ name, EPLB_POLICY_INCREMENTAL, EPLB_SLOT_PRESERVE, budgets ? 0.99 : v,
                                            budgets ? v : 0 };
         if (!*end)

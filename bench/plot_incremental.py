@@ -12,8 +12,9 @@ BENCH_CSV), one PNG, incremental-<case>.png:
   in the title.
 - right: the cumulative bytes over the slow trace's rebalances (DEEPSEEK,
   INCREMENTAL at 0.9, 0.95 and 0.99, the budgets dashed).
-Also prints the curve's points as a table.  Exit 2 on a file that is not
-such a CSV, 1 without python3-matplotlib.
+Also prints the curve's points as a table.  Exit 2 on a file that cannot
+be read or is not such a CSV (a rebalance twice: two runs appended to one
+file), 1 without python3-matplotlib.
 """
 import csv
 import os
@@ -33,26 +34,34 @@ def fail(code, msg):
 
 def read(path):
     """{case: {trace: {strategy: [(rebalance, rel, bytes), ...]}}}, in file order."""
-    data = OrderedDict()
-    with open(path, newline="") as f:
-        r = csv.DictReader(f)
-        missing = [c for c in COLUMNS if c not in (r.fieldnames or [])]
-        if missing:
-            fail(2, "%s is not a bench_incremental CSV (missing columns: %s)" % (path, ", ".join(missing)))
-        for n, row in enumerate(r, start=2):
-            try:
-                item = (int(row["rebalance"]), float(row["rel"]), float(row["bytes_cross_gpu"]))
-            except (TypeError, ValueError):
-                fail(2, "%s:%d: not a number where one belongs" % (path, n))
-            data.setdefault(row["case"], OrderedDict()).setdefault(row["trace"], OrderedDict()) \
-                .setdefault(row["strategy"], []).append(item)
+    data, seen = OrderedDict(), set()
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            r = csv.DictReader(f)
+            missing = [c for c in COLUMNS if c not in (r.fieldnames or [])]
+            if missing:
+                fail(2, "%s is not a bench_incremental CSV (missing columns: %s)" % (path, ", ".join(missing)))
+            for n, row in enumerate(r, start=2):
+                try:
+                    item = (int(row["rebalance"]), float(row["rel"]), float(row["bytes_cross_gpu"]))
+                except (TypeError, ValueError):
+                    fail(2, "%s:%d: not a number where one belongs" % (path, n))
+                key = (row["case"], row["trace"], row["strategy"], item[0])
+                if key in seen:
+                    fail(2, "%s:%d: rebalance %d of %s / %s / %s is there twice (two runs in one file?)"
+                         % ((path, n, item[0]) + key[:3]))
+                seen.add(key)
+                data.setdefault(row["case"], OrderedDict()).setdefault(row["trace"], OrderedDict()) \
+                    .setdefault(row["strategy"], []).append(item)
+    except (OSError, UnicodeDecodeError, csv.Error) as e:
+        fail(2, "%s: %s" % (path, e))
     if not data:
         fail(2, "%s has no rows" % path)
     return data
 
 
 def target_of(name):
-    m = re.fullmatch(r"incremental t=([0-9.]+)", name)
+    m = re.fullmatch(r"incremental t=([0-9.eE+-]+)", name)
     return float(m.group(1)) if m else None
 
 
@@ -118,7 +127,7 @@ def main(argv):
                                 xytext=(5, 2), fontsize=6, color=color)
             for gb, rel, name in pts["deepseek"]:
                 marker = "*" if "min_traffic" in name else "P"
-                ax.plot([gb], [rel], marker, color=color, ms=9, label=name if trace == "slow" else None)
+                ax.plot([max(gb, xmin)], [rel], marker, color=color, ms=9, label=name if trace == "slow" else None)
             for _, rel, _ in pts["stale"]:
                 stale_note.append("%s %.2f" % (trace, rel))
             print("  %-6s %s" % (trace, "  ".join("t=%g %.4f/%.1f" % (t, rel, gb) for gb, rel, t in curve)))
@@ -133,13 +142,15 @@ def main(argv):
         ax.set_title("%s: balance against bytes, means over %d rebalances\n(the stale placement: %s)"
                      % (case, runs, ", ".join(stale_note) or "not run"), fontsize=9)
         ax.grid(True, which="both", lw=0.3)
-        ax.legend(fontsize=7, loc="lower right")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7, loc="lower right")
         ax2.set_yscale("log")
         ax2.set_xlabel("rebalance (slow trace)")
         ax2.set_ylabel("cumulative GB across GPUs (log)")
         ax2.set_title("cumulative bytes, slow drift", fontsize=9)
         ax2.grid(True, which="both", lw=0.3)
-        ax2.legend(fontsize=6, ncol=2, loc="lower right")
+        if ax2.get_lines():
+            ax2.legend(fontsize=6, ncol=2, loc="lower right")
         fig.tight_layout()
         out = os.path.join(argv[1], "incremental-%s.png" % slug(case))
         fig.savefig(out, dpi=90)

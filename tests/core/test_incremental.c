@@ -126,12 +126,14 @@ Test(incremental, golden_split_heavy_replica) {
     cr_assert_eq(eplb_incremental_rebalance(&p, row2, cnt, &st, &err), EPLB_OK, "%s", err.msg);
     cr_assert_eq(st.changes, 0);
 
-    /* A target already met stops the search before it brings the max back
-     * from 65: the layer ends above its start and takes its row back. */
+    /* A budget that pays for the split (its copy is free) but not for the
+     * swap that brings the max back from 65 (two copies, one left): the
+     * layer ends above its start and takes its row back. */
     int32_t row3[6] = { 0, 3, 3, 1, 2, 3 };
     counts(1, 4, 6, row3, cnt);
     p.reference_cnt = ref_cnt;
-    p.total_target = 1000;
+    p.copies_budget = true;
+    p.max_copies = 1;
     cr_assert_eq(eplb_incremental_rebalance(&p, row3, cnt, &st, &err), EPLB_OK, "%s", err.msg);
     const int32_t same[6] = { 0, 3, 3, 1, 2, 3 };
     cr_assert_arr_eq(row3, same, sizeof same);
@@ -142,6 +144,22 @@ Test(incremental, golden_split_heavy_replica) {
     cr_assert_eq(st.changes, 0);
     cr_assert_eq(st.copies, 0);
     cr_assert_float_eq(st.total_max, 60, 1e-9);
+    p.copies_budget = false;
+
+    /* Under a budget, a model already at its target: no change, not even
+     * the split (without a budget the split runs: the item bound holds for
+     * every answer). */
+    int32_t row6[6] = { 0, 3, 3, 1, 2, 3 };
+    counts(1, 4, 6, row6, cnt);
+    p.total_target = 60;
+    p.slots_budget = true;
+    p.max_slots = 100;
+    cr_assert_eq(eplb_incremental_rebalance(&p, row6, cnt, &st, &err), EPLB_OK, "%s", err.msg);
+    cr_assert_arr_eq(row6, same, sizeof same);
+    cr_assert_eq(st.reverted, 0);
+    cr_assert_eq(st.splits, 0);
+    cr_assert_eq(st.slots_moved, 0);
+    p.slots_budget = false;
 
     /* Under a slot budget the split is paid from it, with a quarter of it
      * at most.  4 slots: the split may take 1 (its copy is free), the swap
@@ -162,6 +180,41 @@ Test(incremental, golden_split_heavy_replica) {
         cr_assert_arr_eq(r, budgeted[i].row, sizeof r, "max_slots %llu", (unsigned long long)budgeted[i].max_slots);
         cr_assert_eq(st.splits, budgeted[i].splits);
         cr_assert_eq(st.slots_moved, budgeted[i].slots);
+    }
+}
+
+/* A split that costs a copy, under a byte budget, hand-checked.  GPU0
+ * {0, 1, 2}, GPU1 {3, 3, 3}; loads 40, 10, 10, 30: GPU0 60, GPU1 30.
+ * Reference counts {2, 1, 1, 2}: the bound is 1.3 x 20 = 26, and expert 0
+ * (40) is above it.  The split gives slot 3 (expert 3, whose two left
+ * carry 15) to 0, one copy: GPU0 20 + 10 + 10 = 40, GPU1 20 + 15 + 15 =
+ * 50.  The search then swaps 3 (15, slot 4) with 1 (10, slot 1): 45 / 45,
+ * two copies.  Budget 4: the split may spend 1, the search the 3 left.
+ * Budget 1: a quarter is no copy, so no split; the search makes the same
+ * re-replication itself (it relieves GPU0, the busiest) and has nothing
+ * left for the swap. */
+Test(incremental, golden_split_pays_from_the_byte_budget) {
+    eplb_policy_shape s = { .num_layers = 1, .num_logical = 4, .num_physical = 6, .num_groups = 1,
+                            .num_nodes = 1, .num_gpus = 2 };
+    const int64_t load[4] = { 40, 10, 10, 30 };
+    const int32_t ref_cnt[4] = { 2, 1, 1, 2 };
+    eplb_incremental_params p = { .shape = s, .logical_load = load, .cost_intra_node = 1, .cost_cross_node = 4,
+                                  .total_target = -1, .reference_cnt = ref_cnt, .copies_budget = true };
+    const struct { uint64_t max_copies; int32_t row[6]; uint64_t splits, changes, copies; } cases[] = {
+        { 4, { 0, 3, 2, 0, 1, 3 }, 1, 2, 3 },
+        { 1, { 0, 1, 2, 0, 3, 3 }, 0, 1, 1 },
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        int32_t row[6] = { 0, 1, 2, 3, 3, 3 }, cnt[4];
+        counts(1, 4, 6, row, cnt);
+        p.max_copies = cases[i].max_copies;
+        eplb_incremental_stats st;
+        eplb_error err;
+        cr_assert_eq(eplb_incremental_rebalance(&p, row, cnt, &st, &err), EPLB_OK, "%s", err.msg);
+        cr_assert_arr_eq(row, cases[i].row, sizeof row, "max_copies %llu", (unsigned long long)cases[i].max_copies);
+        cr_assert_eq(st.splits, cases[i].splits, "max_copies %llu", (unsigned long long)cases[i].max_copies);
+        cr_assert_eq(st.changes, cases[i].changes);
+        cr_assert_eq(st.copies, cases[i].copies);
     }
 }
 

@@ -32,7 +32,10 @@ PLOT = os.path.join(ROOT, "bench", "plot_incremental.py")
 SHAPE = "6,32,40,4,2,8"  # hierarchical: 2 nodes x 4 GPUs, 4 groups
 R = 8
 EXPERT_BYTES = 44040192  # bench_incremental's 42 MiB
-ROW = re.compile(r"^(\S.*?)\s+(\d\.\d{4})\s+(\d\.\d{4})\s+(\d+\.\d)\s+(\d+\.\d)\s+")
+# strategy, rel, rel_min, GB/rebal, xnode GB, vs MT, worse, stall s, ms p50, fb, nr
+ROW = re.compile(r"^(\S.*?)\s+(\d\.\d{4})\s+(\d\.\d{4})\s+(\d+\.\d)\s+(\d+\.\d)\s+(\d+\.\d)%\s+(\d+)\s+"
+                 r"(\d+\.\d{3})\s+(\d+\.\d{3})\s+(\d+\.\d)\s+(\d+\.\d)")
+LATE = re.compile(r"^deepseek, one step late\s+(\d\.\d{4})\s+(\d\.\d{4})")
 
 
 def bench(env, rebalances=R):
@@ -55,17 +58,22 @@ class Curve(unittest.TestCase):
     def tearDownClass(cls):
         shutil.rmtree(cls.dir, ignore_errors=True)
 
-    def table(self):
-        """{(trace, strategy): (rel, rel_min, GB per rebalance)} from the printed tables."""
+    def table(self, late=None):
+        """{(trace, strategy): (rel, rel_min, GB per rebalance, cross-node GB, stall s, from scratch)}
+        from the printed tables; late, when given, gets {trace: (mean, min)} of "one step late"."""
         t, trace = {}, None
         for line in self.out.splitlines():
             m = re.search(r", trace (\w+) \(", line)
             if m:
                 trace = m.group(1)
                 continue
+            m = LATE.match(line)
+            if m and late is not None:
+                late[trace] = (float(m.group(1)), float(m.group(2)))
+                continue
             m = ROW.match(line)
-            if m and trace and not line.startswith("deepseek, one step late"):
-                t[(trace, m.group(1))] = (float(m.group(2)), float(m.group(3)), float(m.group(4)))
+            if m and trace:
+                t[(trace, m.group(1))] = tuple(float(m.group(i)) for i in (2, 3, 4, 5, 8, 10))
         return t
 
     def by(self):
@@ -81,18 +89,59 @@ class Curve(unittest.TestCase):
         self.assertIn(("fast", "incr t=0.99 slots<=10%"), table)
         self.assertEqual(set(table), set(groups))
         self.assertEqual(len(table), 3 * 11)  # 3 traces x (8 rows + 3 added)
+        self.assertEqual(len(self.rows), 3 * 11 * R)
         for key, rows in groups.items():
             self.assertEqual(sorted(int(r["rebalance"]) for r in rows), list(range(R)), key)
             self.assertTrue(all(r["case"] == "BENCH_SHAPE" for r in rows))
-            rel, rel_min, gb = table[key]
+            rel, rel_min, gb, xnode_gb, stall, scratch = table[key]
             rels = [float(r["rel"]) for r in rows]
             self.assertAlmostEqual(sum(rels) / R, rel, delta=6e-5, msg=key)
             self.assertAlmostEqual(min(rels), rel_min, delta=6e-5, msg=key)
             bytes_ = [int(r["bytes_cross_gpu"]) for r in rows]
             self.assertAlmostEqual(sum(bytes_) / R / 1e9, gb, delta=0.051, msg=key)
+            xnode = [int(r["copies_cross_node"]) * EXPERT_BYTES for r in rows]
+            self.assertAlmostEqual(sum(xnode) / R / 1e9, xnode_gb, delta=0.051, msg=key)
+            self.assertAlmostEqual(sum(float(r["stall_s"]) for r in rows) / R, stall, delta=6e-4, msg=key)
+            self.assertAlmostEqual(sum(int(r["layers_from_scratch"]) for r in rows) / R, scratch, delta=0.051,
+                                   msg=key)
             for r in rows:
                 self.assertEqual(int(r["bytes_cross_gpu"]), int(r["copies_cross_gpu"]) * EXPERT_BYTES)
                 self.assertLessEqual(int(r["copies_cross_node"]), int(r["copies_cross_gpu"]))
+
+    def test_rel_before_is_the_tables_one_step_late(self):
+        late = {}
+        self.table(late)
+        self.assertEqual(set(late), {"slow", "fast", "shift"})
+        for trace, (mean, low) in late.items():
+            before = [float(r["rel_before"]) for r in self.by()[(trace, "deepseek/min_traffic")]]
+            self.assertAlmostEqual(sum(before) / R, mean, delta=6e-5, msg=trace)
+            self.assertAlmostEqual(min(before), low, delta=6e-5, msg=trace)
+        # and it is the placement before: each INCREMENTAL row starts below where it ends
+        rows = self.by()[("slow", "incremental t=0.97")]
+        self.assertTrue(any(float(r["rel_before"]) < float(r["rel"]) - 1e-3 for r in rows))
+
+    def test_a_name_with_a_comma_and_a_budget_under_one_slot(self):
+        path = os.path.join(self.dir, "comma.csv")
+        r = subprocess.run([BENCH, "4"], capture_output=True, text=True, timeout=600,
+                           env=dict(os.environ, BENCH_CASE="8 nodes", BENCH_STRATEGY="incr t=0.99 slots<=0.1%",
+                                    BENCH_BUDGETS="0.001", BENCH_CSV=path))
+        self.assertEqual(r.returncode, 0, r.stderr)
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        self.assertEqual({row["case"] for row in rows}, {"DeepSeek-V3 8 nodes x 8 GPUs, 320 slots"})
+        self.assertEqual(len(rows), 3 * 2 * 4)
+        budgeted = [row for row in rows if row["strategy"] == "incr t=0.99 slots<=0.1%"]
+        self.assertEqual(len(budgeted), 3 * 4)
+        # 0.1% of 58 x 320 slots is 18: never more copies than that (0 slots would mean no budget)
+        self.assertTrue(all(int(row["copies_cross_gpu"]) <= 18 for row in budgeted))
+        small = os.path.join(self.dir, "small.csv")
+        r = bench({"BENCH_BUDGETS": "0.001", "BENCH_STRATEGY": "incr t=0.99 slots<=0.1%", "BENCH_CSV": small})
+        self.assertEqual(r.returncode, 0, r.stderr)
+        with open(small, newline="") as f:  # 0.1% of 240 slots rounds to 0: it is 1 slot, not no budget
+            rows = [row for row in csv.DictReader(f) if row["strategy"].startswith("incr")]
+        self.assertEqual(len(rows), 3 * R)
+        self.assertTrue(all(int(row["copies_cross_gpu"]) <= 1 for row in rows))
+        self.assertTrue(any(float(row["rel"]) < 0.99 for row in rows))
 
     def test_rows_keep_the_policys_promises(self):
         slots = 6 * 40
@@ -122,7 +171,9 @@ class Curve(unittest.TestCase):
     def test_bad_settings_exit_2_with_one_line(self):
         for env, word in (({"BENCH_TARGETS": "1.5"}, "BENCH_TARGETS"), ({"BENCH_TARGETS": "0.9,"}, "BENCH_TARGETS"),
                           ({"BENCH_BUDGETS": "0.1,x"}, "BENCH_BUDGETS"), ({"BENCH_BUDGETS": "0"}, "BENCH_BUDGETS"),
-                          ({"BENCH_TARGETS": ",".join(["0.9"] * 40)}, "at most"),
+                          ({"BENCH_TARGETS": ",".join("0.%02d" % i for i in range(10, 50))}, "at most"),
+                          ({"BENCH_TARGETS": "0.99"}, "there already"), ({"BENCH_BUDGETS": "0.3,0.3"}, "there already"),
+                          ({"BENCH_TARGETS": " 0.9"}, "BENCH_TARGETS"),
                           ({"BENCH_CSV": os.path.join(self.dir, "no", "such", "dir.csv")}, "BENCH_CSV")):
             r = bench(env, 4)
             self.assertEqual(r.returncode, 2, (env, r.stderr))
@@ -151,21 +202,26 @@ class Curve(unittest.TestCase):
         self.assertGreater(w, 500)
         self.assertGreater(h, 200)
         # the printed curve is the table's: t=0.97 on the slow trace
-        rel, _, gb = self.table()[("slow", "incremental t=0.97")]
+        rel, _, gb = self.table()[("slow", "incremental t=0.97")][:3]
         self.assertRegex(r.stdout, r"slow .*t=0\.97 %.4f/%.1f" % (rel, gb))
 
     def test_plot_refuses_what_it_cannot_draw(self):
         bad = os.path.join(self.dir, "bad.csv")
-        lines = open(self.csv).read().splitlines(keepends=True)
+        with open(self.csv) as f:
+            lines = f.read().splitlines(keepends=True)
         nan_rel = lines[1].split(",")
         nan_rel[4] = "x"  # rel
-        for text in ("a,b,c\n1,2,3\n", "", lines[0], lines[0] + ",".join(nan_rel) + "".join(lines[2:])):
-            with open(bad, "w") as f:
+        for text in ("a,b,c\n1,2,3\n", "", lines[0], lines[0] + ",".join(nan_rel) + "".join(lines[2:]),
+                     "".join(lines) + "".join(lines[1:]), "\xff\xfe\x00"):
+            with open(bad, "w", encoding="latin-1") as f:
                 f.write(text)
             r = self.plot(bad, os.path.join(self.dir, "img-bad"))
             self.assertEqual(r.returncode, 2, (text[:60], r.stderr))
             self.assertEqual(len(r.stderr.strip().splitlines()), 1, r.stderr)
             self.assertFalse(os.path.exists(os.path.join(self.dir, "img-bad")))
+        r = self.plot(os.path.join(self.dir, "no-such.csv"), os.path.join(self.dir, "img-bad"))
+        self.assertEqual(r.returncode, 2, r.stderr)
+        self.assertEqual(len(r.stderr.strip().splitlines()), 1, r.stderr)
         r = self.plot(self.csv, os.path.join(self.dir, "img-nompl"), code="import sys; sys.modules['matplotlib'] = None; sys.argv[0] = %r; "
                                      "exec(compile(open(%r).read(), %r, 'exec'))" % (PLOT, PLOT, PLOT))
         self.assertEqual(r.returncode, 1, r.stderr)
