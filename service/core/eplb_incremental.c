@@ -256,6 +256,12 @@ static inline bool can_give_replica(const layer_state *L, int32_t a) {
     return L->cnt[a] >= 2 && !(L->xdn[a] > L->item_bound);
 }
 
+/* Whether a model whose layers' max loads sum to total is at its target
+ * (none: never); the slack keeps an exact hit from missing by rounding. */
+static bool at_target(const eplb_incremental_params *p, double total) {
+    return p->total_target >= 0 && total <= p->total_target * (1 + 1e-12);
+}
+
 static bool affordable(const ctx *c, uint32_t copies, uint32_t slots) {
     return (!c->p->copies_budget || copies <= c->copies_left) && (!c->p->slots_budget || slots <= c->slots_left);
 }
@@ -1327,10 +1333,11 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
      * unless it was; a node repair's moved groups rely on that), so the
      * splits run. */
     double start_total = 0;
-    for (uint32_t l = 0; l < Lyr; l++)
-        start_total += ls[l].load[busiest(c, &ls[l])];
-    const bool met_at_start = (p->copies_budget || p->slots_budget) && p->total_target >= 0 &&
-                              start_total <= p->total_target * (1 + 1e-12);
+    for (uint32_t l = 0; l < Lyr; l++) {
+        ls[l].start_max = ls[l].load[busiest(c, &ls[l])];
+        start_total += ls[l].start_max;
+    }
+    const bool met_at_start = (p->copies_budget || p->slots_budget) && at_target(p, start_total);
     for (uint32_t l = 0; l < Lyr; l++) {
         layer_state *L = &ls[l];
         /* Under a budget too: without the bound and the splits the counts
@@ -1350,7 +1357,6 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
                     x = L->w[e] / rc;
             }
             L->item_bound = x > 0 ? x * ITEM_SLACK : INFINITY; /* no loaded expert counted: no bound */
-            L->start_max = L->load[busiest(c, L)];
             split_heavy(c, L, saved + (size_t)l * (P + N), stats);
         }
         total += L->load[busiest(c, L)];
@@ -1369,7 +1375,7 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
     for (uint32_t i = n / 2; i-- > 0;)
         heap_down(ls, heap, n, i);
     /* total is kept exact enough: each step swaps one layer's max. */
-    while (n && !(p->total_target >= 0 && total <= p->total_target * (1 + 1e-12))) {
+    while (n && !at_target(p, total)) {
         if (c->work > c->work_max) {
             stats->work_exhausted = true; /* the caller's fallback takes over */
             break;
@@ -1414,7 +1420,7 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
     stats->work_exhausted = stats->work_exhausted || c->work > c->work_max; /* the splits may have spent it */
     stats->total_max = total;
     stats->work = c->work;
-    stats->reached = p->total_target >= 0 && total <= p->total_target * (1 + 1e-12);
+    stats->reached = at_target(p, total);
     if ((p->copies_budget && c->copies_left == 0) || (p->slots_budget && c->slots_left < 2))
         stats->budget_exhausted = stats->budget_exhausted || !stats->reached;
 out:
