@@ -38,7 +38,9 @@
  * against bytes: BENCH_TARGETS=0.8,0.97 adds INCREMENTAL rows at those
  * targets, BENCH_BUDGETS=0.01,0.1 rows at t=0.99 under those fractions of
  * the slots, and BENCH_CSV=FILE appends one row per rebalance of every
- * strategy to FILE (bench/plot_incremental.py draws it). */
+ * strategy to FILE (bench/plot_incremental.py draws it).  BENCH_RELIEF=1
+ * prints, per row, the GPUs per layer each rebalance had to bring down (those
+ * above the layer's new max when it began) and the copies per such GPU. */
 #define _POSIX_C_SOURCE 200809L
 
 #include <ctype.h>
@@ -96,6 +98,7 @@ typedef struct acc {
     double rel_sum, rel_min, gpu_bytes, node_bytes, stall_s_sum, from_scratch, node_repaired;
     double late_sum, late_min;  /* the placement before the rebalance, as a fraction of DeepSeek's */
     int worse, n;
+    uint64_t relieved, copies;  /* BENCH_RELIEF: gpus_relieved's sum, and the copies across GPUs */
     uint64_t hash;              /* FNV-1a of every placement it chose (BENCH_HASH): "same answers" checks */
     double rel_after_shift[2];
     double ms[1024];
@@ -148,6 +151,39 @@ static double plans_ms(const eplb_policy_shape *s, const int32_t *cur, const int
 
 /* The popularity's Zipf exponent and the window's noise (+-), from
  * BENCH_ZIPF and BENCH_NOISE: other traces than the tables' (1.1, 0.1). */
+/* BENCH_RELIEF: GPUs whose load, when a rebalance began, was above the
+ * layer's max after it: each had to shed load, so each took a copy, gave
+ * one, or shared an expert that took a replica.  Copies per such GPU say
+ * how close a rebalance came to that floor (one each, or less where one
+ * re-replication relieves the GPUs an expert shares); gl is scratch [G]. */
+static uint64_t gpus_relieved(const eplb_policy_shape *s, const int64_t *load, const int32_t *old_row,
+                              const int32_t *old_cnt, const int32_t *new_row, const int32_t *new_cnt, double *gl) {
+    const uint32_t N = s->num_logical, P = s->num_physical, G = s->num_gpus, S = P / G;
+    uint64_t over = 0;
+    for (uint32_t l = 0; l < s->num_layers; l++) {
+        const int64_t *w = load + (size_t)l * N;
+        double new_max = 0;
+        for (uint32_t g = 0; g < G; g++) {
+            double sum = 0;
+            for (uint32_t i = g * S; i < (g + 1) * S; i++) {
+                const int32_t e = new_row[(size_t)l * P + i];
+                sum += (double)w[e] / new_cnt[(size_t)l * N + e];
+            }
+            new_max = sum > new_max ? sum : new_max;
+        }
+        for (uint32_t g = 0; g < G; g++) {
+            double sum = 0;
+            for (uint32_t i = g * S; i < (g + 1) * S; i++) {
+                const int32_t e = old_row[(size_t)l * P + i];
+                sum += (double)w[e] / old_cnt[(size_t)l * N + e];
+            }
+            gl[g] = sum;
+            over += sum > new_max * (1 + 1e-12);
+        }
+    }
+    return over;
+}
+
 static double zipf_s = 1.1, noise = 0.1;
 
 static void draw_popularity(uint64_t *st, uint32_t L, uint32_t N, double *logw) {
@@ -177,6 +213,7 @@ static int run(const bench_case *bc, const char *trace, double drift, int R) {
     uint64_t st = 0x5EEDull ^ (uint64_t)P ^ ((uint64_t)L << 20);
     draw_popularity(&st, L, N, logw);
     eplb_error err;
+    const bool relief = getenv("BENCH_RELIEF") != NULL;
     for (int step = -1; step < R; step++) {
         if (step == R / 2 && strcmp(trace, "shift") == 0)
             draw_popularity(&st, L, N, logw);
@@ -256,6 +293,10 @@ static int run(const bench_case *bc, const char *trace, double drift, int R) {
                         stall_s, rep.layers_from_scratch);
             if (strcmp(trace, "shift") == 0 && (step == R / 2 || step == R / 2 + 1))
                 x->rel_after_shift[step - R / 2] = rel;
+            if (relief) {
+                x->relieved += gpus_relieved(s, load, cur[k], cnt[k], next, ncnt, io);
+                x->copies += rep.copies_cross_gpu;
+            }
             x->hash = fnv1a(x->n ? x->hash : 0xcbf29ce484222325ull, next, np * sizeof *next);
             x->hash = fnv1a(x->hash, ncnt, nl * sizeof *ncnt);
             x->n++;
@@ -282,6 +323,12 @@ static int run(const bench_case *bc, const char *trace, double drift, int R) {
             printf("  %7.4f %7.4f", x->rel_after_shift[0], x->rel_after_shift[1]);
         printf("\n");
     }
+    if (relief)
+        for (size_t k = 0; k < nstrat; k++)
+            if (a[k].n && a[k].relieved)
+                printf("relief %-24s %6.2f GPUs per layer above the new max, %5.2f copies per such GPU\n",
+                       strategies[k].name, (double)a[k].relieved / a[k].n / L,
+                       (double)a[k].copies / (double)a[k].relieved);
     if (getenv("BENCH_HASH"))
         for (size_t k = 0; k < nstrat; k++)
             if (a[k].n)

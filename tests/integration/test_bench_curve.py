@@ -7,6 +7,8 @@ table it prints, and bench/plot_incremental.py on that CSV.
 - The CSV's rows hold the policy's promises: INCREMENTAL never below the
   placement it started from, each target met, budgets respected; the stale
   row copies nothing and keeps its balancedness.
+- BENCH_RELIEF: the GPUs each rebalance brought down (exact on 2 GPUs), and
+  copies per such GPU as the CSV counts them.
 - Bad BENCH_TARGETS / BENCH_BUDGETS / BENCH_CSV: exit 2, one line.
 - The plot: a PNG per case, the curve's points printed; a file that is not
   such a CSV, exit 2 and one line; without matplotlib, exit 1 and one line.
@@ -167,6 +169,69 @@ class Curve(unittest.TestCase):
         low = sum(int(r["copies_cross_gpu"]) for r in g[("slow", "incremental t=0.8")])
         high = sum(int(r["copies_cross_gpu"]) for r in g[("slow", "incremental t=0.97")])
         self.assertLess(low, high)
+
+    def test_relief_counts_the_gpus_each_rebalance_brought_down(self):
+        """BENCH_RELIEF: GPUs above the layer's new max when a rebalance began, and copies per such GPU."""
+        path = os.path.join(self.dir, "relief.csv")
+        r = bench({"BENCH_RELIEF": "1", "BENCH_CSV": path, "BENCH_TARGETS": "0.8"})
+        self.assertEqual(r.returncode, 0, r.stderr)
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        relief, trace = {}, None
+        line = re.compile(r"^relief (\S.*?)\s+(\d+\.\d\d) GPUs per layer above the new max,\s+(\d+\.\d\d) copies per such GPU$")
+        for text in r.stdout.splitlines():
+            m = re.search(r", trace (\w+) \(", text)
+            if m:
+                trace = m.group(1)
+            m = line.match(text)
+            if m:
+                relief[(trace, m.group(1))] = (float(m.group(2)), float(m.group(3)))
+        layers, gpus = 6, 8
+        groups = {}
+        for row in rows:
+            groups.setdefault((row["trace"], row["strategy"]), []).append(row)
+        self.assertIn(("slow", "incremental t=0.99"), relief)
+        self.assertIn(("shift", "deepseek/min_traffic"), relief)
+        for key, rs in groups.items():
+            raised = sum(float(x["rel"]) > float(x["rel_before"]) + 1e-9 for x in rs)
+            copies = sum(int(x["copies_cross_gpu"]) for x in rs)
+            if key[1].startswith("stale"):
+                self.assertNotIn(key, relief)  # it never moves: no GPU is above its own max
+                continue
+            if not raised:
+                continue
+            per_layer, per_gpu = relief[key]
+            self.assertLessEqual(per_layer, gpus, key)
+            relieved = round(per_layer * R * layers)
+            # a rebalance that raised balancedness lowered some layer's max: a GPU of it was above the new one
+            self.assertGreaterEqual(relieved, raised, key)
+            self.assertAlmostEqual(per_gpu, copies / relieved, delta=0.006, msg=key)
+        # On 2 GPUs only the busier can be above the new max (the lighter is at most the mean), and it
+        # is exactly when the max fell: then every rebalance that raised balancedness counts one.
+        tiny = os.path.join(self.dir, "tiny.csv")
+        t = subprocess.run([BENCH, "20"], capture_output=True, text=True, timeout=600,
+                           env=dict(os.environ, BENCH_SHAPE="1,4,4,1,1,2", BENCH_RELIEF="1", BENCH_CSV=tiny))
+        self.assertEqual(t.returncode, 0, t.stderr)
+        tiny_relief, trace = {}, None
+        for text in t.stdout.splitlines():
+            m = re.search(r", trace (\w+) \(", text)
+            if m:
+                trace = m.group(1)
+            m = line.match(text)
+            if m:
+                tiny_relief[(trace, m.group(1))] = round(float(m.group(2)) * 20)
+        with open(tiny, newline="") as f:
+            counted = {}
+            for row in csv.DictReader(f):
+                key = (row["trace"], row["strategy"])
+                counted[key] = counted.get(key, 0) + (float(row["rel"]) > float(row["rel_before"]) + 1e-9)
+        self.assertGreater(sum(counted.values()), 5)
+        for key, n in counted.items():
+            self.assertEqual(tiny_relief.get(key, 0), n, key)
+        # from scratch, every rebalance rewrites far more than one copy per GPU it brings down
+        self.assertGreater(relief[("slow", "deepseek/min_traffic")][1], relief[("slow", "incremental t=0.99")][1])
+        # a lower target brings fewer GPUs down
+        self.assertLess(relief[("slow", "incremental t=0.8")][0], relief[("slow", "incremental t=0.99")][0])
 
     def test_bad_settings_exit_2_with_one_line(self):
         for env, word in (({"BENCH_TARGETS": "1.5"}, "BENCH_TARGETS"), ({"BENCH_TARGETS": "0.9,"}, "BENCH_TARGETS"),
