@@ -31,7 +31,8 @@
  *   ./bench_incremental [rebalances]
  * BENCH_CASE=substring picks cases, BENCH_STRATEGY=name one strategy (plus
  * MIN_TRAFFIC, the bytes reference).  BENCH_ZIPF (default 1.1) and
- * BENCH_NOISE (default 0.1) make other traces; BENCH_HASH=1 prints a hash
+ * BENCH_NOISE (default 0.1) make other traces, BENCH_CROSS_NODE_COST (default
+ * the policy's, 4) prices INCREMENTAL's copies across nodes; BENCH_HASH=1 prints a hash
  * of every placement each strategy chose (to check that a change gives the
  * same answers); BENCH_SHAPE=layers,experts,slots,groups,nodes,gpus runs
  * one shape of the caller's instead of the list.  The curve of balance
@@ -185,6 +186,9 @@ static uint64_t gpus_relieved(const eplb_policy_shape *s, const int64_t *load, c
 }
 
 static double zipf_s = 1.1, noise = 0.1;
+/* BENCH_CROSS_NODE_COST: INCREMENTAL's price of a copy across nodes (a copy
+ * within a node costs 1); 0 = the policy's default. */
+static double cross_node_cost;
 
 static void draw_popularity(uint64_t *st, uint32_t L, uint32_t N, double *logw) {
     uint32_t *perm = malloc(N * sizeof *perm);
@@ -247,6 +251,7 @@ static int run(const bench_case *bc, const char *trace, double drift, int R) {
                                       .logical_load = load };
             req.knobs.policy = sg->policy;
             req.knobs.target_balancedness = sg->target;
+            req.knobs.cost_cross_node = cross_node_cost;
             /* At least one slot: 0 would mean no budget. */
             req.knobs.max_slots_moved = sg->budget_frac > 0 ? (uint64_t)fmax(1, sg->budget_frac * (double)np) : 0;
             if (sg->budget_frac < 0) { /* stale: the smallest budget (one byte, one slot), then kept as it was */
@@ -433,6 +438,15 @@ int main(int argc, char **argv) {
         nstrat++;
     if (add_strategies(getenv("BENCH_TARGETS"), false) != 0 || add_strategies(getenv("BENCH_BUDGETS"), true) != 0)
         return 2;
+    const char *xc = getenv("BENCH_CROSS_NODE_COST");
+    if (xc) {
+        char *end;
+        cross_node_cost = isspace((unsigned char)*xc) ? NAN : strtod(xc, &end);
+        if (isnan(cross_node_cost) || end == xc || *end || !(cross_node_cost > 0) || isinf(cross_node_cost)) {
+            fprintf(stderr, "BENCH_CROSS_NODE_COST: want a number > 0, got \"%s\"\n", xc);
+            return 2;
+        }
+    }
     const char *csv_path = getenv("BENCH_CSV");
     if (csv_path && *csv_path) {
         csv = fopen(csv_path, "a");

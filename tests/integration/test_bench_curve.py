@@ -42,7 +42,7 @@ LATE = re.compile(r"^deepseek, one step late\s+(\d\.\d{4})\s+(\d\.\d{4})")
 
 def bench(env, rebalances=R):
     return subprocess.run([BENCH, str(rebalances)], capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, BENCH_SHAPE=SHAPE, **env))
+                          env={**os.environ, "BENCH_SHAPE": SHAPE, **env})
 
 
 class Curve(unittest.TestCase):
@@ -233,12 +233,31 @@ class Curve(unittest.TestCase):
         # a lower target brings fewer GPUs down
         self.assertLess(relief[("slow", "incremental t=0.8")][0], relief[("slow", "incremental t=0.99")][0])
 
+    def test_cross_node_cost_trades_cross_node_copies(self):
+        # 2 nodes of 4 GPUs, one group (the global path: any copy may cross): a cheaper cross-node copy
+        # lets more copies cross
+        rows = {}
+        for cost in ("1", "16"):
+            path = os.path.join(self.dir, "xc%s.csv" % cost)
+            r = bench({"BENCH_CROSS_NODE_COST": cost, "BENCH_STRATEGY": "incremental t=0.99", "BENCH_CSV": path,
+                       "BENCH_SHAPE": "6,32,40,1,2,8"}, 20)
+            self.assertEqual(r.returncode, 0, r.stderr)
+            with open(path, newline="") as f:
+                rows[cost] = [x for x in csv.DictReader(f) if x["strategy"] == "incremental t=0.99"]
+        node = {k: sum(int(x["copies_cross_node"]) for x in v) for k, v in rows.items()}
+        self.assertGreater(node["1"], node["16"])
+        for v in rows.values():  # the target holds at either price
+            self.assertTrue(all(float(x["rel"]) >= 0.99 - 1e-9 for x in v))
+
     def test_bad_settings_exit_2_with_one_line(self):
         for env, word in (({"BENCH_TARGETS": "1.5"}, "BENCH_TARGETS"), ({"BENCH_TARGETS": "0.9,"}, "BENCH_TARGETS"),
                           ({"BENCH_BUDGETS": "0.1,x"}, "BENCH_BUDGETS"), ({"BENCH_BUDGETS": "0"}, "BENCH_BUDGETS"),
                           ({"BENCH_TARGETS": ",".join("0.%02d" % i for i in range(10, 50))}, "at most"),
                           ({"BENCH_TARGETS": "0.99"}, "there already"), ({"BENCH_BUDGETS": "0.3,0.3"}, "there already"),
                           ({"BENCH_TARGETS": " 0.9"}, "BENCH_TARGETS"),
+                          ({"BENCH_CROSS_NODE_COST": "0"}, "BENCH_CROSS_NODE_COST"),
+                          ({"BENCH_CROSS_NODE_COST": "2x"}, "BENCH_CROSS_NODE_COST"),
+                          ({"BENCH_CROSS_NODE_COST": "inf"}, "BENCH_CROSS_NODE_COST"),
                           ({"BENCH_CSV": os.path.join(self.dir, "no", "such", "dir.csv")}, "BENCH_CSV")):
             r = bench(env, 4)
             self.assertEqual(r.returncode, 2, (env, r.stderr))
