@@ -150,41 +150,37 @@ static double plans_ms(const eplb_policy_shape *s, const int32_t *cur, const int
     return now_ms() - t0;
 }
 
-/* The popularity's Zipf exponent and the window's noise (+-), from
- * BENCH_ZIPF and BENCH_NOISE: other traces than the tables' (1.1, 0.1). */
 /* BENCH_RELIEF: GPUs whose load, when a rebalance began, was above the
  * layer's max after it: each had to shed load, so each took a copy, gave
  * one, or shared an expert that took a replica.  Copies per such GPU say
  * how close a rebalance came to that floor (one each, or less where one
- * re-replication relieves the GPUs an expert shares); gl is scratch [G]. */
+ * re-replication relieves the GPUs an expert shares). */
+static double gpu_load(const int64_t *w, const int32_t *row, const int32_t *cnt, uint32_t g, uint32_t S) {
+    double sum = 0;
+    for (uint32_t i = g * S; i < (g + 1) * S; i++)
+        sum += (double)w[row[i]] / cnt[row[i]];
+    return sum;
+}
+
 static uint64_t gpus_relieved(const eplb_policy_shape *s, const int64_t *load, const int32_t *old_row,
-                              const int32_t *old_cnt, const int32_t *new_row, const int32_t *new_cnt, double *gl) {
+                              const int32_t *old_cnt, const int32_t *new_row, const int32_t *new_cnt) {
     const uint32_t N = s->num_logical, P = s->num_physical, G = s->num_gpus, S = P / G;
     uint64_t over = 0;
     for (uint32_t l = 0; l < s->num_layers; l++) {
         const int64_t *w = load + (size_t)l * N;
         double new_max = 0;
         for (uint32_t g = 0; g < G; g++) {
-            double sum = 0;
-            for (uint32_t i = g * S; i < (g + 1) * S; i++) {
-                const int32_t e = new_row[(size_t)l * P + i];
-                sum += (double)w[e] / new_cnt[(size_t)l * N + e];
-            }
-            new_max = sum > new_max ? sum : new_max;
+            const double x = gpu_load(w, new_row + (size_t)l * P, new_cnt + (size_t)l * N, g, S);
+            new_max = x > new_max ? x : new_max;
         }
-        for (uint32_t g = 0; g < G; g++) {
-            double sum = 0;
-            for (uint32_t i = g * S; i < (g + 1) * S; i++) {
-                const int32_t e = old_row[(size_t)l * P + i];
-                sum += (double)w[e] / old_cnt[(size_t)l * N + e];
-            }
-            gl[g] = sum;
-            over += sum > new_max * (1 + 1e-12);
-        }
+        for (uint32_t g = 0; g < G; g++)
+            over += gpu_load(w, old_row + (size_t)l * P, old_cnt + (size_t)l * N, g, S) > new_max * (1 + 1e-12);
     }
     return over;
 }
 
+/* The popularity's Zipf exponent and the window's noise (+-), from
+ * BENCH_ZIPF and BENCH_NOISE: other traces than the tables' (1.1, 0.1). */
 static double zipf_s = 1.1, noise = 0.1;
 /* BENCH_CROSS_NODE_COST: INCREMENTAL's price of a copy across nodes (a copy
  * within a node costs 1); 0 = the policy's default. */
@@ -299,7 +295,7 @@ static int run(const bench_case *bc, const char *trace, double drift, int R) {
             if (strcmp(trace, "shift") == 0 && (step == R / 2 || step == R / 2 + 1))
                 x->rel_after_shift[step - R / 2] = rel;
             if (relief) {
-                x->relieved += gpus_relieved(s, load, cur[k], cnt[k], next, ncnt, io);
+                x->relieved += gpus_relieved(s, load, cur[k], cnt[k], next, ncnt);
                 x->copies += rep.copies_cross_gpu;
             }
             x->hash = fnv1a(x->n ? x->hash : 0xcbf29ce484222325ull, next, np * sizeof *next);
