@@ -158,7 +158,8 @@ static double plans_ms(const eplb_policy_shape *s, const int32_t *cur, const int
 static double gpu_load(const int64_t *w, const int32_t *row, const int32_t *cnt, uint32_t g, uint32_t S) {
     double sum = 0;
     for (uint32_t i = g * S; i < (g + 1) * S; i++)
-        sum += (double)w[row[i]] / cnt[row[i]];
+        if (row[i] >= 0 && cnt[row[i]] > 0) /* as eplb_policy_balancedness: an empty slot weighs nothing */
+            sum += (double)w[row[i]] / cnt[row[i]];
     return sum;
 }
 
@@ -438,8 +439,8 @@ int main(int argc, char **argv) {
     if (xc) {
         char *end;
         cross_node_cost = isspace((unsigned char)*xc) ? NAN : strtod(xc, &end);
-        if (isnan(cross_node_cost) || end == xc || *end || !(cross_node_cost > 0) || isinf(cross_node_cost)) {
-            fprintf(stderr, "BENCH_CROSS_NODE_COST: want a number > 0, got \"%s\"\n", xc);
+        if (isnan(cross_node_cost) || end == xc || *end || !(cross_node_cost > 0 && cross_node_cost <= 1e6)) {
+            fprintf(stderr, "BENCH_CROSS_NODE_COST: want a number in (0, 1e6], got \"%s\"\n", xc);
             return 2;
         }
     }

@@ -208,9 +208,10 @@ class Curve(unittest.TestCase):
             self.assertAlmostEqual(per_gpu, copies / relieved, delta=0.006, msg=key)
         # On 2 GPUs only the busier can be above the new max (the lighter is at most the mean), and it
         # is exactly when the max fell: then every rebalance that raised balancedness counts one.
+        # Two redundant slots, so replica counts other than 1 divide the loads.
         tiny = os.path.join(self.dir, "tiny.csv")
         t = subprocess.run([BENCH, "20"], capture_output=True, text=True, timeout=600,
-                           env=dict(os.environ, BENCH_SHAPE="1,4,4,1,1,2", BENCH_RELIEF="1", BENCH_CSV=tiny))
+                           env=dict(os.environ, BENCH_SHAPE="1,4,6,1,1,2", BENCH_RELIEF="1", BENCH_CSV=tiny))
         self.assertEqual(t.returncode, 0, t.stderr)
         tiny_relief, trace = {}, None
         for text in t.stdout.splitlines():
@@ -225,10 +226,11 @@ class Curve(unittest.TestCase):
             for row in csv.DictReader(f):
                 key = (row["trace"], row["strategy"])
                 counted[key] = counted.get(key, 0) + (float(row["rel"]) > float(row["rel_before"]) + 1e-9)
-        self.assertGreater(sum(counted.values()), 5)
+        self.assertGreater(sum(counted.values()), 50)
         for key, n in counted.items():
             self.assertEqual(tiny_relief.get(key, 0), n, key)
-        # from scratch, every rebalance rewrites far more than one copy per GPU it brings down
+        # from scratch, more than the busiest GPU per layer comes down, and far more than one copy each
+        self.assertGreater(relief[("slow", "deepseek/min_traffic")][0], 1)
         self.assertGreater(relief[("slow", "deepseek/min_traffic")][1], relief[("slow", "incremental t=0.99")][1])
         # a lower target brings fewer GPUs down
         self.assertLess(relief[("slow", "incremental t=0.8")][0], relief[("slow", "incremental t=0.99")][0])
@@ -258,6 +260,9 @@ class Curve(unittest.TestCase):
                           ({"BENCH_CROSS_NODE_COST": "0"}, "BENCH_CROSS_NODE_COST"),
                           ({"BENCH_CROSS_NODE_COST": "2x"}, "BENCH_CROSS_NODE_COST"),
                           ({"BENCH_CROSS_NODE_COST": "inf"}, "BENCH_CROSS_NODE_COST"),
+                          ({"BENCH_CROSS_NODE_COST": "2e6"}, "BENCH_CROSS_NODE_COST"),
+                          ({"BENCH_CROSS_NODE_COST": ""}, "BENCH_CROSS_NODE_COST"),
+                          ({"BENCH_CROSS_NODE_COST": " 2"}, "BENCH_CROSS_NODE_COST"),
                           ({"BENCH_CSV": os.path.join(self.dir, "no", "such", "dir.csv")}, "BENCH_CSV")):
             r = bench(env, 4)
             self.assertEqual(r.returncode, 2, (env, r.stderr))
