@@ -40,6 +40,22 @@ ROW = re.compile(r"^(\S.*?)\s+(\d\.\d{4})\s+(\d\.\d{4})\s+(\d+\.\d)\s+(\d+\.\d)\
 LATE = re.compile(r"^deepseek, one step late\s+(\d\.\d{4})\s+(\d\.\d{4})")
 
 
+RELIEF = re.compile(r"^relief (\S.*?)\s+(\d+\.\d\d) GPUs per layer above the new max,\s+(\d+\.\d\d) copies per such GPU$")
+
+
+def relief_lines(out):
+    """BENCH_RELIEF's lines: {(trace, strategy): (GPUs per layer, copies per such GPU)}."""
+    relief, trace = {}, None
+    for text in out.splitlines():
+        m = re.search(r", trace (\w+) \(", text)
+        if m:
+            trace = m.group(1)
+        m = RELIEF.match(text)
+        if m:
+            relief[(trace, m.group(1))] = (float(m.group(2)), float(m.group(3)))
+    return relief
+
+
 def bench(env, rebalances=R):
     return subprocess.run([BENCH, str(rebalances)], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "BENCH_SHAPE": SHAPE, **env})
@@ -177,15 +193,7 @@ class Curve(unittest.TestCase):
         self.assertEqual(r.returncode, 0, r.stderr)
         with open(path, newline="") as f:
             rows = list(csv.DictReader(f))
-        relief, trace = {}, None
-        line = re.compile(r"^relief (\S.*?)\s+(\d+\.\d\d) GPUs per layer above the new max,\s+(\d+\.\d\d) copies per such GPU$")
-        for text in r.stdout.splitlines():
-            m = re.search(r", trace (\w+) \(", text)
-            if m:
-                trace = m.group(1)
-            m = line.match(text)
-            if m:
-                relief[(trace, m.group(1))] = (float(m.group(2)), float(m.group(3)))
+        relief = relief_lines(r.stdout)
         layers, gpus = 6, 8
         groups = {}
         for row in rows:
@@ -213,14 +221,7 @@ class Curve(unittest.TestCase):
         t = subprocess.run([BENCH, "20"], capture_output=True, text=True, timeout=600,
                            env=dict(os.environ, BENCH_SHAPE="1,4,6,1,1,2", BENCH_RELIEF="1", BENCH_CSV=tiny))
         self.assertEqual(t.returncode, 0, t.stderr)
-        tiny_relief, trace = {}, None
-        for text in t.stdout.splitlines():
-            m = re.search(r", trace (\w+) \(", text)
-            if m:
-                trace = m.group(1)
-            m = line.match(text)
-            if m:
-                tiny_relief[(trace, m.group(1))] = round(float(m.group(2)) * 20)
+        tiny_relief = {key: round(per_layer * 20) for key, (per_layer, _) in relief_lines(t.stdout).items()}
         with open(tiny, newline="") as f:
             counted = {}
             for row in csv.DictReader(f):
