@@ -562,8 +562,10 @@ fi
 
 # ---- TSan ------------------------------------------------------------------------------
 # Criterion cannot run under TSan (its boxfort arena is mapped where TSan's
-# shadow lives: Snaipe/Criterion#274), and no unit test starts a thread: the
-# threads are eplbd's.  So the plain tree's integration binaries run with
+# shadow lives: Snaipe/Criterion#274), and the one unit test that starts a
+# thread (test_incremental's two-thread search) gets its TSan run through
+# eplbd: test_policy_rpc's incremental_at_deepseek_v3_size makes eplbd
+# search on two threads.  So the plain tree's integration binaries run with
 # the TSan tree's eplbd swapped in (EPLBD_WRAPPER), and the Python client
 # runs against it.  Races inside uninstrumented gRPC/abseil are suppressed
 # by tests/tsan.supp, each line explained there.

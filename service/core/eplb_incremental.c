@@ -70,8 +70,13 @@
  * sum over layers of the max load is within total_target, or no layer has
  * a change left.  Gains count down to FIX_DEPTH x the layer's floor.
  * Applied changes per layer are capped at P, and all work (replicas
- * visited, loads redone) at INCREMENTAL_MAX_WORK per call. */
+ * visited, loads redone) at INCREMENTAL_MAX_WORK per call.  On the global
+ * path without a budget the loop runs on two threads, with the same
+ * answer ("Two threads", search_two_threads). */
 #include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <string.h>
 
 #include "eplb_alloc.h"
@@ -192,6 +197,9 @@ typedef struct ctx {
     uint32_t *donors;                   /* [P] slots that may give up their replica, scratch of find_best */
     uint32_t *slot_gpu;                 /* [P] slot / S: gpu_of is a load, not a division (about 4M a call at
                                          * 1 x 32, on a 20-90 cycle divider) */
+    uint32_t *scr;                      /* the blocks the scratch above lives in (ctx_new) */
+    double *scr_x;
+    uint32_t *scr_marks;
     /* Scratch of one evaluation: the GPUs a change touches. */
     uint32_t touched[64 + 2 * 1024];
     double touched_load[64 + 2 * 1024];
@@ -1190,6 +1198,302 @@ static void reprime_unaffordable(ctx *c, layer_state *ls, uint32_t *heap, uint32
             heap_down(ls, heap, *n, i);
 }
 
+/* A search context with its own scratch (NULL: out of memory).  Each
+ * thread that searches has one; its layers' states are in ls. */
+static ctx *ctx_new(const eplb_incremental_params *p, uint32_t N, uint32_t P, uint32_t G, uint32_t nodes,
+                    uint32_t groups) {
+    ctx *c = eplb_malloc(sizeof *c);
+    /* donors, touch_tick, touch_at, b_stamp, b_gpus, bn_stamp, bn_cnt, bf_stamp, si, to_node, a_gpu, slot_gpu */
+    uint32_t *scr = eplb_calloc((size_t)8 * G + 2 * (size_t)P + P / G + 2 * (size_t)N, sizeof *scr);
+    double *x = eplb_malloc((2 * (size_t)(P / G) + G) * sizeof *x); /* lb [S], b_load [G], xs [S] */
+    uint32_t *marks = eplb_calloc((size_t)N + (size_t)P + G, sizeof *marks); /* on_g [N], holds [S][G] = [P], shares [G] */
+    if (!c || !scr || !x || !marks) {
+        eplb_free(c);
+        eplb_free(scr);
+        eplb_free(x);
+        eplb_free(marks);
+        return NULL;
+    }
+    *c = (ctx){ .p = p, .N = N, .P = P, .G = G, .S = P / G, .gpn = G / nodes, .nodes = nodes, .groups = groups,
+                .per_group = N / groups, .donors = scr, .touch_tick = scr + P, .touch_at = scr + G + P, .b_stamp = scr + 2 * G + P, .b_gpus = scr + 3 * G + P, .bn_stamp = scr + 4 * G + P, .bn_cnt = scr + 5 * G + P, .bf_stamp = scr + 6 * G + P, .si = scr + 7 * G + P, .to_node = scr + 7 * G + P + P / G, .a_gpu = scr + 8 * G + P + P / G, .slot_gpu = scr + 8 * G + P + P / G + 2 * N, .lb = x, .b_load = x + P / G, .xs = x + P / G + G, .on_g = marks, .holds = marks + N, .shares = marks + N + P, .copies_left = p->max_copies, .slots_left = p->max_slots, .scr = scr, .scr_x = x, .scr_marks = marks };
+    c->work_max = p->max_work ? p->max_work : INCREMENTAL_MAX_WORK;
+    for (uint32_t i = 0; i < P; i++)
+        c->slot_gpu[i] = i / c->S;
+    c->min_link = nodes > 1 && p->cost_cross_node < p->cost_intra_node ? p->cost_cross_node : p->cost_intra_node;
+    if (nodes == G && G > 1)
+        c->min_link = p->cost_cross_node;
+    return c;
+}
+
+static void ctx_free(ctx *c) {
+    if (!c)
+        return;
+    eplb_free(c->scr);
+    eplb_free(c->scr_x);
+    eplb_free(c->scr_marks);
+    eplb_free(c);
+}
+
+/* ---- Two threads: the same answer, the layers split between them ------
+ *
+ * Without a budget the loop's answer is fixed by how many changes each
+ * layer takes, and a layer's changes depend on its own state only.  Give
+ * each change taken e, the lowest key its layer's changes have had up to
+ * it (a running minimum).  The loop takes changes in order of e, highest
+ * first, ties to the lower layer and then the earlier change: a layer's
+ * later change has an e no higher, and when a change is taken every other
+ * layer's waiting change has a key (so an e) no higher, ties to the lower
+ * layer (heap_before).  (Checked on about 260,000 takes of
+ * bench_incremental, docs/benchmarks.md.)  So the even layers (this
+ * thread) and the odd ones (a helper) each run the loop over their own
+ * heap, the helper logging each change it takes, and this thread merges
+ * the two streams by e, adding each change's max delta to the total in
+ * that order, and stops where the loop stops: at the target, or when both
+ * run out.  The helper stays at most TWO_AHEAD changes ahead; what it took
+ * past the stop is undone (untake: every change has an exact inverse,
+ * loads are recomputed from the slots).
+ *
+ * What differs: the work count (each side searches its own stale tops,
+ * and the helper's changes past the stop count too).  If the two sides'
+ * work passes the compute bound, or a log fills, every change is undone,
+ * each layer's search state goes back to what prime left, and the loop
+ * runs on this thread alone from there, as if this had not happened.
+ * Only on the global path without a budget: a budget couples the layers
+ * (what one spends another cannot), and the node repairs' share of the
+ * compute bound is what the search left, counted in the loop's order. */
+#define TWO_AHEAD 32
+
+typedef struct took {
+    uint32_t l;
+    int32_t old;          /* REPL: the expert slot ch.t held */
+    double e, delta;      /* the change's e, and the layer's max after minus before */
+    change ch;
+} took;
+
+typedef struct side {
+    ctx *c;
+    layer_state *ls;
+    uint32_t *heap, n;
+    double *eprev;        /* [layers] each layer's e so far (INFINITY: none taken) */
+    took *log;            /* [cap] the changes taken, in order */
+    uint32_t nlog, cap;
+    eplb_incremental_stats *st;
+} side;
+
+/* The side's next change (searching stale tops, as the loop does): its
+ * layer and e.  false: none left. */
+static bool side_peek(side *sd, uint32_t *l, double *e) {
+    while (sd->n) {
+        const uint32_t top = sd->heap[0];
+        layer_state *L = &sd->ls[top];
+        if (!L->stale) {
+            *l = top;
+            *e = L->key < sd->eprev[top] ? L->key : sd->eprev[top];
+            return true;
+        }
+        find_best(sd->c, L);
+        if (L->done)
+            sd->heap[0] = sd->heap[--sd->n];
+        heap_down(sd->ls, sd->heap, sd->n, 0);
+    }
+    return false;
+}
+
+/* Takes the change side_peek found (false: the log is full); *delta as take's. */
+static bool side_take(side *sd, double *delta) {
+    if (sd->nlog == sd->cap)
+        return false;
+    const uint32_t l = sd->heap[0];
+    layer_state *L = &sd->ls[l];
+    took *t = &sd->log[sd->nlog++];
+    t->l = l;
+    t->e = L->key < sd->eprev[l] ? L->key : sd->eprev[l];
+    t->ch = L->best;
+    t->old = L->best.kind == CH_REPL ? L->row[L->best.t] : -1;
+    sd->eprev[l] = t->e;
+    t->delta = take(sd->c, L, &L->best, sd->st);
+    *delta = t->delta;
+    find_best(sd->c, L);
+    if (L->done)
+        sd->heap[0] = sd->heap[--sd->n];
+    heap_down(sd->ls, sd->heap, sd->n, 0);
+    return true;
+}
+
+/* Undoes a logged change: its inverse, and its counts off the layer and st. */
+static void untake(ctx *c, layer_state *L, const took *t, eplb_incremental_stats *st) {
+    change back = t->ch;
+    if (back.kind == CH_REPL)
+        back.b = t->old;
+    apply(c, L, &back);
+    L->changes--;
+    L->copies -= t->ch.copies;
+    L->slots -= t->ch.slots;
+    st->changes--;
+    st->slots_moved -= t->ch.slots;
+    st->copies -= t->ch.copies;
+}
+
+/* The hand-off: the helper writes b.log[i], then publishes produced =
+ * i + 1 (release); this thread reads produced (acquire), then the entry.
+ * Each side waits for the other by spinning, then yielding: a change is
+ * a few microseconds of search, and a sleep on a condition variable cost
+ * tens of them per change on this VM class (the two threads were slower
+ * than one at 1 x 32, t=0.95). */
+typedef struct duo {
+    side b;                    /* the helper's side: its own until it is joined, but b.log[0, produced) */
+    eplb_incremental_stats st; /* its counts */
+    _Atomic uint32_t produced; /* entries of b.log the helper has published */
+    _Atomic uint32_t consumed; /* of them, the ones this thread took: the helper stays TWO_AHEAD ahead at most */
+    _Atomic uint64_t work;     /* the helper's ctx's work at its last entry */
+    _Atomic bool stop;         /* this thread is done with it */
+    _Atomic bool finished;     /* it published its last entry (no change left, log full, or stop) */
+} duo;
+
+static void pause_a_moment(uint32_t *spins) {
+    if (++*spins > 64)
+        sched_yield();
+}
+
+static void *helper_main(void *arg) {
+    duo *d = arg;
+    for (;;) {
+        uint32_t spins = 0;
+        while (!atomic_load_explicit(&d->stop, memory_order_relaxed) &&
+               d->b.nlog - atomic_load_explicit(&d->consumed, memory_order_relaxed) >= TWO_AHEAD)
+            pause_a_moment(&spins);
+        uint32_t l;
+        double e, delta;
+        const bool more = !atomic_load_explicit(&d->stop, memory_order_relaxed) && side_peek(&d->b, &l, &e) &&
+                          side_take(&d->b, &delta);
+        atomic_store_explicit(&d->work, d->b.c->work, memory_order_relaxed);
+        if (!more) {
+            atomic_store_explicit(&d->finished, true, memory_order_release);
+            return NULL;
+        }
+        atomic_store_explicit(&d->produced, d->b.nlog, memory_order_release);
+    }
+}
+
+/* The loop over two threads; *total as the loop keeps it.  false: it did
+ * not run, or ran and was undone (out of memory, no thread, a log full,
+ * the compute bound passed): the caller runs the loop itself, from the
+ * state prime left, which is the state then. */
+static bool search_two_threads(ctx *c, layer_state *ls, uint32_t Lyr, double *total, eplb_incremental_stats *stats) {
+    const eplb_incremental_params *p = c->p;
+    uint32_t cap = Lyr * c->P / 2 + 64; /* changes per layer are at most P */
+    cap = cap < (1u << 16) ? cap : (1u << 16);
+    duo *d = eplb_calloc(1, sizeof *d);
+    double *eprev = eplb_malloc((size_t)Lyr * sizeof *eprev);
+    uint32_t *heaps = eplb_malloc((size_t)Lyr * sizeof *heaps);
+    took *logs = eplb_malloc(2 * (size_t)cap * sizeof *logs);
+    /* what prime left in each layer: best, key, stale, done */
+    layer_state *primed = eplb_malloc((size_t)Lyr * sizeof *primed);
+    ctx *cb = ctx_new(p, c->N, c->P, c->G, c->nodes, c->groups);
+    bool ran = false, ok = false;
+    if (!d || !eprev || !heaps || !logs || !primed || !cb)
+        goto out;
+    memcpy(primed, ls, (size_t)Lyr * sizeof *primed);
+    cb->ls = ls;
+    side a = { .c = c, .ls = ls, .heap = heaps, .eprev = eprev, .log = logs, .cap = cap, .st = stats };
+    d->b = (side){ .c = cb, .ls = ls, .heap = heaps + (Lyr + 1) / 2, .eprev = eprev, .log = logs + cap, .cap = cap,
+                   .st = &d->st };
+    for (uint32_t l = 0; l < Lyr; l++) {
+        eprev[l] = INFINITY;
+        if (!ls[l].done) {
+            side *sd = l % 2 ? &d->b : &a;
+            sd->heap[sd->n++] = l;
+        }
+    }
+    for (uint32_t i = a.n / 2; i-- > 0;)
+        heap_down(ls, a.heap, a.n, i);
+    for (uint32_t i = d->b.n / 2; i-- > 0;)
+        heap_down(ls, d->b.heap, d->b.n, i);
+    const uint64_t work0 = c->work;
+    const double total0 = *total;
+    atomic_init(&d->produced, 0);
+    atomic_init(&d->consumed, 0);
+    atomic_init(&d->work, 0);
+    atomic_init(&d->stop, false);
+    atomic_init(&d->finished, false);
+    pthread_t helper;
+    if (pthread_create(&helper, NULL, helper_main, d) != 0)
+        goto out;
+    ran = true;
+    uint32_t consumed = 0;
+    bool full = false;
+    while (!at_target(p, *total)) {
+        uint32_t la = 0;
+        double ea = 0;
+        const bool ha = side_peek(&a, &la, &ea);
+        uint32_t produced, spins = 0;
+        bool finished;
+        for (;;) { /* finished first: what it published before is then in produced */
+            finished = atomic_load_explicit(&d->finished, memory_order_acquire);
+            produced = atomic_load_explicit(&d->produced, memory_order_acquire);
+            if (produced > consumed || finished)
+                break;
+            pause_a_moment(&spins);
+        }
+        const bool hb = produced > consumed;
+        /* the helper stopped short of the end (its log is full), or the
+         * two sides passed the compute bound: undone below */
+        full = (!hb && finished && d->b.n > 0) ||
+               c->work + atomic_load_explicit(&d->work, memory_order_relaxed) > c->work_max;
+        if (full || (!ha && !hb))
+            break;
+        const took *tb = hb ? &d->b.log[consumed] : NULL;
+        if (ha && (!hb || ea > tb->e || (ea == tb->e && la < tb->l))) {
+            double delta;
+            if (!side_take(&a, &delta)) {
+                full = true;
+                break;
+            }
+            *total += delta;
+        } else {
+            *total += tb->delta;
+            consumed++;
+            atomic_store_explicit(&d->consumed, consumed, memory_order_relaxed);
+        }
+    }
+    atomic_store_explicit(&d->stop, true, memory_order_relaxed);
+    pthread_join(helper, NULL);
+    /* The helper's changes past the stop, last first. */
+    for (uint32_t i = d->b.nlog; i-- > consumed;)
+        untake(c, &ls[d->b.log[i].l], &d->b.log[i], &d->st);
+    d->b.nlog = consumed;
+    c->work += cb->work;
+    if (!full && c->work <= c->work_max) {
+        stats->changes += d->st.changes;
+        stats->slots_moved += d->st.slots_moved;
+        stats->copies += d->st.copies;
+        ok = true;
+        goto out;
+    }
+    /* Undo all of it, each layer's changes last first. */
+    for (uint32_t i = a.nlog; i-- > 0;)
+        untake(c, &ls[a.log[i].l], &a.log[i], stats);
+    for (uint32_t i = d->b.nlog; i-- > 0;)
+        untake(c, &ls[d->b.log[i].l], &d->b.log[i], &d->st);
+    for (uint32_t l = 0; l < Lyr; l++) {
+        ls[l].best = primed[l].best;
+        ls[l].key = primed[l].key;
+        ls[l].stale = primed[l].stale;
+        ls[l].done = primed[l].done;
+    }
+    c->work = work0;
+    *total = total0;
+out:
+    (void)ran;
+    ctx_free(cb);
+    eplb_free(primed);
+    eplb_free(logs);
+    eplb_free(heaps);
+    eplb_free(eprev);
+    eplb_free(d);
+    return ok;
+}
+
 eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t *phy2log, int32_t *logcnt,
                                        eplb_incremental_stats *stats, eplb_error *err) {
     memset(stats, 0, sizeof *stats);
@@ -1225,7 +1529,7 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
         if (p->logical_load[i] < 0)
             return eplb_error_set(err, EPLB_EINVAL, "incremental rebalance: negative load at %zu", i);
 
-    ctx *c = eplb_malloc(sizeof *c);
+    ctx *c = ctx_new(p, N, P, G, nodes, groups);
     layer_state *ls = eplb_calloc(Lyr, sizeof *ls);
     double *dbl = eplb_malloc(((size_t)Lyr * (4 * (size_t)N + G + P)) * sizeof(double)); /* w, xr, xup, xdn, load, x */
     /* head, next, grp_node; ihead, inext; irow when the caller gives no initial_row */
@@ -1233,23 +1537,13 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
     int32_t *ints = eplb_malloc((size_t)Lyr * per_layer * sizeof(int32_t));
     uint32_t *heap = eplb_malloc((size_t)Lyr * sizeof *heap);
     uint32_t *order = eplb_malloc((size_t)Lyr * G * sizeof *order); /* each layer's GPU order */
-    uint32_t *scr = eplb_calloc((size_t)8 * G + 2 * (size_t)P + P / G + 2 * (size_t)N, sizeof *scr); /* donors, touch_tick, touch_at, b_stamp, b_gpus, bn_stamp, bn_cnt, bf_stamp, si, to_node, a_gpu, slot_gpu */
-    double *x = eplb_malloc((2 * (size_t)(P / G) + G) * sizeof *x); /* lb [S], b_load [G], xs [S] */
-    uint32_t *marks = eplb_calloc((size_t)N + (size_t)P + G, sizeof *marks); /* on_g [N], holds [S][G] = [P], shares [G] */
     int32_t *saved = p->reference_cnt ? eplb_malloc((size_t)Lyr * (P + N) * sizeof *saved) : NULL;
     uint64_t *multi = eplb_calloc((size_t)Lyr * ((N + 63) / 64), sizeof *multi); /* each layer's L->multi */
-    if (!c || !ls || !dbl || !ints || !heap || !order || !scr || !x || !marks || (p->reference_cnt && !saved) || !multi) {
+    if (!c || !ls || !dbl || !ints || !heap || !order || (p->reference_cnt && !saved) || !multi) {
         st = eplb_error_set(err, EPLB_ENOMEM, "out of memory for an incremental %ux%u rebalance", Lyr, P);
         goto out;
     }
-    *c = (ctx){ .p = p, .N = N, .P = P, .G = G, .S = P / G, .gpn = G / nodes, .nodes = nodes, .groups = groups,
-                .per_group = N / groups, .ls = ls, .donors = scr, .touch_tick = scr + P, .touch_at = scr + G + P, .b_stamp = scr + 2 * G + P, .b_gpus = scr + 3 * G + P, .bn_stamp = scr + 4 * G + P, .bn_cnt = scr + 5 * G + P, .bf_stamp = scr + 6 * G + P, .si = scr + 7 * G + P, .to_node = scr + 7 * G + P + P / G, .a_gpu = scr + 8 * G + P + P / G, .slot_gpu = scr + 8 * G + P + P / G + 2 * N, .lb = x, .b_load = x + P / G, .xs = x + P / G + G, .on_g = marks, .holds = marks + N, .shares = marks + N + P, .copies_left = p->max_copies, .slots_left = p->max_slots };
-    c->work_max = p->max_work ? p->max_work : INCREMENTAL_MAX_WORK;
-    for (uint32_t i = 0; i < P; i++)
-        c->slot_gpu[i] = i / c->S;
-    c->min_link = nodes > 1 && p->cost_cross_node < p->cost_intra_node ? p->cost_cross_node : p->cost_intra_node;
-    if (nodes == G && G > 1)
-        c->min_link = p->cost_cross_node;
+    c->ls = ls;
     for (uint32_t l = 0; l < Lyr; l++) {
         layer_state *L = &ls[l];
         L->row = phy2log + (size_t)l * P;
@@ -1372,6 +1666,11 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
         if (!ls[l].done)
             heap[n++] = l;
     }
+    /* Two threads where they pay (the answer is the same: "Two threads"). */
+    const bool two = p->threads != 1 && !p->hierarchical && !p->copies_budget && !p->slots_budget && n >= 2 &&
+                     (p->threads >= 2 || ((uint64_t)Lyr * P >= EPLB_INCREMENTAL_THREAD_MIN && P / G <= 64));
+    if (two && search_two_threads(c, ls, Lyr, &total, stats))
+        n = 0; /* done: the loop below has nothing left */
     for (uint32_t i = n / 2; i-- > 0;)
         heap_down(ls, heap, n, i);
     /* total is kept exact enough: each step swaps one layer's max. */
@@ -1424,15 +1723,12 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
     if ((p->copies_budget && c->copies_left == 0) || (p->slots_budget && c->slots_left < 2))
         stats->budget_exhausted = stats->budget_exhausted || !stats->reached;
 out:
-    eplb_free(c);
+    ctx_free(c);
     eplb_free(ls);
     eplb_free(dbl);
     eplb_free(ints);
     eplb_free(heap);
     eplb_free(order);
-    eplb_free(scr);
-    eplb_free(x);
-    eplb_free(marks);
     eplb_free(saved);
     eplb_free(multi);
     return st;

@@ -91,7 +91,18 @@ typedef struct eplb_incremental_params {
      * it); every expert needs a replica in it (EINVAL).  eplb_next passes
      * the current row, which saves a copy of it. */
     const int32_t *initial_row;
+    /* threads (0: as many as pay, at most 2; 1: the calling thread only):
+     * the answer is the same whatever the count (eplb_incremental.c,
+     * "Two threads").  A second one runs only on the global path without
+     * a budget, for shapes of EPLB_INCREMENTAL_THREAD_MIN slots or more
+     * with at most 64 per GPU (past that a search is long, and a call that
+     * reaches the compute bound redoes its loop on one thread). */
+    uint32_t threads;
 } eplb_incremental_params;
+
+/* Layers x slots from which a second thread searches half the layers
+ * (DeepSeek-V3: 58 x 288 = 16,704). */
+#define EPLB_INCREMENTAL_THREAD_MIN 8192u
 
 typedef struct eplb_incremental_stats {
     uint64_t changes;             /* swaps + re-replications in the answer (splits included) */

@@ -286,3 +286,79 @@ Test(policy_rpc, automatic_rebalance_uses_the_model_policy) {
     stop();
     upb_Arena_Free(a);
 }
+
+/* DeepSeek-V3 size on one node of 32 GPUs: the global path, where eplbd
+ * searches the layers on two threads (eplb_incremental.c, "Two threads";
+ * the TSan stage runs this against a TSan eplbd).  A from-scratch commit,
+ * then a drifted load: the dry run meets the target, never loses, copies
+ * far less than from scratch, and says the same twice. */
+Test(policy_rpc, incremental_at_deepseek_v3_size) {
+    enum { BL = 58, BN = 256, BP = 288 };
+    upb_Arena *a = upb_Arena_New();
+    eplb_v1_RegisterModelRequest *r = eplb_v1_RegisterModelRequest_new(a);
+    eplb_v1_RegisterModelRequest_set_model_name(r, upb_StringView_FromString("v3"));
+    eplb_v1_ModelHandle *h = eplb_v1_RegisterModelRequest_mutable_model(r, a);
+    eplb_v1_ModelHandle_set_architecture(h, upb_StringView_FromString("DeepseekV3ForCausalLM"));
+    eplb_v1_ModelHandle_add_interfaces(h, eplb_v1_MIXTURE_OF_EXPERTS, a);
+    eplb_v1_MoeSpec *m = eplb_v1_ModelHandle_mutable_moe(h, a);
+    eplb_v1_MoeSpec_set_num_moe_layers(m, BL);
+    eplb_v1_MoeSpec_set_num_logical_experts(m, BN);
+    eplb_v1_MoeSpec_set_num_physical_experts(m, BP);
+    eplb_v1_MoeSpec_set_num_local_physical_experts(m, BP / 32);
+    eplb_v1_MoeSpec_set_num_redundant_experts(m, BP - BN);
+    eplb_v1_MoeSpec_set_num_expert_groups(m, 8);
+    eplb_v1_ParallelConfig *p = eplb_v1_RegisterModelRequest_mutable_parallel(r, a);
+    eplb_v1_ParallelConfig_set_enable_eplb(p, true);
+    eplb_v1_ParallelConfig_set_ep_size(p, 32);
+    eplb_v1_ParallelConfig_set_num_nodes(p, 1);
+    size_t len;
+    char *bytes = eplb_v1_RegisterModelRequest_serialize(r, a, &len);
+    eplb_call_result res;
+    cr_assert_eq(call("RegisterModel", bytes, len, &res), 0, "%s", res.message);
+    eplb_call_result_free(&res);
+    static int64_t load[BL * BN];
+    uint64_t x = 0x5eed;
+    for (int pass = 0; pass < 2; pass++) {
+        for (int i = 0; i < BL * BN; i++) { /* Zipf-like by a hashed rank, redrawn a little each pass */
+            x = x * 6364136223846793005ull + 1442695040888963407ull;
+            const int rank = (int)((i % BN) * 37 % BN) + (int)((x >> 33) % 8);
+            load[i] = (int64_t)(1e6 / (1.0 + rank)) + (int64_t)((x >> 20) % 1000);
+        }
+        if (pass == 0) { /* the placement INCREMENTAL starts from */
+            eplb_v1_RebalanceRequest *req = eplb_v1_RebalanceRequest_new(a);
+            eplb_v1_RebalanceRequest_set_model_id(req, upb_StringView_FromString("v3"));
+            memcpy(eplb_v1_RebalanceRequest_resize_logical_load(req, BL * BN, a), load, sizeof load);
+            bytes = eplb_v1_RebalanceRequest_serialize(req, a, &len);
+            cr_assert_eq(call("Rebalance", bytes, len, &res), 0, "%s", res.message);
+            eplb_call_result_free(&res);
+        }
+    }
+    double after[2];
+    uint64_t copies[2];
+    for (int k = 0; k < 2; k++) {
+        eplb_v1_RebalanceRequest *req = eplb_v1_RebalanceRequest_new(a);
+        eplb_v1_RebalanceRequest_set_model_id(req, upb_StringView_FromString("v3"));
+        memcpy(eplb_v1_RebalanceRequest_resize_logical_load(req, BL * BN, a), load, sizeof load);
+        eplb_v1_RebalanceRequest_set_policy(req, eplb_v1_POLICY_INCREMENTAL);
+        eplb_v1_RebalanceRequest_set_dry_run(req, true);
+        bytes = eplb_v1_RebalanceRequest_serialize(req, a, &len);
+        cr_assert_eq(call("Rebalance", bytes, len, &res), 0, "%s", res.message);
+        char *body = upb_Arena_Malloc(a, res.body_len + 1);
+        memcpy(body, res.body, res.body_len);
+        eplb_v1_RebalanceResponse *resp = eplb_v1_RebalanceResponse_parse(body, res.body_len, a);
+        eplb_call_result_free(&res);
+        cr_assert_not_null(resp);
+        cr_assert_eq(eplb_v1_RebalanceResponse_policy_used(resp), eplb_v1_POLICY_INCREMENTAL);
+        const double ref = eplb_v1_RebalanceResponse_balancedness_reference(resp);
+        after[k] = eplb_v1_RebalanceResponse_balancedness_after(resp);
+        copies[k] = eplb_v1_RebalanceResponse_plan_copies_cross_gpu(resp);
+        cr_assert_geq(after[k], 0.99 * ref - 1e-9, "%.6f < 0.99 x %.6f", after[k], ref);
+        cr_assert_geq(after[k], eplb_v1_RebalanceResponse_balancedness_before(resp) - 1e-9);
+        cr_assert_lt(eplb_v1_RebalanceResponse_balancedness_before(resp), 0.99 * ref, "the drift left nothing to do");
+        cr_assert_gt(copies[k], 0);
+        cr_assert_lt(copies[k], eplb_v1_RebalanceResponse_reference_copies_cross_gpu(resp) / 2);
+    }
+    cr_assert(after[0] == after[1] && copies[0] == copies[1]);
+    stop();
+    upb_Arena_Free(a);
+}
