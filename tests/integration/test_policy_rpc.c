@@ -26,35 +26,48 @@ static int call(const char *method, const char *bytes, size_t len, eplb_call_res
     return r->status;
 }
 
-static void register_model(upb_Arena *a, const char *name, bool incremental_auto, uint64_t max_slots) {
+/* A RegisterModelRequest of L layers, N experts in P slots, on ep GPUs over nodes nodes. */
+static eplb_v1_RegisterModelRequest *model_request(upb_Arena *a, const char *name, const char *arch, uint32_t L,
+                                                   uint32_t N, uint32_t P, uint32_t groups, uint32_t ep,
+                                                   uint32_t nodes) {
     eplb_v1_RegisterModelRequest *r = eplb_v1_RegisterModelRequest_new(a);
     eplb_v1_RegisterModelRequest_set_model_name(r, upb_StringView_FromString(name));
     eplb_v1_ModelHandle *h = eplb_v1_RegisterModelRequest_mutable_model(r, a);
-    eplb_v1_ModelHandle_set_architecture(h, upb_StringView_FromString("PolicyMoE"));
+    eplb_v1_ModelHandle_set_architecture(h, upb_StringView_FromString(arch));
     eplb_v1_ModelHandle_add_interfaces(h, eplb_v1_MIXTURE_OF_EXPERTS, a);
     eplb_v1_MoeSpec *m = eplb_v1_ModelHandle_mutable_moe(h, a);
-    eplb_v1_MoeSpec_set_num_moe_layers(m, L_);
-    eplb_v1_MoeSpec_set_num_logical_experts(m, N_);
-    eplb_v1_MoeSpec_set_num_physical_experts(m, P_);
-    eplb_v1_MoeSpec_set_num_local_physical_experts(m, P_ / 8);
-    eplb_v1_MoeSpec_set_num_redundant_experts(m, P_ - N_);
-    eplb_v1_MoeSpec_set_num_expert_groups(m, 4);
+    eplb_v1_MoeSpec_set_num_moe_layers(m, L);
+    eplb_v1_MoeSpec_set_num_logical_experts(m, N);
+    eplb_v1_MoeSpec_set_num_physical_experts(m, P);
+    eplb_v1_MoeSpec_set_num_local_physical_experts(m, P / ep);
+    eplb_v1_MoeSpec_set_num_redundant_experts(m, P - N);
+    eplb_v1_MoeSpec_set_num_expert_groups(m, groups);
     eplb_v1_ParallelConfig *p = eplb_v1_RegisterModelRequest_mutable_parallel(r, a);
     eplb_v1_ParallelConfig_set_enable_eplb(p, true);
-    eplb_v1_ParallelConfig_set_ep_size(p, 8);
-    eplb_v1_ParallelConfig_set_num_nodes(p, 2);
+    eplb_v1_ParallelConfig_set_ep_size(p, ep);
+    eplb_v1_ParallelConfig_set_num_nodes(p, nodes);
+    return r;
+}
+
+static void send_register(upb_Arena *a, const eplb_v1_RegisterModelRequest *r) {
+    size_t len;
+    char *bytes = eplb_v1_RegisterModelRequest_serialize(r, a, &len);
+    eplb_call_result res;
+    cr_assert_eq(call("RegisterModel", bytes, len, &res), 0, "%s", res.message);
+    eplb_call_result_free(&res);
+}
+
+static void register_model(upb_Arena *a, const char *name, bool incremental_auto, uint64_t max_slots) {
+    eplb_v1_RegisterModelRequest *r = model_request(a, name, "PolicyMoE", L_, N_, P_, 4, 8, 2);
     if (incremental_auto) {
+        eplb_v1_ParallelConfig *p = eplb_v1_RegisterModelRequest_mutable_parallel(r, a);
         eplb_v1_ParallelConfig_set_auto_rebalance(p, true);
         eplb_v1_ParallelConfig_set_window_size(p, 1);
         eplb_v1_ParallelConfig_set_step_interval(p, 1);
         eplb_v1_ParallelConfig_set_default_policy(p, eplb_v1_POLICY_INCREMENTAL);
         eplb_v1_ParallelConfig_set_max_slots_moved(p, max_slots);
     }
-    size_t len;
-    char *bytes = eplb_v1_RegisterModelRequest_serialize(r, a, &len);
-    eplb_call_result res;
-    cr_assert_eq(call("RegisterModel", bytes, len, &res), 0, "%s", res.message);
-    eplb_call_result_free(&res);
+    send_register(a, r);
 }
 
 static eplb_v1_Placement *get(upb_Arena *a, const char *id) {
@@ -87,12 +100,13 @@ typedef struct knobs {
     int dry_run;
 } knobs;
 
-static eplb_v1_RebalanceResponse *rebalance(upb_Arena *a, const char *id, const int64_t *logical, knobs k,
-                                            int expect, char *msg, size_t msglen) {
+/* A Rebalance of model id with the [layers][experts] load logical (n values). */
+static eplb_v1_RebalanceResponse *rebalance_n(upb_Arena *a, const char *id, const int64_t *logical, size_t n,
+                                              knobs k, int expect, char *msg, size_t msglen) {
     eplb_v1_RebalanceRequest *req = eplb_v1_RebalanceRequest_new(a);
     eplb_v1_RebalanceRequest_set_model_id(req, upb_StringView_FromString(id));
-    int64_t *dst = eplb_v1_RebalanceRequest_resize_logical_load(req, L_ * N_, a);
-    memcpy(dst, logical, L_ * N_ * sizeof *dst);
+    int64_t *dst = eplb_v1_RebalanceRequest_resize_logical_load(req, n, a);
+    memcpy(dst, logical, n * sizeof *dst);
     eplb_v1_RebalanceRequest_set_policy(req, k.policy);
     eplb_v1_RebalanceRequest_set_target_balancedness(req, k.target);
     eplb_v1_RebalanceRequest_set_max_bytes_moved(req, k.max_bytes);
@@ -119,6 +133,11 @@ static eplb_v1_RebalanceResponse *rebalance(upb_Arena *a, const char *id, const 
     }
     eplb_call_result_free(&r);
     return resp;
+}
+
+static eplb_v1_RebalanceResponse *rebalance(upb_Arena *a, const char *id, const int64_t *logical, knobs k,
+                                            int expect, char *msg, size_t msglen) {
+    return rebalance_n(a, id, logical, L_ * N_, k, expect, msg, msglen);
 }
 
 static size_t changed_slots(const eplb_v1_Placement *a, const eplb_v1_Placement *b) {
@@ -295,27 +314,7 @@ Test(policy_rpc, automatic_rebalance_uses_the_model_policy) {
 Test(policy_rpc, incremental_at_deepseek_v3_size) {
     enum { BL = 58, BN = 256, BP = 288 };
     upb_Arena *a = upb_Arena_New();
-    eplb_v1_RegisterModelRequest *r = eplb_v1_RegisterModelRequest_new(a);
-    eplb_v1_RegisterModelRequest_set_model_name(r, upb_StringView_FromString("v3"));
-    eplb_v1_ModelHandle *h = eplb_v1_RegisterModelRequest_mutable_model(r, a);
-    eplb_v1_ModelHandle_set_architecture(h, upb_StringView_FromString("DeepseekV3ForCausalLM"));
-    eplb_v1_ModelHandle_add_interfaces(h, eplb_v1_MIXTURE_OF_EXPERTS, a);
-    eplb_v1_MoeSpec *m = eplb_v1_ModelHandle_mutable_moe(h, a);
-    eplb_v1_MoeSpec_set_num_moe_layers(m, BL);
-    eplb_v1_MoeSpec_set_num_logical_experts(m, BN);
-    eplb_v1_MoeSpec_set_num_physical_experts(m, BP);
-    eplb_v1_MoeSpec_set_num_local_physical_experts(m, BP / 32);
-    eplb_v1_MoeSpec_set_num_redundant_experts(m, BP - BN);
-    eplb_v1_MoeSpec_set_num_expert_groups(m, 8);
-    eplb_v1_ParallelConfig *p = eplb_v1_RegisterModelRequest_mutable_parallel(r, a);
-    eplb_v1_ParallelConfig_set_enable_eplb(p, true);
-    eplb_v1_ParallelConfig_set_ep_size(p, 32);
-    eplb_v1_ParallelConfig_set_num_nodes(p, 1);
-    size_t len;
-    char *bytes = eplb_v1_RegisterModelRequest_serialize(r, a, &len);
-    eplb_call_result res;
-    cr_assert_eq(call("RegisterModel", bytes, len, &res), 0, "%s", res.message);
-    eplb_call_result_free(&res);
+    send_register(a, model_request(a, "v3", "DeepseekV3ForCausalLM", BL, BN, BP, 8, 32, 1));
     static int64_t load[BL * BN];
     uint64_t x = 0x5eed;
     for (int pass = 0; pass < 2; pass++) {
@@ -324,30 +323,14 @@ Test(policy_rpc, incremental_at_deepseek_v3_size) {
             const int rank = (int)((i % BN) * 37 % BN) + (int)((x >> 33) % 8);
             load[i] = (int64_t)(1e6 / (1.0 + rank)) + (int64_t)((x >> 20) % 1000);
         }
-        if (pass == 0) { /* the placement INCREMENTAL starts from */
-            eplb_v1_RebalanceRequest *req = eplb_v1_RebalanceRequest_new(a);
-            eplb_v1_RebalanceRequest_set_model_id(req, upb_StringView_FromString("v3"));
-            memcpy(eplb_v1_RebalanceRequest_resize_logical_load(req, BL * BN, a), load, sizeof load);
-            bytes = eplb_v1_RebalanceRequest_serialize(req, a, &len);
-            cr_assert_eq(call("Rebalance", bytes, len, &res), 0, "%s", res.message);
-            eplb_call_result_free(&res);
-        }
+        if (pass == 0) /* the placement INCREMENTAL starts from */
+            rebalance_n(a, "v3", load, BL * BN, (knobs){ 0 }, 0, NULL, 0);
     }
     double after[2];
     uint64_t copies[2];
     for (int k = 0; k < 2; k++) {
-        eplb_v1_RebalanceRequest *req = eplb_v1_RebalanceRequest_new(a);
-        eplb_v1_RebalanceRequest_set_model_id(req, upb_StringView_FromString("v3"));
-        memcpy(eplb_v1_RebalanceRequest_resize_logical_load(req, BL * BN, a), load, sizeof load);
-        eplb_v1_RebalanceRequest_set_policy(req, eplb_v1_POLICY_INCREMENTAL);
-        eplb_v1_RebalanceRequest_set_dry_run(req, true);
-        bytes = eplb_v1_RebalanceRequest_serialize(req, a, &len);
-        cr_assert_eq(call("Rebalance", bytes, len, &res), 0, "%s", res.message);
-        char *body = upb_Arena_Malloc(a, res.body_len + 1);
-        memcpy(body, res.body, res.body_len);
-        eplb_v1_RebalanceResponse *resp = eplb_v1_RebalanceResponse_parse(body, res.body_len, a);
-        eplb_call_result_free(&res);
-        cr_assert_not_null(resp);
+        eplb_v1_RebalanceResponse *resp = rebalance_n(
+            a, "v3", load, BL * BN, (knobs){ .policy = eplb_v1_POLICY_INCREMENTAL, .dry_run = 1 }, 0, NULL, 0);
         cr_assert_eq(eplb_v1_RebalanceResponse_policy_used(resp), eplb_v1_POLICY_INCREMENTAL);
         const double ref = eplb_v1_RebalanceResponse_balancedness_reference(resp);
         after[k] = eplb_v1_RebalanceResponse_balancedness_after(resp);
