@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "eplb_alloc.h"
 #include "eplb_incremental.h"
 #include "eplb_next.h"
 #include "eplb_policy.h"
@@ -821,7 +822,7 @@ static void layer_max(const eplb_policy_shape *s, const int64_t *load, const int
  * "Two threads"): random global shapes of 2-40 layers, targets, no target,
  * link costs, an initial_row; with a small compute bound (max_work) the two
  * threads pass it and redo the loop on one, which must not show either. */
-static void two_threads_case(uint64_t max_work) {
+static uint32_t two_threads_case(uint64_t max_work) {
     const uint32_t nodes = 1 + rnd_below(2), gpus = nodes * (1 + rnd_below(8)), S = 1 + rnd_below(6);
     const uint32_t P = gpus * S, N = P / 2 + 1 + rnd_below(P - P / 2);
     const eplb_policy_shape s = { .num_layers = 2 + rnd_below(39), .num_logical = N, .num_physical = P,
@@ -873,8 +874,10 @@ static void two_threads_case(uint64_t max_work) {
     cr_assert_eq(st[0].reached, st[1].reached);
     cr_assert_eq(st[0].work_exhausted, st[1].work_exhausted);
     cr_assert(st[0].total_max == st[1].total_max, "total %.17g against %.17g", st[0].total_max, st[1].total_max);
-    if (st[0].work_exhausted) /* the two threads were undone: the loop's own count */
+    cr_assert_eq(st[0].threads, 1);
+    if (st[1].threads == 1) /* the two threads were undone (or had nothing to do): the loop's own count */
         cr_assert_eq(st[0].work, st[1].work);
+    const uint32_t threads = st[1].threads;
     for (int k = 0; k < 2; k++) {
         free(row[k]);
         free(cnt[k]);
@@ -884,16 +887,70 @@ static void two_threads_case(uint64_t max_work) {
     free(floor_);
     free(old);
     random_case_free(&c);
+    return threads;
 }
 
 Test(incremental, two_threads_give_the_same_answer) {
     rng_state = 0x2b2b;
+    int two = 0;
     for (int k = 0; k < 400; k++)
-        two_threads_case(0);
+        two += two_threads_case(0) == 2;
+    cr_assert_gt(two, 300, "the two-thread search finished in %d of 400 cases", two); /* the rest: at target */
 }
 
 Test(incremental, two_threads_past_the_compute_bound_give_the_same_answer) {
     rng_state = 0x3c3c;
-    for (int k = 0; k < 200; k++)
-        two_threads_case(2000 + rnd_below(60000));
+    int one = 0, two = 0;
+    for (int k = 0; k < 200; k++) {
+        const uint32_t t = two_threads_case(2000 + rnd_below(60000));
+        one += t == 1;
+        two += t == 2;
+    }
+    cr_assert(one > 10 && two > 10, "undone in %d, finished in %d of 200 cases", one, two);
+}
+
+/* An allocation that fails anywhere in a two-thread call: out of memory
+ * with nothing changed, or (inside the two-thread search) the one-thread
+ * answer. */
+Test(incremental, two_threads_out_of_memory) {
+    const eplb_policy_shape s = { .num_layers = 12, .num_logical = 24, .num_physical = 32, .num_groups = 1,
+                                  .num_nodes = 1, .num_gpus = 8 };
+    const uint32_t L = s.num_layers, N = s.num_logical;
+    int64_t load[12 * 24], old[12 * 24];
+    rng_state = 0x4d4d;
+    for (uint32_t i = 0; i < L * N; i++) {
+        old[i] = (int64_t)(1e6 / pow(1.0 + (double)rnd_below(N), 1.1));
+        load[i] = (int64_t)(1e6 / pow(1.0 + (double)rnd_below(N), 1.1));
+    }
+    int32_t cur[12 * 32], cur_cnt[12 * 24], want[12 * 32], want_cnt[12 * 24], row[12 * 32], cnt[12 * 24];
+    cr_assert_eq(eplb_policy_rebalance(&s, old, cur, cur_cnt, NULL), EPLB_OK);
+    eplb_incremental_params p = { .shape = s, .logical_load = load, .total_target = -1, .cost_intra_node = 1,
+                                  .cost_cross_node = 4, .threads = 1 };
+    eplb_incremental_stats st;
+    eplb_error err;
+    memcpy(want, cur, sizeof cur);
+    memcpy(want_cnt, cur_cnt, sizeof cur_cnt);
+    cr_assert_eq(eplb_incremental_rebalance(&p, want, want_cnt, &st, &err), EPLB_OK);
+    cr_assert_gt(st.changes, 0);
+    p.threads = 2;
+    int fell_back = 0;
+    for (long k = 1;; k++) {
+        memcpy(row, cur, sizeof cur);
+        memcpy(cnt, cur_cnt, sizeof cur_cnt);
+        eplb_alloc_fail_at(k, 0);
+        const eplb_status r = eplb_incremental_rebalance(&p, row, cnt, &st, &err);
+        const long made = eplb_alloc_fail_at(0, 0);
+        if (r == EPLB_ENOMEM) {
+            cr_assert_arr_eq(row, cur, sizeof cur, "allocation %ld", k);
+            cr_assert_arr_eq(cnt, cur_cnt, sizeof cnt);
+            continue;
+        }
+        cr_assert_eq(r, EPLB_OK, "allocation %ld: %s", k, err.msg);
+        cr_assert_arr_eq(row, want, sizeof want, "allocation %ld", k);
+        cr_assert_arr_eq(cnt, want_cnt, sizeof want_cnt);
+        if (made < k) /* no allocation failed: the end */
+            break;
+        fell_back += st.threads == 1;
+    }
+    cr_assert_gt(fell_back, 3); /* the two-thread search's own allocations */
 }
