@@ -1283,6 +1283,11 @@ typedef struct side {
     const _Atomic bool *stop; /* the helper's side: stop searching when set (NULL: never) */
 } side;
 
+/* The e of layer l's next change: its key, or a lower e it had. */
+static double side_e(const side *sd, uint32_t l) {
+    return sd->ls[l].key < sd->eprev[l] ? sd->ls[l].key : sd->eprev[l];
+}
+
 /* The side's next change (searching stale tops, as the loop does): its
  * layer and e.  false: none left. */
 static bool side_peek(side *sd, uint32_t *l, double *e) {
@@ -1291,7 +1296,7 @@ static bool side_peek(side *sd, uint32_t *l, double *e) {
         layer_state *L = &sd->ls[top];
         if (!L->stale) {
             *l = top;
-            *e = L->key < sd->eprev[top] ? L->key : sd->eprev[top];
+            *e = side_e(sd, top);
             return true;
         }
         find_best(sd->c, L);
@@ -1310,7 +1315,7 @@ static bool side_take(side *sd, double *delta) {
     layer_state *L = &sd->ls[l];
     took *t = &sd->log[sd->nlog++];
     t->l = l;
-    t->e = L->key < sd->eprev[l] ? L->key : sd->eprev[l];
+    t->e = side_e(sd, l);
     t->ch = L->best;
     t->old = L->best.kind == CH_REPL ? L->row[L->best.t] : -1;
     sd->eprev[l] = t->e;
@@ -1406,7 +1411,7 @@ static bool search_two_threads(ctx *c, layer_state *ls, uint32_t Lyr, double *to
     /* what prime left in each layer: best, key, stale, done */
     layer_state *primed = eplb_malloc((size_t)Lyr * sizeof *primed);
     ctx *cb = ctx_new(p, c->N, c->P, c->G, c->nodes, c->groups);
-    bool ran = false, ok = false;
+    bool ok = false;
     if (!d || !eprev || !heaps || !logs || !primed || !cb)
         goto out;
     memcpy(primed, ls, (size_t)Lyr * sizeof *primed);
@@ -1436,7 +1441,6 @@ static bool search_two_threads(ctx *c, layer_state *ls, uint32_t Lyr, double *to
     pthread_t helper;
     if (pthread_create(&helper, NULL, helper_main, d) != 0)
         goto out;
-    ran = true;
     uint32_t consumed = 0;
     bool full = false;
     while (!at_target(p, *total)) {
@@ -1504,7 +1508,6 @@ static bool search_two_threads(ctx *c, layer_state *ls, uint32_t Lyr, double *to
     c->work = work0;
     *total = total0;
 out:
-    (void)ran;
     ctx_free(cb);
     eplb_free(primed);
     eplb_free(logs);
