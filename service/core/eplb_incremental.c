@@ -715,6 +715,11 @@ static void find_best(ctx *c, layer_state *L) {
         L->done = true;
         return;
     }
+    if (c->p->slots_budget && c->slots_left == 0) { /* every change rewrites a slot: none is affordable */
+        L->done = true;
+        c->budget_stopped = true;
+        return;
+    }
     const uint32_t S = c->S, g0 = g * S;
     /* SWAP: s on g, t elsewhere.  GPUs lightest first: a swap with h gains
      * at most (M - load[h]) / 2, so once that cannot beat the best even
@@ -1403,7 +1408,9 @@ static bool search_two_threads(ctx *c, layer_state *ls, uint32_t Lyr, double *to
     const eplb_incremental_params *p = c->p;
     /* changes per layer are at most P; a side has at most (Lyr + 1) / 2 layers */
     const uint64_t most = (uint64_t)(Lyr + 1) / 2 * c->P + 64;
-    const uint32_t cap = most < (1u << 16) ? (uint32_t)most : (1u << 16);
+    uint32_t cap = most < (1u << 16) ? (uint32_t)most : (1u << 16);
+    if (p->test.log_cap && p->test.log_cap < cap)
+        cap = p->test.log_cap;
     duo *d = eplb_calloc(1, sizeof *d);
     double *eprev = eplb_malloc(2 * (size_t)Lyr * sizeof *eprev); /* one array per side: no shared cache lines */
     uint32_t *heaps = eplb_malloc((size_t)Lyr * sizeof *heaps);
@@ -1439,7 +1446,7 @@ static bool search_two_threads(ctx *c, layer_state *ls, uint32_t Lyr, double *to
     atomic_init(&d->stop, false);
     atomic_init(&d->finished, false);
     pthread_t helper;
-    if (pthread_create(&helper, NULL, helper_main, d) != 0)
+    if (p->test.thread_fails || pthread_create(&helper, NULL, helper_main, d) != 0)
         goto out;
     uint32_t consumed = 0;
     bool full = false;
@@ -1507,6 +1514,7 @@ static bool search_two_threads(ctx *c, layer_state *ls, uint32_t Lyr, double *to
     }
     c->work = work0;
     *total = total0;
+    stats->threads_undone = true;
 out:
     ctx_free(cb);
     eplb_free(primed);

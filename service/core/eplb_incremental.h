@@ -99,6 +99,15 @@ typedef struct eplb_incremental_params {
      * reaches the compute bound redoes its loop on one thread), when the
      * process may run on 2 CPUs or more. */
     uint32_t threads;
+    /* Tests only (zero in production): the two-thread search's fallback
+     * paths, which real shapes rarely reach.  log_cap > 0 caps each side's
+     * log of changes at that many (a full log undoes the search and the
+     * loop runs on one thread); thread_fails makes creating the helper
+     * fail as pthread_create does at the process's thread limit. */
+    struct {
+        uint32_t log_cap;
+        bool thread_fails;
+    } test;
 } eplb_incremental_params;
 
 /* Layers x slots from which a second thread searches half the layers
@@ -115,6 +124,8 @@ typedef struct eplb_incremental_stats {
     bool reached;                 /* total_max <= total_target */
     bool work_exhausted;          /* stopped at the compute bound (eplb_incremental.c) */
     uint32_t threads;             /* the loop ran on 2 (the two-thread search finished) or 1 */
+    bool threads_undone;          /* the two-thread search ran and was undone (a log full, the compute bound
+                                     passed), and the loop ran again on one thread */
     bool budget_exhausted;        /* some layer stopped for the budget */
     uint64_t work;                /* work spent (see max_work) */
 } eplb_incremental_stats;

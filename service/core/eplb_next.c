@@ -69,6 +69,84 @@ static void copies_layer(copy_marks *m, uint32_t P, uint32_t G, uint32_t gpn, ui
     }
 }
 
+/* A lower bound of the copies (and so of the slots rewritten: each copy
+ * rewrites its own slot) of new_row under any relabelling of its GPUs,
+ * which is what eplb_plan_reassign_gpus chooses: new GPU g, given old GPU
+ * h's bytes, copies the experts of g that h lacks, so at least g's
+ * distinct experts minus the most that any old GPU shares with it.  O(P)
+ * with old_row's lists per expert (head [N], next [P]: built here) and a
+ * count per old GPU (shared [G], stamp [G]), where the relabelling is
+ * O(G^2 S) and a matching; eplb_next skips the relabelling of a layer
+ * whose bound the budget cannot pay (bench_incremental, 1 x 32, under a
+ * budget of 2% of the slots: the fallback's look at every layer was 57%
+ * of the call). */
+typedef struct copy_bound {
+    int32_t *head, *next;
+    uint32_t *shared, *stamp, *seen, tick;
+} copy_bound;
+
+static uint64_t copies_lower_bound(copy_bound *cb, uint32_t P, uint32_t G, uint32_t N, const int32_t *old_row,
+                                   const int32_t *new_row) {
+    const uint32_t S = P / G;
+    for (uint32_t e = 0; e < N; e++)
+        cb->head[e] = -1;
+    for (uint32_t i = P; i-- > 0;) /* each expert's old slots, ascending: one GPU's are adjacent */
+        if (old_row[i] >= 0 && (uint32_t)old_row[i] < N) {
+            cb->next[i] = cb->head[old_row[i]];
+            cb->head[old_row[i]] = (int32_t)i;
+        }
+    uint64_t lb = 0;
+    for (uint32_t g = 0; g < G; g++) {
+        if (++cb->tick == 0) { /* the stamps wrap: clear them */
+            memset(cb->stamp, 0, (size_t)G * sizeof *cb->stamp);
+            memset(cb->seen, 0, (size_t)N * sizeof *cb->seen);
+            cb->tick = 1;
+        }
+        const uint32_t tick = cb->tick;
+        uint32_t distinct = 0, most = 0;
+        for (uint32_t i = g * S; i < (g + 1) * S; i++) {
+            const int32_t e = new_row[i];
+            if (e < 0 || (uint32_t)e >= N || cb->seen[e] == tick)
+                continue;
+            cb->seen[e] = tick;
+            distinct++;
+            uint32_t last = UINT32_MAX;
+            for (int32_t u = cb->head[e]; u >= 0; u = cb->next[u]) {
+                const uint32_t h = (uint32_t)u / S;
+                if (h == last)
+                    continue; /* e twice on h: it shares one expert */
+                last = h;
+                if (cb->stamp[h] != tick) {
+                    cb->stamp[h] = tick;
+                    cb->shared[h] = 0;
+                }
+                most = ++cb->shared[h] > most ? cb->shared[h] : most;
+            }
+        }
+        lb += distinct - most;
+    }
+    return lb;
+}
+
+uint64_t eplb_next_copies_lower_bound(uint32_t num_physical, uint32_t num_gpus, uint32_t num_logical,
+                                      const int32_t *old_row, const int32_t *new_row) {
+    if (!num_gpus || num_physical % num_gpus || !old_row || !new_row)
+        return 0;
+    copy_bound cb = { 0 };
+    cb.head = eplb_malloc(((size_t)num_logical + num_physical) * sizeof *cb.head);
+    cb.shared = eplb_calloc((size_t)2 * num_gpus + num_logical, sizeof *cb.shared);
+    uint64_t lb = 0;
+    if (cb.head && cb.shared) {
+        cb.next = cb.head + num_logical;
+        cb.stamp = cb.shared + num_gpus;
+        cb.seen = cb.stamp + num_gpus;
+        lb = copies_lower_bound(&cb, num_physical, num_gpus, num_logical, old_row, new_row);
+    }
+    eplb_free(cb.head);
+    eplb_free(cb.shared);
+    return lb;
+}
+
 void eplb_next_copies(uint32_t num_physical, uint32_t num_gpus, uint32_t gpus_per_node, uint32_t num_logical,
                       const int32_t *old_row, const int32_t *new_row, uint64_t *cross_gpu, uint64_t *cross_node) {
     *cross_gpu = *cross_node = 0;
@@ -194,7 +272,11 @@ static eplb_status incremental(const eplb_next_request *req, int32_t *phy2log, i
     /* Per layer: incremental copies, its slots, then the reference's
      * copies + 1 (0 = not counted yet, UINT64_MAX = taken or not better)
      * and slots. */
-    uint64_t *inc_copies = eplb_calloc((size_t)L * 6, sizeof *inc_copies); /* + cross-node: [4L) inc, [5L) ref */
+    uint64_t *inc_copies = eplb_calloc((size_t)L * 7, sizeof *inc_copies); /* + cross-node: [4L) inc, [5L) ref */
+    /* [6L) 0: the layer not looked at yet; else 1 + copies_lower_bound of
+     * its reference row (under a budget; 1 without one) */
+    uint64_t *ref_lb = inc_copies ? inc_copies + 6 * (size_t)L : NULL;
+    copy_bound cbound = { 0 };
     copy_marks m = { 0 };
     int32_t *fix_row = NULL, *fix_cnt = NULL; /* [L][P], [L][N]: node repairs (hierarchical, short of the target) */
     double *fix_bal = NULL;                   /* [L] their balancedness */
@@ -296,6 +378,18 @@ static eplb_status incremental(const eplb_next_request *req, int32_t *phy2log, i
     }
     uint64_t work_left = is.work < EPLB_INCREMENTAL_MAX_WORK ? EPLB_INCREMENTAL_MAX_WORK - is.work : 0;
     rep->work = is.work; /* and the repairs' (node_repair_layer) */
+    const bool budgeted = copies_budget || slots_budget;
+    if (!reached && budgeted) {
+        cbound.head = eplb_malloc(((size_t)N + P) * sizeof *cbound.head);
+        cbound.shared = eplb_calloc((size_t)2 * G + N, sizeof *cbound.shared);
+        if (!cbound.head || !cbound.shared) {
+            st = eplb_error_set(err, EPLB_ENOMEM, "out of memory for an incremental %ux%u rebalance", L, P);
+            goto out;
+        }
+        cbound.next = cbound.head + N;
+        cbound.stamp = cbound.shared + G;
+        cbound.seen = cbound.stamp + G;
+    }
     if (!reached) {
         const uint32_t reassign_nodes = eplb_policy_is_hierarchical(s) ? s->num_nodes : 1;
         for (;;) {
@@ -314,15 +408,8 @@ static eplb_status incremental(const eplb_next_request *req, int32_t *phy2log, i
                 }
                 const size_t off = (size_t)l * P;
                 int32_t *row = ref + off;
-                if (inc_copies[2 * L + l] == 0) { /* first look: order the row, count its copies */
-                    if (gpn <= NEXT_MIN_TRAFFIC_MAX_GPUS_PER_NODE)
-                        eplb_plan_reassign_gpus(1, P, G, reassign_nodes, req->cur_phy2log + off, row);
-                    eplb_policy_preserve_slots(1, P, G, req->cur_phy2log + off, row);
-                    uint64_t rg = 0, rn = 0, rslots = 0;
-                    copies_layer(&m, P, G, gpn, N, req->cur_phy2log + off, row, &rg, &rn, &rslots);
-                    inc_copies[2 * L + l] = 1 + rg;           /* copies + 1: 0 means not looked at */
-                    inc_copies[3 * L + l] = rslots;
-                    inc_copies[5 * L + l] = rn;
+                if (ref_lb[l] == 0) { /* first look: the repair, and the reference's bound under a budget */
+                    ref_lb[l] = 1 + (budgeted ? copies_lower_bound(&cbound, P, G, N, req->cur_phy2log + off, row) : 0);
                     if (fix_stats && (st = node_repair_layer(req, &ip, l, layer_floor[l], layer_floor[l] / target,
                                                              ref_cnt + (size_t)l * N, &m, fix_row + off,
                                                              fix_cnt + (size_t)l * N, &fix_bal[l],
@@ -330,10 +417,27 @@ static eplb_status incremental(const eplb_next_request *req, int32_t *phy2log, i
                                                              err)) != EPLB_OK)
                         goto out;
                 }
+                /* The reference row is ordered and counted once the budget
+                 * could pay its bound (its copies and slots are no fewer). */
+                const uint64_t lb = ref_lb[l] - 1;
+                if (inc_copies[2 * L + l] == 0 &&
+                    !(copies_budget && used_copies - inc_copies[l] + lb > max_copies) &&
+                    !(slots_budget && used_slots - inc_copies[L + l] + lb > k->max_slots_moved)) {
+                    if (gpn <= NEXT_MIN_TRAFFIC_MAX_GPUS_PER_NODE)
+                        eplb_plan_reassign_gpus(1, P, G, reassign_nodes, req->cur_phy2log + off, row);
+                    eplb_policy_preserve_slots(1, P, G, req->cur_phy2log + off, row);
+                    uint64_t rg = 0, rn = 0, rslots = 0;
+                    copies_layer(&m, P, G, gpn, N, req->cur_phy2log + off, row, &rg, &rn, &rslots);
+                    inc_copies[2 * L + l] = 1 + rg;           /* copies + 1: 0 means not counted */
+                    inc_copies[3 * L + l] = rslots;
+                    inc_copies[5 * L + l] = rn;
+                }
                 for (int c = 0; c < 2; c++) { /* the reference, then the repair */
                     uint64_t rg, rslots, rn;
                     double cand_gain;
                     if (c == 0) {
+                        if (inc_copies[2 * L + l] == 0)
+                            continue; /* not counted: the budget cannot pay it */
                         rg = inc_copies[2 * L + l] - 1;
                         rslots = inc_copies[3 * L + l];
                         rn = inc_copies[5 * L + l];
@@ -433,6 +537,8 @@ static eplb_status incremental(const eplb_next_request *req, int32_t *phy2log, i
     else if (rep->layers_from_scratch || rep->layers_node_repaired)
         snprintf(rep->reason, sizeof rep->reason, "%s to reach the target %.4f", took, target);
 out:
+    eplb_free(cbound.head);
+    eplb_free(cbound.shared);
     eplb_free(m.old_gpu);
     eplb_free(fix_row);
     eplb_free(fix_cnt);

@@ -61,4 +61,13 @@ eplb_status eplb_next_placement(const eplb_next_request *req, int32_t *phy2log, 
 void eplb_next_copies(uint32_t num_physical, uint32_t num_gpus, uint32_t gpus_per_node, uint32_t num_logical,
                       const int32_t *old_row, const int32_t *new_row, uint64_t *cross_gpu, uint64_t *cross_node);
 
+/* A lower bound of the copies (so of the slots rewritten) that new_row
+ * ([P]) needs from old_row under any relabelling of its GPUs, as
+ * eplb_plan_reassign_gpus chooses one: per GPU, its distinct experts minus
+ * the most any old GPU holds of them.  O(P).  0 (still a bound) when the
+ * shape is not one or on allocation failure.  eplb_next skips relabelling
+ * a fallback row whose bound the budget cannot pay. */
+uint64_t eplb_next_copies_lower_bound(uint32_t num_physical, uint32_t num_gpus, uint32_t num_logical,
+                                      const int32_t *old_row, const int32_t *new_row);
+
 #endif

@@ -14,6 +14,7 @@
 #include "eplb_alloc.h"
 #include "eplb_incremental.h"
 #include "eplb_next.h"
+#include "eplb_plan.h"
 #include "eplb_policy.h"
 
 static uint64_t rng_state;
@@ -822,7 +823,7 @@ static void layer_max(const eplb_policy_shape *s, const int64_t *load, const int
  * "Two threads"): random global shapes of 2-40 layers, targets, no target,
  * link costs, an initial_row; with a small compute bound (max_work) the two
  * threads pass it and redo the loop on one, which must not show either. */
-static uint32_t two_threads_case(uint64_t max_work) {
+static uint32_t two_threads_case(uint64_t max_work, uint32_t log_cap, bool thread_fails, bool *undone) {
     const uint32_t nodes = 1 + rnd_below(2), gpus = nodes * (1 + rnd_below(8)), S = 1 + rnd_below(6);
     const uint32_t P = gpus * S, N = P / 2 + 1 + rnd_below(P - P / 2);
     const eplb_policy_shape s = { .num_layers = 2 + rnd_below(39), .num_logical = N, .num_physical = P,
@@ -852,6 +853,7 @@ static uint32_t two_threads_case(uint64_t max_work) {
         .layer_floor = kind == 1 ? NULL : floor_, .reference_cnt = kind == 2 ? NULL : ref_cnt,
         .cost_intra_node = 1, .cost_cross_node = 1 + rnd_below(8), .max_work = max_work,
         .initial_row = rnd_below(2) ? c.cur : NULL,
+        .test = { .log_cap = log_cap, .thread_fails = thread_fails },
     };
     int32_t *row[2], *cnt[2];
     eplb_incremental_stats st[2];
@@ -875,6 +877,13 @@ static uint32_t two_threads_case(uint64_t max_work) {
     cr_assert_eq(st[0].work_exhausted, st[1].work_exhausted);
     cr_assert(st[0].total_max == st[1].total_max, "total %.17g against %.17g", st[0].total_max, st[1].total_max);
     cr_assert_eq(st[0].threads, 1);
+    cr_assert(!st[0].threads_undone);
+    if (thread_fails) /* no helper: the loop on one thread, from the start */
+        cr_assert(st[1].threads == 1 && !st[1].threads_undone);
+    if (st[1].threads_undone)
+        cr_assert_eq(st[1].threads, 1);
+    if (undone)
+        *undone = st[1].threads_undone;
     if (st[1].threads == 1) /* the two threads were undone (or had nothing to do): the loop's own count */
         cr_assert_eq(st[0].work, st[1].work);
     const uint32_t threads = st[1].threads;
@@ -894,7 +903,7 @@ Test(incremental, two_threads_give_the_same_answer) {
     rng_state = 0x2b2b;
     int two = 0;
     for (int k = 0; k < 400; k++)
-        two += two_threads_case(0) == 2;
+        two += two_threads_case(0, 0, false, NULL) == 2;
     cr_assert_gt(two, 300, "the two-thread search finished in %d of 400 cases", two); /* the rest: at target */
 }
 
@@ -902,11 +911,33 @@ Test(incremental, two_threads_past_the_compute_bound_give_the_same_answer) {
     rng_state = 0x3c3c;
     int one = 0, two = 0;
     for (int k = 0; k < 200; k++) {
-        const uint32_t t = two_threads_case(2000 + rnd_below(60000));
+        const uint32_t t = two_threads_case(2000 + rnd_below(60000), 0, false, NULL);
         one += t == 1;
         two += t == 2;
     }
     cr_assert(one > 10 && two > 10, "undone in %d, finished in %d of 200 cases", one, two);
+}
+
+/* A log that fills (each side's capped at 1-40 changes): the search is
+ * undone and the loop runs again on one thread, with its answer; a log
+ * large enough for the call's changes still finishes on two. */
+Test(incremental, two_threads_with_a_full_log_give_the_same_answer) {
+    rng_state = 0x5e5e;
+    int undone = 0, two = 0;
+    for (int k = 0; k < 200; k++) {
+        bool u;
+        two += two_threads_case(0, 1 + rnd_below(40), false, &u) == 2;
+        undone += u;
+    }
+    cr_assert(undone > 50 && two > 10, "undone in %d, finished in %d of 200 cases", undone, two);
+}
+
+/* No helper thread (pthread_create failing, as at the process's thread
+ * limit): the one-thread answer. */
+Test(incremental, two_threads_without_a_thread_give_the_same_answer) {
+    rng_state = 0x6f6f;
+    for (int k = 0; k < 100; k++)
+        cr_assert_eq(two_threads_case(0, 0, true, NULL), 1);
 }
 
 /* An allocation that fails anywhere in a two-thread call: out of memory
@@ -953,4 +984,106 @@ Test(incremental, two_threads_out_of_memory) {
         fell_back += st.threads == 1;
     }
     cr_assert_gt(fell_back, 3); /* the two-thread search's own allocations */
+}
+
+/* ---- the fallback's copy bound (eplb_next_copies_lower_bound) -------------- */
+
+/* Random rows: the bound is at most the copies of the row relabelled as
+ * eplb_plan_reassign_gpus does, as it is, and under a random relabelling
+ * of its GPUs. */
+Test(incremental, copies_lower_bound_holds_under_every_relabelling) {
+    rng_state = 0x7a7a;
+    int tight = 0;
+    for (int k = 0; k < 2000; k++) {
+        const uint32_t G = 1 + rnd_below(8), S = 1 + rnd_below(6), P = G * S, N = 1 + rnd_below(P);
+        int32_t old[48], row[48], perm[48];
+        for (uint32_t i = 0; i < P; i++) {
+            old[i] = rnd_below(10) == 0 ? -1 : (int32_t)rnd_below(N);
+            row[i] = rnd_below(10) == 0 ? -1 : (int32_t)rnd_below(N);
+        }
+        const uint64_t lb = eplb_next_copies_lower_bound(P, G, N, old, row);
+        uint64_t gpu, node;
+        eplb_next_copies(P, G, G, N, old, row, &gpu, &node);
+        cr_assert_leq(lb, gpu, "as it is: %llu > %llu", (unsigned long long)lb, (unsigned long long)gpu);
+        uint32_t h[8];
+        for (uint32_t g = 0; g < G; g++)
+            h[g] = g;
+        for (uint32_t g = G; g-- > 1;) {
+            const uint32_t j = rnd_below(g + 1), t = h[g];
+            h[g] = h[j];
+            h[j] = t;
+        }
+        for (uint32_t g = 0; g < G; g++)
+            memcpy(perm + h[g] * S, row + g * S, S * sizeof *row);
+        eplb_next_copies(P, G, G, N, old, perm, &gpu, &node);
+        cr_assert_leq(lb, gpu, "relabelled");
+        cr_assert_eq(eplb_next_copies_lower_bound(P, G, N, old, perm), lb, "the bound does not see labels");
+        eplb_plan_reassign_gpus(1, P, G, 1, old, row);
+        eplb_next_copies(P, G, G, N, old, row, &gpu, &node);
+        cr_assert_leq(lb, gpu, "reassigned");
+        tight += lb == gpu;
+    }
+    cr_assert_gt(tight, 1000, "the bound met the reassigned copies in %d of 2000 rows", tight);
+}
+
+Test(incremental, copies_lower_bound_golden) {
+    /* GPUs swapped: nothing to copy.  Disjoint experts: every one, once
+     * per GPU (expert 4 twice on GPU 0 is one copy). */
+    const int32_t old[6] = { 0, 1, 2, 3, 5, 5 }, swapped[6] = { 2, 3, 5, 5, 1, 0 };
+    const int32_t fresh[6] = { 4, 4, 6, 7, 8, 6 }, some[6] = { 0, 6, 2, 7, 3, 8 };
+    cr_assert_eq(eplb_next_copies_lower_bound(6, 3, 9, old, swapped), 0);
+    cr_assert_eq(eplb_next_copies_lower_bound(6, 3, 9, old, fresh), 5);
+    /* GPU 0 {0, 6}: shares 0 with old GPU 0, pays 1; {2, 7}: 1; {3, 8}: 1. */
+    cr_assert_eq(eplb_next_copies_lower_bound(6, 3, 9, old, some), 3);
+    cr_assert_eq(eplb_next_copies_lower_bound(6, 4, 9, old, some), 0, "not a shape: 0, still a bound");
+}
+
+/* Under a slot budget the fallback takes the from-scratch row when the
+ * budget pays exactly its slots, and not one slot less: the bound that
+ * skips its relabelling (eplb_next.c) must not skip a row the budget pays. */
+Test(incremental, fallback_under_a_budget_that_pays_it_exactly) {
+    rng_state = 0x8b8b;
+    int taken = 0;
+    for (int k = 0; k < 600; k++) {
+        const uint32_t G = 2 + rnd_below(7), S = 1 + rnd_below(5), P = G * S, N = P / 2 + 1 + rnd_below(P - P / 2);
+        const eplb_policy_shape s = { .num_layers = 1, .num_logical = N, .num_physical = P, .num_groups = 1,
+                                      .num_nodes = 1, .num_gpus = G };
+        int64_t old[40], load[40];
+        for (uint32_t e = 0; e < N; e++) {
+            old[e] = (int64_t)(1e6 / pow(1.0 + (double)rnd_below(N), 1.1));
+            load[e] = (int64_t)(1e6 / pow(1.0 + (double)rnd_below(N), 1.1));
+        }
+        int32_t cur[40], cur_cnt[40], ref[40], ref_cnt[40], out[40], cnt[40];
+        cr_assert_eq(eplb_policy_rebalance(&s, old, cur, cur_cnt, NULL), EPLB_OK);
+        cr_assert_eq(eplb_policy_rebalance(&s, load, ref, ref_cnt, NULL), EPLB_OK);
+        /* The reference's slots as eplb_next orders its row. */
+        eplb_plan_reassign_gpus(1, P, G, 1, cur, ref);
+        eplb_policy_preserve_slots(1, P, G, cur, ref);
+        uint64_t slots = 0;
+        for (uint32_t i = 0; i < P; i++)
+            slots += ref[i] != cur[i];
+        if (slots == 0)
+            continue;
+        for (int less = 0; less < 2; less++) {
+            eplb_next_request req = { .shape = s, .cur_phy2log = cur, .cur_logcnt = cur_cnt, .logical_load = load };
+            req.knobs.policy = EPLB_POLICY_INCREMENTAL;
+            req.knobs.target_balancedness = 1.0;
+            req.knobs.max_slots_moved = slots - (uint64_t)less;
+            if (req.knobs.max_slots_moved == 0)
+                continue;
+            eplb_next_report rep;
+            eplb_error err;
+            cr_assert_eq(eplb_next_placement(&req, out, cnt, NULL, NULL, &rep, &err), EPLB_OK, "%s", err.msg);
+            cr_assert_leq(rep.slots_moved, req.knobs.max_slots_moved);
+            if (less)
+                cr_assert_eq(rep.layers_from_scratch, 0, "one slot short of the row, it took it");
+            else if (rep.layers_from_scratch == 1)
+                taken++;
+            else
+                cr_assert_geq(rep.balancedness_after, rep.balancedness_reference * (1 - 1e-12),
+                              "the budget paid the from-scratch row (%llu slots), better than the answer",
+                              (unsigned long long)slots);
+        }
+    }
+    cr_assert_gt(taken, 100, "the from-scratch row taken in %d cases", taken);
 }
