@@ -3,7 +3,8 @@
 #   build/        the plain tree: every suite (tests/run.sh)
 #   build-asan/   EPLB_SANITIZE=address,undefined: the unit and integration
 #                 suites again
-#   build-tsan/   EPLB_SANITIZE=thread: eplbd, under the integration suites
+#   build-tsan/   EPLB_SANITIZE=thread: eplbd, under the integration suites, and
+#                 two_threads_driver (the two-thread search's random cases)
 #   build-fuzz/   EPLB_FUZZ (clang-14): one libFuzzer target per RPC, each
 #                 run for EPLB_FUZZ_SECONDS (default 20)
 # Each tree is configured once and builds only what its suites run; every
@@ -65,7 +66,7 @@ if want asan; then
 fi
 if want tsan; then
     step "configure build-tsan" configure "$tsan" -DEPLB_SANITIZE=thread -DEPLB_BUILD_TESTS=OFF -DEPLB_HIP=OFF -DEPLB_CUDA=OFF
-    step "build build-tsan" cmake --build "$tsan" -j "$jobs" --target eplbd
+    step "build build-tsan" cmake --build "$tsan" -j "$jobs" --target eplbd two_threads_driver
     args+=(--tsan "$tsan")
 fi
 if want fuzz; then

@@ -563,9 +563,10 @@ fi
 # ---- TSan ------------------------------------------------------------------------------
 # Criterion cannot run under TSan (its boxfort arena is mapped where TSan's
 # shadow lives: Snaipe/Criterion#274), and the one unit test that starts a
-# thread (test_incremental's two-thread search) gets its TSan run through
-# eplbd: test_policy_rpc's incremental_at_deepseek_v3_size makes eplbd
-# search on two threads.  So the plain tree's integration binaries run with
+# thread (test_incremental's two-thread search) gets its TSan runs through
+# eplbd (test_policy_rpc's incremental_at_deepseek_v3_size makes eplbd
+# search on two threads) and through tests/tsan/two_threads_driver, the
+# same random comparisons without Criterion.  So the plain tree's integration binaries run with
 # the TSan tree's eplbd swapped in (EPLBD_WRAPPER), and the Python client
 # runs against it.  Races inside uninstrumented gRPC/abseil are suppressed
 # by tests/tsan.supp, each line explained there.
@@ -589,6 +590,8 @@ if [ -n "$tsan" ] && want tsan; then
     count_reports "engine-executed rebalances, 4 gloo ranks (tsan eplbd)"
     load_suite "concurrent Rebalance calls (tsan eplbd)" "$tsan/eplbd"
     count_reports "concurrent Rebalance calls (tsan eplbd)"
+    python_suite "two-thread search, random cases (tsan)" "$root/tests/tsan/test_two_threads.py" "$tsan"
+    count_reports "two-thread search, random cases (tsan)"
     unset TSAN_OPTIONS
     reports_end
 fi

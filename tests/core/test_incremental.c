@@ -16,6 +16,7 @@
 #include "eplb_next.h"
 #include "eplb_plan.h"
 #include "eplb_policy.h"
+#include "two_threads_case.h"
 
 static uint64_t rng_state;
 static uint64_t rnd(void) {
@@ -801,102 +802,15 @@ Test(incremental, splits_of_an_expert_with_thousands_of_replicas, .timeout = 120
 
 /* ---- two threads ---------------------------------------------------------- */
 
-/* Per layer, the max GPU load of row with counts cnt: the from-scratch
- * floors eplb_next gives the search. */
-static void layer_max(const eplb_policy_shape *s, const int64_t *load, const int32_t *row, const int32_t *cnt,
-                      double *out) {
-    const uint32_t N = s->num_logical, P = s->num_physical, S = P / s->num_gpus;
-    for (uint32_t l = 0; l < s->num_layers; l++) {
-        out[l] = 0;
-        for (uint32_t g = 0; g < s->num_gpus; g++) {
-            double sum = 0;
-            for (uint32_t i = g * S; i < (g + 1) * S; i++) {
-                const int32_t e = row[(size_t)l * P + i];
-                sum += (double)load[(size_t)l * N + e] / cnt[(size_t)l * N + e];
-            }
-            out[l] = sum > out[l] ? sum : out[l];
-        }
-    }
-}
-
 /* The answer with a second thread is the loop's on one (eplb_incremental.c,
- * "Two threads"): random global shapes of 2-40 layers, targets, no target,
- * link costs, an initial_row; with a small compute bound (max_work) the two
- * threads pass it and redo the loop on one, which must not show either. */
+ * "Two threads"): two_threads_case.h's random cases. */
 static uint32_t two_threads_case(uint64_t max_work, uint32_t log_cap, bool thread_fails, bool *undone) {
-    const uint32_t nodes = 1 + rnd_below(2), gpus = nodes * (1 + rnd_below(8)), S = 1 + rnd_below(6);
-    const uint32_t P = gpus * S, N = P / 2 + 1 + rnd_below(P - P / 2);
-    const eplb_policy_shape s = { .num_layers = 2 + rnd_below(39), .num_logical = N, .num_physical = P,
-                                  .num_groups = 1, .num_nodes = nodes, .num_gpus = gpus };
-    const uint32_t L = s.num_layers;
-    random_case c = { .s = s };
-    c.load = malloc((size_t)L * N * sizeof *c.load);
-    c.cur = malloc((size_t)L * P * sizeof *c.cur);
-    c.cur_cnt = malloc((size_t)L * N * sizeof *c.cur_cnt);
-    int64_t *old = malloc((size_t)L * N * sizeof *old);
-    for (size_t i = 0; i < (size_t)L * N; i++) {
-        old[i] = (int64_t)(1e6 / pow(1.0 + (double)rnd_below(N), 1.1));
-        c.load[i] = rnd_below(8) == 0 ? 0 : (int64_t)(1e6 / pow(1.0 + (double)rnd_below(N), 1.1));
-    }
-    cr_assert_eq(eplb_policy_rebalance(&s, old, c.cur, c.cur_cnt, NULL), EPLB_OK);
-    int32_t *ref = malloc((size_t)L * P * sizeof *ref), *ref_cnt = malloc((size_t)L * N * sizeof *ref_cnt);
-    double *floor_ = malloc(L * sizeof *floor_);
-    cr_assert_eq(eplb_policy_rebalance(&s, c.load, ref, ref_cnt, NULL), EPLB_OK);
-    layer_max(&s, c.load, ref, ref_cnt, floor_);
-    double ref_total = 0;
-    for (uint32_t l = 0; l < L; l++)
-        ref_total += floor_[l];
-    const uint32_t kind = rnd_below(4);
-    eplb_incremental_params p = {
-        .shape = s, .logical_load = c.load,
-        .total_target = kind == 0 ? -1 : ref_total / (0.8 + 0.2 * (double)rnd_below(1001) / 1000.0),
-        .layer_floor = kind == 1 ? NULL : floor_, .reference_cnt = kind == 2 ? NULL : ref_cnt,
-        .cost_intra_node = 1, .cost_cross_node = 1 + rnd_below(8), .max_work = max_work,
-        .initial_row = rnd_below(2) ? c.cur : NULL,
-        .test = { .log_cap = log_cap, .thread_fails = thread_fails },
-    };
-    int32_t *row[2], *cnt[2];
-    eplb_incremental_stats st[2];
-    eplb_error err;
-    for (int k = 0; k < 2; k++) {
-        row[k] = malloc((size_t)L * P * sizeof *row[k]);
-        cnt[k] = malloc((size_t)L * N * sizeof *cnt[k]);
-        memcpy(row[k], c.cur, (size_t)L * P * sizeof *row[k]);
-        memcpy(cnt[k], c.cur_cnt, (size_t)L * N * sizeof *cnt[k]);
-        p.threads = 1 + (uint32_t)k;
-        cr_assert_eq(eplb_incremental_rebalance(&p, row[k], cnt[k], &st[k], &err), EPLB_OK, "%s", err.msg);
-    }
-    cr_assert_arr_eq(row[0], row[1], (size_t)L * P * sizeof *row[0], "%u layers x %u slots on %u GPUs", L, P, gpus);
-    cr_assert_arr_eq(cnt[0], cnt[1], (size_t)L * N * sizeof *cnt[0]);
-    cr_assert_eq(st[0].changes, st[1].changes);
-    cr_assert_eq(st[0].splits, st[1].splits);
-    cr_assert_eq(st[0].reverted, st[1].reverted);
-    cr_assert_eq(st[0].slots_moved, st[1].slots_moved);
-    cr_assert_eq(st[0].copies, st[1].copies);
-    cr_assert_eq(st[0].reached, st[1].reached);
-    cr_assert_eq(st[0].work_exhausted, st[1].work_exhausted);
-    cr_assert(st[0].total_max == st[1].total_max, "total %.17g against %.17g", st[0].total_max, st[1].total_max);
-    cr_assert_eq(st[0].threads, 1);
-    cr_assert(!st[0].threads_undone);
-    if (thread_fails) /* no helper: the loop on one thread, from the start */
-        cr_assert(st[1].threads == 1 && !st[1].threads_undone);
-    if (st[1].threads_undone)
-        cr_assert_eq(st[1].threads, 1);
+    tt_result r;
+    cr_assert(two_threads_case_run(&rng_state, max_work, log_cap, thread_fails, &r), "%s", r.msg);
+    cr_assert(r.msg[0] == '\0', "%s", r.msg);
     if (undone)
-        *undone = st[1].threads_undone;
-    if (st[1].threads == 1) /* the two threads were undone (or had nothing to do): the loop's own count */
-        cr_assert_eq(st[0].work, st[1].work);
-    const uint32_t threads = st[1].threads;
-    for (int k = 0; k < 2; k++) {
-        free(row[k]);
-        free(cnt[k]);
-    }
-    free(ref);
-    free(ref_cnt);
-    free(floor_);
-    free(old);
-    random_case_free(&c);
-    return threads;
+        *undone = r.undone;
+    return r.threads;
 }
 
 Test(incremental, two_threads_give_the_same_answer) {

@@ -1,0 +1,149 @@
+/* two_threads_case.h -- one random comparison of POLICY_INCREMENTAL's loop
+ * on two threads against threads = 1 (eplb_incremental.c, "Two threads"),
+ * shared by test_incremental (Criterion, plain and ASan trees) and
+ * tests/tsan/two_threads_driver.c (no Criterion: it runs under TSan).
+ *
+ * A random global shape of 2-40 layers, a target or none, link costs, an
+ * initial_row or none; max_work, log_cap and thread_fails reach the
+ * fallbacks (the compute bound passed, a log full, no helper thread).  The
+ * answer, counts and stats but the work must be equal; with threads_undone
+ * or one thread, the work too. */
+#ifndef TWO_THREADS_CASE_H
+#define TWO_THREADS_CASE_H
+
+#include <math.h>
+#include <stdbool.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "eplb_incremental.h"
+#include "eplb_policy.h"
+
+static uint64_t tt_rnd(uint64_t *state) {
+    uint64_t z = (*state += 0x9E3779B97F4A7C15ull);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+static uint32_t tt_below(uint64_t *state, uint32_t n) { return (uint32_t)(tt_rnd(state) % n); }
+
+/* Per layer, the max GPU load of row with counts cnt: the from-scratch
+ * floors eplb_next gives the search. */
+static void tt_layer_max(const eplb_policy_shape *s, const int64_t *load, const int32_t *row, const int32_t *cnt,
+                         double *out) {
+    const uint32_t N = s->num_logical, P = s->num_physical, S = P / s->num_gpus;
+    for (uint32_t l = 0; l < s->num_layers; l++) {
+        out[l] = 0;
+        for (uint32_t g = 0; g < s->num_gpus; g++) {
+            double sum = 0;
+            for (uint32_t i = g * S; i < (g + 1) * S; i++) {
+                const int32_t e = row[(size_t)l * P + i];
+                sum += (double)load[(size_t)l * N + e] / cnt[(size_t)l * N + e];
+            }
+            out[l] = sum > out[l] ? sum : out[l];
+        }
+    }
+}
+
+typedef struct tt_result {
+    uint32_t threads;    /* the second call's stats.threads */
+    bool undone;         /* its threads_undone */
+    char msg[256];       /* what differed; empty when nothing did */
+} tt_result;
+
+/* false: out of memory or a call failed (msg says which). */
+static bool two_threads_case_run(uint64_t *rng, uint64_t max_work, uint32_t log_cap, bool thread_fails,
+                                 tt_result *res) {
+    res->msg[0] = '\0';
+    res->threads = 0;
+    res->undone = false;
+    const uint32_t nodes = 1 + tt_below(rng, 2), gpus = nodes * (1 + tt_below(rng, 8)), S = 1 + tt_below(rng, 6);
+    const uint32_t P = gpus * S, N = P / 2 + 1 + tt_below(rng, P - P / 2);
+    const eplb_policy_shape s = { .num_layers = 2 + tt_below(rng, 39), .num_logical = N, .num_physical = P,
+                                  .num_groups = 1, .num_nodes = nodes, .num_gpus = gpus };
+    const uint32_t L = s.num_layers;
+    const size_t ln = (size_t)L * N, lp = (size_t)L * P;
+    int64_t *load = malloc(ln * sizeof *load), *old = malloc(ln * sizeof *old);
+    int32_t *cur = malloc(lp * sizeof *cur), *ref = malloc(lp * sizeof *ref);
+    int32_t *cur_cnt = malloc(ln * sizeof *cur_cnt), *ref_cnt = malloc(ln * sizeof *ref_cnt);
+    int32_t *row[2] = { malloc(lp * sizeof(int32_t)), malloc(lp * sizeof(int32_t)) };
+    int32_t *cnt[2] = { malloc(ln * sizeof(int32_t)), malloc(ln * sizeof(int32_t)) };
+    double *floor_ = malloc(L * sizeof *floor_);
+    bool ok = false;
+    if (!load || !old || !cur || !ref || !cur_cnt || !ref_cnt || !row[0] || !row[1] || !cnt[0] || !cnt[1] ||
+        !floor_) {
+        snprintf(res->msg, sizeof res->msg, "out of memory");
+        goto out;
+    }
+    for (size_t i = 0; i < ln; i++) {
+        old[i] = (int64_t)(1e6 / pow(1.0 + (double)tt_below(rng, N), 1.1));
+        load[i] = tt_below(rng, 8) == 0 ? 0 : (int64_t)(1e6 / pow(1.0 + (double)tt_below(rng, N), 1.1));
+    }
+    if (eplb_policy_rebalance(&s, old, cur, cur_cnt, NULL) != EPLB_OK ||
+        eplb_policy_rebalance(&s, load, ref, ref_cnt, NULL) != EPLB_OK) {
+        snprintf(res->msg, sizeof res->msg, "eplb_policy_rebalance failed");
+        goto out;
+    }
+    tt_layer_max(&s, load, ref, ref_cnt, floor_);
+    double ref_total = 0;
+    for (uint32_t l = 0; l < L; l++)
+        ref_total += floor_[l];
+    const uint32_t kind = tt_below(rng, 4);
+    eplb_incremental_params p = {
+        .shape = s, .logical_load = load,
+        .total_target = kind == 0 ? -1 : ref_total / (0.8 + 0.2 * (double)tt_below(rng, 1001) / 1000.0),
+        .layer_floor = kind == 1 ? NULL : floor_, .reference_cnt = kind == 2 ? NULL : ref_cnt,
+        .cost_intra_node = 1, .cost_cross_node = 1 + tt_below(rng, 8), .max_work = max_work,
+        .initial_row = tt_below(rng, 2) ? cur : NULL,
+        .test = { .log_cap = log_cap, .thread_fails = thread_fails },
+    };
+    eplb_incremental_stats st[2];
+    for (int k = 0; k < 2; k++) {
+        eplb_error err;
+        memcpy(row[k], cur, lp * sizeof *cur);
+        memcpy(cnt[k], cur_cnt, ln * sizeof *cur_cnt);
+        p.threads = 1 + (uint32_t)k;
+        if (eplb_incremental_rebalance(&p, row[k], cnt[k], &st[k], &err) != EPLB_OK) {
+            snprintf(res->msg, sizeof res->msg, "threads = %d: %s", k + 1, err.msg);
+            goto out;
+        }
+    }
+    ok = true;
+    res->threads = st[1].threads;
+    res->undone = st[1].threads_undone;
+    const char *diff = memcmp(row[0], row[1], lp * sizeof *cur) ? "the rows"
+                       : memcmp(cnt[0], cnt[1], ln * sizeof *cur_cnt) ? "the counts"
+                       : st[0].changes != st[1].changes ? "changes"
+                       : st[0].splits != st[1].splits ? "splits"
+                       : st[0].reverted != st[1].reverted ? "reverted"
+                       : st[0].slots_moved != st[1].slots_moved ? "slots_moved"
+                       : st[0].copies != st[1].copies ? "copies"
+                       : st[0].reached != st[1].reached ? "reached"
+                       : st[0].work_exhausted != st[1].work_exhausted ? "work_exhausted"
+                       : !(st[0].total_max == st[1].total_max) ? "total_max"
+                       : st[0].threads != 1 || st[0].threads_undone ? "threads = 1 ran on two"
+                       : thread_fails && (st[1].threads != 1 || st[1].threads_undone) ? "a helper without a thread"
+                       : st[1].threads_undone && st[1].threads != 1 ? "undone, yet on two threads"
+                       : st[1].threads == 1 && st[0].work != st[1].work ? "the work on one thread"
+                       : NULL;
+    if (diff)
+        snprintf(res->msg, sizeof res->msg, "%s differ: %u layers x %u slots on %u GPUs (%u nodes), threads %u%s",
+                 diff, L, P, gpus, nodes, st[1].threads, st[1].threads_undone ? ", undone" : "");
+out:
+    free(load);
+    free(old);
+    free(cur);
+    free(ref);
+    free(cur_cnt);
+    free(ref_cnt);
+    free(row[0]);
+    free(row[1]);
+    free(cnt[0]);
+    free(cnt[1]);
+    free(floor_);
+    return ok;
+}
+
+#endif
