@@ -96,7 +96,7 @@ typedef struct eplb_incremental_params {
      * "Two threads").  A second one runs only on the global path without
      * a budget, for shapes of EPLB_INCREMENTAL_THREAD_MIN slots or more
      * with at most 64 per GPU (past that a search is long, and a call that
-     * reaches the compute bound redoes its loop on one thread), when the
+     * reaches the compute bound is redone on one thread), when the
      * process may run on 2 CPUs or more. */
     uint32_t threads;
     /* Tests only (zero in production): the two-thread search's fallback
@@ -125,7 +125,7 @@ typedef struct eplb_incremental_stats {
     bool work_exhausted;          /* stopped at the compute bound (eplb_incremental.c) */
     uint32_t threads;             /* the loop ran on 2 (the two-thread search finished) or 1 */
     bool threads_undone;          /* the two-thread search ran and was undone (a log full, the compute bound
-                                     passed), and the loop ran again on one thread */
+                                     passed, a layer not valid), and the call ran again on one thread */
     bool budget_exhausted;        /* some layer stopped for the budget */
     uint64_t work;                /* work spent (see max_work) */
 } eplb_incremental_stats;

@@ -1001,3 +1001,48 @@ Test(incremental, fallback_under_a_budget_that_pays_it_exactly) {
     }
     cr_assert_gt(taken, 100, "the from-scratch row taken in %d cases", taken);
 }
+
+/* A layer that is not valid (an expert without a replica, or no source
+ * for one in initial_row) on either thread's side: the two-thread call
+ * refuses it as one thread does, with the same message (the first such
+ * layer) and the same arrays. */
+Test(incremental, two_threads_refuse_bad_layers_as_one_thread) {
+    const eplb_policy_shape s = { .num_layers = 6, .num_logical = 6, .num_physical = 8, .num_groups = 1,
+                                  .num_nodes = 1, .num_gpus = 4 };
+    enum { L = 6, N = 6, P = 8 };
+    int64_t load[L * N];
+    for (uint32_t i = 0; i < L * N; i++)
+        load[i] = 1000 + 997 * (i % 7);
+    int32_t good[P] = { 0, 1, 2, 3, 4, 5, 0, 1 }, bad[P] = { 0, 1, 2, 3, 4, 0, 0, 1 }; /* bad: no expert 5 */
+    const struct { uint32_t bad_layers; bool initial; const char *want; } cases[] = {
+        { 1u << 3, false, "layer 3 has an expert without a replica" },           /* the helper's side */
+        { 1u << 4, false, "layer 4 has an expert without a replica" },           /* the calling thread's */
+        { (1u << 3) | (1u << 4), false, "layer 3 has an expert without a replica" },
+        { 1u << 5, true, "initial_row layer 5 has no replica of expert 5" },
+        { (1u << 2) | (1u << 5), true, "initial_row layer 2 has no replica of expert 5" },
+    };
+    for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+        int32_t row[2][L * P], cnt[2][L * N], initial[L * P];
+        char msg[2][256];
+        for (int t = 0; t < 2; t++) {
+            for (uint32_t l = 0; l < L; l++) {
+                const bool is_bad = !cases[k].initial && (cases[k].bad_layers >> l & 1);
+                memcpy(row[t] + l * P, is_bad ? bad : good, sizeof good);
+                memcpy(initial + l * P, cases[k].initial && (cases[k].bad_layers >> l & 1) ? bad : good, sizeof good);
+            }
+            counts(L, N, P, row[t], cnt[t]);
+            eplb_incremental_params p = { .shape = s, .logical_load = load, .total_target = -1,
+                                          .cost_intra_node = 1, .cost_cross_node = 4, .threads = 1 + (uint32_t)t,
+                                          .initial_row = cases[k].initial ? initial : NULL };
+            eplb_incremental_stats st;
+            eplb_error err;
+            cr_assert_eq(eplb_incremental_rebalance(&p, row[t], cnt[t], &st, &err), EPLB_EINVAL, "case %zu", k);
+            snprintf(msg[t], sizeof msg[t], "%s", err.msg);
+            cr_assert(strstr(msg[t], cases[k].want), "case %zu, threads %d: %s", k, t + 1, msg[t]);
+            cr_assert_eq(st.threads_undone, t == 1, "case %zu: the two threads ran, then one", k);
+        }
+        cr_assert_str_eq(msg[0], msg[1]);
+        cr_assert_arr_eq(row[0], row[1], sizeof row[0], "case %zu", k);
+        cr_assert_arr_eq(cnt[0], cnt[1], sizeof cnt[0], "case %zu", k);
+    }
+}
