@@ -1493,6 +1493,8 @@ typedef struct duo {
     _Atomic bool go;                       /* this thread read the primed layers: the helper may take changes */
     _Atomic uint32_t primed;               /* the helper's layers set up, split and primed: 1, or 2 when one
                                               is not valid (its heap built, its work in work) */
+    _Atomic bool bad;                      /* a side found a layer not valid: the other stops its layers too
+                                              (else a refusal would wait for every split of the other side) */
     _Atomic bool finished;                 /* it published its last entry and touches nothing shared any more */
 } duo;
 
@@ -1501,15 +1503,29 @@ static void pause_a_moment(uint32_t *spins) {
         sched_yield();
 }
 
+/* One side's layers (from first, every other one) set up; false when one
+ * is not valid here (bad is then set) or on the other side (bad set). */
+static bool side_layers(ctx *c, layer_state *ls, uint32_t first, uint32_t layers, const layer_arena *ar,
+                        _Atomic bool *bad) {
+    for (uint32_t l = first; l < layers; l += 2) {
+        if (atomic_load_explicit(bad, memory_order_relaxed))
+            return false;
+        if (layer_init(c, &ls[l], l, ar, NULL) != EPLB_OK) {
+            atomic_store_explicit(bad, true, memory_order_relaxed);
+            return false;
+        }
+    }
+    return true;
+}
+
 static void *helper_main(void *arg) {
     duo *d = arg;
     side *sd = &d->b;
     ctx *c = sd->c;
-    bool valid = true;
     /* The odd layers, as the calling thread does the even ones. */
-    for (uint32_t l = 1; l < d->layers && valid; l += 2)
-        valid = layer_init(c, &sd->ls[l], l, d->ar, NULL) == EPLB_OK;
-    for (uint32_t l = 1; l < d->layers && valid; l += 2) {
+    bool valid = side_layers(c, sd->ls, 1, d->layers, d->ar, &d->bad);
+    for (uint32_t l = 1; l < d->layers && (valid = valid && !atomic_load_explicit(&d->bad, memory_order_relaxed));
+         l += 2) {
         layer_split(c, &sd->ls[l], l, d->ar, &d->st);
         prime(c, &sd->ls[l]);
         if (!sd->ls[l].done)
@@ -1602,6 +1618,7 @@ static int search_two_threads(ctx *c, layer_state *ls, const layer_arena *ar, do
     atomic_init(&d->stop, false);
     atomic_init(&d->go, false);
     atomic_init(&d->primed, 0);
+    atomic_init(&d->bad, false);
     atomic_init(&d->finished, false);
     /* Started first: its start (up to hundreds of microseconds when the
      * other vCPU is idle) overlaps this thread's layers. */
@@ -1610,10 +1627,8 @@ static int search_two_threads(ctx *c, layer_state *ls, const layer_arena *ar, do
         goto out;
     pthread_detach(helper);
     started = ran_threads = true;
-    bool valid = true;
-    for (uint32_t l = 0; l < Lyr && valid; l += 2)
-        valid = layer_init(c, &ls[l], l, ar, NULL) == EPLB_OK;
-    for (uint32_t l = 0; l < Lyr && valid; l += 2) {
+    bool valid = side_layers(c, ls, 0, Lyr, ar, &d->bad);
+    for (uint32_t l = 0; l < Lyr && (valid = valid && !atomic_load_explicit(&d->bad, memory_order_relaxed)); l += 2) {
         layer_split(c, &ls[l], l, ar, stats);
         prime(c, &ls[l]);
         if (!ls[l].done)
@@ -1897,7 +1912,8 @@ eplb_status eplb_incremental_rebalance(const eplb_incremental_params *p, int32_t
         memcpy(input, phy2log, (size_t)Lyr * P * sizeof *input);
         memcpy(input + (size_t)Lyr * P, logcnt, (size_t)Lyr * N * sizeof *input);
         bool redo = false, undone = false;
-        st = rebalance_run(p, phy2log, logcnt, stats, true, &redo, &undone, err);
+        eplb_error two_err; /* not the caller's: a failure here is redone, and the redo's is the answer */
+        st = rebalance_run(p, phy2log, logcnt, stats, true, &redo, &undone, &two_err);
         if (st == EPLB_OK && !redo) {
             eplb_free(input);
             return EPLB_OK;

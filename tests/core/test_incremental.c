@@ -804,13 +804,18 @@ Test(incremental, splits_of_an_expert_with_thousands_of_replicas, .timeout = 120
 
 /* The answer with a second thread is the loop's on one (eplb_incremental.c,
  * "Two threads"): two_threads_case.h's random cases. */
-static uint32_t two_threads_case(uint64_t max_work, uint32_t log_cap, bool thread_fails, bool *undone) {
+static uint32_t two_threads_case_with(const tt_options *o, bool *undone) {
     tt_result r;
-    cr_assert(two_threads_case_run(&rng_state, max_work, log_cap, thread_fails, &r), "%s", r.msg);
+    cr_assert(two_threads_case_run(&rng_state, o, &r), "%s", r.msg);
     cr_assert(r.msg[0] == '\0', "%s", r.msg);
     if (undone)
         *undone = r.undone;
     return r.threads;
+}
+
+static uint32_t two_threads_case(uint64_t max_work, uint32_t log_cap, bool thread_fails, bool *undone) {
+    const tt_options o = { .max_work = max_work, .log_cap = log_cap, .thread_fails = thread_fails };
+    return two_threads_case_with(&o, undone);
 }
 
 Test(incremental, two_threads_give_the_same_answer) {
@@ -854,6 +859,37 @@ Test(incremental, two_threads_without_a_thread_give_the_same_answer) {
         cr_assert_eq(two_threads_case(0, 0, true, NULL), 1);
 }
 
+/* The compute bound at the one-thread call's own work W, W - 2 .. W + 2:
+ * where one thread stops one change short or just finishes, two threads
+ * finish with its answer or are redone. */
+Test(incremental, two_threads_at_the_edge_of_the_compute_bound) {
+    rng_state = 0x9c9c;
+    const tt_options o = { .near_bound = true };
+    int one = 0, two = 0;
+    for (int k = 0; k < 300; k++) {
+        const uint32_t t = two_threads_case_with(&o, NULL);
+        one += t == 1;
+        two += t == 2;
+    }
+    cr_assert(one > 20 && two > 20, "redone in %d, finished in %d of 300 cases", one, two);
+}
+
+/* A layer not valid, on a random side (its row, or its initial_row): the
+ * two-thread call refuses it as one thread does (same message, arrays). */
+Test(incremental, two_threads_refuse_random_bad_layers_as_one_thread) {
+    rng_state = 0xadad;
+    for (int bad = 1; bad <= 2; bad++) {
+        const tt_options o = { .bad = bad };
+        int undone = 0;
+        for (int k = 0; k < 150; k++) {
+            bool u;
+            two_threads_case_with(&o, &u);
+            undone += u;
+        }
+        cr_assert_gt(undone, 120, "bad %d: undone in %d of 150 cases", bad, undone);
+    }
+}
+
 /* An allocation that fails anywhere in a two-thread call: out of memory
  * with nothing changed, or (inside the two-thread search) the one-thread
  * answer. */
@@ -882,9 +918,12 @@ Test(incremental, two_threads_out_of_memory) {
     for (long k = 1;; k++) {
         memcpy(row, cur, sizeof cur);
         memcpy(cnt, cur_cnt, sizeof cur_cnt);
+        snprintf(err.msg, sizeof err.msg, "untouched");
         eplb_alloc_fail_at(k, 0);
         const eplb_status r = eplb_incremental_rebalance(&p, row, cnt, &st, &err);
         const long made = eplb_alloc_fail_at(0, 0);
+        if (r == EPLB_OK) /* a failure the one-thread run recovered from leaves no message */
+            cr_assert_str_eq(err.msg, "untouched", "allocation %ld", k);
         if (r == EPLB_ENOMEM) {
             cr_assert_arr_eq(row, cur, sizeof cur, "allocation %ld", k);
             cr_assert_arr_eq(cnt, cur_cnt, sizeof cnt);

@@ -4,10 +4,10 @@
  * tests/tsan/two_threads_driver.c (no Criterion: it runs under TSan).
  *
  * A random global shape of 2-40 layers, a target or none, link costs, an
- * initial_row or none; max_work, log_cap and thread_fails reach the
- * fallbacks (the compute bound passed, a log full, no helper thread).  The
- * answer, counts and stats but the work must be equal; with threads_undone
- * or one thread, the work too. */
+ * initial_row or none; tt_options reach the fallbacks (the compute bound
+ * passed, a log full, no helper thread, a layer not valid).  The answer,
+ * counts and stats but the work must be equal; with threads_undone or one
+ * thread, the work too. */
 #ifndef TWO_THREADS_CASE_H
 #define TWO_THREADS_CASE_H
 
@@ -47,6 +47,14 @@ static void tt_layer_max(const eplb_policy_shape *s, const int64_t *load, const 
     }
 }
 
+typedef struct tt_options {
+    uint64_t max_work;   /* the compute bound (0: the default) */
+    bool near_bound;     /* max_work = W - 2 .. W + 2, W the one-thread call's work without a bound */
+    uint32_t log_cap;    /* each side's log (0: as computed) */
+    bool thread_fails;   /* no helper thread */
+    int bad;             /* 1: one layer's row lacks experts, 2: its initial_row does (both must refuse alike) */
+} tt_options;
+
 typedef struct tt_result {
     uint32_t threads;    /* the second call's stats.threads */
     bool undone;         /* its threads_undone */
@@ -54,8 +62,7 @@ typedef struct tt_result {
 } tt_result;
 
 /* false: out of memory or a call failed (msg says which). */
-static bool two_threads_case_run(uint64_t *rng, uint64_t max_work, uint32_t log_cap, bool thread_fails,
-                                 tt_result *res) {
+static bool two_threads_case_run(uint64_t *rng, const tt_options *o, tt_result *res) {
     res->msg[0] = '\0';
     res->threads = 0;
     res->undone = false;
@@ -90,27 +97,68 @@ static bool two_threads_case_run(uint64_t *rng, uint64_t max_work, uint32_t log_
     double ref_total = 0;
     for (uint32_t l = 0; l < L; l++)
         ref_total += floor_[l];
-    const uint32_t kind = tt_below(rng, 4);
+    const uint32_t kind = tt_below(rng, 4), bad_layer = tt_below(rng, L);
+    const bool initial = o->bad == 2 || tt_below(rng, 2);
+    if (o->bad == 1 && N >= 2) /* every slot expert 0: the others have no replica */
+        for (uint32_t i = 0; i < P; i++)
+            cur[(size_t)bad_layer * P + i] = 0;
+    if (o->bad == 2 && N >= 2) /* the plan's sources: the same, in a copy of the row */
+        for (uint32_t i = 0; i < P; i++)
+            ref[(size_t)bad_layer * P + i] = 0; /* ref is free now: the initial_row below */
+    if (o->bad == 2)
+        for (uint32_t l = 0; l < L; l++)
+            if (l != bad_layer || N < 2)
+                memcpy(ref + (size_t)l * P, cur + (size_t)l * P, P * sizeof *cur);
     eplb_incremental_params p = {
         .shape = s, .logical_load = load,
         .total_target = kind == 0 ? -1 : ref_total / (0.8 + 0.2 * (double)tt_below(rng, 1001) / 1000.0),
         .layer_floor = kind == 1 ? NULL : floor_, .reference_cnt = kind == 2 ? NULL : ref_cnt,
-        .cost_intra_node = 1, .cost_cross_node = 1 + tt_below(rng, 8), .max_work = max_work,
-        .initial_row = tt_below(rng, 2) ? cur : NULL,
-        .test = { .log_cap = log_cap, .thread_fails = thread_fails },
+        .cost_intra_node = 1, .cost_cross_node = 1 + tt_below(rng, 8), .max_work = o->max_work,
+        .initial_row = o->bad == 2 ? ref : initial ? cur : NULL,
+        .test = { .log_cap = o->log_cap, .thread_fails = o->thread_fails },
     };
     eplb_incremental_stats st[2];
+    if (o->near_bound) { /* W: the one-thread work without a bound */
+        memcpy(row[0], cur, lp * sizeof *cur);
+        memcpy(cnt[0], cur_cnt, ln * sizeof *cur_cnt);
+        p.threads = 1;
+        p.max_work = 0;
+        if (eplb_incremental_rebalance(&p, row[0], cnt[0], &st[0], NULL) != EPLB_OK) {
+            snprintf(res->msg, sizeof res->msg, "threads = 1 without a bound failed");
+            goto out;
+        }
+        p.max_work = st[0].work + 3 > 3 ? st[0].work + tt_below(rng, 5) - 2 : 1;
+        p.max_work = p.max_work ? p.max_work : 1;
+    }
+    const bool refuse = o->bad && N >= 2;
+    char msgs[2][sizeof ((eplb_error *)0)->msg];
     for (int k = 0; k < 2; k++) {
         eplb_error err;
         memcpy(row[k], cur, lp * sizeof *cur);
         memcpy(cnt[k], cur_cnt, ln * sizeof *cur_cnt);
         p.threads = 1 + (uint32_t)k;
-        if (eplb_incremental_rebalance(&p, row[k], cnt[k], &st[k], &err) != EPLB_OK) {
-            snprintf(res->msg, sizeof res->msg, "threads = %d: %s", k + 1, err.msg);
+        const eplb_status r = eplb_incremental_rebalance(&p, row[k], cnt[k], &st[k], &err);
+        if (r != (refuse ? EPLB_EINVAL : EPLB_OK)) {
+            snprintf(res->msg, sizeof res->msg, "threads = %d: status %d: %s", k + 1, (int)r,
+                     r == EPLB_OK ? "" : err.msg);
             goto out;
         }
+        snprintf(msgs[k], sizeof msgs[k], "%s", refuse ? err.msg : "");
     }
     ok = true;
+    if (refuse) { /* the same refusal, the same arrays; the two threads ran and were undone */
+        const char *diff = strcmp(msgs[0], msgs[1]) ? "the messages"
+                           : memcmp(row[0], row[1], lp * sizeof *cur) ? "the rows"
+                           : memcmp(cnt[0], cnt[1], ln * sizeof *cur_cnt) ? "the counts"
+                           : !o->thread_fails && !st[1].threads_undone ? "threads_undone"
+                           : NULL;
+        res->undone = st[1].threads_undone;
+        res->threads = 1;
+        if (diff)
+            snprintf(res->msg, sizeof res->msg, "%s differ refusing layer %u (%s against %s)", diff, bad_layer,
+                     msgs[0], msgs[1]);
+        goto out;
+    }
     res->threads = st[1].threads;
     res->undone = st[1].threads_undone;
     const char *diff = memcmp(row[0], row[1], lp * sizeof *cur) ? "the rows"
@@ -124,7 +172,7 @@ static bool two_threads_case_run(uint64_t *rng, uint64_t max_work, uint32_t log_
                        : st[0].work_exhausted != st[1].work_exhausted ? "work_exhausted"
                        : !(st[0].total_max == st[1].total_max) ? "total_max"
                        : st[0].threads != 1 || st[0].threads_undone ? "threads = 1 ran on two"
-                       : thread_fails && (st[1].threads != 1 || st[1].threads_undone) ? "a helper without a thread"
+                       : o->thread_fails && (st[1].threads != 1 || st[1].threads_undone) ? "a helper without a thread"
                        : st[1].threads_undone && st[1].threads != 1 ? "undone, yet on two threads"
                        : st[1].threads == 1 && st[0].work != st[1].work ? "the work on one thread"
                        : NULL;

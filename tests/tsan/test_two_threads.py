@@ -46,6 +46,16 @@ class TwoThreads(unittest.TestCase):
         self.assertGreater(two, 50)
         self.assertGreater(undone, 10)
 
+    def test_at_the_edge_of_the_compute_bound(self):
+        two, undone = self.run_mode(150, 0x9c9c, "near")
+        self.assertGreater(two, 10)
+        self.assertGreater(undone, 10)
+
+    def test_bad_layers(self):
+        two, undone = self.run_mode(100, 0xadad, "bad")
+        self.assertLess(two, 10)  # a shape of one expert has no bad layer: compared as usual
+        self.assertGreater(undone, 80)
+
     def test_a_full_log(self):
         two, undone = self.run_mode(200, 0x5e5e, "log")
         self.assertGreater(undone, 40)
