@@ -1272,13 +1272,15 @@ static void ctx_free(ctx *c) {
  * past the stop is undone (untake: every change has an exact inverse,
  * loads are recomputed from the slots).
  *
- * Each side also sets up, splits and primes its own layers (a layer's
- * splits and prime depend on it alone), and the helper is started first,
- * so that its start (up to hundreds of microseconds when the other vCPU
- * is idle: 67 us a call on average at 1 x 32) overlaps this thread's
- * layers; the sum of the layers' max loads is then taken in layer order,
- * as the one-thread loop has it.  It is detached, and this thread waits on
- * its last flag rather than a join (45-70 us a call).
+ * The layers' set-up, splits and prime come first, each layer taken by
+ * whichever thread is free (a layer's depend on it alone: take_layers),
+ * and the helper is started before them: a thread's start took p50 167 us
+ * and p90 1.3 ms on this VM class, so this thread does as many layers as
+ * the helper's start costs.  The sum of the layers' max loads is then
+ * taken in layer order, as the one-thread loop has it.  A helper that has
+ * not arrived by then is not waited for (with threads = 0): the loop runs
+ * on this thread (3 of 90 calls at 1 x 32).  It is detached, and this
+ * thread waits on its last flag rather than a join (45-70 us a call).
  *
  * What differs: the work count (each side searches its own stale tops,
  * and the helper's changes past the stop count too).  If the two sides'
@@ -1478,11 +1480,14 @@ static void layer_split(ctx *c, layer_state *L, uint32_t l, const layer_arena *a
  * a few microseconds of search, and a sleep on a condition variable cost
  * tens of them per change on this VM class (the two threads were slower
  * than one at 1 x 32, t=0.95). */
+enum { HELPER_PENDING, HELPER_ARRIVED, HELPER_CANCELLED };
+
 typedef struct duo {
     side b;                    /* the helper's side: its own until it finishes, but b.log[0, produced) */
     eplb_incremental_stats st; /* its counts */
     const layer_arena *ar;
     uint32_t layers;
+    bool late;                 /* params.test.helper_late: before it arrives the helper reads only d's own fields */
     /* Each on its own cache line: the two threads write them on every change. */
     alignas(64) _Atomic uint32_t produced; /* entries of b.log the helper has published */
     alignas(64) _Atomic uint32_t consumed; /* of them, the ones this thread took: the helper stays TWO_AHEAD
@@ -1490,56 +1495,71 @@ typedef struct duo {
     alignas(64) _Atomic uint64_t work;     /* the helper's ctx's work at its last step */
     alignas(64) _Atomic uint64_t main_work; /* this thread's ctx's work, as of its last step */
     alignas(64) _Atomic bool stop;         /* this thread is done with it (or the two passed the bound) */
-    _Atomic bool go;                       /* this thread read the primed layers: the helper may take changes */
-    _Atomic uint32_t primed;               /* the helper's layers set up, split and primed: 1, or 2 when one
-                                              is not valid (its heap built, its work in work) */
-    _Atomic bool bad;                      /* a side found a layer not valid: the other stops its layers too
-                                              (else a refusal would wait for every split of the other side) */
+    _Atomic bool go;                       /* the heaps are built: the helper may take changes */
     _Atomic bool finished;                 /* it published its last entry and touches nothing shared any more */
+    alignas(64) _Atomic uint32_t next_layer; /* the layers' set-up: the next one to take, either thread */
+    _Atomic uint32_t layers_done;          /* of them, finished (each taken once) */
+    _Atomic bool bad;                      /* a layer not valid: the rest are only counted */
+    _Atomic uint32_t state;                /* HELPER_PENDING until it arrives, or this thread goes on alone */
+    _Atomic uint32_t owners;               /* 2, or 1 without a helper: the last to leave frees this block (a
+                                              cancelled helper may wake after the call) */
 } duo;
+
+static void duo_leave(duo *d) {
+    if (atomic_fetch_sub_explicit(&d->owners, 1, memory_order_acq_rel) == 1)
+        eplb_free(d);
+}
 
 static void pause_a_moment(uint32_t *spins) {
     if (++*spins > 64)
         sched_yield();
 }
 
-/* One side's layers (from first, every other one) set up; false when one
- * is not valid here (bad is then set) or on the other side (bad set). */
-static bool side_layers(ctx *c, layer_state *ls, uint32_t first, uint32_t layers, const layer_arena *ar,
-                        _Atomic bool *bad) {
-    for (uint32_t l = first; l < layers; l += 2) {
-        if (atomic_load_explicit(bad, memory_order_relaxed))
-            return false;
-        if (layer_init(c, &ls[l], l, ar, NULL) != EPLB_OK) {
-            atomic_store_explicit(bad, true, memory_order_relaxed);
-            return false;
+/* The layers' set-up, splits and prime, taken one at a time from
+ * next_layer by either thread (a layer's come out the same on either), so
+ * that neither waits for the other to start: a thread's start took p50
+ * 167 us and p90 1.3 ms on this VM class.  A layer not valid sets bad, and
+ * the rest are only counted.  Publishes the work before each count (the
+ * calling thread reads both after the last). */
+static void take_layers(duo *d, ctx *c, layer_state *ls, eplb_incremental_stats *st, _Atomic uint64_t *work_out) {
+    for (;;) {
+        const uint32_t l = atomic_fetch_add_explicit(&d->next_layer, 1, memory_order_relaxed);
+        if (l >= d->layers)
+            return;
+        if (!atomic_load_explicit(&d->bad, memory_order_relaxed)) {
+            if (layer_init(c, &ls[l], l, d->ar, NULL) != EPLB_OK) {
+                atomic_store_explicit(&d->bad, true, memory_order_relaxed);
+            } else {
+                layer_split(c, &ls[l], l, d->ar, st);
+                prime(c, &ls[l]);
+            }
         }
+        atomic_store_explicit(work_out, c->work, memory_order_relaxed);
+        atomic_fetch_add_explicit(&d->layers_done, 1, memory_order_release);
     }
-    return true;
 }
 
 static void *helper_main(void *arg) {
     duo *d = arg;
+    uint32_t spins = 0;
+    /* Tests: a helper that starts only once the layers are done, racing the
+     * calling thread's decision to go on alone (either wins). */
+    while (d->late && atomic_load_explicit(&d->layers_done, memory_order_acquire) < d->layers &&
+           !atomic_load_explicit(&d->bad, memory_order_relaxed))
+        pause_a_moment(&spins);
+    uint32_t expect = HELPER_PENDING;
+    if (!atomic_compare_exchange_strong_explicit(&d->state, &expect, HELPER_ARRIVED, memory_order_acq_rel,
+                                                 memory_order_acquire)) {
+        duo_leave(d); /* too late: the calling thread went on alone */
+        return NULL;
+    }
     side *sd = &d->b;
     ctx *c = sd->c;
-    /* The odd layers, as the calling thread does the even ones. */
-    bool valid = side_layers(c, sd->ls, 1, d->layers, d->ar, &d->bad);
-    for (uint32_t l = 1; l < d->layers && (valid = valid && !atomic_load_explicit(&d->bad, memory_order_relaxed));
-         l += 2) {
-        layer_split(c, &sd->ls[l], l, d->ar, &d->st);
-        prime(c, &sd->ls[l]);
-        if (!sd->ls[l].done)
-            sd->heap[sd->n++] = l;
-    }
-    for (uint32_t i = sd->n / 2; i-- > 0;)
-        heap_down(sd->ls, sd->heap, sd->n, i);
-    atomic_store_explicit(&d->work, c->work, memory_order_relaxed);
-    atomic_store_explicit(&d->primed, valid ? 1 : 2, memory_order_release);
-    uint32_t spins = 0;
-    while (valid && !atomic_load_explicit(&d->go, memory_order_acquire) &&
-           !atomic_load_explicit(&d->stop, memory_order_relaxed))
+    take_layers(d, c, sd->ls, &d->st, &d->work);
+    spins = 0;
+    while (!atomic_load_explicit(&d->go, memory_order_acquire) && !atomic_load_explicit(&d->stop, memory_order_relaxed))
         pause_a_moment(&spins);
-    for (bool more = valid;;) {
+    for (bool more = atomic_load_explicit(&d->go, memory_order_acquire);;) {
         spins = 0;
         while (more && !atomic_load_explicit(&d->stop, memory_order_relaxed) &&
                sd->nlog - atomic_load_explicit(&d->consumed, memory_order_relaxed) >= TWO_AHEAD)
@@ -1551,8 +1571,9 @@ static void *helper_main(void *arg) {
                side_take(sd, &delta);
         atomic_store_explicit(&d->work, c->work, memory_order_relaxed);
         if (!more) {
-            /* The last thing it does with d: the calling thread may free it then. */
+            /* The last thing it does with the call's state: the calling thread may free it then. */
             atomic_store_explicit(&d->finished, true, memory_order_release);
+            duo_leave(d);
             return NULL;
         }
         atomic_store_explicit(&d->produced, sd->nlog, memory_order_release);
@@ -1565,22 +1586,31 @@ static int cpus_to_run_on(void) {
     return sched_getaffinity(0, sizeof set, &set) == 0 ? CPU_COUNT(&set) : 1;
 }
 
-/* Waits until the helper touches nothing shared any more.  Spinning on its
- * flag, not pthread_join: the thread's exit and the join's wake-up took
- * 45-70 us a call on the 2-core VM class; it is detached. */
-static void await_helper(duo *d) {
+/* Done with the helper: one that has not arrived never will (it only
+ * leaves d); one that has is stopped and waited for, on its last flag
+ * rather than a join (45-70 us a call): it is detached. */
+static void release_helper(duo *d) {
+    uint32_t expect = HELPER_PENDING;
+    if (atomic_compare_exchange_strong_explicit(&d->state, &expect, HELPER_CANCELLED, memory_order_acq_rel,
+                                                memory_order_acquire))
+        return;
+    atomic_store_explicit(&d->stop, true, memory_order_relaxed);
     uint32_t spins = 0;
     while (!atomic_load_explicit(&d->finished, memory_order_acquire))
         pause_a_moment(&spins);
 }
 
 /* The whole search on two threads (eplb_incremental_rebalance's layers
- * set up, split, primed and searched, the even ones here and the odd ones
- * on a helper); *total as the one-thread loop ends with.  TWO_DONE, or the
- * caller restores the input and runs on one thread: TWO_NOT_STARTED (no
- * memory, no thread), TWO_UNDONE (a layer not valid, so that the one-thread
- * run names the first; a log full; the compute bound passed). */
-enum { TWO_DONE, TWO_NOT_STARTED, TWO_UNDONE };
+ * set up, split and primed by whichever thread takes them, then searched,
+ * the even ones here and the odd ones on a helper); *total as the
+ * one-thread loop ends with.  TWO_DONE; TWO_ONE_LOOP: the layers are
+ * primed and *total set, but the helper had not arrived, so the caller
+ * runs the loop on this thread (the same answer, and it waits for no
+ * thread that is slow to start); or the caller restores the input and
+ * runs on one thread: TWO_NOT_STARTED (no memory, no thread), TWO_UNDONE
+ * (a layer not valid, so that the one-thread run names the first; a log
+ * full; the compute bound passed). */
+enum { TWO_DONE, TWO_ONE_LOOP, TWO_NOT_STARTED, TWO_UNDONE };
 
 static int search_two_threads(ctx *c, layer_state *ls, const layer_arena *ar, double *total,
                               eplb_incremental_stats *stats) {
@@ -1596,7 +1626,8 @@ static int search_two_threads(ctx *c, layer_state *ls, const layer_arena *ar, do
     uint32_t *heaps = eplb_malloc((size_t)Lyr * sizeof *heaps);
     took *logs = eplb_malloc(2 * (size_t)cap * sizeof *logs);
     ctx *cb = ctx_new(p, c->N, c->P, c->G, ar->nodes, ar->groups);
-    bool ok = false, started = false, ran_threads = false;
+    int result = TWO_NOT_STARTED;
+    bool started = false;
     if (!d || !eprev || !heaps || !logs || !cb)
         goto out;
     cb->ls = ls;
@@ -1609,6 +1640,7 @@ static int search_two_threads(ctx *c, layer_state *ls, const layer_arena *ar, do
                    .cap = cap, .st = &d->st, .stop = &d->stop };
     d->ar = ar;
     d->layers = Lyr;
+    d->late = p->test.helper_late;
     for (uint32_t l = 0; l < Lyr; l++)
         eprev[l] = eprev[Lyr + l] = INFINITY;
     atomic_init(&d->produced, 0);
@@ -1617,39 +1649,57 @@ static int search_two_threads(ctx *c, layer_state *ls, const layer_arena *ar, do
     atomic_init(&d->main_work, 0);
     atomic_init(&d->stop, false);
     atomic_init(&d->go, false);
-    atomic_init(&d->primed, 0);
-    atomic_init(&d->bad, false);
     atomic_init(&d->finished, false);
-    /* Started first: its start (up to hundreds of microseconds when the
-     * other vCPU is idle) overlaps this thread's layers. */
+    atomic_init(&d->next_layer, 0);
+    atomic_init(&d->layers_done, 0);
+    atomic_init(&d->bad, false);
+    atomic_init(&d->state, HELPER_PENDING);
+    atomic_init(&d->owners, 2);
     pthread_t helper;
-    if (p->test.thread_fails || pthread_create(&helper, NULL, helper_main, d) != 0)
+    if (p->test.thread_fails || pthread_create(&helper, NULL, helper_main, d) != 0) {
+        atomic_store_explicit(&d->owners, 1, memory_order_relaxed);
         goto out;
-    pthread_detach(helper);
-    started = ran_threads = true;
-    bool valid = side_layers(c, ls, 0, Lyr, ar, &d->bad);
-    for (uint32_t l = 0; l < Lyr && (valid = valid && !atomic_load_explicit(&d->bad, memory_order_relaxed)); l += 2) {
-        layer_split(c, &ls[l], l, ar, stats);
-        prime(c, &ls[l]);
-        if (!ls[l].done)
-            a.heap[a.n++] = l;
     }
-    for (uint32_t i = a.n / 2; i-- > 0;)
-        heap_down(ls, a.heap, a.n, i);
-    atomic_store_explicit(&d->main_work, c->work, memory_order_relaxed);
-    uint32_t primed, spins = 0;
-    while ((primed = atomic_load_explicit(&d->primed, memory_order_acquire)) == 0)
+    pthread_detach(helper);
+    started = true;
+    result = TWO_UNDONE;
+    take_layers(d, c, ls, stats, &d->main_work);
+    uint32_t spins = 0; /* every layer is taken: wait for one the helper may be in */
+    while (atomic_load_explicit(&d->layers_done, memory_order_acquire) < Lyr)
         pause_a_moment(&spins);
-    if (!valid || primed != 1 || c->work + atomic_load_explicit(&d->work, memory_order_relaxed) > c->work_max)
+    if (atomic_load_explicit(&d->bad, memory_order_relaxed) ||
+        c->work + atomic_load_explicit(&d->work, memory_order_relaxed) > c->work_max)
         goto out; /* a layer not valid, or the splits passed the bound: one thread redoes it */
     /* The sum in layer order, as the one-thread loop has it. */
     *total = 0;
     for (uint32_t l = 0; l < Lyr; l++)
         *total += ls[l].load[busiest(c, &ls[l])];
     if (at_target(p, *total)) {
-        ok = true; /* the splits were all it took */
+        result = TWO_DONE; /* the splits were all it took */
         goto out;
     }
+    /* Asked for two threads (threads >= 2), wait for the helper; else a
+     * helper that has not arrived yet is not waited for. */
+    spins = 0;
+    while (p->threads >= 2 && !p->test.helper_late &&
+           atomic_load_explicit(&d->state, memory_order_acquire) == HELPER_PENDING)
+        pause_a_moment(&spins);
+    uint32_t expect = HELPER_PENDING;
+    if (atomic_compare_exchange_strong_explicit(&d->state, &expect, HELPER_CANCELLED, memory_order_acq_rel,
+                                                memory_order_acquire)) {
+        started = false; /* it never arrived, and now never will: this thread did every layer */
+        result = TWO_ONE_LOOP;
+        goto out;
+    }
+    for (uint32_t l = 0; l < Lyr; l++)
+        if (!ls[l].done) {
+            side *sd = l % 2 ? &d->b : &a;
+            sd->heap[sd->n++] = l;
+        }
+    for (uint32_t i = a.n / 2; i-- > 0;)
+        heap_down(ls, a.heap, a.n, i);
+    for (uint32_t i = d->b.n / 2; i-- > 0;)
+        heap_down(ls, d->b.heap, d->b.n, i);
     atomic_store_explicit(&d->go, true, memory_order_release);
     uint32_t consumed = 0;
     bool full = false;
@@ -1690,8 +1740,7 @@ static int search_two_threads(ctx *c, layer_state *ls, const layer_arena *ar, do
             atomic_store_explicit(&d->consumed, consumed, memory_order_relaxed);
         }
     }
-    atomic_store_explicit(&d->stop, true, memory_order_relaxed);
-    await_helper(d);
+    release_helper(d);
     started = false;
     if (full || c->work + cb->work > c->work_max)
         goto out;
@@ -1699,28 +1748,28 @@ static int search_two_threads(ctx *c, layer_state *ls, const layer_arena *ar, do
     for (uint32_t i = d->b.nlog; i-- > consumed;)
         untake(c, &ls[d->b.log[i].l], &d->b.log[i], &d->st);
     d->b.nlog = consumed;
-    ok = true;
+    result = TWO_DONE;
 out:
-    if (started) { /* it may still be searching: stop it first */
-        atomic_store_explicit(&d->stop, true, memory_order_relaxed);
-        await_helper(d);
-    }
+    if (started) /* it may still be setting up layers or searching: stop it first */
+        release_helper(d);
     c->work_out = NULL; /* one thread from here */
     c->work_peer = NULL;
-    if (ok) {
+    if (result == TWO_DONE || result == TWO_ONE_LOOP) { /* the helper's layers and changes, if it arrived */
         c->work += cb->work;
         stats->changes += d->st.changes;
         stats->splits += d->st.splits;
         stats->slots_moved += d->st.slots_moved;
         stats->copies += d->st.copies;
-        stats->threads = 2;
+        if (result == TWO_DONE)
+            stats->threads = 2;
     }
     ctx_free(cb);
     eplb_free(logs);
     eplb_free(heaps);
     eplb_free(eprev);
-    eplb_free(d);
-    return ok ? TWO_DONE : ran_threads ? TWO_UNDONE : TWO_NOT_STARTED;
+    if (d)
+        duo_leave(d);
+    return result;
 }
 
 /* The search from a valid input; two: on two threads (search_two_threads),
@@ -1758,7 +1807,11 @@ static eplb_status rebalance_run(const eplb_incremental_params *p, int32_t *phy2
     uint32_t n = 0;
     if (two) {
         const int r = search_two_threads(c, ls, &ar, &total, stats);
-        if (r != TWO_DONE) {
+        if (r == TWO_ONE_LOOP) { /* every layer primed here: the loop below, on this thread */
+            for (uint32_t l = 0; l < Lyr; l++)
+                if (!ls[l].done)
+                    heap[n++] = l;
+        } else if (r != TWO_DONE) {
             *undone = r == TWO_UNDONE;
             *redo = true;
             goto out;

@@ -91,9 +91,11 @@ typedef struct eplb_incremental_params {
      * it); every expert needs a replica in it (EINVAL).  eplb_next passes
      * the current row, which saves a copy of it. */
     const int32_t *initial_row;
-    /* threads (0: as many as pay, at most 2; 1: the calling thread only):
-     * the answer is the same whatever the count (eplb_incremental.c,
-     * "Two threads").  A second one runs only on the global path without
+    /* threads (0: as many as pay, at most 2; 1: the calling thread only;
+     * 2: two, the loop waiting for the second to start): the answer is the
+     * same whatever the count (eplb_incremental.c, "Two threads").  With 0
+     * the loop does not wait for a second thread that has not started by
+     * the time the layers are set up: it runs on one.  A second one runs only on the global path without
      * a budget, for shapes of EPLB_INCREMENTAL_THREAD_MIN slots or more
      * with at most 64 per GPU (past that a search is long, and a call that
      * reaches the compute bound is redone on one thread), when the
@@ -103,10 +105,14 @@ typedef struct eplb_incremental_params {
      * paths, which real shapes rarely reach.  log_cap > 0 caps each side's
      * log of changes at that many (a full log undoes the search and the
      * loop runs on one thread); thread_fails makes creating the helper
-     * fail as pthread_create does at the process's thread limit. */
+     * fail as pthread_create does at the process's thread limit;
+     * helper_late starts the helper's work only once the calling thread has
+     * set up every layer, so that either may win the race to decide whether
+     * the loop runs on two threads or one. */
     struct {
         uint32_t log_cap;
         bool thread_fails;
+        bool helper_late;
     } test;
 } eplb_incremental_params;
 

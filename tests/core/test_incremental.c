@@ -874,6 +874,22 @@ Test(incremental, two_threads_at_the_edge_of_the_compute_bound) {
     cr_assert(one > 20 && two > 20, "redone in %d, finished in %d of 300 cases", one, two);
 }
 
+/* A helper that starts only once the calling thread has set up every
+ * layer (params.test.helper_late), with threads = 2 or 0: the calling
+ * thread runs the loop alone when the helper has not arrived (with 0) or
+ * waits for it (with 2); the answer is the one-thread one either way. */
+Test(incremental, two_threads_with_a_late_helper_give_the_same_answer) {
+    rng_state = 0xbebe;
+    int one = 0, two = 0;
+    for (int k = 0; k < 300; k++) {
+        const tt_options o = { .helper_late = true, .automatic = k % 2 == 0 };
+        const uint32_t t = two_threads_case_with(&o, NULL);
+        one += t == 1;
+        two += t == 2;
+    }
+    cr_assert(one > 20 && two > 20, "one loop in %d, two in %d of 300 cases", one, two);
+}
+
 /* A layer not valid, on a random side (its row, or its initial_row): the
  * two-thread call refuses it as one thread does (same message, arrays). */
 Test(incremental, two_threads_refuse_random_bad_layers_as_one_thread) {

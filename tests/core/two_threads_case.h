@@ -52,6 +52,8 @@ typedef struct tt_options {
     bool near_bound;     /* max_work = W - 2 .. W + 2, W the one-thread call's work without a bound */
     uint32_t log_cap;    /* each side's log (0: as computed) */
     bool thread_fails;   /* no helper thread */
+    bool helper_late;    /* the helper starts once the layers are set up: two threads or one, either may win */
+    bool automatic;      /* threads = 0 for the second call (its loop does not wait for a late helper) */
     int bad;             /* 1: one layer's row lacks experts, 2: its initial_row does (both must refuse alike) */
 } tt_options;
 
@@ -115,7 +117,7 @@ static bool two_threads_case_run(uint64_t *rng, const tt_options *o, tt_result *
         .layer_floor = kind == 1 ? NULL : floor_, .reference_cnt = kind == 2 ? NULL : ref_cnt,
         .cost_intra_node = 1, .cost_cross_node = 1 + tt_below(rng, 8), .max_work = o->max_work,
         .initial_row = o->bad == 2 ? ref : initial ? cur : NULL,
-        .test = { .log_cap = o->log_cap, .thread_fails = o->thread_fails },
+        .test = { .log_cap = o->log_cap, .thread_fails = o->thread_fails, .helper_late = o->helper_late },
     };
     eplb_incremental_stats st[2];
     if (o->near_bound) { /* W: the one-thread work without a bound */
@@ -136,7 +138,7 @@ static bool two_threads_case_run(uint64_t *rng, const tt_options *o, tt_result *
         eplb_error err;
         memcpy(row[k], cur, lp * sizeof *cur);
         memcpy(cnt[k], cur_cnt, ln * sizeof *cur_cnt);
-        p.threads = 1 + (uint32_t)k;
+        p.threads = k == 0 ? 1 : o->automatic ? 0 : 2;
         const eplb_status r = eplb_incremental_rebalance(&p, row[k], cnt[k], &st[k], &err);
         if (r != (refuse ? EPLB_EINVAL : EPLB_OK)) {
             snprintf(res->msg, sizeof res->msg, "threads = %d: status %d: %s", k + 1, (int)r,

@@ -56,6 +56,12 @@ class TwoThreads(unittest.TestCase):
         self.assertLess(two, 10)  # a shape of one expert has no bad layer: compared as usual
         self.assertGreater(undone, 80)
 
+    def test_a_late_helper(self):
+        two, undone = self.run_mode(150, 0xbebe, "late")
+        self.assertGreater(two, 10)
+        self.assertLess(two, 140)  # and the loop on one thread in the rest
+        self.assertEqual(undone, 0)
+
     def test_a_full_log(self):
         two, undone = self.run_mode(200, 0x5e5e, "log")
         self.assertGreater(undone, 40)

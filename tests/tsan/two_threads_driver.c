@@ -7,7 +7,8 @@
  * MODE: plain (no fallback knob), bound (a small compute bound), near (the
  * bound at the one-thread call's own work, +-2), log (each side's log
  * capped at 1-40 changes), nothread (no helper thread), bad (a layer not
- * valid: both refuse it alike).
+ * valid: both refuse it alike), late (the helper starts once the layers
+ * are set up, racing the calling thread's choice of one loop or two).
  * Prints "cases N two T undone U" and exits 0 when every case gave the
  * one-thread answer; 1 and the case's difference otherwise; 2 on bad
  * arguments. */
@@ -19,7 +20,7 @@
 
 int main(int argc, char **argv) {
     if (argc != 4) {
-        fprintf(stderr, "usage: %s CASES SEED plain|bound|near|log|nothread|bad\n", argv[0]);
+        fprintf(stderr, "usage: %s CASES SEED plain|bound|near|log|nothread|bad|late\n", argv[0]);
         return 2;
     }
     char *end;
@@ -35,16 +36,17 @@ int main(int argc, char **argv) {
     }
     const char *mode = argv[3];
     const bool bound = !strcmp(mode, "bound"), log = !strcmp(mode, "log"), nothread = !strcmp(mode, "nothread");
-    const bool near = !strcmp(mode, "near"), bad = !strcmp(mode, "bad");
-    if (!bound && !log && !nothread && !near && !bad && strcmp(mode, "plain") != 0) {
-        fprintf(stderr, "MODE: want plain, bound, near, log, nothread or bad, got \"%s\"\n", mode);
+    const bool near = !strcmp(mode, "near"), bad = !strcmp(mode, "bad"), late = !strcmp(mode, "late");
+    if (!bound && !log && !nothread && !near && !bad && !late && strcmp(mode, "plain") != 0) {
+        fprintf(stderr, "MODE: want plain, bound, near, log, nothread, bad or late, got \"%s\"\n", mode);
         return 2;
     }
     long two = 0, undone = 0;
     for (long k = 0; k < cases; k++) {
         const tt_options o = { .max_work = bound ? 2000 + tt_below(&rng, 60000) : 0, .near_bound = near,
                                .log_cap = log ? 1 + tt_below(&rng, 40) : 0, .thread_fails = nothread,
-                               .bad = bad ? 1 + (int)tt_below(&rng, 2) : 0 };
+                               .bad = bad ? 1 + (int)tt_below(&rng, 2) : 0, .helper_late = late,
+                               .automatic = late && tt_below(&rng, 2) };
         tt_result r;
         if (!two_threads_case_run(&rng, &o, &r) || r.msg[0]) {
             fprintf(stderr, "case %ld: %s\n", k, r.msg);
