@@ -1589,15 +1589,16 @@ static int cpus_to_run_on(void) {
 /* Done with the helper: one that has not arrived never will (it only
  * leaves d); one that has is stopped and waited for, on its last flag
  * rather than a join (45-70 us a call): it is detached. */
-static void release_helper(duo *d) {
+static bool release_helper(duo *d) {
     uint32_t expect = HELPER_PENDING;
     if (atomic_compare_exchange_strong_explicit(&d->state, &expect, HELPER_CANCELLED, memory_order_acq_rel,
                                                 memory_order_acquire))
-        return;
+        return false;
     atomic_store_explicit(&d->stop, true, memory_order_relaxed);
     uint32_t spins = 0;
     while (!atomic_load_explicit(&d->finished, memory_order_acquire))
         pause_a_moment(&spins);
+    return true;
 }
 
 /* The whole search on two threads (eplb_incremental_rebalance's layers
@@ -1627,7 +1628,9 @@ static int search_two_threads(ctx *c, layer_state *ls, const layer_arena *ar, do
     took *logs = eplb_malloc(2 * (size_t)cap * sizeof *logs);
     ctx *cb = ctx_new(p, c->N, c->P, c->G, ar->nodes, ar->groups);
     int result = TWO_NOT_STARTED;
-    bool started = false;
+    bool started = false, arrived = false;
+    if (d)
+        atomic_init(&d->owners, 1); /* this thread's; the helper's from its start */
     if (!d || !eprev || !heaps || !logs || !cb)
         goto out;
     cb->ls = ls;
@@ -1654,7 +1657,7 @@ static int search_two_threads(ctx *c, layer_state *ls, const layer_arena *ar, do
     atomic_init(&d->layers_done, 0);
     atomic_init(&d->bad, false);
     atomic_init(&d->state, HELPER_PENDING);
-    atomic_init(&d->owners, 2);
+    atomic_store_explicit(&d->owners, 2, memory_order_relaxed);
     pthread_t helper;
     if (p->test.thread_fails || pthread_create(&helper, NULL, helper_main, d) != 0) {
         atomic_store_explicit(&d->owners, 1, memory_order_relaxed);
@@ -1681,8 +1684,7 @@ static int search_two_threads(ctx *c, layer_state *ls, const layer_arena *ar, do
     /* Asked for two threads (threads >= 2), wait for the helper; else a
      * helper that has not arrived yet is not waited for. */
     spins = 0;
-    while (p->threads >= 2 && !p->test.helper_late &&
-           atomic_load_explicit(&d->state, memory_order_acquire) == HELPER_PENDING)
+    while (p->threads >= 2 && atomic_load_explicit(&d->state, memory_order_acquire) == HELPER_PENDING)
         pause_a_moment(&spins);
     uint32_t expect = HELPER_PENDING;
     if (atomic_compare_exchange_strong_explicit(&d->state, &expect, HELPER_CANCELLED, memory_order_acq_rel,
@@ -1740,7 +1742,7 @@ static int search_two_threads(ctx *c, layer_state *ls, const layer_arena *ar, do
             atomic_store_explicit(&d->consumed, consumed, memory_order_relaxed);
         }
     }
-    release_helper(d);
+    arrived = release_helper(d);
     started = false;
     if (full || c->work + cb->work > c->work_max)
         goto out;
@@ -1751,7 +1753,7 @@ static int search_two_threads(ctx *c, layer_state *ls, const layer_arena *ar, do
     result = TWO_DONE;
 out:
     if (started) /* it may still be setting up layers or searching: stop it first */
-        release_helper(d);
+        arrived = release_helper(d);
     c->work_out = NULL; /* one thread from here */
     c->work_peer = NULL;
     if (result == TWO_DONE || result == TWO_ONE_LOOP) { /* the helper's layers and changes, if it arrived */
@@ -1760,8 +1762,8 @@ out:
         stats->splits += d->st.splits;
         stats->slots_moved += d->st.slots_moved;
         stats->copies += d->st.copies;
-        if (result == TWO_DONE)
-            stats->threads = 2;
+        if (result == TWO_DONE && arrived)
+            stats->threads = 2; /* the helper took part (at the target after the splits, it may not have) */
     }
     ctx_free(cb);
     eplb_free(logs);

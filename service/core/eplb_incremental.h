@@ -107,8 +107,8 @@ typedef struct eplb_incremental_params {
      * loop runs on one thread); thread_fails makes creating the helper
      * fail as pthread_create does at the process's thread limit;
      * helper_late starts the helper's work only once the calling thread has
-     * set up every layer, so that either may win the race to decide whether
-     * the loop runs on two threads or one. */
+     * set up every layer: with threads = 0 the loop then mostly runs on one
+     * thread, with 2 on two, the helper having taken no layer. */
     struct {
         uint32_t log_cap;
         bool thread_fails;

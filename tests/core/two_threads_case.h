@@ -52,7 +52,7 @@ typedef struct tt_options {
     bool near_bound;     /* max_work = W - 2 .. W + 2, W the one-thread call's work without a bound */
     uint32_t log_cap;    /* each side's log (0: as computed) */
     bool thread_fails;   /* no helper thread */
-    bool helper_late;    /* the helper starts once the layers are set up: two threads or one, either may win */
+    bool helper_late;    /* the helper starts once the layers are set up (with automatic, the loop runs on one) */
     bool automatic;      /* threads = 0 for the second call (its loop does not wait for a late helper) */
     int bad;             /* 1: one layer's row lacks experts, 2: its initial_row does (both must refuse alike) */
 } tt_options;

@@ -8,7 +8,8 @@
  * bound at the one-thread call's own work, +-2), log (each side's log
  * capped at 1-40 changes), nothread (no helper thread), bad (a layer not
  * valid: both refuse it alike), late (the helper starts once the layers
- * are set up, racing the calling thread's choice of one loop or two).
+ * are set up; threads 0 or 2 at random: the loop on one thread, or on two
+ * with a helper that set up no layer).
  * Prints "cases N two T undone U" and exits 0 when every case gave the
  * one-thread answer; 1 and the case's difference otherwise; 2 on bad
  * arguments. */
