@@ -1061,7 +1061,8 @@ static double take(ctx *c, layer_state *L, const change *ch, eplb_incremental_st
 
 /* Whether the work is within the bound; on two threads, both sides' (a
  * side past it alone or with the other is redone on one thread anyway, so
- * a hostile shape's splits do not run to the bound on each side). */
+ * a hostile shape's splits do not run to the bound on each side), this
+ * side's published first. */
 static bool within_bound(ctx *c) {
     if (!c->work_peer)
         return c->work <= c->work_max;
@@ -1519,9 +1520,9 @@ static void pause_a_moment(uint32_t *spins) {
  * next_layer by either thread (a layer's come out the same on either), so
  * that neither waits for the other to start: a thread's start took p50
  * 167 us and p90 1.3 ms on this VM class.  A layer not valid sets bad, and
- * the rest are only counted.  Publishes the work before each count (the
- * calling thread reads both after the last). */
-static void take_layers(duo *d, ctx *c, layer_state *ls, eplb_incremental_stats *st, _Atomic uint64_t *work_out) {
+ * the rest are only counted.  Publishes the work (c->work_out) before each
+ * count (the calling thread reads both after the last). */
+static void take_layers(duo *d, ctx *c, layer_state *ls, eplb_incremental_stats *st) {
     for (;;) {
         const uint32_t l = atomic_fetch_add_explicit(&d->next_layer, 1, memory_order_relaxed);
         if (l >= d->layers)
@@ -1534,7 +1535,7 @@ static void take_layers(duo *d, ctx *c, layer_state *ls, eplb_incremental_stats 
                 prime(c, &ls[l]);
             }
         }
-        atomic_store_explicit(work_out, c->work, memory_order_relaxed);
+        atomic_store_explicit(c->work_out, c->work, memory_order_relaxed);
         atomic_fetch_add_explicit(&d->layers_done, 1, memory_order_release);
     }
 }
@@ -1542,8 +1543,9 @@ static void take_layers(duo *d, ctx *c, layer_state *ls, eplb_incremental_stats 
 static void *helper_main(void *arg) {
     duo *d = arg;
     uint32_t spins = 0;
-    /* Tests: a helper that starts only once the layers are done, racing the
-     * calling thread's decision to go on alone (either wins). */
+    /* Tests (params.test.helper_late): a helper that starts only once the
+     * layers are done, when the calling thread may already have gone on
+     * alone (threads = 0) or waits for it (threads = 2). */
     while (d->late && atomic_load_explicit(&d->layers_done, memory_order_acquire) < d->layers &&
            !atomic_load_explicit(&d->bad, memory_order_relaxed))
         pause_a_moment(&spins);
@@ -1555,7 +1557,7 @@ static void *helper_main(void *arg) {
     }
     side *sd = &d->b;
     ctx *c = sd->c;
-    take_layers(d, c, sd->ls, &d->st, &d->work);
+    take_layers(d, c, sd->ls, &d->st);
     spins = 0;
     while (!atomic_load_explicit(&d->go, memory_order_acquire) && !atomic_load_explicit(&d->stop, memory_order_relaxed))
         pause_a_moment(&spins);
@@ -1566,9 +1568,8 @@ static void *helper_main(void *arg) {
             pause_a_moment(&spins);
         uint32_t l;
         double e, delta;
-        const bool over = c->work + atomic_load_explicit(&d->main_work, memory_order_relaxed) > c->work_max;
-        more = more && !over && !atomic_load_explicit(&d->stop, memory_order_relaxed) && side_peek(sd, &l, &e) &&
-               side_take(sd, &delta);
+        more = more && within_bound(c) && !atomic_load_explicit(&d->stop, memory_order_relaxed) &&
+               side_peek(sd, &l, &e) && side_take(sd, &delta);
         atomic_store_explicit(&d->work, c->work, memory_order_relaxed);
         if (!more) {
             /* The last thing it does with the call's state: the calling thread may free it then. */
@@ -1666,12 +1667,11 @@ static int search_two_threads(ctx *c, layer_state *ls, const layer_arena *ar, do
     pthread_detach(helper);
     started = true;
     result = TWO_UNDONE;
-    take_layers(d, c, ls, stats, &d->main_work);
+    take_layers(d, c, ls, stats);
     uint32_t spins = 0; /* every layer is taken: wait for one the helper may be in */
     while (atomic_load_explicit(&d->layers_done, memory_order_acquire) < Lyr)
         pause_a_moment(&spins);
-    if (atomic_load_explicit(&d->bad, memory_order_relaxed) ||
-        c->work + atomic_load_explicit(&d->work, memory_order_relaxed) > c->work_max)
+    if (atomic_load_explicit(&d->bad, memory_order_relaxed) || !within_bound(c))
         goto out; /* a layer not valid, or the splits passed the bound: one thread redoes it */
     /* The sum in layer order, as the one-thread loop has it. */
     *total = 0;
@@ -1712,20 +1712,19 @@ static int search_two_threads(ctx *c, layer_state *ls, const layer_arena *ar, do
         uint32_t produced;
         bool finished;
         spins = 0;
-        atomic_store_explicit(&d->main_work, c->work, memory_order_relaxed);
+        bool over;
         for (;;) { /* finished first: what it published before is then in produced */
             finished = atomic_load_explicit(&d->finished, memory_order_acquire);
             produced = atomic_load_explicit(&d->produced, memory_order_acquire);
-            if (produced > consumed || finished ||
-                c->work + atomic_load_explicit(&d->work, memory_order_relaxed) > c->work_max)
+            over = !within_bound(c);
+            if (produced > consumed || finished || over)
                 break;
             pause_a_moment(&spins);
         }
         const bool hb = produced > consumed;
         /* the helper stopped short of the end (its log is full), or the
          * two sides passed the compute bound: undone */
-        full = (!hb && finished && d->b.n > 0) ||
-               c->work + atomic_load_explicit(&d->work, memory_order_relaxed) > c->work_max;
+        full = (!hb && finished && d->b.n > 0) || over;
         if (full || (!ha && !hb))
             break;
         const took *tb = hb ? &d->b.log[consumed] : NULL;

@@ -128,22 +128,33 @@ static uint64_t copies_lower_bound(copy_bound *cb, uint32_t P, uint32_t G, uint3
     return lb;
 }
 
+/* copy_bound's scratch for N experts, P slots and G GPUs; false: out of
+ * memory (copy_bound_free still frees what was made). */
+static bool copy_bound_init(copy_bound *cb, uint32_t N, uint32_t P, uint32_t G) {
+    *cb = (copy_bound){ .head = eplb_malloc(((size_t)N + P) * sizeof *cb->head),
+                        .shared = eplb_calloc((size_t)2 * G + N, sizeof *cb->shared) };
+    if (!cb->head || !cb->shared)
+        return false;
+    cb->next = cb->head + N;
+    cb->stamp = cb->shared + G;
+    cb->seen = cb->stamp + G;
+    return true;
+}
+
+static void copy_bound_free(copy_bound *cb) {
+    eplb_free(cb->head);
+    eplb_free(cb->shared);
+}
+
 uint64_t eplb_next_copies_lower_bound(uint32_t num_physical, uint32_t num_gpus, uint32_t num_logical,
                                       const int32_t *old_row, const int32_t *new_row) {
     if (!num_gpus || num_physical % num_gpus || !old_row || !new_row)
         return 0;
-    copy_bound cb = { 0 };
-    cb.head = eplb_malloc(((size_t)num_logical + num_physical) * sizeof *cb.head);
-    cb.shared = eplb_calloc((size_t)2 * num_gpus + num_logical, sizeof *cb.shared);
+    copy_bound cb;
     uint64_t lb = 0;
-    if (cb.head && cb.shared) {
-        cb.next = cb.head + num_logical;
-        cb.stamp = cb.shared + num_gpus;
-        cb.seen = cb.stamp + num_gpus;
+    if (copy_bound_init(&cb, num_logical, num_physical, num_gpus))
         lb = copies_lower_bound(&cb, num_physical, num_gpus, num_logical, old_row, new_row);
-    }
-    eplb_free(cb.head);
-    eplb_free(cb.shared);
+    copy_bound_free(&cb);
     return lb;
 }
 
@@ -379,16 +390,9 @@ static eplb_status incremental(const eplb_next_request *req, int32_t *phy2log, i
     uint64_t work_left = is.work < EPLB_INCREMENTAL_MAX_WORK ? EPLB_INCREMENTAL_MAX_WORK - is.work : 0;
     rep->work = is.work; /* and the repairs' (node_repair_layer) */
     const bool budgeted = copies_budget || slots_budget;
-    if (!reached && budgeted) {
-        cbound.head = eplb_malloc(((size_t)N + P) * sizeof *cbound.head);
-        cbound.shared = eplb_calloc((size_t)2 * G + N, sizeof *cbound.shared);
-        if (!cbound.head || !cbound.shared) {
-            st = eplb_error_set(err, EPLB_ENOMEM, "out of memory for an incremental %ux%u rebalance", L, P);
-            goto out;
-        }
-        cbound.next = cbound.head + N;
-        cbound.stamp = cbound.shared + G;
-        cbound.seen = cbound.stamp + G;
+    if (!reached && budgeted && !copy_bound_init(&cbound, N, P, G)) {
+        st = eplb_error_set(err, EPLB_ENOMEM, "out of memory for an incremental %ux%u rebalance", L, P);
+        goto out;
     }
     if (!reached) {
         const uint32_t reassign_nodes = eplb_policy_is_hierarchical(s) ? s->num_nodes : 1;
@@ -537,8 +541,7 @@ static eplb_status incremental(const eplb_next_request *req, int32_t *phy2log, i
     else if (rep->layers_from_scratch || rep->layers_node_repaired)
         snprintf(rep->reason, sizeof rep->reason, "%s to reach the target %.4f", took, target);
 out:
-    eplb_free(cbound.head);
-    eplb_free(cbound.shared);
+    copy_bound_free(&cbound);
     eplb_free(m.old_gpu);
     eplb_free(fix_row);
     eplb_free(fix_cnt);

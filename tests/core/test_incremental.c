@@ -826,14 +826,23 @@ Test(incremental, two_threads_give_the_same_answer) {
     cr_assert_gt(two, 300, "the two-thread search finished in %d of 400 cases", two); /* the rest: at target */
 }
 
+/* How `cases` random cases with o ran: on one thread, on two; with
+ * random_bound, each under a compute bound of 2,000-62,000. */
+static void two_threads_outcomes(tt_options o, bool random_bound, int cases, int *one, int *two) {
+    *one = *two = 0;
+    for (int k = 0; k < cases; k++) {
+        if (random_bound)
+            o.max_work = 2000 + rnd_below(60000);
+        const uint32_t t = two_threads_case_with(&o, NULL);
+        *one += t == 1;
+        *two += t == 2;
+    }
+}
+
 Test(incremental, two_threads_past_the_compute_bound_give_the_same_answer) {
     rng_state = 0x3c3c;
-    int one = 0, two = 0;
-    for (int k = 0; k < 200; k++) {
-        const uint32_t t = two_threads_case(2000 + rnd_below(60000), 0, false, NULL);
-        one += t == 1;
-        two += t == 2;
-    }
+    int one, two;
+    two_threads_outcomes((tt_options){ 0 }, true, 200, &one, &two);
     cr_assert(one > 10 && two > 10, "undone in %d, finished in %d of 200 cases", one, two);
 }
 
@@ -864,13 +873,8 @@ Test(incremental, two_threads_without_a_thread_give_the_same_answer) {
  * finish with its answer or are redone. */
 Test(incremental, two_threads_at_the_edge_of_the_compute_bound) {
     rng_state = 0x9c9c;
-    const tt_options o = { .near_bound = true };
-    int one = 0, two = 0;
-    for (int k = 0; k < 300; k++) {
-        const uint32_t t = two_threads_case_with(&o, NULL);
-        one += t == 1;
-        two += t == 2;
-    }
+    int one, two;
+    two_threads_outcomes((tt_options){ .near_bound = true }, false, 300, &one, &two);
     cr_assert(one > 20 && two > 20, "redone in %d, finished in %d of 300 cases", one, two);
 }
 
